@@ -1,0 +1,3 @@
+from patchdb.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""`patchdb init`: register a sweep in the store."""
+
+import click
+
+from patchdb.cli.options import db_option
+from patchdb.config import load_config
+from patchdb.store import open_store
+from patchdb.store.sweeps import register_sweep
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="PATCHDB_CONFIG",
+    help="Sweep TOML file (default: SPEC.md's default sweep).",
+)
+@db_option
+def init(config_path: str | None, db: str) -> None:
+    """Create or upgrade the store and register a sweep.
+
+    \b
+    Example:
+      patchdb init --config sweep.toml --db runs.sqlite
+    """
+    config = load_config(config_path)
+    store = open_store(db, create=True)
+    try:
+        sweep, created = store.transact(lambda s: register_sweep(s, config))
+    finally:
+        store.close()
+    verb = "registered" if created else "already registered"
+    n_keys = len(config.layers)
+    click.echo(
+        f"Sweep {sweep.name!r} {verb} in {store.where}: model {config.model}, "
+        f"{len(config.experiments)} experiments, {n_keys} patch layers ({config.patch_layers})."
+    )

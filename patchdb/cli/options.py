@@ -1,0 +1,69 @@
+"""Option sets shared by several commands, as decorators. Every option has an env variable."""
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from patchdb.errors import RangeError
+from patchdb.ranges import parse_range
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def db_option(fn: F) -> F:
+    return click.option(
+        "--db",
+        envvar="PATCHDB_DB",
+        default="patchdb.sqlite",
+        show_default=True,
+        help="Store: a SQLite file path or any SQLAlchemy URL (env PATCHDB_DB).",
+    )(fn)
+
+
+def sweep_option(fn: F) -> F:
+    return click.option(
+        "--sweep",
+        envvar="PATCHDB_SWEEP",
+        default=None,
+        help="Sweep name; may be left out when the store holds one sweep (env PATCHDB_SWEEP).",
+    )(fn)
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """'a,b , c' -> ['a', 'b', 'c']; None stays None."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def layers_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_range(value)
+    except RangeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def list_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return split_list(value)
+
+
+def layers_option(fn: F) -> F:
+    return click.option(
+        "--layers",
+        callback=layers_callback,
+        envvar="PATCHDB_LAYERS",
+        help="Patch layers to work on, e.g. 40-60, 40,42 or 40-60:2 (default: all).",
+    )(fn)
+
+
+def experiments_option(fn: F) -> F:
+    return click.option(
+        "--experiments",
+        callback=list_callback,
+        envvar="PATCHDB_EXPERIMENTS",
+        help="Comma-separated experiment names (default: all of the sweep's).",
+    )(fn)

@@ -1,0 +1,62 @@
+"""`patchdb status`: what is expected, what is present, what is running."""
+
+import json
+
+import click
+
+from patchdb.cli.options import db_option, sweep_option
+from patchdb.store import open_store
+from patchdb.store.status import SweepStatus, sweep_status
+
+
+def render(status: SweepStatus) -> str:
+    lines = [f"Sweep {status.sweep} (model {status.model})", ""]
+    header = (f"{'experiment':<22} {'layer':>5} {'rollouts':>15} {'judged':>15} "
+              f"{'unparsed':>8} {'errors':>6}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for row in status.layers:
+        rollouts = f"{row.rollouts_present}/{row.rollouts_expected}"
+        judged = f"{row.judged}/{row.judgments_expected}"
+        lines.append(f"{row.experiment:<22} {row.patch_layer:>5} {rollouts:>15} {judged:>15} "
+                     f"{row.unparsed:>8} {row.errors:>6}")
+    t = status.totals()
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<22} {'':>5} {t['rollouts_present']}/{t['rollouts_expected']:<8} "
+                 f"{t['judged']:>7}/{t['judgments_expected']:<7} {t['unparsed']:>8} "
+                 f"{t['errors']:>6}")
+    lines.append("")
+    lines.append(f"Judge cost so far: ${status.judge_cost:.4f} "
+                 f"({status.judge_configs} judge config(s))")
+    if status.stages:
+        lines.append("")
+        lines.append("Recent stages:")
+        for s in status.stages:
+            extra = f"  error: {s.error.splitlines()[0]}" if s.error else ""
+            lines.append(f"  #{s.id} {s.stage:<9} {s.status:<11} {s.host}:{s.pid} "
+                         f"started {s.started_at[:19]}Z{extra}")
+    return "\n".join(lines)
+
+
+@click.command()
+@db_option
+@sweep_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(db: str, sweep: str | None, as_json: bool) -> None:
+    """Show expected vs present rollouts and judgments per experiment and layer,
+    the judge cost so far, and which stages are running or crashed.
+
+    \b
+    Example:
+      patchdb status --db runs.sqlite
+      patchdb status --json | jq .totals
+    """
+    store = open_store(db)
+    try:
+        result = sweep_status(store, sweep)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(render(result))

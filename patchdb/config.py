@@ -1,0 +1,210 @@
+"""The one home of configuration: a sweep TOML file with `[sweep]` and `[judge]` tables.
+
+Defaults are SPEC.md's default sweep. Unknown keys are an error naming the key.
+"""
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patchdb.errors import ConfigError
+from patchdb.experiments import EXPERIMENTS
+from patchdb.ranges import parse_range
+
+DEFAULT_PROMPT_INTRO = (
+    "I study the inner workings of language models like you, and I can reach into your "
+    "network while you run. I have found the activation patterns that stand for particular "
+    "concepts, and I can inject such a pattern into your activations as if it were a thought "
+    "of yours. In this session I will inject a thought about some word on half of the trials; "
+    "on the other half I will inject nothing. Your task is to tell me whether you notice an "
+    "injected thought, and if you do, what it is about."
+)
+DEFAULT_PROMPT_TRIAL = (
+    "Ok, let's get started.\n\n"
+    "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?"
+)
+POSITIVE_WORDS = [
+    "Algorithms", "Aquariums", "Bread", "Origami", "Satellites", "Trees", "Vegetables", "Volcanoes",
+]
+NEGATIVE_WORDS = [
+    "Constellations", "Contraptions", "Dust", "Fountains", "Milk", "Mirrors", "Monoliths",
+    "Plastic", "Rubber", "Trumpets",
+]
+DTYPES = ("bfloat16", "float16", "float32")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+@dataclass
+class JudgeSettings:
+    model: str = "openai/gpt-5-nano"
+    reasoning: str = "medium"
+    concurrency: int = 512
+    max_attempts: int = 3
+    base_url: str | None = None
+    backend: str = "openai"
+
+
+@dataclass
+class SweepConfig:
+    name: str = "default"
+    model: str = "google/gemma-3-27b-it"
+    model_revision: str | None = None
+    dtype: str = "bfloat16"
+    steer_layer: int = 38
+    strength: float = 4.0
+    patch_layers: str = "40-60"
+    samples: int = 64
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    positive_words: list[str] = field(default_factory=lambda: list(POSITIVE_WORDS))
+    negative_words: list[str] = field(default_factory=lambda: list(NEGATIVE_WORDS))
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    prompt_intro: str = DEFAULT_PROMPT_INTRO
+    prompt_trial: str = DEFAULT_PROMPT_TRIAL
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+
+    @property
+    def layers(self) -> list[int]:
+        """The patch layers as a sorted list."""
+        return parse_range(self.patch_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_type(table: str, key: str, value: Any, default: Any) -> Any:
+    where = f"[{table}] {key}"
+    if isinstance(default, bool) or default is None:
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build(cls: type, table: str, raw: dict[str, Any], skip: tuple[str, ...] = ()) -> Any:
+    known = {k: f for k, f in _fields(cls).items() if k not in skip}
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {key!r} in [{table}] (known: {', '.join(sorted(known))})"
+            )
+        values[key] = _check_type(table, key, value, getattr(defaults, key))
+    return cls(**values)
+
+
+def validate(config: SweepConfig) -> SweepConfig:
+    """Check values that types alone do not catch. Returns the config for chaining."""
+    if not config.name.strip():
+        raise ConfigError("[sweep] name must not be empty")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"[sweep] dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.steer_layer < 0:
+        raise ConfigError("[sweep] steer_layer must be >= 0")
+    layers = config.layers
+    if layers[0] <= config.steer_layer:
+        raise ConfigError(
+            f"[sweep] patch_layers must all come after steer_layer {config.steer_layer}, "
+            f"got {config.patch_layers!r}"
+        )
+    if config.samples < 1:
+        raise ConfigError("[sweep] samples must be >= 1")
+    if config.max_new_tokens < 1:
+        raise ConfigError("[sweep] max_new_tokens must be >= 1")
+    if config.temperature < 0:
+        raise ConfigError("[sweep] temperature must be >= 0 (0 means greedy)")
+    for side in ("positive_words", "negative_words"):
+        words = getattr(config, side)
+        for word in words:
+            if not word.strip() or word != word.strip() or "_to_" in word or "/" in word:
+                raise ConfigError(f"[sweep] {side} has an invalid word {word!r}")
+        if len(set(words)) != len(words):
+            raise ConfigError(f"[sweep] {side} lists a word twice")
+    if not config.experiments:
+        raise ConfigError("[sweep] experiments must name at least one experiment")
+    for name in config.experiments:
+        if name not in EXPERIMENTS:
+            raise ConfigError(
+                f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})"
+            )
+    if "\n\n" not in config.prompt_trial:
+        raise ConfigError(
+            "[sweep] prompt_trial must have a blank line before its question "
+            "(the injection starts there)"
+        )
+    if config.judge.reasoning not in REASONING_EFFORTS:
+        raise ConfigError(
+            f"[judge] reasoning must be one of {', '.join(REASONING_EFFORTS)}, "
+            f"got {config.judge.reasoning!r}"
+        )
+    if config.judge.concurrency < 1 or config.judge.max_attempts < 1:
+        raise ConfigError("[judge] concurrency and max_attempts must be >= 1")
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> SweepConfig:
+    """Build a validated SweepConfig from parsed TOML (`{"sweep": {...}, "judge": {...}}`)."""
+    for table in data:
+        if table not in ("sweep", "judge"):
+            raise ConfigError(f"unknown table [{table}] (known: [sweep], [judge])")
+    sweep_raw = data.get("sweep", {})
+    judge_raw = data.get("judge", {})
+    if not isinstance(sweep_raw, dict) or not isinstance(judge_raw, dict):
+        raise ConfigError("[sweep] and [judge] must be tables")
+    config = _build(SweepConfig, "sweep", sweep_raw, skip=("judge",))
+    config.judge = _build(JudgeSettings, "judge", judge_raw)
+    return validate(config)
+
+
+def load_config(path: str | Path | None) -> SweepConfig:
+    """Read a sweep TOML file; None gives SPEC.md's default sweep."""
+    if path is None:
+        return validate(SweepConfig())
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {p}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {p}: {exc}") from None
+    return config_from_dict(data)
+
+
+def config_from_json(text: str) -> SweepConfig:
+    """Rebuild a config stored in the sweeps table."""
+    data = json.loads(text)
+    judge = data.pop("judge", {})
+    return config_from_dict({"sweep": data, "judge": judge})

@@ -1,0 +1,70 @@
+"""The four experiments of SPEC.md and the keys each one expects.
+
+A key is (source word, target word). "No steering" is stored as the sentinel
+NO_STEERING (the empty string) so that unique constraints still hold: SQL
+treats NULLs as distinct. The views show it as "(none)".
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+Steering = Literal["positive", "negative", "none"]
+Grader = Literal["coherence", "detection", "detection_identification"]
+
+NO_STEERING = ""
+NO_STEERING_LABEL = "(none)"
+GRADERS: tuple[Grader, ...] = ("coherence", "detection", "detection_identification")
+
+
+@dataclass(frozen=True)
+class ExperimentDef:
+    name: str
+    source: Steering
+    target: Steering
+    pairs: bool
+    detection_grader: Grader
+
+
+EXPERIMENTS: dict[str, ExperimentDef] = {
+    d.name: d
+    for d in (
+        ExperimentDef("failure_to_success", "negative", "positive", True, "detection_identification"),
+        ExperimentDef("success_to_failure", "positive", "negative", True, "detection_identification"),
+        ExperimentDef("steered_to_unsteered", "positive", "none", False, "detection"),
+        ExperimentDef("unsteered_to_steered", "none", "positive", False, "detection"),
+    )
+}
+
+
+def words_for(steering: Steering, positive: list[str], negative: list[str]) -> list[str]:
+    """The words a side of an experiment ranges over ([NO_STEERING] for no steering)."""
+    if steering == "positive":
+        return list(positive)
+    if steering == "negative":
+        return list(negative)
+    return [NO_STEERING]
+
+
+def experiment_keys(
+    exp: ExperimentDef, positive: list[str], negative: list[str]
+) -> list[tuple[str, str]]:
+    """Every (source word, target word) key the experiment expects at each layer."""
+    sources = words_for(exp.source, positive, negative)
+    targets = words_for(exp.target, positive, negative)
+    if exp.pairs:
+        return [(s, t) for s in sources for t in targets]
+    if exp.source == "none":
+        return [(NO_STEERING, t) for t in targets]
+    return [(s, NO_STEERING) for s in sources]
+
+
+def key_label(exp: ExperimentDef, source: str, target: str) -> str:
+    """The key as the JSON layout writes it: "Source_to_Target" or the bare word."""
+    if exp.pairs:
+        return f"{source}_to_{target}"
+    return source if source != NO_STEERING else target
+
+
+def judged_word(source: str, target: str) -> str:
+    """The word a detection+identification grader looks for: the target's, else the source's."""
+    return target if target != NO_STEERING else source

@@ -1,0 +1,129 @@
+"""stage_runs: every stage invocation is a row with a heartbeat, so `status` can tell a running
+stage from a crashed one (a crashed one stops beating)."""
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from patchdb.store.models import StageRun, utcnow
+from patchdb.store.store import Store
+
+HEARTBEAT_S = 10.0
+STALE_AFTER = timedelta(seconds=60)
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def scrub_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Drop anything that looks like a secret; keep what a reader needs to rerun the stage."""
+    return {
+        k: v for k, v in arguments.items() if not any(m in k.lower() for m in SECRET_MARKERS)
+    }
+
+
+class StageRunHandle:
+    def __init__(self, store: Store, run_id: int) -> None:
+        self.store = store
+        self.id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="patchdb-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.transact(
+                    lambda s: s.execute(
+                        update(StageRun).where(StageRun.id == self.id).values(heartbeat_at=utcnow())
+                    )
+                )
+            except Exception:  # a missed beat is not worth killing the stage for
+                pass
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.store.transact(
+            lambda s: s.execute(
+                update(StageRun)
+                .where(StageRun.id == self.id)
+                .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
+            )
+        )
+
+
+@contextmanager
+def stage_run(
+    store: Store, stage: str, arguments: dict[str, Any], sweep_id: int | None = None
+) -> Iterator[StageRunHandle]:
+    """Record a stage invocation: running while the body runs, then finished, interrupted or
+    failed. A process killed with SIGKILL leaves 'running' with a stale heartbeat."""
+
+    def insert(session: Any) -> int:
+        run = StageRun(
+            stage=stage,
+            sweep_id=sweep_id,
+            arguments=json.dumps(scrub_arguments(arguments), sort_keys=True, default=str),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            status="running",
+        )
+        session.add(run)
+        session.flush()
+        return run.id
+
+    handle = StageRunHandle(store, store.transact(insert))
+    handle._thread.start()
+    try:
+        yield handle
+    except KeyboardInterrupt:
+        handle.finish("interrupted")
+        raise
+    except BaseException as exc:
+        handle.finish("failed", f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    else:
+        handle.finish("finished")
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def effective_status(run: StageRun, now: datetime | None = None) -> str:
+    """'running' only while the heartbeat is fresh (and, on this host, the pid is alive)."""
+    if run.status != "running":
+        return run.status
+    now = now or utcnow()
+    if now - _aware(run.heartbeat_at) > STALE_AFTER:
+        return "crashed"
+    if run.host == socket.gethostname() and not _pid_alive(run.pid):
+        return "crashed"
+    return "running"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recent_runs(store: Store, limit: int = 20) -> list[StageRun]:
+    with store.read() as session:
+        return list(session.scalars(select(StageRun).order_by(StageRun.id.desc()).limit(limit)))
+
+
+def is_running(store: Store, run_id: int) -> bool:
+    with store.read() as session:
+        run = session.get(StageRun, run_id)
+        return run is not None and effective_status(run) == "running"

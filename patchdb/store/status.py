@@ -1,0 +1,125 @@
+"""What `patchdb status` reports: expected vs present rows per experiment and layer, judge cost,
+and the stages that are running or crashed. Counting is done in SQL."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from patchdb.experiments import experiment_keys
+from patchdb.store.models import Experiment, Judgment, Rollout, StageRun
+from patchdb.store.runs import effective_status
+from patchdb.store.store import Store
+from patchdb.store.sweeps import experiment_def, get_sweep, sweep_config
+
+GRADERS_PER_ROLLOUT = 2  # coherence + the experiment's detection grader
+
+
+@dataclass
+class LayerStatus:
+    experiment: str
+    patch_layer: int
+    rollouts_expected: int
+    rollouts_present: int
+    judgments_expected: int
+    judged: int = 0
+    unparsed: int = 0
+    errors: int = 0
+
+
+@dataclass
+class StageStatus:
+    id: int
+    stage: str
+    status: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    error: str | None
+
+
+@dataclass
+class SweepStatus:
+    sweep: str
+    model: str
+    layers: list[LayerStatus] = field(default_factory=list)
+    judge_cost: float = 0.0
+    judge_configs: int = 0
+    stages: list[StageStatus] = field(default_factory=list)
+
+    def totals(self) -> dict[str, int]:
+        keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
+                "unparsed", "errors")
+        return {k: sum(getattr(row, k) for row in self.layers) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["totals"] = self.totals()
+        return data
+
+
+def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
+    with store.read() as session:
+        sweep = get_sweep(session, sweep_name)
+        config = sweep_config(sweep)
+        experiments = session.scalars(
+            select(Experiment).where(Experiment.sweep_id == sweep.id).order_by(Experiment.id)
+        ).all()
+        exp_ids = [e.id for e in experiments]
+        rollout_counts = {
+            (eid, layer): n
+            for eid, layer, n in session.execute(
+                select(Rollout.experiment_id, Rollout.patch_layer, func.count())
+                .where(Rollout.experiment_id.in_(exp_ids))
+                .group_by(Rollout.experiment_id, Rollout.patch_layer)
+            )
+        }
+        judgment_counts = {
+            (eid, layer): (judged or 0, unparsed or 0, errors or 0)
+            for eid, layer, judged, unparsed, errors in session.execute(
+                select(
+                    Rollout.experiment_id,
+                    Rollout.patch_layer,
+                    func.sum(case((Judgment.verdict.is_not(None), 1), else_=0)),
+                    func.sum(
+                        case(
+                            (Judgment.verdict.is_(None) & Judgment.error.is_(None), 1), else_=0
+                        )
+                    ),
+                    func.sum(case((Judgment.error.is_not(None), 1), else_=0)),
+                )
+                .join(Rollout, Rollout.id == Judgment.rollout_id)
+                .where(Rollout.experiment_id.in_(exp_ids))
+                .group_by(Rollout.experiment_id, Rollout.patch_layer)
+            )
+        }
+        cost, n_configs = session.execute(
+            select(func.coalesce(func.sum(Judgment.cost), 0.0),
+                   func.count(func.distinct(Judgment.judge_config_id)))
+            .join(Rollout, Rollout.id == Judgment.rollout_id)
+            .where(Rollout.experiment_id.in_(exp_ids))
+        ).one()
+        result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost),
+                             judge_configs=int(n_configs))
+        layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
+        for exp in experiments:
+            n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,
+                                         config.negative_words))
+            for layer in layers:
+                expected = n_keys * config.samples if layer in config.layers else 0
+                judged, unparsed, errors = judgment_counts.get((exp.id, layer), (0, 0, 0))
+                result.layers.append(
+                    LayerStatus(exp.name, layer, expected, rollout_counts.get((exp.id, layer), 0),
+                                expected * GRADERS_PER_ROLLOUT, judged, unparsed, errors)
+                )
+        runs = session.scalars(
+            select(StageRun).where((StageRun.sweep_id == sweep.id) | StageRun.sweep_id.is_(None))
+            .order_by(StageRun.id.desc()).limit(10)
+        ).all()
+        for run in runs:
+            result.stages.append(StageStatus(
+                run.id, run.stage, effective_status(run), run.host, run.pid,
+                run.started_at.isoformat(), run.heartbeat_at.isoformat(), run.error,
+            ))
+    return result

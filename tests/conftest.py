@@ -1,0 +1,42 @@
+"""Shared fixtures: every test gets its own store in tmp_path and never touches the user's state."""
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from patchdb.cli import cli
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees the user's keys, store or caches."""
+    for var in list(os.environ):
+        if var.startswith("PATCHDB_") or var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY"):
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATCHDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.sqlite"
+
+
+def run_cli(*args: str) -> Result:
+    """Invoke the CLI the way a user would, without catching exceptions we did not expect."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def file_digest(path: Path) -> str:
+    """A hash of the store file and its WAL, to prove a failed command changed nothing."""
+    h = hashlib.sha256()
+    for p in (path, path.with_name(path.name + "-wal")):
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()
