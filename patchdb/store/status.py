@@ -100,7 +100,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
             .join(Rollout, Rollout.id == Judgment.rollout_id)
             .where(Rollout.experiment_id.in_(exp_ids))
         ).one()
-        result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost),
+        result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost or 0.0),
                              judge_configs=int(n_configs))
         layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
         for exp in experiments:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from patchdb.errors import StoreError
@@ -72,6 +72,8 @@ class Store:
                 if is_lock_error(exc):
                     raise
                 raise describe_db_error(self.where, exc) from None
+            except IntegrityError:
+                raise  # a unique key held: callers decide whether that is a duplicate to skip
             except DatabaseError as exc:
                 raise describe_db_error(self.where, exc) from None
 

@@ -1,0 +1,190 @@
+"""The CLI's store commands: happy paths, and every error as one line with the store unchanged."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import file_digest, run_cli
+
+from patchdb.store.migrate import head_revision
+
+MINI = """
+[sweep]
+name = "mini"
+model = "smollm2-135m"
+dtype = "float32"
+steer_layer = 18
+patch_layers = "20-21"
+samples = 2
+max_new_tokens = 8
+positive_words = ["Bread", "Trees"]
+negative_words = ["Dust"]
+experiments = ["steered_to_unsteered", "success_to_failure"]
+
+[judge]
+model = "local"
+concurrency = 4
+"""
+
+
+def _config(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_init_default_then_status(db_path: Path) -> None:
+    result = run_cli("init", "--db", db_path)
+    assert result.exit_code == 0, result.output
+    assert "Sweep 'default' registered" in result.output
+    again = run_cli("init", "--db", db_path)
+    assert "already registered" in again.output
+    status = run_cli("status", "--db", db_path, "--json")
+    data = json.loads(status.output)
+    assert data["sweep"] == "default"
+    assert data["totals"]["rollouts_expected"] == 236_544
+    assert data["totals"]["judgments_expected"] == 473_088
+    assert data["totals"]["rollouts_present"] == 0
+    text_status = run_cli("status", "--db", db_path)
+    assert "failure_to_success" in text_status.output and "0/5120" in text_status.output
+
+
+def test_init_with_config_and_sqlite_tables(tmp_path: Path, db_path: Path) -> None:
+    result = run_cli("init", "--config", _config(tmp_path, MINI), "--db", db_path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(run_cli("status", "--db", db_path, "--json").output)
+    # steered_to_unsteered: 2 words; success_to_failure: 2x1 pairs; 2 layers x 2 samples
+    assert data["totals"]["rollouts_expected"] == (2 + 2) * 2 * 2
+    con = sqlite3.connect(db_path)
+    row = con.execute("SELECT name, steer_layer, samples FROM sweeps").fetchone()
+    exps = [r[0] for r in con.execute("SELECT name FROM experiments ORDER BY id")]
+    assert row == ("mini", 18, 2)
+    assert exps == ["steered_to_unsteered", "success_to_failure"]
+
+
+def test_db_commands(db_path: Path) -> None:
+    run_cli("init", "--db", db_path)
+    assert head_revision() in run_cli("db", "current", "--db", db_path).output
+    assert run_cli("db", "upgrade", "--db", db_path).exit_code == 0
+    check = run_cli("db", "check", "--db", db_path)
+    assert check.exit_code == 0 and "matches" in check.output
+
+
+def test_env_var_names_the_store(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATCHDB_DB", str(db_path))
+    assert run_cli("init").exit_code == 0
+    assert db_path.exists()
+
+
+def test_every_command_has_an_example() -> None:
+    for args in (["init"], ["status"], ["db"], ["db", "upgrade"], ["db", "current"],
+                 ["db", "check"]):
+        assert "Example:" in run_cli(*args, "--help").output, args
+
+
+def _assert_one_line_error(result, expected: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('[sweep]\npatch_layers = "40-"\n', "invalid range '40-'"),
+        ('[sweep]\npatch_layers = "60-40"\n', "ends before it starts"),
+        ('[sweep]\nsteer_layers = 3\n', "unknown key 'steer_layers' in [sweep]"),
+        ('[judge]\nmodle = "x"\n', "unknown key 'modle' in [judge]"),
+        ('[sweep]\nexperiments = ["success_to_nowhere"]\n', "unknown experiment 'success_to_nowhere'"),
+        ('[sweep]\nprompt_trial = "Trial 1: anything?"\n', "blank line"),
+        ('[sweep\nname = 1\n', "invalid TOML"),
+        ('[sweep]\nsamples = "many"\n', "[sweep] samples must be an integer"),
+    ],
+)
+def test_config_errors_leave_store_unchanged(
+    tmp_path: Path, db_path: Path, body: str, expected: str
+) -> None:
+    run_cli("init", "--db", db_path)
+    before = file_digest(db_path)
+    result = run_cli("init", "--config", _config(tmp_path, body, "bad.toml"), "--db", db_path)
+    _assert_one_line_error(result, expected)
+    assert file_digest(db_path) == before
+
+
+def test_config_file_missing(db_path: Path) -> None:
+    _assert_one_line_error(run_cli("init", "--config", "nope.toml", "--db", db_path),
+                           "config file not found")
+    assert not db_path.exists()
+
+
+def test_same_name_different_config_is_refused(tmp_path: Path, db_path: Path) -> None:
+    run_cli("init", "--config", _config(tmp_path, MINI), "--db", db_path)
+    before = file_digest(db_path)
+    changed = MINI.replace("samples = 2", "samples = 3")
+    result = run_cli("init", "--config", _config(tmp_path, changed, "b.toml"), "--db", db_path)
+    _assert_one_line_error(result, "already exists with a different config")
+    assert file_digest(db_path) == before
+
+
+def test_not_a_sqlite_file(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.sqlite"
+    bogus.write_text("these are my notes, not a database\n" * 10)
+    before = file_digest(bogus)
+    for args in (["status"], ["init"], ["db", "upgrade"]):
+        _assert_one_line_error(run_cli(*args, "--db", bogus), "is not a SQLite database")
+    assert file_digest(bogus) == before
+
+
+def test_truncated_store(db_path: Path) -> None:
+    run_cli("init", "--db", db_path)
+    con = sqlite3.connect(db_path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = db_path.read_bytes()
+    db_path.write_bytes(data[: len(data) // 2 + 100])
+    before = file_digest(db_path)
+    _assert_one_line_error(run_cli("status", "--db", db_path), "truncated")
+    assert file_digest(db_path) == before
+
+
+def test_store_from_a_newer_patchdb(db_path: Path) -> None:
+    run_cli("init", "--db", db_path)
+    con = sqlite3.connect(db_path)
+    con.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    before = file_digest(db_path)
+    for args in (["status"], ["init"], ["db", "upgrade"]):
+        _assert_one_line_error(run_cli(*args, "--db", db_path), "newer patchdb")
+    assert file_digest(db_path) == before
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.commit()
+    con.close()
+    _assert_one_line_error(run_cli("status", "--db", other), "not a patchdb store")
+
+
+def test_status_without_store(db_path: Path) -> None:
+    _assert_one_line_error(run_cli("status", "--db", db_path), "no store at")
+    assert not db_path.exists()
+
+
+def test_real_process_prints_one_line(tmp_path: Path) -> None:
+    """The console entry point, not just CliRunner: one line on stderr, exit 1."""
+    bogus = tmp_path / "x.sqlite"
+    bogus.write_bytes(b"\x00" * 4096)
+    proc = subprocess.run([sys.executable, "-m", "patchdb", "status", "--db", str(bogus)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: ")
