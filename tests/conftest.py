@@ -11,13 +11,19 @@ from click.testing import CliRunner, Result
 from patchdb.cli import cli
 
 
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the whole session: the GGUF is dequantised once, not per test."""
+    return tmp_path_factory.mktemp("patchdb-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No test sees the user's keys, store or caches."""
+def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache_dir: Path) -> Iterator[None]:
+    """No test sees the user's keys, store or caches (the model cache is the session's own)."""
     for var in list(os.environ):
         if var.startswith("PATCHDB_") or var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY"):
             monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PATCHDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATCHDB_CACHE_DIR", str(shared_cache_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     yield
