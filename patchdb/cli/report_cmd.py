@@ -1,0 +1,65 @@
+"""`patchdb report`: sweep plots, a rate table per experiment, and the JSON export."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.cli.options import db_option, experiments_option, sweep_option
+from patchdb.report import build_report
+from patchdb.report.plots import FORMATS
+from patchdb.store import open_store
+
+
+@click.command()
+@db_option
+@sweep_option
+@experiments_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="PATCHDB_REPORT_OUT",
+              help="Folder that gets one sub-folder per experiment "
+                   "(default: ./patchdb_report/<sweep>; env PATCHDB_REPORT_OUT).")
+@click.option("--export-json", is_flag=True, envvar="PATCHDB_EXPORT_JSON",
+              help="Also write the JSON layout users' scripts read (rollouts, judgments, scores).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True,
+              envvar="PATCHDB_REPORT_FORMAT", help="Plot file format.")
+@click.option("--ci", is_flag=True, envvar="PATCHDB_REPORT_CI",
+              help="Draw Wilson 95% bands around the bold lines.")
+@click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
+              help="Judge config id to read (default: the one with the most judgments).")
+@click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
+              help="Also write an HTML report and print its path.")
+def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
+           export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool) -> None:
+    """Plot rate against patch layer for each experiment, print a rate table per experiment,
+    and optionally export the sweep in the JSON layout (SPEC.md) under the same folder.
+
+    \b
+    Example:
+      patchdb report --db runs.sqlite
+      patchdb report --experiments failure_to_success --format svg --ci
+      patchdb report --export-json --out patching_layer_sweep
+    """
+    store = open_store(db)
+    try:
+        result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
+                              judge_config)
+        html_path = None
+        if html:
+            from patchdb.report.html import write_html_report
+
+            html_path = write_html_report(store, result.sweep, result.out_dir)
+    finally:
+        store.close()
+    judge = result.judge
+    others = f"; {judge.n_configs} judge configs in this sweep, choose with --judge-config" \
+        if judge.n_configs > 1 else ""
+    click.echo(f"Sweep {result.sweep}: rates from {judge.description}{others}.")
+    for exp in result.experiments:
+        click.echo("")
+        click.echo(exp.table)
+        click.echo(f"Plot: {exp.plot}")
+        if exp.exported:
+            click.echo(f"JSON: {len(exp.exported)} files under {exp.plot.parent}")
+    if html_path is not None:
+        click.echo("")
+        click.echo(f"HTML report: {html_path}")

@@ -1,0 +1,69 @@
+"""The report stage: rates from the store's views, the sweep plots, the table and the JSON
+layout users' scripts read (`export`), and the import of that layer (`importer`)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patchdb.report.aggregate import ExperimentRates, JudgeChoice, choose_judge_config, experiment_rates
+from patchdb.report.export import export_experiment, inside, safe_component
+from patchdb.report.plots import FORMATS, save_figure, sweep_figure
+from patchdb.report.tables import experiment_table
+from patchdb.store import Store
+from patchdb.store.sweeps import get_experiments, get_sweep, sweep_config
+
+DEFAULT_REPORT_DIR = Path("patchdb_report")
+
+
+@dataclass
+class ExperimentReport:
+    name: str
+    plot: Path
+    table: str
+    rates: ExperimentRates
+    exported: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    sweep: str
+    out_dir: Path
+    judge: JudgeChoice
+    experiments: list[ExperimentReport]
+
+
+def default_out_dir(sweep_name: str) -> Path:
+    """./patchdb_report/<sweep>/, the sweep name made safe as a folder name."""
+    return DEFAULT_REPORT_DIR / safe_component(sweep_name)
+
+
+def build_report(
+    store: Store,
+    sweep_name: str | None = None,
+    experiments: list[str] | None = None,
+    out_dir: Path | None = None,
+    fmt: str = "png",
+    ci: bool = False,
+    export_json: bool = False,
+    judge_config_id: int | None = None,
+) -> Report:
+    """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    with store.read() as session:
+        sweep = get_sweep(session, sweep_name)
+        config = sweep_config(sweep)
+        rows = get_experiments(session, sweep, experiments)
+        judge = choose_judge_config(session, sweep, judge_config_id)
+        all_rates = experiment_rates(session, sweep, config, [e.name for e in rows], judge.id)
+        base = out_dir if out_dir is not None else default_out_dir(sweep.name)
+        reports: list[ExperimentReport] = []
+        for experiment, rates in zip(rows, all_rates, strict=True):
+            title = f"{experiment.name} (sweep {sweep.name}, steer layer {config.steer_layer})"
+            figure = sweep_figure(rates, title, ci=ci)
+            plot = save_figure(figure, inside(base, base / experiment.name / f"sweep_plot.{fmt}"))
+            report = ExperimentReport(experiment.name, plot, experiment_table(rates), rates)
+            if export_json:
+                report.exported = export_experiment(session, experiment, config, rates,
+                                                     judge.id, base)
+            reports.append(report)
+    return Report(sweep.name, base, judge, reports)

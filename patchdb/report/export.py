@@ -1,0 +1,139 @@
+"""`report --export-json`: the JSON layout users' scripts already read (SPEC.md).
+
+    <out>/<experiment>/all_layer_scores.json          {"40": {key: rate}}
+    <out>/<experiment>/layer_<L>/rollouts.json        {key: [answer, ...]}  (by sample index)
+    <out>/<experiment>/layer_<L>/judgments_<g>.json   {key: [true|false|null, ...]}
+    <out>/<experiment>/layer_<L>/judge_scores.json    {key: rate}
+
+A key whose samples were never scored keeps its place with rate null (the old scripts had no
+rate for it either; null keeps "nothing scored" apart from 0). A judgments file is written for
+each grader with at least one judgment at that layer; null is an unparsed (or missing) verdict.
+Files are written like `json.dump(data, f, indent=2)`: ASCII with \\u escapes, no trailing newline.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from patchdb.config import SweepConfig
+from patchdb.errors import PatchdbError
+from patchdb.experiments import EXPERIMENTS, GRADERS, experiment_keys, key_label
+from patchdb.report.aggregate import ExperimentRates
+from patchdb.store.models import Experiment
+
+_UNSAFE = re.compile(r"[^\w.-]+")
+
+
+def safe_component(name: str) -> str:
+    """A user-chosen name made safe as one path component (no separators, no '..')."""
+    cleaned = _UNSAFE.sub("_", name).strip("._") or "_"
+    return cleaned
+
+
+def inside(base: Path, path: Path) -> Path:
+    """Refuse a path that would land outside `base` (a guard for every file we write)."""
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise PatchdbError(f"refusing to write {path}: it is outside {base}")
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON the way the old scripts did, atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="ascii")
+    os.replace(tmp, path)
+    return path
+
+
+def layer_scores(rates: ExperimentRates) -> dict[int, dict[str, float | None]]:
+    """{layer: {key: rate}} for every key with rollouts at that layer."""
+    result: dict[int, dict[str, float | None]] = {}
+    for i, layer in enumerate(rates.layers):
+        scores = {line.label: line.rate_at(i) for line in rates.keys if line.present[i]}
+        if scores:
+            result[layer] = scores
+    return result
+
+
+_VERDICT_COLUMNS = ",\n       ".join(
+    f"MAX(CASE WHEN j.grader = '{g}' THEN 1 ELSE 0 END) AS has_{g}, "
+    f"MAX(CASE WHEN j.grader = '{g}' THEN j.verdict END) AS {g}"
+    for g in GRADERS
+)
+# One row per rollout with its verdict per grader under the chosen judge config.
+ROLLOUT_VERDICTS_SQL = f"""
+SELECT r.patch_layer, r.source_word, r.target_word, r.answer,
+       {_VERDICT_COLUMNS}
+FROM rollouts r
+LEFT JOIN judgments j ON j.rollout_id = r.id AND j.judge_config_id = :jc
+WHERE r.experiment_id = :experiment_id
+GROUP BY r.id
+ORDER BY r.patch_layer, r.source_word, r.target_word, r.sample_index
+"""
+
+
+def _verdict(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def export_experiment(
+    session: Session,
+    experiment: Experiment,
+    config: SweepConfig,
+    rates: ExperimentRates,
+    judge_config_id: int | None,
+    out_dir: Path,
+) -> list[Path]:
+    """Write one experiment's JSON files under out_dir/<experiment>/; return their paths."""
+    exp = EXPERIMENTS[experiment.name]
+    folder = inside(out_dir, out_dir / experiment.name)
+    rank = {key_label(exp, *key): i for i, key in enumerate(
+        experiment_keys(exp, config.positive_words, config.negative_words))}
+
+    def ordered(data: dict[str, Any]) -> dict[str, Any]:
+        return {k: data[k] for k in sorted(data, key=lambda k: (rank.get(k, len(rank)), k))}
+
+    scores = layer_scores(rates)
+    written = [write_json(folder / "all_layer_scores.json",
+                          {str(layer): ordered(s) for layer, s in scores.items()})]
+    rows = session.execute(text(ROLLOUT_VERDICTS_SQL),
+                           {"jc": judge_config_id, "experiment_id": experiment.id})
+    current: int | None = None
+    answers: dict[str, list[str]] = {}
+    verdicts: dict[str, dict[str, list[bool | None]]] = {g: {} for g in GRADERS}
+    judged: dict[str, set[str]] = {g: set() for g in GRADERS}
+
+    def flush(layer: int) -> None:
+        layer_dir = inside(folder, folder / f"layer_{int(layer)}")
+        written.append(write_json(layer_dir / "rollouts.json", ordered(answers)))
+        for grader in GRADERS:
+            if judged[grader]:
+                by_key = {k: v for k, v in verdicts[grader].items() if k in judged[grader]}
+                written.append(write_json(layer_dir / f"judgments_{grader}.json",
+                                          ordered(by_key)))
+        written.append(write_json(layer_dir / "judge_scores.json",
+                                  ordered(scores.get(layer, {}))))
+
+    for row in rows.mappings():
+        if row["patch_layer"] != current:
+            if current is not None:
+                flush(current)
+            current = row["patch_layer"]
+            answers = {}
+            verdicts = {g: {} for g in GRADERS}
+            judged = {g: set() for g in GRADERS}
+        key = key_label(exp, row["source_word"], row["target_word"])
+        answers.setdefault(key, []).append(row["answer"])
+        for grader in GRADERS:
+            verdicts[grader].setdefault(key, []).append(_verdict(row[grader]))
+            if row[f"has_{grader}"]:
+                judged[grader].add(key)
+    if current is not None:
+        flush(current)
+    return written

@@ -1,0 +1,83 @@
+"""The sweep plot of SPEC.md's "Report" section: rate against patch layer, one per experiment.
+
+Figures are built with the object API on the Agg canvas (no pyplot state, no display needed).
+Missing rates are NaN, which matplotlib draws as a gap.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from patchdb.report.aggregate import ExperimentRates, Line
+from patchdb.report.stats import wilson_interval
+
+PAIR_YLABEL = "Coherent & Detect+Identify Rate"
+SINGLE_YLABEL = "Coherent & Detect Rate"
+PAIR_ALPHA = 0.15
+SINGLE_ALPHA = 0.5
+BOLD_WIDTH = 2.5
+FORMATS = ("png", "svg", "pdf")
+
+
+def _colours(n: int) -> list[tuple[float, float, float, float]]:
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _band(ax: Axes, layers: list[int], line: Line, colour: Any) -> None:
+    lower, upper = wilson_interval(np.array(line.successes), np.array(line.n_scored))
+    ax.fill_between(layers, lower, upper, color=colour, alpha=0.2, linewidth=0)
+
+
+def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure:
+    """Draw one experiment's sweep plot; `ci` adds Wilson 95% bands around the bold lines."""
+    fig = Figure(figsize=(10, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    layers = rates.layers
+    if rates.pairs:
+        colour_of = dict(zip([g.target_word for g in rates.groups],
+                             _colours(len(rates.groups)), strict=True))
+        for line in rates.keys:
+            ax.plot(layers, line.rates, color=colour_of.get(line.target_word, "grey"),
+                    alpha=PAIR_ALPHA, linewidth=1, label="_nolegend_")
+        for group in rates.groups:
+            colour = colour_of[group.target_word]
+            ax.plot(layers, group.rates, color=colour, linewidth=BOLD_WIDTH, marker="o",
+                    markersize=3, label=group.label)
+            if ci:
+                _band(ax, layers, group, colour)
+        ax.set_ylabel(PAIR_YLABEL)
+    else:
+        for line, colour in zip(rates.keys, _colours(len(rates.keys)), strict=True):
+            ax.plot(layers, line.rates, color=colour, alpha=SINGLE_ALPHA, linewidth=1.5,
+                    label=line.label)
+        for group in rates.groups:
+            ax.plot(layers, group.rates, color="black", linewidth=BOLD_WIDTH, marker="o",
+                    markersize=3, label=group.label)
+            if ci:
+                _band(ax, layers, group, "black")
+        ax.set_ylabel(SINGLE_YLABEL)
+    ax.set_xlabel("Patch layer")
+    ax.set_ylim(0, 1)
+    if layers:
+        margin = 0 if len(layers) > 1 else 1
+        ax.set_xlim(layers[0] - margin, layers[-1] + margin)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write the figure; the format comes from the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format=path.suffix.lstrip("."), dpi=120)
+    return path

@@ -1,0 +1,52 @@
+"""The compact per-experiment table `patchdb report` prints: rate by layer per word."""
+
+import math
+
+from patchdb.report.aggregate import ExperimentRates, Line
+
+GAP = "-"
+
+
+def _percent(value: float) -> str:
+    return GAP if math.isnan(value) else f"{round(100 * value)}"
+
+
+def best_and_worst(line: Line, layers: list[int]) -> tuple[int | None, int | None]:
+    """The layers with the highest and lowest rate (lowest layer on ties); None if no rate."""
+    scored = [(rate, layer) for rate, layer in zip(line.rates, layers, strict=True)
+              if not math.isnan(rate)]
+    if not scored:
+        return None, None
+    best = max(scored, key=lambda item: (item[0], -item[1]))[1]
+    worst = min(scored, key=lambda item: (item[0], item[1]))[1]
+    return best, worst
+
+
+def _extreme(line: Line, layers: list[int], layer: int | None) -> str:
+    if layer is None:
+        return GAP
+    return f"{layer} ({_percent(line.rates[layers.index(layer)])}%)"
+
+
+def experiment_table(rates: ExperimentRates) -> str:
+    """Rows: each target word (pairs: mean over sources) or each word plus the mean."""
+    rows = rates.groups if rates.pairs else rates.keys + rates.groups
+    what = "mean over source words" if rates.pairs else "per word"
+    if not rows:
+        return f"{rates.name}: no rollouts yet"
+    layers = rates.layers
+    word_width = max(len("word"), *(len(r.label) for r in rows))
+    cell = max(3, *(len(str(layer)) for layer in layers))
+    header = " ".join([f"{'word':<{word_width}}", *(f"{layer:>{cell}}" for layer in layers),
+                       f" {'best':<10}", "worst"])
+    lines = [f"{rates.name}: rate in % by patch layer ({what}; {GAP} = nothing scored)",
+             header, "-" * len(header)]
+    for row in rows:
+        best, worst = best_and_worst(row, layers)
+        lines.append(" ".join([
+            f"{row.label:<{word_width}}",
+            *(f"{_percent(rate):>{cell}}" for rate in row.rates),
+            f" {_extreme(row, layers, best):<10}",
+            _extreme(row, layers, worst),
+        ]))
+    return "\n".join(lines)
