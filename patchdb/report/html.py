@@ -1,0 +1,260 @@
+"""The HTML report: one self-contained page per sweep (plots, rate tables, a rollout browser).
+
+The page works from a file:// URL with no server and no network: CSS and JS are inline, plots
+are base64 PNG data URIs, and the rollouts are JSON in a `<script type="application/json">` tag.
+A big sweep is capped to a few samples per key and layer; the page says how many it holds.
+"""
+
+import base64
+import io
+import json
+import math
+import os
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
+from patchdb.report.aggregate import (
+    ExperimentRates,
+    JudgeChoice,
+    choose_judge_config,
+    experiment_rates,
+)
+from patchdb.report.html_assets import CSS, JS
+from patchdb.report.plots import sweep_figure
+from patchdb.store import Experiment, Rollout, Store, utcnow
+from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
+
+REPORT_FILE = "report.html"
+DEFAULT_SAMPLES_PER_KEY = 3
+
+
+def write_html_report(
+    store: Store,
+    sweep_name: str | None,
+    out_dir: Path,
+    *,
+    samples_per_key: int = DEFAULT_SAMPLES_PER_KEY,
+    judge_config_id: int | None = None,
+) -> Path:
+    """Write `<out_dir>/report.html` for the sweep and return its path.
+
+    The rollout browser embeds at most `samples_per_key` samples (lowest sample index first) of
+    every key at every patch layer; rates and plots always cover every rollout. The verdicts
+    shown are those of `judge_config_id`, by default the judge config with the most judgments.
+    """
+    if samples_per_key < 1:
+        raise ValueError("samples_per_key must be >= 1")
+    with store.read() as session:
+        sweep = get_sweep(session, sweep_name)
+        config = sweep_config(sweep)
+        experiments = get_experiments(session, sweep)
+        expected = len(expected_units(config, experiments)) * config.samples
+        judge = choose_judge_config(session, sweep, judge_config_id)
+        names = [e.name for e in experiments]
+        rates = experiment_rates(session, sweep, config, names, judge.id)
+        total = count_rollouts(session, sweep.id)
+        rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
+    facts = [
+        ("Model", config.model + (f" @ {config.model_revision}" if config.model_revision else "")),
+        ("Injection", f"layer {config.steer_layer}, strength {config.strength:g}"),
+        ("Patch layers", config.patch_layers),
+        ("Generation", f"{config.samples} samples per key, temperature {config.temperature:g}, "
+                       f"{config.max_new_tokens} new tokens, {config.dtype}"),
+        ("Positive words", ", ".join(config.positive_words)),
+        ("Negative words", ", ".join(config.negative_words)),
+        ("Rollouts", f"{total:,} of {expected:,} expected"),
+        ("Judge", judge.description),
+    ]
+    graders = graders_of([e.name for e in experiments])
+    browser = {
+        "experiments": [e.name for e in experiments],
+        "layers": config.layers,
+        "graders": [g for g in GRADERS if any(g in gs for gs in graders.values())],
+        "rollout_graders": graders,
+        "rollouts": rollouts,
+    }
+    title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
+    plots = {r.name: figure_png(r, title.format(r.name)) for r in rates}
+    page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(page, encoding="utf-8", errors="replace")  # a lone surrogate becomes "?"
+    os.replace(partial, path)
+    return path
+
+
+# The first `cap` samples (by sample index) of every key at every layer.
+PICKED_CTE = """
+WITH numbered AS (
+    SELECT r.id, e.id AS experiment_id, e.name AS experiment, r.patch_layer, r.source_word,
+           r.target_word, r.sample_index, r.answer, r.n_tokens, r.finish_reason,
+           ROW_NUMBER() OVER (PARTITION BY r.experiment_id, r.patch_layer, r.source_word,
+                                           r.target_word
+                              ORDER BY r.sample_index) AS nth
+    FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
+    WHERE e.sweep_id = :sweep_id
+), picked AS (SELECT * FROM numbered WHERE nth <= :cap)
+"""
+PICKED_ROLLOUTS_SQL = PICKED_CTE + """
+SELECT p.id, p.experiment, p.patch_layer, p.source_word, p.target_word, p.sample_index,
+       p.answer, p.n_tokens, p.finish_reason, ss.score
+FROM picked p
+LEFT JOIN sample_scores ss ON ss.rollout_id = p.id AND ss.judge_config_id = :judge
+ORDER BY p.experiment_id, p.patch_layer, p.source_word, p.target_word, p.sample_index
+"""
+PICKED_JUDGMENTS_SQL = PICKED_CTE + """
+SELECT j.rollout_id, j.grader, j.verdict, j.raw_reply, j.error
+FROM judgments j JOIN picked p ON p.id = j.rollout_id
+WHERE j.judge_config_id = :judge
+"""
+
+
+def count_rollouts(session: Session, sweep_id: int) -> int:
+    return session.scalar(
+        select(func.count(Rollout.id))
+        .join(Experiment, Experiment.id == Rollout.experiment_id)
+        .where(Experiment.sweep_id == sweep_id)
+    ) or 0
+
+
+def browser_rollouts(
+    session: Session, sweep_id: int, judge_id: int | None, cap: int
+) -> list[dict[str, Any]]:
+    """At most `cap` rollouts per key and layer, each with its verdicts and judge replies."""
+    params = {"sweep_id": sweep_id, "judge": judge_id, "cap": cap}
+    rows: dict[int, dict[str, Any]] = {}
+    for r in session.execute(text(PICKED_ROLLOUTS_SQL), params):
+        rows[r.id] = {
+            "id": r.id,
+            "experiment": r.experiment,
+            "layer": r.patch_layer,
+            "key": key_label(EXPERIMENTS[r.experiment], r.source_word, r.target_word),
+            "sample": r.sample_index,
+            "answer": r.answer,
+            "n_tokens": r.n_tokens,
+            "finish_reason": r.finish_reason,
+            "score": None if r.score is None else int(r.score),
+            "judgments": {},
+        }
+    for j in session.execute(text(PICKED_JUDGMENTS_SQL), params):
+        verdict = None if j.verdict is None else bool(j.verdict)
+        rows[j.rollout_id]["judgments"][j.grader] = {
+            "verdict": verdict, "reply": j.raw_reply, "error": j.error,
+        }
+    return list(rows.values())
+
+
+def graders_of(experiments: list[str]) -> dict[str, list[str]]:
+    """The graders each experiment's answers go to: coherence and its detection grader."""
+    return {
+        name: [g for g in GRADERS if g in ("coherence", EXPERIMENTS[name].detection_grader)]
+        for name in experiments
+    }
+
+
+def figure_png(rates: ExperimentRates, title: str) -> bytes:
+    """The report's sweep plot of one experiment (patchdb.report.plots) as PNG bytes."""
+    buffer = io.BytesIO()
+    sweep_figure(rates, title).savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def json_for_script(value: Any) -> str:
+    """JSON that cannot end its <script> tag early: '<', '>' and '&' become \\u escapes."""
+    dumped = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return dumped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def rate_table(rates: ExperimentRates) -> str:
+    """Rows are patch layers; columns are the target words (pairs: mean over source words) or
+    the steered words and their mean. A cell is blank where nothing was scored."""
+    columns = rates.groups if rates.pairs else rates.keys + rates.groups
+    head = "".join(f"<th>{escape(c.label)}</th>" for c in columns)
+    lines = [f'<table class="rates"><thead><tr><th>Layer</th>{head}</tr></thead><tbody>']
+    for i, layer in enumerate(rates.layers):
+        cells = []
+        for column in columns:
+            rate = column.rates[i]
+            if math.isnan(rate):
+                cells.append('<td title="nothing scored"></td>')
+                continue
+            shade = f"background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})"
+            cells.append(f'<td title="{column.n_scored[i]} samples scored" style="{shade}">'
+                         f"{rate:.2f}</td>")
+        lines.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def render_page(
+    sweep: str,
+    facts: list[tuple[str, str]],
+    judge: JudgeChoice,
+    rates: list[ExperimentRates],
+    plots: dict[str, bytes],
+    browser: dict[str, Any],
+    total: int,
+    cap: int,
+) -> str:
+    """The whole page as one string; every piece of store text passes through escape()."""
+    generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>patchdb report: {escape(sweep)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Sweep {escape(sweep)}</h1>",
+        f'<p class="muted">Written by patchdb on {generated}.</p>',
+        '<dl class="facts">',
+        *(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts),
+        "</dl>",
+    ]
+    if judge.n_configs > 1:
+        out.append(f'<p class="note">This sweep has judgments from {judge.n_configs} judge '
+                   f"configs; this page shows {escape(judge.description)}.</p>")
+    out.append("<nav>" + "".join(f'<a href="#rates-{escape(r.name)}">{escape(r.name)}</a>'
+                                 for r in rates) + '<a href="#browser">Rollouts</a></nav>')
+    for r in rates:
+        out.append(f'<section id="rates-{escape(r.name)}"><h2>{escape(r.name)}</h2>')
+        if not any(line.n_scored[i] for line in r.keys for i in range(len(r.layers))):
+            out.append('<p class="muted">No scored samples yet.</p></section>')
+            continue
+        png = base64.b64encode(plots[r.name]).decode("ascii")
+        out.append(f'<figure><img alt="rate against patch layer, {escape(r.name)}" '
+                   f'src="data:image/png;base64,{png}"></figure>')
+        what = "target word, averaged over source words" if r.pairs else "steered word"
+        out.append(f"<h3>Rate per patch layer and {what}</h3>")
+        out.append(f'<div class="table-wrap">{rate_table(r)}</div></section>')
+    n_embedded = len(browser["rollouts"])
+    if n_embedded == total:
+        cap_note = f"All {total:,} rollouts are embedded."
+    else:
+        cap_note = (f"This page embeds {n_embedded:,} of the {total:,} rollouts: at most {cap} "
+                    "samples (lowest sample index first) of each key at each patch layer. "
+                    "Rates and plots above use every rollout; query the store for the rest "
+                    "(view rollouts_readable).")
+    out += [
+        '<section id="browser"><h2>Rollouts</h2>',
+        f'<p class="note" id="cap-note">{escape(cap_note)}</p>',
+        '<noscript><p class="note">The rollout browser needs JavaScript.</p></noscript>',
+        '<div id="filters">',
+        *(f'<label>{label}<select id="f-{name}"><option value="">all</option></select></label>'
+          for name, label in (("experiment", "Experiment"), ("layer", "Patch layer"),
+                              ("key", "Key"), ("verdict", "Verdict"))),
+        '<label>Answer contains<input id="f-text" type="search"></label>',
+        '<label><span><input id="f-open" type="checkbox"> expand judge replies</span></label>',
+        "</div>",
+        '<p id="match-count"></p><div id="rows"></div>',
+        '<button id="more" type="button" hidden>Show more</button></section>',
+        f'<script type="application/json" id="rollout-data">{json_for_script(browser)}</script>',
+        f"<script>{JS}</script>",
+        "</body></html>",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,337 @@
+"""The HTML report: what the page holds, and what a user sees in headless Chromium after filtering.
+
+The Chromium tests drive Debian's `chromium` over the DevTools protocol with a small WebSocket
+client written here (no selenium or playwright), and with `--dump-dom` for a filter in the URL.
+"""
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from conftest import run_cli
+from patchdb.experiments import EXPERIMENTS, judged_word
+from patchdb.report.html import REPORT_FILE, write_html_report
+from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, Store, open_store
+
+CONFIG = """
+[sweep]
+name = "tiny"
+model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+dtype = "float32"
+steer_layer = 1
+patch_layers = "3-4"
+samples = 2
+positive_words = ["Bread", "Trees"]
+negative_words = ["Dust", "Milk"]
+"""
+# An answer that would break a page that did not escape: markup, a script end tag, non-ASCII.
+NASTY = 'I detect <b>Bread</b></script><script>document.title="pwned"</script> — 麵包 🍞 & co'
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install -y chromium); CI installs it",
+)
+
+
+def verdicts(layer: int, source: str, target: str, sample: int) -> tuple[bool, bool]:
+    """The made-up judge: incoherent on sample 1 at layer 4; detects at layer 3 or for Bread."""
+    return not (layer == 4 and sample == 1), layer == 3 or judged_word(source, target) == "Bread"
+
+
+def fill(session: Session) -> None:
+    """12 keys x 2 layers x 2 samples, judged by `verdicts`, plus the odd cases a page must show."""
+    main = JudgeConfig(model="judge-a", reasoning="low", template_version="v1", backend="openai")
+    other = JudgeConfig(model="judge-b", reasoning="low", template_version="v1", backend="openai")
+    session.add_all([main, other])
+    session.flush()
+    for exp in session.scalars(select(Experiment).order_by(Experiment.id)):
+        d = EXPERIMENTS[exp.name]
+        keys = {"failure_to_success": [(s, t) for s in ("Dust", "Milk") for t in ("Bread", "Trees")],
+                "success_to_failure": [(s, t) for s in ("Bread", "Trees") for t in ("Dust", "Milk")],
+                "steered_to_unsteered": [("Bread", ""), ("Trees", "")],
+                "unsteered_to_steered": [("", "Bread"), ("", "Trees")]}[exp.name]
+        for layer in (3, 4):
+            for source, target in keys:
+                for sample in (0, 1):
+                    answer = f"{exp.name} {layer} {source or '-'}>{target or '-'} #{sample}"
+                    if (exp.name, layer, source, target, sample) == (
+                            "failure_to_success", 3, "Dust", "Bread", 0):
+                        answer = NASTY
+                    rollout = Rollout(experiment_id=exp.id, patch_layer=layer, source_word=source,
+                                      target_word=target, sample_index=sample, answer=answer,
+                                      n_tokens=12, finish_reason="stop", seed=sample)
+                    session.add(rollout)
+                    session.flush()
+                    coherent, detected = verdicts(layer, source, target, sample)
+                    for grader, verdict in (("coherence", coherent),
+                                            (d.detection_grader, detected)):
+                        reply = f"Reasoning about {grader} of <{answer}>. " + (
+                            "YES" if verdict else "NO")
+                        error = None
+                        if (exp.name, layer, sample, grader) == (
+                                "steered_to_unsteered", 4, 1, "detection") and source == "Bread":
+                            verdict, reply = None, "Hard to say. MAYBE"  # unparsed
+                        if (exp.name, layer, sample, grader) == (
+                                "unsteered_to_steered", 3, 1, "coherence") and target == "Trees":
+                            verdict, reply, error = None, None, "HTTP 500 after 3 attempts"
+                        session.add(Judgment(rollout_id=rollout.id, grader=grader,
+                                             judge_config_id=main.id, verdict=verdict,
+                                             raw_reply=reply, error=error))
+                    if exp.name == "failure_to_success" and layer == 3 and sample == 0:
+                        session.add(Judgment(rollout_id=rollout.id, grader="coherence",
+                                             judge_config_id=other.id, verdict=False,
+                                             raw_reply="judge-b says NO"))
+
+
+@pytest.fixture
+def store(tmp_path: Path, db_path: Path) -> Iterator[Store]:
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    assert run_cli("init", "--config", config, "--db", db_path).exit_code == 0
+    store = open_store(str(db_path))
+    store.transact(fill)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def page(store: Store, tmp_path: Path) -> Path:
+    return write_html_report(store, None, tmp_path / "report")
+
+
+def embedded(path: Path) -> dict[str, Any]:
+    html = path.read_text(encoding="utf-8")
+    match = re.search(r'<script type="application/json" id="rollout-data">(.*?)</script>', html, re.S)
+    assert match is not None
+    data: dict[str, Any] = json.loads(match.group(1))
+    return data
+
+
+def test_page_is_self_contained_and_escapes_store_text(page: Path) -> None:
+    html = page.read_text(encoding="utf-8")
+    assert page.name == REPORT_FILE
+    assert html.count('src="data:image/png;base64,') == 4  # one plot per experiment
+    assert not re.search(r'(src|href)="(?!data:|#)', html), "nothing may load from elsewhere"
+    assert html.count("</script>") == 2  # the data tag and the code tag; none from an answer
+    assert "<b>Bread</b>" not in html
+    assert "judge config #1 (openai: judge-a" in html  # the config with the most judgments
+    assert "judgments from 2 judge configs" in html
+    assert "All 48 rollouts are embedded." in html
+    data = embedded(page)
+    nasty = [r for r in data["rollouts"] if r["answer"] == NASTY]
+    assert len(nasty) == 1 and nasty[0]["key"] == "Dust_to_Bread"
+    assert nasty[0]["judgments"]["coherence"]["reply"] == f"Reasoning about coherence of <{NASTY}>. YES"
+
+
+def rate_cells(html: str, experiment: str) -> list[list[str]]:
+    """The rate table of one experiment as rows of cell texts (header row first)."""
+    section = html.split(f'<section id="rates-{experiment}">')[1].split("</section>")[0]
+    table = section.split('<table class="rates">')[1].split("</table>")[0]
+    return [re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", row) for row in table.split("<tr>")[1:]]
+
+
+def test_rate_tables_follow_the_judgments(page: Path) -> None:
+    html = page.read_text(encoding="utf-8")
+    # Layer 3: everything coherent and detected. Layer 4: sample 1 incoherent, only Bread detected.
+    assert rate_cells(html, "failure_to_success") == [
+        ["Layer", "Bread", "Trees"], ["3", "1.00", "1.00"], ["4", "0.50", "0.00"]]
+    # Bread at layer 4: sample 1's detection is unparsed, so only sample 0 (a success) counts.
+    # Trees at layer 3: sample 1's coherence call failed, so only sample 0 counts.
+    assert rate_cells(html, "steered_to_unsteered") == [
+        ["Layer", "Bread", "Trees", "Mean"], ["3", "1.00", "1.00", "1.00"],
+        ["4", "1.00", "0.00", "0.50"]]
+    assert rate_cells(html, "unsteered_to_steered")[1:] == [
+        ["3", "1.00", "1.00", "1.00"], ["4", "0.50", "0.00", "0.25"]]
+
+
+def test_browser_embeds_at_most_the_cap_per_key(store: Store, tmp_path: Path) -> None:
+    path = write_html_report(store, "tiny", tmp_path / "capped", samples_per_key=1)
+    data = embedded(path)
+    assert len(data["rollouts"]) == 24
+    assert {r["sample"] for r in data["rollouts"]} == {0}
+    assert "This page embeds 24 of the 48 rollouts: at most 1 samples" in path.read_text("utf-8")
+
+
+def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    run_cli("init", "--config", config, "--db", db_path)
+    store = open_store(str(db_path))
+    html = write_html_report(store, None, tmp_path / "out").read_text("utf-8")
+    store.close()
+    assert "No scored samples yet." in html and "All 0 rollouts are embedded." in html
+
+
+# --- headless Chromium -------------------------------------------------------------------------
+
+def chromium_args(profile: str) -> list[str]:
+    assert CHROMIUM is not None
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-proxy-server", f"--user-data-dir={profile}",
+            "--window-size=1280,1600"]
+
+
+class DevTools:
+    """Just enough of a WebSocket client (RFC 6455) to send DevTools commands to one page."""
+
+    def __init__(self, ws_url: str) -> None:
+        url = urllib.parse.urlparse(ws_url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.split(b"\r\n")[0].split()[1] == b"101", response
+        self.last_id = 0
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection")
+            data += chunk
+        return data
+
+    def _send(self, payload: bytes) -> None:
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        mask = os.urandom(4)
+        masked = (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n))
+        self.sock.sendall(b"\x81" + size + mask + masked.tobytes())
+
+    def _receive(self) -> dict[str, Any]:
+        parts = []
+        while True:
+            head = self._read(2)
+            n = head[1] & 0x7F
+            if n >= 126:
+                n = int.from_bytes(self._read(2 if n == 126 else 8), "big")
+            parts.append(self._read(n))
+            if head[0] & 0x80:  # the last frame of the message
+                message: dict[str, Any] = json.loads(b"".join(parts))
+                return message
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.last_id += 1
+        self._send(json.dumps({"id": self.last_id, "method": method, "params": params}).encode())
+        while True:
+            message = self._receive()
+            if message.get("id") == self.last_id:
+                assert "error" not in message, message
+                result: dict[str, Any] = message["result"]
+                return result
+
+    def js(self, expression: str) -> Any:
+        reply = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in reply, reply
+        return reply["result"].get("value")
+
+
+@contextmanager
+def browser(url: str) -> Iterator[DevTools]:
+    """Chromium showing `url`, driven over its DevTools port; killed afterwards."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen([*chromium_args(profile), "--remote-debugging-port=0", url],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not port_file.exists() or not port_file.read_text().strip():
+                assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
+            page = next(t for t in targets if t["type"] == "page")
+            tools = DevTools(page["webSocketDebuggerUrl"])
+            loaded = "location.protocol === 'file:' && document.readyState === 'complete'"
+            while not tools.js(loaded):
+                assert time.monotonic() < deadline, "the page did not load"
+                time.sleep(0.1)
+            yield tools
+            tools.sock.close()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+VISIBLE_ROWS = """Array.from(document.querySelectorAll('#rows .rollout')).map(a => ({
+  id: Number(a.dataset.rolloutId), key: a.querySelector('.key').textContent,
+  layer: a.querySelector('.layer').textContent, answer: a.querySelector('.answer').textContent,
+  markup: a.querySelector('.answer').children.length,
+  verdicts: Array.from(a.querySelectorAll('.grader')).map(
+    g => g.dataset.grader + ' ' + g.querySelector('.verdict').textContent)}))"""
+
+
+def choose(tools: DevTools, field: str, value: str) -> None:
+    """Pick an option in one of the browser's filters, the way a change by a user arrives."""
+    tools.js(f"(() => {{ const s = document.getElementById('f-{field}'); s.value = {value!r};"
+             " s.dispatchEvent(new Event('change')); })()")
+
+
+@needs_chromium
+def test_filtering_in_chromium_shows_the_matching_rollouts(page: Path, tmp_path: Path) -> None:
+    with browser(page.as_uri()) as tools:
+        assert len(tools.js(VISIBLE_ROWS)) == 48
+        assert tools.js("document.title") == "patchdb report: tiny"
+        choose(tools, "experiment", "failure_to_success")
+        choose(tools, "layer", "4")
+        assert len(tools.js(VISIBLE_ROWS)) == 8
+        choose(tools, "verdict", "score:pass")
+        rows = tools.js(VISIBLE_ROWS)
+        assert [(r["key"], r["layer"]) for r in rows] == [
+            ("Dust_to_Bread", "layer 4"), ("Milk_to_Bread", "layer 4")]
+        assert rows[0]["verdicts"] == ["coherence YES", "detection_identification YES"]
+        assert tools.js("document.getElementById('match-count').textContent") == (
+            "2 of 48 embedded rollouts match.")
+        assert "experiment=failure_to_success" in tools.js("location.hash")
+        choose(tools, "verdict", "")
+        choose(tools, "layer", "3")
+        choose(tools, "key", "Dust_to_Bread")
+        rows = tools.js(VISIBLE_ROWS)
+        assert [r["answer"] for r in rows][0] == NASTY and rows[0]["markup"] == 0
+        assert tools.js("document.title") == "patchdb report: tiny"  # the answer's script never ran
+        shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / "report.png").write_bytes(shot)
+    pixels = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=float)
+    assert pixels.shape[1] >= 1000 and pixels.std() > 10, "the screenshot looks blank"
+
+
+@needs_chromium
+def test_a_filter_in_the_url_hash_applies_on_load(page: Path) -> None:
+    url = page.as_uri() + "#experiment=steered_to_unsteered&layer=4&verdict=detection:unparsed"
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([*chromium_args(profile), "--dump-dom", url], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+    rows = re.findall(r'<article class="rollout" data-rollout-id="(\d+)">(.*?)</article>', dom)
+    assert len(rows) == 1
+    assert '<span class="key">Bread</span>' in rows[0][1]
+    assert ">unparsed</span>" in rows[0][1] and "Hard to say. MAYBE" in rows[0][1]
