@@ -1,0 +1,135 @@
+"""`patchdb judge`: fill judgment rows for the rollouts that lack them."""
+
+from typing import Any
+
+import click
+
+from patchdb.cli.options import db_option, experiments_option, layers_option, split_list
+from patchdb.cli.options import sweep_option
+from patchdb.config import REASONING_EFFORTS
+from patchdb.experiments import GRADERS
+from patchdb.judge.plan import PlanRow
+from patchdb.judge.settings import BACKENDS, JudgeOptions
+from patchdb.judge.stage import JudgeInterrupted, JudgeSummary, dry_run_table, run_judge
+from patchdb.store import open_store
+
+
+def graders_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    graders = split_list(value)
+    for g in graders or ():
+        if g not in GRADERS:
+            raise click.BadParameter(f"unknown grader {g!r} (known: {', '.join(GRADERS)})")
+    return graders
+
+
+def render_plan(rows: list[PlanRow]) -> str:
+    header = (f"{'experiment':<22} {'keys':>5} {'samples':>7} {'layers':>6} {'graders':>7} "
+              f"{'calls':>9} {'done':>9} {'missing':>9}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.experiment:<22} {r.keys:>5} {r.samples:>7} {r.layers:>6} "
+                     f"{r.graders:>7} {r.calls:>9,} {r.done:>9,} {r.calls - r.done:>9,}")
+    calls, done = sum(r.calls for r in rows), sum(r.done for r in rows)
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<22} {'':>5} {'':>7} {'':>6} {'':>7} {calls:>9,} {done:>9,} "
+                 f"{calls - done:>9,}")
+    return "\n".join(lines)
+
+
+def render_summary(s: JudgeSummary) -> str:
+    tokens = s.prompt_tokens + s.completion_tokens
+    line = (f"Judged {s.calls:,} calls in {s.elapsed_s:.1f}s ({s.calls_per_s:.1f} calls/s): "
+            f"{s.yes:,} yes, {s.no:,} no, {s.unparsed:,} unparsed, {s.errors:,} errors"
+            f"{f', {s.cached:,} from the cache' if s.cached else ''}. "
+            f"Tokens {tokens:,} ({s.reasoning_tokens:,} reasoning), cost ${s.cost:.4f}.")
+    if s.failures:
+        retried = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items()))
+        line += f"\nFailed attempts: {retried}."
+    if s.stopped == "limit":
+        line += "\nStopped at --limit; run again to judge the rest."
+    elif s.stopped == "max_cost":
+        line += "\nStopped at --max-cost; run again to judge the rest."
+    return line
+
+
+@click.command()
+@click.option("--only-missing", "mode", flag_value="only_missing", default=True,
+              help="Judge calls that have no row yet for this judge config (default).")
+@click.option("--retry-unparsed", "mode", flag_value="retry_unparsed",
+              help="Judge again the rows whose reply had no YES/NO verdict.")
+@click.option("--retry-errors", "mode", flag_value="retry_errors",
+              help="Judge again the rows stored with an error.")
+@click.option("--overwrite", "mode", flag_value="overwrite", help="Judge every call again.")
+@db_option
+@sweep_option
+@experiments_option
+@layers_option
+@click.option("--graders", callback=graders_callback, envvar="PATCHDB_JUDGE_GRADERS",
+              help="Comma-separated graders: coherence, detection, detection_identification "
+                   "(default: all that apply).")
+@click.option("--judge-model", "model", envvar="PATCHDB_JUDGE_MODEL",
+              help="Judge model (default: the sweep config's [judge] model); with "
+                   "--judge-backend hf a local path, hub id or alias.")
+@click.option("--reasoning", type=click.Choice(REASONING_EFFORTS), envvar="PATCHDB_JUDGE_REASONING",
+              help="Reasoning effort sent to the judge (default: the sweep config's).")
+@click.option("--base-url", envvar="PATCHDB_JUDGE_BASE_URL",
+              help="Any OpenAI-compatible API (default: OpenRouter with OPENROUTER_API_KEY, "
+                   "OpenAI with OPENAI_API_KEY). Other URLs get PATCHDB_JUDGE_API_KEY or no key.")
+@click.option("--judge-backend", "backend", type=click.Choice(BACKENDS),
+              envvar="PATCHDB_JUDGE_BACKEND", help="openai (any compatible API) or hf "
+              "(a transformers model in this process).")
+@click.option("--concurrency", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_CONCURRENCY",
+              help="Calls in flight (default: the sweep config's, 512).")
+@click.option("--max-attempts", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_MAX_ATTEMPTS",
+              help="Attempts per call before its error is stored (default 3).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.01), default=120.0,
+              show_default=True, envvar="PATCHDB_JUDGE_TIMEOUT", help="Seconds per call attempt.")
+@click.option("--limit", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_LIMIT",
+              help="Judge at most N calls.")
+@click.option("--max-cost", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_MAX_COST",
+              help="Stop once the cost of this run reaches USD.")
+@click.option("--cache/--no-cache", default=False, envvar="PATCHDB_JUDGE_CACHE",
+              help="Answer identical requests from the judge_cache table.")
+@click.option("--follow", is_flag=True, envvar="PATCHDB_JUDGE_FOLLOW",
+              help="Keep judging new rollouts while a generate run of the sweep is running.")
+@click.option("--dry-run", is_flag=True, help="Print the call-count table and exit.")
+@click.option("--prompts", type=click.Path(dir_okay=False), envvar="PATCHDB_JUDGE_PROMPTS",
+              help="TOML/JSON file of grader templates with {prompt}, {response}, {word}.")
+@click.option("--backoff", "backoff_base_s", type=click.FloatRange(min=0), default=1.0,
+              envvar="PATCHDB_JUDGE_BACKOFF", show_default=True, hidden=True)
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=2.0,
+              envvar="PATCHDB_JUDGE_POLL", show_default=True, hidden=True)
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
+              envvar="PATCHDB_JUDGE_GRACE", show_default=True,
+              help="Seconds Ctrl-C waits for calls in flight.")
+@click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
+              help="Show a progress bar on a terminal.")
+@click.pass_context
+def judge(ctx: click.Context, db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
+    """Judge rollouts: coherence for every answer, plus detection or detection+identification
+    as the experiment needs. Resumable: a rerun judges only what is missing.
+
+    \b
+    Example:
+      export OPENROUTER_API_KEY=...
+      patchdb judge --dry-run
+      patchdb judge --concurrency 256 --max-cost 20
+      patchdb judge --retry-errors
+      patchdb judge --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
+      patchdb judge --judge-backend hf --judge-model ./models/judge
+    """
+    options = JudgeOptions(**kwargs)
+    store = open_store(db)
+    try:
+        if dry_run:
+            click.echo(render_plan(dry_run_table(store, sweep, options)))
+            return
+        try:
+            summary = run_judge(store, sweep, options)
+        except JudgeInterrupted as exc:
+            click.echo(render_summary(exc.summary), err=True)
+            click.echo("Interrupted; what finished is saved. Run again to resume.", err=True)
+            ctx.exit(130)
+    finally:
+        store.close()
+    click.echo(render_summary(summary))

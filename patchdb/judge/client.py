@@ -1,0 +1,241 @@
+"""Judge calls through any OpenAI-compatible chat-completions API, with our own retries.
+
+The openai client runs with max_retries=0: this module retries 429, 5xx, timeouts, dropped
+connections and replies cut off before they finished (finish reason not "stop"), with
+exponential backoff and jitter, honouring Retry-After. 401/403/402/404 stop the whole run
+(FatalJudgeError). The API key is never put into any text this module returns or raises.
+"""
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from patchdb.errors import JudgeError
+
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+OPENAI_URL = "https://api.openai.com/v1"
+NO_KEY = "no-key-needed"
+MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 120.0
+FATAL_STATUS = {
+    401: "the judge API rejected the API key (401 Unauthorized)",
+    402: "the judge API account has no credit left (402 Payment Required)",
+    403: "the judge API refused access (403 Forbidden)",
+    404: "the judge API does not know this model or URL (404 Not Found)",
+}
+
+
+class FatalJudgeError(JudgeError):
+    """A judge error that no retry can fix: the run stops at once."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where judge calls go. The key is left out of repr so it cannot leak into logs."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+
+
+def resolve_endpoint(base_url: str | None, env: Mapping[str, str] | None = None) -> Endpoint:
+    """Pick the base URL and key: OpenRouter with OPENROUTER_API_KEY, OpenAI with
+    OPENAI_API_KEY; any other URL gets PATCHDB_JUDGE_API_KEY or a placeholder key."""
+    env = os.environ if env is None else env
+    openrouter, openai_key = env.get("OPENROUTER_API_KEY"), env.get("OPENAI_API_KEY")
+    if not base_url:
+        if openrouter:
+            return Endpoint(OPENROUTER_URL, openrouter)
+        if openai_key:
+            return Endpoint(OPENAI_URL, openai_key)
+        raise JudgeError(
+            "no judge API key: set OPENROUTER_API_KEY or OPENAI_API_KEY, or point --base-url "
+            "at a server that needs none (or use --judge-backend hf)"
+        )
+    url = base_url.rstrip("/")
+    if "openrouter.ai" in url and openrouter:
+        return Endpoint(url, openrouter)
+    if "api.openai.com" in url and openai_key:
+        return Endpoint(url, openai_key)
+    return Endpoint(url, env.get("PATCHDB_JUDGE_API_KEY") or NO_KEY)
+
+
+@dataclass
+class Reply:
+    """The outcome of one judge call after all its attempts."""
+
+    text: str | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost: float | None = None
+    latency_s: float = 0.0
+    failures: Counter[str] = field(default_factory=Counter)  # failed attempts by cause
+    cached: bool = False
+
+    def add_usage(self, usage: Any) -> None:
+        """Sum usage over attempts: a cut-off reply that is retried was still paid for."""
+        if usage is None:
+            return
+        self.prompt_tokens = (self.prompt_tokens or 0) + (usage.prompt_tokens or 0)
+        self.completion_tokens = (self.completion_tokens or 0) + (usage.completion_tokens or 0)
+        details = getattr(usage, "completion_tokens_details", None)
+        reasoning = getattr(details, "reasoning_tokens", None) if details is not None else None
+        if reasoning is not None:
+            self.reasoning_tokens = (self.reasoning_tokens or 0) + int(reasoning)
+        cost = (getattr(usage, "model_extra", None) or {}).get("cost")
+        if isinstance(cost, int | float):
+            self.cost = (self.cost or 0.0) + float(cost)
+
+
+def scrub(text: str, secret: str) -> str:
+    """Remove the key (and any long part of it) from text that may reach a user or the store."""
+    if secret and secret != NO_KEY and len(secret) >= 4:
+        text = text.replace(secret, "[redacted]")
+        if len(secret) > 12:
+            for part in (secret[:12], secret[-8:]):
+                text = text.replace(part, "[redacted]")
+    return text
+
+
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds a server asked us to wait (Retry-After as seconds or an HTTP date)."""
+    if not headers:
+        return None
+    raw = headers.get("retry-after-ms")
+    if raw:
+        try:
+            return max(0.0, float(raw) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_s(attempt: int, base: float, retry_after: float | None) -> float:
+    """Exponential backoff with jitter; a server's Retry-After wins when it is given."""
+    if retry_after is not None:
+        return min(retry_after, MAX_RETRY_AFTER_S)
+    return min(MAX_BACKOFF_S, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+class ApiJudge:
+    """Sends grader prompts to a chat-completions endpoint, one call per prompt."""
+
+    batch_size = 1
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        model: str,
+        reasoning: str,
+        *,
+        timeout_s: float = 120.0,
+        max_attempts: int = 3,
+        backoff_base_s: float = 1.0,
+        concurrency: int = 512,
+    ) -> None:
+        import httpx2
+        import openai
+
+        self.endpoint = endpoint
+        self.model = model
+        self.reasoning = reasoning
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.succeeded = 0
+        self._openai = openai
+        limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = openai.AsyncOpenAI(
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
+        )
+
+    def _request_options(self) -> dict[str, Any]:
+        if "api.openai.com" in self.endpoint.base_url:
+            return {"reasoning_effort": self.reasoning}
+        return {"extra_body": {"reasoning": {"effort": self.reasoning}}}
+
+    async def judge(self, prompts: list[str]) -> list[Reply]:
+        return [await self.call(p) for p in prompts]
+
+    async def call(self, prompt: str) -> Reply:
+        """One grader prompt, retried until it gives a finished reply or attempts run out."""
+        reply = Reply()
+        started = time.monotonic()
+        openai = self._openai
+        for attempt in range(1, self.max_attempts + 1):
+            reply.attempts = attempt
+            wait: float | None = None
+            try:
+                completion = await self.client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    **self._request_options(),
+                )
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status in FATAL_STATUS:
+                    raise FatalJudgeError(
+                        f"{FATAL_STATUS[status]} at {self.endpoint.base_url}; stopped"
+                    ) from None
+                detail = scrub(str(exc), self.endpoint.api_key)[:300]
+                if status != 429 and status < 500 and status != 408:
+                    reply.error = f"HTTP {status}: {detail}"  # a bad request: retrying won't help
+                    break
+                reason = "429" if status == 429 else str(status)
+                reply.failures[reason] += 1
+                reply.error = f"HTTP {status}: {detail}"
+                wait = retry_after_s(exc.response.headers)
+            except openai.APITimeoutError:
+                reply.failures["timeout"] += 1
+                reply.error = "timed out"
+            except openai.APIConnectionError as exc:
+                cause = exc.__cause__
+                text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+                reply.failures["connection"] += 1
+                reply.error = "connection failed: " + scrub(text, self.endpoint.api_key)[:300]
+                if self.succeeded == 0 and attempt == self.max_attempts:
+                    raise FatalJudgeError(
+                        f"cannot reach the judge API at {self.endpoint.base_url} "
+                        f"({reply.error})"
+                    ) from None
+            else:
+                choice = completion.choices[0] if completion.choices else None
+                reply.add_usage(completion.usage)
+                reply.text = choice.message.content if choice is not None else None
+                reply.finish_reason = choice.finish_reason if choice is not None else None
+                if reply.finish_reason == "stop":
+                    reply.error = None
+                    self.succeeded += 1
+                    break
+                reply.failures[f"finish_{reply.finish_reason}"] += 1
+                reply.error = f"reply not finished (finish reason {reply.finish_reason!r})"
+            if attempt < self.max_attempts:
+                await asyncio.sleep(backoff_s(attempt, self.backoff_base_s, wait))
+        reply.latency_s = time.monotonic() - started
+        return reply
+
+    async def close(self) -> None:
+        await self.client.close()

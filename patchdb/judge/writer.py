@@ -1,0 +1,121 @@
+"""Writing judgments in batches from a thread of their own, so the store never slows the calls.
+
+Results are queued; the writer thread commits them every `flush_s` seconds or every `batch`
+results, one store.transact per batch. The unique key (rollout, grader, judge config) makes
+every write idempotent: `only_missing` inserts with ON CONFLICT DO NOTHING (a concurrent run
+that got there first wins), the other modes replace the row.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from patchdb.errors import StoreError
+from patchdb.store.models import JudgeCacheEntry, Judgment, utcnow
+from patchdb.store.store import Store
+
+_UPDATED = (
+    "verdict", "raw_reply", "error", "attempts", "prompt_tokens", "completion_tokens",
+    "reasoning_tokens", "cost", "latency_s", "stage_run_id", "created_at",
+)
+_STOP = object()
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """INSERT with ON CONFLICT support for the store's database (SQLite or PostgreSQL)."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    else:
+        raise StoreError(f"the judge stage does not support {name} stores (SQLite or PostgreSQL)")
+    return insert(table)
+
+
+@dataclass
+class Row:
+    """One finished judgment, plus the cache entry to keep for it (if any)."""
+
+    values: dict[str, Any]
+    cache: tuple[str, str] | None = None
+
+
+class JudgmentWriter:
+    """A thread that writes queued judgment rows in batched transactions."""
+
+    def __init__(
+        self, store: Store, replace: bool, batch: int = 200, flush_s: float = 0.5
+    ) -> None:
+        self.store = store
+        self.replace = replace
+        self.batch = batch
+        self.flush_s = flush_s
+        self.written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="patchdb-judge-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, row: Row) -> None:
+        self._queue.put(row)
+
+    def close(self) -> None:
+        """Write everything queued so far and stop; re-raises a write error."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        pending: list[Row] = []
+        deadline = time.monotonic() + self.flush_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._flush(pending)
+                return
+            if item is not None:
+                pending.append(item)
+            if len(pending) >= self.batch or time.monotonic() >= deadline:
+                self._flush(pending)
+                pending = []
+                deadline = time.monotonic() + self.flush_s
+
+    def _flush(self, rows: list[Row]) -> None:
+        if not rows or self.error is not None:
+            return
+        try:
+            self.store.transact(lambda session: self._write(session, rows))
+            self.written += len(rows)
+        except BaseException as exc:  # surfaced by close(); the caller stops the run
+            self.error = exc
+
+    def _write(self, session: Session, rows: list[Row]) -> None:
+        now = utcnow()
+        values = [{**r.values, "created_at": now} for r in rows]
+        stmt = dialect_insert(session, Judgment)
+        keys = ["rollout_id", "grader", "judge_config_id"]
+        if self.replace:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=keys, set_={c: stmt.excluded[c] for c in _UPDATED}
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+        session.execute(stmt, values)
+        cache = [{"request_hash": h, "reply_json": j, "created_at": now}
+                 for h, j in {r.cache for r in rows if r.cache is not None}]
+        if cache:
+            session.execute(
+                dialect_insert(session, JudgeCacheEntry).on_conflict_do_nothing(
+                    index_elements=["request_hash"]
+                ),
+                cache,
+            )
