@@ -4,8 +4,7 @@ from typing import Any
 
 import click
 
-from patchdb.cli.options import db_option, experiments_option, layers_option, split_list
-from patchdb.cli.options import sweep_option
+from patchdb.cli.options import db_option, experiments_option, layers_option, split_list, sweep_option
 from patchdb.config import REASONING_EFFORTS
 from patchdb.experiments import GRADERS
 from patchdb.judge.plan import PlanRow
