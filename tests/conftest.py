@@ -10,6 +10,8 @@ from click.testing import CliRunner, Result
 
 from patchdb.cli import cli
 
+pytest_plugins = ["pg"]  # PostgreSQL fixtures: pg_url, store_db (tests/pg.py)
+
 
 @pytest.fixture(scope="session")
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

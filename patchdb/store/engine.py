@@ -17,13 +17,24 @@ from patchdb.errors import StoreError
 
 DEFAULT_DB = "patchdb.sqlite"
 BUSY_TIMEOUT_MS = 60_000
+CONNECT_TIMEOUT_S = 10  # an unreachable PostgreSQL host fails after this, not after minutes
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+def with_driver(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3; any other URL is left as it is."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 def resolve_url(db: str | os.PathLike[str] | None) -> str:
-    """A path becomes a sqlite URL; a URL (anything with '://') is used as it is."""
+    """A path becomes a sqlite URL; a URL (anything with '://') is used as it is, except that
+    plain PostgreSQL URLs get the psycopg 3 driver."""
     text = os.fspath(db) if db is not None else os.environ.get("PATCHDB_DB") or DEFAULT_DB
     if "://" in text:
+        text = with_driver(text)
         try:
             make_url(text)
         except ArgumentError:
@@ -90,6 +101,7 @@ def _sqlite_begin(conn: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     """Create an engine; for SQLite, with the pragmas and BEGIN handling above."""
+    url = with_driver(url)
     path = sqlite_path(url)
     if path is not None:
         check_sqlite_file(path)
@@ -99,7 +111,8 @@ def make_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_connect_setup)
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if "psycopg" in url else {}
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except ArgumentError:
         raise StoreError(f"invalid database URL {url!r}") from None
     except ModuleNotFoundError as exc:

@@ -7,7 +7,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 from patchdb.errors import StoreError, StoreNewerError
 
@@ -64,12 +64,20 @@ def check_known(engine: Engine, where: str) -> str | None:
     return revision
 
 
+# Any constant will do: PostgreSQL upgraders queue on this advisory lock, as SQLite's do on
+# BEGIN IMMEDIATE, so concurrent openers of a fresh database do not both create the tables.
+PG_UPGRADE_LOCK = 0x70617463  # "patc"
+
+
 def upgrade(engine: Engine, where: str) -> None:
-    """Bring the store to head. Serialised by BEGIN IMMEDIATE, so concurrent openers are safe."""
+    """Bring the store to head. Serialised by BEGIN IMMEDIATE (SQLite) or an advisory lock
+    (PostgreSQL), so concurrent openers are safe."""
     if check_known(engine, where) == head_revision():
         return
     cfg = alembic_config(str(engine.url))
     with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_UPGRADE_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
         conn.commit()

@@ -19,8 +19,9 @@ LOCK_RETRIES = 8
 
 
 def is_lock_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked"/busy, or a PostgreSQL deadlock: worth retrying."""
     text = str(getattr(exc, "orig", exc)).lower()
-    return "locked" in text or "busy" in text
+    return "locked" in text or "busy" in text or "deadlock detected" in text
 
 
 def describe_db_error(where: str, exc: DatabaseError) -> StoreError:
@@ -33,6 +34,9 @@ def describe_db_error(where: str, exc: DatabaseError) -> StoreError:
         return StoreError(f"{where} is corrupt ({text})")
     if "disk" in lowered and "full" in lowered:
         return StoreError(f"disk full while writing {where}; nothing from the unit in flight was kept")
+    if lowered.startswith("connection failed") or "could not connect" in lowered:
+        reason = text.rsplit("failed: ", 1)[-1].replace("FATAL:  ", "")
+        return StoreError(f"cannot connect to {where} ({reason})")
     if "unable to open" in lowered:
         return StoreError(f"cannot open {where} ({text})")
     return StoreError(f"database error on {where}: {text}")
