@@ -8,6 +8,8 @@
 A key whose samples were never scored keeps its place with rate null (the old scripts had no
 rate for it either; null keeps "nothing scored" apart from 0). A judgments file is written for
 each grader with at least one judgment at that layer; null is an unparsed (or missing) verdict.
+A layer with no judgment at all gets rollouts.json only and no entry in all_layer_scores.json,
+as when the old judge script had not reached it.
 Files are written like `json.dump(data, f, indent=2)`: ASCII with \\u escapes, no trailing newline.
 """
 
@@ -100,8 +102,8 @@ def export_experiment(
         return {k: data[k] for k in sorted(data, key=lambda k: (rank.get(k, len(rank)), k))}
 
     scores = layer_scores(rates)
-    written = [write_json(folder / "all_layer_scores.json",
-                          {str(layer): ordered(s) for layer, s in scores.items()})]
+    written: list[Path] = []
+    judged_layers: list[int] = []
     rows = session.execute(text(ROLLOUT_VERDICTS_SQL),
                            {"jc": judge_config_id, "experiment_id": experiment.id})
     current: int | None = None
@@ -117,8 +119,10 @@ def export_experiment(
                 by_key = {k: v for k, v in verdicts[grader].items() if k in judged[grader]}
                 written.append(write_json(layer_dir / f"judgments_{grader}.json",
                                           ordered(by_key)))
-        written.append(write_json(layer_dir / "judge_scores.json",
-                                  ordered(scores.get(layer, {}))))
+        if any(judged.values()):
+            judged_layers.append(layer)
+            written.append(write_json(layer_dir / "judge_scores.json",
+                                      ordered(scores.get(layer, {}))))
 
     for row in rows.mappings():
         if row["patch_layer"] != current:
@@ -136,4 +140,6 @@ def export_experiment(
                 judged[grader].add(key)
     if current is not None:
         flush(current)
+    written.append(write_json(folder / "all_layer_scores.json", {
+        str(layer): ordered(scores.get(layer, {})) for layer in judged_layers}))
     return written

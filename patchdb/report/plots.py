@@ -12,6 +12,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.stats import wilson_interval
@@ -66,13 +67,14 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure
     ax.set_xlabel("Patch layer")
     ax.set_ylim(0, 1)
     if layers:
-        margin = 0 if len(layers) > 1 else 1
-        ax.set_xlim(layers[0] - margin, layers[-1] + margin)
+        ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    fig.tight_layout()
+    # Fixed margins with room for the legend on the right: tight_layout costs a full text layout.
+    fig.subplots_adjust(left=0.08, right=0.84, bottom=0.1, top=0.93)
     return fig
 
 
