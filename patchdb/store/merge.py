@@ -1,0 +1,324 @@
+"""Merging stores: copy another store's rows into this one, matched by natural keys.
+
+Ids differ between stores, so every row is matched by what it is: a sweep by name, an
+experiment by (sweep, name), a concept vector by (model, layer, word, recipe), a judge config by
+(model, reasoning, template_version, backend), a rollout by (sweep, experiment, patch layer,
+source word, target word, sample index), a judgment by (rollout, grader, judge config), a judge
+cache entry by its request hash, and a stage run by (stage, host, pid, started_at). A row whose
+key is already here is left alone, so merging twice changes nothing.
+
+Rows are copied in chunks, one transaction each, with INSERT ... ON CONFLICT DO NOTHING: a
+merge killed half way leaves whole chunks behind, and running it again fills in the rest.
+
+Stage runs are copied as history, so a rollout keeps the record of the run (host, pid) that
+made it; a run here whose source copy has a newer heartbeat takes its status from there.
+
+Refused before anything is written: a sweep whose config (compared as parsed JSON) or rendered
+prompt differs between the stores. A judgment is not copied when its rollout exists here with a
+different answer (both stores generated that sample): it would grade an answer it never saw.
+"""
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, Table, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from patchdb.errors import ConfigError, StoreError
+from patchdb.store.models import Base
+from patchdb.store.store import Store
+
+CHUNK_ROWS = 5000
+VECTOR_CHUNK_ROWS = 200  # a vector is tens of kB
+
+TABLES = Base.metadata.tables
+SWEEPS = TABLES["sweeps"]
+EXPERIMENTS = TABLES["experiments"]
+VECTORS = TABLES["concept_vectors"]
+STAGE_RUNS = TABLES["stage_runs"]
+ROLLOUTS = TABLES["rollouts"]
+JUDGE_CONFIGS = TABLES["judge_configs"]
+JUDGMENTS = TABLES["judgments"]
+JUDGE_CACHE = TABLES["judge_cache"]
+
+ROLLOUT_KEY = ["experiment_id", "patch_layer", "source_word", "target_word", "sample_index"]
+JUDGMENT_KEY = ["rollout_id", "grader", "judge_config_id"]
+JUDGE_CONFIG_KEY = ["model", "reasoning", "template_version", "backend"]
+VECTOR_KEY = ["model", "layer", "word", "recipe"]
+STAGE_RUN_KEY = ["stage", "host", "pid", "started_at"]
+REPORTED = ["sweeps", "experiments", "stage_runs", "concept_vectors", "judge_configs",
+            "rollouts", "judgments", "judge_cache"]
+
+
+@dataclass
+class MergeResult:
+    """What one source added: rows inserted per table, and judgments left out."""
+
+    source: str
+    copied: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REPORTED, 0))
+    skipped_judgments: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.copied.values())
+
+
+def merge_stores(
+    target: Store, sources: Sequence[Store], chunk_rows: int = CHUNK_ROWS,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[MergeResult]:
+    """Merge every source into target, in order. All sweeps are checked before any row is
+    written. `progress(table, n)` is told of each chunk copied."""
+    for source in sources:
+        if source.url == target.url:
+            raise StoreError(f"cannot merge {target.where} into itself")
+    check_sweeps_agree(target, sources)
+    return [_merge_one(target, source, chunk_rows, progress) for source in sources]
+
+
+@dataclass(frozen=True)
+class _SweepIdentity:
+    where: str
+    config: Any
+    prompt_text: str | None
+    injection_start: int | None
+
+
+def _sweep_identities(store: Store) -> dict[str, _SweepIdentity]:
+    with store.read() as s:
+        rows = s.execute(select(SWEEPS.c.name, SWEEPS.c.config_json, SWEEPS.c.prompt_text,
+                                SWEEPS.c.injection_start)).all()
+    return {name: _SweepIdentity(store.where, json.loads(cfg), prompt, start)
+            for name, cfg, prompt, start in rows}
+
+
+def _disagreement(a: _SweepIdentity, b: _SweepIdentity) -> str | None:
+    if a.config != b.config:
+        return "config"
+    for what, x, y in (("rendered prompt", a.prompt_text, b.prompt_text),
+                       ("injection start", a.injection_start, b.injection_start)):
+        if x is not None and y is not None and x != y:
+            return what
+    return None
+
+
+def check_sweeps_agree(target: Store, sources: Iterable[Store]) -> None:
+    """Refuse (ConfigError) when a sweep name means different sweeps in two of the stores."""
+    seen = _sweep_identities(target)
+    for source in sources:
+        for name, ident in _sweep_identities(source).items():
+            other = seen.get(name)
+            what = _disagreement(other, ident) if other is not None else None
+            if other is not None and what is not None:
+                raise ConfigError(
+                    f"cannot merge {source.where}: its sweep {name!r} has a different {what} "
+                    f"than in {other.where}; nothing was merged"
+                )
+            if other is None or other.prompt_text is None:
+                seen[name] = ident
+
+
+def _utc(value: Any) -> Any:
+    """Time stamps leave as aware UTC, whatever the source backend handed out."""
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value
+
+
+def _values(row: RowMapping, table: Table, **changes: Any) -> dict[str, Any]:
+    """A source row as insert values for target: no id, foreign keys replaced by `changes`."""
+    values = {c.name: _utc(row[c.name]) for c in table.columns if c.name != "id"}
+    values.update(changes)
+    return values
+
+
+def insert_new(conn: Connection, table: Table, key: list[str], rows: list[dict[str, Any]]) -> int:
+    """INSERT ... ON CONFLICT (key) DO NOTHING for many rows; returns how many were new."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "sqlite":
+        stmt: Any = sqlite_insert(table)
+    elif conn.dialect.name == "postgresql":
+        stmt = pg_insert(table)
+    else:
+        raise StoreError(f"merge supports SQLite and PostgreSQL stores, not {conn.dialect.name}")
+    stmt = stmt.on_conflict_do_nothing(index_elements=key).returning(table.c.id)
+    return len(conn.execute(stmt, rows).all())
+
+
+def _inserter(table: Table, key: list[str], rows: list[dict[str, Any]]) -> Callable[[Session], int]:
+    """insert_new as a unit for Store.transact."""
+    return lambda session: insert_new(session.connection(), table, key, rows)
+
+
+def _chunks(store: Store, query: Any, id_column: Any, size: int) -> Iterable[Sequence[RowMapping]]:
+    """The query's rows in id order, `size` at a time (keyset paging, one short read each)."""
+    last = 0
+    while True:
+        with store.read() as s:
+            rows = s.execute(query.where(id_column > last).order_by(id_column).limit(size)
+                             ).mappings().all()
+        if not rows:
+            return
+        last = rows[-1]["id"]
+        yield rows
+
+
+def _copy_plain(target: Store, source: Store, table: Table, key: list[str], size: int,
+                result: MergeResult, progress: Callable[[str, int], None] | None) -> None:
+    """A table without foreign keys, chunk by chunk."""
+    for rows in _chunks(source, select(table), table.c.id, size):
+        values = [_values(r, table) for r in rows]
+        n = target.transact(_inserter(table, key, values))
+        result.copied[table.name] += n
+        if progress:
+            progress(table.name, n)
+
+
+def _merge_one(target: Store, source: Store, size: int,
+               progress: Callable[[str, int], None] | None) -> MergeResult:
+    result = MergeResult(source.where)
+    sweep_ids, experiment_ids = target.transact(lambda s: _merge_sweeps(s, source, result))
+    run_ids = target.transact(lambda s: _merge_stage_runs(s, source, sweep_ids, result))
+    _copy_plain(target, source, VECTORS, VECTOR_KEY, VECTOR_CHUNK_ROWS, result, progress)
+    _copy_plain(target, source, JUDGE_CACHE, ["request_hash"], size, result, progress)
+    config_ids = target.transact(lambda s: _merge_judge_configs(s, source, result))
+    for source_exp, target_exp in experiment_ids.items():
+        rollout_ids = _merge_rollouts(target, source, source_exp, target_exp, run_ids, size,
+                                      result, progress)
+        _merge_judgments(target, source, source_exp, rollout_ids, config_ids, run_ids, size,
+                         result, progress)
+    return result
+
+
+def _merge_sweeps(s: Session, source: Store, result: MergeResult
+                  ) -> tuple[dict[int, int], dict[int, int]]:
+    """Sweeps and experiments (one transaction); returns source id -> target id for both."""
+    conn = s.connection()
+    with source.read() as src:
+        sweeps = src.execute(select(SWEEPS)).mappings().all()
+        experiments = src.execute(select(EXPERIMENTS)).mappings().all()
+    here = {r["name"]: r for r in conn.execute(select(SWEEPS)).mappings()}
+    for sweep in sweeps:
+        mine = here.get(sweep["name"])
+        if mine is not None and json.loads(mine["config_json"]) != json.loads(sweep["config_json"]):
+            raise ConfigError(f"cannot merge {source.where}: its sweep {sweep['name']!r} has a "
+                              "different config than here; nothing was merged")
+        if mine is None:
+            result.copied["sweeps"] += insert_new(conn, SWEEPS, ["name"], [_values(sweep, SWEEPS)])
+        elif mine["prompt_text"] is None and sweep["prompt_text"] is not None:
+            conn.execute(update(SWEEPS).where(SWEEPS.c.id == mine["id"]).values(
+                prompt_text=sweep["prompt_text"], injection_start=sweep["injection_start"]))
+    names = {r["name"]: r["id"] for r in conn.execute(select(SWEEPS.c.name, SWEEPS.c.id)).mappings()}
+    sweep_ids = {r["id"]: names[r["name"]] for r in sweeps}
+    rows = [_values(e, EXPERIMENTS, sweep_id=sweep_ids[e["sweep_id"]]) for e in experiments]
+    result.copied["experiments"] += insert_new(conn, EXPERIMENTS, ["sweep_id", "name"], rows)
+    exp_ids = {(r["sweep_id"], r["name"]): r["id"]
+               for r in conn.execute(select(EXPERIMENTS)).mappings()}
+    experiment_ids = {e["id"]: exp_ids[(sweep_ids[e["sweep_id"]], e["name"])] for e in experiments}
+    return sweep_ids, experiment_ids
+
+
+def _merge_stage_runs(s: Session, source: Store, sweep_ids: dict[int, int],
+                      result: MergeResult) -> dict[int, int]:
+    """Stage runs as history; returns source id -> target id."""
+    conn = s.connection()
+    with source.read() as src:
+        runs = src.execute(select(STAGE_RUNS).order_by(STAGE_RUNS.c.id)).mappings().all()
+
+    def key(row: RowMapping | dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(_utc(row[k]) for k in STAGE_RUN_KEY)
+
+    here = {key(r): r for r in conn.execute(select(STAGE_RUNS)).mappings()}
+    run_ids: dict[int, int] = {}
+    for run in runs:
+        mine = here.get(key(run))
+        if mine is None:
+            values = _values(run, STAGE_RUNS, sweep_id=sweep_ids.get(run["sweep_id"]))
+            run_ids[run["id"]] = conn.execute(
+                STAGE_RUNS.insert().values(values).returning(STAGE_RUNS.c.id)).scalar_one()
+            result.copied["stage_runs"] += 1
+            continue
+        run_ids[run["id"]] = mine["id"]
+        if _utc(run["heartbeat_at"]) > _utc(mine["heartbeat_at"]):
+            conn.execute(update(STAGE_RUNS).where(STAGE_RUNS.c.id == mine["id"]).values(
+                status=run["status"], heartbeat_at=_utc(run["heartbeat_at"]),
+                finished_at=_utc(run["finished_at"]), error=run["error"]))
+    return run_ids
+
+
+def _merge_judge_configs(s: Session, source: Store, result: MergeResult) -> dict[int, int]:
+    conn = s.connection()
+    with source.read() as src:
+        configs = src.execute(select(JUDGE_CONFIGS)).mappings().all()
+    rows = [_values(c, JUDGE_CONFIGS) for c in configs]
+    result.copied["judge_configs"] += insert_new(conn, JUDGE_CONFIGS, JUDGE_CONFIG_KEY, rows)
+    here = {tuple(r[k] for k in JUDGE_CONFIG_KEY): r["id"]
+            for r in conn.execute(select(JUDGE_CONFIGS)).mappings()}
+    return {c["id"]: here[tuple(c[k] for k in JUDGE_CONFIG_KEY)] for c in configs}
+
+
+def _rollout_key(row: RowMapping) -> tuple[Any, ...]:
+    return row["patch_layer"], row["source_word"], row["target_word"], row["sample_index"]
+
+
+def _merge_rollouts(target: Store, source: Store, source_exp: int, target_exp: int,
+                    run_ids: dict[int, int], size: int, result: MergeResult,
+                    progress: Callable[[str, int], None] | None) -> dict[int, int | None]:
+    """Copy one experiment's rollouts. Returns source rollout id -> target id, or None where
+    the target's rollout of that key has a different answer."""
+    seen: dict[int, tuple[tuple[Any, ...], int]] = {}
+    query = select(ROLLOUTS).where(ROLLOUTS.c.experiment_id == source_exp)
+    for rows in _chunks(source, query, ROLLOUTS.c.id, size):
+        values = []
+        for r in rows:
+            seen[r["id"]] = (_rollout_key(r), hash(r["answer"]))
+            values.append(_values(r, ROLLOUTS, experiment_id=target_exp,
+                                  stage_run_id=run_ids.get(r["stage_run_id"])))
+        n = target.transact(_inserter(ROLLOUTS, ROLLOUT_KEY, values))
+        result.copied["rollouts"] += n
+        if progress:
+            progress("rollouts", n)
+    here: dict[tuple[Any, ...], tuple[int, int]] = {}
+    with target.read() as s:
+        cols = [ROLLOUTS.c.id, ROLLOUTS.c.patch_layer, ROLLOUTS.c.source_word,
+                ROLLOUTS.c.target_word, ROLLOUTS.c.sample_index, ROLLOUTS.c.answer]
+        for r in s.execute(select(*cols).where(ROLLOUTS.c.experiment_id == target_exp)).mappings():
+            here[_rollout_key(r)] = (r["id"], hash(r["answer"]))
+    mapping: dict[int, int | None] = {}
+    for source_id, (key, answer_hash) in seen.items():
+        mine = here.get(key)
+        if mine is not None:
+            mapping[source_id] = mine[0] if mine[1] == answer_hash else None
+    return mapping
+
+
+def _merge_judgments(target: Store, source: Store, source_exp: int,
+                     rollout_ids: dict[int, int | None], config_ids: dict[int, int],
+                     run_ids: dict[int, int], size: int, result: MergeResult,
+                     progress: Callable[[str, int], None] | None) -> None:
+    query = (select(JUDGMENTS).join(ROLLOUTS, ROLLOUTS.c.id == JUDGMENTS.c.rollout_id)
+             .where(ROLLOUTS.c.experiment_id == source_exp))
+    for rows in _chunks(source, query, JUDGMENTS.c.id, size):
+        values = []
+        for j in rows:
+            if j["rollout_id"] not in rollout_ids:
+                continue  # its rollout appeared in the source after we copied; next merge
+            rollout_id = rollout_ids[j["rollout_id"]]
+            if rollout_id is None:
+                result.skipped_judgments += 1
+                continue
+            config_id = config_ids.get(j["judge_config_id"])
+            if config_id is None:
+                continue  # a judge config newer than our copy of them; next merge
+            values.append(_values(j, JUDGMENTS, rollout_id=rollout_id, judge_config_id=config_id,
+                                  stage_run_id=run_ids.get(j["stage_run_id"])))
+        n = target.transact(_inserter(JUDGMENTS, JUDGMENT_KEY, values))
+        result.copied["judgments"] += n
+        if progress:
+            progress("judgments", n)
