@@ -15,6 +15,7 @@ COMMANDS = {
     "init": "patchdb.cli.init_cmd:init",
     "status": "patchdb.cli.status_cmd:status",
     "db": "patchdb.cli.db_cmd:db",
+    "merge": "patchdb.cli.merge_cmd:merge",
 }
 
 
