@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
 from conftest import file_digest, run_cli
 from sqlalchemy import func, select
 
@@ -21,6 +22,11 @@ SINGLE = ["Bread", "Trees", "Café"]
 ANSWERS = ["I notice an injected thought about bread \u2014 warm loaves.", "",
            "Je d\u00e9tecte une pens\u00e9e : \u00ab arbres \u00bb \U0001f332", "Nothing unusual.",
            "Yes. It is about \"quotes\" and\nnew lines."]
+
+
+def cli(*args: object) -> Result:
+    """run_cli, taking paths and numbers as they are."""
+    return run_cli(*(str(a) for a in args))
 
 
 def dump(path: Path, data: Any) -> None:
@@ -84,7 +90,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_import_registers_the_sweep_it_finds(tree: Path, db_path: Path) -> None:
-    result = run_cli("import-json", tree, "--db", db_path, "--model", "google/gemma-3-27b-it")
+    result = cli("import-json", tree, "--db", db_path, "--model", "google/gemma-3-27b-it")
     assert result.exit_code == 0, result.output
     n_rollouts = (4 + 3) * len(LAYERS) * SAMPLES
     n_judgments = (4 + 3) * len(JUDGED_LAYERS) * SAMPLES * 2
@@ -116,9 +122,9 @@ def test_import_registers_the_sweep_it_finds(tree: Path, db_path: Path) -> None:
 
 
 def test_importing_twice_changes_nothing(tree: Path, db_path: Path) -> None:
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
     before = file_digest(db_path)
-    again = run_cli("import-json", tree, "--db", db_path)
+    again = cli("import-json", tree, "--db", db_path)
     assert again.exit_code == 0, again.output
     assert "already in the store" in again.output
     assert "Imported 0 new rollouts and 0 new judgments" in again.output
@@ -130,17 +136,17 @@ def test_import_adds_judgments_that_arrive_later(tree: Path, db_path: Path) -> N
     moved = {p: p.read_bytes() for p in judged.parent.glob("layer_41/judgments_*.json")}
     for path in moved:
         path.unlink()
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
     for path, data in moved.items():
         path.write_bytes(data)
-    result = run_cli("import-json", tree, "--db", db_path)
+    result = cli("import-json", tree, "--db", db_path)
     assert result.exit_code == 0, result.output
     assert f"Imported 0 new rollouts and {4 * SAMPLES * 2} new judgments" in result.output
 
 
 def test_sweep_name_option(tree: Path, db_path: Path) -> None:
-    assert run_cli("import-json", tree, "--db", db_path, "--sweep", "old-run").exit_code == 0
-    result = run_cli("status", "--db", db_path, "--sweep", "old-run")
+    assert cli("import-json", tree, "--db", db_path, "--sweep", "old-run").exit_code == 0
+    result = cli("status", "--db", db_path, "--sweep", "old-run")
     assert result.exit_code == 0, result.output
 
 
@@ -212,23 +218,23 @@ def _bad_score(tree: Path) -> tuple[Path, str]:
 ])
 def test_a_malformed_file_is_named_and_nothing_is_imported(
         tree: Path, db_path: Path, breaks: Any) -> None:
-    assert run_cli("init", "--db", db_path).exit_code == 0
+    assert cli("init", "--db", db_path).exit_code == 0
     before = file_digest(db_path)
     path, problem = breaks(tree)
-    result = run_cli("import-json", tree, "--db", db_path)
+    result = cli("import-json", tree, "--db", db_path)
     assert result.exit_code == 1
     assert result.output == f"Error: {path}: {problem}\n"
     assert file_digest(db_path) == before
 
 
 def test_a_file_that_disagrees_with_the_store_is_refused(tree: Path, db_path: Path) -> None:
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
     before = file_digest(db_path)
     path = tree / "unsteered_to_steered" / "layer_41" / "judgments_detection.json"
     data = json.loads(path.read_text())
     data["Trees"][0] = not data["Trees"][0] if data["Trees"][0] is not None else True
     dump(path, data)
-    result = run_cli("import-json", tree, "--db", db_path)
+    result = cli("import-json", tree, "--db", db_path)
     assert result.exit_code == 1
     assert result.output == (
         f"Error: {path}: sample 0 of (none)/Trees differs from the imported verdict already in "
@@ -238,7 +244,7 @@ def test_a_file_that_disagrees_with_the_store_is_refused(tree: Path, db_path: Pa
 
 def test_a_missing_store_is_not_created_for_a_bad_tree(tree: Path, db_path: Path) -> None:
     _bad_json(tree)
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 1
+    assert cli("import-json", tree, "--db", db_path).exit_code == 1
     assert not db_path.exists()
 
 
@@ -246,9 +252,9 @@ def test_patch_layers_before_the_default_steer_layer_need_the_option(
         tmp_path: Path, db_path: Path) -> None:
     root = tmp_path / "early"
     dump(root / "unsteered_to_steered" / "layer_10" / "rollouts.json", {"Bread": ["a"]})
-    result = run_cli("import-json", root, "--db", db_path)
+    result = cli("import-json", root, "--db", db_path)
     assert result.exit_code == 1
     assert result.output == ("Error: patch layers start at 10, not after the default steer layer "
                              "38; pass --steer-layer\n")
-    result = run_cli("import-json", root, "--db", db_path, "--steer-layer", "5")
+    result = cli("import-json", root, "--db", db_path, "--steer-layer", "5")
     assert result.exit_code == 0, result.output

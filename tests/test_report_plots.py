@@ -4,11 +4,11 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import run_cli
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
-from test_import_json import NEGATIVE, POSITIVE, SINGLE, write_tree
+from test_import_json import NEGATIVE, POSITIVE, SINGLE, cli, write_tree
 
 from patchdb.report.aggregate import ExperimentRates, choose_judge_config, experiment_rates
 from patchdb.report.plots import sweep_figure
@@ -19,7 +19,7 @@ from patchdb.store.sweeps import get_sweep, sweep_config
 @pytest.fixture
 def rates(tmp_path: Path, db_path: Path) -> dict[str, ExperimentRates]:
     tree = write_tree(tmp_path / "patching_layer_sweep")
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
     store = open_store(str(db_path))
     try:
         with store.read() as session:
@@ -74,9 +74,9 @@ def test_gaps_are_nan_never_zero(rates: dict[str, ExperimentRates]) -> None:
     """Trees has no scorable sample at any layer, and layer 42 was never judged."""
     fig = sweep_figure(rates["unsteered_to_steered"], "title")
     by_label = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    trees = [float(y) for y in by_label["Trees"].get_ydata()]
-    assert all(math.isnan(y) for y in trees)
-    mean = [float(y) for y in by_label["Mean"].get_ydata()]
+    trees = np.asarray(by_label["Trees"].get_ydata(), dtype=float)
+    assert np.isnan(trees).all()
+    mean = np.asarray(by_label["Mean"].get_ydata(), dtype=float)
     assert math.isnan(mean[2]) and not math.isnan(mean[0])
     assert mean[0] == pytest.approx((2 / 3 + 0.5) / 2)
 
@@ -91,8 +91,8 @@ def test_ci_adds_one_band_per_bold_line(rates: dict[str, ExperimentRates]) -> No
 @pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
 def test_plot_files_are_valid_images(tmp_path: Path, db_path: Path, fmt: str) -> None:
     tree = write_tree(tmp_path / "patching_layer_sweep")
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
-    result = run_cli("report", "--db", db_path, "--format", fmt, "--ci",
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
+    result = cli("report", "--db", db_path, "--format", fmt, "--ci",
                      "--experiments", "unsteered_to_steered")
     assert result.exit_code == 0, result.output
     path = tmp_path / "patchdb_report" / "patching_layer_sweep" / "unsteered_to_steered" / \

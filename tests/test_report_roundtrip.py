@@ -3,14 +3,13 @@
 import json
 from pathlib import Path
 
-from conftest import run_cli
-from test_import_json import json_files, write_tree
+from test_import_json import cli, json_files, write_tree
 
 
 def test_import_then_export_gives_back_the_same_files(tmp_path: Path, db_path: Path) -> None:
     tree = write_tree(tmp_path / "patching_layer_sweep")
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
-    result = run_cli("report", "--db", db_path, "--export-json", "--out", tmp_path / "out")
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
+    result = cli("report", "--db", db_path, "--export-json", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     original, exported = json_files(tree), json_files(tmp_path / "out")
     assert sorted(exported) == sorted(original)
@@ -22,8 +21,8 @@ def test_import_then_export_gives_back_the_same_files(tmp_path: Path, db_path: P
 def test_the_round_trip_keeps_odd_content(tmp_path: Path, db_path: Path) -> None:
     """Non-ASCII text, empty answers, null verdicts and null rates all survive."""
     tree = write_tree(tmp_path / "patching_layer_sweep")
-    assert run_cli("import-json", tree, "--db", db_path).exit_code == 0
-    assert run_cli("report", "--db", db_path, "--export-json", "--out",
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
+    assert cli("report", "--db", db_path, "--export-json", "--out",
                    tmp_path / "out").exit_code == 0
     out = tmp_path / "out" / "unsteered_to_steered"
     answers = json.loads((out / "layer_40" / "rollouts.json").read_text())
@@ -44,11 +43,11 @@ def test_the_round_trip_keeps_odd_content(tmp_path: Path, db_path: Path) -> None
 def test_export_import_export_is_byte_identical(tmp_path: Path) -> None:
     tree = write_tree(tmp_path / "patching_layer_sweep")
     first, second = tmp_path / "first.sqlite", tmp_path / "second.sqlite"
-    assert run_cli("import-json", tree, "--db", first).exit_code == 0
-    assert run_cli("report", "--db", first, "--export-json", "--out",
+    assert cli("import-json", tree, "--db", first).exit_code == 0
+    assert cli("report", "--db", first, "--export-json", "--out",
                    tmp_path / "a").exit_code == 0
-    assert run_cli("import-json", tmp_path / "a", "--db", second, "--sweep",
+    assert cli("import-json", tmp_path / "a", "--db", second, "--sweep",
                    "patching_layer_sweep").exit_code == 0
-    assert run_cli("report", "--db", second, "--export-json", "--out",
+    assert cli("report", "--db", second, "--export-json", "--out",
                    tmp_path / "b").exit_code == 0
     assert json_files(tmp_path / "a") == json_files(tmp_path / "b")

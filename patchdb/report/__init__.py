@@ -4,7 +4,7 @@ layout users' scripts read (`export`), and the import of that layer (`importer`)
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patchdb.report.aggregate import ExperimentRates, JudgeChoice, choose_judge_config, experiment_rates
+from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.export import export_experiment, inside, safe_component
 from patchdb.report.plots import FORMATS, save_figure, sweep_figure
 from patchdb.report.tables import experiment_table
@@ -53,8 +53,8 @@ def build_report(
         sweep = get_sweep(session, sweep_name)
         config = sweep_config(sweep)
         rows = get_experiments(session, sweep, experiments)
-        judge = choose_judge_config(session, sweep, judge_config_id)
-        all_rates = experiment_rates(session, sweep, config, [e.name for e in rows], judge.id)
+        judge, all_rates = sweep_rates(session, sweep, config, [e.name for e in rows],
+                                       judge_config_id)
         base = out_dir if out_dir is not None else default_out_dir(sweep.name)
         reports: list[ExperimentReport] = []
         for experiment, rates in zip(rows, all_rates, strict=True):

@@ -1,40 +1,28 @@
 """Rates per key and layer, read through the store's `layer_rates` view.
 
-All counting happens in SQL; Python only arranges the few thousand (key, layer) rows into
-lines for the plot, the table and the JSON export.
+All counting over judgments happens in SQL, in one pass over the view. Python only arranges
+its few thousand (key, layer, judge config) rows into lines for the plot, the table and the
+export, and averages key rates into the bold lines (a mean of at most a few dozen numbers).
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import Row, bindparam, select, text
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.errors import UnknownNameError
 from patchdb.experiments import EXPERIMENTS, experiment_keys, key_label
-from patchdb.store.models import Experiment, JudgeConfig, Judgment, Rollout, Sweep
+from patchdb.store.models import Experiment, JudgeConfig, Sweep
 
-# One row per (experiment, layer, key) that has rollouts. The rate and its counts come from the
-# chosen judge config; a key that config never scored keeps NULL (a gap, never 0).
-KEY_RATES_SQL = """
-SELECT experiment, patch_layer, source_word, target_word, MAX(pairs) AS pairs,
-       MAX(CASE WHEN judge_config_id = :jc THEN n_scored END) AS n_scored,
-       MAX(CASE WHEN judge_config_id = :jc THEN rate END) AS rate
+# Every rate of the sweep, for every judge config (NULL: rollouts no config has judged yet).
+# This is the one pass over the judgments; everything after it works on these few rows.
+RATES_SQL = """
+SELECT experiment, patch_layer, source_word, target_word, judge_config_id, n, n_scored, rate
 FROM layer_rates
 WHERE sweep = :sweep AND experiment IN :experiments
-GROUP BY experiment, patch_layer, source_word, target_word
-"""
-
-# The bold lines: per target word for pair experiments, one mean over words otherwise. The line
-# is the mean of the key rates (AVG skips NULL); the counts are pooled for the Wilson band.
-GROUP_RATES_SQL = f"""
-WITH k AS ({KEY_RATES_SQL})
-SELECT experiment, patch_layer, CASE WHEN pairs THEN target_word ELSE '' END AS grp,
-       AVG(rate) AS rate, COALESCE(SUM(n_scored), 0) AS n_scored,
-       COALESCE(SUM(ROUND(rate * n_scored)), 0) AS successes
-FROM k
-GROUP BY experiment, patch_layer, grp
 """
 
 MEAN_LABEL = "Mean"
@@ -82,22 +70,15 @@ def describe_judge_config(config: JudgeConfig) -> str:
             f"reasoning {config.reasoning}, templates {config.template_version})")
 
 
-def choose_judge_config(session: Session, sweep: Sweep, requested: int | None) -> JudgeChoice:
-    """The requested judge config, or the one with the most judgments in the sweep."""
-    counts = session.execute(
-        select(Judgment.judge_config_id, func.count())
-        .join(Rollout, Rollout.id == Judgment.rollout_id)
-        .join(Experiment, Experiment.id == Rollout.experiment_id)
-        .where(Experiment.sweep_id == sweep.id)
-        .group_by(Judgment.judge_config_id)
-        .order_by(func.count().desc(), Judgment.judge_config_id)
-    ).all()
-    known = [int(jc) for jc, _ in counts]
+def _choice(session: Session, sweep: Sweep, scored: dict[int, int],
+            requested: int | None) -> JudgeChoice:
+    """The requested judge config, else the one that judged the most samples of the sweep."""
+    known = sorted(scored, key=lambda jc: (-scored[jc], jc))
     if requested is not None:
-        if requested not in known:
+        if requested not in scored:
             raise UnknownNameError(
                 f"judge config {requested} has no judgments in sweep {sweep.name!r} "
-                f"(configs with judgments: {', '.join(map(str, known)) or 'none'})"
+                f"(configs with judgments: {', '.join(map(str, sorted(known))) or 'none'})"
             )
         chosen: int | None = requested
     else:
@@ -109,8 +90,38 @@ def choose_judge_config(session: Session, sweep: Sweep, requested: int | None) -
     return JudgeChoice(chosen, describe_judge_config(config), len(known))
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else float(value)
+def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> list[Row[Any]]:
+    return list(session.execute(
+        text(RATES_SQL).bindparams(bindparam("experiments", expanding=True)),
+        {"sweep": sweep.name, "experiments": experiment_names},
+    ))
+
+
+def _samples_judged(rows: list[Row[Any]]) -> dict[int, int]:
+    judged: dict[int, int] = {}
+    for row in rows:
+        if row.judge_config_id is not None:
+            judged[row.judge_config_id] = judged.get(row.judge_config_id, 0) + row.n
+    return judged
+
+
+def sweep_rates(
+    session: Session,
+    sweep: Sweep,
+    config: SweepConfig,
+    experiment_names: list[str],
+    judge_config_id: int | None = None,
+) -> tuple[JudgeChoice, list[ExperimentRates]]:
+    """Choose the judge config and arrange every rate, from one pass over `layer_rates`."""
+    rows = _rate_rows(session, sweep, experiment_names)
+    judge = _choice(session, sweep, _samples_judged(rows), judge_config_id)
+    return judge, _arrange(rows, config, experiment_names, judge.id)
+
+
+def choose_judge_config(session: Session, sweep: Sweep, requested: int | None) -> JudgeChoice:
+    """The requested judge config, or the one that judged the most samples of the sweep."""
+    names = list(session.scalars(select(Experiment.name).where(Experiment.sweep_id == sweep.id)))
+    return _choice(session, sweep, _samples_judged(_rate_rows(session, sweep, names)), requested)
 
 
 def experiment_rates(
@@ -120,15 +131,14 @@ def experiment_rates(
     experiment_names: list[str],
     judge_config_id: int | None,
 ) -> list[ExperimentRates]:
-    """Per experiment: the key lines and the bold group lines, over the sweep's layers."""
-    params = {"jc": judge_config_id, "sweep": sweep.name, "experiments": experiment_names}
-    key_rows = session.execute(
-        text(KEY_RATES_SQL).bindparams(bindparam("experiments", expanding=True)), params
-    ).all()
-    group_rows = session.execute(
-        text(GROUP_RATES_SQL).bindparams(bindparam("experiments", expanding=True)), params
-    ).all()
-    layers = sorted(set(config.layers) | {int(row.patch_layer) for row in key_rows})
+    """Per experiment: the key lines and the bold group lines, for one judge config."""
+    return _arrange(_rate_rows(session, sweep, experiment_names), config, experiment_names,
+                    judge_config_id)
+
+
+def _arrange(rows: list[Row[Any]], config: SweepConfig, experiment_names: list[str],
+             judge_config_id: int | None) -> list[ExperimentRates]:
+    layers = sorted(set(config.layers) | {int(row.patch_layer) for row in rows})
     position = {layer: i for i, layer in enumerate(layers)}
     result: list[ExperimentRates] = []
     for name in experiment_names:
@@ -136,41 +146,45 @@ def experiment_rates(
         rank = {key: i for i, key in enumerate(
             experiment_keys(exp, config.positive_words, config.negative_words))}
         lines: dict[tuple[str, str], Line] = {}
-        for row in key_rows:
+        for row in rows:
             if row.experiment != name:
                 continue
             key = (row.source_word, row.target_word)
             line = lines.get(key)
             if line is None:
                 line = lines[key] = _empty_line(key_label(exp, *key), *key, n=len(layers))
-            _fill(line, position[row.patch_layer], row.rate, row.n_scored,
-                  None if row.rate is None else round(row.rate * row.n_scored))
-        keys = sorted(lines, key=lambda k: (rank.get(k, len(rank)), k))
-        groups: dict[str, Line] = {}
-        for row in group_rows:
-            if row.experiment != name:
-                continue
-            label = row.grp if exp.pairs else MEAN_LABEL
-            line = groups.get(row.grp)
-            if line is None:
-                target = row.grp if exp.pairs else ""
-                line = groups[row.grp] = _empty_line(label, "", target, n=len(layers))
-            _fill(line, position[row.patch_layer], row.rate, row.n_scored, row.successes)
-        targets = list(dict.fromkeys(lines[k].target_word for k in keys))
-        ordered_groups = [groups[t] for t in targets if t in groups] if exp.pairs else list(
-            groups.values())
-        result.append(ExperimentRates(name, exp.pairs, layers, [lines[k] for k in keys],
-                                      ordered_groups))
+            i = position[row.patch_layer]
+            line.present[i] = True
+            if judge_config_id is not None and row.judge_config_id == judge_config_id:
+                line.rates[i] = _nan(row.rate)
+                line.n_scored[i] = int(row.n_scored)
+                line.successes[i] = round((row.rate or 0.0) * row.n_scored)
+        keys = [lines[k] for k in sorted(lines, key=lambda k: (rank.get(k, len(rank)), k))]
+        if exp.pairs:
+            targets = list(dict.fromkeys(line.target_word for line in keys))
+            groups = [_group(t, "", t, [k for k in keys if k.target_word == t], len(layers))
+                      for t in targets]
+        else:
+            groups = [_group(MEAN_LABEL, "", "", keys, len(layers))] if keys else []
+        result.append(ExperimentRates(name, exp.pairs, layers, keys, groups))
     return result
+
+
+def _group(label: str, source: str, target: str, members: list[Line], n: int) -> Line:
+    """A bold line: the mean of its keys' rates where any is scored; counts pooled."""
+    line = _empty_line(label, source, target, n)
+    for i in range(n):
+        scored = [m.rates[i] for m in members if not math.isnan(m.rates[i])]
+        line.rates[i] = sum(scored) / len(scored) if scored else math.nan
+        line.n_scored[i] = sum(m.n_scored[i] for m in members)
+        line.successes[i] = sum(m.successes[i] for m in members)
+        line.present[i] = any(m.present[i] for m in members)
+    return line
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _empty_line(label: str, source: str, target: str, n: int) -> Line:
     return Line(label, source, target, [math.nan] * n, [0] * n, [0] * n, [False] * n)
-
-
-def _fill(line: Line, i: int, rate: float | None, n_scored: int | None,
-          successes: float | None) -> None:
-    line.rates[i] = _nan(rate)
-    line.n_scored[i] = int(n_scored or 0)
-    line.successes[i] = int(successes or 0)
-    line.present[i] = True
