@@ -195,6 +195,8 @@ def load_model(
     torch_type = torch_dtype(dtype)
     target = _device(device)
     location = source.location
+    if source.kind == "dir" and not (Path(location) / "config.json").is_file():
+        raise ModelError(f"{spec} is not a model directory (it has no config.json)")
     if source.kind == "gguf":
         location = str(cached_gguf(Path(source.location)))
     options: dict[str, Any] = {"local_files_only": True}
