@@ -10,7 +10,9 @@ computed the way the JSON layout forces (load every judgments file, count in Pyt
 
 import argparse
 import json
+import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from sqlalchemy import insert
 from patchdb.config import SweepConfig
 from patchdb.experiments import EXPERIMENTS, experiment_keys, key_label
 from patchdb.report import build_report
-from patchdb.report.aggregate import choose_judge_config, experiment_rates
+from patchdb.report.aggregate import sweep_rates
 from patchdb.store import JudgeConfig, Judgment, Rollout, Store, open_store
 from patchdb.store.sweeps import get_experiments, get_sweep, register_sweep, sweep_config
 
@@ -83,19 +85,31 @@ def build_store(db: Path, samples: int, seed: int = 0) -> tuple[int, int]:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
+    """Wall seconds and the value; the CPU seconds go to the log (the machine may be busy)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     value = fn()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = time.process_time() - cpu + (after.ru_utime + after.ru_stime) - (
+        children.ru_utime + children.ru_stime)
+    CPU_LOG.append(used)
     return time.perf_counter() - start, value
 
 
+CPU_LOG: list[float] = []
+
+
+def cpu() -> str:
+    return f"cpu {CPU_LOG[-1]:.2f} s"
+
+
 def aggregate(store: Store) -> int:
-    """The aggregation alone: choose the judge config, then every key's rate at every layer."""
+    """The aggregation alone: one pass over layer_rates picks the judge config and the rates."""
     with store.read() as session:
         sweep = get_sweep(session, None)
         config = sweep_config(sweep)
         names = [e.name for e in get_experiments(session, sweep)]
-        judge = choose_judge_config(session, sweep, None)
-        rates = experiment_rates(session, sweep, config, names, judge.id)
+        _, rates = sweep_rates(session, sweep, config, names)
     return sum(len(r.keys) for r in rates)
 
 
@@ -122,8 +136,8 @@ def check_agreement(store: Store, from_json: dict[str, dict[int, dict[str, float
         sweep = get_sweep(session, None)
         config = sweep_config(sweep)
         names = [e.name for e in get_experiments(session, sweep)]
-        judge = choose_judge_config(session, sweep, None)
-        for rates in experiment_rates(session, sweep, config, names, judge.id):
+        _, all_rates = sweep_rates(session, sweep, config, names)
+        for rates in all_rates:
             d = EXPERIMENTS[rates.name]
             for line in rates.keys:
                 for i, layer in enumerate(rates.layers):
@@ -145,24 +159,34 @@ def main() -> None:
         stale.unlink(missing_ok=True)
     t_build, (n_rollouts, n_judgments) = timed(lambda: build_store(db, args.samples))
     print(f"built {n_rollouts:,} rollouts and {n_judgments:,} judgments in {t_build:.1f} s "
-          f"({db.stat().st_size / 1e6:.0f} MB store)")
+          f"({db.stat().st_size / 1e6:.0f} MB store; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores)")
     store = open_store(str(db))
     try:
-        runs = [timed(lambda: aggregate(store)) for _ in range(3)]
+        runs = []
+        for _ in range(3):
+            runs.append((*timed(lambda: aggregate(store)), CPU_LOG[-1]))
         print(f"aggregation query alone: {runs[0][0]:.2f} s first, "
-              f"{min(t for t, _ in runs):.2f} s best of 3 ({runs[0][1]} key lines)")
+              f"{min(r[0] for r in runs):.2f} s best of 3 "
+              f"(cpu {min(r[2] for r in runs):.2f} s; {runs[0][1]} key lines)")
         out = work / "report"
+        t_plots, _ = timed(lambda: build_report(store, out_dir=work / "plots_only"))
+        print(f"report in-process, 4 plots, no export: {t_plots:.2f} s ({cpu()})")
         t_report, report = timed(lambda: build_report(store, out_dir=out, export_json=True))
         files = sum(len(e.exported) for e in report.experiments)
-        print(f"report in-process, 4 plots + JSON export ({files} files): {t_report:.2f} s")
+        print(f"report in-process, 4 plots + JSON export ({files} files): {t_report:.2f} s "
+              f"({cpu()})")
         t_cli, _ = timed(lambda: subprocess.run(
             [sys.executable, "-m", "patchdb", "report", "--db", str(db), "--export-json",
              "--out", str(work / "report_cli")], check=True, capture_output=True))
-        print(f"`patchdb report --export-json` end to end (new process): {t_cli:.2f} s")
+        print(f"`patchdb report --export-json` end to end (new process): {t_cli:.2f} s "
+              f"({cpu()})")
         t_json, from_json = timed(lambda: rates_from_json(out))
-        print(f"same rates from the JSON layout (load every judgments file): {t_json:.2f} s")
+        print(f"same rates from the JSON layout (load every judgments file): {t_json:.2f} s "
+              f"({cpu()})")
         check_agreement(store, from_json)
-        print("the SQL rates and the JSON-layout rates agree")
+        print("the SQL rates and the JSON-layout rates agree; "
+              f"load average now {os.getloadavg()[0]:.1f}")
     finally:
         store.close()
 

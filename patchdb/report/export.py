@@ -16,6 +16,7 @@ Files are written like `json.dump(data, f, indent=2)`: ASCII with \\u escapes, n
 import json
 import os
 import re
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,38 @@ def inside(base: Path, path: Path) -> Path:
     return path
 
 
+_SCALARS = {True: "true", False: "false", None: "null"}
+
+
+def _scalar(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return _SCALARS[value]
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    return json.dumps(value)
+
+
+def dumps(data: Any) -> str:
+    """Exactly `json.dumps(data, indent=2)`, fast for {key: [scalar, ...]}: with an indent the
+    json module falls back to pure Python, which costs seconds on a full sweep's answers."""
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(v, list) for v in data.values()):
+        return json.dumps(data, indent=2)
+    entries = []
+    for key, values in data.items():
+        if not isinstance(key, str):
+            return json.dumps(data, indent=2)
+        items = ",\n    ".join(map(_scalar, values))
+        body = f"[\n    {items}\n  ]" if values else "[]"
+        entries.append(f"  {encode_basestring_ascii(key)}: {body}")
+    return "{\n" + ",\n".join(entries) + "\n}"
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON the way the old scripts did, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="ascii")
+    tmp.write_text(dumps(data), encoding="ascii")
     os.replace(tmp, path)
     return path
 
@@ -63,20 +91,18 @@ def layer_scores(rates: ExperimentRates) -> dict[int, dict[str, float | None]]:
     return result
 
 
-_VERDICT_COLUMNS = ",\n       ".join(
-    f"MAX(CASE WHEN j.grader = '{g}' THEN 1 ELSE 0 END) AS has_{g}, "
-    f"MAX(CASE WHEN j.grader = '{g}' THEN j.verdict END) AS {g}"
-    for g in GRADERS
-)
-# One row per rollout with its verdict per grader under the chosen judge config.
+_VERDICT_COLUMNS = "".join(
+    f", {g}.id IS NOT NULL AS has_{g}, {g}.verdict AS {g}" for g in GRADERS)
+_VERDICT_JOINS = "".join(
+    f" LEFT JOIN judgments {g} ON {g}.rollout_id = r.id AND {g}.grader = '{g}'"
+    f" AND {g}.judge_config_id = :jc" for g in GRADERS)
+# One row per rollout with its verdict per grader under the chosen judge config. Each join is
+# one lookup in the judgments' unique key, and the ORDER BY is the rollouts' unique key: no sort.
 ROLLOUT_VERDICTS_SQL = f"""
-SELECT r.patch_layer, r.source_word, r.target_word, r.answer,
-       {_VERDICT_COLUMNS}
-FROM rollouts r
-LEFT JOIN judgments j ON j.rollout_id = r.id AND j.judge_config_id = :jc
+SELECT r.patch_layer, r.source_word, r.target_word, r.answer{_VERDICT_COLUMNS}
+FROM rollouts r{_VERDICT_JOINS}
 WHERE r.experiment_id = :experiment_id
-GROUP BY r.id
-ORDER BY r.patch_layer, r.source_word, r.target_word, r.sample_index
+ORDER BY r.experiment_id, r.patch_layer, r.source_word, r.target_word, r.sample_index
 """
 
 
