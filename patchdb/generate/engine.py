@@ -1,0 +1,280 @@
+"""The generation engine: source runs and batched, steered and patched target generation.
+
+One prompt is shared by every row, so no padding is needed. A batch holds rows from any keys and
+patch layers: each *unit* (a key at a layer) is one prefill row carrying its own steering vector,
+patch layer and source values; after the prefill its KV cache row is copied to each of its
+samples, which then decode with their own seeds. Rows that reach EOS are dropped from the batch.
+"""
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
+from patchdb.generate.layers import LayerMap
+from patchdb.generate.sampling import choose_tokens
+
+# Compact the batch once at least this fraction of its rows has finished.
+COMPACT_FRACTION = 0.125
+
+
+@dataclass
+class TargetUnit:
+    """One prefill row: steering (scaled vector or None), patch layer and values, sample seeds."""
+
+    steer: torch.Tensor | None
+    patch_layer: int | None
+    patch_values: torch.Tensor | None  # [prompt_len - injection_start, hidden]
+    seeds: list[int]
+
+
+@dataclass
+class Completion:
+    """One generated answer: token ids without EOS, and why it stopped ("stop" or "length")."""
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
+    """Every token id that ends an answer: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    raw = getattr(config, "eos_token_id", None)
+    if isinstance(raw, int):
+        ids.add(raw)
+    elif raw is not None:
+        ids.update(int(x) for x in raw)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        ids.add(tok_eos)
+    return sorted(ids)
+
+
+class Engine:
+    """Runs one model on one prompt with steering at `steer_layer`."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        layer_map: LayerMap,
+        prompt_ids: list[int],
+        injection_start: int,
+        steer_layer: int,
+        eos_token_ids: list[int],
+    ) -> None:
+        if not 0 <= injection_start < len(prompt_ids):
+            raise ValueError(f"injection start {injection_start} is outside the prompt")
+        self.model = model
+        self.layer_map = layer_map
+        self.prompt_ids = list(prompt_ids)
+        self.injection_start = injection_start
+        self.steer_layer = steer_layer
+        self.eos_token_ids = list(eos_token_ids)
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings.weight, torch.Tensor)
+        self.hidden_size = int(embeddings.weight.shape[1])
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def _steer_rows(self, steers: list[torch.Tensor | None]) -> torch.Tensor:
+        rows = torch.zeros(len(steers), self.hidden_size, device=self.device, dtype=self.dtype)
+        for i, vec in enumerate(steers):
+            if vec is not None:
+                rows[i] = vec.to(device=self.device, dtype=self.dtype)
+        return rows
+
+    def _forward(
+        self, input_ids: torch.Tensor, cache: DynamicCache, last_only: bool
+    ) -> torch.Tensor:
+        kwargs: dict[str, object] = {self._cache_kw: cache, "use_cache": True}
+        if last_only and self._keep_kw is not None:
+            kwargs[self._keep_kw] = 1
+        out = self.model(input_ids=input_ids, **kwargs)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def source_run(self, steer: torch.Tensor | None, layers: list[int]) -> dict[int, torch.Tensor]:
+        """One forward of one row over the prompt; each layer's MLP output at positions
+        injection_start.. as [positions, hidden]."""
+        ids = torch.tensor([self.prompt_ids], device=self.device)
+        steer_state = Steering(self._steer_rows([steer]), self.injection_start)
+        with steering(self.layer_map, self.steer_layer, steer_state), recording(
+            self.layer_map, layers, self.injection_start
+        ) as records:
+            self._forward(ids, DynamicCache(config=self.model.config), last_only=True)
+        return {layer: records[layer][0] for layer in layers}
+
+    @torch.inference_mode()
+    def prefill_logits(self, units: list[TargetUnit]) -> torch.Tensor:
+        """Last-position logits of the prefill alone (for tests and checks): [units, vocab]."""
+        steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
+        with steering(self.layer_map, self.steer_layer, steer_state):
+            logits, _ = self._prefill(units)
+        return logits
+
+    def _prefill(self, units: list[TargetUnit]) -> tuple[torch.Tensor, DynamicCache]:
+        """One row per unit over the prompt, patched; the caller holds the steering hook."""
+        n = len(units)
+        n_patch = self.prompt_len - self.injection_start
+        ids = torch.tensor([self.prompt_ids], device=self.device).expand(n, -1)
+        layers = torch.tensor(
+            [u.patch_layer if u.patch_layer is not None else -1 for u in units],
+            device=self.device,
+            dtype=torch.int64,
+        )
+        values = torch.zeros(n, n_patch, self.hidden_size, device=self.device, dtype=self.dtype)
+        for i, u in enumerate(units):
+            if u.patch_layer is not None:
+                if u.patch_values is None or u.patch_values.shape[0] != n_patch:
+                    raise ValueError(f"unit {i} needs patch values over {n_patch} positions")
+                values[i] = u.patch_values.to(device=self.device, dtype=self.dtype)
+        cache = DynamicCache(config=self.model.config)
+        with patching(self.layer_map, Patch(layers, values, self.injection_start)):
+            logits = self._forward(ids, cache, last_only=True)
+        return logits, cache
+
+    @torch.inference_mode()
+    def generate(
+        self, units: list[TargetUnit], max_new_tokens: int, temperature: float
+    ) -> list[list[Completion]]:
+        """Generate every sample of every unit; returns completions per unit, in seed order."""
+        counts = [len(u.seeds) for u in units]
+        if not units or sum(counts) == 0:
+            return [[] for _ in units]
+        steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
+        with steering(self.layer_map, self.steer_layer, steer_state):
+            logits, cache = self._prefill(units)
+            # Broadcast each unit's prefill row to its samples.
+            expand = torch.repeat_interleave(
+                torch.arange(len(units), device=self.device),
+                torch.tensor(counts, device=self.device),
+            )
+            cache.batch_select_indices(expand)
+            steer_state.vectors = steer_state.vectors[expand]
+            seeds = torch.tensor([s for u in units for s in u.seeds], device=self.device)
+            tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
+                                  temperature)
+        return self._completions(tokens.cpu(), counts)
+
+    def _decode(
+        self,
+        logits: torch.Tensor,
+        cache: DynamicCache,
+        steer_state: Steering,
+        seeds: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+    ) -> torch.Tensor:
+        """The decode loop: [rows, max_new_tokens] token ids, -1 after a row's EOS."""
+        n_rows = len(seeds)
+        tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.int64, device=self.device)
+        eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        active = torch.arange(n_rows, device=self.device)  # original row of each current row
+        done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_tokens = choose_tokens(logits, seeds, step, temperature)
+            tokens[active, step] = torch.where(done, -1, next_tokens)
+            done = done | torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            n_done = int(done.sum())
+            if n_done and n_done >= COMPACT_FRACTION * len(done):
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, seeds, next_tokens = active[keep], seeds[keep], next_tokens[keep]
+                steer_state.vectors = steer_state.vectors[keep]
+                done = done[keep]
+            steer_state.offset = self.prompt_len + step
+            logits = self._forward(next_tokens[:, None], cache, last_only=False)
+        return tokens
+
+    def _completions(self, tokens: torch.Tensor, counts: list[int]) -> list[list[Completion]]:
+        eos = set(self.eos_token_ids)
+        rows: list[Completion] = []
+        for row in tokens.tolist():
+            ids: list[int] = []
+            reason = "length"
+            for tok in row:
+                if tok < 0:
+                    break
+                if tok in eos:
+                    reason = "stop"
+                    break
+                ids.append(tok)
+            rows.append(Completion(ids, reason))
+        out: list[list[Completion]] = []
+        start = 0
+        for c in counts:
+            out.append(rows[start : start + c])
+            start += c
+        return out
+
+
+@dataclass
+class Piece:
+    """Some samples of one pending unit (by index) that go into one batch."""
+
+    unit_index: int
+    samples: list[int]
+
+
+def plan_batches(pending: Sequence[Any], batch_rows: int) -> list[list[Piece]]:
+    """Group units into batches of at most `batch_rows` decode rows, in order. A unit with more
+    samples than that is split over consecutive batches. Items need a `samples` list."""
+    batches: list[list[Piece]] = []
+    current: list[Piece] = []
+    used = 0
+    for index, unit in enumerate(pending):
+        samples = list(unit.samples)
+        while samples:
+            if used == batch_rows:
+                batches.append(current)
+                current, used = [], 0
+            take = samples[: batch_rows - used]
+            samples = samples[len(take) :]
+            current.append(Piece(index, take))
+            used += len(take)
+    if current:
+        batches.append(current)
+    return batches
+
+
+CPU_BATCH_ROWS = 64
+MAX_BATCH_ROWS = 4096
+
+
+def auto_batch_size(
+    model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int
+) -> int:
+    """The most decode rows that fit free device memory (64 on the CPU).
+
+    Per row: the KV cache for prompt plus new tokens, plus float32 logits and the int64 hash
+    and float32 noise of the sampler over the vocabulary. 70% of free memory is used.
+    """
+    if device.type != "cuda":
+        return CPU_BATCH_ROWS
+    config = model.config.get_text_config()
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    head_dim = int(getattr(config, "head_dim", None) or hidden // max(n_heads, 1))
+    vocab = int(getattr(config, "vocab_size", 0))
+    element = next(model.parameters()).element_size()
+    kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len + max_new_tokens)
+    per_row = kv_bytes + vocab * (4 + 8 + 4 + 4) + hidden * element * prompt_len
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_BATCH_ROWS, int(0.7 * free) // max(per_row, 1)))

@@ -1,0 +1,227 @@
+"""The engine on a tiny random-init Llama: steering, patching, decoding and batch invariance."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_tokenizer
+
+from patchdb.generate.engine import Engine, TargetUnit, eos_ids, plan_batches
+from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
+from patchdb.generate.layers import find_layers
+from patchdb.generate.sampling import choose_tokens, gumbel_noise, rollout_seed
+
+N_LAYERS = 6
+HIDDEN = 64
+STEER_LAYER = 1
+PROMPT = (
+    "I can inject thoughts into your activations on half of the trials. Ok, let's get started."
+    "\n\nTrial 1: Do you detect an injected thought? If so, what is it about?"
+)
+
+
+def lively_llama(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose weights are scaled up, so greedy answers vary from token to token
+    (at the default init it repeats one token forever, which would make the tests blind)."""
+    model = tiny_llama(N_LAYERS, HIDDEN, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    model = lively_llama()
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    start = ids.index(tok("\n")["input_ids"][0], 10)
+    return Engine(model, find_layers(model), ids, start, STEER_LAYER, eos_ids(model, tok))
+
+
+def vector(seed: int, scale: float = 4.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(HIDDEN, generator=g) * scale
+
+
+def tokens(completions: list[Any]) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+def test_strength_zero_gives_exactly_the_unhooked_output(engine: Engine) -> None:
+    ids = torch.tensor([engine.prompt_ids])
+    with torch.inference_mode():
+        plain = engine.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        expected = engine.model.generate(ids, max_new_tokens=12, do_sample=False)
+    zero = TargetUnit(vector(1) * 0.0, None, None, [7])
+    assert torch.equal(engine.prefill_logits([zero]), plain)
+    [[answer]] = engine.generate([zero], 12, 0.0)
+    assert answer.token_ids == expected[0, len(engine.prompt_ids):].tolist()
+    steered = TargetUnit(vector(1), None, None, [7])
+    assert not torch.equal(engine.prefill_logits([steered]), plain)
+
+
+def test_patch_from_a_source_identical_to_the_target_changes_nothing(engine: Engine) -> None:
+    steer = vector(2)
+    source = engine.source_run(steer, [3, 4])
+    unpatched = TargetUnit(steer, None, None, [1, 2])
+    for layer in (3, 4):
+        same = TargetUnit(steer, layer, source[layer], [1, 2])
+        assert torch.equal(engine.prefill_logits([same]), engine.prefill_logits([unpatched]))
+        assert tokens(engine.generate([same], 10, 1.0)[0]) == tokens(
+            engine.generate([unpatched], 10, 1.0)[0]
+        )
+    other = engine.source_run(vector(3), [3])
+    different = TargetUnit(steer, 3, other[3], [1])
+    assert not torch.equal(engine.prefill_logits([different]), engine.prefill_logits([unpatched]))
+
+
+def test_patch_changes_only_the_chosen_layer_at_the_chosen_positions(engine: Engine) -> None:
+    layer, start = 3, engine.injection_start
+    all_layers = list(range(N_LAYERS))
+    steer = vector(4)
+    source = engine.source_run(vector(5), [layer])[layer]
+    with recording(engine.layer_map, all_layers) as plain:
+        engine.prefill_logits([TargetUnit(steer, None, None, [0])])
+    plain = dict(plain)
+    with recording(engine.layer_map, all_layers) as patched:
+        engine.prefill_logits([TargetUnit(steer, layer, source, [0])])
+    for i in range(layer):
+        assert torch.equal(patched[i], plain[i]), f"layer {i} before the patch changed"
+    assert torch.equal(patched[layer][0, :start], plain[layer][0, :start])
+    assert torch.equal(patched[layer][0, start:], source)
+    assert not torch.equal(plain[layer][0, start:], source)
+    assert not torch.equal(patched[layer + 1][0, start:], plain[layer + 1][0, start:])
+
+
+@contextmanager
+def prompt_only_steering(engine: Engine, vec: torch.Tensor) -> Iterator[None]:
+    """Steering that stops at the end of the prompt: what the engine must NOT do."""
+    prompt_len = engine.prompt_len
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(output.shape[1])
+        mask = ((pos >= engine.injection_start) & (pos < prompt_len)).to(output.dtype)
+        return output + vec[None, None, :] * mask[None, :, None]
+
+    handle = engine.layer_map.layers[STEER_LAYER].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_generated_tokens_are_steered_but_not_patched(engine: Engine) -> None:
+    layer, n_new = 3, 10
+    steer = vector(6)
+    source = engine.source_run(vector(7), [layer])[layer]
+    [[answer]] = engine.generate([TargetUnit(steer, layer, source, [0])], n_new, 0.0)
+    assert len(answer.token_ids) == n_new
+    full = torch.tensor([engine.prompt_ids + answer.token_ids[:-1]])
+    first = engine.prompt_len - 1
+
+    # Teacher forcing over prompt + answer: steering at every position from the injection
+    # start on, the patch over prompt positions only. It must reproduce the answer.
+    patch = Patch(torch.tensor([layer]), source[None], engine.injection_start)
+    with torch.inference_mode(), steering(
+        engine.layer_map, STEER_LAYER, Steering(steer[None], engine.injection_start)
+    ), patching(engine.layer_map, patch):
+        forced = engine.model(input_ids=full).logits[0, first:].argmax(-1).tolist()
+    assert forced == answer.token_ids
+
+    # Control: had the generated tokens not been steered, the answer would differ.
+    with torch.inference_mode(), prompt_only_steering(engine, steer), patching(
+        engine.layer_map, patch
+    ):
+        unsteered = engine.model(input_ids=full).logits[0, first:].argmax(-1).tolist()
+    assert unsteered != answer.token_ids
+
+
+def mixed_units(engine: Engine) -> list[TargetUnit]:
+    sources = {w: engine.source_run(vector(w), [2, 3, 4]) for w in (10, 11)}
+    none = engine.source_run(None, [2, 3, 4])
+    return [
+        TargetUnit(vector(12), 2, sources[10][2], [101, 102, 103]),
+        TargetUnit(vector(13), 4, sources[11][4], [201, 202]),
+        TargetUnit(None, 3, sources[10][3], [301]),
+        TargetUnit(vector(12), 3, none[3], [401, 402]),
+    ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_answers_do_not_depend_on_the_batch(engine: Engine, temperature: float) -> None:
+    units = mixed_units(engine)
+    together = engine.generate(units, 8, temperature)
+    for unit, expected in zip(units, together, strict=True):
+        [alone] = engine.generate([unit], 8, temperature)
+        assert tokens(alone) == tokens(expected)
+    shuffled = engine.generate(list(reversed(units)), 8, temperature)
+    assert [tokens(c) for c in reversed(shuffled)] == [tokens(c) for c in together]
+    if temperature == 0.0:
+        # greedy: every sample of a unit is the same answer
+        assert all(len({tuple(t) for t in tokens(c)}) == 1 for c in together)
+    else:
+        assert len({tuple(t) for t in tokens(together[0])}) > 1
+
+
+def test_rows_stop_at_eos_and_the_rest_are_unchanged(engine: Engine) -> None:
+    unit = TargetUnit(vector(20), None, None, list(range(16)))
+    [free] = engine.generate([unit], 12, 1.0)
+    # Pick a token that some rows emit mid-answer and call it EOS.
+    counts: dict[int, int] = {}
+    for c in free:
+        for t in set(c.token_ids[1:-1]):
+            counts[t] = counts.get(t, 0) + 1
+    stop_token = max(counts, key=lambda t: counts[t])
+    stopping = Engine(
+        engine.model, engine.layer_map, engine.prompt_ids, engine.injection_start,
+        STEER_LAYER, [stop_token],
+    )
+    [stopped] = stopping.generate([unit], 12, 1.0)
+    n_stopped = 0
+    for before, after in zip(free, stopped, strict=True):
+        if stop_token in before.token_ids:
+            n_stopped += 1
+            cut = before.token_ids.index(stop_token)
+            assert after.token_ids == before.token_ids[:cut]
+            assert after.finish_reason == "stop"
+        else:
+            assert after.token_ids == before.token_ids
+            assert after.finish_reason == "length"
+    assert n_stopped >= 2
+
+
+def test_gumbel_noise_depends_only_on_seed_step_and_token() -> None:
+    seeds = torch.tensor([rollout_seed("s", "e", 40, "Bread", "", i) for i in range(3)])
+    both = gumbel_noise(seeds, 5, 1000)
+    assert torch.equal(both[1:2], gumbel_noise(seeds[1:2], 5, 1000))
+    assert torch.equal(both[:, :10], gumbel_noise(seeds, 5, 10))
+    assert not torch.equal(both[0], both[1])
+    assert not torch.equal(both, gumbel_noise(seeds, 6, 1000))
+    assert all(0 <= int(s) < 2**62 for s in seeds)
+
+
+def test_sampling_follows_the_softmax() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    n = 4000
+    seeds = torch.arange(n, dtype=torch.int64) * 7919
+    picks = choose_tokens(logits.expand(n, 4), seeds, 0, 1.0)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert torch.equal(choose_tokens(logits, seeds[:1], 0, 0.0), torch.tensor([0]))
+
+
+def test_batches_split_large_units_and_never_exceed_the_size() -> None:
+    class P:
+        def __init__(self, n: int) -> None:
+            self.samples = list(range(n))
+
+    batches = plan_batches([P(3), P(5), P(1)], 4)
+    assert [[(p.unit_index, p.samples) for p in b] for b in batches] == [
+        [(0, [0, 1, 2]), (1, [0])],
+        [(1, [1, 2, 3, 4])],
+        [(2, [0])],
+    ]
