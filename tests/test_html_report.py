@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conftest import run_cli
-from patchdb.experiments import EXPERIMENTS, judged_word
+from patchdb.experiments import EXPERIMENTS, experiment_keys, judged_word
 from patchdb.report.html import REPORT_FILE, write_html_report
 from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, Store, open_store
 
@@ -56,6 +56,16 @@ def verdicts(layer: int, source: str, target: str, sample: int) -> tuple[bool, b
     return not (layer == 4 and sample == 1), layer == 3 or judged_word(source, target) == "Bread"
 
 
+def judged(where: tuple[str, int, str, int, str], verdict: bool, answer: str) -> dict[str, Any]:
+    """The stored judgment: the made-up verdict, except one unparsed reply and one failed call."""
+    if where == ("steered_to_unsteered", 4, "Bread", 1, "detection"):
+        return {"verdict": None, "raw_reply": "Hard to say. MAYBE"}
+    if where == ("unsteered_to_steered", 3, "Trees", 1, "coherence"):
+        return {"verdict": None, "raw_reply": None, "error": "HTTP 500 after 3 attempts"}
+    reply = f"Reasoning about {where[4]} of <{answer}>. " + ("YES" if verdict else "NO")
+    return {"verdict": verdict, "raw_reply": reply}
+
+
 def fill(session: Session) -> None:
     """12 keys x 2 layers x 2 samples, judged by `verdicts`, plus the odd cases a page must show."""
     main = JudgeConfig(model="judge-a", reasoning="low", template_version="v1", backend="openai")
@@ -64,10 +74,7 @@ def fill(session: Session) -> None:
     session.flush()
     for exp in session.scalars(select(Experiment).order_by(Experiment.id)):
         d = EXPERIMENTS[exp.name]
-        keys = {"failure_to_success": [(s, t) for s in ("Dust", "Milk") for t in ("Bread", "Trees")],
-                "success_to_failure": [(s, t) for s in ("Bread", "Trees") for t in ("Dust", "Milk")],
-                "steered_to_unsteered": [("Bread", ""), ("Trees", "")],
-                "unsteered_to_steered": [("", "Bread"), ("", "Trees")]}[exp.name]
+        keys = experiment_keys(d, ["Bread", "Trees"], ["Dust", "Milk"])
         for layer in (3, 4):
             for source, target in keys:
                 for sample in (0, 1):
@@ -83,18 +90,10 @@ def fill(session: Session) -> None:
                     coherent, detected = verdicts(layer, source, target, sample)
                     for grader, verdict in (("coherence", coherent),
                                             (d.detection_grader, detected)):
-                        reply = f"Reasoning about {grader} of <{answer}>. " + (
-                            "YES" if verdict else "NO")
-                        error = None
-                        if (exp.name, layer, sample, grader) == (
-                                "steered_to_unsteered", 4, 1, "detection") and source == "Bread":
-                            verdict, reply = None, "Hard to say. MAYBE"  # unparsed
-                        if (exp.name, layer, sample, grader) == (
-                                "unsteered_to_steered", 3, 1, "coherence") and target == "Trees":
-                            verdict, reply, error = None, None, "HTTP 500 after 3 attempts"
+                        where = (exp.name, layer, source or target, sample, grader)
                         session.add(Judgment(rollout_id=rollout.id, grader=grader,
-                                             judge_config_id=main.id, verdict=verdict,
-                                             raw_reply=reply, error=error))
+                                             judge_config_id=main.id,
+                                             **judged(where, verdict, answer)))
                     if exp.name == "failure_to_success" and layer == 3 and sample == 0:
                         session.add(Judgment(rollout_id=rollout.id, grader="coherence",
                                              judge_config_id=other.id, verdict=False,
@@ -105,7 +104,7 @@ def fill(session: Session) -> None:
 def store(tmp_path: Path, db_path: Path) -> Iterator[Store]:
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
-    assert run_cli("init", "--config", config, "--db", db_path).exit_code == 0
+    assert run_cli("init", "--config", str(config), "--db", str(db_path)).exit_code == 0
     store = open_store(str(db_path))
     store.transact(fill)
     yield store
@@ -145,7 +144,8 @@ def rate_cells(html: str, experiment: str) -> list[list[str]]:
     """The rate table of one experiment as rows of cell texts (header row first)."""
     section = html.split(f'<section id="rates-{experiment}">')[1].split("</section>")[0]
     table = section.split('<table class="rates">')[1].split("</table>")[0]
-    return [re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", row) for row in table.split("<tr>")[1:]]
+    cells = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row) for row in table.split("<tr>")[1:]]
+    return [[re.sub(r"<[^>]+>", "", cell) for cell in row] for row in cells]
 
 
 def test_rate_tables_follow_the_judgments(page: Path) -> None:
@@ -173,7 +173,7 @@ def test_browser_embeds_at_most_the_cap_per_key(store: Store, tmp_path: Path) ->
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
-    run_cli("init", "--config", config, "--db", db_path)
+    run_cli("init", "--config", str(config), "--db", str(db_path))
     store = open_store(str(db_path))
     html = write_html_report(store, None, tmp_path / "out").read_text("utf-8")
     store.close()
@@ -297,6 +297,13 @@ def choose(tools: DevTools, field: str, value: str) -> None:
              " s.dispatchEvent(new Event('change')); })()")
 
 
+def wait_for(tools: DevTools, condition: str) -> None:
+    deadline = time.monotonic() + 10
+    while not tools.js(condition):
+        assert time.monotonic() < deadline, f"never true: {condition}"
+        time.sleep(0.05)
+
+
 @needs_chromium
 def test_filtering_in_chromium_shows_the_matching_rollouts(page: Path, tmp_path: Path) -> None:
     with browser(page.as_uri()) as tools:
@@ -319,6 +326,12 @@ def test_filtering_in_chromium_shows_the_matching_rollouts(page: Path, tmp_path:
         rows = tools.js(VISIBLE_ROWS)
         assert [r["answer"] for r in rows][0] == NASTY and rows[0]["markup"] == 0
         assert tools.js("document.title") == "patchdb report: tiny"  # the answer's script never ran
+        # A rate cell takes the researcher to the rollouts behind it.
+        tools.js("document.querySelector('#rates-failure_to_success a[href="
+                 "\"#experiment=failure_to_success&layer=4&word=Bread\"]').click()")
+        wait_for(tools, "document.querySelectorAll('#rows .rollout').length === 4")
+        assert {r["key"] for r in tools.js(VISIBLE_ROWS)} == {"Dust_to_Bread", "Milk_to_Bread"}
+        assert tools.js("document.getElementById('f-key').value") == ""
         shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
     (tmp_path / "report.png").write_bytes(shot)
     pixels = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=float)

@@ -13,17 +13,13 @@ import os
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
-from patchdb.report.aggregate import (
-    ExperimentRates,
-    JudgeChoice,
-    choose_judge_config,
-    experiment_rates,
-)
+from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.html_assets import CSS, JS
 from patchdb.report.plots import sweep_figure
 from patchdb.store import Experiment, Rollout, Store, utcnow
@@ -45,7 +41,7 @@ def write_html_report(
 
     The rollout browser embeds at most `samples_per_key` samples (lowest sample index first) of
     every key at every patch layer; rates and plots always cover every rollout. The verdicts
-    shown are those of `judge_config_id`, by default the judge config with the most judgments.
+    shown are those of `judge_config_id`, by default the judge config that judged most samples.
     """
     if samples_per_key < 1:
         raise ValueError("samples_per_key must be >= 1")
@@ -54,9 +50,8 @@ def write_html_report(
         config = sweep_config(sweep)
         experiments = get_experiments(session, sweep)
         expected = len(expected_units(config, experiments)) * config.samples
-        judge = choose_judge_config(session, sweep, judge_config_id)
         names = [e.name for e in experiments]
-        rates = experiment_rates(session, sweep, config, names, judge.id)
+        judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
         total = count_rollouts(session, sweep.id)
         rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
     facts = [
@@ -74,6 +69,7 @@ def write_html_report(
     browser = {
         "experiments": [e.name for e in experiments],
         "layers": config.layers,
+        "words": config.positive_words + config.negative_words,
         "graders": [g for g in GRADERS if any(g in gs for gs in graders.values())],
         "rollout_graders": graders,
         "rollouts": rollouts,
@@ -89,28 +85,30 @@ def write_html_report(
     return path
 
 
-# The first `cap` samples (by sample index) of every key at every layer.
+# The first `cap` samples (by sample index) of every key at every layer. Numbering reads only the
+# rollouts' unique index; the score comes from sample_scores one rollout at a time, because
+# joining the whole view would materialise it.
 PICKED_CTE = """
 WITH numbered AS (
-    SELECT r.id, e.id AS experiment_id, e.name AS experiment, r.patch_layer, r.source_word,
-           r.target_word, r.sample_index, r.answer, r.n_tokens, r.finish_reason,
-           ROW_NUMBER() OVER (PARTITION BY r.experiment_id, r.patch_layer, r.source_word,
-                                           r.target_word
-                              ORDER BY r.sample_index) AS nth
-    FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
-    WHERE e.sweep_id = :sweep_id
-), picked AS (SELECT * FROM numbered WHERE nth <= :cap)
+    SELECT r.id, ROW_NUMBER() OVER (PARTITION BY r.experiment_id, r.patch_layer, r.source_word,
+                                                 r.target_word ORDER BY r.sample_index) AS nth
+    FROM rollouts r
+    WHERE r.experiment_id IN (SELECT id FROM experiments WHERE sweep_id = :sweep_id)
+), picked AS (SELECT id FROM numbered WHERE nth <= :cap)
 """
 PICKED_ROLLOUTS_SQL = PICKED_CTE + """
-SELECT p.id, p.experiment, p.patch_layer, p.source_word, p.target_word, p.sample_index,
-       p.answer, p.n_tokens, p.finish_reason, ss.score
+SELECT r.id, e.name AS experiment, r.patch_layer, r.source_word, r.target_word, r.sample_index,
+       r.answer, r.n_tokens, r.finish_reason,
+       (SELECT ss.score FROM sample_scores ss
+        WHERE ss.rollout_id = r.id AND ss.judge_config_id = :judge) AS score
 FROM picked p
-LEFT JOIN sample_scores ss ON ss.rollout_id = p.id AND ss.judge_config_id = :judge
-ORDER BY p.experiment_id, p.patch_layer, p.source_word, p.target_word, p.sample_index
+JOIN rollouts r ON r.id = p.id
+JOIN experiments e ON e.id = r.experiment_id
+ORDER BY e.id, r.patch_layer, r.source_word, r.target_word, r.sample_index
 """
 PICKED_JUDGMENTS_SQL = PICKED_CTE + """
 SELECT j.rollout_id, j.grader, j.verdict, j.raw_reply, j.error
-FROM judgments j JOIN picked p ON p.id = j.rollout_id
+FROM picked p JOIN judgments j ON j.rollout_id = p.id
 WHERE j.judge_config_id = :judge
 """
 
@@ -135,6 +133,8 @@ def browser_rollouts(
             "experiment": r.experiment,
             "layer": r.patch_layer,
             "key": key_label(EXPERIMENTS[r.experiment], r.source_word, r.target_word),
+            "source": r.source_word,
+            "target": r.target_word,
             "sample": r.sample_index,
             "answer": r.answer,
             "n_tokens": r.n_tokens,
@@ -185,8 +185,11 @@ def rate_table(rates: ExperimentRates) -> str:
                 cells.append('<td title="nothing scored"></td>')
                 continue
             shade = f"background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})"
-            cells.append(f'<td title="{column.n_scored[i]} samples scored" style="{shade}">'
-                         f"{rate:.2f}</td>")
+            word = column.target_word or column.source_word
+            query = {"experiment": rates.name, "layer": layer, **({"word": word} if word else {})}
+            link = escape("#" + urlencode(query))
+            cells.append(f'<td title="{column.n_scored[i]} samples scored; click for the '
+                         f'rollouts" style="{shade}"><a href="{link}">{rate:.2f}</a></td>')
         lines.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
@@ -227,11 +230,11 @@ def render_page(
             out.append('<p class="muted">No scored samples yet.</p></section>')
             continue
         png = base64.b64encode(plots[r.name]).decode("ascii")
-        out.append(f'<figure><img alt="rate against patch layer, {escape(r.name)}" '
+        out.append(f'<div class="result"><figure><img alt="rate against patch layer, {escape(r.name)}" '
                    f'src="data:image/png;base64,{png}"></figure>')
         what = "target word, averaged over source words" if r.pairs else "steered word"
-        out.append(f"<h3>Rate per patch layer and {what}</h3>")
-        out.append(f'<div class="table-wrap">{rate_table(r)}</div></section>')
+        out.append(f'<div class="table-wrap"><h3>Rate per patch layer and {what}</h3>'
+                   f"{rate_table(r)}</div></div></section>")
     n_embedded = len(browser["rollouts"])
     if n_embedded == total:
         cap_note = f"All {total:,} rollouts are embedded."
@@ -247,9 +250,10 @@ def render_page(
         '<div id="filters">',
         *(f'<label>{label}<select id="f-{name}"><option value="">all</option></select></label>'
           for name, label in (("experiment", "Experiment"), ("layer", "Patch layer"),
-                              ("key", "Key"), ("verdict", "Verdict"))),
+                              ("key", "Key"), ("word", "Word"), ("verdict", "Verdict"))),
         '<label>Answer contains<input id="f-text" type="search"></label>',
-        '<label><span><input id="f-open" type="checkbox"> expand judge replies</span></label>',
+        '<label class="inline"><input id="f-open" type="checkbox">expand judge replies</label>',
+        '<button id="clear" type="button">Clear filters</button>',
         "</div>",
         '<p id="match-count"></p><div id="rows"></div>',
         '<button id="more" type="button" hidden>Show more</button></section>',

@@ -21,17 +21,20 @@ dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
 nav a { margin-right: 14px; }
 .note { background: var(--panel); border-left: 3px solid var(--other); padding: 6px 10px; margin: 8px 0; }
-figure { margin: 8px 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+.result { display: flex; flex-wrap: wrap; gap: 8px 24px; align-items: flex-start; }
+figure { margin: 8px 0; flex: 0 1 760px; }
+figure img { width: 100%; height: auto; border: 1px solid var(--line); }
 .table-wrap { overflow-x: auto; }
 table.rates { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.rates th, table.rates td { border: 1px solid var(--line); padding: 2px 8px; text-align: right; }
 table.rates th { background: var(--panel); }
-table.rates td.mean, table.rates th.mean { font-weight: 600; }
+table.rates td a { color: inherit; text-decoration: none; display: block; }
+table.rates td a:hover { text-decoration: underline; }
 #filters { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: end; background: var(--panel);
            padding: 10px; border: 1px solid var(--line); position: sticky; top: 0; z-index: 1; }
 #filters label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }
-#filters select, #filters input { font: inherit; padding: 2px 4px; min-width: 120px; }
+#filters select, #filters input[type=search] { font: inherit; padding: 2px 4px; min-width: 120px; }
+#filters label.inline { flex-direction: row; align-items: center; gap: 4px; font-size: 13px; }
 #match-count { margin: 8px 0; }
 .rollout { border: 1px solid var(--line); border-radius: 4px; margin: 10px 0; padding: 8px 10px; }
 .rollout .meta { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; color: var(--muted); }
@@ -58,7 +61,7 @@ JS = r"""
   var data = JSON.parse(document.getElementById("rollout-data").textContent);
   var PAGE = 200;
   var shown = PAGE;
-  var fields = ["experiment", "layer", "key", "verdict", "text"];
+  var fields = ["experiment", "layer", "key", "word", "verdict", "text"];
   var el = function (id) { return document.getElementById(id); };
 
   function node(tag, cls, text) {
@@ -132,6 +135,7 @@ JS = r"""
       return (!f.experiment || r.experiment === f.experiment) &&
         (!f.layer || String(r.layer) === f.layer) &&
         (!f.key || r.key === f.key) &&
+        (!f.word || r.source === f.word || r.target === f.word) &&
         matchesVerdict(r, f.verdict) &&
         (!text || r.answer.toLowerCase().indexOf(text) >= 0);
     });
@@ -186,6 +190,7 @@ JS = r"""
 
   fillSelect(el("f-experiment"), data.experiments);
   fillSelect(el("f-layer"), data.layers);
+  fillSelect(el("f-word"), data.words);
   var verdicts = ["score:pass", "score:fail", "score:unscored"];
   data.graders.forEach(function (g) {
     ["yes", "no", "unparsed", "missing"].forEach(function (v) { verdicts.push(g + ":" + v); });
@@ -207,6 +212,21 @@ JS = r"""
   });
   el("f-open").addEventListener("change", render);
   el("more").addEventListener("click", function () { shown += PAGE; render(); });
-  window.addEventListener("hashchange", function () { shown = PAGE; readHash(); render(); });
+  el("clear").addEventListener("click", function () {
+    fields.forEach(function (f) { el("f-" + f).value = ""; });
+    refreshKeys();
+    shown = PAGE;
+    writeHash();
+    render();
+  });
+  // A rate cell links to "#experiment=...&layer=...&word=...": filter, then show the rollouts.
+  // Plain anchors (#rates-...) have no "=" and leave the filters alone.
+  window.addEventListener("hashchange", function () {
+    if (location.hash.indexOf("=") < 0) { return; }
+    shown = PAGE;
+    readHash();
+    render();
+    el("browser").scrollIntoView();
+  });
 }());
 """
