@@ -35,7 +35,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,6 +129,7 @@ class FaultServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -262,12 +263,15 @@ def small_config(**sweep: Any) -> Any:
 
 
 def make_store(
-    db_path: Path, answer: str = "I notice a thought about {word}.", **sweep: Any
+    db_path: Path,
+    answer: str | Callable[[int, str], str] = "Yes, I notice a thought about {word}. ({i})",
+    **sweep: Any,
 ) -> int:
     """Register a small sweep and insert every rollout it expects; returns the rollout count.
 
-    `answer` may use {word} (the target's word, else the source's) and {i} (the rollout's
-    running number), so a test can put fault directives into chosen answers.
+    `answer` is a format string with {word} (the target's word, else the source's) and {i}
+    (the rollout's running number), or a function of (i, word), so a test can put fault
+    directives into chosen answers. Rollout ids follow i (1-based ids in a fresh store).
     """
     config = small_config(**sweep)
     store = open_store(str(db_path), create=True)
@@ -286,7 +290,8 @@ def make_store(
                             source_word=unit.source_word,
                             target_word=unit.target_word,
                             sample_index=sample,
-                            answer=answer.format(word=word, i=n),
+                            answer=answer(n, word) if callable(answer)
+                            else answer.format(word=word, i=n),
                             n_tokens=10,
                             finish_reason="length",
                             seed=sample,

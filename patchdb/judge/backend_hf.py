@@ -36,7 +36,7 @@ class HfJudge:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    async def judge(self, prompts: list[str]) -> list[Reply]:
+    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]:
         return await asyncio.to_thread(self.generate, prompts)
 
     def _as_text(self, prompt: str) -> str:

@@ -23,6 +23,7 @@ OPENAI_URL = "https://api.openai.com/v1"
 NO_KEY = "no-key-needed"
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
+POOL_SIZE = 16  # connections per HTTP client; see ApiJudge.__init__
 FATAL_STATUS = {
     401: "the judge API rejected the API key (401 Unauthorized)",
     402: "the judge API account has no credit left (402 Payment Required)",
@@ -163,25 +164,38 @@ class ApiJudge:
         self.backoff_base_s = backoff_base_s
         self.succeeded = 0
         self._openai = openai
-        limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self.client = openai.AsyncOpenAI(
-            base_url=endpoint.base_url,
-            api_key=endpoint.api_key,
-            max_retries=0,
-            timeout=timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
-        )
+        # httpx's connection pool does work proportional to its size on every request, so
+        # one pool of 512 connections spends more CPU than the calls do. Workers share
+        # small pools instead: worker `slot` always uses client slot // POOL_SIZE.
+        ssl_context = httpx2.create_ssl_context()
+        per_pool = min(POOL_SIZE, concurrency)
+        limits = httpx2.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        self.clients = [
+            openai.AsyncOpenAI(
+                base_url=endpoint.base_url,
+                api_key=endpoint.api_key,
+                max_retries=0,
+                timeout=timeout_s,
+                http_client=openai.DefaultAsyncHttpxClient(
+                    limits=limits, timeout=timeout_s, verify=ssl_context
+                ),
+            )
+            for _ in range(-(-concurrency // per_pool))
+        ]
 
     def _request_options(self) -> dict[str, Any]:
         if "api.openai.com" in self.endpoint.base_url:
             return {"reasoning_effort": self.reasoning}
         return {"extra_body": {"reasoning": {"effort": self.reasoning}}}
 
-    async def judge(self, prompts: list[str]) -> list[Reply]:
-        return [await self.call(p) for p in prompts]
+    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]:
+        """Replies for prompts (one at a time); `slot` is the calling worker's number."""
+        client = self.clients[(slot // POOL_SIZE) % len(self.clients)]
+        return [await self.call(p, client) for p in prompts]
 
-    async def call(self, prompt: str) -> Reply:
+    async def call(self, prompt: str, client: Any = None) -> Reply:
         """One grader prompt, retried until it gives a finished reply or attempts run out."""
+        client = client if client is not None else self.clients[0]
         reply = Reply()
         started = time.monotonic()
         openai = self._openai
@@ -189,7 +203,7 @@ class ApiJudge:
             reply.attempts = attempt
             wait: float | None = None
             try:
-                completion = await self.client.chat.completions.create(
+                completion = await client.chat.completions.create(
                     model=self.model,
                     messages=[{"role": "user", "content": prompt}],
                     **self._request_options(),
@@ -238,4 +252,5 @@ class ApiJudge:
         return reply
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()

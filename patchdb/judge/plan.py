@@ -107,9 +107,10 @@ def pending_page(
     need_ids = sorted({rid for rid, _, _ in wanted})
     for start in range(0, len(need_ids), 900):
         chunk = need_ids[start:start + 900]
-        answers.update(session.execute(
+        for rid, answer in session.execute(
             select(Rollout.id, Rollout.answer).where(Rollout.id.in_(chunk))
-        ).tuples().all())
+        ):
+            answers[rid] = answer
     calls = [Call(rid, grader, answers[rid], word) for rid, grader, word in wanted]
     return calls, ids[-1]
 

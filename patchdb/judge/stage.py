@@ -44,7 +44,7 @@ from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, swe
 class Backend(Protocol):
     batch_size: int
 
-    async def judge(self, prompts: list[str]) -> list[Reply]: ...
+    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]: ...
 
     async def close(self) -> None: ...
 
@@ -263,7 +263,7 @@ class _Runner:
 
     # --- doing work -------------------------------------------------------------------------
 
-    async def _work(self, queue: asyncio.Queue[_Work | None]) -> None:
+    async def _work(self, queue: asyncio.Queue[_Work | None], slot: int) -> None:
         batch_size = self.backend.batch_size
         while True:
             item = await queue.get()
@@ -279,7 +279,7 @@ class _Runner:
                     break
                 batch.append(nxt)
             try:
-                replies = await self.backend.judge([w.prompt for w in batch])
+                replies = await self.backend.judge([w.prompt for w in batch], slot)
             except FatalJudgeError as exc:
                 if self.fatal is None:
                     self.fatal = exc
@@ -361,7 +361,7 @@ class _Runner:
         queue: asyncio.Queue[_Work | None] = asyncio.Queue(
             maxsize=2 * n_workers * self.backend.batch_size)
         tasks = [asyncio.create_task(self._produce(queue, n_workers))]
-        tasks += [asyncio.create_task(self._work(queue)) for _ in range(n_workers)]
+        tasks += [asyncio.create_task(self._work(queue, slot)) for slot in range(n_workers)]
         everything = asyncio.gather(*tasks)
         try:
             await self._wait(everything)
