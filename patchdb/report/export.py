@@ -16,7 +16,9 @@ Files are written like `json.dump(data, f, indent=2)`: ASCII with \\u escapes, n
 import json
 import os
 import re
+from itertools import groupby
 from json.encoder import encode_basestring_ascii
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -132,40 +134,28 @@ def export_experiment(
     judged_layers: list[int] = []
     rows = session.execute(text(ROLLOUT_VERDICTS_SQL),
                            {"jc": judge_config_id, "experiment_id": experiment.id})
-    current: int | None = None
-    answers: dict[str, list[str]] = {}
-    verdicts: dict[str, dict[str, list[bool | None]]] = {g: {} for g in GRADERS}
-    judged: dict[str, set[str]] = {g: set() for g in GRADERS}
-
-    def flush(layer: int) -> None:
+    # Rows come sorted by layer, key and sample index: each group is one list of a file.
+    for layer, layer_rows in groupby(rows, key=itemgetter(0)):
+        answers: dict[str, list[str]] = {}
+        verdicts: dict[str, dict[str, list[bool | None]]] = {g: {} for g in GRADERS}
+        for (source, target), key_rows in groupby(layer_rows, key=itemgetter(1, 2)):
+            samples = list(key_rows)
+            key = key_label(exp, source, target)
+            answers[key] = [r[3] for r in samples]
+            for g, grader in enumerate(GRADERS):
+                has, verdict = 4 + 2 * g, 5 + 2 * g
+                if any(r[has] for r in samples):
+                    verdicts[grader][key] = [_verdict(r[verdict]) for r in samples]
         layer_dir = inside(folder, folder / f"layer_{int(layer)}")
         written.append(write_json(layer_dir / "rollouts.json", ordered(answers)))
-        for grader in GRADERS:
-            if judged[grader]:
-                by_key = {k: v for k, v in verdicts[grader].items() if k in judged[grader]}
-                written.append(write_json(layer_dir / f"judgments_{grader}.json",
+        for judged, by_key in verdicts.items():
+            if by_key:
+                written.append(write_json(layer_dir / f"judgments_{judged}.json",
                                           ordered(by_key)))
-        if any(judged.values()):
+        if any(verdicts.values()):
             judged_layers.append(layer)
             written.append(write_json(layer_dir / "judge_scores.json",
                                       ordered(scores.get(layer, {}))))
-
-    for row in rows.mappings():
-        if row["patch_layer"] != current:
-            if current is not None:
-                flush(current)
-            current = row["patch_layer"]
-            answers = {}
-            verdicts = {g: {} for g in GRADERS}
-            judged = {g: set() for g in GRADERS}
-        key = key_label(exp, row["source_word"], row["target_word"])
-        answers.setdefault(key, []).append(row["answer"])
-        for grader in GRADERS:
-            verdicts[grader].setdefault(key, []).append(_verdict(row[grader]))
-            if row[f"has_{grader}"]:
-                judged[grader].add(key)
-    if current is not None:
-        flush(current)
     written.append(write_json(folder / "all_layer_scores.json", {
         str(layer): ordered(scores.get(layer, {})) for layer in judged_layers}))
     return written
