@@ -15,6 +15,8 @@ COMMANDS = {
     "init": "patchdb.cli.init_cmd:init",
     "status": "patchdb.cli.status_cmd:status",
     "db": "patchdb.cli.db_cmd:db",
+    "report": "patchdb.cli.report_cmd:report",
+    "import-json": "patchdb.cli.import_cmd:import_json",
     "merge": "patchdb.cli.merge_cmd:merge",
 }
 
