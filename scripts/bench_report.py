@@ -27,6 +27,7 @@ from patchdb.config import SweepConfig
 from patchdb.experiments import EXPERIMENTS, experiment_keys, key_label
 from patchdb.report import build_report
 from patchdb.report.aggregate import sweep_rates
+from patchdb.report.importer import import_tree, read_tree
 from patchdb.store import JudgeConfig, Judgment, Rollout, Store, open_store
 from patchdb.store.sweeps import get_experiments, get_sweep, register_sweep, sweep_config
 
@@ -185,8 +186,18 @@ def main() -> None:
         print(f"same rates from the JSON layout (load every judgments file): {t_json:.2f} s "
               f"({cpu()})")
         check_agreement(store, from_json)
-        print("the SQL rates and the JSON-layout rates agree; "
-              f"load average now {os.getloadavg()[0]:.1f}")
+        print("the SQL rates and the JSON-layout rates agree")
+        fresh = open_store(str(work / "imported.sqlite"), create=True)
+        try:
+            t_import, result = timed(lambda: import_tree(fresh, read_tree(out, "default")))
+            print(f"import-json of the exported tree into a new store: {t_import:.2f} s "
+                  f"({cpu()}; {result.new_rollouts:,} rollouts, {result.new_judgments:,} "
+                  "judgments)")
+            t_again, _ = timed(lambda: import_tree(fresh, read_tree(out, "default")))
+            print(f"the same import again (nothing new): {t_again:.2f} s ({cpu()})")
+        finally:
+            fresh.close()
+        print(f"load average now {os.getloadavg()[0]:.1f}")
     finally:
         store.close()
 
