@@ -1,0 +1,114 @@
+"""`patchdb generate`: fill the sweep's missing rollouts, one committed unit at a time."""
+
+import sys
+
+import click
+
+from patchdb.cli.options import (
+    db_option,
+    experiments_option,
+    layers_option,
+    list_callback,
+    sweep_option,
+)
+from patchdb.config import DTYPES
+from patchdb.errors import ConfigError
+from patchdb.store import open_store
+
+
+def _batch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None or value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}")
+    return int(value)
+
+
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from patchdb.generate.stage import parse_shard
+
+    try:
+        return parse_shard(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@db_option
+@sweep_option
+@experiments_option
+@layers_option
+@click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
+              help="Only keys with one of these words as source or target, e.g. Bread,Trees.")
+@click.option("--samples", type=click.IntRange(min=1), envvar="PATCHDB_SAMPLES",
+              help="Generate only sample indexes 0..N-1 (N at most the sweep's samples).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), envvar="PATCHDB_MAX_NEW_TOKENS",
+              help="Override the sweep's max_new_tokens for the rollouts written now.")
+@click.option("--batch-size", default="auto", show_default=True, callback=_batch_size,
+              envvar="PATCHDB_BATCH_SIZE",
+              help="Decode rows per batch, or 'auto' (largest that fits free GPU memory; 64 on CPU).")
+@click.option("--device", envvar="PATCHDB_DEVICE",
+              help="Torch device, e.g. cuda:0 or cpu (default: cuda:0 when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), envvar="PATCHDB_DTYPE",
+              help="Model dtype (default: the sweep's).")
+@click.option("--shard", callback=_shard, envvar="PATCHDB_SHARD",
+              help="Take shard i of N (i from 0) of the missing units, e.g. 0/4, for several GPUs.")
+@click.option("--model", envvar="PATCHDB_MODEL",
+              help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(
+    db: str,
+    sweep: str | None,
+    experiments: list[str] | None,
+    layers: list[int] | None,
+    words: list[str] | None,
+    samples: int | None,
+    max_new_tokens: int | None,
+    batch_size: int | None,
+    device: str | None,
+    dtype: str | None,
+    shard: tuple[int, int] | None,
+    model: str | None,
+    quiet: bool,
+) -> None:
+    """Generate every missing rollout of the sweep (steered, patched target runs).
+
+    Each unit (one key at one patch layer, all its samples) is committed in one transaction,
+    so a crash loses at most the units in flight and running again fills exactly what is
+    missing. Ctrl-C stops after the current batch (exit 130).
+
+    \b
+    Example:
+      patchdb generate --db runs.sqlite
+      patchdb generate --layers 40-44 --words Bread,Trees --batch-size 256
+      patchdb generate --shard 0/2 --device cuda:0 &  patchdb generate --shard 1/2 --device cuda:1
+    """
+    from patchdb.generate.stage import GenerateOptions, run_generate
+
+    options = GenerateOptions(
+        sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+        shard=shard, model=model,
+    )
+    store = open_store(db)
+    try:
+        result = run_generate(store, options, progress=not quiet)
+    finally:
+        store.close()
+    plan = result.plan
+    done_before = plan.expected - len(plan.pending)
+    if not plan.pending:
+        click.echo(f"Nothing to generate: all {plan.expected} units of sweep "
+                   f"{plan.sweep_name!r} in scope are present.")
+        return
+    click.echo(
+        f"Wrote {result.rollouts_written} rollouts in {result.units_written} units "
+        f"({done_before + result.units_written}/{plan.expected} units present) with "
+        f"{result.model_id}, batch size {result.batch_size}: {result.tokens} tokens in "
+        f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)."
+    )
+    if result.interrupted:
+        click.echo("Interrupted: stopped after the current batch; run again to resume.", err=True)
+        sys.exit(130)  # not ctx.exit: main() runs click with standalone_mode=False

@@ -1,0 +1,413 @@
+"""The generate stage: fill every missing rollout of a sweep, one committed unit at a time.
+
+What is missing is a query (expected units minus rollouts present), so resuming after a crash,
+a kill or Ctrl-C is just running again. A unit is one key at one patch layer with all its
+samples; it is written in one transaction that first re-checks which samples are still missing,
+so two processes on one store never write a rollout twice.
+"""
+
+import hashlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from patchdb.config import DTYPES, SweepConfig
+from patchdb.errors import ConfigError
+from patchdb.experiments import NO_STEERING
+from patchdb.generate.engine import (
+    Completion,
+    Engine,
+    Piece,
+    TargetUnit,
+    auto_batch_size,
+    eos_ids,
+    plan_batches,
+)
+from patchdb.generate.layers import check_layer_range, find_layers
+from patchdb.generate.loading import LoadedModel, load_model
+from patchdb.generate.prompt import render_prompt
+from patchdb.generate.sampling import rollout_seed
+from patchdb.generate.vectors import ensure_vectors
+from patchdb.store import Rollout, Store, Sweep
+from patchdb.store.runs import stage_run
+from patchdb.store.sweeps import ExpectedUnit, expected_units, get_experiments, get_sweep, sweep_config
+
+
+@dataclass
+class GenerateOptions:
+    """What `patchdb generate` was asked to do; None means "the sweep's own value"."""
+
+    sweep: str | None = None
+    experiments: list[str] | None = None
+    layers: list[int] | None = None
+    words: list[str] | None = None
+    samples: int | None = None
+    max_new_tokens: int | None = None
+    batch_size: int | None = None  # None: pick from free device memory
+    device: str | None = None  # None: cuda:0 when available, else cpu
+    dtype: str | None = None
+    shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
+    model: str | None = None
+
+
+@dataclass
+class PendingUnit:
+    """A unit with the sample indexes it still lacks."""
+
+    unit: ExpectedUnit
+    samples: list[int]
+
+
+@dataclass
+class GeneratePlan:
+    sweep_id: int
+    sweep_name: str
+    config: SweepConfig
+    samples: int
+    max_new_tokens: int
+    expected: int  # units in scope (after narrowing and sharding)
+    pending: list[PendingUnit]
+
+
+@dataclass
+class GenerateResult:
+    plan: GeneratePlan
+    units_written: int = 0
+    rollouts_written: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    batch_size: int = 0
+    interrupted: bool = False
+    stage_run_id: int | None = None
+    model_id: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"invalid shard {text!r}: expected i/N, e.g. 0/4")
+    index, count = int(parts[0]), int(parts[1])
+    if count < 1 or index >= count:
+        raise ConfigError(f"invalid shard {text!r}: need N >= 1 and 0 <= i < N (i counts from 0)")
+    return index, count
+
+
+def in_shard(unit: ExpectedUnit, shard: tuple[int, int] | None) -> bool:
+    """A stable hash of the unit's key decides its shard, the same on every machine."""
+    if shard is None:
+        return True
+    text = "\x1f".join(
+        [unit.experiment, str(unit.patch_layer), unit.source_word, unit.target_word]
+    )
+    value = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return value % shard[1] == shard[0]
+
+
+def _check_options(options: GenerateOptions, config: SweepConfig) -> None:
+    if options.samples is not None and not 1 <= options.samples <= config.samples:
+        raise ConfigError(
+            f"--samples must be between 1 and the sweep's {config.samples}, got {options.samples}"
+        )
+    if options.max_new_tokens is not None and options.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {options.max_new_tokens}")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.device is not None:
+        try:
+            device = torch.device(options.device)
+        except RuntimeError:
+            raise ConfigError(f"invalid device {options.device!r} (e.g. cpu, cuda:0)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {options.device!r} asked for, but CUDA is not available")
+
+
+def missing_samples(session: Session, unit: ExpectedUnit, samples: int) -> list[int]:
+    """Sample indexes below `samples` that the unit has no rollout for."""
+    present = set(
+        session.scalars(
+            select(Rollout.sample_index).where(
+                Rollout.experiment_id == unit.experiment_id,
+                Rollout.patch_layer == unit.patch_layer,
+                Rollout.source_word == unit.source_word,
+                Rollout.target_word == unit.target_word,
+            )
+        )
+    )
+    return [i for i in range(samples) if i not in present]
+
+
+def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
+    """Validate the options and find the missing units; reads only."""
+    with store.read() as session:
+        sweep = get_sweep(session, options.sweep)
+        config = sweep_config(sweep)
+        _check_options(options, config)
+        experiments = get_experiments(session, sweep, options.experiments)
+        units = [
+            u
+            for u in expected_units(config, experiments, options.layers, options.words)
+            if in_shard(u, options.shard)
+        ]
+        samples = options.samples or config.samples
+        present: dict[tuple[int, int, str, str], set[int]] = {}
+        rows = session.execute(
+            select(
+                Rollout.experiment_id,
+                Rollout.patch_layer,
+                Rollout.source_word,
+                Rollout.target_word,
+                Rollout.sample_index,
+            ).where(Rollout.experiment_id.in_([e.id for e in experiments]))
+        )
+        for exp_id, layer, source, target, index in rows:
+            present.setdefault((exp_id, layer, source, target), set()).add(index)
+        pending = []
+        for u in units:
+            have = present.get((u.experiment_id, u.patch_layer, u.source_word, u.target_word), set())
+            lacking = [i for i in range(samples) if i not in have]
+            if lacking:
+                pending.append(PendingUnit(u, lacking))
+        return GeneratePlan(
+            sweep_id=sweep.id,
+            sweep_name=sweep.name,
+            config=config,
+            samples=samples,
+            max_new_tokens=options.max_new_tokens or config.max_new_tokens,
+            expected=len(units),
+            pending=pending,
+        )
+
+
+class _StopAfterBatch:
+    """First Ctrl-C asks to stop after the current batch; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator["_StopAfterBatch"]:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _store_prompt(session: Session, sweep_id: int, text: str, injection_start: int) -> None:
+    sweep = session.get(Sweep, sweep_id)
+    assert sweep is not None
+    if sweep.prompt_text is None:
+        sweep.prompt_text = text
+        sweep.injection_start = injection_start
+    elif sweep.prompt_text != text or sweep.injection_start != injection_start:
+        raise ConfigError(
+            f"sweep {sweep.name!r} was generated with a different prompt or injection start "
+            f"({sweep.injection_start}, now {injection_start}); this model's tokenizer or chat "
+            "template differs from the one used before"
+        )
+
+
+def _write_unit(
+    store: Store,
+    pending: PendingUnit,
+    sweep_name: str,
+    completions: dict[int, Completion],
+    decode: Callable[[list[int]], str],
+    run_id: int,
+) -> int:
+    """Insert the unit's rollouts in one transaction, skipping samples written meanwhile."""
+    unit = pending.unit
+
+    def write(session: Session) -> int:
+        still = set(missing_samples(session, unit, max(pending.samples) + 1))
+        rows = [
+            Rollout(
+                experiment_id=unit.experiment_id,
+                patch_layer=unit.patch_layer,
+                source_word=unit.source_word,
+                target_word=unit.target_word,
+                sample_index=index,
+                answer=decode(c.token_ids),
+                n_tokens=len(c.token_ids),
+                finish_reason=c.finish_reason,
+                seed=rollout_seed(
+                    sweep_name, unit.experiment, unit.patch_layer,
+                    unit.source_word, unit.target_word, index,
+                ),
+                stage_run_id=run_id,
+            )
+            for index, c in sorted(completions.items())
+            if index in still
+        ]
+        session.add_all(rows)
+        return len(rows)
+
+    return store.transact(write)
+
+
+@dataclass
+class _Sources:
+    """Source runs, computed on first use and kept for the whole stage run."""
+
+    engine: Engine
+    layers: list[int]
+    vectors: dict[str, torch.Tensor]
+    runs: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+    def values(self, word: str, layer: int) -> torch.Tensor:
+        if word not in self.runs:
+            steer = self.vectors[word] if word != NO_STEERING else None
+            self.runs[word] = self.engine.source_run(steer, self.layers)
+        return self.runs[word][layer]
+
+
+def run_generate(
+    store: Store,
+    options: GenerateOptions,
+    *,
+    progress: bool = True,
+    load: Callable[..., LoadedModel] = load_model,
+) -> GenerateResult:
+    """Generate every missing rollout in scope; returns counts and throughput."""
+    plan = plan_generate(store, options)
+    result = GenerateResult(plan)
+    config = plan.config
+    arguments = {k: v for k, v in vars(options).items() if v is not None}
+    if not plan.pending:
+        with stage_run(store, "generate", arguments, plan.sweep_id) as run:
+            result.stage_run_id = run.id
+        return result
+
+    device = options.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    loaded = load(
+        options.model or config.model,
+        dtype=options.dtype or config.dtype,
+        device=device,
+        revision=config.model_revision,
+    )
+    result.model_id = loaded.model_id
+    layer_map = find_layers(loaded.model)
+    check_layer_range(len(layer_map.layers), [config.steer_layer], "steer layer")
+    check_layer_range(
+        len(layer_map.layers), sorted({p.unit.patch_layer for p in plan.pending}), "patch layer"
+    )
+    prompt = render_prompt(loaded.tokenizer, config.prompt_intro, config.prompt_trial)
+    batch_rows = options.batch_size or auto_batch_size(
+        loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens
+    )
+    result.batch_size = batch_rows
+    stopper = _StopAfterBatch()
+
+    def decode(ids: list[int]) -> str:
+        return str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+
+    try:
+        with stage_run(store, "generate", arguments, plan.sweep_id) as run, stopper.installed():
+            result.stage_run_id = run.id
+            store.transact(
+                lambda s: _store_prompt(s, plan.sweep_id, prompt.text, prompt.injection_start)
+            )
+            words = sorted(
+                ({p.unit.source_word for p in plan.pending}
+                 | {p.unit.target_word for p in plan.pending})
+                - {NO_STEERING}
+            )
+            raw = ensure_vectors(store, loaded, config.steer_layer, words)
+            scaled = {w: raw[w].float() * config.strength for w in words}
+            engine = Engine(
+                loaded.model, layer_map, prompt.input_ids, prompt.injection_start,
+                config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
+            )
+            sources = _Sources(engine, sorted({p.unit.patch_layer for p in plan.pending}), scaled)
+            _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
+                         result, stopper, progress)
+            if stopper.requested:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return result
+
+
+def _run_batches(
+    store: Store,
+    plan: GeneratePlan,
+    engine: Engine,
+    sources: _Sources,
+    scaled: dict[str, torch.Tensor],
+    batch_rows: int,
+    decode: Callable[[list[int]], str],
+    run_id: int,
+    result: GenerateResult,
+    stopper: _StopAfterBatch,
+    progress: bool,
+) -> None:
+    temperature = plan.config.temperature
+    done: dict[int, dict[int, Completion]] = {}
+    bar = tqdm(total=len(plan.pending), unit="unit", desc="generate", disable=not progress)
+    started = time.perf_counter()
+    try:
+        for batch in plan_batches(plan.pending, batch_rows):
+            units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
+            outputs = engine.generate(units, plan.max_new_tokens, temperature)
+            for piece, completions in zip(batch, outputs, strict=True):
+                got = done.setdefault(piece.unit_index, {})
+                for index, c in zip(piece.samples, completions, strict=True):
+                    got[index] = c
+                    result.tokens += len(c.token_ids) + (c.finish_reason == "stop")
+                pending = plan.pending[piece.unit_index]
+                if len(got) == len(pending.samples):
+                    written = _write_unit(store, pending, plan.sweep_name, got, decode, run_id)
+                    del done[piece.unit_index]
+                    result.units_written += 1
+                    result.rollouts_written += written
+                    bar.update(1)
+            result.seconds = time.perf_counter() - started
+            bar.set_postfix_str(f"{result.tokens_per_second:.1f} tok/s")
+            if stopper.requested:
+                break
+    finally:
+        result.seconds = time.perf_counter() - started
+        bar.close()
+
+
+def _target_unit(
+    piece: Piece, plan: GeneratePlan, sources: _Sources, scaled: dict[str, torch.Tensor]
+) -> TargetUnit:
+    unit = plan.pending[piece.unit_index].unit
+    steer = scaled[unit.target_word] if unit.target_word != NO_STEERING else None
+    return TargetUnit(
+        steer=steer,
+        patch_layer=unit.patch_layer,
+        patch_values=sources.values(unit.source_word, unit.patch_layer),
+        seeds=[
+            rollout_seed(plan.sweep_name, unit.experiment, unit.patch_layer,
+                         unit.source_word, unit.target_word, index)
+            for index in piece.samples
+        ],
+    )

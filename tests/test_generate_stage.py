@@ -1,0 +1,257 @@
+"""`patchdb generate` end to end on a tiny random-init Llama saved as a local model folder."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import file_digest, run_cli
+from tiny_models import save_tiny_llama
+
+N_LAYERS = 6
+WORDS = ("Bread", "Trees", "Dust")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with scaled-up weights (varied answers), saved with the fixture tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(path, n_layers=N_LAYERS, hidden=64, seed=0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    model.save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, model_dir: Path, **overrides: object) -> Path:
+    values: dict[str, object] = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "dtype": "float32",
+        "steer_layer": 1,
+        "strength": 4.0,
+        "patch_layers": "2-3",
+        "samples": 2,
+        "max_new_tokens": 5,
+        "temperature": 0.0,
+        "positive_words": ["Bread", "Trees"],
+        "negative_words": ["Dust"],
+        "experiments": [
+            "failure_to_success", "success_to_failure", "steered_to_unsteered",
+            "unsteered_to_steered",
+        ],
+    }
+    values.update(overrides)
+    lines = ["[sweep]"]
+    for key, value in values.items():
+        if isinstance(value, str):
+            lines.append(f"{key} = {value!r}".replace("'", '"'))
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+        else:
+            lines.append(f"{key} = {value}")
+    path = tmp_path / f"sweep-{len(list(tmp_path.glob('sweep-*.toml')))}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def init_store(tmp_path: Path, model_dir: Path, name: str = "store.sqlite", **overrides: object) -> Path:
+    db = tmp_path / name
+    result = run_cli("init", "--config", write_config(tmp_path, model_dir, **overrides), "--db", db)
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def rollouts(db: Path) -> dict[tuple[str, int, str, str, int], tuple[str, int, str, int]]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT e.name, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
+            "r.answer, r.n_tokens, r.finish_reason, r.seed "
+            "FROM rollouts r JOIN experiments e ON e.id = r.experiment_id"
+        ).fetchall()
+    return {tuple(r[:5]): tuple(r[5:]) for r in rows}  # type: ignore[misc]
+
+
+# 8 keys per layer (2 + 2 + 2 + 2), 2 layers, 2 samples.
+ALL_ROLLOUTS = 32
+
+
+def test_generate_fills_the_sweep_once(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir)
+    result = run_cli("generate", "--db", db, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "Wrote 32 rollouts in 16 units (16/16 units present)" in result.output
+    got = rollouts(db)
+    assert len(got) == ALL_ROLLOUTS
+    for (_exp, _layer, _src, _tgt, _sample), (answer, n_tokens, reason, seed) in got.items():
+        assert reason in ("stop", "length")
+        assert 0 < n_tokens <= 5 or reason == "stop"
+        assert 0 <= seed < 2**62
+        assert "<|im_start|>" not in answer and "Trial 1" not in answer
+    assert len({v[3] for v in got.values()}) == ALL_ROLLOUTS  # every rollout its own seed
+    with sqlite3.connect(db) as conn:
+        prompt, start = conn.execute("SELECT prompt_text, injection_start FROM sweeps").fetchone()
+        runs = conn.execute("SELECT stage, status FROM stage_runs").fetchall()
+        vectors = conn.execute("SELECT DISTINCT word FROM concept_vectors WHERE layer = 1").fetchall()
+    assert "Trial 1" in prompt and start > 0
+    assert runs == [("generate", "finished")]
+    assert {w for (w,) in vectors} >= set(WORDS)
+
+    again = run_cli("generate", "--db", db, "--quiet")
+    assert again.exit_code == 0, again.output
+    assert "Nothing to generate: all 16 units of sweep 'tiny' in scope are present." in again.output
+    assert rollouts(db) == got
+
+
+def test_unsteered_experiments_store_the_sentinel(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir)
+    result = run_cli("generate", "--db", db, "--quiet", "--experiments",
+                     "steered_to_unsteered,unsteered_to_steered", "--layers", "2")
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(db) as conn:
+        table = conn.execute(
+            "SELECT e.name, r.source_word, r.target_word FROM rollouts r "
+            "JOIN experiments e ON e.id = r.experiment_id ORDER BY 1, 2, 3"
+        ).fetchall()
+        view = conn.execute(
+            "SELECT DISTINCT experiment, source, target FROM rollouts_readable ORDER BY 1, 2, 3"
+        ).fetchall()
+    assert sorted(set(table)) == [
+        ("steered_to_unsteered", "Bread", ""), ("steered_to_unsteered", "Trees", ""),
+        ("unsteered_to_steered", "", "Bread"), ("unsteered_to_steered", "", "Trees"),
+    ]
+    assert view == [
+        ("steered_to_unsteered", "Bread", "(none)"), ("steered_to_unsteered", "Trees", "(none)"),
+        ("unsteered_to_steered", "(none)", "Bread"), ("unsteered_to_steered", "(none)", "Trees"),
+    ]
+
+
+def test_a_run_in_parts_equals_a_run_at_once(tmp_path: Path, model_dir: Path) -> None:
+    whole = init_store(tmp_path, model_dir, "whole.sqlite")
+    assert run_cli("generate", "--db", whole, "--quiet", "--batch-size", "64").exit_code == 0
+    parts = init_store(tmp_path, model_dir, "parts.sqlite")
+    first = run_cli("generate", "--db", parts, "--quiet", "--layers", "3", "--batch-size", "3")
+    assert first.exit_code == 0, first.output
+    assert {k[1] for k in rollouts(parts)} == {3}
+    second = run_cli("generate", "--db", parts, "--quiet", "--batch-size", "1")
+    assert second.exit_code == 0, second.output
+    assert "Wrote 16 rollouts in 8 units (16/16 units present)" in second.output
+    # Same keys, and (greedy, batch-invariant) the same answers, whatever the batching.
+    assert rollouts(parts) == rollouts(whole)
+
+
+def test_shards_split_the_work_without_overlap(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir)
+    assert run_cli("generate", "--db", db, "--quiet", "--shard", "0/2").exit_code == 0
+    half = set(rollouts(db))
+    assert 0 < len(half) < ALL_ROLLOUTS
+    assert run_cli("generate", "--db", db, "--quiet", "--shard", "1/2").exit_code == 0
+    assert len(rollouts(db)) == ALL_ROLLOUTS
+
+
+def test_regenerating_a_deleted_key_reproduces_it(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir, temperature=1.0, samples=3)
+    assert run_cli("generate", "--db", db, "--quiet", "--layers", "2").exit_code == 0
+    before = rollouts(db)
+    key = ("success_to_failure", 2, "Trees", "Dust")
+    assert len({before[(*key, i)][0] for i in range(3)}) > 1  # sampled, not greedy
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "DELETE FROM rollouts WHERE patch_layer = 2 AND source_word = 'Trees' "
+            "AND target_word = 'Dust'"
+        )
+        conn.execute(
+            "DELETE FROM rollouts WHERE patch_layer = 2 AND source_word = '' "
+            "AND target_word = 'Bread' AND sample_index = 1"
+        )
+    result = run_cli("generate", "--db", db, "--quiet", "--layers", "2")
+    assert result.exit_code == 0, result.output
+    assert "Wrote 4 rollouts in 2 units" in result.output
+    assert rollouts(db) == before
+
+
+def test_samples_option_generates_the_first_indexes_only(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir)
+    result = run_cli("generate", "--db", db, "--quiet", "--samples", "1", "--words", "Dust")
+    assert result.exit_code == 0, result.output
+    got = rollouts(db)
+    assert {k[4] for k in got} == {0}
+    assert all("Dust" in (k[2], k[3]) for k in got)
+    assert len(got) == 8  # (Bread, Dust), (Trees, Dust), (Dust, Bread), (Dust, Trees) x 2 layers
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "7"], "Error: layer 7 is not a patch layer of sweep 'tiny' (patch layers: 2-3)"),
+        (["--words", "Bred"], "Error: unknown word 'Bred'"),
+        (["--experiments", "nope"], "Error: unknown experiment 'nope' in sweep 'tiny'"),
+        (["--shard", "2/2"], "Invalid value for '--shard': invalid shard '2/2'"),
+        (["--shard", "x"], "Invalid value for '--shard': invalid shard 'x': expected i/N"),
+        (["--batch-size", "0"], "Invalid value for '--batch-size': expected 'auto' or a positive"),
+        (["--samples", "3"], "Error: --samples must be between 1 and the sweep's 2, got 3"),
+        (["--sweep", "other"], "Error: no sweep named 'other' in the store (known: tiny)"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(
+    tmp_path: Path, model_dir: Path, args: list[str], message: str
+) -> None:
+    db = init_store(tmp_path, model_dir)
+    digest = file_digest(db)
+    result = run_cli("generate", "--db", db, "--quiet", *args)
+    assert result.exit_code in (1, 2)
+    assert message in result.output
+    assert file_digest(db) == digest
+
+
+def test_layers_outside_the_model_are_refused_before_writing(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    db = init_store(tmp_path, model_dir, patch_layers="4-7")
+    digest = file_digest(db)
+    result = run_cli("generate", "--db", db, "--quiet")
+    assert result.exit_code == 1
+    assert "Error: patch layer 6 is outside the model's 6 decoder layers (valid range 0-5)" in (
+        result.output
+    )
+    assert file_digest(db) == digest
+
+
+def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir, max_new_tokens=40)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
+         "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        with sqlite3.connect(db) as conn:
+            if conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] > 0:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    assert "Interrupted" in err
+    partial = rollouts(db)
+    assert 0 < len(partial) < ALL_ROLLOUTS
+    assert len(partial) % 2 == 0  # whole units only (2 samples each)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM stage_runs").fetchall() == [("interrupted",)]
+    result = run_cli("generate", "--db", db, "--quiet")
+    assert result.exit_code == 0, result.output
+    done = rollouts(db)
+    assert len(done) == ALL_ROLLOUTS
+    assert all(done[k] == v for k, v in partial.items())
