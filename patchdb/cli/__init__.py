@@ -15,6 +15,7 @@ COMMANDS = {
     "init": "patchdb.cli.init_cmd:init",
     "status": "patchdb.cli.status_cmd:status",
     "db": "patchdb.cli.db_cmd:db",
+    "generate": "patchdb.cli.generate_cmd:generate",
     "report": "patchdb.cli.report_cmd:report",
     "import-json": "patchdb.cli.import_cmd:import_json",
     "merge": "patchdb.cli.merge_cmd:merge",
