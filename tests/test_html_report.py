@@ -170,6 +170,15 @@ def test_browser_embeds_at_most_the_cap_per_key(store: Store, tmp_path: Path) ->
     assert "This page embeds 24 of the 48 rollouts: at most 1 samples" in path.read_text("utf-8")
 
 
+def test_report_command_writes_the_page_next_to_the_plots(store: Store, db_path: Path,
+                                                          tmp_path: Path) -> None:
+    result = run_cli("report", "--db", str(db_path), "--out", str(tmp_path / "out"), "--html")
+    assert result.exit_code == 0, result.output
+    page = tmp_path / "out" / REPORT_FILE
+    assert f"HTML report: {page}" in result.output
+    assert len(embedded(page)["rollouts"]) == 48
+
+
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
@@ -186,7 +195,8 @@ def chromium_args(profile: str) -> list[str]:
     assert CHROMIUM is not None
     return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-proxy-server", f"--user-data-dir={profile}",
+            "--disable-sync", "--no-proxy-server", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
             "--window-size=1280,1600"]
 
 
@@ -259,15 +269,18 @@ def browser(url: str) -> Iterator[DevTools]:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120  # a loaded CI machine starts chromium slowly
             while not port_file.exists() or not port_file.read_text().strip():
                 assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
-            page = next(t for t in targets if t["type"] == "page")
-            tools = DevTools(page["webSocketDebuggerUrl"])
+            pages: list[dict[str, Any]] = []
+            while not pages:
+                assert time.monotonic() < deadline, "chromium opened no page"
+                targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
+                pages = [t for t in targets if t["type"] == "page"]
+            tools = DevTools(pages[0]["webSocketDebuggerUrl"])
             loaded = "location.protocol === 'file:' && document.readyState === 'complete'"
             while not tools.js(loaded):
                 assert time.monotonic() < deadline, "the page did not load"
