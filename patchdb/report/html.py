@@ -68,8 +68,10 @@ def write_html_report(
     graders = graders_of([e.name for e in experiments])
     browser = {
         "experiments": [e.name for e in experiments],
-        "layers": config.layers,
-        "words": config.positive_words + config.negative_words,
+        # Imported or merged rollouts may sit outside the config; keep them reachable.
+        "layers": sorted(set(config.layers) | {r["layer"] for r in rollouts}),
+        "words": list(dict.fromkeys(config.positive_words + config.negative_words + sorted(
+            {w for r in rollouts for w in (r["source"], r["target"]) if w}))),
         "graders": [g for g in GRADERS if any(g in gs for gs in graders.values())],
         "rollout_graders": graders,
         "rollouts": rollouts,
