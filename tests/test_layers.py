@@ -27,7 +27,7 @@ def _forward_hidden(model: torch.nn.Module, layer: torch.nn.Module) -> torch.Ten
     seen: list[torch.Tensor] = []
 
     def hook(_m: torch.nn.Module, _i: object, out: object) -> None:
-        seen.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type,index]
+        seen.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type]
 
     handle = layer.register_forward_hook(hook)
     try:

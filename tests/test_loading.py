@@ -112,8 +112,8 @@ def test_alias_resolves_to_the_packaged_gguf_without_importing_it() -> None:
 
 
 def test_cli_error_for_missing_model(db_path: Path) -> None:
-    assert run_cli("init", "--db", db_path).exit_code == 0
-    result = run_cli("vectors", "--db", db_path, "--model", "./nope", "--layer", "1",
+    assert run_cli("init", "--db", str(db_path)).exit_code == 0
+    result = run_cli("vectors", "--db", str(db_path), "--model", "./nope", "--layer", "1",
                      "--words", "Bread")
     assert result.exit_code == 1
     assert result.output == "Error: model path not found: ./nope\n"

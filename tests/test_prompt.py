@@ -1,6 +1,8 @@
 """The prompt in the model's chat template and its injection start, on two tokenizers:
 the fixture (SmolLM2: a blank line is two "\\n" tokens) and one where "\\n\\n" is one token."""
 
+from typing import Any
+
 import pytest
 from tiny_models import tiny_tokenizer
 from tokenizers import AddedToken, normalizers
@@ -10,7 +12,7 @@ from patchdb.errors import ModelError
 from patchdb.generate.prompt import concept_prompt_ids, render_prompt
 
 
-def _pieces(tok, ids: list[int]) -> list[str]:  # type: ignore[no-untyped-def]
+def _pieces(tok: Any, ids: list[int]) -> list[str]:
     return [tok.decode([t]) for t in ids]
 
 

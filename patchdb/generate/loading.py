@@ -10,6 +10,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from patchdb.errors import ModelError
 
@@ -202,6 +205,38 @@ def load_model(
     options: dict[str, Any] = {"local_files_only": True}
     if source.kind == "hub" and revision:
         options["revision"] = revision
+    with _quiet_loading():
+        tokenizer, model = _load(spec, source, location, options, torch_type, target)
+    if target.type == "cpu":
+        torch.nn.Module.to(model, target)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(f"model {spec!r} has no chat template; patchdb needs a chat model")
+    return LoadedModel(model, tokenizer, source.model_id, target, torch_type)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bars from transformers: a load from disk takes seconds."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load(
+    spec: str,
+    source: ModelSource,
+    location: str,
+    options: dict[str, Any],
+    torch_type: torch.dtype,
+    target: torch.device,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         config = AutoConfig.from_pretrained(location, **options)
@@ -220,11 +255,4 @@ def load_model(
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"cannot load model {spec!r}: {first}") from None
-    if target.type == "cpu":
-        torch.nn.Module.to(model, target)
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ModelError(f"model {spec!r} has no chat template; patchdb needs a chat model")
-    return LoadedModel(model, tokenizer, source.model_id, target, torch_type)
+    return tokenizer, model
