@@ -121,6 +121,13 @@ def test_import_registers_the_sweep_it_finds(tree: Path, db_path: Path) -> None:
     assert count(db_path, Judgment) == n_judgments
 
 
+def test_hidden_folders_are_skipped(tree: Path, db_path: Path) -> None:
+    (tree / ".ipynb_checkpoints").mkdir()
+    (tree / "failure_to_success" / ".cache").mkdir()
+    result = cli("import-json", tree, "--db", db_path)
+    assert result.exit_code == 0, result.output
+
+
 def test_importing_twice_changes_nothing(tree: Path, db_path: Path) -> None:
     assert cli("import-json", tree, "--db", db_path).exit_code == 0
     before = file_digest(db_path)

@@ -15,9 +15,11 @@ from patchdb.store import open_store
 @click.option("--sweep", "sweep_name", envvar="PATCHDB_SWEEP",
               help="Name of the sweep to create (default: the folder's name; env PATCHDB_SWEEP).")
 @click.option("--model", default="unknown", show_default=True, envvar="PATCHDB_IMPORT_MODEL",
-              help="The model that wrote the rollouts, recorded in the sweep's config.")
+              help="The model that wrote the rollouts, recorded in the sweep's config "
+                   "(env PATCHDB_IMPORT_MODEL).")
 @click.option("--steer-layer", type=click.IntRange(min=0), envvar="PATCHDB_IMPORT_STEER_LAYER",
-              help="The injection layer (default: SPEC.md's 38, if the patch layers come after it).")
+              help="The injection layer (default: SPEC.md's 38, if the patch layers come after "
+                   "it; env PATCHDB_IMPORT_STEER_LAYER).")
 def import_json(folder: Path, db: str, sweep_name: str | None, model: str,
                 steer_layer: int | None) -> None:
     """Import FOLDER, which holds one sub-folder per experiment (like patching_layer_sweep/),

@@ -19,15 +19,17 @@ from patchdb.store import open_store
               help="Folder that gets one sub-folder per experiment "
                    "(default: ./patchdb_report/<sweep>; env PATCHDB_REPORT_OUT).")
 @click.option("--export-json", is_flag=True, envvar="PATCHDB_EXPORT_JSON",
-              help="Also write the JSON layout users' scripts read (rollouts, judgments, scores).")
+              help="Also write the JSON layout users' scripts read (rollouts, judgments, "
+                   "scores; env PATCHDB_EXPORT_JSON).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True,
-              envvar="PATCHDB_REPORT_FORMAT", help="Plot file format.")
+              envvar="PATCHDB_REPORT_FORMAT", help="Plot file format (env PATCHDB_REPORT_FORMAT).")
 @click.option("--ci", is_flag=True, envvar="PATCHDB_REPORT_CI",
-              help="Draw Wilson 95% bands around the bold lines.")
+              help="Draw Wilson 95% bands around the bold lines (env PATCHDB_REPORT_CI).")
 @click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
-              help="Judge config id to read (default: the one with the most judgments).")
+              help="Judge config id to read (default: the one that judged the most samples; "
+                   "env PATCHDB_JUDGE_CONFIG).")
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
-              help="Also write an HTML report and print its path.")
+              help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
            export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,

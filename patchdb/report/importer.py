@@ -194,6 +194,8 @@ def _read_experiment(folder: Path, mismatches: list[Path]) -> ExperimentData:
     exp = EXPERIMENTS[folder.name]
     data = ExperimentData(folder.name)
     for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
         if child.is_dir():
             match = _LAYER_DIR.match(child.name)
             if match is None:
