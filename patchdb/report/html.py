@@ -77,7 +77,7 @@ def write_html_report(
         "rollouts": rollouts,
     }
     title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
-    plots = {r.name: figure_png(r, title.format(r.name)) for r in rates}
+    plots = {r.name: figure_png(r, title.format(r.name)) for r in rates if any_scored(r)}
     page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
@@ -160,6 +160,10 @@ def graders_of(experiments: list[str]) -> dict[str, list[str]]:
     }
 
 
+def any_scored(rates: ExperimentRates) -> bool:
+    return any(n for line in rates.keys for n in line.n_scored)
+
+
 def figure_png(rates: ExperimentRates, title: str) -> bytes:
     """The report's sweep plot of one experiment (patchdb.report.plots) as PNG bytes."""
     buffer = io.BytesIO()
@@ -228,7 +232,7 @@ def render_page(
                                  for r in rates) + '<a href="#browser">Rollouts</a></nav>')
     for r in rates:
         out.append(f'<section id="rates-{escape(r.name)}"><h2>{escape(r.name)}</h2>')
-        if not any(line.n_scored[i] for line in r.keys for i in range(len(r.layers))):
+        if r.name not in plots:
             out.append('<p class="muted">No scored samples yet.</p></section>')
             continue
         png = base64.b64encode(plots[r.name]).decode("ascii")
