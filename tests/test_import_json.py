@@ -265,3 +265,17 @@ def test_patch_layers_before_the_default_steer_layer_need_the_option(
                              "38; pass --steer-layer\n")
     result = cli("import-json", root, "--db", db_path, "--steer-layer", "5")
     assert result.exit_code == 0, result.output
+
+
+def test_stale_judge_scores_are_noted_not_trusted(tree: Path, db_path: Path) -> None:
+    path = tree / "failure_to_success" / "layer_40" / "judge_scores.json"
+    scores = json.loads(path.read_text())
+    scores["Dust_to_Bread"] = 0.99
+    dump(path, scores)
+    result = cli("import-json", tree, "--db", db_path)
+    assert result.exit_code == 0, result.output
+    assert (f"Note: {path} disagrees with its judgments; patchdb recomputes rates from the "
+            "judgments.") in result.output
+    assert cli("report", "--db", db_path, "--export-json", "--out", "out").exit_code == 0
+    exported = json.loads(Path("out/failure_to_success/layer_40/judge_scores.json").read_text())
+    assert exported["Dust_to_Bread"] == 2 / 3
