@@ -265,13 +265,16 @@ def small_config(**sweep: Any) -> Any:
 def make_store(
     db_path: Path,
     answer: str | Callable[[int, str], str] = "Yes, I notice a thought about {word}. ({i})",
+    first: int = 0,
+    last: int | None = None,
     **sweep: Any,
 ) -> int:
     """Register a small sweep and insert every rollout it expects; returns the rollout count.
 
     `answer` is a format string with {word} (the target's word, else the source's) and {i}
     (the rollout's running number), or a function of (i, word), so a test can put fault
-    directives into chosen answers. Rollout ids follow i (1-based ids in a fresh store).
+    directives into chosen answers. Only rollouts numbered first..last-1 are inserted, so a
+    test can add the rest later, as a running generate would.
     """
     config = small_config(**sweep)
     store = open_store(str(db_path), create=True)
@@ -279,9 +282,12 @@ def make_store(
         def fill(session: Any) -> int:
             sweep_row, _ = register_sweep(session, config)
             experiments = get_experiments(session, sweep_row)
-            n = 0
+            n, added = 0, 0
             for unit in expected_units(config, experiments):
                 for sample in range(config.samples):
+                    if n < first or (last is not None and n >= last):
+                        n += 1
+                        continue
                     word = unit.target_word or unit.source_word
                     session.add(
                         Rollout(
@@ -298,7 +304,8 @@ def make_store(
                         )
                     )
                     n += 1
-            return n
+                    added += 1
+            return added
 
         return store.transact(fill)
     finally:

@@ -101,10 +101,20 @@ def render_summary(s: JudgeSummary) -> str:
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
               help="Seconds Ctrl-C waits for calls in flight.")
+@click.option("--judge-batch-size", "hf_batch_size", type=click.IntRange(min=1), default=8,
+              show_default=True, envvar="PATCHDB_JUDGE_BATCH_SIZE",
+              help="Prompts per forward pass with --judge-backend hf.")
+@click.option("--judge-max-new-tokens", "hf_max_new_tokens", type=click.IntRange(min=1),
+              default=96, show_default=True, envvar="PATCHDB_JUDGE_MAX_NEW_TOKENS",
+              help="Reply length cap with --judge-backend hf (greedy decoding).")
+@click.option("--judge-dtype", "hf_dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True, envvar="PATCHDB_JUDGE_DTYPE",
+              help="Weights dtype with --judge-backend hf.")
+@click.option("--judge-device", "hf_device", envvar="PATCHDB_JUDGE_DEVICE",
+              help="Device with --judge-backend hf (default: cuda when present, else cpu).")
 @click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
               help="Show a progress bar on a terminal.")
-@click.pass_context
-def judge(ctx: click.Context, db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
+def judge(db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
     """Judge rollouts: coherence for every answer, plus detection or detection+identification
     as the experiment needs. Resumable: a rerun judges only what is missing.
 
@@ -128,7 +138,7 @@ def judge(ctx: click.Context, db: str, sweep: str | None, dry_run: bool, **kwarg
         except JudgeInterrupted as exc:
             click.echo(render_summary(exc.summary), err=True)
             click.echo("Interrupted; what finished is saved. Run again to resume.", err=True)
-            ctx.exit(130)
+            raise SystemExit(130) from None
     finally:
         store.close()
     click.echo(render_summary(summary))

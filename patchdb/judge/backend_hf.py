@@ -19,11 +19,12 @@ class HfJudge:
     """Runs grader prompts through a local causal LM, `batch_size` prompts at a time."""
 
     def __init__(
-        self, spec: str, dtype: str = "float32", device: str = "cpu",
+        self, spec: str, dtype: str = "float32", device: str | None = None,
         batch_size: int = HF_BATCH, max_new_tokens: int = HF_MAX_NEW_TOKENS,
     ) -> None:
-        from patchdb.generate.loading import load_model
+        from patchdb.generate.loading import default_device, load_model
 
+        device = device or default_device()
         loaded = load_model(spec, dtype, device)
         self.model: Any = loaded.model
         self.tokenizer: Any = loaded.tokenizer

@@ -34,8 +34,9 @@ class JudgeOptions:
     poll_s: float = 2.0
     grace_s: float = 10.0
     hf_batch_size: int = 8
+    hf_max_new_tokens: int = 96
     hf_dtype: str = "float32"
-    hf_device: str = "cpu"
+    hf_device: str | None = None  # None: CUDA when present, else CPU
     progress: bool = True
 
     def arguments(self) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def make_backend(resolved: Resolved, options: JudgeOptions) -> Backend:
     if resolved.backend == "hf":
         from patchdb.judge.backend_hf import HfJudge
 
-        return HfJudge(resolved.model, options.hf_dtype, options.hf_device, options.hf_batch_size)
+        return HfJudge(resolved.model, options.hf_dtype, options.hf_device, options.hf_batch_size,
+                       options.hf_max_new_tokens)
     return ApiJudge(
         resolve_endpoint(resolved.base_url), resolved.model, resolved.reasoning,
         timeout_s=options.timeout_s, max_attempts=resolved.max_attempts,
