@@ -11,6 +11,7 @@ Two servers live here:
       [[fault=slow*1]]   ... a reply slower than the client's timeout
       [[fault=reset*1]]  ... a connection reset (RST) instead of a reply
       [[fault=length*1]] ... a reply cut off (finish_reason "length")
+      [[fault=garbage*1]] ... HTTP 200 with a body that is not JSON
       [[fault=401]]      every request gets HTTP 401 (402 and 403 work the same way)
       [[reply=NO]]       the final word of the reply (default YES); [[reply=none]] ends
                          without a verdict word
@@ -174,6 +175,13 @@ class FaultServer:
                     )
                     self.connection.close()
                     self.close_connection = True
+                elif fault == "garbage":
+                    data = b"<html>502 Bad Gateway</html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 elif fault == "length":
                     self._send(200, completion_body("The answer is cut o", "length"), {})
                 else:

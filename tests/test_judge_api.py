@@ -17,7 +17,7 @@ N_ROLLOUTS = 32  # make_store's small sweep: 8 keys x 2 layers x 2 samples
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
     monkeypatch.setenv("PATCHDB_JUDGE_BACKOFF", "0.01")
     monkeypatch.setenv("PATCHDB_JUDGE_API_KEY", SENTINEL)
-    with fault_server(slow_s=1.5) as srv:
+    with fault_server(slow_s=5.0) as srv:
         monkeypatch.setenv("PATCHDB_JUDGE_BASE_URL", srv.base_url)
         yield srv
 
@@ -73,7 +73,7 @@ def test_every_rollout_gets_one_row_per_grader(db_path: Path, server: FaultServe
 
 
 def faulty(i: int, word: str) -> str:
-    kind = ["500*1", "429*1", "reset*1", "length*1", "slow*1", None, None, None][i % 8]
+    kind = ["500*1", "429*1", "reset*1", "length*1", "slow*1", "garbage*1", None, None][i % 8]
     fault = f" [[fault={kind}]]" if kind else ""
     return f"Yes, I notice {word}. ({i}){fault}"
 
@@ -81,18 +81,18 @@ def faulty(i: int, word: str) -> str:
 def test_faults_are_retried_and_counted(db_path: Path, server: FaultServer) -> None:
     make_store(db_path, faulty)
     started = time.monotonic()
-    result = run_cli("judge", "--db", db_path, "--timeout", "0.5", "--concurrency", "32")
+    result = run_cli("judge", "--db", db_path, "--timeout", "2.5", "--concurrency", "32")
     elapsed = time.monotonic() - started
     assert result.exit_code == 0, result.output
     injected = server.stats.injected
     # 4 rollouts per fault kind, each with 2 grader prompts, each failing once
-    assert injected == {"500": 8, "429": 8, "reset": 8, "length": 8, "slow": 8}
+    assert injected == {"500": 8, "429": 8, "reset": 8, "length": 8, "slow": 8, "garbage": 8}
     assert "64 yes, 0 no, 0 unparsed, 0 errors" in result.output
-    assert ("Failed attempts: 429 8, 500 8, connection 8, finish_length 8, timeout 8."
-            in result.output)
+    assert ("Failed attempts: 429 8, 500 8, bad_reply 8, connection 8, finish_length 8, "
+            "timeout 8." in result.output)
     assert elapsed >= 1.0  # the 429s said Retry-After: 1
     assert rows(db_path, "SELECT attempts, count(*) FROM judgments GROUP BY attempts") == [
-        (1, 24), (2, 40)]
+        (1, 16), (2, 48)]
     # a retried cut-off reply was still paid for: usage is summed over attempts
     assert rows(db_path, "SELECT max(cost), max(prompt_tokens) FROM judgments")[0] == (
         pytest.approx(2 * COST_PER_CALL), 200)

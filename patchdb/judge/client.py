@@ -235,6 +235,10 @@ class ApiJudge:
                         f"cannot reach the judge API at {self.endpoint.base_url} "
                         f"({reply.error})"
                     ) from None
+            except (openai.APIError, ValueError, TypeError) as exc:  # not a chat completion
+                reply.failures["bad_reply"] += 1
+                text = f"{type(exc).__name__}: {exc}"
+                reply.error = "bad reply: " + scrub(text, self.endpoint.api_key)[:300]
             else:
                 choice = completion.choices[0] if completion.choices else None
                 reply.add_usage(completion.usage)

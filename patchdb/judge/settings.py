@@ -1,5 +1,6 @@
 """Judge options: what the user asked for, merged over the sweep config's [judge] table."""
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +42,10 @@ class JudgeOptions:
 
     def arguments(self) -> dict[str, Any]:
         """What stage_runs records: every option (none of them holds a secret)."""
-        return {k: v for k, v in asdict(self).items() if k != "progress"}
+        args = {k: v for k, v in asdict(self).items() if k != "progress"}
+        if self.base_url:
+            args["base_url"] = re.sub(r"//[^/@]*@", "//", self.base_url)  # no user:password@
+        return args
 
 
 @dataclass(frozen=True)
