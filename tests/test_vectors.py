@@ -1,6 +1,7 @@
 """Concept vectors: SPEC.md's recipe on a tiny Llama, storage and reuse, `patchdb vectors`
 (compute and --import), and one slow test on the real SmolLM2 through its GGUF alias."""
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -273,7 +274,7 @@ def test_conflicting_import_is_refused(tmp_path: Path, db_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_alias_loads_from_cache_the_second_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_path: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_path: Path, shared_cache_dir: Path
 ) -> None:
     monkeypatch.setenv("PATCHDB_CACHE_DIR", str(tmp_path / "fresh-cache"))  # force a first conversion
     cache = gguf_cache_dir(Path(resolve_model("smollm2-135m").location))
@@ -294,3 +295,8 @@ def test_smollm2_alias_loads_from_cache_the_second_time(
     vector = ensure_vectors(store, loaded, 18, ["Bread"])["Bread"]
     assert vector.shape == (576,) and torch.isfinite(vector).all() and vector.norm() > 0
     assert {r.word for r in _rows(store)} == {"Bread", BASELINE_MEAN}
+    store.close()
+    shared = shared_cache_dir / "models" / cache.name
+    if not shared.exists():  # later slow tests of this session need not convert again
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(cache, shared)

@@ -23,6 +23,7 @@ from patchdb.store import open_store
 @click.option("--dtype", type=click.Choice(DTYPES), envvar="PATCHDB_DTYPE",
               help="Model dtype (default: the sweep's).")
 @click.option("--import", "import_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="PATCHDB_VECTORS_IMPORT",
               help="Store the vectors of a torch file {word: tensor} instead of computing them.")
 def vectors(
     db: str,

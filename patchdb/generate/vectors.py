@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from patchdb.errors import ImportFormatError
+from patchdb.errors import ConfigError, ImportFormatError
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model, model_id_for
 from patchdb.generate.prompt import concept_prompt_ids
@@ -144,6 +144,8 @@ def ensure_vectors(
     those the store does not hold yet."""
     check_layer_range(len(find_layers(loaded.model).layers), [layer], "concept vector layer")
     words = list(dict.fromkeys(words))
+    if BASELINE_MEAN in words:
+        raise ConfigError(f"{BASELINE_MEAN!r} is reserved for the stored baseline mean")
     model_id = loaded.model_id
     with store.read() as session:
         found = stored_vectors(session, model_id, layer, words, (IMPORTED_RECIPE, RECIPE))
