@@ -49,7 +49,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
         if html:
             from patchdb.report.html import write_html_report
 
-            html_path = write_html_report(store, result.sweep, result.out_dir)
+            html_path = write_html_report(store, result.sweep, result.out_dir,
+                                          judge_config_id=result.judge.id)
     finally:
         store.close()
     judge = result.judge

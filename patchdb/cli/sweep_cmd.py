@@ -1,0 +1,65 @@
+"""`patchdb sweep`: the whole pipeline, resumable, in one command."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.cli.options import db_option, experiments_option, layers_option, list_callback
+from patchdb.store import open_store
+from patchdb.sweep import SweepOptions, resolve_config, run_sweep
+
+
+@click.command()
+@click.option("--config", "config_name", envvar="PATCHDB_CONFIG", default=None,
+              help="Sweep TOML file, or 'demo' for the embedded demo (env PATCHDB_CONFIG; "
+                   "default: SPEC.md's default sweep).")
+@db_option
+@experiments_option
+@layers_option
+@click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
+              help="Only keys with one of these words (comma-separated).")
+@click.option("--samples", type=click.IntRange(min=1), envvar="PATCHDB_SAMPLES",
+              help="Only sample indexes 0..N-1.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), envvar="PATCHDB_MAX_NEW_TOKENS",
+              help="Override the sweep's answer length.")
+@click.option("--device", envvar="PATCHDB_DEVICE", help="cuda:0, cpu, ... (default: CUDA if present).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="PATCHDB_REPORT_OUT", help="Report folder (default ./patchdb_report/<sweep>).")
+@click.option("--no-html", is_flag=True, help="Skip the HTML report.")
+def sweep(config_name: str | None, db: str, experiments: list[str] | None,
+          layers: list[int] | None, words: list[str] | None, samples: int | None,
+          max_new_tokens: int | None, device: str | None, out_dir: Path | None,
+          no_html: bool) -> None:
+    """Run generate, judge and report in order. Each resumes: a second run does no new work.
+
+    \b
+    Example:
+      patchdb sweep --config demo --db demo.sqlite
+      patchdb sweep --config sweep.toml --layers 40-44
+    """
+    config = resolve_config(config_name)
+    store = open_store(db, create=True)
+    try:
+        result = run_sweep(store, config, SweepOptions(
+            experiments=experiments, layers=layers, words=words, samples=samples,
+            max_new_tokens=max_new_tokens, device=device, out_dir=out_dir, html=not no_html,
+        ))
+    finally:
+        store.close()
+    gen = result.generated
+    if gen is not None:
+        click.echo(f"generate: {gen.rollouts_written} new rollouts"
+                   + (f" ({gen.tokens_per_second:.1f} tok/s)" if gen.rollouts_written else ""))
+    if result.judged is not None:
+        j = result.judged
+        click.echo(f"judge: {j.calls} judgments ({j.yes} yes, {j.no} no, {j.unparsed} unparsed, "
+                   f"{j.errors} errors), ${j.cost:.4f}")
+    else:
+        click.echo("judge: nothing missing")
+    assert result.report is not None
+    click.echo(f"Store:  {store.where}")
+    click.echo(f"Plots:  {result.report.out_dir}")
+    for exp in result.report.experiments:
+        click.echo(f"  {exp.plot}")
+    if result.html_path is not None:
+        click.echo(f"HTML:   {result.html_path}")

@@ -1,0 +1,118 @@
+"""`patchdb sweep`: generate, judge and report in order, each resuming from the store.
+
+With a remote judge, the judge runs beside generate in a second process (`judge --follow`) and
+picks up rollouts as they land; with the in-process hf judge the stages run one after the other,
+since both would compete for the same cores or GPU.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from patchdb.config import SweepConfig, load_config
+from patchdb.errors import JudgeError
+from patchdb.generate.stage import GenerateOptions, GenerateResult, run_generate
+from patchdb.judge.plan import count_pending, find_judge_config
+from patchdb.judge.settings import JudgeOptions
+from patchdb.judge.stage import JudgeSummary, prepare, run_judge
+from patchdb.report import Report, build_report
+from patchdb.store import Store
+from patchdb.store.sweeps import register_sweep
+
+PACKAGED_CONFIGS = ("demo",)
+
+
+def resolve_config(name_or_path: str | None) -> SweepConfig:
+    """A config file path, or the name of a config shipped in the package ("demo")."""
+    if name_or_path in PACKAGED_CONFIGS:
+        with resources.as_file(resources.files("patchdb.configs") / f"{name_or_path}.toml") as p:
+            return load_config(p)
+    return load_config(name_or_path)
+
+
+@dataclass
+class SweepOptions:
+    """Narrowing shared by the three stages; None means the whole sweep."""
+
+    experiments: list[str] | None = None
+    layers: list[int] | None = None
+    words: list[str] | None = None
+    samples: int | None = None
+    max_new_tokens: int | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    out_dir: Path | None = None
+    html: bool = True
+    export_json: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SweepResult:
+    generated: GenerateResult | None = None
+    judged: JudgeSummary | None = None
+    judge_pending_before: int = 0
+    report: Report | None = None
+    html_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def pending_judgments(store: Store, sweep_name: str, options: JudgeOptions) -> int:
+    """Calls a judge run would make now (0 means it can be skipped without loading a model)."""
+    sweep, _config, scope, resolved, templates = prepare(store, sweep_name, options)
+    with store.read() as session:
+        config_id = find_judge_config(session, resolved.model, resolved.reasoning,
+                                      templates.version, resolved.backend)
+        return count_pending(session, scope, config_id, options.mode)
+
+
+def _judge_options(options: SweepOptions, follow: bool = False) -> JudgeOptions:
+    return JudgeOptions(experiments=options.experiments, layers=options.layers,
+                        follow=follow, progress=options.progress)
+
+
+def _start_follower(db_url: str, sweep: str, options: SweepOptions) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "patchdb", "judge", "--sweep", sweep, "--follow"]
+    if options.experiments:
+        args += ["--experiments", ",".join(options.experiments)]
+    if options.layers:
+        args += ["--layers", ",".join(str(x) for x in options.layers)]
+    env = dict(os.environ, PATCHDB_DB=db_url)  # not on the command line: a URL may hold a password
+    return subprocess.Popen(args, env=env)
+
+
+def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> SweepResult:
+    """Register the sweep, then generate, judge and report whatever is missing."""
+    store.transact(lambda s: register_sweep(s, config))
+    result = SweepResult()
+    gen_options = GenerateOptions(
+        sweep=config.name, experiments=options.experiments, layers=options.layers,
+        words=options.words, samples=options.samples, max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size, device=options.device,
+    )
+    follower = None
+    if config.judge.backend != "hf":
+        follower = _start_follower(store.url, config.name, options)
+    try:
+        result.generated = run_generate(store, gen_options, progress=options.progress)
+    finally:
+        if follower is not None:
+            code = follower.wait()
+            if code != 0:
+                raise JudgeError(f"the judge beside generate stopped with exit code {code}; "
+                                 "rerun `patchdb sweep` to resume")
+    judge_options = _judge_options(options)
+    result.judge_pending_before = pending_judgments(store, config.name, judge_options)
+    if result.judge_pending_before:
+        result.judged = run_judge(store, config.name, judge_options)
+    result.report = build_report(store, config.name, options.experiments, options.out_dir,
+                                 export_json=options.export_json)
+    if options.html:
+        from patchdb.report.html import write_html_report
+
+        result.html_path = write_html_report(store, config.name, result.report.out_dir,
+                                             judge_config_id=result.report.judge.id)
+    return result

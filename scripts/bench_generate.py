@@ -1,0 +1,392 @@
+"""Generate throughput on one GPU: today's per-key loop (a) against patchdb's generate stage (b).
+
+Builds a random-init model of a real shape (default: Gemma-3-27B's text stack in bf16; no
+weights are downloaded, and throughput does not depend on weight values), then runs, on the same
+keys and layers, with EOS disabled:
+
+  (a) the reference loop users run today: for each key at each layer, a 64-row source forward
+      pass recording MLP outputs, then a 64-row HF `generate` with steering and patch hooks;
+  (b) patchdb's generate stage, writing rollouts to a SQLite store.
+
+It prints rollout tokens per second, decode-step time, peak memory, the fraction of the memory
+roofline (weights + KV bytes read per decode step over the copy bandwidth measured here), and
+warm-up time for each, then the ratio (b)/(a), and writes a JSON results file.
+
+    python scripts/bench_generate.py --shape gemma3-27b --out results.json
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # google/gemma-3-27b-it text config
+    "gemma3-27b": dict(family="gemma3", vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                       num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+                       head_dim=128, sliding_window=1024),
+    # meta-llama/Llama-3.1-8B-Instruct
+    "llama-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    # a small shape to check the script on a CPU
+    "tiny": dict(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    spec = dict(SHAPES[shape])
+    family = spec.pop("family")
+    if family == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config: Any = Gemma3TextConfig(**spec, max_position_embeddings=4096)
+        cls: Any = Gemma3ForCausalLM
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**spec, max_position_embeddings=4096)
+        cls = LlamaForCausalLM
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy, counting read plus write."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    n = 1 << 30  # 2 GiB of bf16
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / sorted(times)[len(times) // 2]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Work:
+    prompt_ids: list[int]
+    injection_start: int
+    steer_layer: int
+    layers: list[int]
+    keys: list[tuple[int, int]]  # (source vector index, target vector index)
+    samples: int
+    new_tokens: int
+    vectors: torch.Tensor  # [n_words, hidden]
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def roofline_step_s(model: torch.nn.Module, rows: int, context: int, bandwidth: float) -> float:
+    """Fewest bytes a decode step must read (all weights, every row's KV) over bandwidth."""
+    return (weight_bytes(model) + rows * context * kv_bytes_per_token(model)) / bandwidth
+
+
+# ---------------------------------------------------------------- (a) the reference loop
+
+def reference_loop(model: Any, work: Work, device: str, timing: dict[str, float]) -> int:
+    """What users do today: per key per layer, a 64-row source forward then a 64-row generate."""
+    from patchdb.generate.layers import find_layers
+
+    layer_map = find_layers(model)
+    start = work.injection_start
+    n_prompt = len(work.prompt_ids)
+    ids = torch.tensor([work.prompt_ids] * work.samples, device=device)
+    tokens = 0
+    state: dict[str, Any] = {}
+
+    def steer_hook(module: Any, args: Any, output: Any) -> Any:
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        vec = state["steer"]
+        if vec is None:
+            return output
+        if hidden.shape[1] > 1:
+            hidden = hidden.clone()
+            hidden[:, start:] += vec
+        else:
+            hidden = hidden + vec
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+    def record_hook(layer: int) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
+            if state.get("record"):
+                state["acts"][layer] = output[:, start:].clone()
+        return hook
+
+    def patch_hook(layer: int) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> Any:
+            if state.get("patch_layer") == layer and output.shape[1] == n_prompt:
+                output = output.clone()
+                output[:, start:] = state["acts"][layer]
+            return output
+        return hook
+
+    handles = [layer_map.layers[work.steer_layer].register_forward_hook(steer_hook)]
+    for i in range(len(layer_map.mlps)):
+        handles.append(layer_map.mlps[i].register_forward_hook(record_hook(i)))
+        handles.append(layer_map.mlps[i].register_forward_hook(patch_hook(i)))
+    try:
+        with torch.inference_mode():
+            for layer in work.layers:
+                for src, tgt in work.keys:
+                    state.update(steer=work.vectors[src], record=True, acts={}, patch_layer=None)
+                    model(input_ids=ids)
+                    state.update(steer=work.vectors[tgt], record=False, patch_layer=layer)
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                         max_new_tokens=work.new_tokens,
+                                         min_new_tokens=work.new_tokens, pad_token_id=0)
+                    tokens += (out.shape[1] - n_prompt) * out.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    sync(device)
+    return tokens
+
+
+def reference_step_time(model: Any, work: Work, device: str) -> float:
+    """Decode-step time of plain HF generate at 64 rows: (t(1+N) - t(1)) / N."""
+    ids = torch.tensor([work.prompt_ids] * work.samples, device=device)
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
+                           min_new_tokens=n, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t
+
+    run(2)
+    n = min(work.new_tokens, 50)
+    return (run(1 + n) - run(1)) / n
+
+
+# ---------------------------------------------------------------- (b) patchdb's generate stage
+
+def bench_config(shape: str, n_layers: int, samples: int, new_tokens: int) -> str:
+    """A sweep of 2 layers x 8 pair keys (2 sources x 4 targets), scaled to the model's depth."""
+    steer = round(n_layers * 38 / 62)
+    first = steer + 2
+    return f"""
+[sweep]
+name = "bench-{shape}"
+model = "random-init-{shape}"
+dtype = "bfloat16"
+steer_layer = {steer}
+strength = 4.0
+patch_layers = "{first}-{first + 1}"
+samples = {samples}
+max_new_tokens = {new_tokens}
+temperature = 1.0
+positive_words = ["Bread", "Trees", "Origami", "Volcanoes"]
+negative_words = ["Dust", "Milk"]
+experiments = ["failure_to_success"]
+"""
+
+
+def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: str,
+              batch_size: int | None, workdir: Path) -> dict[str, Any]:
+    import patchdb.generate.stage as stage_mod
+    from patchdb.config import config_from_dict
+    from patchdb.generate.loading import LoadedModel
+    from patchdb.store import open_store
+    from patchdb.store.sweeps import register_sweep
+
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover
+        import tomli as tomllib  # type: ignore[no-redef]
+    config = config_from_dict(tomllib.loads(config_text))
+    store = open_store(str(workdir / f"bench-{shape}.sqlite"), create=True)
+    store.transact(lambda s: register_sweep(s, config))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=config.model,
+                         device=torch.device(device), dtype=next(model.parameters()).dtype)
+    stage_mod.eos_ids = lambda *a, **k: []  # EOS disabled for timing: every row runs to the end
+    options = stage_mod.GenerateOptions(device=device, batch_size=batch_size)
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = stage_mod.run_generate(store, options, progress=False, load=lambda *a, **k: loaded)
+    sync(device)
+    wall = time.perf_counter() - t
+    with store.read() as s:
+        from sqlalchemy import func, select
+
+        from patchdb.store import Rollout
+        n_rows = s.scalar(select(func.count()).select_from(Rollout))
+    return {"wall_s": wall, "tokens": result.tokens, "rollouts": n_rows,
+            "batch_size": result.batch_size, "units": result.units_written,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
+
+
+def engine_step_time(model: Any, work: Work, device: str, rows: int) -> float:
+    """Decode-step time of patchdb's engine at `rows` rows: (t(1+N) - t(1)) / N."""
+    from patchdb.generate.engine import Engine, TargetUnit
+    from patchdb.generate.layers import find_layers
+
+    engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
+                    work.steer_layer, [])
+    per_unit = work.samples
+    n_units = max(1, rows // per_unit)
+    n_patch = len(work.prompt_ids) - work.injection_start
+    hidden = work.vectors.shape[1]
+    units = [TargetUnit(steer=work.vectors[i % len(work.vectors)], patch_layer=work.layers[0],
+                        patch_values=torch.zeros(n_patch, hidden, device=device, dtype=model.dtype),
+                        seeds=list(range(i * per_unit, (i + 1) * per_unit)))
+             for i in range(n_units)]
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        engine.generate(units, n, 1.0)
+        sync(device)
+        return time.perf_counter() - t
+
+    run(2)
+    n = min(work.new_tokens, 50)
+    return (run(1 + n) - run(1)) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gemma3-27b")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: auto")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
+    args = parser.parse_args()
+    device = args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    from patchdb.generate.prompt import render_prompt
+    from tiny_models import tiny_tokenizer
+
+    from patchdb.config import DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL
+
+    results: dict[str, Any] = {"shape": args.shape, **SHAPES[args.shape], "device": device,
+                               "card": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+                               "torch": torch.__version__}
+    import transformers
+    results["transformers"] = transformers.__version__
+    t = time.perf_counter()
+    model = build_model(args.shape, device, dtype)
+    results["build_s"] = time.perf_counter() - t
+    bandwidth = copy_bandwidth(device)
+    results["copy_bandwidth_gbs"] = bandwidth / 1e9
+    tokenizer = tiny_tokenizer()
+    prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
+    n_layers = model.config.num_hidden_layers
+    config_text = bench_config(args.shape, n_layers, args.samples, args.new_tokens)
+    steer = round(n_layers * 38 / 62)
+    torch.manual_seed(1)
+    hidden = model.config.hidden_size
+    vectors = torch.randn(6, hidden, device=device, dtype=dtype) * 4.0
+    work = Work(prompt.input_ids, prompt.injection_start, steer, [steer + 2, steer + 3],
+                [(s, t) for s in (4, 5) for t in (0, 1, 2, 3)], args.samples, args.new_tokens, vectors)
+    results["prompt_tokens"] = len(prompt.input_ids)
+    results["units"] = len(work.layers) * len(work.keys)
+    context = len(prompt.input_ids) + args.new_tokens // 2
+    print(f"model {args.shape} built in {results['build_s']:.1f}s; copy bandwidth "
+          f"{bandwidth / 1e9:.0f} GB/s; prompt {len(prompt.input_ids)} tokens", flush=True)
+
+    if not args.skip_reference:
+        model.generation_config.eos_token_id = None
+        t = time.perf_counter()
+        step_a = reference_step_time(model, work, device)
+        warm_a = time.perf_counter() - t
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        tokens_a = reference_loop(model, work, device, {})
+        wall_a = time.perf_counter() - t
+        roof_a = roofline_step_s(model, args.samples, context, bandwidth)
+        results["a"] = {"tokens": tokens_a, "wall_s": wall_a, "tok_s": tokens_a / wall_a,
+                        "step_ms": step_a * 1e3, "rows": args.samples,
+                        "roofline_step_ms": roof_a * 1e3, "roofline_fraction": roof_a / step_a,
+                        "warmup_s": warm_a,
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
+        print(f"(a) reference: {tokens_a / wall_a:.0f} tok/s, step {step_a * 1e3:.1f} ms at "
+              f"{args.samples} rows, roofline {roof_a * 1e3:.1f} ms", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        b = run_stage(model, tokenizer, args.shape, config_text, device, args.batch_size, Path(tmp))
+    rows = b["batch_size"]
+    t = time.perf_counter()
+    step_b = engine_step_time(model, work, device, rows)
+    roof_b = roofline_step_s(model, rows, context, bandwidth)
+    b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
+             roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,
+             warmup_s=0.0, step_probe_s=time.perf_counter() - t)
+    results["b"] = b
+    print(f"(b) patchdb: {b['tok_s']:.0f} tok/s, step {step_b * 1e3:.1f} ms at {rows} rows "
+          f"(auto={args.batch_size is None}), roofline {roof_b * 1e3:.1f} ms", flush=True)
+    full_tokens = 236_544 * 100
+    results["projected_full_sweep_h_b"] = full_tokens / b["tok_s"] / 3600
+    if "a" in results:
+        results["ratio_b_over_a"] = b["tok_s"] / results["a"]["tok_s"]
+        results["projected_full_sweep_h_a"] = full_tokens / results["a"]["tok_s"] / 3600
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\n| run | tok/s | step ms | rows | roofline ms | roofline frac | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("a", "b"):
+        if name in results:
+            r = results[name]
+            print(f"| ({name}) | {r['tok_s']:.0f} | {r['step_ms']:.1f} | {r['rows']} | "
+                  f"{r['roofline_step_ms']:.1f} | {r['roofline_fraction']:.2f} | {r['peak_gib']:.1f} |")
+    if "ratio_b_over_a" in results:
+        print(f"ratio (b)/(a): {results['ratio_b_over_a']:.2f}")
+    print(f"projected full default sweep on this card: {results['projected_full_sweep_h_b']:.2f} h "
+          f"(b)" + (f", {results['projected_full_sweep_h_a']:.1f} h (a)" if "a" in results else ""))
+    if not math.isfinite(bandwidth):
+        print("(no GPU: roofline figures are not meaningful)")
+
+
+if __name__ == "__main__":
+    main()
