@@ -16,9 +16,12 @@ COMMANDS = {
     "status": "patchdb.cli.status_cmd:status",
     "db": "patchdb.cli.db_cmd:db",
     "generate": "patchdb.cli.generate_cmd:generate",
+    "vectors": "patchdb.cli.vectors_cmd:vectors",
+    "judge": "patchdb.cli.judge_cmd:judge",
     "report": "patchdb.cli.report_cmd:report",
     "import-json": "patchdb.cli.import_cmd:import_json",
     "merge": "patchdb.cli.merge_cmd:merge",
+    "sweep": "patchdb.cli.sweep_cmd:sweep",
 }
 
 
