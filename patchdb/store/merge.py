@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, Table, select, update
+from sqlalchemy import Connection, DateTime, RowMapping, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from patchdb.errors import ConfigError, StoreError
@@ -130,30 +131,63 @@ def _utc(value: Any) -> Any:
     return value
 
 
+_COPIED_COLUMNS = {t.name: [c.name for c in t.columns if c.name != "id"] for t in TABLES.values()}
+_TIME_COLUMNS = {t.name: [c.name for c in t.columns if isinstance(c.type, DateTime)]
+                 for t in TABLES.values()}
+
+
 def _values(row: RowMapping, table: Table, **changes: Any) -> dict[str, Any]:
     """A source row as insert values for target: no id, foreign keys replaced by `changes`."""
-    values = {c.name: _utc(row[c.name]) for c in table.columns if c.name != "id"}
+    values = {name: row[name] for name in _COPIED_COLUMNS[table.name]}
+    for name in _TIME_COLUMNS[table.name]:
+        values[name] = _utc(values[name])
     values.update(changes)
     return values
 
 
-def insert_new(conn: Connection, table: Table, key: list[str], rows: list[dict[str, Any]]) -> int:
-    """INSERT ... ON CONFLICT (key) DO NOTHING for many rows; returns how many were new."""
+def insert_new(conn: Connection, table: Table, key: list[str], rows: list[dict[str, Any]],
+               returning: Sequence[str] = ("id",)) -> list[tuple[Any, ...]]:
+    """INSERT ... ON CONFLICT (key) DO NOTHING for many rows; returns the new rows' `returning`
+    columns."""
     if not rows:
-        return 0
+        return []
     if conn.dialect.name == "sqlite":
         stmt: Any = sqlite_insert(table)
     elif conn.dialect.name == "postgresql":
         stmt = pg_insert(table)
     else:
         raise StoreError(f"merge supports SQLite and PostgreSQL stores, not {conn.dialect.name}")
-    stmt = stmt.on_conflict_do_nothing(index_elements=key).returning(table.c.id)
-    return len(conn.execute(stmt, rows).all())
+    stmt = stmt.on_conflict_do_nothing(index_elements=key).returning(
+        *(table.c[name] for name in returning))
+    if conn.dialect.name == "postgresql":
+        return _psycopg_executemany(conn, stmt, rows)
+    return [tuple(row) for row in conn.execute(stmt, rows)]
+
+
+def _psycopg_executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]
+                         ) -> list[tuple[Any, ...]]:
+    """psycopg's own executemany: pipelined, the statement parsed once. It is about four times
+    faster than SQLAlchemy's multi-VALUES batches, which psycopg re-parses batch by batch."""
+    sql = str(stmt.compile(dialect=conn.dialect, column_keys=list(rows[0])))
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    out: list[tuple[Any, ...]] = []
+    try:
+        cursor.executemany(sql, rows, returning=True)
+        while True:
+            out.extend(tuple(row) for row in cursor.fetchall())
+            if not cursor.nextset():
+                break
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error) from None
+    finally:
+        cursor.close()
+    return out
 
 
 def _inserter(table: Table, key: list[str], rows: list[dict[str, Any]]) -> Callable[[Session], int]:
-    """insert_new as a unit for Store.transact."""
-    return lambda session: insert_new(session.connection(), table, key, rows)
+    """insert_new as a unit for Store.transact, counting the new rows."""
+    return lambda session: len(insert_new(session.connection(), table, key, rows))
 
 
 def _chunks(store: Store, query: Any, id_column: Any, size: int) -> Iterable[Sequence[RowMapping]]:
@@ -188,11 +222,10 @@ def _merge_one(target: Store, source: Store, size: int,
     _copy_plain(target, source, VECTORS, VECTOR_KEY, VECTOR_CHUNK_ROWS, result, progress)
     _copy_plain(target, source, JUDGE_CACHE, ["request_hash"], size, result, progress)
     config_ids = target.transact(lambda s: _merge_judge_configs(s, source, result))
-    for source_exp, target_exp in experiment_ids.items():
-        rollout_ids = _merge_rollouts(target, source, source_exp, target_exp, run_ids, size,
-                                      result, progress)
-        _merge_judgments(target, source, source_exp, rollout_ids, config_ids, run_ids, size,
-                         result, progress)
+    here = _rollouts_here(target, set(experiment_ids.values()))
+    _copy_rollouts(target, source, experiment_ids, run_ids, here, size, result, progress)
+    _copy_judgments(target, source, experiment_ids, here, config_ids, run_ids, size, result,
+                    progress)
     return result
 
 
@@ -210,14 +243,15 @@ def _merge_sweeps(s: Session, source: Store, result: MergeResult
             raise ConfigError(f"cannot merge {source.where}: its sweep {sweep['name']!r} has a "
                               "different config than here; nothing was merged")
         if mine is None:
-            result.copied["sweeps"] += insert_new(conn, SWEEPS, ["name"], [_values(sweep, SWEEPS)])
+            result.copied["sweeps"] += len(insert_new(conn, SWEEPS, ["name"],
+                                                      [_values(sweep, SWEEPS)]))
         elif mine["prompt_text"] is None and sweep["prompt_text"] is not None:
             conn.execute(update(SWEEPS).where(SWEEPS.c.id == mine["id"]).values(
                 prompt_text=sweep["prompt_text"], injection_start=sweep["injection_start"]))
     names = {r["name"]: r["id"] for r in conn.execute(select(SWEEPS.c.name, SWEEPS.c.id)).mappings()}
     sweep_ids = {r["id"]: names[r["name"]] for r in sweeps}
     rows = [_values(e, EXPERIMENTS, sweep_id=sweep_ids[e["sweep_id"]]) for e in experiments]
-    result.copied["experiments"] += insert_new(conn, EXPERIMENTS, ["sweep_id", "name"], rows)
+    result.copied["experiments"] += len(insert_new(conn, EXPERIMENTS, ["sweep_id", "name"], rows))
     exp_ids = {(r["sweep_id"], r["name"]): r["id"]
                for r in conn.execute(select(EXPERIMENTS)).mappings()}
     experiment_ids = {e["id"]: exp_ids[(sweep_ids[e["sweep_id"]], e["name"])] for e in experiments}
@@ -257,68 +291,104 @@ def _merge_judge_configs(s: Session, source: Store, result: MergeResult) -> dict
     with source.read() as src:
         configs = src.execute(select(JUDGE_CONFIGS)).mappings().all()
     rows = [_values(c, JUDGE_CONFIGS) for c in configs]
-    result.copied["judge_configs"] += insert_new(conn, JUDGE_CONFIGS, JUDGE_CONFIG_KEY, rows)
+    result.copied["judge_configs"] += len(insert_new(conn, JUDGE_CONFIGS, JUDGE_CONFIG_KEY, rows))
     here = {tuple(r[k] for k in JUDGE_CONFIG_KEY): r["id"]
             for r in conn.execute(select(JUDGE_CONFIGS)).mappings()}
     return {c["id"]: here[tuple(c[k] for k in JUDGE_CONFIG_KEY)] for c in configs}
 
 
-def _rollout_key(row: RowMapping) -> tuple[Any, ...]:
-    return row["patch_layer"], row["source_word"], row["target_word"], row["sample_index"]
+RolloutKey = tuple[int, int, str, str, int]  # target experiment id, layer, source, target, sample
+RolloutsHere = dict[RolloutKey, tuple[int, int]]  # key -> (target id, hash of the answer)
 
 
-def _merge_rollouts(target: Store, source: Store, source_exp: int, target_exp: int,
-                    run_ids: dict[int, int], size: int, result: MergeResult,
-                    progress: Callable[[str, int], None] | None) -> dict[int, int | None]:
-    """Copy one experiment's rollouts. Returns source rollout id -> target id, or None where
-    the target's rollout of that key has a different answer."""
-    seen: dict[int, tuple[tuple[Any, ...], int]] = {}
-    query = select(ROLLOUTS).where(ROLLOUTS.c.experiment_id == source_exp)
-    for rows in _chunks(source, query, ROLLOUTS.c.id, size):
-        values = []
-        for r in rows:
-            seen[r["id"]] = (_rollout_key(r), hash(r["answer"]))
-            values.append(_values(r, ROLLOUTS, experiment_id=target_exp,
-                                  stage_run_id=run_ids.get(r["stage_run_id"])))
-        n = target.transact(_inserter(ROLLOUTS, ROLLOUT_KEY, values))
-        result.copied["rollouts"] += n
-        if progress:
-            progress("rollouts", n)
-    here: dict[tuple[Any, ...], tuple[int, int]] = {}
+def _rollouts_here(target: Store, experiments: set[int]) -> RolloutsHere:
+    """The target's rollouts of the merged experiments, streamed."""
+    r = ROLLOUTS.c
+    query = select(r.id, r.experiment_id, r.patch_layer, r.source_word, r.target_word,
+                   r.sample_index, r.answer).execution_options(yield_per=10_000)
+    here: RolloutsHere = {}
     with target.read() as s:
-        cols = [ROLLOUTS.c.id, ROLLOUTS.c.patch_layer, ROLLOUTS.c.source_word,
-                ROLLOUTS.c.target_word, ROLLOUTS.c.sample_index, ROLLOUTS.c.answer]
-        for r in s.execute(select(*cols).where(ROLLOUTS.c.experiment_id == target_exp)).mappings():
-            here[_rollout_key(r)] = (r["id"], hash(r["answer"]))
-    mapping: dict[int, int | None] = {}
-    for source_id, (key, answer_hash) in seen.items():
-        mine = here.get(key)
-        if mine is not None:
-            mapping[source_id] = mine[0] if mine[1] == answer_hash else None
-    return mapping
+        for rid, exp, layer, src, tgt, sample, answer in s.execute(query):
+            if exp in experiments:
+                here[(exp, layer, src, tgt, sample)] = (rid, hash(answer))
+    return here
 
 
-def _merge_judgments(target: Store, source: Store, source_exp: int,
-                     rollout_ids: dict[int, int | None], config_ids: dict[int, int],
-                     run_ids: dict[int, int], size: int, result: MergeResult,
-                     progress: Callable[[str, int], None] | None) -> None:
-    query = (select(JUDGMENTS).join(ROLLOUTS, ROLLOUTS.c.id == JUDGMENTS.c.rollout_id)
-             .where(ROLLOUTS.c.experiment_id == source_exp))
+def _copy_rollouts(target: Store, source: Store, experiment_ids: dict[int, int],
+                   run_ids: dict[int, int], here: RolloutsHere, size: int, result: MergeResult,
+                   progress: Callable[[str, int], None] | None) -> None:
+    """Every source rollout whose key is not here, in id order (a primary-key range scan per
+    chunk); `here` learns the new rows."""
+    for rows in _chunks(source, select(ROLLOUTS), ROLLOUTS.c.id, size):
+        values, answers = [], {}
+        for r in rows:
+            exp = experiment_ids.get(r["experiment_id"])
+            if exp is None:
+                continue  # an experiment newer than our copy of them; next merge
+            key = (exp, r["patch_layer"], r["source_word"], r["target_word"], r["sample_index"])
+            if key in here:
+                continue
+            values.append(_values(r, ROLLOUTS, experiment_id=exp,
+                                  stage_run_id=run_ids.get(r["stage_run_id"])))
+            answers[key] = hash(r["answer"])
+        if not values:
+            continue
+
+        def insert(session: Session, values: list[dict[str, Any]] = values) -> list[tuple[Any, ...]]:
+            return insert_new(session.connection(), ROLLOUTS, ROLLOUT_KEY, values,
+                              returning=["id", *ROLLOUT_KEY])
+
+        new = target.transact(insert)
+        for rid, *new_key in new:
+            here[tuple(new_key)] = (rid, answers[tuple(new_key)])
+        result.copied["rollouts"] += len(new)
+        if progress:
+            progress("rollouts", len(new))
+
+
+def _copy_judgments(target: Store, source: Store, experiment_ids: dict[int, int],
+                    here: RolloutsHere, config_ids: dict[int, int],
+                    run_ids: dict[int, int], size: int, result: MergeResult,
+                    progress: Callable[[str, int], None] | None) -> None:
+    """Every source judgment, attached to the target rollout of the same key and answer."""
+    r = ROLLOUTS.c
+    query = (select(JUDGMENTS, r.experiment_id.label("r_experiment"),
+                    r.patch_layer.label("r_layer"), r.source_word.label("r_source"),
+                    r.target_word.label("r_target"), r.sample_index.label("r_sample"),
+                    r.answer.label("r_answer"))
+             .join(ROLLOUTS, r.id == JUDGMENTS.c.rollout_id))
     for rows in _chunks(source, query, JUDGMENTS.c.id, size):
         values = []
         for j in rows:
-            if j["rollout_id"] not in rollout_ids:
-                continue  # its rollout appeared in the source after we copied; next merge
-            rollout_id = rollout_ids[j["rollout_id"]]
-            if rollout_id is None:
+            exp = experiment_ids.get(j["r_experiment"])
+            mine = None if exp is None else here.get(
+                (exp, j["r_layer"], j["r_source"], j["r_target"], j["r_sample"]))
+            config_id = config_ids.get(j["judge_config_id"])
+            if mine is None or config_id is None:
+                continue  # its rollout or judge config is newer than our copy; next merge
+            if mine[1] != hash(j["r_answer"]):
                 result.skipped_judgments += 1
                 continue
-            config_id = config_ids.get(j["judge_config_id"])
-            if config_id is None:
-                continue  # a judge config newer than our copy of them; next merge
-            values.append(_values(j, JUDGMENTS, rollout_id=rollout_id, judge_config_id=config_id,
+            values.append(_values(j, JUDGMENTS, rollout_id=mine[0], judge_config_id=config_id,
                                   stage_run_id=run_ids.get(j["stage_run_id"])))
-        n = target.transact(_inserter(JUDGMENTS, JUDGMENT_KEY, values))
+        if not values:
+            continue
+        n = target.transact(_judgment_inserter(values))
         result.copied["judgments"] += n
         if progress:
             progress("judgments", n)
+
+
+def _judgment_inserter(values: list[dict[str, Any]]) -> Callable[[Session], int]:
+    return lambda session: _insert_missing_judgments(session.connection(), values)
+
+
+def _insert_missing_judgments(conn: Connection, values: list[dict[str, Any]]) -> int:
+    """Insert the judgments whose key is not here yet (looked up first: a re-merge then
+    writes nothing); returns how many were new."""
+    rollout_ids = sorted({v["rollout_id"] for v in values})
+    j = JUDGMENTS.c
+    present = {tuple(row) for row in conn.execute(
+        select(j.rollout_id, j.grader, j.judge_config_id).where(j.rollout_id.in_(rollout_ids)))}
+    missing = [v for v in values if (v["rollout_id"], v["grader"], v["judge_config_id"]) not in present]
+    return len(insert_new(conn, JUDGMENTS, JUDGMENT_KEY, missing))
