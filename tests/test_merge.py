@@ -329,3 +329,19 @@ def test_merging_a_store_into_itself_or_a_missing_one(tmp_path: Path) -> None:
 def test_merge_has_an_example() -> None:
     assert "Example:" in run_cli("merge", "--help").output
     assert run_cli("merge").exit_code == 2
+
+
+def test_a_stage_run_merged_while_running_learns_how_it_ended(tmp_path: Path) -> None:
+    gpu, laptop = str(tmp_path / "gpu.sqlite"), str(tmp_path / "laptop.sqlite")
+    _gpu_box(gpu)
+    store = open_store(gpu)
+    store.transact(lambda s: s.execute(text(
+        "UPDATE stage_runs SET status = 'running', finished_at = NULL WHERE stage = 'generate'")))
+    _merge(gpu, laptop)
+    store.transact(lambda s: s.execute(text(
+        "UPDATE stage_runs SET status = 'finished', heartbeat_at = '2099-01-01 00:00:00.000000' "
+        "WHERE stage = 'generate'")))
+    store.close()
+    assert set(_merge(gpu, laptop).values()) == {0}
+    statuses = [row[3] for row in snapshot(laptop)["stage_runs"]]
+    assert statuses == ["finished", "finished"]
