@@ -55,13 +55,17 @@ def _unavailable(reason: str) -> None:
 def pg_admin_url() -> str:
     """An admin URL (database 'postgres') of a running server."""
     try:
-        import psycopg  # noqa: F401
+        import psycopg
     except ImportError:
         _unavailable("psycopg is not installed (pip install 'psycopg[binary]')")
     url, why = (ADMIN_URL, "") if ADMIN_URL else _start_cluster()
     if url is None:
         _unavailable(why)
     assert url is not None
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except psycopg.Error as exc:
+        _unavailable(f"cannot connect to {url}: {str(exc).splitlines()[0]}")
     return url
 
 
