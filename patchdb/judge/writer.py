@@ -6,9 +6,8 @@ every write idempotent: `only_missing` inserts with ON CONFLICT DO NOTHING (a co
 that got there first wins), the other modes replace the row.
 """
 
-import queue
 import threading
-import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,6 @@ _UPDATED = (
     "verdict", "raw_reply", "error", "attempts", "prompt_tokens", "completion_tokens",
     "reasoning_tokens", "cost", "latency_s", "stage_run_id", "created_at",
 )
-_STOP = object()
 
 
 def dialect_insert(session: Session, table: Any) -> Any:
@@ -46,7 +44,11 @@ class Row:
 
 
 class JudgmentWriter:
-    """A thread that writes queued judgment rows in batched transactions."""
+    """A thread that writes queued judgment rows in batched transactions.
+
+    `put` only appends to a deque and wakes the thread once a batch is full: waking a thread
+    per result would make the event loop wait for the GIL on every call.
+    """
 
     def __init__(
         self, store: Store, replace: bool, batch: int = 200, flush_s: float = 0.5
@@ -57,37 +59,35 @@ class JudgmentWriter:
         self.flush_s = flush_s
         self.written = 0
         self.error: BaseException | None = None
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._rows: deque[Row] = deque()
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="patchdb-judge-writer", daemon=True)
         self._thread.start()
 
     def put(self, row: Row) -> None:
-        self._queue.put(row)
+        self._rows.append(row)
+        if len(self._rows) >= self.batch and not self._wake.is_set():
+            self._wake.set()
 
     def close(self) -> None:
         """Write everything queued so far and stop; re-raises a write error."""
-        self._queue.put(_STOP)
+        self._closing = True
+        self._wake.set()
         self._thread.join()
         if self.error is not None:
             raise self.error
 
     def _run(self) -> None:
-        pending: list[Row] = []
-        deadline = time.monotonic() + self.flush_s
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                self._flush(pending)
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            closing = self._closing
+            while self._rows:
+                rows = [self._rows.popleft() for _ in range(min(len(self._rows), 5 * self.batch))]
+                self._flush(rows)
+            if closing:
                 return
-            if item is not None:
-                pending.append(item)
-            if len(pending) >= self.batch or time.monotonic() >= deadline:
-                self._flush(pending)
-                pending = []
-                deadline = time.monotonic() + self.flush_s
 
     def _flush(self, rows: list[Row]) -> None:
         if not rows or self.error is not None:
