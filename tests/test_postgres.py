@@ -65,8 +65,6 @@ def test_concurrent_first_opens_migrate_once(pg_url: str) -> None:
         assert out.strip() == head_revision()
 
 
-@pytest.mark.xfail(strict=True, reason="rollouts.seed is INTEGER (32 bits on PostgreSQL); "
-                   "generate's seeds have 62 bits and need BIGINT (a migration 0002)")
 def test_rollout_seed_holds_62_bits(pg_url: str) -> None:
     test_store._store_with_sweep(pg_url)
     store = open_store(pg_url)

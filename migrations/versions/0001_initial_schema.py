@@ -140,7 +140,7 @@ def upgrade() -> None:
         sa.Column("answer", sa.Text(), nullable=False),
         sa.Column("n_tokens", sa.Integer(), nullable=True),
         sa.Column("finish_reason", sa.String(length=20), nullable=True),
-        sa.Column("seed", sa.Integer(), nullable=True),
+        sa.Column("seed", sa.BigInteger(), nullable=True),
         sa.Column("stage_run_id", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -248,7 +248,7 @@ VIEWS = [
     """
     CREATE VIEW layer_rates AS
     SELECT sweep, experiment, pairs, patch_layer, source_word, target_word, source, target,
-           judge_config_id, COUNT(*) AS n, COUNT(score) AS n_scored, AVG(score) AS rate
+           judge_config_id, COUNT(*) AS n, COUNT(score) AS n_scored, AVG(CAST(score AS FLOAT)) AS rate
     FROM sample_scores
     GROUP BY sweep, experiment, pairs, patch_layer, source_word, target_word, source, target,
              judge_config_id

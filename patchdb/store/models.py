@@ -7,6 +7,7 @@ rollouts.source_word / target_word is the no-steering sentinel (see patchdb.expe
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -116,7 +117,7 @@ class Rollout(Base):
     answer: Mapped[str] = mapped_column(Text)
     n_tokens: Mapped[int | None] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(20))
-    seed: Mapped[int | None] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
     stage_run_id: Mapped[int | None] = mapped_column(
         ForeignKey("stage_runs.id", ondelete="SET NULL")
     )
