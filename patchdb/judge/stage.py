@@ -1,94 +1,27 @@
 """`patchdb judge` as a library call: fill judgment rows for the rollouts that need them.
 
-A producer pages through what is pending (a query, see plan.py), renders the grader prompts
-and answers cache hits; workers keep up to `concurrency` judge calls in flight; a writer
-thread commits finished results in batches (writer.py). Nothing but the store records
-progress, so a run killed at any point is resumed by running it again.
+Nothing but the store records progress: what is pending is a query (plan.py), every result is
+written under the unique key (rollout, grader, judge config), so a run killed at any point is
+resumed by running it again. The asynchronous engine is in runner.py.
 """
 
 import asyncio
-import signal
-import threading
-import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
-from patchdb.errors import JudgeError
-from patchdb.judge import cache as judge_cache
-from patchdb.judge.client import ApiJudge, FatalJudgeError, Reply, resolve_endpoint
-from patchdb.judge.plan import (
-    Call,
-    PlanRow,
-    Scope,
-    call_table,
-    count_pending,
-    find_judge_config,
-    make_scope,
-    pending_page,
-)
+from patchdb.judge.client import ApiJudge, FatalJudgeError, resolve_endpoint
+from patchdb.judge.plan import PlanRow, Scope, call_table, find_judge_config, make_scope
+from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner
 from patchdb.judge.settings import JudgeOptions, Resolved, resolve
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
-from patchdb.judge.verdict import parse_verdict
-from patchdb.judge.writer import JudgmentWriter, Row, dialect_insert
-from patchdb.store.models import JudgeConfig, StageRun, utcnow
-from patchdb.store.runs import is_running, stage_run
+from patchdb.judge.writer import dialect_insert
+from patchdb.store.models import JudgeConfig, utcnow
+from patchdb.store.runs import stage_run
 from patchdb.store.store import Store
 from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
-
-
-class Backend(Protocol):
-    batch_size: int
-
-    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class JudgeSummary:
-    """What a run did."""
-
-    judge_config_id: int = 0
-    stage_run_id: int = 0
-    pending_at_start: int = 0
-    calls: int = 0
-    yes: int = 0
-    no: int = 0
-    unparsed: int = 0
-    errors: int = 0
-    cached: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: float = 0.0
-    elapsed_s: float = 0.0
-    stopped: str | None = None  # "limit", "max_cost" or "interrupted"
-
-    @property
-    def calls_per_s(self) -> float:
-        return self.calls / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-class JudgeInterrupted(KeyboardInterrupt):
-    """Ctrl-C: finished results were written; carries the summary for the CLI."""
-
-    def __init__(self, summary: JudgeSummary) -> None:
-        super().__init__("interrupted")
-        self.summary = summary
-
-
-@dataclass
-class _Work:
-    call: Call
-    prompt: str
-    request_hash: str | None
-    cached: str | None
 
 
 def ensure_judge_config(store: Store, resolved: Resolved, templates: Templates) -> int:
@@ -109,16 +42,6 @@ def ensure_judge_config(store: Store, resolved: Resolved, templates: Templates) 
         return found
 
     return store.transact(upsert)
-
-
-def generate_running(store: Store, sweep_id: int) -> bool:
-    """Whether the latest generate stage run of the sweep is still running."""
-    with store.read() as session:
-        run_id = session.scalar(
-            select(StageRun.id).where(StageRun.stage == "generate", StageRun.sweep_id == sweep_id)
-            .order_by(StageRun.id.desc()).limit(1)
-        )
-    return run_id is not None and is_running(store, run_id)
 
 
 def make_backend(resolved: Resolved, options: JudgeOptions) -> Backend:
@@ -162,7 +85,7 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
                            base_url=None, max_attempts=1)
     config_id = ensure_judge_config(store, resolved, templates)
     with stage_run(store, "judge", options.arguments(), sweep.id) as run:
-        runner = _Runner(store, sweep.id, config.prompt_trial, scope, resolved, templates,
+        runner = Runner(store, sweep.id, config.prompt_trial, scope, resolved, templates,
                          options, backend, config_id, run.id)
         summary = asyncio.run(runner.run())
         if summary.stopped == "interrupted":
@@ -170,237 +93,6 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
         if runner.fatal is not None:
             raise FatalJudgeError(f"{runner.fatal} ({summary.calls} judgments saved)")
     return summary
-
-
-class _Runner:
-    """One asynchronous judge run: producer, workers, writer."""
-
-    def __init__(
-        self, store: Store, sweep_id: int, question: str, scope: Scope, resolved: Resolved,
-        templates: Templates, options: JudgeOptions, backend: Backend, config_id: int,
-        stage_run_id: int,
-    ) -> None:
-        self.store, self.sweep_id, self.question = store, sweep_id, question
-        self.scope, self.resolved, self.templates = scope, resolved, templates
-        self.options, self.backend = options, backend
-        self.summary = JudgeSummary(judge_config_id=config_id, stage_run_id=stage_run_id)
-        self.fatal: FatalJudgeError | None = None
-        self.handed_out = 0
-        self._last_postfix = 0.0
-
-    # --- producing work ---------------------------------------------------------------------
-
-    def _page(self, after_id: int, skip: set[tuple[int, str]] | None) -> tuple[
-        list[_Work], int | None
-    ]:
-        """Runs in a thread: the next page of pending calls, rendered and cache-checked."""
-        with self.store.read() as session:
-            calls, last = pending_page(session, self.scope, self.summary.judge_config_id,
-                                       self.options.mode, after_id, skip)
-            work = []
-            for call in calls:
-                prompt = self.templates.render(call.grader, self.question, call.answer, call.word)
-                digest = None
-                if self.options.cache:
-                    digest = judge_cache.request_hash(
-                        self.resolved.backend, self.resolved.model, self.resolved.reasoning, prompt
-                    )
-                work.append(_Work(call, prompt, digest, None))
-            if self.options.cache and work:
-                hits = judge_cache.lookup(session, [w.request_hash or "" for w in work])
-                for w in work:
-                    w.cached = hits.get(w.request_hash or "")
-        return work, last
-
-    async def _produce(self, queue: asyncio.Queue[_Work | None], n_workers: int) -> None:
-        follow = self.options.follow
-        skip: set[tuple[int, str]] | None = set() if follow else None
-        try:
-            while not self.stop.is_set():
-                gen_running = follow and await asyncio.to_thread(
-                    generate_running, self.store, self.sweep_id)
-                found, after = 0, 0
-                while not self.stop.is_set():
-                    work, last = await asyncio.to_thread(self._page, after, skip)
-                    if last is None:
-                        break
-                    after = last
-                    found += len(work)
-                    if await self._feed(queue, work, skip):
-                        break
-                if not follow or self.stop.is_set() or (found == 0 and not gen_running):
-                    break
-                if found and self.bar is not None and self.pass_no > 0:
-                    self.bar.total = (self.bar.total or 0) + found
-                    self.bar.refresh()
-                self.pass_no += 1
-                if found == 0:
-                    try:
-                        await asyncio.wait_for(self.stop.wait(), self.options.poll_s)
-                    except TimeoutError:
-                        pass
-        finally:
-            for _ in range(n_workers):
-                await queue.put(None)
-
-    async def _feed(self, queue: asyncio.Queue[_Work | None], work: list[_Work],
-                    skip: set[tuple[int, str]] | None) -> bool:
-        """Queue a page of work; True once the limit is reached or the run is stopping."""
-        for w in work:
-            if self.stop.is_set():
-                return True
-            if self.options.limit is not None and self.handed_out >= self.options.limit:
-                self.summary.stopped = self.summary.stopped or "limit"
-                self.stop.set()
-                return True
-            self.handed_out += 1
-            if skip is not None:
-                skip.add((w.call.rollout_id, w.call.grader))
-            if w.cached is not None:
-                self._record(w, judge_cache.cached_reply(w.cached))
-            else:
-                await queue.put(w)
-        return False
-
-    # --- doing work -------------------------------------------------------------------------
-
-    async def _work(self, queue: asyncio.Queue[_Work | None], slot: int) -> None:
-        batch_size = self.backend.batch_size
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if self.stop.is_set() and self.summary.stopped != "limit":
-                continue  # stopping: drop queued work, keep draining so the producer ends
-            batch = [item]
-            while len(batch) < batch_size and not queue.empty():
-                nxt = queue.get_nowait()
-                if nxt is None:
-                    queue.put_nowait(None)
-                    break
-                batch.append(nxt)
-            try:
-                replies = await self.backend.judge([w.prompt for w in batch], slot)
-            except FatalJudgeError as exc:
-                if self.fatal is None:
-                    self.fatal = exc
-                self.stop.set()
-                self.fatal_event.set()
-                continue
-            for w, reply in zip(batch, replies, strict=True):
-                self._record(w, reply)
-
-    def _record(self, w: _Work, reply: Reply) -> None:
-        finished = reply.error is None and reply.finish_reason == "stop"
-        verdict = parse_verdict(reply.text) if finished else None
-        s = self.summary
-        s.calls += 1
-        s.cached += reply.cached
-        s.failures.update(reply.failures)
-        if reply.error is not None:
-            s.errors += 1
-        elif verdict is None:
-            s.unparsed += 1
-        elif verdict:
-            s.yes += 1
-        else:
-            s.no += 1
-        s.prompt_tokens += reply.prompt_tokens or 0
-        s.completion_tokens += reply.completion_tokens or 0
-        s.reasoning_tokens += reply.reasoning_tokens or 0
-        s.cost += reply.cost or 0.0
-        cache = None
-        if w.request_hash is not None and finished and not reply.cached:
-            cache = (w.request_hash, judge_cache.reply_json(reply))
-        self.writer.put(Row({
-            "rollout_id": w.call.rollout_id, "grader": w.call.grader,
-            "judge_config_id": s.judge_config_id, "verdict": verdict, "raw_reply": reply.text,
-            "error": reply.error, "attempts": reply.attempts,
-            "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "reasoning_tokens": reply.reasoning_tokens, "cost": reply.cost,
-            "latency_s": reply.latency_s, "stage_run_id": s.stage_run_id,
-        }, cache))
-        if self.options.max_cost is not None and s.cost >= self.options.max_cost:
-            if not self.stop.is_set():
-                s.stopped = "max_cost"
-                self.stop.set()
-        if self.bar is not None:
-            self.bar.update(1)
-            now = time.monotonic()
-            if now - self._last_postfix > 0.5:
-                self._last_postfix = now
-                self.bar.set_postfix_str(
-                    f"tok={s.prompt_tokens + s.completion_tokens:,} ${s.cost:.4f} "
-                    f"unparsed={s.unparsed} err={s.errors}", refresh=False)
-
-    # --- the run ----------------------------------------------------------------------------
-
-    def _on_sigint(self) -> None:
-        if self.stop.is_set() and self.summary.stopped == "interrupted":
-            self.fatal_event.set()  # a second Ctrl-C: stop waiting for calls in flight
-        self.summary.stopped = "interrupted"
-        self.stop.set()
-
-    async def run(self) -> JudgeSummary:
-        from tqdm import tqdm
-
-        started = time.monotonic()
-        self.stop = asyncio.Event()
-        self.fatal_event = asyncio.Event()
-        self.pass_no = 0
-        loop = asyncio.get_running_loop()
-        if threading.current_thread() is threading.main_thread():
-            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-        total = await asyncio.to_thread(self._count)
-        self.summary.pending_at_start = total
-        if self.options.limit is not None:
-            total = min(total, self.options.limit)
-        self.bar: Any = tqdm(total=total, unit="call", dynamic_ncols=True, leave=True,
-                             disable=not self.options.progress or None)
-        self.writer = JudgmentWriter(self.store, replace=self.options.mode != "only_missing")
-        n_workers = self.resolved.concurrency if self.backend.batch_size == 1 else 1
-        queue: asyncio.Queue[_Work | None] = asyncio.Queue(
-            maxsize=2 * n_workers * self.backend.batch_size)
-        tasks = [asyncio.create_task(self._produce(queue, n_workers))]
-        tasks += [asyncio.create_task(self._work(queue, slot)) for slot in range(n_workers)]
-        everything = asyncio.gather(*tasks)
-        try:
-            await self._wait(everything)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                loop.remove_signal_handler(signal.SIGINT)
-            await self.backend.close()
-            await asyncio.to_thread(self.writer.close)
-            self.bar.close()
-            self.summary.elapsed_s = time.monotonic() - started
-        return self.summary
-
-    async def _wait(self, everything: "asyncio.Future[Any]") -> None:
-        stopper = asyncio.create_task(self.stop.wait())
-        await asyncio.wait({everything, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not everything.done():
-            if self.summary.stopped == "interrupted":
-                limit = self.options.grace_s
-            else:
-                limit = None  # limit / max cost: let the calls in flight finish
-            hard = asyncio.create_task(self.fatal_event.wait())
-            await asyncio.wait({everything, hard}, timeout=limit,
-                               return_when=asyncio.FIRST_COMPLETED)
-            hard.cancel()
-            if not everything.done():
-                everything.cancel()
-                try:
-                    await everything
-                except asyncio.CancelledError:
-                    pass
-        stopper.cancel()
-        if everything.done() and not everything.cancelled() and everything.exception():
-            raise everything.exception()  # type: ignore[misc]
-
-    def _count(self) -> int:
-        with self.store.read() as session:
-            return count_pending(session, self.scope, self.summary.judge_config_id,
-                                 self.options.mode)
 
 
 def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions) -> list[PlanRow]:
@@ -414,4 +106,4 @@ def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions) -
                           config_id)
 
 
-__all__ = ["JudgeError", "JudgeInterrupted", "JudgeSummary", "dry_run_table", "run_judge"]
+__all__ = ["JudgeInterrupted", "JudgeSummary", "dry_run_table", "run_judge"]
