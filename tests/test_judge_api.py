@@ -230,3 +230,22 @@ def test_layers_and_experiments_narrow_the_run(db_path: Path, server: FaultServe
     assert rows(db_path, "SELECT DISTINCT grader FROM judgments") == [("detection",)]
     bad = run_cli("judge", "--db", db_path, "--layers", "7")
     assert bad.exit_code == 1 and "layer 7 is not a patch layer" in bad.output
+
+
+def test_own_prompts_make_a_new_judge_config(db_path: Path, server: FaultServer,
+                                             tmp_path: Path) -> None:
+    make_store(db_path)
+    run_cli("judge", "--db", db_path, "--graders", "coherence")
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('coherence = """Coherent? {response}\nEnd with YES or NO."""\n')
+    plan = run_cli("judge", "--db", db_path, "--prompts", prompts, "--dry-run")
+    assert plan.output.splitlines()[-1].split() == ["total", "64", "0", "64"]
+    result = run_cli("judge", "--db", db_path, "--prompts", prompts, "--graders", "coherence")
+    assert "Judged 32 calls" in result.output
+    assert server.stats.bodies[-1]["messages"][0]["content"].startswith("Coherent? ")
+    versions = rows(db_path, "SELECT template_version, templates_json LIKE '%Coherent?%' "
+                             "FROM judge_configs ORDER BY id")
+    assert len(versions) == 2 and versions[0][0] != versions[1][0]
+    assert [v[1] for v in versions] == [0, 1]
+    assert rows(db_path, "SELECT judge_config_id, count(*) FROM judgments GROUP BY 1") == [
+        (1, 32), (2, 32)]
