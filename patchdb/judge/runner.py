@@ -283,12 +283,12 @@ class Runner:
         try:
             await self._wait(everything)
         finally:
-            if threading.current_thread() is threading.main_thread():
-                loop.remove_signal_handler(signal.SIGINT)
             await self.backend.close()
-            await asyncio.to_thread(self.writer.close)
+            await asyncio.to_thread(self.writer.close)  # Ctrl-C here still only sets a flag
             self.bar.close()
             self.summary.elapsed_s = time.monotonic() - started
+            if threading.current_thread() is threading.main_thread():
+                loop.remove_signal_handler(signal.SIGINT)
         return self.summary
 
     async def _wait(self, everything: "asyncio.Future[Any]") -> None:
