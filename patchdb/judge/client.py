@@ -248,8 +248,12 @@ class ApiJudge:
                     reply.error = None
                     self.succeeded += 1
                     break
-                reply.failures[f"finish_{reply.finish_reason}"] += 1
-                reply.error = f"reply not finished (finish reason {reply.finish_reason!r})"
+                if choice is None:  # e.g. OpenRouter's HTTP 200 carrying an upstream error
+                    reply.failures["empty_reply"] += 1
+                    reply.error = "reply had no choices"
+                else:
+                    reply.failures[f"finish_{reply.finish_reason}"] += 1
+                    reply.error = f"reply not finished (finish reason {reply.finish_reason!r})"
             if attempt < self.max_attempts:
                 await asyncio.sleep(backoff_s(attempt, self.backoff_base_s, wait))
         reply.latency_s = time.monotonic() - started
