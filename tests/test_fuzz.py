@@ -1,0 +1,138 @@
+"""Fuzzing with hypothesis: the JSON importer, the range parser and the verdict parser.
+
+Whatever they are fed, only the project's typed errors (PatchdbError subclasses) may escape.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from patchdb.errors import ImportFormatError, PatchdbError, RangeError
+from patchdb.experiments import EXPERIMENTS
+from patchdb.judge.verdict import parse_verdict
+from patchdb.ranges import format_range, parse_range
+from patchdb.report.importer import read_tree
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --- the range parser --------------------------------------------------------------------------
+
+RANGE_TOKENS = st.lists(st.sampled_from(list("0123456789-,: ") + ["\t", "٣", "+", "x", "99999999999"]),
+                        max_size=20).map("".join)
+
+
+@FUZZ
+@given(st.one_of(st.text(), RANGE_TOKENS))
+def test_parse_range_returns_layers_or_a_range_error(text: str) -> None:
+    try:
+        layers = parse_range(text)
+    except RangeError:
+        return
+    assert layers == sorted(set(layers)) and all(isinstance(n, int) and n >= 0 for n in layers)
+    assert parse_range(format_range(layers)) == layers
+
+
+@FUZZ
+@given(st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=40))
+def test_format_range_round_trips(layers: list[int]) -> None:
+    assert parse_range(format_range(layers)) == sorted(set(layers))
+
+
+@FUZZ
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_parts_with_huge_spans_are_refused_not_expanded(start: int, stop: int, step: int) -> None:
+    text = f"{start}-{stop}:{step}"
+    try:
+        layers = parse_range(text)
+    except RangeError:
+        return
+    assert len(layers) <= 100_001 and layers[0] == start
+
+
+# --- the verdict parser ------------------------------------------------------------------------
+
+VERDICT_WORDS = st.sampled_from(["YES", "No", "yes!", "**NO**", "YES,", "maybe", "", "\n", "NOPE"])
+
+
+@FUZZ
+@given(st.one_of(st.none(), st.text(), st.lists(st.one_of(st.text(max_size=8), VERDICT_WORDS))
+                 .map(" ".join)))
+def test_parse_verdict_never_raises(reply: str | None) -> None:
+    verdict = parse_verdict(reply)
+    assert verdict in (True, False, None)
+    if verdict is not None:
+        assert reply is not None
+        last = "".join(ch for ch in reply.split()[-1] if ch.isalpha()).casefold()
+        assert last == ("yes" if verdict else "no")
+
+
+@FUZZ
+@given(st.text(), st.sampled_from(["YES", "**Yes**", "yes.", "NO", "No!", "no"]))
+def test_the_last_word_decides(prefix: str, word: str) -> None:
+    assert parse_verdict(f"{prefix} {word}") == word.strip("*.!").casefold().startswith("y")
+
+
+# --- the JSON importer -------------------------------------------------------------------------
+
+WORDS = st.sampled_from(["Bread", "Trees", "Dust", "Dust_to_Bread", "Bread_to_Dust", "Café", "",
+                         "_to_", "Bread_to_", "a/b", "..", "Bread_to_Trees_to_Dust"])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                    st.text(max_size=20))
+ANY_JSON = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.one_of(WORDS, st.text(max_size=6)), inner,
+                                                 max_size=4)), max_leaves=12)
+# Shapes close to the real layout, so the fuzzer gets past the first checks.
+SAMPLE_LISTS = st.lists(st.one_of(st.none(), st.booleans(), st.text(max_size=10)), max_size=4)
+NEAR_LAYOUT = st.dictionaries(WORDS, st.one_of(SAMPLE_LISTS, SCALARS), max_size=4)
+CONTENT = st.one_of(ANY_JSON.map(json.dumps), NEAR_LAYOUT.map(json.dumps),
+                    st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
+FILES = st.sampled_from(["rollouts.json", "judgments_coherence.json", "judgments_detection.json",
+                         "judgments_detection_identification.json", "judge_scores.json",
+                         "judgments_vibes.json", "notes.txt"])
+TREE_FILE = st.tuples(st.sampled_from(list(EXPERIMENTS)), st.integers(0, 45), FILES, CONTENT)
+
+
+def write_file(root: Path, relative: Path, content: str | bytes) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", errors="surrogatepass")
+
+
+@FUZZ
+@given(st.lists(TREE_FILE, min_size=1, max_size=6),
+       st.one_of(st.none(), st.dictionaries(st.text(max_size=4), ANY_JSON, max_size=3)),
+       st.sampled_from([None, 0, 1]))
+def test_read_tree_accepts_or_raises_a_typed_error(
+    files: list[tuple[str, int, str, str]], all_scores: Any, steer_layer: int | None
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "sweep"
+        for experiment, layer, name, content in files:
+            write_file(root, Path(experiment) / f"layer_{layer}" / name, content)
+        if all_scores is not None:
+            write_file(root, Path(files[0][0]) / "all_layer_scores.json", json.dumps(all_scores))
+        try:
+            plan = read_tree(root, steer_layer=steer_layer)
+        except PatchdbError as exc:
+            assert str(exc)  # a message a user can read
+            return
+        assert plan.config.patch_layers
+
+
+@FUZZ
+@given(st.binary(max_size=60))
+def test_read_tree_on_raw_bytes(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "sweep"
+        write_file(root, Path("unsteered_to_steered") / "layer_40" / "rollouts.json", content)
+        try:
+            read_tree(root)
+        except ImportFormatError as exc:
+            assert "rollouts.json" in str(exc) or "steer layer" in str(exc)
