@@ -255,3 +255,22 @@ def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_
     done = rollouts(db)
     assert len(done) == ALL_ROLLOUTS
     assert all(done[k] == v for k, v in partial.items())
+
+
+def test_two_processes_on_one_store_write_each_rollout_once(tmp_path: Path, model_dir: Path) -> None:
+    db = init_store(tmp_path, model_dir)
+    command = [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
+               "--quiet"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    with sqlite3.connect(db) as conn:
+        n_rows = conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0]
+        by_run = conn.execute(
+            "SELECT s.status, COUNT(r.id) FROM stage_runs s LEFT JOIN rollouts r "
+            "ON r.stage_run_id = s.id GROUP BY s.id"
+        ).fetchall()
+    assert n_rows == ALL_ROLLOUTS
+    assert [status for status, _ in by_run] == ["finished", "finished"]
+    assert sum(n for _, n in by_run) == ALL_ROLLOUTS

@@ -54,7 +54,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--dtype", type=click.Choice(DTYPES), envvar="PATCHDB_DTYPE",
               help="Model dtype (default: the sweep's).")
 @click.option("--shard", callback=_shard, envvar="PATCHDB_SHARD",
-              help="Take shard i of N (i from 0) of the missing units, e.g. 0/4, for several GPUs.")
+              help="Only units whose key hashes to shard i of N (i from 0), e.g. 0/4: one per GPU.")
 @click.option("--model", envvar="PATCHDB_MODEL",
               help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -83,7 +83,8 @@ def generate(
     Example:
       patchdb generate --db runs.sqlite
       patchdb generate --layers 40-44 --words Bread,Trees --batch-size 256
-      patchdb generate --shard 0/2 --device cuda:0 &  patchdb generate --shard 1/2 --device cuda:1
+      patchdb generate --shard 0/2 --device cuda:0 &
+      patchdb generate --shard 1/2 --device cuda:1
     """
     from patchdb.generate.stage import GenerateOptions, run_generate
 
@@ -109,6 +110,8 @@ def generate(
         f"{result.model_id}, batch size {result.batch_size}: {result.tokens} tokens in "
         f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)."
     )
+    if result.units_skipped:
+        click.echo(f"Skipped {result.units_skipped} units that another process wrote meanwhile.")
     if result.interrupted:
         click.echo("Interrupted: stopped after the current batch; run again to resume.", err=True)
         sys.exit(130)  # not ctx.exit: main() runs click with standalone_mode=False

@@ -82,6 +82,7 @@ class GeneratePlan:
 class GenerateResult:
     plan: GeneratePlan
     units_written: int = 0
+    units_skipped: int = 0  # written by another process while this one ran
     rollouts_written: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -372,7 +373,13 @@ def _run_batches(
     bar = tqdm(total=len(plan.pending), unit="unit", desc="generate", disable=not progress)
     started = time.perf_counter()
     try:
-        for batch in plan_batches(plan.pending, batch_rows):
+        for planned in plan_batches(plan.pending, batch_rows):
+            batch = _still_missing(store, plan, planned, done)
+            skipped = {p.unit_index for p in planned} - {p.unit_index for p in batch}
+            result.units_skipped += len(skipped)
+            bar.update(len(skipped))
+            if not batch:
+                continue
             units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
             outputs = engine.generate(units, plan.max_new_tokens, temperature)
             for piece, completions in zip(batch, outputs, strict=True):
@@ -394,6 +401,23 @@ def _run_batches(
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()
+
+
+def _still_missing(
+    store: Store, plan: GeneratePlan, batch: list[Piece], started: dict[int, Any]
+) -> list[Piece]:
+    """Drop the pieces of units that another process has written since the plan was made
+    (a unit already half computed here is kept; its write skips what exists)."""
+    fresh = {p.unit_index for p in batch if p.unit_index not in started}
+    if not fresh:
+        return batch
+    with store.read() as session:
+        gone = {
+            i for i in fresh
+            if not set(plan.pending[i].samples)
+            & set(missing_samples(session, plan.pending[i].unit, plan.samples))
+        }
+    return [p for p in batch if p.unit_index not in gone]
 
 
 def _target_unit(
