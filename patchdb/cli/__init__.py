@@ -44,7 +44,9 @@ class PatchdbGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PatchdbError as exc:
-            raise click.ClickException(str(exc)) from None
+            from patchdb.store.runs import redact_credentials
+
+            raise click.ClickException(redact_credentials(str(exc))) from None
 
 
 @click.group(cls=PatchdbGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,6 +3,7 @@ stage from a crashed one (a crashed one stops beating)."""
 
 import json
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,12 @@ from patchdb.store.store import Store
 HEARTBEAT_S = 10.0
 STALE_AFTER = timedelta(seconds=60)
 SECRET_MARKERS = ("key", "token", "secret", "password")
+_URL_PASSWORD = re.compile(r"(\w+://[^/\s:@]*):[^/\s@]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """Hide the password of any URL in text ("http://u:pw@host" -> "http://u:***@host")."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def scrub_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +93,7 @@ def stage_run(
         handle.finish("interrupted")
         raise
     except BaseException as exc:
-        handle.finish("failed", f"{type(exc).__name__}: {exc}"[:2000])
+        handle.finish("failed", redact_credentials(f"{type(exc).__name__}: {exc}")[:2000])
         raise
     else:
         handle.finish("finished")
