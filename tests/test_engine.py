@@ -11,7 +11,7 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from patchdb.generate.engine import Engine, TargetUnit, eos_ids, plan_batches
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import find_layers
-from patchdb.generate.sampling import choose_tokens, gumbel_noise, rollout_seed
+from patchdb.generate.sampling import choose_tokens, rollout_seed, row_uniforms
 
 N_LAYERS = 6
 HIDDEN = 64
@@ -170,23 +170,19 @@ def test_answers_do_not_depend_on_the_batch(engine: Engine, temperature: float) 
 def test_rows_stop_at_eos_and_the_rest_are_unchanged(engine: Engine) -> None:
     unit = TargetUnit(vector(20), None, None, list(range(16)))
     [free] = engine.generate([unit], 12, 1.0)
-    # Pick a token that some rows emit mid-answer and call it EOS.
-    counts: dict[int, int] = {}
-    for c in free:
-        for t in set(c.token_ids[1:-1]):
-            counts[t] = counts.get(t, 0) + 1
-    stop_token = max(counts, key=lambda t: counts[t])
+    # Call EOS a token that each of three rows emits mid-answer.
+    stop_tokens = sorted({c.token_ids[5] for c in free[:3]})
     stopping = Engine(
         engine.model, engine.layer_map, engine.prompt_ids, engine.injection_start,
-        STEER_LAYER, [stop_token],
+        STEER_LAYER, stop_tokens,
     )
     [stopped] = stopping.generate([unit], 12, 1.0)
     n_stopped = 0
     for before, after in zip(free, stopped, strict=True):
-        if stop_token in before.token_ids:
+        cuts = [i for i, t in enumerate(before.token_ids) if t in stop_tokens]
+        if cuts:
             n_stopped += 1
-            cut = before.token_ids.index(stop_token)
-            assert after.token_ids == before.token_ids[:cut]
+            assert after.token_ids == before.token_ids[:cuts[0]]
             assert after.finish_reason == "stop"
         else:
             assert after.token_ids == before.token_ids
@@ -194,14 +190,23 @@ def test_rows_stop_at_eos_and_the_rest_are_unchanged(engine: Engine) -> None:
     assert n_stopped >= 2
 
 
-def test_gumbel_noise_depends_only_on_seed_step_and_token() -> None:
+def test_row_uniforms_depend_only_on_seed_and_step() -> None:
     seeds = torch.tensor([rollout_seed("s", "e", 40, "Bread", "", i) for i in range(3)])
-    both = gumbel_noise(seeds, 5, 1000)
-    assert torch.equal(both[1:2], gumbel_noise(seeds[1:2], 5, 1000))
-    assert torch.equal(both[:, :10], gumbel_noise(seeds, 5, 10))
-    assert not torch.equal(both[0], both[1])
-    assert not torch.equal(both, gumbel_noise(seeds, 6, 1000))
+    both = row_uniforms(seeds, 5)
+    assert torch.equal(both[1:2], row_uniforms(seeds[1:2], 5))
+    assert len(set(both.tolist())) == 3
+    assert not torch.equal(both, row_uniforms(seeds, 6))
+    assert bool(((both > 0) & (both < 1)).all())
     assert all(0 <= int(s) < 2**62 for s in seeds)
+
+
+def test_sampled_token_does_not_depend_on_other_rows() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5000)
+    seeds = torch.arange(16, dtype=torch.int64) * 104729
+    together = choose_tokens(logits, seeds, 3, 1.0)
+    alone = torch.cat([choose_tokens(logits[i:i + 1], seeds[i:i + 1], 3, 1.0) for i in range(16)])
+    assert torch.equal(together, alone)
 
 
 def test_sampling_follows_the_softmax() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import LayerMap
 from patchdb.generate.sampling import choose_tokens
@@ -66,7 +67,11 @@ class Engine:
         injection_start: int,
         steer_layer: int,
         eos_token_ids: list[int],
+        use_graphs: bool = True,
+        graph_rows: int = 0,
     ) -> None:
+        """`use_graphs`: decode through a CUDA graph on a static cache where it applies (GPUs);
+        `graph_rows`: size the graph for at least this many rows, so later batches reuse it."""
         if not 0 <= injection_start < len(prompt_ids):
             raise ValueError(f"injection start {injection_start} is outside the prompt")
         self.model = model
@@ -84,6 +89,9 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self.use_graphs = use_graphs
+        self.graph_rows = graph_rows
+        self._decoder: GraphedDecoder | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -155,19 +163,59 @@ class Engine:
         if not units or sum(counts) == 0:
             return [[] for _ in units]
         steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
+        # Broadcast each unit's prefill row to its samples.
+        expand = torch.repeat_interleave(
+            torch.arange(len(units), device=self.device),
+            torch.tensor(counts, device=self.device),
+        )
+        seeds = torch.tensor([s for u in units for s in u.seeds], device=self.device)
+        decoder = self._graphed_decoder(len(seeds), self.prompt_len + max_new_tokens)
         with steering(self.layer_map, self.steer_layer, steer_state):
             logits, cache = self._prefill(units)
-            # Broadcast each unit's prefill row to its samples.
-            expand = torch.repeat_interleave(
-                torch.arange(len(units), device=self.device),
-                torch.tensor(counts, device=self.device),
-            )
-            cache.batch_select_indices(expand)
-            steer_state.vectors = steer_state.vectors[expand]
-            seeds = torch.tensor([s for u in units for s in u.seeds], device=self.device)
-            tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
-                                  temperature)
+            if decoder is None:
+                cache.batch_select_indices(expand)
+                steer_state.vectors = steer_state.vectors[expand]
+                tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
+                                      temperature)
+        if decoder is not None:
+            decoder.load(cache, expand, steer_state.vectors[expand], self.prompt_len)
+            del cache
+            tokens = self._decode_graphed(decoder, logits[expand], seeds, max_new_tokens,
+                                          temperature)
         return self._completions(tokens.cpu(), counts)
+
+    def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
+        """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
+        where graphs do not apply (CPU, long sliding windows, use_graphs off)."""
+        if not self.use_graphs or not graph_supported(self.model, self.device, max_len):
+            return None
+        current = self._decoder
+        if current is not None and current.max_len == max_len and rows <= current.rows:
+            return current
+        self._decoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._decoder = GraphedDecoder(self.model, self.layer_map, self.steer_layer,
+                                       self.injection_start, max(rows, self.graph_rows),
+                                       max_len, self._cache_kw)
+        return self._decoder
+
+    def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
+                        max_new_tokens: int, temperature: float) -> torch.Tensor:
+        """The decode loop on a static cache: rows never leave the batch (the graph's shape is
+        fixed), and the loop ends when every row has reached EOS."""
+        n_rows = len(seeds)
+        tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.int64, device=self.device)
+        eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_tokens = choose_tokens(logits, seeds, step, temperature)
+            tokens[:, step] = torch.where(done, -1, next_tokens)
+            done = done | torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = decoder.step(next_tokens, step)
+        return tokens
 
     def _decode(
         self,

@@ -20,7 +20,7 @@ from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
 
-def graph_supported(model: torch.nn.Module, device: torch.device, max_len: int) -> bool:
+def graph_supported(model: Any, device: torch.device, max_len: int) -> bool:
     """CUDA only, a cache API with tensor length counters, and no sliding window shorter than
     the sequence (a full sliding layer rolls its cache, which a graph cannot follow)."""
     if device.type != "cuda":
@@ -33,13 +33,14 @@ def graph_supported(model: torch.nn.Module, device: torch.device, max_len: int) 
         probe = StaticCache(config=model.config, max_cache_len=max_len)
     except Exception:
         return False
-    return all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in probe.layers)
+    layers: list[Any] = list(probe.layers)
+    return all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in layers)
 
 
 class GraphedDecoder:
     """Decode steps for a fixed number of rows, replayed from one captured CUDA graph."""
 
-    def __init__(self, model: torch.nn.Module, layer_map: LayerMap, steer_layer: int,
+    def __init__(self, model: Any, layer_map: LayerMap, steer_layer: int,
                  injection_start: int, rows: int, max_len: int, cache_kw: str) -> None:
         self.model = model
         self.layer_map = layer_map
@@ -65,7 +66,8 @@ class GraphedDecoder:
                           attention_mask=self.mask, use_cache=True, **{self.cache_kw: self.cache})
 
     def _set_length(self, length: int) -> None:
-        for layer in self.cache.layers:
+        layers: list[Any] = list(self.cache.layers)  # transformers' cache layers, untyped here
+        for layer in layers:
             layer.cumulative_length.fill_(length)
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = length
@@ -78,7 +80,8 @@ class GraphedDecoder:
         if n < self.rows:
             expand = torch.cat([expand, expand[-1:].expand(self.rows - n)])
             vectors = torch.cat([vectors, vectors[-1:].expand(self.rows - n, -1)])
-        for static_layer, dyn_layer in zip(self.cache.layers, prefill.layers, strict=True):
+        pairs: list[tuple[Any, Any]] = list(zip(self.cache.layers, prefill.layers, strict=True))
+        for static_layer, dyn_layer in pairs:
             keys = dyn_layer.keys.index_select(0, expand)
             values = dyn_layer.values.index_select(0, expand)
             if not static_layer.is_initialized:

@@ -1,13 +1,12 @@
 """Seeds and batch-invariant sampling.
 
 Each rollout has its own seed, derived from what it is (sweep, experiment, layer, key, sample),
-so it can be regenerated alone. Sampling is Gumbel-max with noise from a counter-based hash of
-(seed, step, token id), computed with integer tensor ops: a row's tokens never depend on which
-other rows share its batch, and no random generator state is involved.
+so it can be regenerated alone. Sampling draws one uniform per row from a counter-based hash of
+(seed, step), computed with integer tensor ops, and inverts the row's softmax CDF: a row's tokens
+never depend on which other rows share its batch, and no random generator state is involved.
 """
 
 import hashlib
-from functools import lru_cache
 
 import torch
 
@@ -41,31 +40,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-@lru_cache(maxsize=8)
-def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
-    tokens = torch.arange(vocab_size, device=device, dtype=torch.int64)
-    return _mix32((tokens * _WEYL) & _M32)
-
-
-def gumbel_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise [rows, vocab] that depends only on (seed, step, token id)."""
-    device = seeds.device
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in (0, 1) per row that depends only on (seed, step)."""
     lo = seeds & _M32
     hi = (seeds >> 32) & _M32
-    row_key = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(seeds, step & _M32))))
-    token_key = _token_keys(vocab_size, device)
-    h = _mix32(_mix32(row_key[:, None] ^ token_key[None, :]) ^ row_key[:, None])
-    # 24 high bits give a float32-exact uniform in (0, 1).
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    h = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(seeds, (step * _WEYL) & _M32))))
+    # 24 high bits give a float32-exact uniform.
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def choose_tokens(
     logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float
 ) -> torch.Tensor:
-    """The next token of each row: argmax for temperature 0, else Gumbel-max sampling."""
+    """The next token of each row: argmax for temperature 0, else inverse-CDF sampling from
+    softmax(logits / temperature) with the row's own uniform. Every operation is row-wise, so a
+    row's token does not depend on the other rows; one uniform per row (not per vocabulary entry)
+    keeps sampling cheap next to a decode step on a 262k vocabulary."""
     scores = logits.float()
     if temperature == 0:
         return scores.argmax(dim=-1)
-    noise = gumbel_noise(seeds, step, scores.shape[-1])
-    return (scores / temperature + noise).argmax(dim=-1)
+    cdf = torch.softmax(scores / temperature, dim=-1).cumsum_(dim=-1)
+    target = row_uniforms(seeds, step)[:, None] * cdf[:, -1:]
+    picks = torch.searchsorted(cdf, target).squeeze(-1)
+    return picks.clamp_(max=scores.shape[-1] - 1)
