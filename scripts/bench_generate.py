@@ -39,13 +39,17 @@ SHAPES: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-3.1-8B-Instruct
     "llama-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    # a small Gemma-3 shape, for float32 equivalence checks on a GPU
+    "gemma3-small": dict(family="gemma3", vocab_size=262208, hidden_size=1024, intermediate_size=4096,
+                         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=128, sliding_window=1024),
     # a small shape to check the script on a CPU
     "tiny": dict(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
                  num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(shape: str, device: str, dtype: torch.dtype) -> Any:
     spec = dict(SHAPES[shape])
     family = spec.pop("family")
     if family == "gemma3":
@@ -292,26 +296,60 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int) -> float:
     return (run(1 + n) - run(1)) / n
 
 
+def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: int = 8,
+                new_tokens: int = 32) -> dict[str, Any]:
+    """Greedy texts with the CUDA-graph decode against the eager decode, same units."""
+    from patchdb.generate.engine import Engine, TargetUnit
+    from patchdb.generate.layers import find_layers
+
+    n_patch = len(work.prompt_ids) - work.injection_start
+    hidden = work.vectors.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    todo = [TargetUnit(steer=work.vectors[i % len(work.vectors)].to(model.dtype),
+                       patch_layer=work.layers[i % len(work.layers)],
+                       patch_values=torch.randn(n_patch, hidden, generator=gen).to(device, model.dtype),
+                       seeds=list(range(i * samples, (i + 1) * samples)))
+            for i in range(units)]
+    out = {}
+    for graphs in (False, True):
+        engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
+                        work.steer_layer, [], use_graphs=graphs)
+        out[graphs] = [[c.token_ids for c in unit] for unit in engine.generate(todo, new_tokens, 0.0)]
+    rows = [(a, b) for ua, ub in zip(out[False], out[True], strict=True) for a, b in zip(ua, ub, strict=True)]
+    same = sum(a == b for a, b in rows)
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                 for a, b in rows) / len(rows)
+    return {"rows": len(rows), "identical": same, "mean_common_prefix": prefix, "tokens": new_tokens,
+            "dtype": str(model.dtype)}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gemma3-27b")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="default: auto")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--equivalence-only", action="store_true",
+                        help="only compare greedy texts of graph and eager decoding")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     args = parser.parse_args()
     device = args.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
-    from patchdb.generate.prompt import render_prompt
     from tiny_models import tiny_tokenizer
 
     from patchdb.config import DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL
+    from patchdb.generate.prompt import render_prompt
 
     results: dict[str, Any] = {"shape": args.shape, **SHAPES[args.shape], "device": device,
-                               "card": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+                               "card": (torch.cuda.get_device_name(device)
+                                        if device.startswith("cuda") else "cpu"),
                                "torch": torch.__version__}
     import transformers
     results["transformers"] = transformers.__version__
@@ -336,6 +374,11 @@ def main() -> None:
     print(f"model {args.shape} built in {results['build_s']:.1f}s; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s; prompt {len(prompt.input_ids)} tokens", flush=True)
 
+    results["equivalence"] = equivalence(model, work, device)
+    print(f"greedy graph vs eager: {results['equivalence']}", flush=True)
+    if args.equivalence_only:
+        args.out.write_text(json.dumps(results, indent=2))
+        return
     if not args.skip_reference:
         model.generation_config.eos_token_id = None
         t = time.perf_counter()
@@ -351,7 +394,8 @@ def main() -> None:
                         "step_ms": step_a * 1e3, "rows": args.samples,
                         "roofline_step_ms": roof_a * 1e3, "roofline_fraction": roof_a / step_a,
                         "warmup_s": warm_a,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
+                        "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                     if device.startswith("cuda") else 0)}
         print(f"(a) reference: {tokens_a / wall_a:.0f} tok/s, step {step_a * 1e3:.1f} ms at "
               f"{args.samples} rows, roofline {roof_a * 1e3:.1f} ms", flush=True)
 
