@@ -1,8 +1,15 @@
 """Bad inputs to the stage commands: one `Error: ...` line, a non-zero exit, no traceback, and
 a store that is exactly as it was (its file bytes, WAL included)."""
 
+import json
+import os
+import resource
+import shutil
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +275,87 @@ def test_import_of_a_wrong_shape_names_the_file(tmp_path: Path, db_path: Path, c
     line = assert_one_error(run_cli("import-json", tmp_path / "tree", "--db", db_path), fragment)
     assert str(path) in line
     assert file_digest(db_path) == before
+
+
+# --- the disk fills up during a write ---------------------------------------------------------
+
+SMALL_FS_BYTES = 2 * 1024 * 1024
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[tuple[Path, int | None]]:
+    """(folder, file size limit): a 2 MiB tmpfs when we may mount one (root), else a plain
+    folder and a limit for RLIMIT_FSIZE in the child process."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = False
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES}", "tmpfs",
+                                  str(folder)], capture_output=True).returncode == 0
+    try:
+        yield folder, None if mounted else SMALL_FS_BYTES
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def run_limited(limit: int | None, *args: object) -> subprocess.CompletedProcess[str]:
+    """`python -m patchdb ARGS` with file writes capped at `limit` bytes (None: no cap)."""
+
+    def cap() -> None:
+        if limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "patchdb", *map(str, args)], text=True,
+                          capture_output=True, timeout=120, preexec_fn=cap)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    return lines[0]
+
+
+def big_tree(root: Path, megabytes: int) -> Path:
+    answers = [f"{i} " + "an answer that goes on and on. " * 320 for i in range(megabytes * 100)]
+    path = root / "unsteered_to_steered" / "layer_40" / "rollouts.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"Bread": answers}))
+    return root
+
+
+def test_a_full_disk_during_an_import_keeps_nothing_of_it(
+        tmp_path: Path, small_fs: tuple[Path, int | None]) -> None:
+    folder, limit = small_fs
+    db = folder / "store.sqlite"
+    assert run_cli("init", "--db", db).exit_code == 0
+    settle(db)
+    limit = None if limit is None else db.stat().st_size + 512 * 1024
+    line = one_error_line(run_limited(limit, "import-json", big_tree(tmp_path / "tree", 4),
+                                      "--db", db))
+    assert str(db) in line
+    assert "disk full" in line or "disk I/O error" in line, line
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("SELECT count(*) FROM rollouts").fetchall() == [(0,)]
+        assert conn.execute("SELECT count(*) FROM sweeps").fetchall() == [(1,)]
+    assert run_cli("status", "--db", db).exit_code == 0  # the store still opens and reads
+
+
+def test_a_full_disk_during_an_export_is_one_line(
+        tmp_path: Path, small_fs: tuple[Path, int | None]) -> None:
+    folder, limit = small_fs
+    db = tmp_path / "store.sqlite"
+    result = run_cli("import-json", big_tree(tmp_path / "tree", 3), "--db", db)
+    assert result.exit_code == 0, result.output
+    settle(db)
+    before = file_digest(db)
+    line = one_error_line(run_limited(limit, "report", "--db", db, "--export-json",
+                                      "--out", folder / "out"))
+    assert "No space left on device" in line or "File too large" in line, line
+    assert file_digest(db) == before
+    leftovers = [p for p in (folder / "out").rglob("*.json")] if (folder / "out").exists() else []
+    assert all(json.loads(p.read_text()) is not None for p in leftovers)  # no half-written file
