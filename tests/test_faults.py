@@ -219,3 +219,51 @@ def test_judge_killed_at_random_points_then_rerun_equals_one_run(
     assert query(killed, "SELECT count(*) FROM judge_configs") == [(1,)]
     statuses = list(stage_statuses(killed).values())
     assert statuses.count("crashed") == kills and statuses.count("finished") == 1
+
+
+def test_import_json_killed_at_random_points_imports_all_or_nothing(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    tree = tmp_path / "tree"
+    for layer in range(40, 46):
+        path = tree / "unsteered_to_steered" / f"layer_{layer}" / "rollouts.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({w: [f"{w} {i} " + "words " * 200 for i in range(60)]
+                                    for w in ("Bread", "Trees", "Milk")}))
+    expected = 6 * 3 * 60
+    reference, db = tmp_path / "reference.sqlite", tmp_path / "store.sqlite"
+    for path in (reference, db):
+        assert run_cli("init", "--db", path).exit_code == 0
+    command = [sys.executable, "-m", "patchdb", "import-json", str(tree), "--db"]
+    started = time.monotonic()
+    subprocess.run([*command, str(reference)], check=True, capture_output=True, timeout=120)
+    whole_run_s = time.monotonic() - started
+    command.append(str(db))
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(rng.uniform(0.3, 0.95) * whole_run_s)
+        if kill_9(proc):
+            kills += 1
+        assert count(db, "rollouts") in (0, expected)  # one transaction: all of it or none
+        if count(db, "rollouts"):
+            break
+    done = subprocess.run(command, text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert count(db, "rollouts") == expected
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    answers = "SELECT patch_layer, target_word, sample_index, answer FROM rollouts ORDER BY 1, 2, 3"
+    assert query(db, answers) == query(reference, answers)
+    assert kills >= 1
+
+
+def test_a_stage_on_another_host_is_crashed_once_its_heartbeat_is_stale(tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    make_store(db)
+    with sqlite3.connect(db) as conn:
+        for host, age_s in (("gpu-box", 300), ("gpu-box", 5)):
+            conn.execute(
+                "INSERT INTO stage_runs (stage, sweep_id, arguments, host, pid, status, started_at, "
+                "heartbeat_at) VALUES ('generate', 1, '{}', ?, ?, 'running', "
+                "datetime('now', ?), datetime('now', ?))",
+                (host, 1000 + age_s, f"-{age_s + 60} seconds", f"-{age_s} seconds"))
+    assert stage_statuses(db) == {1300: "crashed", 1005: "running"}
