@@ -260,6 +260,8 @@ def test_a_vector_file_that_runs_code_is_refused(tmp_path: Path, db_path: Path) 
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: cannot read {evil} as a torch file of tensors")
     assert len(result.output.strip().splitlines()) == 1
+    assert "refused by weights_only=True (Trying to load unsupported GLOBAL posix.mkdir" in result.output
+    assert "weights_only` set to `False`" not in result.output  # no advice to run its code
     assert not marker.exists()
     assert file_digest(db_path) == before
     torch.load(evil, weights_only=False)  # the payload is live: a plain load runs it

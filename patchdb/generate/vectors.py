@@ -171,6 +171,17 @@ def missing_vectors(store: Store, model_id: str, layer: int, words: list[str]) -
     return [w for w in dict.fromkeys(words) if w not in found]
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line on why torch.load refused a file, without torch's advice to turn
+    weights_only off (that would let the file run code)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reasons = [line for line in lines if not line.startswith(boilerplate)]
+        return "refused by weights_only=True" + (f" ({reasons[0]})" if reasons else "")
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_vector_file(path: Path) -> dict[str, torch.Tensor]:
     """A user's `{word: tensor}` file, loaded with weights_only=True and checked."""
     try:
@@ -178,8 +189,8 @@ def read_vector_file(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ImportFormatError(f"vector file not found: {path}") from None
     except Exception as exc:  # torch raises many kinds for a bad or unsafe file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ImportFormatError(f"cannot read {path} as a torch file of tensors: {first}") from None
+        raise ImportFormatError(
+            f"cannot read {path} as a torch file of tensors: {_load_failure(exc)}") from None
     if not isinstance(data, dict) or not data:
         raise ImportFormatError(f"{path} must hold a non-empty {{word: tensor}} dict")
     vectors: dict[str, torch.Tensor] = {}
