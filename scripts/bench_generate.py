@@ -213,7 +213,7 @@ def reference_step_time(model: Any, work: Work, device: str) -> float:
 
 def bench_config(shape: str, n_layers: int, samples: int, new_tokens: int) -> str:
     """A sweep of 2 layers x 8 pair keys (2 sources x 4 targets), scaled to the model's depth."""
-    steer = min(round(n_layers * 38 / 62), n_layers - 3)
+    steer = min(round(n_layers * 38 / 62), n_layers - 4)
     first = steer + 2
     return f"""
 [sweep]
@@ -362,7 +362,7 @@ def main() -> None:
     prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
     n_layers = model.config.num_hidden_layers
     config_text = bench_config(args.shape, n_layers, args.samples, args.new_tokens)
-    steer = min(round(n_layers * 38 / 62), n_layers - 3)
+    steer = min(round(n_layers * 38 / 62), n_layers - 4)
     torch.manual_seed(1)
     hidden = model.config.hidden_size
     vectors = torch.randn(6, hidden, device=device, dtype=dtype) * 4.0
