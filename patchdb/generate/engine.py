@@ -301,6 +301,7 @@ def plan_batches(pending: Sequence[Any], batch_rows: int) -> list[list[Piece]]:
 
 
 CPU_BATCH_ROWS = 64
+FREE_FRACTION = 0.8  # of free GPU memory for the KV cache and sampler; the rest is headroom
 MAX_BATCH_ROWS = 4096
 
 
@@ -309,8 +310,8 @@ def auto_batch_size(
 ) -> int:
     """The most decode rows that fit free device memory (64 on the CPU).
 
-    Per row: the KV cache for prompt plus new tokens, plus float32 logits and the int64 hash
-    and float32 noise of the sampler over the vocabulary. 70% of free memory is used.
+    Per row: the KV cache for prompt plus new tokens, plus the logits and the sampler's float32
+    probabilities and CDF over the vocabulary. FREE_FRACTION of free memory is used.
     """
     if device.type != "cuda":
         return CPU_BATCH_ROWS
@@ -325,4 +326,6 @@ def auto_batch_size(
     kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len + max_new_tokens)
     per_row = kv_bytes + vocab * (4 + 8 + 4 + 4) + hidden * element * prompt_len
     free, _total = torch.cuda.mem_get_info(device)
-    return max(1, min(MAX_BATCH_ROWS, int(0.7 * free) // max(per_row, 1)))
+    # Memory this process's allocator holds but does not use is free for us too.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(MAX_BATCH_ROWS, int(FREE_FRACTION * free) // max(per_row, 1)))
