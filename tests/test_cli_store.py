@@ -188,3 +188,33 @@ def test_real_process_prints_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: ")
+
+
+def test_status_counts_one_judge_config(tmp_path: Path, db_path: Path) -> None:
+    """With two judge configs, status counts the one that judged the most, never the sum."""
+    from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, open_store
+
+    run_cli("init", "--config", _config(tmp_path, MINI), "--db", db_path)
+    store = open_store(str(db_path))
+
+    def fill(session) -> int:  # type: ignore[no-untyped-def]
+        exp = session.query(Experiment).filter_by(name="success_to_failure").one()
+        rollout = Rollout(experiment_id=exp.id, patch_layer=20, source_word="Bread",
+                          target_word="Dust", sample_index=0, answer="a")
+        big = JudgeConfig(model="big", reasoning="medium", template_version="v", backend="openai")
+        small = JudgeConfig(model="small", reasoning="medium", template_version="v", backend="hf")
+        session.add_all([rollout, big, small])
+        session.flush()
+        for grader in ("coherence", "detection_identification"):
+            session.add(Judgment(rollout_id=rollout.id, grader=grader, judge_config_id=big.id,
+                                 verdict=True, attempts=1, cost=0.5))
+        session.add(Judgment(rollout_id=rollout.id, grader="coherence", judge_config_id=small.id,
+                             verdict=None, attempts=1))
+        return big.id
+
+    big_id = store.transact(fill)
+    store.close()
+    data = json.loads(run_cli("status", "--db", db_path, "--json").output)
+    assert data["counted_judge_config"] == big_id
+    assert data["totals"]["judged"] == 2 and data["totals"]["unparsed"] == 0
+    assert data["judge_configs"] == 2 and data["judge_cost"] == 1.0

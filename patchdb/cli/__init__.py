@@ -66,7 +66,7 @@ def cli() -> None:
 def main() -> None:
     """Console entry point: Ctrl-C exits 130 with one line, never a traceback."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
@@ -81,4 +81,5 @@ def main() -> None:
     except OSError as exc:
         click.echo(f"Error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
         sys.exit(1)
-    sys.exit(0)
+    # Without standalone mode, click returns the code a command passed to ctx.exit().
+    sys.exit(code if isinstance(code, int) else 0)

@@ -26,8 +26,10 @@ def render(status: SweepStatus) -> str:
                  f"{t['judged']:>7}/{t['judgments_expected']:<7} {t['unparsed']:>8} "
                  f"{t['errors']:>6}")
     lines.append("")
+    counted = (f"; judgments counted for judge config #{status.counted_judge_config}, the one "
+               "that judged the most" if status.judge_configs > 1 else "")
     lines.append(f"Judge cost so far: ${status.judge_cost:.4f} "
-                 f"({status.judge_configs} judge config(s))")
+                 f"({status.judge_configs} judge config(s){counted})")
     if status.stages:
         lines.append("")
         lines.append("Recent stages:")

@@ -46,6 +46,7 @@ class SweepStatus:
     layers: list[LayerStatus] = field(default_factory=list)
     judge_cost: float = 0.0
     judge_configs: int = 0
+    counted_judge_config: int | None = None
     stages: list[StageStatus] = field(default_factory=list)
 
     def totals(self) -> dict[str, int]:
@@ -75,6 +76,16 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
                 .group_by(Rollout.experiment_id, Rollout.patch_layer)
             )
         }
+        # Count the judge config that judged the most (as `report` reads it); others would
+        # push "judged" past "expected".
+        main_config = session.scalar(
+            select(Judgment.judge_config_id)
+            .join(Rollout, Rollout.id == Judgment.rollout_id)
+            .where(Rollout.experiment_id.in_(exp_ids))
+            .group_by(Judgment.judge_config_id)
+            .order_by(func.count().desc(), Judgment.judge_config_id)
+            .limit(1)
+        )
         judgment_counts = {
             (eid, layer): (judged or 0, unparsed or 0, errors or 0)
             for eid, layer, judged, unparsed, errors in session.execute(
@@ -90,7 +101,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
                     func.sum(case((Judgment.error.is_not(None), 1), else_=0)),
                 )
                 .join(Rollout, Rollout.id == Judgment.rollout_id)
-                .where(Rollout.experiment_id.in_(exp_ids))
+                .where(Rollout.experiment_id.in_(exp_ids), Judgment.judge_config_id == main_config)
                 .group_by(Rollout.experiment_id, Rollout.patch_layer)
             )
         }
@@ -101,7 +112,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
             .where(Rollout.experiment_id.in_(exp_ids))
         ).one()
         result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost or 0.0),
-                             judge_configs=int(n_configs))
+                             judge_configs=int(n_configs), counted_judge_config=main_config)
         layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
         for exp in experiments:
             n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,
