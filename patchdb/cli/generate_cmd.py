@@ -6,9 +6,10 @@ import click
 
 from patchdb.cli.options import (
     db_option,
+    device_option,
     experiments_option,
     layers_option,
-    list_callback,
+    narrowing_options,
     sweep_option,
 )
 from patchdb.config import DTYPES
@@ -40,17 +41,11 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @sweep_option
 @experiments_option
 @layers_option
-@click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
-              help="Only keys with one of these words as source or target, e.g. Bread,Trees.")
-@click.option("--samples", type=click.IntRange(min=1), envvar="PATCHDB_SAMPLES",
-              help="Generate only sample indexes 0..N-1 (N at most the sweep's samples).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), envvar="PATCHDB_MAX_NEW_TOKENS",
-              help="Override the sweep's max_new_tokens for the rollouts written now.")
+@narrowing_options
 @click.option("--batch-size", default="auto", show_default=True, callback=_batch_size,
               envvar="PATCHDB_BATCH_SIZE",
               help="Decode rows per batch, or 'auto' (largest that fits free GPU memory; 64 on CPU).")
-@click.option("--device", envvar="PATCHDB_DEVICE",
-              help="Torch device, e.g. cuda:0 or cpu (default: cuda:0 when available).")
+@device_option
 @click.option("--dtype", type=click.Choice(DTYPES), envvar="PATCHDB_DTYPE",
               help="Model dtype (default: the sweep's).")
 @click.option("--shard", callback=_shard, envvar="PATCHDB_SHARD",

@@ -67,3 +67,19 @@ def experiments_option(fn: F) -> F:
         envvar="PATCHDB_EXPERIMENTS",
         help="Comma-separated experiment names (default: all of the sweep's).",
     )(fn)
+
+
+def narrowing_options(fn: F) -> F:
+    """--words, --samples and --max-new-tokens: what generate (and sweep) fill now."""
+    fn = click.option("--max-new-tokens", type=click.IntRange(min=1), envvar="PATCHDB_MAX_NEW_TOKENS",
+                      help="Override the sweep's max_new_tokens for the rollouts written now.")(fn)
+    fn = click.option("--samples", type=click.IntRange(min=1), envvar="PATCHDB_SAMPLES",
+                      help="Generate only sample indexes 0..N-1 (N at most the sweep's samples).")(fn)
+    return click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
+                        help="Only keys with one of these words as source or target, "
+                             "e.g. Bread,Trees.")(fn)
+
+
+def device_option(fn: F) -> F:
+    return click.option("--device", envvar="PATCHDB_DEVICE",
+                        help="Torch device, e.g. cuda:0 or cpu (default: cuda:0 when available).")(fn)

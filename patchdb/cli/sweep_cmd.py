@@ -4,7 +4,13 @@ from pathlib import Path
 
 import click
 
-from patchdb.cli.options import db_option, experiments_option, layers_option, list_callback
+from patchdb.cli.options import (
+    db_option,
+    device_option,
+    experiments_option,
+    layers_option,
+    narrowing_options,
+)
 from patchdb.store import open_store
 from patchdb.sweep import SweepOptions, resolve_config, run_sweep
 
@@ -16,13 +22,8 @@ from patchdb.sweep import SweepOptions, resolve_config, run_sweep
 @db_option
 @experiments_option
 @layers_option
-@click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
-              help="Only keys with one of these words (comma-separated).")
-@click.option("--samples", type=click.IntRange(min=1), envvar="PATCHDB_SAMPLES",
-              help="Only sample indexes 0..N-1.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), envvar="PATCHDB_MAX_NEW_TOKENS",
-              help="Override the sweep's answer length.")
-@click.option("--device", envvar="PATCHDB_DEVICE", help="cuda:0, cpu, ... (default: CUDA if present).")
+@narrowing_options
+@device_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               envvar="PATCHDB_REPORT_OUT", help="Report folder (default ./patchdb_report/<sweep>).")
 @click.option("--no-html", is_flag=True, help="Skip the HTML report.")
