@@ -45,6 +45,8 @@ class JudgeSettings:
     max_attempts: int = 3
     base_url: str | None = None
     backend: str = "openai"
+    batch_size: int = 8  # prompts per forward pass, hf backend only
+    max_new_tokens: int = 96  # reply length cap, hf backend only
 
 
 @dataclass

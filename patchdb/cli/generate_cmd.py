@@ -1,5 +1,6 @@
 """`patchdb generate`: fill the sweep's missing rollouts, one committed unit at a time."""
 
+import subprocess
 import sys
 
 import click
@@ -52,6 +53,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Only units whose key hashes to shard i of N (i from 0), e.g. 0/4: one per GPU.")
 @click.option("--model", envvar="PATCHDB_MODEL",
               help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
+@click.option("--gpus", type=click.IntRange(min=1), envvar="PATCHDB_GPUS",
+              help="Start one process per GPU under torchrun; each takes a disjoint share.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     db: str,
@@ -66,6 +69,7 @@ def generate(
     dtype: str | None,
     shard: tuple[int, int] | None,
     model: str | None,
+    gpus: int | None,
     quiet: bool,
 ) -> None:
     """Generate every missing rollout of the sweep (steered, patched target runs).
@@ -80,14 +84,21 @@ def generate(
       patchdb generate --layers 40-44 --words Bread,Trees --batch-size 256
       patchdb generate --shard 0/2 --device cuda:0 &
       patchdb generate --shard 1/2 --device cuda:1
+      patchdb generate --gpus 4        # or: torchrun --nproc-per-node 4 -m patchdb generate
     """
+    from patchdb.generate.distributed import rank_options, torchrun_command, torchrun_rank
     from patchdb.generate.stage import GenerateOptions, run_generate
+
+    if gpus is not None and gpus > 1 and torchrun_rank() is None:
+        command = torchrun_command(gpus, sys.argv[1:])
+        sys.exit(subprocess.call(command))
 
     options = GenerateOptions(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         shard=shard, model=model,
     )
+    options = rank_options(options)
     store = open_store(db)
     try:
         result = run_generate(store, options, progress=not quiet)

@@ -101,12 +101,14 @@ def render_summary(s: JudgeSummary) -> str:
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
               help="Seconds Ctrl-C waits for calls in flight.")
-@click.option("--judge-batch-size", "hf_batch_size", type=click.IntRange(min=1), default=8,
-              show_default=True, envvar="PATCHDB_JUDGE_BATCH_SIZE",
-              help="Prompts per forward pass with --judge-backend hf.")
+@click.option("--judge-batch-size", "hf_batch_size", type=click.IntRange(min=1),
+              envvar="PATCHDB_JUDGE_BATCH_SIZE",
+              help="Prompts per forward pass with --judge-backend hf (default: the sweep's "
+                   "[judge] batch_size, 8).")
 @click.option("--judge-max-new-tokens", "hf_max_new_tokens", type=click.IntRange(min=1),
-              default=96, show_default=True, envvar="PATCHDB_JUDGE_MAX_NEW_TOKENS",
-              help="Reply length cap with --judge-backend hf (greedy decoding).")
+              envvar="PATCHDB_JUDGE_MAX_NEW_TOKENS",
+              help="Reply length cap with --judge-backend hf, greedy decoding (default: the "
+                   "sweep's [judge] max_new_tokens, 96).")
 @click.option("--judge-dtype", "hf_dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               default="float32", show_default=True, envvar="PATCHDB_JUDGE_DTYPE",
               help="Weights dtype with --judge-backend hf.")

@@ -34,8 +34,8 @@ class JudgeOptions:
     backoff_base_s: float = 1.0
     poll_s: float = 2.0
     grace_s: float = 10.0
-    hf_batch_size: int = 8
-    hf_max_new_tokens: int = 96
+    hf_batch_size: int | None = None  # None: the sweep's [judge] batch_size
+    hf_max_new_tokens: int | None = None  # None: the sweep's [judge] max_new_tokens
     hf_dtype: str = "float32"
     hf_device: str | None = None  # None: CUDA when present, else CPU
     progress: bool = True

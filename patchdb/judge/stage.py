@@ -46,10 +46,10 @@ def ensure_judge_config(store: Store, resolved: Resolved, templates: Templates) 
 
 def make_backend(resolved: Resolved, options: JudgeOptions) -> Backend:
     if resolved.backend == "hf":
-        from patchdb.judge.backend_hf import HfJudge
+        from patchdb.judge.backend_hf import HF_BATCH, HF_MAX_NEW_TOKENS, HfJudge
 
-        return HfJudge(resolved.model, options.hf_dtype, options.hf_device, options.hf_batch_size,
-                       options.hf_max_new_tokens)
+        return HfJudge(resolved.model, options.hf_dtype, options.hf_device,
+                       options.hf_batch_size or HF_BATCH, options.hf_max_new_tokens or HF_MAX_NEW_TOKENS)
     return ApiJudge(
         resolve_endpoint(resolved.base_url), resolved.model, resolved.reasoning,
         timeout_s=options.timeout_s, max_attempts=resolved.max_attempts,
@@ -79,6 +79,11 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
     and JudgeInterrupted on Ctrl-C after saving what finished.
     """
     sweep, config, scope, resolved, templates = prepare(store, sweep_name, options)
+    options = replace(
+        options,
+        hf_batch_size=options.hf_batch_size or config.judge.batch_size,
+        hf_max_new_tokens=options.hf_max_new_tokens or config.judge.max_new_tokens,
+    )
     backend = make_backend(resolved, options)
     if resolved.backend == "hf":
         resolved = replace(resolved, model=getattr(backend, "model_id", resolved.model),
