@@ -216,7 +216,9 @@ def upgrade() -> None:
 # sample_scores: one row per rollout and judge config. score is coherent AND detected (detected
 # being the experiment's detection grader), NULL while either verdict is missing or unparsed.
 # layer_rates: the rate per (sweep, experiment, layer, source, target, judge config); rate is
-# NULL, not 0, when no sample has a score.
+# NULL, not 0, when no sample has a score. It groups on the rollouts' own key columns (the same
+# score rule as sample_scores, written out) and joins the names afterwards, which keeps the
+# grouping cheap at the default sweep's 473,088 judgments.
 VIEWS = [
     """
     CREATE VIEW rollouts_readable AS
@@ -247,11 +249,27 @@ VIEWS = [
     """,
     """
     CREATE VIEW layer_rates AS
-    SELECT sweep, experiment, pairs, patch_layer, source_word, target_word, source, target,
-           judge_config_id, COUNT(*) AS n, COUNT(score) AS n_scored, AVG(CAST(score AS FLOAT)) AS rate
-    FROM sample_scores
-    GROUP BY sweep, experiment, pairs, patch_layer, source_word, target_word, source, target,
-             judge_config_id
+    SELECT s.name AS sweep, e.name AS experiment, e.pairs, g.patch_layer,
+           g.source_word, g.target_word,
+           CASE WHEN g.source_word = '' THEN '(none)' ELSE g.source_word END AS source,
+           CASE WHEN g.target_word = '' THEN '(none)' ELSE g.target_word END AS target,
+           g.judge_config_id, g.n, g.n_scored, g.rate
+    FROM (
+        SELECT r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id,
+               COUNT(*) AS n,
+               COUNT(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL ELSE 1 END)
+                   AS n_scored,
+               AVG(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL
+                        WHEN c.verdict AND d.verdict THEN 1.0 ELSE 0.0 END) AS rate
+        FROM rollouts r
+        JOIN experiments ge ON ge.id = r.experiment_id
+        LEFT JOIN judgments c ON c.rollout_id = r.id AND c.grader = 'coherence'
+        LEFT JOIN judgments d ON d.rollout_id = r.id AND d.grader = ge.detection_grader
+                              AND d.judge_config_id = c.judge_config_id
+        GROUP BY r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id
+    ) g
+    JOIN experiments e ON e.id = g.experiment_id
+    JOIN sweeps s ON s.id = e.sweep_id
     """,
 ]
 
