@@ -218,3 +218,13 @@ def test_status_counts_one_judge_config(tmp_path: Path, db_path: Path) -> None:
     assert data["counted_judge_config"] == big_id
     assert data["totals"]["judged"] == 2 and data["totals"]["unparsed"] == 0
     assert data["judge_configs"] == 2 and data["judge_cost"] == 1.0
+
+
+def test_entry_point_keeps_a_commands_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchdb.cli as cli_module
+
+    monkeypatch.setitem(cli_module.COMMANDS, "bye", "exit_probe:bye")
+    monkeypatch.setattr(sys, "argv", ["patchdb", "bye"])
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    assert stopped.value.code == 3
