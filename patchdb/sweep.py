@@ -8,7 +8,7 @@ since both would compete for the same cores or GPU.
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -57,7 +57,6 @@ class SweepResult:
     judge_pending_before: int = 0
     report: Report | None = None
     html_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def pending_judgments(store: Store, sweep_name: str, options: JudgeOptions) -> int:
@@ -69,9 +68,9 @@ def pending_judgments(store: Store, sweep_name: str, options: JudgeOptions) -> i
         return count_pending(session, scope, config_id, options.mode)
 
 
-def _judge_options(options: SweepOptions, follow: bool = False) -> JudgeOptions:
+def _judge_options(options: SweepOptions) -> JudgeOptions:
     return JudgeOptions(experiments=options.experiments, layers=options.layers,
-                        follow=follow, progress=options.progress)
+                        progress=options.progress)
 
 
 def _start_follower(db_url: str, sweep: str, options: SweepOptions) -> subprocess.Popen[bytes]:
