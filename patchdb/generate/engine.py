@@ -69,9 +69,12 @@ class Engine:
         eos_token_ids: list[int],
         use_graphs: bool = True,
         graph_rows: int = 0,
+        fast_attention: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         """`use_graphs`: decode through a CUDA graph on a static cache where it applies (GPUs);
-        `graph_rows`: size the graph for at least this many rows, so later batches reuse it."""
+        `graph_rows`: size the graph for at least this many rows, so later batches reuse it;
+        `fast_attention`, `compile_decode`: how the graphed step is built (GraphedDecoder)."""
         if not 0 <= injection_start < len(prompt_ids):
             raise ValueError(f"injection start {injection_start} is outside the prompt")
         self.model = model
@@ -91,6 +94,8 @@ class Engine:
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
         self.use_graphs = use_graphs
         self.graph_rows = graph_rows
+        self.fast_attention = fast_attention
+        self.compile_decode = compile_decode
         self._decoder: GraphedDecoder | None = None
 
     @property
@@ -197,7 +202,8 @@ class Engine:
             torch.cuda.empty_cache()
         self._decoder = GraphedDecoder(self.model, self.layer_map, self.steer_layer,
                                        self.injection_start, max(rows, self.graph_rows),
-                                       max_len, self._cache_kw)
+                                       max_len, self._cache_kw, self.fast_attention,
+                                       self.compile_decode)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,

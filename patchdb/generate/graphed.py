@@ -11,11 +11,14 @@ the steering vectors are a static buffer, and the cache's own length counter is 
 never runs here: it touches the prefill only.
 """
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
 
+from patchdb.generate.attention import decode_attention_for
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
@@ -37,12 +40,36 @@ def graph_supported(model: Any, device: torch.device, max_len: int) -> bool:
     return all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in layers)
 
 
+@contextmanager
+def compiled_layers(layer_map: LayerMap) -> Iterator[None]:
+    """Run each decoder layer's forward through torch.compile while the block runs (hooks on
+    the layer stay outside the compiled code). Identical layers share one compiled program."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 4 * len(layer_map.layers))
+    layers: list[Any] = list(layer_map.layers)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+        torch._dynamo.config.cache_size_limit = limit
+
+
 class GraphedDecoder:
     """Decode steps for a fixed number of rows, replayed from one captured CUDA graph."""
 
     def __init__(self, model: Any, layer_map: LayerMap, steer_layer: int,
-                 injection_start: int, rows: int, max_len: int, cache_kw: str) -> None:
+                 injection_start: int, rows: int, max_len: int, cache_kw: str,
+                 fast_attention: bool = True, compile_layers: bool = False) -> None:
+        """`fast_attention`: capture with patchdb's decode attention (attention.py);
+        `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels)."""
         self.model = model
+        self.fast_attention = fast_attention
+        self.compile_layers = compile_layers
         self.layer_map = layer_map
         self.steer_layer = steer_layer
         self.rows = rows
@@ -96,7 +123,12 @@ class GraphedDecoder:
 
     def _capture(self) -> None:
         self.steer.offset = self.prompt_len
-        with steering(self.layer_map, self.steer_layer, self.steer):
+        with ExitStack() as stack:
+            stack.enter_context(steering(self.layer_map, self.steer_layer, self.steer))
+            if self.fast_attention:
+                stack.enter_context(decode_attention_for(self.model))
+            if self.compile_layers:
+                stack.enter_context(compiled_layers(self.layer_map))
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
