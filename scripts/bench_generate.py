@@ -233,7 +233,7 @@ experiments = ["failure_to_success"]
 
 
 def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: str,
-              batch_size: int | None, workdir: Path) -> dict[str, Any]:
+              batch_size: int | None, workdir: Path, compile_decode: bool = False) -> dict[str, Any]:
     import patchdb.generate.stage as stage_mod
     from patchdb.config import config_from_dict
     from patchdb.generate.loading import LoadedModel
@@ -250,7 +250,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=config.model,
                          device=torch.device(device), dtype=next(model.parameters()).dtype)
     stage_mod.eos_ids = lambda *a, **k: []  # EOS disabled for timing: every row runs to the end
-    options = stage_mod.GenerateOptions(device=device, batch_size=batch_size)
+    options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode)
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -268,13 +268,14 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
 
 
-def engine_step_time(model: Any, work: Work, device: str, rows: int) -> float:
+def engine_step_time(model: Any, work: Work, device: str, rows: int,
+                     compile_decode: bool = False) -> float:
     """Decode-step time of patchdb's engine at `rows` rows: (t(1+N) - t(1)) / N."""
     from patchdb.generate.engine import Engine, TargetUnit
     from patchdb.generate.layers import find_layers
 
     engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
-                    work.steer_layer, [])
+                    work.steer_layer, [], compile_decode=compile_decode)
     per_unit = work.samples
     n_units = max(1, rows // per_unit)
     n_patch = len(work.prompt_ids) - work.injection_start
@@ -334,6 +335,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="default: auto")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="patchdb generate --compile")
     parser.add_argument("--equivalence-only", action="store_true",
                         help="only compare greedy texts of graph and eager decoding")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
@@ -347,7 +349,8 @@ def main() -> None:
     from patchdb.config import DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL
     from patchdb.generate.prompt import render_prompt
 
-    results: dict[str, Any] = {"shape": args.shape, **SHAPES[args.shape], "device": device,
+    results: dict[str, Any] = {"shape": args.shape, "compile": args.compile, **SHAPES[args.shape],
+                               "device": device,
                                "card": (torch.cuda.get_device_name(device)
                                         if device.startswith("cuda") else "cpu"),
                                "torch": torch.__version__}
@@ -380,10 +383,11 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        b = run_stage(model, tokenizer, args.shape, config_text, device, args.batch_size, Path(tmp))
+        b = run_stage(model, tokenizer, args.shape, config_text, device, args.batch_size, Path(tmp),
+                      args.compile)
     rows = b["batch_size"]
     t = time.perf_counter()
-    step_b = engine_step_time(model, work, device, rows)
+    step_b = engine_step_time(model, work, device, rows, args.compile)
     roof_b = roofline_step_s(model, rows, context, bandwidth)
     b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
              roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,

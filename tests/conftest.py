@@ -6,7 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner, Result
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on the CPU (set before any kernel is defined).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from patchdb.cli import cli
 

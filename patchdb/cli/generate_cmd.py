@@ -55,6 +55,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
 @click.option("--gpus", type=click.IntRange(min=1), envvar="PATCHDB_GPUS",
               help="Start one process per GPU under torchrun; each takes a disjoint share.")
+@click.option("--compile/--no-compile", "compile_", default=False, envvar="PATCHDB_COMPILE",
+              help="On GPUs, torch.compile the decoder layers before capturing the decode step "
+                   "(fuses small kernels; compiling takes a minute or so per batch shape).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     db: str,
@@ -70,6 +73,7 @@ def generate(
     shard: tuple[int, int] | None,
     model: str | None,
     gpus: int | None,
+    compile_: bool,
     quiet: bool,
 ) -> None:
     """Generate every missing rollout of the sweep (steered, patched target runs).
@@ -96,7 +100,7 @@ def generate(
     options = GenerateOptions(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
-        shard=shard, model=model,
+        shard=shard, model=model, compile=compile_,
     )
     options = rank_options(options)
     store = open_store(db)

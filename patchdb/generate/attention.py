@@ -1,13 +1,15 @@
 """Attention for the graphed decode step: one query token per row against a static KV cache.
 
-PyTorch's fused SDPA kernels are built for many queries. With one query token a row (two per KV
-head after packing grouped-query heads) and a mask over the static cache, the kernel SDPA picks on
-an H100 reads the cache at well under half the card's bandwidth, and attention became a third of a
-27B model's decode step (scripts/probe_step.py). Here the step is two batched matmuls and a float32
-softmax: the keys and values are read once, at full width, and nothing is repeated per query head.
+With one query token a row (two per KV head after packing grouped-query heads) and a mask over
+the static cache, the fused kernel SDPA picks on an H100 reads the cache at well under half the
+card's bandwidth: attention was a third of a 27B model's decode step (scripts/probe_step.py).
+While a decode step is captured, `cache_length` names the device scalar holding the cache's valid
+length, and attention runs patchdb's Triton kernel (triton_decode.py), which streams each KV head
+once. Elsewhere (no Triton, the CPU, other head sizes) it packs the query heads by the KV head
+they share and calls SDPA, as transformers does outside torch.compile.
 
-Only the decode step uses it, and only while the step is captured into a CUDA graph; the prefill
-keeps the model's own attention.
+The function is never traced by torch.compile (a compiled decoder layer calls it eagerly), so
+its Python branches are plain Python.
 """
 
 from collections.abc import Iterator
@@ -19,9 +21,25 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from patchdb.generate import triton_decode
+
 NAME = "patchdb_decode"
+_LENGTH: list[torch.Tensor | None] = [None]
 
 
+@contextmanager
+def cache_length(length: torch.Tensor) -> Iterator[None]:
+    """While the block runs, decode attention reads the first `length` cache positions (an int32
+    device scalar the caller updates before each step) and ignores the mask."""
+    previous = _LENGTH[0]
+    _LENGTH[0] = length
+    try:
+        yield
+    finally:
+        _LENGTH[0] = previous
+
+
+@torch.compiler.disable
 def decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -32,27 +50,23 @@ def decode_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query [b, heads, 1, d]; key and value [b, kv_heads, length, d]; a boolean mask (True:
-    attend) or an additive one, broadcastable to [b, 1, 1, length]. Returns [b, 1, heads, d]."""
+    """query [b, heads, 1, d]; key and value [b, kv_heads, length, d]; a mask broadcastable to
+    [b, 1, 1, length] (boolean, True to attend, or additive). Returns [b, 1, heads, d]."""
     batch, heads, q_len, dim = query.shape
-    if q_len != 1:
+    mask_ok = attention_mask is None or attention_mask.shape[1] == 1
+    if q_len != 1 or kwargs.get("softcap") is not None or not mask_ok:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     # Query heads that share a KV head become that head's "queries": [b, kv_heads, groups, d].
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(packed, key.transpose(-1, -2)).float() * scale
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [b, kv_heads, groups, d]
+    length = _LENGTH[0]
+    if length is not None and triton_decode.available(query) and dim & (dim - 1) == 0:
+        out = triton_decode.decode_attention_triton(packed, key, value, length, scale)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            packed, key, value, attn_mask=attention_mask, scale=scale)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from patchdb.generate.attention import decode_attention_for
+from patchdb.generate.attention import cache_length, decode_attention_for
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
@@ -84,6 +84,7 @@ class GraphedDecoder:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(rows, 1, 1, max_len, dtype=torch.bool, device=self.device)
+        self.length = torch.zeros((), dtype=torch.int32, device=self.device)  # valid cache length
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.prompt_len = 0
@@ -127,6 +128,7 @@ class GraphedDecoder:
             stack.enter_context(steering(self.layer_map, self.steer_layer, self.steer))
             if self.fast_attention:
                 stack.enter_context(decode_attention_for(self.model))
+                stack.enter_context(cache_length(self.length))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
             side = torch.cuda.Stream()
@@ -151,6 +153,7 @@ class GraphedDecoder:
         self.tokens[:n, 0].copy_(tokens)
         self.positions.fill_(position)
         self.mask[..., position] = True
+        self.length.fill_(position + 1)
         if self.graph is None:
             self._capture()
         assert self.graph is not None and self.logits is not None

@@ -57,6 +57,7 @@ class GenerateOptions:
     dtype: str | None = None
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
     model: str | None = None
+    compile: bool = False  # torch.compile the decoder layers of the graphed decode step
 
 
 @dataclass
@@ -344,6 +345,7 @@ def run_generate(
             engine = Engine(
                 loaded.model, layer_map, prompt.input_ids, prompt.injection_start,
                 config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
+                compile_decode=options.compile,
             )
             sources = _Sources(engine, sorted({p.unit.patch_layer for p in plan.pending}), scaled)
             _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
