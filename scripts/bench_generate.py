@@ -268,6 +268,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
 
 
+@torch.inference_mode()
 def engine_step_time(model: Any, work: Work, device: str, rows: int,
                      compile_decode: bool = False) -> float:
     """Decode-step time of patchdb's engine at exactly `rows` rows: the graphed step plus the
@@ -323,16 +324,23 @@ def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: in
                        seeds=list(range(i * samples, (i + 1) * samples)))
             for i in range(units)]
     out = {}
-    for graphs in (False, True):
+    for name, graphs, fast in (("eager", False, True), ("graph", True, True), ("graph_sdpa", True, False)):
         engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
-                        work.steer_layer, [], use_graphs=graphs)
-        out[graphs] = [[c.token_ids for c in unit] for unit in engine.generate(todo, new_tokens, 0.0)]
-    rows = [(a, b) for ua, ub in zip(out[False], out[True], strict=True) for a, b in zip(ua, ub, strict=True)]
-    same = sum(a == b for a, b in rows)
-    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-                 for a, b in rows) / len(rows)
-    return {"rows": len(rows), "identical": same, "mean_common_prefix": prefix, "tokens": new_tokens,
-            "dtype": str(model.dtype)}
+                        work.steer_layer, [], use_graphs=graphs, fast_attention=fast)
+        out[name] = [[c.token_ids for c in unit] for unit in engine.generate(todo, new_tokens, 0.0)]
+
+    def compare(x: str, y: str) -> tuple[int, float]:
+        rows = [(a, b) for ua, ub in zip(out[x], out[y], strict=True) for a, b in zip(ua, ub, strict=True)]
+        prefix = sum(next((i for i, (p, q) in enumerate(zip(a, b, strict=True)) if p != q), len(a))
+                     for a, b in rows) / len(rows)
+        return sum(a == b for a, b in rows), prefix
+
+    same, prefix = compare("eager", "graph")
+    same_sdpa, prefix_sdpa = compare("eager", "graph_sdpa")
+    same_kernels, _ = compare("graph", "graph_sdpa")
+    return {"rows": units * samples, "identical": same, "mean_common_prefix": prefix,
+            "identical_graph_sdpa_vs_eager": same_sdpa, "mean_common_prefix_graph_sdpa": prefix_sdpa,
+            "identical_triton_vs_sdpa_graph": same_kernels, "tokens": new_tokens, "dtype": str(model.dtype)}
 
 
 def main() -> None:
@@ -346,6 +354,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="default: auto")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--reference-keys", type=int, default=None,
+                        help="time (a) on this many keys per layer (its tok/s is per unit)")
     parser.add_argument("--compile", action="store_true", help="patchdb generate --compile")
     parser.add_argument("--equivalence-only", action="store_true",
                         help="only compare greedy texts of graph and eager decoding")
@@ -419,7 +429,10 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        tokens_a = reference_loop(model, work, device, {})
+        ref_work = work if args.reference_keys is None else Work(
+            work.prompt_ids, work.injection_start, work.steer_layer, work.layers,
+            work.keys[: args.reference_keys], work.samples, work.new_tokens, work.vectors)
+        tokens_a = reference_loop(model, ref_work, device, {})
         wall_a = time.perf_counter() - t
         roof_a = roofline_step_s(model, args.samples, context, bandwidth)
         results["a"] = {"tokens": tokens_a, "wall_s": wall_a, "tok_s": tokens_a / wall_a,
