@@ -230,3 +230,11 @@ def test_batches_split_large_units_and_never_exceed_the_size() -> None:
         [(1, [1, 2, 3, 4])],
         [(2, [0])],
     ]
+
+
+def test_compiling_is_automatic_only_on_gpus_for_long_runs() -> None:
+    from patchdb.generate.stage import AUTO_COMPILE_TOKENS, auto_compile
+
+    assert not auto_compile("cpu", 10 * AUTO_COMPILE_TOKENS)
+    assert not auto_compile("cuda:0", AUTO_COMPILE_TOKENS - 1)
+    assert auto_compile("cuda:1", AUTO_COMPILE_TOKENS)

@@ -55,9 +55,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
 @click.option("--gpus", type=click.IntRange(min=1), envvar="PATCHDB_GPUS",
               help="Start one process per GPU under torchrun; each takes a disjoint share.")
-@click.option("--compile/--no-compile", "compile_", default=False, envvar="PATCHDB_COMPILE",
-              help="On GPUs, torch.compile the decoder layers before capturing the decode step "
-                   "(fuses small kernels; compiling takes a minute or so per batch shape).")
+@click.option("--compile/--no-compile", "compile_", default=None, envvar="PATCHDB_COMPILE",
+              help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
+                   "about 1.4x faster steps for about a minute of compiling. Default: on when "
+                   "at least 2M decode tokens are pending.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     db: str,
@@ -73,7 +74,7 @@ def generate(
     shard: tuple[int, int] | None,
     model: str | None,
     gpus: int | None,
-    compile_: bool,
+    compile_: bool | None,
     quiet: bool,
 ) -> None:
     """Generate every missing rollout of the sweep (steered, patched target runs).

@@ -97,6 +97,7 @@ class Engine:
         self.fast_attention = fast_attention
         self.compile_decode = compile_decode
         self._decoder: GraphedDecoder | None = None
+        self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
     @property
     def prompt_len(self) -> int:
@@ -192,7 +193,11 @@ class Engine:
     def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
         """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
         where graphs do not apply (CPU, long sliding windows, use_graphs off)."""
-        if not self.use_graphs or not graph_supported(self.model, self.device, max_len):
+        if not self.use_graphs:
+            return None
+        if max_len not in self._graph_ok:
+            self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len)
+        if not self._graph_ok[max_len]:
             return None
         current = self._decoder
         if current is not None and current.max_len == max_len and rows <= current.rows:

@@ -88,6 +88,23 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     query = query.contiguous()
     out = torch.empty_like(query)
     grid: Any = (batch, kv_heads)
+    guard: Any = torch.cuda.device(query.device) if query.is_cuda else _no_guard()
+    with guard:
+        _launch(grid, query, key, value, out, length, scale, groups, dim)
+    return out
+
+
+class _no_guard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _launch(grid: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            out: torch.Tensor, length: torch.Tensor, scale: float, groups: int, dim: int) -> None:
+    assert triton is not None
     _decode_kernel[grid](
         query, key, value, out, length, scale,
         query.stride(0), query.stride(1), query.stride(2),
@@ -97,4 +114,3 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim, BLOCK_L=BLOCK,
         IEEE=query.dtype == torch.float32, num_warps=4,
     )
-    return out
