@@ -1,10 +1,13 @@
-"""Layer range strings: "40-60", "40,42,44", "40-60:2", and combinations joined by commas."""
+"""Layer range strings: "40-60", "40,42,44", "40-60:2", and combinations joined by commas.
+
+Numbers are ASCII digits 0-9 only; Arabic-Indic, fullwidth and other Unicode digits (which a
+regex digit class and int() would take) are refused like any other unreadable part."""
 
 import re
 
 from patchdb.errors import RangeError
 
-_PART = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_PART = re.compile(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+))?)?")
 
 
 def parse_range(text: str) -> list[int]:
@@ -14,7 +17,7 @@ def parse_range(text: str) -> list[int]:
     values: set[int] = set()
     for raw in text.split(","):
         part = raw.strip()
-        match = _PART.match(part)
+        match = _PART.fullmatch(part)
         if match is None:
             raise RangeError(
                 f"invalid range {text!r}: cannot read {part!r} "

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import Result
 from conftest import file_digest, run_cli
 from judge_server import FaultServer, fault_server, make_store
@@ -72,6 +73,8 @@ def closed_port() -> int:
     (["--layers", "4-"], "invalid range '4-'", 2),
     (["--layers", "9-4"], "ends before it starts", 2),
     (["--layers", "2,x"], "cannot read 'x'", 2),
+    (["--layers", "\u0664\u0660-\u0664\u0664"], "cannot read '\u0664\u0660-\u0664\u0664'", 2),  # Arabic-Indic
+    (["--layers", "\uff12-\uff14"], "cannot read '\uff12-\uff14'", 2),  # fullwidth 2-4
     (["--words", "Nope"], "unknown word 'Nope' (sweep words: Bread, Dust, Trees)", 1),
     (["--experiments", "nope"], "unknown experiment 'nope' in sweep 'small'", 1),
     (["--sweep", "nope"], "no sweep named 'nope' in the store (known: small)", 1),
@@ -84,6 +87,30 @@ def test_generate_refuses_bad_options(empty_store: Path, args: list[str], fragme
                                       code: int) -> None:
     before = file_digest(empty_store)
     assert_one_error(run_cli("generate", "--db", empty_store, "--quiet", *args), fragment, code)
+    assert file_digest(empty_store) == before
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--words", "Nope"], "unknown word 'Nope' (sweep words: Bread, Dust, Trees)"),
+    (["--words", "Bread,Nope,Zilch"], "unknown words 'Nope', 'Zilch' (sweep words: Bread, Dust, Trees)"),
+    (["--sweep", "small", "--layer", "1", "--words", "Nope"], "unknown word 'Nope'"),
+    (["--words", "bread"], "unknown word 'bread'"),  # words are matched exactly, as generate does
+])
+def test_vectors_refuses_words_not_in_the_sweep(empty_store: Path, args: list[str],
+                                                fragment: str) -> None:
+    before = file_digest(empty_store)
+    line = assert_one_error(run_cli("vectors", "--db", empty_store, "--device", "cpu", *args),
+                            fragment)
+    assert len(line) < 120, line
+    assert file_digest(empty_store) == before
+
+
+def test_vectors_import_refuses_words_not_in_the_sweep(empty_store: Path, tmp_path: Path) -> None:
+    path = tmp_path / "mine.pt"
+    torch.save({"Bread": torch.zeros(64), "Nope": torch.ones(64)}, path)
+    before = file_digest(empty_store)
+    assert_one_error(run_cli("vectors", "--db", empty_store, "--import", path),
+                     f"{path}: unknown word 'Nope' (sweep words: Bread, Dust, Trees)")
     assert file_digest(empty_store) == before
 
 

@@ -28,6 +28,22 @@ def test_parse_range_rejects(text: str) -> None:
         parse_range(text)
 
 
+@pytest.mark.parametrize(("text", "part"), [
+    ("\u0664\u0660-\u0664\u0664", "\u0664\u0660-\u0664\u0664"),  # Arabic-Indic 40-44
+    ("\uff14\uff10", "\uff14\uff10"),  # fullwidth 40
+    ("40-4\u0664", "40-4\u0664"),  # one non-ASCII digit among ASCII ones
+    ("40,\u0968", "\u0968"),  # Devanagari 2
+    ("40-60:\u0662", "40-60:\u0662"),  # Arabic-Indic step
+    ("\u00b2", "\u00b2"),  # superscript two (str.isdigit() says yes)
+])
+def test_parse_range_takes_ascii_digits_only(text: str, part: str) -> None:
+    with pytest.raises(RangeError) as info:
+        parse_range(text)
+    assert str(info.value) == (
+        f"invalid range {text!r}: cannot read {part!r} (expected e.g. '40-60', '40,42,44' or '40-60:2')"
+    )
+
+
 def test_format_range_round_trips() -> None:
     for values in ([40, 41, 42, 50], [1], [3, 5, 7]):
         assert parse_range(format_range(values)) == values

@@ -37,6 +37,35 @@ def test_parse_range_returns_layers_or_a_range_error(text: str) -> None:
 
 
 @FUZZ
+@given(st.one_of(st.text(), RANGE_TOKENS))
+def test_an_accepted_range_is_written_in_ascii(text: str) -> None:
+    try:
+        parse_range(text)
+    except RangeError:
+        return
+    assert all(c in "0123456789-,:" for c in text if not c.isspace()), text
+
+
+NON_ASCII_DIGITS = st.characters(categories=["Nd"]).filter(lambda c: not c.isascii())
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 99), min_size=1, max_size=3), st.data())
+def test_non_ascii_digits_are_a_range_error(numbers: list[int], data: st.DataObject) -> None:
+    """Any decimal digit outside 0-9 makes the text unreadable, wherever it stands."""
+    text = ",".join(map(str, numbers))
+    position = data.draw(st.integers(0, len(text)))
+    digit = data.draw(NON_ASCII_DIGITS)
+    text = text[:position] + digit + text[position:]
+    try:
+        parse_range(text)
+    except RangeError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(f"invalid range {text!r}: cannot read ")
+    else:
+        raise AssertionError(f"{text!r} was accepted")
+
+
+@FUZZ
 @given(st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=40))
 def test_format_range_round_trips(layers: list[int]) -> None:
     assert parse_range(format_range(layers)) == sorted(set(layers))

@@ -198,7 +198,7 @@ def test_cli_bad_layer_is_one_line(tmp_path: Path, db_path: Path) -> None:
 def test_cli_import(tmp_path: Path, db_path: Path, tiny: LoadedModel) -> None:
     config = _sweep_config(tmp_path)
     run_cli("init", "--config", config, "--db", db_path)
-    mine = {"Bread": torch.full((64,), 0.5), "Volcanoes": torch.arange(64.0).unsqueeze(0)}
+    mine = {"Bread": torch.full((64,), 0.5), "Dust": torch.arange(64.0).unsqueeze(0)}
     torch.save(mine, tmp_path / "mine.pt")
     result = run_cli("vectors", "--db", db_path, "--import", tmp_path / "mine.pt")
     assert result.exit_code == 0, result.output
@@ -208,7 +208,7 @@ def test_cli_import(tmp_path: Path, db_path: Path, tiny: LoadedModel) -> None:
     )
     rows = _rows(open_store(str(db_path)))
     assert [(r.word, r.recipe, r.layer, r.model) for r in rows] == [
-        ("Bread", IMPORTED_RECIPE, 1, model_id), ("Volcanoes", IMPORTED_RECIPE, 1, model_id)]
+        ("Bread", IMPORTED_RECIPE, 1, model_id), ("Dust", IMPORTED_RECIPE, 1, model_id)]
     assert torch.equal(from_blob(rows[1]), torch.arange(64.0))
     # importing the same file again adds nothing
     again = run_cli("vectors", "--db", db_path, "--import", tmp_path / "mine.pt")
@@ -233,6 +233,8 @@ def test_cli_import(tmp_path: Path, db_path: Path, tiny: LoadedModel) -> None:
          "Error: {path}: the vector for 'Bread' holds NaN or inf"),
         ([torch.zeros(3)], "Error: {path} must hold a non-empty {{word: tensor}} dict"),
         ({"__baseline_mean__": torch.zeros(3)}, "Error: {path}: '__baseline_mean__' is not a usable word"),
+        ({"Bread": torch.zeros(64), "Volcanoes": torch.zeros(64)},
+         "Error: {path}: unknown word 'Volcanoes' (sweep words: Bread, Dust, Trees)\n"),
     ],
 )
 def test_cli_bad_import_changes_nothing(tmp_path: Path, db_path: Path, content: object, message: str) -> None:
@@ -251,6 +253,45 @@ def test_cli_bad_import_changes_nothing(tmp_path: Path, db_path: Path, content: 
     assert file_digest(db_path) == before
 
 
+def test_cli_words_must_be_the_sweeps(tmp_path: Path, db_path: Path) -> None:
+    config = _sweep_config(tmp_path)
+    run_cli("init", "--config", config, "--db", db_path)
+    before = file_digest(db_path)
+    result = run_cli("vectors", "--db", db_path, "--device", "cpu", "--words", "Trees,Nope")
+    assert result.exit_code == 1
+    assert result.output == "Error: unknown word 'Nope' (sweep words: Bread, Dust, Trees)\n"
+    assert file_digest(db_path) == before
+    # a file of many unknown words still gives one line of bounded length
+    many = {f"Word{i:03d}": torch.zeros(64) for i in range(500)}
+    torch.save(many, tmp_path / "many.pt")
+    result = run_cli("vectors", "--db", db_path, "--import", tmp_path / "many.pt")
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {tmp_path / 'many.pt'}: unknown words "
+        + ", ".join(f"'Word{i:03d}'" for i in range(10))
+        + " and 490 more (sweep words: Bread, Dust, Trees)\n"
+    )
+    assert file_digest(db_path) == before
+    assert _rows(open_store(str(db_path))) == []
+
+
+def test_cli_without_a_sweep_takes_any_word(tmp_path: Path, db_path: Path) -> None:
+    """With --model and --layer and no --sweep no sweep is read, so there are no sweep words
+    to hold a word to (vectors are stored by model and layer, not by sweep)."""
+    config = _sweep_config(tmp_path)
+    run_cli("init", "--config", config, "--db", db_path)
+    model = tmp_path / "tiny-model"
+    result = run_cli("vectors", "--db", db_path, "--device", "cpu", "--model", model,
+                     "--layer", "1", "--words", "Volcanoes")
+    assert result.exit_code == 0, result.output
+    assert [r.word for r in _rows(open_store(str(db_path)))] == ["Volcanoes", BASELINE_MEAN]
+    # naming the sweep brings its words back
+    refused = run_cli("vectors", "--db", db_path, "--sweep", "tiny", "--model", model,
+                      "--layer", "1", "--words", "Volcanoes")
+    assert refused.exit_code == 1
+    assert refused.output.startswith("Error: unknown word 'Volcanoes'")
+
+
 def test_unsafe_pickle_is_refused(tmp_path: Path, db_path: Path) -> None:
     config = _sweep_config(tmp_path)
     run_cli("init", "--config", config, "--db", db_path)
@@ -264,7 +305,7 @@ def test_conflicting_import_is_refused(tmp_path: Path, db_path: Path) -> None:
     config = _sweep_config(tmp_path)
     run_cli("init", "--config", config, "--db", db_path)
     torch.save({"Bread": torch.zeros(64)}, tmp_path / "a.pt")
-    torch.save({"Milk": torch.ones(64), "Bread": torch.ones(64)}, tmp_path / "b.pt")
+    torch.save({"Dust": torch.ones(64), "Bread": torch.ones(64)}, tmp_path / "b.pt")
     assert run_cli("vectors", "--db", db_path, "--import", tmp_path / "a.pt").exit_code == 0
     result = run_cli("vectors", "--db", db_path, "--import", tmp_path / "b.pt")
     assert result.exit_code == 1

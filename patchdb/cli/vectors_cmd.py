@@ -13,7 +13,8 @@ from patchdb.store import open_store
 @db_option
 @sweep_option
 @click.option("--words", callback=list_callback, envvar="PATCHDB_WORDS",
-              help="Comma-separated words (default: the sweep's positive and negative words).")
+              help="Comma-separated words, each one of the sweep's (default: all its positive "
+                   "and negative words).")
 @click.option("--layer", type=click.IntRange(min=0), envvar="PATCHDB_LAYER",
               help="Decoder layer of the vectors (default: the sweep's steer_layer).")
 @click.option("--model", envvar="PATCHDB_MODEL",
@@ -40,6 +41,10 @@ def vectors(
     A vector is the output of the decoder layer at the last token of "Tell me about {word}."
     minus the mean over 100 baseline words. Vectors already stored are reused; the model is
     loaded only when one is missing. Imported vectors take precedence over computed ones.
+
+    Words, listed or in an imported file, must be the sweep's words; a word that is not is
+    refused and nothing is stored. Only with --model and --layer and no --sweep, when no sweep
+    is read, may they be any words.
 
     \b
     Example:

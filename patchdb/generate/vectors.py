@@ -20,7 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from patchdb.errors import ConfigError, ImportFormatError
+from patchdb.config import SweepConfig
+from patchdb.errors import ConfigError, ImportFormatError, UnknownNameError
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model, model_id_for
 from patchdb.generate.prompt import concept_prompt_ids
@@ -244,6 +245,27 @@ def import_vectors(store: Store, path: Path, model_id: str, layer: int) -> int:
 
 
 
+def _named(items: list[str], limit: int, quote: bool) -> str:
+    """'a', 'b' and 3 more: a list for one error line, however long the list is."""
+    shown = [repr(w) if quote else w for w in items[:limit]]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_sweep_words(config: SweepConfig, words: list[str], where: str = "") -> None:
+    """Refuse words that are not the sweep's, as `generate --words` does, naming them all
+    (at most 10, and at most 20 of the sweep's words) in one line."""
+    known = set(config.positive_words) | set(config.negative_words)
+    unknown = [w for w in dict.fromkeys(words) if w not in known]
+    if not unknown:
+        return
+    noun = "word" if len(unknown) == 1 else "words"
+    raise UnknownNameError(
+        f"{where}unknown {noun} {_named(unknown, 10, True)} "
+        f"(sweep words: {_named(sorted(known), 20, False)})"
+    )
+
+
 @dataclass
 class VectorsResult:
     """What `patchdb vectors` did: the vectors it holds now and which of them are new."""
@@ -266,7 +288,10 @@ def run_vectors(
     import_path: Path | None = None,
 ) -> VectorsResult:
     """Compute (or import) concept vectors, by default the sweep's words at its steer layer,
-    recorded as a "vectors" stage run. The model is loaded only if a vector is missing."""
+    recorded as a "vectors" stage run. The model is loaded only if a vector is missing.
+
+    Words, listed or imported, must be the sweep's; only without a sweep (a model and a layer
+    given, no sweep named) may they be any. A refused word changes nothing in the store."""
     config = None
     sweep_id = None
     if sweep_name is not None or model is None or layer is None or (words is None and import_path is None):
@@ -277,6 +302,11 @@ def run_vectors(
     revision = config.model_revision if config and model is None else None
     layer = layer if layer is not None else (config.steer_layer if config else 0)
     vectors_in = read_vector_file(import_path) if import_path is not None else None
+    if config is not None:
+        if vectors_in is not None:
+            check_sweep_words(config, list(vectors_in), f"{import_path}: ")
+        elif words is not None:
+            check_sweep_words(config, words)
     model_id = model_id_for(spec)
     arguments = {"words": words, "layer": layer, "model": spec, "device": device, "dtype": dtype,
                  "import": str(import_path) if import_path else None}
