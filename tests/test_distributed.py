@@ -67,3 +67,30 @@ def test_two_processes_under_torchrun_fill_the_sweep_once(
     made_by = con.execute(
         "SELECT count(DISTINCT stage_run_id) FROM rollouts").fetchone()[0]
     assert made_by == 2
+
+
+def test_model_copies_spread_over_cards_take_consecutive_groups() -> None:
+    from patchdb.generate.distributed import rank_device
+
+    assert [rank_device(r, 1, True) for r in range(3)] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert [rank_device(r, 2, True) for r in range(3)] == ["cuda:0", "cuda:2", "cuda:4"]
+    assert rank_device(1, 2, False) == "cpu"
+    cmd = torchrun_command(4, ["generate", "--gpus", "4", "--gpus-per-model", "2"], 2)
+    assert "--nproc-per-node=2" in cmd and cmd[-3:] == ["generate", "--gpus-per-model", "2"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "3", "--gpus-per-model", "2"], "--gpus 3 is not a multiple of --gpus-per-model 2"),
+    (["--gpus-per-model", "2", "--device", "cpu"], "--gpus-per-model 2 needs CUDA GPUs"),
+])
+def test_bad_gpu_groupings_are_one_line_and_leave_the_store_alone(
+    tmp_path: Path, model_dir: Path, args: list[str], message: str  # noqa: F811
+) -> None:
+    db = init_store(tmp_path, model_dir)
+    before = db.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "patchdb", "generate", "--db", str(db), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert db.read_bytes() == before

@@ -55,6 +55,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Load this model spec instead of the sweep's (e.g. a local copy of it).")
 @click.option("--gpus", type=click.IntRange(min=1), envvar="PATCHDB_GPUS",
               help="Start one process per GPU under torchrun; each takes a disjoint share.")
+@click.option("--gpus-per-model", type=click.IntRange(min=1), default=1, show_default=True,
+              envvar="PATCHDB_GPUS_PER_MODEL",
+              help="Spread each model copy over this many GPUs (device_map='auto'), for a model "
+                   "too large for one; with --gpus N, N/this processes.")
 @click.option("--compile/--no-compile", "compile_", default=None, envvar="PATCHDB_COMPILE",
               help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
                    "about 1.4x faster steps for about a minute of compiling. Default: on when "
@@ -74,6 +78,7 @@ def generate(
     shard: tuple[int, int] | None,
     model: str | None,
     gpus: int | None,
+    gpus_per_model: int,
     compile_: bool | None,
     quiet: bool,
 ) -> None:
@@ -94,14 +99,16 @@ def generate(
     from patchdb.generate.distributed import rank_options, torchrun_command, torchrun_rank
     from patchdb.generate.stage import GenerateOptions, run_generate
 
-    if gpus is not None and gpus > 1 and torchrun_rank() is None:
-        command = torchrun_command(gpus, sys.argv[1:])
+    if gpus is not None and gpus % gpus_per_model:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of --gpus-per-model {gpus_per_model}")
+    if gpus is not None and gpus > gpus_per_model and torchrun_rank() is None:
+        command = torchrun_command(gpus, sys.argv[1:], gpus_per_model)
         sys.exit(subprocess.call(command))
 
     options = GenerateOptions(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
-        shard=shard, model=model, compile=compile_,
+        shard=shard, model=model, compile=compile_, gpus_per_model=gpus_per_model,
     )
     options = rank_options(options)
     store = open_store(db)

@@ -40,13 +40,21 @@ def rank_options(options: GenerateOptions) -> GenerateOptions:
     if device is None:
         import torch
 
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = rank_device(local, options.gpus_per_model, torch.cuda.is_available())
     return replace(options, shard=(index + count * rank, count * world), device=device)
 
 
-def torchrun_command(gpus: int, argv: list[str]) -> list[str]:
-    """The command that reruns this `patchdb generate` under torchrun with one process per GPU
-    (argv without --gpus)."""
+def rank_device(local_rank: int, gpus_per_model: int, cuda: bool) -> str:
+    """A rank's first card: ranks on one host take consecutive groups of gpus_per_model cards
+    (rank 1 of 2-card copies starts at cuda:2)."""
+    return f"cuda:{local_rank * gpus_per_model}" if cuda else "cpu"
+
+
+def torchrun_command(gpus: int, argv: list[str], gpus_per_model: int = 1) -> list[str]:
+    """The command that reruns this `patchdb generate` under torchrun with one process per model
+    copy, gpus // gpus_per_model of them (argv without --gpus)."""
+    if gpus_per_model < 1 or gpus % gpus_per_model:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of --gpus-per-model {gpus_per_model}")
     kept: list[str] = []
     skip = False
     for arg in argv:
@@ -60,4 +68,4 @@ def torchrun_command(gpus: int, argv: list[str]) -> list[str]:
             continue
         kept.append(arg)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={gpus}", "-m", "patchdb", *kept]
+            f"--nproc-per-node={gpus // gpus_per_model}", "-m", "patchdb", *kept]

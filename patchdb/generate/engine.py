@@ -84,8 +84,11 @@ class Engine:
         self.steer_layer = steer_layer
         self.eos_token_ids = list(eos_token_ids)
         param = next(model.parameters())
-        self.device = param.device
+        self.device = param.device  # where inputs, logits and sampling live (the first card)
         self.dtype = param.dtype
+        # A model spread over several cards (device_map="auto") decodes eagerly: one CUDA graph
+        # cannot span cards, and cache rows are picked with CPU indexes that any card accepts.
+        self.spans_devices = len({p.device for p in model.parameters()}) > 1
         embeddings = model.get_input_embeddings()
         assert isinstance(embeddings.weight, torch.Tensor)
         self.hidden_size = int(embeddings.weight.shape[1])
@@ -117,7 +120,7 @@ class Engine:
         if last_only and self._keep_kw is not None:
             kwargs[self._keep_kw] = 1
         out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].to(self.device).float()
 
     @torch.inference_mode()
     def source_run(self, steer: torch.Tensor | None, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -179,7 +182,7 @@ class Engine:
         with steering(self.layer_map, self.steer_layer, steer_state):
             logits, cache = self._prefill(units)
             if decoder is None:
-                cache.batch_select_indices(expand)
+                cache.batch_select_indices(self._cache_index(expand))
                 steer_state.vectors = steer_state.vectors[expand]
                 tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
                                       temperature)
@@ -190,10 +193,13 @@ class Engine:
                                           temperature)
         return self._completions(tokens.cpu(), counts)
 
+    def _cache_index(self, index: torch.Tensor) -> torch.Tensor:
+        return index.cpu() if self.spans_devices else index
+
     def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
         """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
         where graphs do not apply (CPU, long sliding windows, use_graphs off)."""
-        if not self.use_graphs:
+        if not self.use_graphs or self.spans_devices:
             return None
         if max_len not in self._graph_ok:
             self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len)
@@ -252,7 +258,7 @@ class Engine:
             n_done = int(done.sum())
             if n_done and n_done >= COMPACT_FRACTION * len(done):
                 keep = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
+                cache.batch_select_indices(self._cache_index(keep))
                 active, seeds, next_tokens = active[keep], seeds[keep], next_tokens[keep]
                 steer_state.vectors = steer_state.vectors[keep]
                 done = done[keep]
@@ -336,7 +342,11 @@ def auto_batch_size(
     element = next(model.parameters()).element_size()
     kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len + max_new_tokens)
     per_row = kv_bytes + vocab * (4 + 8 + 4 + 4) + hidden * element * prompt_len
-    free, _total = torch.cuda.mem_get_info(device)
-    # Memory this process's allocator holds but does not use is free for us too.
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = 0
+    # A model spread over cards keeps each layer's cache on that layer's card.
+    cards = {p.device for p in model.parameters() if p.device.type == "cuda"} or {device}
+    for card in cards:
+        free += torch.cuda.mem_get_info(card)[0]
+        # Memory this process's allocator holds but does not use is free for us too.
+        free += torch.cuda.memory_reserved(card) - torch.cuda.memory_allocated(card)
     return max(1, min(MAX_BATCH_ROWS, int(FREE_FRACTION * free) // max(per_row, 1)))

@@ -45,7 +45,8 @@ class Steering:
             self.offset, self.offset + hidden.shape[1], device=hidden.device
         )
         mask = (positions >= self.start).to(hidden.dtype)
-        steered = hidden + self.vectors[:, None, :] * mask[None, :, None]
+        # .to() is a no-op on one card; a model spread over cards has layers on others.
+        steered = hidden + self.vectors.to(hidden.device)[:, None, :] * mask[None, :, None]
         return _replace_hidden(output, steered)
 
 
@@ -67,8 +68,9 @@ class Patch:
                     f"patch over positions {self.start}-{end - 1} needs the whole prompt, "
                     f"got {output.shape[1]} positions"
                 )
-            chosen = (self.layers == layer)[:, None, None]
-            patched = torch.where(chosen, self.values.to(output.dtype), output[:, self.start:end])
+            chosen = (self.layers == layer).to(output.device)[:, None, None]
+            values = self.values.to(device=output.device, dtype=output.dtype)
+            patched = torch.where(chosen, values, output[:, self.start:end])
             return torch.cat([output[:, : self.start], patched, output[:, end:]], dim=1)
 
         return hook

@@ -116,6 +116,18 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def _spread_memory(spread: list[int]) -> dict[int, int]:
+    """max_memory for device_map="auto" over these CUDA devices (bytes each), or ModelError."""
+    if not torch.cuda.is_available():
+        raise ModelError(f"spreading a model over {len(spread)} GPUs needs CUDA, which is not "
+                         "available here")
+    count = torch.cuda.device_count()
+    if max(spread) >= count:
+        raise ModelError(f"spreading a model over GPUs {spread} needs {max(spread) + 1} GPUs; "
+                         f"this machine has {count}")
+    return {i: int(torch.cuda.mem_get_info(i)[0] * SPREAD_WEIGHT_FRACTION) for i in spread}
+
+
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -190,13 +202,25 @@ def _from_pretrained(location: str, options: dict[str, Any]) -> PreTrainedModel:
     return AutoModelForImageTextToText.from_pretrained(location, **options)
 
 
+# Of each card's free memory, the share the weights of a model spread over cards may take (the
+# rest holds the KV cache); accelerate balances the layers across the cards below this cap.
+SPREAD_WEIGHT_FRACTION = 0.9
+
+
 def load_model(
-    spec: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None
+    spec: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
+    spread: list[int] | None = None,
 ) -> LoadedModel:
-    """Load a model in eval mode on `device` in `dtype`, with its tokenizer (pad = eos if unset)."""
+    """Load a model in eval mode on `device` in `dtype`, with its tokenizer (pad = eos if unset).
+
+    `spread`: CUDA device indexes to spread one copy of the model over with device_map="auto"
+    (for a model too large for one card); `device` is then the first of them."""
     source = resolve_model(spec)
     torch_type = torch_dtype(dtype)
     target = _device(device)
+    max_memory = _spread_memory(spread) if spread and len(spread) > 1 else None
+    if max_memory is not None:
+        target = torch.device("cuda", min(max_memory))
     location = source.location
     if source.kind == "dir" and not (Path(location) / "config.json").is_file():
         raise ModelError(f"{spec} is not a model directory (it has no config.json)")
@@ -206,7 +230,7 @@ def load_model(
     if source.kind == "hub" and revision:
         options["revision"] = revision
     with _quiet_loading():
-        tokenizer, model = _load(spec, source, location, options, torch_type, target)
+        tokenizer, model = _load(spec, source, location, options, torch_type, target, max_memory)
     if target.type == "cpu":
         torch.nn.Module.to(model, target)
     model.eval()
@@ -236,12 +260,15 @@ def _load(
     options: dict[str, Any],
     torch_type: torch.dtype,
     target: torch.device,
+    max_memory: dict[int, int] | None = None,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         config = AutoConfig.from_pretrained(location, **options)
         model_options = dict(options, dtype=torch_type)
-        if target.type != "cpu":
+        if max_memory is not None:
+            model_options.update(device_map="auto", max_memory=max_memory)
+        elif target.type != "cpu":
             model_options["device_map"] = str(target)
         model = _from_pretrained(location, dict(model_options, config=config))
     except OSError as exc:

@@ -58,6 +58,7 @@ class GenerateOptions:
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
     model: str | None = None
     compile: bool | None = None  # torch.compile the graphed decode step; None: auto_compile()
+    gpus_per_model: int = 1  # >1: one model copy spread over this many cards (device_map="auto")
 
 
 # Compiling the decode step costs about a minute per process and batch shape (53 s for a
@@ -318,6 +319,13 @@ def run_generate(
         return result
 
     device = options.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    spread: dict[str, list[int]] = {}
+    if options.gpus_per_model > 1:
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise ConfigError(f"--gpus-per-model {options.gpus_per_model} needs CUDA GPUs; "
+                              f"device is {device}")
+        first = torch.device(device).index or 0
+        spread["spread"] = list(range(first, first + options.gpus_per_model))
     if device.startswith("cuda"):
         # Streams, graphs and kernels this process starts belong to its own card (a torchrun
         # rank on cuda:1 would otherwise capture on cuda:0).
@@ -327,6 +335,7 @@ def run_generate(
         dtype=options.dtype or config.dtype,
         device=device,
         revision=config.model_revision,
+        **spread,
     )
     result.model_id = loaded.model_id
     layer_map = find_layers(loaded.model)
