@@ -71,10 +71,12 @@ class Engine:
         graph_rows: int = 0,
         fast_attention: bool = True,
         compile_decode: bool = False,
+        graph_replay: bool = True,
     ) -> None:
         """`use_graphs`: decode through a CUDA graph on a static cache where it applies (GPUs);
         `graph_rows`: size the graph for at least this many rows, so later batches reuse it;
-        `fast_attention`, `compile_decode`: how the graphed step is built (GraphedDecoder)."""
+        `fast_attention`, `compile_decode`, `graph_replay`: how the graphed step is built
+        (GraphedDecoder; with graph_replay off the static-cache path also runs on the CPU)."""
         if not 0 <= injection_start < len(prompt_ids):
             raise ValueError(f"injection start {injection_start} is outside the prompt")
         self.model = model
@@ -99,6 +101,7 @@ class Engine:
         self.graph_rows = graph_rows
         self.fast_attention = fast_attention
         self.compile_decode = compile_decode
+        self.graph_replay = graph_replay
         self._decoder: GraphedDecoder | None = None
         self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
@@ -202,7 +205,8 @@ class Engine:
         if not self.use_graphs or self.spans_devices:
             return None
         if max_len not in self._graph_ok:
-            self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len)
+            self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len,
+                                                      require_cuda=self.graph_replay)
         if not self._graph_ok[max_len]:
             return None
         current = self._decoder
@@ -214,7 +218,7 @@ class Engine:
         self._decoder = GraphedDecoder(self.model, self.layer_map, self.steer_layer,
                                        self.injection_start, max(rows, self.graph_rows),
                                        max_len, self._cache_kw, self.fast_attention,
-                                       self.compile_decode)
+                                       self.compile_decode, self.graph_replay)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,

@@ -23,10 +23,11 @@ from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
 
-def graph_supported(model: Any, device: torch.device, max_len: int) -> bool:
-    """CUDA only, a cache API with tensor length counters, and no sliding window shorter than
-    the sequence (a full sliding layer rolls its cache, which a graph cannot follow)."""
-    if device.type != "cuda":
+def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda: bool = True) -> bool:
+    """CUDA only (unless `require_cuda` is off, for the eager static decoder), a cache API with
+    tensor length counters, and no sliding window shorter than the sequence (a full sliding layer
+    rolls its cache, which a graph cannot follow)."""
+    if require_cuda and device.type != "cuda":
         return False
     config = model.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)
@@ -64,9 +65,13 @@ class GraphedDecoder:
 
     def __init__(self, model: Any, layer_map: LayerMap, steer_layer: int,
                  injection_start: int, rows: int, max_len: int, cache_kw: str,
-                 fast_attention: bool = True, compile_layers: bool = False) -> None:
+                 fast_attention: bool = True, compile_layers: bool = False,
+                 replay: bool = True) -> None:
         """`fast_attention`: capture with patchdb's decode attention (attention.py);
-        `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels)."""
+        `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels);
+        `replay` off: run each step eagerly, same cache and attention, no graph (works on the
+        CPU, so tests can check the static path against the engine's eager decode)."""
+        self.replay = replay
         self.model = model
         self.fast_attention = fast_attention
         self.compile_layers = compile_layers
@@ -122,7 +127,9 @@ class GraphedDecoder:
         self.mask[..., :prompt_len] = True
         self.prompt_len = prompt_len
 
-    def _capture(self) -> None:
+    @contextmanager
+    def _step_context(self) -> Iterator[None]:
+        """Steering, and the decode attention and compiled layers where asked for."""
         self.steer.offset = self.prompt_len
         with ExitStack() as stack:
             stack.enter_context(steering(self.layer_map, self.steer_layer, self.steer))
@@ -131,6 +138,10 @@ class GraphedDecoder:
                 stack.enter_context(cache_length(self.length))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
+            yield
+
+    def _capture(self) -> None:
+        with self._step_context():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -154,6 +165,9 @@ class GraphedDecoder:
         self.positions.fill_(position)
         self.mask[..., position] = True
         self.length.fill_(position + 1)
+        if not self.replay:
+            with self._step_context():
+                return self._forward().logits[:n, -1].float()
         if self.graph is None:
             self._capture()
         assert self.graph is not None and self.logits is not None

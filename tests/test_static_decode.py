@@ -1,0 +1,53 @@
+"""The GPU's decode path (static KV cache, patchdb's decode attention with the Triton kernel)
+run step by step on the CPU, without graph replay, against the engine's eager decode."""
+
+import pytest
+import torch
+from test_engine import PROMPT, STEER_LAYER, lively_llama, vector
+from tiny_models import tiny_tokenizer
+
+from patchdb.generate import triton_decode
+from patchdb.generate.engine import Engine, TargetUnit, eos_ids
+from patchdb.generate.layers import find_layers
+
+
+def engines(**static: bool) -> tuple[Engine, Engine]:
+    model = lively_llama(seed=4)
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    start = ids.index(tok("\n")["input_ids"][0], 10)
+    args = (model, find_layers(model), ids, start, STEER_LAYER, eos_ids(model, tok))
+    return Engine(*args, use_graphs=False), Engine(*args, graph_replay=False, **static)
+
+
+def units(engine: Engine) -> list[TargetUnit]:
+    source = engine.source_run(vector(11), [3, 4])
+    return [
+        TargetUnit(vector(12), 3, source[3], [0, 1, 2]),
+        TargetUnit(None, 4, source[4], [3]),
+        TargetUnit(vector(13), None, None, [4, 5]),
+    ]
+
+
+@pytest.mark.parametrize("fast_attention", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_decoder_gives_the_eager_answers(
+    fast_attention: bool, temperature: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    kernel = triton_decode.decode_attention_triton
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return kernel(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_decode, "decode_attention_triton", counted)
+    eager, static = engines(fast_attention=fast_attention)
+    todo = units(eager)
+    want = [[c.token_ids for c in unit] for unit in eager.generate(todo, 14, temperature)]
+    got = [[c.token_ids for c in unit] for unit in static.generate(todo, 14, temperature)]
+    assert static._decoder is not None, "the static decoder did not run"
+    assert got == want
+    assert len({tuple(t) for unit in want for t in unit}) > 1  # the answers are not all alike
+    uses_kernel = fast_attention and triton_decode.available(torch.zeros(1))
+    assert bool(calls) == uses_kernel
