@@ -310,8 +310,12 @@ class Runner:
                 except asyncio.CancelledError:
                     pass
         stopper.cancel()
-        if everything.done() and not everything.cancelled() and everything.exception():
-            raise everything.exception()  # type: ignore[misc]
+        if everything.done() and not everything.cancelled():
+            # a gather cancelled above ends with CancelledError as its exception, not as
+            # cancelled(): that is the stop we asked for, not a failure to re-raise
+            exc = everything.exception()
+            if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                raise exc
 
     def _count(self) -> int:
         with self.store.read() as session:
