@@ -15,9 +15,8 @@ from pathlib import Path
 from patchdb.config import SweepConfig, load_config
 from patchdb.errors import JudgeError
 from patchdb.generate.stage import GenerateOptions, GenerateResult, run_generate
-from patchdb.judge.plan import count_pending, find_judge_config
 from patchdb.judge.settings import JudgeOptions
-from patchdb.judge.stage import JudgeSummary, prepare, run_judge
+from patchdb.judge.stage import JudgeSummary, run_judge
 from patchdb.report import Report, build_report
 from patchdb.store import Store
 from patchdb.store.sweeps import register_sweep
@@ -54,18 +53,8 @@ class SweepOptions:
 class SweepResult:
     generated: GenerateResult | None = None
     judged: JudgeSummary | None = None
-    judge_pending_before: int = 0
     report: Report | None = None
     html_path: Path | None = None
-
-
-def pending_judgments(store: Store, sweep_name: str, options: JudgeOptions) -> int:
-    """Calls a judge run would make now (0 means it can be skipped without loading a model)."""
-    sweep, _config, scope, resolved, templates = prepare(store, sweep_name, options)
-    with store.read() as session:
-        config_id = find_judge_config(session, resolved.model, resolved.reasoning,
-                                      templates.version, resolved.backend)
-        return count_pending(session, scope, config_id, options.mode)
 
 
 def _judge_options(options: SweepOptions) -> JudgeOptions:
@@ -103,10 +92,8 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
             if code != 0:
                 raise JudgeError(f"the judge beside generate stopped with exit code {code}; "
                                  "rerun `patchdb sweep` to resume")
-    judge_options = _judge_options(options)
-    result.judge_pending_before = pending_judgments(store, config.name, judge_options)
-    if result.judge_pending_before:
-        result.judged = run_judge(store, config.name, judge_options)
+    # with nothing pending, run_judge loads no model and returns a nothing_pending summary
+    result.judged = run_judge(store, config.name, _judge_options(options))
     result.report = build_report(store, config.name, options.experiments, options.out_dir,
                                  export_json=options.export_json)
     if options.html:

@@ -35,6 +35,20 @@ def render_plan(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
+def render_nothing(s: JudgeSummary, mode: str) -> str:
+    """One line for a run that found nothing pending (and loaded no judge model)."""
+    where = f"of sweep {s.sweep_name!r} in scope"
+    if s.calls_in_scope == 0:
+        reason = f"no rollouts {where}"
+    else:
+        reason = {
+            "only_missing": f"all {s.calls_in_scope:,} calls {where} have a judgment",
+            "retry_unparsed": f"no unparsed judgment {where}",
+            "retry_errors": f"no judgment with an error {where}",
+        }.get(mode, f"no calls {where}")
+    return f"Judged 0 calls: nothing to judge ({reason})."
+
+
 def render_summary(s: JudgeSummary) -> str:
     tokens = s.prompt_tokens + s.completion_tokens
     line = (f"Judged {s.calls:,} calls in {s.elapsed_s:.1f}s ({s.calls_per_s:.1f} calls/s): "
@@ -143,4 +157,5 @@ def judge(db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
             raise SystemExit(130) from None
     finally:
         store.close()
-    click.echo(render_summary(summary))
+    click.echo(render_nothing(summary, options.mode) if summary.nothing_pending
+               else render_summary(summary))

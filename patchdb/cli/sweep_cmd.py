@@ -51,8 +51,8 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
     if gen is not None:
         click.echo(f"generate: {gen.rollouts_written} new rollouts"
                    + (f" ({gen.tokens_per_second:.1f} tok/s)" if gen.rollouts_written else ""))
-    if result.judged is not None:
-        j = result.judged
+    j = result.judged
+    if j is not None and not j.nothing_pending:
         click.echo(f"judge: {j.calls} judgments ({j.yes} yes, {j.no} no, {j.unparsed} unparsed, "
                    f"{j.errors} errors), ${j.cost:.4f}")
     else:

@@ -56,6 +56,9 @@ class JudgeSummary:
     cost: float = 0.0
     elapsed_s: float = 0.0
     stopped: str | None = None  # "limit", "max_cost" or "interrupted"
+    nothing_pending: bool = False  # nothing to judge: no backend was loaded, no call made
+    sweep_name: str = ""
+    calls_in_scope: int = 0  # set when nothing_pending: every call the scope holds
 
     @property
     def calls_per_s(self) -> float:

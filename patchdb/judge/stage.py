@@ -13,8 +13,15 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.judge.client import ApiJudge, FatalJudgeError, resolve_endpoint
-from patchdb.judge.plan import PlanRow, Scope, call_table, find_judge_config, make_scope
-from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner
+from patchdb.judge.plan import (
+    PlanRow,
+    Scope,
+    call_table,
+    count_pending,
+    find_judge_config,
+    make_scope,
+)
+from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner, generate_running
 from patchdb.judge.settings import JudgeOptions, Resolved, resolve
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
 from patchdb.judge.writer import dialect_insert
@@ -72,13 +79,45 @@ def prepare(store: Store, sweep_name: str | None, options: JudgeOptions) -> tupl
     return sweep, config, scope, resolved, templates
 
 
+def stored_settings(resolved: Resolved) -> Resolved:
+    """The settings as judge_configs keys them. An hf model is stored under its canonical id
+    (hub id, resolved path or alias), which is found without loading the model."""
+    if resolved.backend != "hf":
+        return resolved
+    from patchdb.generate.loading import model_id_for
+
+    return replace(resolved, model=model_id_for(resolved.model), base_url=None, max_attempts=1)
+
+
+def count_calls(store: Store, scope: Scope, stored: Resolved, templates: Templates,
+                mode: str) -> tuple[int | None, int]:
+    """The judge_configs id of these settings (None if never used) and the calls `mode` has
+    pending now: a query, so it costs nothing to ask before loading a model."""
+    with store.read() as session:
+        config_id = find_judge_config(session, stored.model, stored.reasoning,
+                                      templates.version, stored.backend)
+        return config_id, count_pending(session, scope, config_id, mode)
+
+
 def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> JudgeSummary:
     """Judge what the mode says is pending; returns what was done.
 
-    Raises FatalJudgeError (bad key, no credit, unreachable API) after saving what finished,
-    and JudgeInterrupted on Ctrl-C after saving what finished.
+    Pending work is counted first: when there is none (and no generate run is feeding a
+    --follow run), no backend is built and no model is loaded; the run is still recorded in
+    stage_runs, as a generate run with nothing to generate is, and its summary says
+    nothing_pending. Raises FatalJudgeError (bad key, no credit, unreachable API) after saving
+    what finished, and JudgeInterrupted on Ctrl-C after saving what finished.
     """
     sweep, config, scope, resolved, templates = prepare(store, sweep_name, options)
+    stored = stored_settings(resolved)
+    config_id, pending = count_calls(store, scope, stored, templates, options.mode)
+    if not pending and not (options.follow and generate_running(store, sweep.id)):
+        in_scope = count_calls(store, scope, stored, templates, "overwrite")[1]
+        with stage_run(store, "judge", options.arguments(), sweep.id) as run:
+            pass
+        return JudgeSummary(judge_config_id=config_id or 0, stage_run_id=run.id,
+                            nothing_pending=True, sweep_name=sweep.name,
+                            calls_in_scope=in_scope)
     options = replace(
         options,
         hf_batch_size=options.hf_batch_size or config.judge.batch_size,
@@ -86,27 +125,28 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
     )
     backend = make_backend(resolved, options)
     if resolved.backend == "hf":
-        resolved = replace(resolved, model=getattr(backend, "model_id", resolved.model),
-                           base_url=None, max_attempts=1)
-    config_id = ensure_judge_config(store, resolved, templates)
+        stored = replace(stored, model=getattr(backend, "model_id", stored.model))
+    config_id = ensure_judge_config(store, stored, templates)
     with stage_run(store, "judge", options.arguments(), sweep.id) as run:
-        runner = Runner(store, sweep.id, config.prompt_trial, scope, resolved, templates,
+        runner = Runner(store, sweep.id, config.prompt_trial, scope, stored, templates,
                          options, backend, config_id, run.id)
         summary = asyncio.run(runner.run())
         if summary.stopped == "interrupted":
             raise JudgeInterrupted(summary)
         if runner.fatal is not None:
             raise FatalJudgeError(f"{runner.fatal} ({summary.calls} judgments saved)")
+    summary.sweep_name = sweep.name
     return summary
 
 
 def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions) -> list[PlanRow]:
     """The call-count table for --dry-run; writes nothing."""
     sweep, config, _scope, resolved, templates = prepare(store, sweep_name, options)
+    stored = stored_settings(resolved)
     with store.read() as session:
         experiments = get_experiments(session, sweep, options.experiments)
-        config_id = find_judge_config(session, resolved.model, resolved.reasoning,
-                                      templates.version, resolved.backend)
+        config_id = find_judge_config(session, stored.model, stored.reasoning,
+                                      templates.version, stored.backend)
         return call_table(session, config, experiments, options.layers, options.graders,
                           config_id)
 
