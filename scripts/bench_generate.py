@@ -123,9 +123,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def roofline_step_s(model: torch.nn.Module, rows: int, context: int, bandwidth: float) -> float:
-    """Fewest bytes a decode step must read (all weights, every row's KV) over bandwidth."""
-    return (weight_bytes(model) + rows * context * kv_bytes_per_token(model)) / bandwidth
+def roofline_step_s(model: torch.nn.Module, rows: int, context: int, bandwidth: float,
+                    shared: int = 0) -> float:
+    """Fewest bytes a decode step must read (all weights, every row's KV; a shared prefix of
+    `shared` positions once) over bandwidth."""
+    tokens = shared + rows * (context - shared)
+    return (weight_bytes(model) + tokens * kv_bytes_per_token(model)) / bandwidth
 
 
 # ---------------------------------------------------------------- (a) the reference loop
@@ -233,7 +236,8 @@ experiments = ["failure_to_success"]
 
 
 def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: str,
-              batch_size: int | None, workdir: Path, compile_decode: bool = False) -> dict[str, Any]:
+              batch_size: int | None, workdir: Path, compile_decode: bool = False,
+              share_prefix: bool = False) -> dict[str, Any]:
     import patchdb.generate.stage as stage_mod
     from patchdb.config import config_from_dict
     from patchdb.generate.loading import LoadedModel
@@ -250,7 +254,8 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=config.model,
                          device=torch.device(device), dtype=next(model.parameters()).dtype)
     stage_mod.eos_ids = lambda *a, **k: []  # EOS disabled for timing: every row runs to the end
-    options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode)
+    options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode,
+                                        share_prefix=share_prefix)
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -270,7 +275,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
 
 @torch.inference_mode()
 def engine_step_time(model: Any, work: Work, device: str, rows: int,
-                     compile_decode: bool = False) -> float:
+                     compile_decode: bool = False, share_prefix: bool = False) -> float:
     """Decode-step time of patchdb's engine at exactly `rows` rows: the graphed step plus the
     sampler, timed over 50 steps on a decoder already captured (and compiled) by a first run."""
     from patchdb.generate.engine import Engine, TargetUnit
@@ -278,7 +283,8 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
     from patchdb.generate.sampling import choose_tokens
 
     engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
-                    work.steer_layer, [], graph_rows=rows, compile_decode=compile_decode)
+                    work.steer_layer, [], graph_rows=rows, compile_decode=compile_decode,
+                    share_prefix=share_prefix)
     n_patch = len(work.prompt_ids) - work.injection_start
     hidden = work.vectors.shape[1]
     units = [TargetUnit(steer=work.vectors[i % len(work.vectors)], patch_layer=work.layers[0],
@@ -300,7 +306,7 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
         return (run(1 + n) - run(1)) / n
     seeds = torch.arange(rows, device=device)
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
-    decoder._set_length(decoder.prompt_len)
+    decoder._set_length(decoder.prompt_len - decoder.prefix_len)
     sync(device)
     t = time.perf_counter()
     for step in range(n):
@@ -357,6 +363,7 @@ def main() -> None:
     parser.add_argument("--reference-keys", type=int, default=None,
                         help="time (a) on this many keys per layer (its tok/s is per unit)")
     parser.add_argument("--compile", action="store_true", help="patchdb generate --compile")
+    parser.add_argument("--share-prefix", action="store_true", help="patchdb generate --share-prefix")
     parser.add_argument("--equivalence-only", action="store_true",
                         help="only compare greedy texts of graph and eager decoding")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
@@ -370,7 +377,8 @@ def main() -> None:
     from patchdb.config import DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL
     from patchdb.generate.prompt import render_prompt
 
-    results: dict[str, Any] = {"shape": args.shape, "compile": args.compile, **SHAPES[args.shape],
+    results: dict[str, Any] = {"shape": args.shape, "compile": args.compile,
+                               "share_prefix": args.share_prefix, **SHAPES[args.shape],
                                "device": device,
                                "card": (torch.cuda.get_device_name(device)
                                         if device.startswith("cuda") else "cpu"),
@@ -405,16 +413,17 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         b = run_stage(model, tokenizer, args.shape, config_text, device, args.batch_size, Path(tmp),
-                      args.compile)
+                      args.compile, args.share_prefix)
         # The same sweep again in a fresh store: what a long sweep runs at once warmed up.
         warm = run_stage(model, tokenizer, args.shape + "-warm", config_text, device, args.batch_size,
-                         Path(tmp), args.compile)
+                         Path(tmp), args.compile, args.share_prefix)
     b.update(warm_wall_s=warm["wall_s"], tok_s_warm=warm["tokens"] / warm["wall_s"],
              compile_s=max(0.0, b["wall_s"] - warm["wall_s"]))
     rows = b["batch_size"]
     t = time.perf_counter()
-    step_b = engine_step_time(model, work, device, rows, args.compile)
-    roof_b = roofline_step_s(model, rows, context, bandwidth)
+    step_b = engine_step_time(model, work, device, rows, args.compile, args.share_prefix)
+    shared = work.injection_start if args.share_prefix else 0
+    roof_b = roofline_step_s(model, rows, context, bandwidth, shared)
     b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
              roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,
              warmup_s=b["compile_s"], step_probe_s=time.perf_counter() - t)

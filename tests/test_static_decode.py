@@ -29,10 +29,11 @@ def units(engine: Engine) -> list[TargetUnit]:
     ]
 
 
-@pytest.mark.parametrize("fast_attention", [True, False])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("fast_attention,share_prefix,temperature", [
+    (True, False, 0.0), (False, False, 1.0), (True, True, 0.0), (True, True, 1.0),
+])
 def test_static_decoder_gives_the_eager_answers(
-    fast_attention: bool, temperature: float, monkeypatch: pytest.MonkeyPatch
+    fast_attention: bool, share_prefix: bool, temperature: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
     kernel = triton_decode.decode_attention_triton
@@ -42,11 +43,15 @@ def test_static_decoder_gives_the_eager_answers(
         return kernel(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_decode, "decode_attention_triton", counted)
-    eager, static = engines(fast_attention=fast_attention)
+    eager, static = engines(fast_attention=fast_attention, share_prefix=share_prefix)
     todo = units(eager)
-    want = [[c.token_ids for c in unit] for unit in eager.generate(todo, 14, temperature)]
-    got = [[c.token_ids for c in unit] for unit in static.generate(todo, 14, temperature)]
+    want = [[c.token_ids for c in unit] for unit in eager.generate(todo, 10, temperature)]
+    got = [[c.token_ids for c in unit] for unit in static.generate(todo, 10, temperature)]
     assert static._decoder is not None, "the static decoder did not run"
+    shared = static._decoder.prefix_len
+    assert shared == (static.injection_start if share_prefix else 0)
+    # a shared prefix leaves the rows' own cache that much shorter
+    assert static._decoder.mask.shape[-1] == static.prompt_len + 10 - shared
     assert got == want
     assert len({tuple(t) for unit in want for t in unit}) > 1  # the answers are not all alike
     uses_kernel = fast_attention and triton_decode.available(torch.zeros(1))

@@ -62,3 +62,25 @@ def test_decode_attention_uses_the_kernel_while_a_length_is_set() -> None:
     expected, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(shorter, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(shorter, by_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix_len,length", [(1, 1), (64, 30), (100, 65)])
+def test_kernel_attends_to_a_shared_prefix_then_each_rows_own(
+    dtype: torch.dtype, prefix_len: int, length: int
+) -> None:
+    g = torch.Generator().manual_seed(prefix_len + length)
+    batch, kv_heads, groups, dim, max_len = 3, 2, 4, 32, 80
+    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(dtype)
+    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
+    p_key = torch.randn(kv_heads, prefix_len, dim, generator=g).to(dtype)
+    p_value = torch.randn(kv_heads, prefix_len, dim, generator=g).to(dtype)
+    out = triton_decode.decode_attention_triton(
+        query, key, value, torch.tensor(length, dtype=torch.int32), 0.2, (p_key, p_value))
+    full_k = torch.cat([p_key.expand(batch, -1, -1, -1), key[:, :, :length]], dim=2)
+    full_v = torch.cat([p_value.expand(batch, -1, -1, -1), value[:, :, :length]], dim=2)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), full_k.float(), full_v.float(), scale=0.2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)

@@ -25,6 +25,20 @@ from patchdb.generate import triton_decode
 
 NAME = "patchdb_decode"
 _LENGTH: list[torch.Tensor | None] = [None]
+Prefixes = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> keys, values [kv, P, d]
+_PREFIX: list[Prefixes | None] = [None]
+
+
+@contextmanager
+def shared_prefix(prefixes: Prefixes) -> Iterator[None]:
+    """While the block runs, every row's decode attention first attends to these keys and values
+    (the prompt before the injection start, identical in every row), then to its own cache."""
+    previous = _PREFIX[0]
+    _PREFIX[0] = prefixes
+    try:
+        yield
+    finally:
+        _PREFIX[0] = previous
 
 
 @contextmanager
@@ -53,8 +67,12 @@ def decode_attention(
     """query [b, heads, 1, d]; key and value [b, kv_heads, length, d]; a mask broadcastable to
     [b, 1, 1, length] (boolean, True to attend, or additive). Returns [b, 1, heads, d]."""
     batch, heads, q_len, dim = query.shape
+    table = _PREFIX[0]
+    prefix = table[int(getattr(module, "layer_idx", -1))] if table is not None else None
     mask_ok = attention_mask is None or attention_mask.shape[1] == 1
     if q_len != 1 or kwargs.get("softcap") is not None or not mask_ok:
+        if prefix is not None:
+            raise RuntimeError("a shared prefix needs one query token and a plain mask")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
@@ -63,11 +81,27 @@ def decode_attention(
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     length = _LENGTH[0]
     if length is not None and triton_decode.available(query) and dim & (dim - 1) == 0:
-        out = triton_decode.decode_attention_triton(packed, key, value, length, scale)
+        out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix)
     else:
+        if prefix is not None:  # without the kernel the prefix joins every row's keys
+            key, value, attention_mask = _join_prefix(prefix, key, value, attention_mask)
         out = torch.nn.functional.scaled_dot_product_attention(
             packed, key, value, attn_mask=attention_mask, scale=scale)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _join_prefix(
+    prefix: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    batch, length = key.shape[0], prefix[0].shape[1]
+    key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
+    if mask is not None:
+        seen = (torch.ones if mask.dtype == torch.bool else torch.zeros)(
+            mask.shape[0], 1, 1, length, dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([seen, mask], dim=-1)
+    return key, value, mask
 
 
 AttentionInterface.register(NAME, decode_attention)

@@ -72,11 +72,14 @@ class Engine:
         fast_attention: bool = True,
         compile_decode: bool = False,
         graph_replay: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         """`use_graphs`: decode through a CUDA graph on a static cache where it applies (GPUs);
         `graph_rows`: size the graph for at least this many rows, so later batches reuse it;
         `fast_attention`, `compile_decode`, `graph_replay`: how the graphed step is built
-        (GraphedDecoder; with graph_replay off the static-cache path also runs on the CPU)."""
+        (GraphedDecoder; with graph_replay off the static-cache path also runs on the CPU);
+        `share_prefix`: the static decoder keeps the prompt before the injection start once for
+        all rows (it needs fast_attention)."""
         if not 0 <= injection_start < len(prompt_ids):
             raise ValueError(f"injection start {injection_start} is outside the prompt")
         self.model = model
@@ -102,6 +105,7 @@ class Engine:
         self.fast_attention = fast_attention
         self.compile_decode = compile_decode
         self.graph_replay = graph_replay
+        self.share_prefix = share_prefix and fast_attention
         self._decoder: GraphedDecoder | None = None
         self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
@@ -218,7 +222,8 @@ class Engine:
         self._decoder = GraphedDecoder(self.model, self.layer_map, self.steer_layer,
                                        self.injection_start, max(rows, self.graph_rows),
                                        max_len, self._cache_kw, self.fast_attention,
-                                       self.compile_decode, self.graph_replay)
+                                       self.compile_decode, self.graph_replay,
+                                       self.injection_start if self.share_prefix else 0)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
@@ -327,12 +332,14 @@ MAX_BATCH_ROWS = 4096
 
 
 def auto_batch_size(
-    model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int
+    model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int,
+    shared_prefix: int = 0,
 ) -> int:
     """The most decode rows that fit free device memory (64 on the CPU).
 
-    Per row: the KV cache for prompt plus new tokens, plus the logits and the sampler's float32
-    probabilities and CDF over the vocabulary. FREE_FRACTION of free memory is used.
+    Per row: the KV cache for prompt plus new tokens (less a prefix kept once for all rows),
+    plus the logits and the sampler's float32 probabilities and CDF over the vocabulary.
+    FREE_FRACTION of free memory is used.
     """
     if device.type != "cuda":
         return CPU_BATCH_ROWS
@@ -344,7 +351,7 @@ def auto_batch_size(
     head_dim = int(getattr(config, "head_dim", None) or hidden // max(n_heads, 1))
     vocab = int(getattr(config, "vocab_size", 0))
     element = next(model.parameters()).element_size()
-    kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len + max_new_tokens)
+    kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len - shared_prefix + max_new_tokens)
     per_row = kv_bytes + vocab * (4 + 8 + 4 + 4) + hidden * element * prompt_len
     free = 0
     # A model spread over cards keeps each layer's cache on that layer's card.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from patchdb.generate.attention import cache_length, decode_attention_for
+from patchdb.generate.attention import Prefixes, cache_length, decode_attention_for, shared_prefix
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
@@ -66,12 +66,18 @@ class GraphedDecoder:
     def __init__(self, model: Any, layer_map: LayerMap, steer_layer: int,
                  injection_start: int, rows: int, max_len: int, cache_kw: str,
                  fast_attention: bool = True, compile_layers: bool = False,
-                 replay: bool = True) -> None:
+                 replay: bool = True, prefix_len: int = 0) -> None:
         """`fast_attention`: capture with patchdb's decode attention (attention.py);
         `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels);
         `replay` off: run each step eagerly, same cache and attention, no graph (works on the
-        CPU, so tests can check the static path against the engine's eager decode)."""
+        CPU, so tests can check the static path against the engine's eager decode);
+        `prefix_len` > 0 (needs fast_attention): the first prefix_len prompt positions, the same
+        in every row, are kept once and shared; the rows' cache holds only what follows."""
+        if prefix_len and not fast_attention:
+            raise ValueError("a shared prefix needs patchdb's decode attention")
         self.replay = replay
+        self.prefix_len = prefix_len
+        self.prefixes: Prefixes = {}
         self.model = model
         self.fast_attention = fast_attention
         self.compile_layers = compile_layers
@@ -85,10 +91,11 @@ class GraphedDecoder:
         hidden = int(model.get_input_embeddings().weight.shape[1])
         self.steer = Steering(torch.zeros(rows, hidden, device=self.device, dtype=param.dtype),
                               injection_start)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        own = max_len - prefix_len  # cache slots a row needs for itself
+        self.cache = StaticCache(config=model.config, max_cache_len=own)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-        self.mask = torch.zeros(rows, 1, 1, max_len, dtype=torch.bool, device=self.device)
+        self.mask = torch.zeros(rows, 1, 1, own, dtype=torch.bool, device=self.device)
         self.length = torch.zeros((), dtype=torch.int32, device=self.device)  # valid cache length
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -113,18 +120,26 @@ class GraphedDecoder:
         if n < self.rows:
             expand = torch.cat([expand, expand[-1:].expand(self.rows - n)])
             vectors = torch.cat([vectors, vectors[-1:].expand(self.rows - n, -1)])
+        shared, own = self.prefix_len, prompt_len - self.prefix_len
         pairs: list[tuple[Any, Any]] = list(zip(self.cache.layers, prefill.layers, strict=True))
-        for static_layer, dyn_layer in pairs:
-            keys = dyn_layer.keys.index_select(0, expand)
-            values = dyn_layer.values.index_select(0, expand)
+        for index, (static_layer, dyn_layer) in enumerate(pairs):
+            keys = dyn_layer.keys[:, :, shared:prompt_len].index_select(0, expand)
+            values = dyn_layer.values[:, :, shared:prompt_len].index_select(0, expand)
             if not static_layer.is_initialized:
                 static_layer.lazy_initialization(keys, values)
-            static_layer.keys[:, :, :prompt_len].copy_(keys)
-            static_layer.values[:, :, :prompt_len].copy_(values)
-        self._set_length(prompt_len)
+            static_layer.keys[:, :, :own].copy_(keys)
+            static_layer.values[:, :, :own].copy_(values)
+            if shared:  # every unit's prefix is the same: take the first's, into fixed buffers
+                if index not in self.prefixes:
+                    self.prefixes[index] = (dyn_layer.keys[0, :, :shared].clone(),
+                                            dyn_layer.values[0, :, :shared].clone())
+                else:
+                    self.prefixes[index][0].copy_(dyn_layer.keys[0, :, :shared])
+                    self.prefixes[index][1].copy_(dyn_layer.values[0, :, :shared])
+        self._set_length(own)
         self.steer.vectors.copy_(vectors)
         self.mask.zero_()
-        self.mask[..., :prompt_len] = True
+        self.mask[..., :own] = True
         self.prompt_len = prompt_len
 
     @contextmanager
@@ -136,6 +151,8 @@ class GraphedDecoder:
             if self.fast_attention:
                 stack.enter_context(decode_attention_for(self.model))
                 stack.enter_context(cache_length(self.length))
+            if self.prefix_len:
+                stack.enter_context(shared_prefix(self.prefixes))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
             yield
@@ -146,25 +163,26 @@ class GraphedDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._set_length(self.prompt_len)
+                    self._set_length(self.prompt_len - self.prefix_len)
                     self._forward()
             torch.cuda.current_stream().wait_stream(side)
-            self._set_length(self.prompt_len)
+            self._set_length(self.prompt_len - self.prefix_len)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self._forward()
         self.logits = out.logits
         self.graph = graph
-        self._set_length(self.prompt_len)
+        self._set_length(self.prompt_len - self.prefix_len)
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed one token per row (decode step `step`, 0-based); returns float logits [n, vocab]."""
         n = tokens.shape[0]
         position = self.prompt_len + step
         self.tokens[:n, 0].copy_(tokens)
+        slot = position - self.prefix_len  # where the step's KV goes in the rows' own cache
         self.positions.fill_(position)
-        self.mask[..., position] = True
-        self.length.fill_(position + 1)
+        self.mask[..., slot] = True
+        self.length.fill_(slot + 1)
         if not self.replay:
             with self._step_context():
                 return self._forward().logits[:n, -1].float()
