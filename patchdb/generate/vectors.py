@@ -20,14 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from patchdb.config import SweepConfig
-from patchdb.errors import ConfigError, ImportFormatError, UnknownNameError
+from patchdb.errors import ConfigError, ImportFormatError
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model, model_id_for
 from patchdb.generate.prompt import concept_prompt_ids
 from patchdb.store import ConceptVector, Store
 from patchdb.store.runs import stage_run
-from patchdb.store.sweeps import get_sweep, sweep_config
+from patchdb.store.sweeps import check_sweep_words, get_sweep, sweep_config
 
 RECIPE = "last-token-minus-baseline-mean/v1"
 IMPORTED_RECIPE = "imported"
@@ -243,27 +242,6 @@ def import_vectors(store: Store, path: Path, model_id: str, layer: int) -> int:
     vectors = read_vector_file(Path(path))
     return store.transact(lambda s: _import(s, model_id, layer, vectors, Path(path)))
 
-
-
-def _named(items: list[str], limit: int, quote: bool) -> str:
-    """'a', 'b' and 3 more: a list for one error line, however long the list is."""
-    shown = [repr(w) if quote else w for w in items[:limit]]
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(shown) + more
-
-
-def check_sweep_words(config: SweepConfig, words: list[str], where: str = "") -> None:
-    """Refuse words that are not the sweep's, as `generate --words` does, naming them all
-    (at most 10, and at most 20 of the sweep's words) in one line."""
-    known = set(config.positive_words) | set(config.negative_words)
-    unknown = [w for w in dict.fromkeys(words) if w not in known]
-    if not unknown:
-        return
-    noun = "word" if len(unknown) == 1 else "words"
-    raise UnknownNameError(
-        f"{where}unknown {noun} {_named(unknown, 10, True)} "
-        f"(sweep words: {_named(sorted(known), 20, False)})"
-    )
 
 
 @dataclass

@@ -127,13 +127,8 @@ def expected_units(
                 f"layer {bad[0]} is not a patch layer of sweep {config.name!r} "
                 f"(patch layers: {config.patch_layers})"
             )
-    known_words = set(config.positive_words) | set(config.negative_words)
     if words is not None:
-        for word in words:
-            if word not in known_words:
-                raise UnknownNameError(
-                    f"unknown word {word!r} (sweep words: {', '.join(sorted(known_words))})"
-                )
+        check_sweep_words(config, words)
     units: list[ExpectedUnit] = []
     for exp in experiments:
         keys = experiment_keys(experiment_def(exp), config.positive_words, config.negative_words)
@@ -143,3 +138,24 @@ def expected_units(
                     continue
                 units.append(ExpectedUnit(exp.name, exp.id, layer, source, target))
     return units
+
+
+def _named(items: list[str], limit: int, quote: bool) -> str:
+    """'a', 'b' and 3 more: a list for one error line, however long the list is."""
+    shown = [repr(w) if quote else w for w in items[:limit]]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_sweep_words(config: SweepConfig, words: list[str], where: str = "") -> None:
+    """Refuse words that are not the sweep's (`generate --words`, `vectors`), naming them all
+    (at most 10, and at most 20 of the sweep's words) in one line."""
+    known = set(config.positive_words) | set(config.negative_words)
+    unknown = [w for w in dict.fromkeys(words) if w not in known]
+    if not unknown:
+        return
+    noun = "word" if len(unknown) == 1 else "words"
+    raise UnknownNameError(
+        f"{where}unknown {noun} {_named(unknown, 10, True)} "
+        f"(sweep words: {_named(sorted(known), 20, False)})"
+    )
