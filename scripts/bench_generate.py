@@ -306,7 +306,7 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
         return (run(1 + n) - run(1)) / n
     seeds = torch.arange(rows, device=device)
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
-    decoder._set_length(decoder.prompt_len - decoder.prefix_len)
+    decoder._set_length(decoder.prompt_slots)
     sync(device)
     t = time.perf_counter()
     for step in range(n):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_generate_stage import init_store, model_dir  # noqa: F401  (fixture)
 
 from patchdb.generate.distributed import rank_options, torchrun_command
@@ -79,11 +80,18 @@ def test_model_copies_spread_over_cards_take_consecutive_groups() -> None:
     assert "--nproc-per-node=2" in cmd and cmd[-3:] == ["generate", "--gpus-per-model", "2"]
 
 
+NO_CUDA = [] if torch.cuda.is_available() else [
+    # checked before the process makes the card its own
+    (["--device", "cuda:0"], "device 'cuda:0' asked for, but CUDA is not available"),
+]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "3", "--gpus-per-model", "2"], "--gpus 3 is not a multiple of --gpus-per-model 2"),
     (["--gpus-per-model", "2", "--device", "cpu"], "--gpus-per-model 2 needs CUDA GPUs"),
+    *NO_CUDA,
 ])
-def test_bad_gpu_groupings_are_one_line_and_leave_the_store_alone(
+def test_bad_gpu_choices_are_one_line_and_leave_the_store_alone(
     tmp_path: Path, model_dir: Path, args: list[str], message: str  # noqa: F811
 ) -> None:
     db = init_store(tmp_path, model_dir)

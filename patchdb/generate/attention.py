@@ -13,7 +13,7 @@ its Python branches are plain Python.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -30,27 +30,25 @@ _PREFIX: list[Prefixes | None] = [None]
 
 
 @contextmanager
-def shared_prefix(prefixes: Prefixes) -> Iterator[None]:
+def _holding(slot: list[Any], value: Any) -> Iterator[None]:
+    previous = slot[0]
+    slot[0] = value
+    try:
+        yield
+    finally:
+        slot[0] = previous
+
+
+def shared_prefix(prefixes: Prefixes) -> AbstractContextManager[None]:
     """While the block runs, every row's decode attention first attends to these keys and values
     (the prompt before the injection start, identical in every row), then to its own cache."""
-    previous = _PREFIX[0]
-    _PREFIX[0] = prefixes
-    try:
-        yield
-    finally:
-        _PREFIX[0] = previous
+    return _holding(_PREFIX, prefixes)
 
 
-@contextmanager
-def cache_length(length: torch.Tensor) -> Iterator[None]:
+def cache_length(length: torch.Tensor) -> AbstractContextManager[None]:
     """While the block runs, decode attention reads the first `length` cache positions (an int32
     device scalar the caller updates before each step) and ignores the mask."""
-    previous = _LENGTH[0]
-    _LENGTH[0] = length
-    try:
-        yield
-    finally:
-        _LENGTH[0] = previous
+    return _holding(_LENGTH, length)
 
 
 @torch.compiler.disable

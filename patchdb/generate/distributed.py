@@ -52,9 +52,8 @@ def rank_device(local_rank: int, gpus_per_model: int, cuda: bool) -> str:
 
 def torchrun_command(gpus: int, argv: list[str], gpus_per_model: int = 1) -> list[str]:
     """The command that reruns this `patchdb generate` under torchrun with one process per model
-    copy, gpus // gpus_per_model of them (argv without --gpus)."""
-    if gpus_per_model < 1 or gpus % gpus_per_model:
-        raise ConfigError(f"--gpus {gpus} is not a multiple of --gpus-per-model {gpus_per_model}")
+    copy, gpus // gpus_per_model of them (argv without --gpus; the CLI has checked that
+    gpus is a multiple of gpus_per_model)."""
     kept: list[str] = []
     skip = False
     for arg in argv:

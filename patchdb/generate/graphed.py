@@ -101,6 +101,11 @@ class GraphedDecoder:
         self.logits: torch.Tensor | None = None
         self.prompt_len = 0
 
+    @property
+    def prompt_slots(self) -> int:
+        """Cache slots each row's prompt fills: the prompt less the shared prefix."""
+        return self.prompt_len - self.prefix_len
+
     def _forward(self) -> Any:
         return self.model(input_ids=self.tokens, position_ids=self.positions,
                           attention_mask=self.mask, use_cache=True, **{self.cache_kw: self.cache})
@@ -120,7 +125,8 @@ class GraphedDecoder:
         if n < self.rows:
             expand = torch.cat([expand, expand[-1:].expand(self.rows - n)])
             vectors = torch.cat([vectors, vectors[-1:].expand(self.rows - n, -1)])
-        shared, own = self.prefix_len, prompt_len - self.prefix_len
+        self.prompt_len = prompt_len
+        shared, own = self.prefix_len, self.prompt_slots
         pairs: list[tuple[Any, Any]] = list(zip(self.cache.layers, prefill.layers, strict=True))
         for index, (static_layer, dyn_layer) in enumerate(pairs):
             keys = dyn_layer.keys[:, :, shared:prompt_len].index_select(0, expand)
@@ -129,18 +135,15 @@ class GraphedDecoder:
                 static_layer.lazy_initialization(keys, values)
             static_layer.keys[:, :, :own].copy_(keys)
             static_layer.values[:, :, :own].copy_(values)
-            if shared:  # every unit's prefix is the same: take the first's, into fixed buffers
-                if index not in self.prefixes:
-                    self.prefixes[index] = (dyn_layer.keys[0, :, :shared].clone(),
-                                            dyn_layer.values[0, :, :shared].clone())
-                else:
-                    self.prefixes[index][0].copy_(dyn_layer.keys[0, :, :shared])
-                    self.prefixes[index][1].copy_(dyn_layer.values[0, :, :shared])
+            if shared and index not in self.prefixes:
+                # Every unit of every batch has this prefix (one prompt, nothing steered or
+                # patched before the injection start): keep the first unit's, once.
+                self.prefixes[index] = (dyn_layer.keys[0, :, :shared].clone(),
+                                        dyn_layer.values[0, :, :shared].clone())
         self._set_length(own)
         self.steer.vectors.copy_(vectors)
         self.mask.zero_()
         self.mask[..., :own] = True
-        self.prompt_len = prompt_len
 
     @contextmanager
     def _step_context(self) -> Iterator[None]:
@@ -163,16 +166,16 @@ class GraphedDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._set_length(self.prompt_len - self.prefix_len)
+                    self._set_length(self.prompt_slots)
                     self._forward()
             torch.cuda.current_stream().wait_stream(side)
-            self._set_length(self.prompt_len - self.prefix_len)
+            self._set_length(self.prompt_slots)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self._forward()
         self.logits = out.logits
         self.graph = graph
-        self._set_length(self.prompt_len - self.prefix_len)
+        self._set_length(self.prompt_slots)
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed one token per row (decode step `step`, 0-based); returns float logits [n, vocab]."""

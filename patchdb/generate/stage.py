@@ -33,7 +33,7 @@ from patchdb.generate.engine import (
     plan_batches,
 )
 from patchdb.generate.layers import check_layer_range, find_layers
-from patchdb.generate.loading import LoadedModel, load_model
+from patchdb.generate.loading import LoadedModel, default_device, load_model
 from patchdb.generate.prompt import render_prompt
 from patchdb.generate.sampling import rollout_seed
 from patchdb.generate.vectors import ensure_vectors
@@ -150,6 +150,9 @@ def _check_options(options: GenerateOptions, config: SweepConfig) -> None:
             raise ConfigError(f"invalid device {options.device!r} (e.g. cpu, cuda:0)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {options.device!r} asked for, but CUDA is not available")
+    if options.gpus_per_model > 1 and not (options.device or default_device()).startswith("cuda"):
+        raise ConfigError(f"--gpus-per-model {options.gpus_per_model} needs CUDA GPUs; "
+                          f"device is {options.device or default_device()}")
 
 
 def missing_samples(session: Session, unit: ExpectedUnit, samples: int) -> list[int]:
@@ -319,18 +322,11 @@ def run_generate(
             result.stage_run_id = run.id
         return result
 
-    device = options.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = options.device or default_device()
     spread: dict[str, list[int]] = {}
-    if options.gpus_per_model > 1:
-        if not device.startswith("cuda") or not torch.cuda.is_available():
-            raise ConfigError(f"--gpus-per-model {options.gpus_per_model} needs CUDA GPUs; "
-                              f"device is {device}")
+    if options.gpus_per_model > 1:  # a CUDA device (_check_options); the loader checks the cards
         first = torch.device(device).index or 0
         spread["spread"] = list(range(first, first + options.gpus_per_model))
-    if device.startswith("cuda"):
-        # Streams, graphs and kernels this process starts belong to its own card (a torchrun
-        # rank on cuda:1 would otherwise capture on cuda:0).
-        torch.cuda.set_device(torch.device(device))
     loaded = load(
         options.model or config.model,
         dtype=options.dtype or config.dtype,
@@ -339,6 +335,10 @@ def run_generate(
         **spread,
     )
     result.model_id = loaded.model_id
+    if loaded.device.type == "cuda":
+        # Streams, graphs and kernels this process starts belong to its own card (a torchrun
+        # rank on cuda:1 would otherwise capture on cuda:0); the loader has checked the device.
+        torch.cuda.set_device(loaded.device)
     layer_map = find_layers(loaded.model)
     check_layer_range(len(layer_map.layers), [config.steer_layer], "steer layer")
     check_layer_range(

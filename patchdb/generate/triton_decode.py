@@ -9,6 +9,7 @@ Triton is optional: it ships with CUDA builds of torch. Without it (or on the CP
 is False and attention.py uses PyTorch's SDPA instead.
 """
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -103,18 +104,10 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     query = query.contiguous()
     out = torch.empty_like(query)
     grid: Any = (batch, kv_heads)
-    guard: Any = torch.cuda.device(query.device) if query.is_cuda else _no_guard()
+    guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _launch(grid, query, key, value, prefix, out, length, scale, groups, dim)
     return out
-
-
-class _no_guard:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _launch(grid: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
