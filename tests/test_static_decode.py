@@ -56,3 +56,31 @@ def test_static_decoder_gives_the_eager_answers(
     assert len({tuple(t) for unit in want for t in unit}) > 1  # the answers are not all alike
     uses_kernel = fast_attention and triton_decode.available(torch.zeros(1))
     assert bool(calls) == uses_kernel
+
+
+def test_the_prefix_is_shared_only_where_the_decode_attention_honours_it() -> None:
+    eager, static = engines(share_prefix=True)
+    max_len = static.prompt_len + 10
+    assert static.shared_prefix_len(max_len) == static.injection_start
+    assert eager.shared_prefix_len(max_len) == 0  # the eager decode keeps every row's prompt
+    todo = units(eager)
+    config = static.model.config
+    # Attention that patchdb does not route would not see a shared prefix. Under another
+    # implementation the engine decodes eagerly (the static decoder's mask is SDPA's); with
+    # softcapped logits the static decoder keeps every row's whole prompt. Answers stay the same.
+    for setting, value, static_path in (("_attn_implementation", "eager", False),
+                                        ("attn_logit_softcapping", 30.0, True)):
+        before = getattr(config, setting, None)
+        setattr(config, setting, value)
+        static._decoder, static._graph_ok = None, {}
+        try:
+            assert static.shared_prefix_len(max_len) == 0
+            want = [[c.token_ids for c in unit] for unit in eager.generate(todo, 10, 1.0)]
+            got = [[c.token_ids for c in unit] for unit in static.generate(todo, 10, 1.0)]
+            assert (static._decoder is not None) == static_path
+            assert static._decoder is None or static._decoder.prefix_len == 0
+            assert got == want
+        finally:
+            setattr(config, setting, before)
+            static._graph_ok = {}
+    assert static.shared_prefix_len(max_len) == static.injection_start

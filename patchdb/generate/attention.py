@@ -106,6 +106,14 @@ AttentionInterface.register(NAME, decode_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def routes_decode_attention(model: Any) -> bool:
+    """Whether decode_attention_for will send this model's decode steps through decode_attention
+    with a shared prefix honoured: the model uses SDPA and no attention logit softcapping."""
+    text = model.config.get_text_config(decoder=True)
+    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and getattr(text, "attn_logit_softcapping", None) is None)
+
+
 @contextmanager
 def decode_attention_for(model: Any) -> Iterator[bool]:
     """Route the model's attention through decode_attention while the block runs, where the

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from patchdb.generate.attention import routes_decode_attention
 from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import LayerMap
@@ -203,15 +204,29 @@ class Engine:
     def _cache_index(self, index: torch.Tensor) -> torch.Tensor:
         return index.cpu() if self.spans_devices else index
 
-    def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
-        """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
-        where graphs do not apply (CPU, long sliding windows, use_graphs off)."""
+    def _static_decode(self, max_len: int) -> bool:
+        """Whether sequences of max_len decode through the static-cache decoder (CUDA graphs),
+        not eagerly (CPU, long sliding windows, a model over several cards, use_graphs off)."""
         if not self.use_graphs or self.spans_devices:
-            return None
+            return False
         if max_len not in self._graph_ok:
             self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len,
                                                       require_cuda=self.graph_replay)
-        if not self._graph_ok[max_len]:
+        return self._graph_ok[max_len]
+
+    def shared_prefix_len(self, max_len: int) -> int:
+        """Prompt positions kept once for all rows when sequences of max_len decode: the
+        injection start where share_prefix applies (static decode through patchdb's attention),
+        else 0. Batch sizing counts only the rest of the prompt per row."""
+        if (self.share_prefix and self._static_decode(max_len)
+                and routes_decode_attention(self.model)):
+            return self.injection_start
+        return 0
+
+    def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
+        """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
+        where graphs do not apply (see _static_decode)."""
+        if not self._static_decode(max_len):
             return None
         current = self._decoder
         if current is not None and current.max_len == max_len and rows <= current.rows:
@@ -223,7 +238,7 @@ class Engine:
                                        self.injection_start, max(rows, self.graph_rows),
                                        max_len, self._cache_kw, self.fast_attention,
                                        self.compile_decode, self.graph_replay,
-                                       self.injection_start if self.share_prefix else 0)
+                                       self.shared_prefix_len(max_len))
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,

@@ -24,10 +24,13 @@ from patchdb.generate.layers import LayerMap
 
 
 def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda: bool = True) -> bool:
-    """CUDA only (unless `require_cuda` is off, for the eager static decoder), a cache API with
-    tensor length counters, and no sliding window shorter than the sequence (a full sliding layer
-    rolls its cache, which a graph cannot follow)."""
+    """CUDA only (unless `require_cuda` is off, for the eager static decoder), SDPA attention
+    (the decoder's boolean mask means "attend" there; eager attention would add it to the
+    scores), a cache API with tensor length counters, and no sliding window shorter than the
+    sequence (a full sliding layer rolls its cache, which a graph cannot follow)."""
     if require_cuda and device.type != "cuda":
+        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     config = model.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)

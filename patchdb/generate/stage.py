@@ -58,7 +58,7 @@ class GenerateOptions:
     shard: tuple[int, int] | None = None  # (index, count), index in 0..count-1
     model: str | None = None
     compile: bool | None = None  # torch.compile the graphed decode step; None: auto_compile()
-    share_prefix: bool = False  # keep the prompt's KV before the injection start once (GPU)
+    share_prefix: bool = True  # keep the prompt's KV before the injection start once (GPU)
     gpus_per_model: int = 1  # >1: one model copy spread over this many cards (device_map="auto")
 
 
@@ -345,14 +345,19 @@ def run_generate(
         len(layer_map.layers), sorted({p.unit.patch_layer for p in plan.pending}), "patch layer"
     )
     prompt = render_prompt(loaded.tokenizer, config.prompt_intro, config.prompt_trial)
-    batch_rows = options.batch_size or auto_batch_size(
-        loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
-        prompt.injection_start if options.share_prefix else 0,
-    )
-    result.batch_size = batch_rows
     pending_tokens = sum(len(p.samples) for p in plan.pending) * plan.max_new_tokens
     compile_decode = (options.compile if options.compile is not None
                       else auto_compile(device, pending_tokens))
+    engine = Engine(
+        loaded.model, layer_map, prompt.input_ids, prompt.injection_start,
+        config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
+        compile_decode=compile_decode, share_prefix=options.share_prefix,
+    )
+    batch_rows = options.batch_size or auto_batch_size(
+        loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
+        engine.shared_prefix_len(len(prompt.input_ids) + plan.max_new_tokens),
+    )
+    result.batch_size = batch_rows
     stopper = _StopAfterBatch()
 
     def decode(ids: list[int]) -> str:
@@ -371,11 +376,6 @@ def run_generate(
             )
             raw = ensure_vectors(store, loaded, config.steer_layer, words)
             scaled = {w: raw[w].float() * config.strength for w in words}
-            engine = Engine(
-                loaded.model, layer_map, prompt.input_ids, prompt.injection_start,
-                config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
-                compile_decode=compile_decode, share_prefix=options.share_prefix,
-            )
             sources = _Sources(engine, sorted({p.unit.patch_layer for p in plan.pending}), scaled)
             _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
                          result, stopper, progress)
