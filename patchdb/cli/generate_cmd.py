@@ -59,9 +59,11 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               envvar="PATCHDB_GPUS_PER_MODEL",
               help="Spread each model copy over this many GPUs (device_map='auto'), for a model "
                    "too large for one; with --gpus N, N/this processes.")
-@click.option("--share-prefix/--no-share-prefix", default=False, envvar="PATCHDB_SHARE_PREFIX",
+@click.option("--share-prefix/--no-share-prefix", default=True, show_default=True,
+              envvar="PATCHDB_SHARE_PREFIX",
               help="On GPUs, keep the prompt's KV cache before the injection start once for all "
-                   "rows: a smaller cache per row and a larger auto batch (not yet measured).")
+                   "rows: a smaller cache per row and a larger auto batch (Gemma-3-27B shape on "
+                   "an H100: 2x the rows, 1.26x the rollouts per second).")
 @click.option("--compile/--no-compile", "compile_", default=None, envvar="PATCHDB_COMPILE",
               help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
                    "about 1.4x faster steps for about a minute of compiling. Default: on when "
