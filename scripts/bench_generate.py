@@ -9,8 +9,10 @@ keys and layers, with EOS disabled:
   (b) patchdb's generate stage, writing rollouts to a SQLite store.
 
 It prints rollout tokens per second, decode-step time, peak memory, the fraction of the memory
-roofline (weights + KV bytes read per decode step over the copy bandwidth measured here), and
-warm-up time for each, then the ratio (b)/(a), and writes a JSON results file.
+roofline (weights + KV bytes read per decode step over the copy bandwidth measured here), the
+compute floor (the step's FLOPs over the bf16 matmul rate measured here; at large batches the step
+is bound by arithmetic, not reads), and warm-up time for each, then the ratio (b)/(a), and writes
+a JSON results file.
 
     python scripts/bench_generate.py --shape gemma3-27b --out results.json
 """
@@ -119,8 +121,50 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def _embedding_only(model: Any) -> list[torch.nn.Parameter]:
+    """The input embedding table, when it is not also the output head: a decode step reads only
+    one row of it per token."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    return [] if head is not None and head.weight is embed else [embed]
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads in full."""
+    skip = {id(p) for p in _embedding_only(model)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def matmul_flops(device: str) -> float:
+    """Dense bf16 FLOP/s of an 8192^3 matrix product on this card (median of ten)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / sorted(times)[len(times) // 2]
+
+
+def compute_step_s(model: Any, rows: int, context: int, flops: float) -> float:
+    """Fewest seconds a decode step's arithmetic takes at the measured matmul rate: 2 FLOPs per
+    weight read in full per row, plus attention scores and values over the context."""
+    skip = {id(p) for p in _embedding_only(model)}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * context
+    return rows * (2 * weights + attention) / flops
 
 
 def roofline_step_s(model: torch.nn.Module, rows: int, context: int, bandwidth: float,
@@ -316,7 +360,7 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
 
 
 def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: int = 8,
-                new_tokens: int = 32) -> dict[str, Any]:
+                new_tokens: int = 32, share_prefix: bool = False) -> dict[str, Any]:
     """Greedy texts with the CUDA-graph decode against the eager decode, same units."""
     from patchdb.generate.engine import Engine, TargetUnit
     from patchdb.generate.layers import find_layers
@@ -330,9 +374,14 @@ def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: in
                        seeds=list(range(i * samples, (i + 1) * samples)))
             for i in range(units)]
     out = {}
-    for name, graphs, fast in (("eager", False, True), ("graph", True, True), ("graph_sdpa", True, False)):
+    variants = [("eager", False, True, False), ("graph", True, True, False),
+                ("graph_sdpa", True, False, False)]
+    if share_prefix:
+        variants.append(("graph_shared", True, True, True))
+    for name, graphs, fast, shared in variants:
         engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
-                        work.steer_layer, [], use_graphs=graphs, fast_attention=fast)
+                        work.steer_layer, [], use_graphs=graphs, fast_attention=fast,
+                        share_prefix=shared)
         out[name] = [[c.token_ids for c in unit] for unit in engine.generate(todo, new_tokens, 0.0)]
 
     def compare(x: str, y: str) -> tuple[int, float]:
@@ -344,7 +393,11 @@ def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: in
     same, prefix = compare("eager", "graph")
     same_sdpa, prefix_sdpa = compare("eager", "graph_sdpa")
     same_kernels, _ = compare("graph", "graph_sdpa")
-    return {"rows": units * samples, "identical": same, "mean_common_prefix": prefix,
+    extra: dict[str, Any] = {}
+    if share_prefix:
+        extra["identical_shared_vs_graph"], extra["mean_common_prefix_shared"] = compare(
+            "graph", "graph_shared")
+    return {**extra, "rows": units * samples, "identical": same, "mean_common_prefix": prefix,
             "identical_graph_sdpa_vs_eager": same_sdpa, "mean_common_prefix_graph_sdpa": prefix_sdpa,
             "identical_triton_vs_sdpa_graph": same_kernels, "tokens": new_tokens, "dtype": str(model.dtype)}
 
@@ -390,6 +443,8 @@ def main() -> None:
     results["build_s"] = time.perf_counter() - t
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gbs"] = bandwidth / 1e9
+    flops = matmul_flops(device)
+    results["matmul_tflops"] = flops / 1e12
     tokenizer = tiny_tokenizer()
     prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
     n_layers = model.config.num_hidden_layers
@@ -406,7 +461,7 @@ def main() -> None:
     print(f"model {args.shape} built in {results['build_s']:.1f}s; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s; prompt {len(prompt.input_ids)} tokens", flush=True)
 
-    results["equivalence"] = equivalence(model, work, device)
+    results["equivalence"] = equivalence(model, work, device, share_prefix=args.share_prefix)
     print(f"greedy graph vs eager: {results['equivalence']}", flush=True)
     if args.equivalence_only:
         args.out.write_text(json.dumps(results, indent=2))
@@ -424,8 +479,11 @@ def main() -> None:
     step_b = engine_step_time(model, work, device, rows, args.compile, args.share_prefix)
     shared = work.injection_start if args.share_prefix else 0
     roof_b = roofline_step_s(model, rows, context, bandwidth, shared)
+    floor_b = max(roof_b, compute_step_s(model, rows, context, flops))
     b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
              roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,
+             compute_step_ms=compute_step_s(model, rows, context, flops) * 1e3,
+             floor_fraction=floor_b / step_b,
              warmup_s=b["compile_s"], step_probe_s=time.perf_counter() - t)
     results["b"] = b
     print(f"(b) patchdb: {b['tok_s']:.0f} tok/s, step {step_b * 1e3:.1f} ms at {rows} rows "
@@ -444,9 +502,12 @@ def main() -> None:
         tokens_a = reference_loop(model, ref_work, device, {})
         wall_a = time.perf_counter() - t
         roof_a = roofline_step_s(model, args.samples, context, bandwidth)
+        comp_a = compute_step_s(model, args.samples, context, flops)
         results["a"] = {"tokens": tokens_a, "wall_s": wall_a, "tok_s": tokens_a / wall_a,
                         "step_ms": step_a * 1e3, "rows": args.samples,
                         "roofline_step_ms": roof_a * 1e3, "roofline_fraction": roof_a / step_a,
+                        "compute_step_ms": comp_a * 1e3,
+                        "floor_fraction": max(roof_a, comp_a) / step_a,
                         "warmup_s": warm_a,
                         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                                      if device.startswith("cuda") else 0)}
@@ -462,13 +523,15 @@ def main() -> None:
         results["ratio_full_sweep"] = (results["projected_full_sweep_h_a"]
                                        / results["projected_full_sweep_h_b"])
     args.out.write_text(json.dumps(results, indent=2))
-    print("\n| run | tok/s | step ms | rows | roofline ms | roofline frac | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | tok/s | step ms | rows | roofline ms | roofline frac | compute ms "
+          "| floor frac | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in ("a", "b"):
         if name in results:
             r = results[name]
             print(f"| ({name}) | {r['tok_s']:.0f} | {r['step_ms']:.1f} | {r['rows']} | "
-                  f"{r['roofline_step_ms']:.1f} | {r['roofline_fraction']:.2f} | {r['peak_gib']:.1f} |")
+                  f"{r['roofline_step_ms']:.1f} | {r['roofline_fraction']:.2f} | "
+                  f"{r['compute_step_ms']:.1f} | {r['floor_fraction']:.2f} | {r['peak_gib']:.1f} |")
     print(f"(b) warmed up: {b['tok_s_warm']:.0f} tok/s; compile and capture {b['compile_s']:.1f} s")
     if "ratio_b_over_a" in results:
         print(f"ratio (b)/(a) on this sweep, compile included: {results['ratio_b_over_a']:.2f}; "
