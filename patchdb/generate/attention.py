@@ -106,12 +106,17 @@ AttentionInterface.register(NAME, decode_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def uses_sdpa(model: Any) -> bool:
+    """Whether the model's attention is SDPA: the one decode_attention_for replaces, and the
+    one whose boolean masks mean "attend"."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
 def routes_decode_attention(model: Any) -> bool:
     """Whether decode_attention_for will send this model's decode steps through decode_attention
     with a shared prefix honoured: the model uses SDPA and no attention logit softcapping."""
     text = model.config.get_text_config(decoder=True)
-    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
-            and getattr(text, "attn_logit_softcapping", None) is None)
+    return uses_sdpa(model) and getattr(text, "attn_logit_softcapping", None) is None
 
 
 @contextmanager
@@ -119,10 +124,10 @@ def decode_attention_for(model: Any) -> Iterator[bool]:
     """Route the model's attention through decode_attention while the block runs, where the
     model uses SDPA (yields whether it does); restores the model's own choice afterwards."""
     config = model.config
-    current = getattr(config, "_attn_implementation", None)
-    if current != "sdpa":
+    if not uses_sdpa(model):
         yield False
         return
+    current = config._attn_implementation
     config._attn_implementation = NAME
     try:
         yield True

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from patchdb.generate.attention import Prefixes, cache_length, decode_attention_for, shared_prefix
+from patchdb.generate.attention import (
+    Prefixes,
+    cache_length,
+    decode_attention_for,
+    shared_prefix,
+    uses_sdpa,
+)
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
@@ -30,7 +36,7 @@ def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda
     sequence (a full sliding layer rolls its cache, which a graph cannot follow)."""
     if require_cuda and device.type != "cuda":
         return False
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if not uses_sdpa(model):
         return False
     config = model.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)
