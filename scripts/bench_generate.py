@@ -115,24 +115,27 @@ class Work:
     vectors: torch.Tensor  # [n_words, hidden]
 
 
+def head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+    c: Any = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * 2
 
 
-def _embedding_only(model: Any) -> list[torch.nn.Parameter]:
-    """The input embedding table, when it is not also the output head: a decode step reads only
-    one row of it per token."""
+def full_weights(model: Any) -> list[torch.nn.Parameter]:
+    """The weights one decode step reads in full: all but an input embedding table that is not
+    also the output head (a step reads one row of it per token)."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    return [] if head is not None and head.weight is embed else [embed]
+    tied = head is not None and head.weight is embed
+    return [p for p in model.parameters() if tied or p is not embed]
 
 
 def weight_bytes(model: Any) -> int:
     """Bytes of weights one decode step reads in full."""
-    skip = {id(p) for p in _embedding_only(model)}
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    return sum(p.numel() * p.element_size() for p in full_weights(model))
 
 
 def matmul_flops(device: str) -> float:
@@ -159,11 +162,9 @@ def matmul_flops(device: str) -> float:
 def compute_step_s(model: Any, rows: int, context: int, flops: float) -> float:
     """Fewest seconds a decode step's arithmetic takes at the measured matmul rate: 2 FLOPs per
     weight read in full per row, plus attention scores and values over the context."""
-    skip = {id(p) for p in _embedding_only(model)}
-    weights = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    weights = sum(p.numel() for p in full_weights(model))
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * context
+    attention = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * context
     return rows * (2 * weights + attention) / flops
 
 
@@ -479,11 +480,10 @@ def main() -> None:
     step_b = engine_step_time(model, work, device, rows, args.compile, args.share_prefix)
     shared = work.injection_start if args.share_prefix else 0
     roof_b = roofline_step_s(model, rows, context, bandwidth, shared)
-    floor_b = max(roof_b, compute_step_s(model, rows, context, flops))
+    comp_b = compute_step_s(model, rows, context, flops)
     b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
              roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,
-             compute_step_ms=compute_step_s(model, rows, context, flops) * 1e3,
-             floor_fraction=floor_b / step_b,
+             compute_step_ms=comp_b * 1e3, floor_fraction=max(roof_b, comp_b) / step_b,
              warmup_s=b["compile_s"], step_probe_s=time.perf_counter() - t)
     results["b"] = b
     print(f"(b) patchdb: {b['tok_s']:.0f} tok/s, step {step_b * 1e3:.1f} ms at {rows} rows "
