@@ -23,6 +23,7 @@ from tqdm import tqdm
 from patchdb.config import DTYPES, SweepConfig
 from patchdb.errors import ConfigError
 from patchdb.experiments import NO_STEERING
+from patchdb.faults import fault_point
 from patchdb.generate.engine import (
     Completion,
     Engine,
@@ -413,6 +414,7 @@ def _run_batches(
                 continue
             units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
             outputs = engine.generate(units, plan.max_new_tokens, temperature)
+            fault_point("generate.batch_decoded")
             for piece, completions in zip(batch, outputs, strict=True):
                 got = done.setdefault(piece.unit_index, {})
                 for index, c in zip(piece.samples, completions, strict=True):
@@ -425,6 +427,7 @@ def _run_batches(
                     result.units_written += 1
                     result.rollouts_written += written
                     bar.update(1)
+                    fault_point("generate.unit_written")
             result.seconds = time.perf_counter() - started
             bar.set_postfix_str(f"{result.tokens_per_second:.1f} tok/s")
             if stopper.requested:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from patchdb.faults import fault_point
 from patchdb.judge import cache as judge_cache
 from patchdb.judge.client import FatalJudgeError, Reply
 from patchdb.judge.plan import Call, Scope, count_pending, pending_page
@@ -239,6 +240,7 @@ class Runner:
             "reasoning_tokens": reply.reasoning_tokens, "cost": reply.cost,
             "latency_s": reply.latency_s, "stage_run_id": s.stage_run_id,
         }, cache))
+        fault_point("judge.reply")
         if self.options.max_cost is not None and s.cost >= self.options.max_cost:
             if not self.stop.is_set():
                 s.stopped = "max_cost"

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from patchdb.errors import StoreError
+from patchdb.faults import fault_point
 from patchdb.store.models import JudgeCacheEntry, Judgment, utcnow
 from patchdb.store.store import Store
 
@@ -95,6 +96,7 @@ class JudgmentWriter:
         try:
             self.store.transact(lambda session: self._write(session, rows))
             self.written += len(rows)
+            fault_point("judge.batch_written")
         except BaseException as exc:  # surfaced by close(); the caller stops the run
             self.error = exc
 

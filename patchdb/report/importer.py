@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from patchdb.config import SweepConfig, validate
 from patchdb.errors import ConfigError, ImportFormatError
 from patchdb.experiments import EXPERIMENTS, GRADERS, NO_STEERING, ExperimentDef
+from patchdb.faults import fault_point
 from patchdb.ranges import format_range
 from patchdb.store import Store
 from patchdb.store.models import JudgeConfig, Judgment, Rollout
@@ -309,6 +310,7 @@ def _write(session: Session, plan: ImportPlan) -> ImportResult:
     if new_rollouts:
         session.execute(insert(Rollout), new_rollouts)
         have = existing_rollouts()
+        fault_point("import.rollouts_inserted")
     judge = _judge_config(session) if plan.n_judgments else None
     new_judgments: list[dict[str, Any]] = []
     if judge is not None:
@@ -335,10 +337,13 @@ def _write(session: Session, plan: ImportPlan) -> ImportResult:
                                     f"nothing was imported")
         if new_judgments:
             session.execute(insert(Judgment), new_judgments)
+    fault_point("import.before_commit")
     return ImportResult(plan, sweep.name, created, len(new_rollouts), len(new_judgments),
                         judge.id if judge is not None else None)
 
 
 def import_tree(store: Store, plan: ImportPlan) -> ImportResult:
     """Write a checked plan in one transaction: all of it, or (on any conflict) none of it."""
-    return store.transact(lambda session: _write(session, plan))
+    result = store.transact(lambda session: _write(session, plan))
+    fault_point("import.committed")
+    return result
