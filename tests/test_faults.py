@@ -1,8 +1,10 @@
-"""Fault injection: `kill -9` generate and judge at seeded random points, then rerun.
+"""Fault injection: generate, judge and import kill themselves (SIGKILL) at seeded named points.
 
 After every kill the store holds whole units only (all of a unit's samples or none, one row per
 judged call), `patchdb status --json` calls the killed stage `crashed`, and the rerun ends with
-exactly the rows of an uninterrupted run.
+exactly the rows of an uninterrupted run. The kills are deterministic: the process under test
+stops itself at a named point (PATCHDB_FAULT, patchdb/faults.py) chosen from a fixed seed, never
+after a sleep, so the same kills land on every machine however fast it is.
 """
 
 import json
@@ -12,8 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,39 +93,23 @@ def stage_statuses(db: Path) -> dict[int, str]:
     return {s["pid"]: s["status"] for s in json.loads(result.stdout)["stages"]}
 
 
-def wait_until(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> bool:
-    """Poll until `ready()`; False if the process ended first."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if ready():
-            return True
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+def run_until_fault(command: list[str], fault: str, env: dict[str, str] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+    """Run the command with PATCHDB_FAULT set: the process kills itself at that named point."""
+    env = dict(os.environ if env is None else env, PATCHDB_FAULT=fault)
+    return subprocess.run(command, env=env, text=True, capture_output=True, timeout=300)
 
 
-def kill_9(proc: subprocess.Popen[str]) -> bool:
-    """SIGKILL the process; True if it was still running (the kill landed)."""
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    return proc.returncode == -signal.SIGKILL
-
-
-def has_running_stage(db: Path, pid: int) -> bool:
-    try:
-        return bool(query(db, "SELECT 1 FROM stage_runs WHERE pid = ?", pid))
-    except sqlite3.OperationalError:  # the store is still being created
-        return False
+def assert_killed(proc: subprocess.CompletedProcess[str]) -> None:
+    """The process ended by its own SIGKILL at the fault point (not by finishing or failing)."""
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout + proc.stderr)
 
 
 def count(db: Path, table: str) -> int:
     return int(query(db, f"SELECT count(*) FROM {table}")[0][0])  # constant table names only
 
 
-def test_generate_killed_at_random_points_then_rerun_equals_one_run(
+def test_generate_killed_at_seeded_points_then_rerun_equals_one_run(
     tmp_path: Path, model_dir: Path
 ) -> None:
     rng = random.Random(SEED)
@@ -133,24 +118,23 @@ def test_generate_killed_at_random_points_then_rerun_equals_one_run(
     assert run_cli("init", "--config", config, "--db", killed).exit_code == 0
     command = [sys.executable, "-m", "patchdb", "generate", "--db", str(killed), "--quiet",
                "--batch-size", "1"]
-    kills = 0
-    for _ in range(3):
+    pids = []
+    for point in ("generate.unit_written", "generate.batch_decoded", "generate.unit_written"):
         before = assert_whole_units(killed)
-        proc = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        # A random point: some rollouts after the stage starts, then a random fraction of a batch.
-        more = rng.randint(0, 8)
-        started = wait_until(proc, lambda pid=proc.pid: has_running_stage(killed, pid), "the stage to start")
-        if started:
-            wait_until(proc, lambda n=before + more: count(killed, "rollouts") >= n, "rollouts")
-            time.sleep(rng.uniform(0, 0.4))
-        if not kill_9(proc):
-            assert proc.returncode == 0, proc.communicate()[0]
-            break
-        kills += 1
+        units_left = UNITS - before // SAMPLES
+        n = rng.randint(1, units_left - 1)  # a unit that is never the last: the kill lands mid-run
+        proc = run_until_fault(command, f"{point}:{n}")
+        assert_killed(proc)
         present = assert_whole_units(killed)
-        assert before <= present < UNITS * SAMPLES
-        assert stage_statuses(killed)[proc.pid] == "crashed"
-    assert kills >= 2, "the kills should land mid-run"
+        if point == "generate.unit_written":  # killed right after the n-th unit's commit
+            assert present == before + n * SAMPLES
+        else:  # killed with the n-th batch decoded but not written: that work is lost, no more
+            assert before <= present < before + n * SAMPLES
+        assert present < UNITS * SAMPLES
+        statuses = stage_statuses(killed)
+        new = [pid for pid in statuses if pid not in pids]
+        assert [statuses[pid] for pid in new] == ["crashed"]
+        pids += new
 
     rerun = subprocess.run(command, text=True, capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -158,7 +142,7 @@ def test_generate_killed_at_random_points_then_rerun_equals_one_run(
     assert assert_whole_units(killed) == UNITS * SAMPLES
     assert rollout_keys(killed) == expected_keys()
     statuses = list(stage_statuses(killed).values())
-    assert statuses.count("crashed") == kills and statuses.count("finished") == 1
+    assert statuses.count("crashed") == 3 and statuses.count("finished") == 1
 
 
 @pytest.fixture
@@ -180,7 +164,7 @@ def judgment_rows(db: Path) -> list[tuple]:
         FROM judgments j JOIN rollouts r ON r.id = j.rollout_id ORDER BY 1, 2, 3, 4, 5, 6""")
 
 
-def test_judge_killed_at_random_points_then_rerun_equals_one_run(
+def test_judge_killed_at_seeded_points_then_rerun_equals_one_run(
     tmp_path: Path, server: FaultServer
 ) -> None:
     rng = random.Random(SEED)
@@ -192,25 +176,29 @@ def test_judge_killed_at_random_points_then_rerun_equals_one_run(
     subprocess.run([*command, str(reference)], env=env, check=True, capture_output=True, timeout=120)
     assert count(reference, "judgments") == 2 * n
 
-    kills = 0
-    for _ in range(4):
+    pids: list[int] = []
+    for point in ("judge.reply", "judge.batch_written", "judge.reply", "judge.reply"):
         before = count(killed, "judgments")
-        target = before + rng.randint(1, 40)
-        proc = subprocess.Popen([*command, str(killed), "--concurrency", str(rng.choice([1, 4, 8]))],
-                                env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if wait_until(proc, lambda n=target: count(killed, "judgments") >= n, "judgments"):
-            time.sleep(rng.uniform(0, 0.05))
-        if not kill_9(proc):
-            assert proc.returncode == 0, proc.communicate()[0]
-            break
-        kills += 1
-        assert before <= count(killed, "judgments") < 2 * n
+        # The n-th reply of the calls still to make, never the last one: the kill lands mid-run.
+        # A write batch holds at least one reply, so batch 1 always comes before the end too.
+        k = rng.randint(1, min(40, 2 * n - before - 1)) if point == "judge.reply" else 1
+        proc = run_until_fault([*command, str(killed), "--concurrency",
+                                str(rng.choice([1, 4, 8]))], f"{point}:{k}", env)
+        assert_killed(proc)
+        after = count(killed, "judgments")
+        if point == "judge.reply":  # rows are written only for replies received
+            assert before <= after <= before + k
+        else:  # killed right after its first write batch committed
+            assert before < after
+        assert after < 2 * n
         assert query(killed, """SELECT count(*) FROM (SELECT rollout_id, grader, judge_config_id
             FROM judgments GROUP BY 1, 2, 3 HAVING count(*) > 1)""") == [(0,)]
         assert query(killed, "SELECT count(*) FROM judgments WHERE raw_reply IS NULL "
                      "AND error IS NULL") == [(0,)]  # a stored judgment is a whole one
-        assert stage_statuses(killed)[proc.pid] == "crashed"
-    assert kills >= 3, "the kills should land mid-run"
+        statuses = stage_statuses(killed)
+        new = [pid for pid in statuses if pid not in pids]
+        assert [statuses[pid] for pid in new] == ["crashed"]
+        pids += new
 
     rerun = subprocess.run([*command, str(killed)], env=env, text=True, capture_output=True,
                            timeout=120)
@@ -218,11 +206,10 @@ def test_judge_killed_at_random_points_then_rerun_equals_one_run(
     assert judgment_rows(killed) == judgment_rows(reference)
     assert query(killed, "SELECT count(*) FROM judge_configs") == [(1,)]
     statuses = list(stage_statuses(killed).values())
-    assert statuses.count("crashed") == kills and statuses.count("finished") == 1
+    assert statuses.count("crashed") == 4 and statuses.count("finished") == 1
 
 
-def test_import_json_killed_at_random_points_imports_all_or_nothing(tmp_path: Path) -> None:
-    rng = random.Random(SEED)
+def test_import_json_killed_at_each_point_imports_all_or_nothing(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     for layer in range(40, 46):
         path = tree / "unsteered_to_steered" / f"layer_{layer}" / "rollouts.json"
@@ -234,26 +221,22 @@ def test_import_json_killed_at_random_points_imports_all_or_nothing(tmp_path: Pa
     for path in (reference, db):
         assert run_cli("init", "--db", path).exit_code == 0
     command = [sys.executable, "-m", "patchdb", "import-json", str(tree), "--db"]
-    started = time.monotonic()
     subprocess.run([*command, str(reference)], check=True, capture_output=True, timeout=120)
-    whole_run_s = time.monotonic() - started
     command.append(str(db))
-    kills = 0
-    for _ in range(3):
-        proc = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        time.sleep(rng.uniform(0.3, 0.95) * whole_run_s)
-        if kill_9(proc):
-            kills += 1
-        assert count(db, "rollouts") in (0, expected)  # one transaction: all of it or none
-        if count(db, "rollouts"):
-            break
+    # Inside the one transaction: nothing of it may remain.
+    for point in ("import.rollouts_inserted", "import.before_commit"):
+        assert_killed(run_until_fault(command, f"{point}:1"))
+        assert count(db, "rollouts") == 0
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    # Right after the commit: all of it is there, although the process never finished.
+    assert_killed(run_until_fault(command, "import.committed:1"))
+    assert count(db, "rollouts") == expected
     done = subprocess.run(command, text=True, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert count(db, "rollouts") == expected
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
     answers = "SELECT patch_layer, target_word, sample_index, answer FROM rollouts ORDER BY 1, 2, 3"
     assert query(db, answers) == query(reference, answers)
-    assert kills >= 1
 
 
 def test_a_stage_on_another_host_is_crashed_once_its_heartbeat_is_stale(tmp_path: Path) -> None:
@@ -267,3 +250,18 @@ def test_a_stage_on_another_host_is_crashed_once_its_heartbeat_is_stale(tmp_path
                 "datetime('now', ?), datetime('now', ?))",
                 (host, 1000 + age_s, f"-{age_s + 60} seconds", f"-{age_s} seconds"))
     assert stage_statuses(db) == {1300: "crashed", 1005: "running"}
+
+
+def test_a_fault_point_fires_on_its_nth_pass_only(tmp_path: Path) -> None:
+    """The fault hook itself: the signal comes on the named point's n-th pass, not before."""
+    script = ("from patchdb.faults import fault_point\n"
+              "for i in range(1, 6):\n"
+              "    fault_point('other')\n"
+              "    print(i, flush=True)\n"
+              "    fault_point('here')\n")
+    for fault, printed, code in (("here:3", "1 2 3", -signal.SIGKILL),
+                                 ("here:2:TERM", "1 2", -signal.SIGTERM),
+                                 ("nowhere:1", "1 2 3 4 5", 0)):
+        proc = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True,
+                              env=dict(os.environ, PATCHDB_FAULT=fault), timeout=60)
+        assert (proc.stdout.split(), proc.returncode) == (printed.split(), code)
