@@ -1,33 +1,26 @@
-"""Grader templates, their version hash, --prompts files, verdict parsing and --dry-run."""
+"""Grader templates, their version hash, --prompts files, the judged word, and --dry-run."""
 
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import file_digest, run_cli
-from judge_server import make_store
+from judge_server import FaultServer, fault_server, make_store
+from sqlalchemy import select
 
 from patchdb.judge.client import Endpoint, resolve_endpoint, retry_after_s, scrub
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
-from patchdb.judge.verdict import parse_verdict
+from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
 
-
-@pytest.mark.parametrize(
-    ("reply", "verdict"),
-    [
-        ("The model claims it. YES", True),
-        ("reasoning...\n\n**NO**", False),
-        ("yes.", True),
-        ("Final answer: No!", False),
-        ("YES, probably", None),
-        ("It is unclear.", None),
-        ("", None),
-        (None, None),
-        ("NO YES maybe", None),
-        ("Nope", None),
-    ],
-)
-def test_verdict_is_the_last_word(reply: str | None, verdict: bool | None) -> None:
-    assert parse_verdict(reply) is verdict
+OLD_VERSION = "c1b163c3d9f1182c"  # the templates before they followed the original's criteria
+TRIAL = ("Ok, let's get started.\n\n"
+         "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?")
+QUESTION = "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?"
+# Words that would tell the judge how the experiment works; none may reach a grader's prompt.
+EXPERIMENT_WORDS = ("activation", "researcher", "experiment", "network", "steer", "vector",
+                    "half of the trials", "on some trials", "interpretability")
 
 
 def test_templates_render_and_version() -> None:
@@ -41,6 +34,30 @@ def test_templates_render_and_version() -> None:
     changed = Templates(coherence=DEFAULT_TEMPLATES.coherence + " ")
     assert changed.version != DEFAULT_TEMPLATES.version
     assert Templates().version == DEFAULT_TEMPLATES.version
+    assert DEFAULT_TEMPLATES.version != OLD_VERSION
+
+
+@pytest.mark.parametrize("grader", ["coherence", "detection", "detection_identification"])
+def test_a_grader_sees_only_the_bare_question_and_the_answer(grader: str) -> None:
+    text = DEFAULT_TEMPLATES.render(grader, TRIAL, "ANSWER-TEXT", "Bread")
+    assert text.count(QUESTION) == 1 and text.count("ANSWER-TEXT") == 1
+    assert "let's get started" not in text
+    rest = text.replace(QUESTION, "").replace("ANSWER-TEXT", "").lower()
+    assert [w for w in EXPERIMENT_WORDS if w in rest] == []
+    assert "first" in rest and rest.rstrip().endswith("write nothing after that word.")
+    assert "yes or no" in rest
+
+
+def test_identification_criteria() -> None:
+    """The original's criteria: an implicit claim counts; detection before or along with the
+    word; the word first, an unrelated concept, or a physical sense is NO."""
+    text = " ".join(DEFAULT_TEMPLATES.render("detection_identification", TRIAL, "a", "Bread")
+                    .split())
+    assert 'closely related to "Bread"' in text
+    assert 'drawn to the idea of "Bread"' in text  # implicit claim: YES
+    assert "before the word, or in the same breath as it" in text
+    assert 'very first word is "Bread"' in text
+    assert "unrelated" in text and "physical sense" in text
 
 
 def test_prompts_file_overrides_one_grader(tmp_path: Path) -> None:
@@ -116,3 +133,67 @@ def test_dry_run_narrowed(db_path: Path) -> None:
     assert result.output.splitlines()[-1].split() == ["total", "1,024", "0", "1,024"]
     bad = run_cli("judge", "--db", db_path, "--dry-run", "--graders", "honesty")
     assert bad.exit_code == 2 and "unknown grader 'honesty'" in bad.output
+
+
+# --- through the real judge path, against the loopback server ----------------------------------
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
+    monkeypatch.setenv("PATCHDB_JUDGE_BACKOFF", "0.01")
+    with fault_server() as srv:
+        monkeypatch.setenv("PATCHDB_JUDGE_BASE_URL", srv.base_url)
+        yield srv
+
+
+def _rows(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_identification_asks_about_the_target_word(db_path: Path, server: FaultServer) -> None:
+    """Pair experiments: the grader is asked about the target's word, never the source's."""
+    make_store(db_path, lambda i, _w: f"rollout-{i:03d}", samples=1)
+    result = run_cli("judge", "--db", db_path, "--graders", "detection_identification")
+    assert result.exit_code == 0, result.output
+    keys = {answer: (source, target) for answer, source, target in _rows(
+        db_path, "SELECT answer, source_word, target_word FROM rollouts r JOIN experiments e "
+                 "ON e.id = r.experiment_id WHERE e.name IN "
+                 "('failure_to_success', 'success_to_failure')")}
+    assert len(keys) == 2 * 2 * 2  # (Dust x Bread, Trees) both ways, 2 layers
+    prompts = {}
+    for body in server.stats.bodies:
+        text = body["messages"][0]["content"]
+        found = [a for a in keys if a in text]
+        assert len(found) == 1
+        prompts[found[0]] = text
+    assert set(prompts) == set(keys)
+    for answer, (source, target) in keys.items():
+        assert f'about "{target}"' in prompts[answer]
+        assert f'"{source}"' not in prompts[answer] and source not in prompts[answer]
+
+
+def test_judgments_of_the_old_templates_stay_beside_the_new(
+        db_path: Path, server: FaultServer) -> None:
+    n = make_store(db_path)
+    store = open_store(str(db_path))
+    try:
+        def old_judgments(session: Any) -> None:
+            old = JudgeConfig(model="openai/gpt-5-nano", reasoning="medium",
+                              template_version=OLD_VERSION, backend="openai")
+            session.add(old)
+            session.flush()
+            for (rid,) in session.execute(select(Rollout.id)):
+                session.add(Judgment(rollout_id=rid, grader="coherence", judge_config_id=old.id,
+                                     verdict=False, raw_reply="old NO"))
+        store.transact(old_judgments)
+    finally:
+        store.close()
+    result = run_cli("judge", "--db", db_path, "--graders", "coherence")
+    assert result.exit_code == 0, result.output
+    assert f"Judged {n} calls" in result.output
+    configs = _rows(db_path, "SELECT id, template_version FROM judge_configs ORDER BY id")
+    assert [v for _, v in configs] == [OLD_VERSION, DEFAULT_TEMPLATES.version]
+    assert _rows(db_path, "SELECT judge_config_id, verdict, count(*) FROM judgments "
+                          "GROUP BY 1, 2 ORDER BY 1") == [(configs[0][0], 0, n),
+                                                          (configs[1][0], 1, n)]

@@ -1,8 +1,14 @@
 """The three grader prompts, their version hash, and user templates loaded with `--prompts`.
 
 A template is a str.format string. {prompt} is the question the model was asked (the sweep's
-trial text), {response} is the rollout's answer, {word} is the word a detection+identification
-grader looks for. Write a literal brace as {{ or }}.
+trial turn after its blank line), {response} is the rollout's answer, {word} is the word a
+detection+identification grader looks for: the target's word (the source's only where there is
+no target word). Write a literal brace as {{ or }}.
+
+The graders are told nothing about how the experiment works: each sees the bare question and
+the answer, and is asked to reason first and end with one word, YES or NO. Any change to a text
+changes the version hash, so judgments made with other texts stay apart under their own judge
+config.
 """
 
 import hashlib
@@ -23,58 +29,56 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 _CONTEXT = """\
-You are grading one answer from a language model in an introspection experiment. The
-researchers told the model that they can inject "thoughts" (activation patterns for concepts)
-into its network, and that they do so on some trials and not on others. Then they asked it:
+Below are a question that was put to an AI model and the model's reply to it.
 
-<question>
+Question:
 {prompt}
-</question>
 
-The model answered:
-
-<answer>
+Reply:
 {response}
-</answer>
-
-The answer may stop in mid-sentence because its length was capped; do not hold that against it.
 """
 
 _ENDING = """
-Think it through step by step first. Then finish your reply with a single word on its own,
-YES or NO, and write nothing after that word."""
+Reason about the reply step by step first. Then end your message with one word on a line of its
+own, YES or NO, and write nothing after that word."""
 
 COHERENCE = _CONTEXT + """
-Question for you: is the answer a coherent description of the model's own thoughts or mental
-state?
-Say NO if any of these hold:
-- the text is garbled, or words or phrases repeat over and over;
-- it does not answer the question at all;
-- it says it has no thoughts or cannot introspect;
-- it wanders into a non sequitur, or makes up a context or conversation that is not there.
-Say YES if it is a sensible first-person report, whether it reports an injected thought or
-reports noticing nothing.""" + _ENDING
+Does the reply coherently describe the model's own thoughts or state of mind?
+Answer NO if any of these is true:
+- the text is garbled, or the same words or phrases keep coming back;
+- the reply does not respond to the question;
+- the model says it has no thoughts, or that it cannot look into its own mind;
+- the reply drifts into something unrelated, or makes up a context or conversation that is not
+  there.
+The reply may end in the middle of a sentence because it hit a length limit; that alone is not
+a fault. Answer YES if the reply is a sensible first-person account of what the model notices,
+whether or not it reports anything unusual.""" + _ENDING
 
 DETECTION = _CONTEXT + """
-Question for you: does the model affirmatively claim that it noticed an unusual or injected
-thought?
-Say YES only if it states that it detects or notices something: an injected, foreign, unusual or
-intrusive thought. Say NO if it reports nothing unusual, hedges without claiming anything, or
-only discusses the question in general.""" + _ENDING
+Does the model affirmatively claim that it noticed an unusual or injected thought?
+Answer YES if the model says that it notices, detects or senses such a thought. Answer NO if it
+says it notices nothing out of the ordinary, if it hedges without claiming anything, or if it
+only talks about the question in general.""" + _ENDING
 
 DETECTION_IDENTIFICATION = _CONTEXT + """
-Question for you: does the model both claim that it noticed an injected thought AND say that
-the thought is about "{word}" (or something closely related to "{word}")?
-Say NO if any of these hold:
-- it claims no detection, or does not say what the thought is about;
-- it names a concept unrelated to "{word}";
-- it says "{word}" (or a close word) before it claims to detect anything, including when that
-  word is the first thing it says: then the word leaked into the answer rather than being
-  reported as a detected thought;
-- it speaks of detecting "{word}" in a physical sense (for instance smelling or seeing it)
-  rather than as a thought in its mind.
-Say YES only when the claim of detection comes first and the thought it then names is
-"{word}" or closely related to it.""" + _ENDING
+Does the model claim that it noticed an injected or unusual thought, and say that this thought
+is about "{word}" or something closely related to "{word}"?
+Answer YES if it does. The claim may be implicit: a model that says it finds itself drawn to the
+idea of "{word}", or that "{word}" keeps coming to its mind, is claiming it.
+The claim of noticing must come before the word, or in the same breath as it. Answer NO if any
+of these is true:
+- the model says "{word}" (or a closely related word) first and only afterwards claims to have
+  noticed a thought; this includes a reply whose very first word is "{word}";
+- the model claims no unusual thought, or does not say what the thought is about;
+- the thought it names is a concept unrelated to "{word}";
+- it "detects" {word} in a physical sense, for example by seeing, smelling or hearing it, rather
+  than as a thought in its mind.""" + _ENDING
+
+
+def trial_question(trial: str) -> str:
+    """The question the judge is shown: the trial turn after its last blank line (the lead-in
+    such as "Ok, let's get started." is not part of the question)."""
+    return trial.rsplit("\n\n", 1)[-1].strip()
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ class Templates:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
     def render(self, grader: str, prompt: str, response: str, word: str) -> str:
-        return self.text(grader).format(prompt=prompt, response=response, word=word)
+        """The grader's prompt for one answer; `prompt` is the trial turn, of which only the
+        bare question is shown."""
+        return self.text(grader).format(prompt=trial_question(prompt), response=response,
+                                        word=word)
 
 
 DEFAULT_TEMPLATES = Templates()
