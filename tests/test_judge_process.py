@@ -154,3 +154,31 @@ def test_follow_without_a_running_generate_stops_when_done(
     result = subprocess.run(judge_cmd(db, "--follow"), env=judge_env(server), text=True,
                             capture_output=True, timeout=60)
     assert result.returncode == 0 and f"Judged {2 * n} calls" in result.stdout
+
+
+def test_a_failed_write_stops_the_judge_within_one_batch(tmp_path: Path, server: FaultServer) -> None:
+    """The store takes KEEP judgments, then refuses every insert (a real trigger): the judge stops
+    at once, keeps what it committed, says why in one line and exits 1, having made at most one
+    write batch plus the calls in flight beyond what was saved."""
+    db = tmp_path / "store.sqlite"
+    n = make_store(db, answer, samples=SAMPLES)
+    keep, batch, concurrency = 40, 8, 4
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"""CREATE TRIGGER store_full BEFORE INSERT ON judgments
+            WHEN (SELECT count(*) FROM judgments) >= {keep}
+            BEGIN SELECT RAISE(ABORT, 'no room for judgments'); END""")
+    result = subprocess.run(
+        judge_cmd(db, "--concurrency", str(concurrency), "--write-batch", str(batch),
+                  "--no-progress"),
+        env=judge_env(server), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    saved = count(db)
+    # a flush holds fewer than batch + concurrency rows: the one that failed started above this
+    assert keep - batch - concurrency < saved <= keep
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: writing judgments failed, so the judge stopped (database error on {db}: "
+        f"no room for judgments); {saved} judgments were saved; run again to resume")
+    assert server.stats.requests <= keep + batch + concurrency < 2 * n
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM stage_runs").fetchall() == [("failed",)]

@@ -112,6 +112,8 @@ def render_summary(s: JudgeSummary) -> str:
               envvar="PATCHDB_JUDGE_BACKOFF", show_default=True, hidden=True)
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=2.0,
               envvar="PATCHDB_JUDGE_POLL", show_default=True, hidden=True)
+@click.option("--write-batch", type=click.IntRange(min=1), default=200, show_default=True,
+              envvar="PATCHDB_JUDGE_WRITE_BATCH", hidden=True)
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
               help="Seconds Ctrl-C waits for calls in flight.")

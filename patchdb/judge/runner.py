@@ -3,7 +3,9 @@
 The producer pages through pending calls (plan.py) in a thread, renders the grader prompts and
 answers cache hits; workers keep the calls in flight; finished results go to the writer thread
 (writer.py). Ctrl-C stops taking work, waits `grace_s` for calls in flight, and keeps what
-finished; a fatal API error stops at once.
+finished; a fatal API error stops at once. No call starts while a batch of results is still
+unwritten, and a failed write stops the run at once: a store that cannot take the results never
+lets the run spend more than one batch (plus the calls in flight) on replies it cannot keep.
 """
 
 import asyncio
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import select
+from sqlalchemy.exc import DatabaseError
 
+from patchdb.errors import StoreError
 from patchdb.faults import fault_point
 from patchdb.judge import cache as judge_cache
 from patchdb.judge.client import FatalJudgeError, Reply
@@ -26,7 +30,7 @@ from patchdb.judge.verdict import parse_verdict
 from patchdb.judge.writer import JudgmentWriter, Row
 from patchdb.store.models import StageRun
 from patchdb.store.runs import is_running
-from patchdb.store.store import Store
+from patchdb.store.store import Store, describe_db_error
 
 
 class Backend(Protocol):
@@ -56,7 +60,7 @@ class JudgeSummary:
     reasoning_tokens: int = 0
     cost: float = 0.0
     elapsed_s: float = 0.0
-    stopped: str | None = None  # "limit", "max_cost" or "interrupted"
+    stopped: str | None = None  # "limit", "max_cost", "interrupted" or "write_failed"
     nothing_pending: bool = False  # nothing to judge: no backend was loaded, no call made
     sweep_name: str = ""
     calls_in_scope: int = 0  # set when nothing_pending: every call the scope holds
@@ -199,6 +203,8 @@ class Runner:
                     queue.put_nowait(None)
                     break
                 batch.append(nxt)
+            if not await self._room_to_write():
+                continue  # the store refused a write: make no call whose reply cannot be kept
             try:
                 replies = await self.backend.judge([w.prompt for w in batch], slot)
             except FatalJudgeError as exc:
@@ -209,6 +215,29 @@ class Runner:
                 continue
             for w, reply in zip(batch, replies, strict=True):
                 self._record(w, reply)
+
+    async def _room_to_write(self) -> bool:
+        """Wait while a whole batch of results is unwritten; False once a write has failed."""
+        writer = self.writer
+        while writer.error is None and writer.backlog >= writer.batch:
+            self._written.clear()
+            writer.flush_soon()
+            await self._written.wait()
+        return writer.error is None
+
+    def _on_written(self) -> None:
+        """On the loop, after each commit or failure of the writer thread."""
+        self._written.set()
+        if self.writer.error is not None and self.summary.stopped != "write_failed":
+            self.summary.stopped = "write_failed"
+            self.stop.set()
+            self.fatal_event.set()  # replies in flight could not be kept either
+
+    def _write_failure(self, exc: BaseException) -> StoreError:
+        """The one line a failed judgment write ends the run with."""
+        cause = describe_db_error(self.store.where, exc) if isinstance(exc, DatabaseError) else exc
+        return StoreError(f"writing judgments failed, so the judge stopped ({cause}); "
+                          f"{self.writer.written} judgments were saved; run again to resume")
 
     def _record(self, w: _Work, reply: Reply) -> None:
         finished = reply.error is None and reply.finish_reason == "stop"
@@ -278,7 +307,11 @@ class Runner:
             total = min(total, self.options.limit)
         self.bar: Any = tqdm(total=total, unit="call", dynamic_ncols=True, leave=True,
                              disable=not self.options.progress or None)
-        self.writer = JudgmentWriter(self.store, replace=self.options.mode != "only_missing")
+        self._written = asyncio.Event()
+        self.writer = JudgmentWriter(
+            self.store, replace=self.options.mode != "only_missing",
+            batch=self.options.write_batch,
+            notify=lambda: loop.call_soon_threadsafe(self._on_written))
         n_workers = self.resolved.concurrency if self.backend.batch_size == 1 else 1
         queue: asyncio.Queue[_Work | None] = asyncio.Queue(
             maxsize=2 * n_workers * self.backend.batch_size)
@@ -289,11 +322,15 @@ class Runner:
             await self._wait(everything)
         finally:
             await self.backend.close()
-            await asyncio.to_thread(self.writer.close)  # Ctrl-C here still only sets a flag
-            self.bar.close()
-            self.summary.elapsed_s = time.monotonic() - started
-            if threading.current_thread() is threading.main_thread():
-                loop.remove_signal_handler(signal.SIGINT)
+            try:
+                await asyncio.to_thread(self.writer.close)  # Ctrl-C here still only sets a flag
+            except Exception as exc:
+                raise self._write_failure(exc) from None
+            finally:
+                self.bar.close()
+                self.summary.elapsed_s = time.monotonic() - started
+                if threading.current_thread() is threading.main_thread():
+                    loop.remove_signal_handler(signal.SIGINT)
         return self.summary
 
     async def _wait(self, everything: "asyncio.Future[Any]") -> None:

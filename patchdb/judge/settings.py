@@ -1,12 +1,12 @@
 """Judge options: what the user asked for, merged over the sweep config's [judge] table."""
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from patchdb.config import REASONING_EFFORTS, JudgeSettings
 from patchdb.errors import JudgeError
 from patchdb.judge.plan import MODES, check_graders
+from patchdb.redact import redact_arguments
 
 BACKENDS = ("openai", "hf")
 
@@ -34,6 +34,7 @@ class JudgeOptions:
     backoff_base_s: float = 1.0
     poll_s: float = 2.0
     grace_s: float = 10.0
+    write_batch: int = 200  # results per store transaction; also how far calls may run ahead
     hf_batch_size: int | None = None  # None: the sweep's [judge] batch_size
     hf_max_new_tokens: int | None = None  # None: the sweep's [judge] max_new_tokens
     hf_dtype: str = "float32"
@@ -41,11 +42,8 @@ class JudgeOptions:
     progress: bool = True
 
     def arguments(self) -> dict[str, Any]:
-        """What stage_runs records: every option (none of them holds a secret)."""
-        args = {k: v for k, v in asdict(self).items() if k != "progress"}
-        if self.base_url:
-            args["base_url"] = re.sub(r"//[^/@]*@", "//", self.base_url)  # no user:password@
-        return args
+        """What stage_runs records: every option, with any password in --base-url hidden."""
+        return redact_arguments({k: v for k, v in asdict(self).items() if k != "progress"})
 
 
 @dataclass(frozen=True)

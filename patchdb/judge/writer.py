@@ -4,10 +4,15 @@ Results are queued; the writer thread commits them every `flush_s` seconds or ev
 results, one store.transact per batch. The unique key (rollout, grader, judge config) makes
 every write idempotent: `only_missing` inserts with ON CONFLICT DO NOTHING (a concurrent run
 that got there first wins), the other modes replace the row.
+
+A failed write is final: the writer keeps what it committed, drops nothing silently (the rows
+it could not write stay counted in `backlog`), calls `notify` so the run stops at once, and
+`close` re-raises the error.
 """
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +57,17 @@ class JudgmentWriter:
     """
 
     def __init__(
-        self, store: Store, replace: bool, batch: int = 200, flush_s: float = 0.5
+        self, store: Store, replace: bool, batch: int = 200, flush_s: float = 0.5,
+        notify: Callable[[], object] | None = None,
     ) -> None:
         self.store = store
         self.replace = replace
         self.batch = batch
         self.flush_s = flush_s
+        self.notify = notify  # called from the writer thread after every commit or failure
         self.written = 0
         self.error: BaseException | None = None
+        self._writing = 0  # rows taken from the queue whose transaction has not committed
         self._rows: deque[Row] = deque()
         self._wake = threading.Event()
         self._closing = False
@@ -70,6 +78,15 @@ class JudgmentWriter:
         self._rows.append(row)
         if len(self._rows) >= self.batch and not self._wake.is_set():
             self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Rows handed over and not yet committed (after a failure: never committed)."""
+        return len(self._rows) + self._writing
+
+    def flush_soon(self) -> None:
+        """Ask the thread to write what is queued now rather than at the next tick."""
+        self._wake.set()
 
     def close(self) -> None:
         """Write everything queued so far and stop; re-raises a write error."""
@@ -84,21 +101,25 @@ class JudgmentWriter:
             self._wake.wait(self.flush_s)
             self._wake.clear()
             closing = self._closing
-            while self._rows:
-                rows = [self._rows.popleft() for _ in range(min(len(self._rows), 5 * self.batch))]
+            while self._rows and self.error is None:
+                take = min(len(self._rows), 5 * self.batch)
+                self._writing = take
+                rows = [self._rows.popleft() for _ in range(take)]
                 self._flush(rows)
-            if closing:
+            if closing or self.error is not None:
                 return
 
     def _flush(self, rows: list[Row]) -> None:
-        if not rows or self.error is not None:
-            return
         try:
             self.store.transact(lambda session: self._write(session, rows))
-            self.written += len(rows)
-            fault_point("judge.batch_written")
-        except BaseException as exc:  # surfaced by close(); the caller stops the run
+        except BaseException as exc:  # surfaced by close(); notify() makes the run stop now
             self.error = exc
+        else:
+            self.written += len(rows)
+            self._writing = 0
+            fault_point("judge.batch_written")
+        if self.notify is not None:
+            self.notify()
 
     def _write(self, session: Session, rows: list[Row]) -> None:
         now = utcnow()
