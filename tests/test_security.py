@@ -131,6 +131,76 @@ def test_credentials_in_a_base_url_are_not_printed(db_path: Path) -> None:
     assert URL_SECRET not in result.output and "http://judge:***@127.0.0.1" in result.output
 
 
+# --- one redaction rule: secrets go, counts of tokens stay ---------------------------------------
+
+def test_secret_names_are_known_by_their_parts_and_token_counts_are_not_secrets() -> None:
+    from patchdb.redact import is_secret_name
+
+    secrets = ["api_key", "OPENROUTER_API_KEY", "hf_token", "auth_token", "token", "password",
+               "db-password", "client_secret", "apikey", "HF-Token"]
+    plain = ["max_new_tokens", "hf_max_new_tokens", "prompt_tokens", "batch_size", "base_url",
+             "model", "keys", "monkey", "tokenizer", "passage"]
+    assert [n for n in secrets if not is_secret_name(n)] == []
+    assert [n for n in plain if is_secret_name(n)] == []
+
+
+def test_secrets_inside_text_are_hidden() -> None:
+    from patchdb.redact import redact_text, scrub
+
+    assert redact_text(f"http://judge:{URL_SECRET}@127.0.0.1:8000/v1") == (
+        "http://judge:***@127.0.0.1:8000/v1")
+    assert redact_text(f"postgresql+psycopg://u:{URL_SECRET}@db/x failed") == (
+        "postgresql+psycopg://u:***@db/x failed")
+    assert redact_text(f"https://h/v1?model=m&api_key={SENTINEL}&n=2") == (
+        "https://h/v1?model=m&api_key=***&n=2")
+    assert redact_text(f'echo: "Bearer {SENTINEL}"') == 'echo: "Bearer ***"'
+    assert redact_text("max_new_tokens=16 http://host:8000/v1") == (
+        "max_new_tokens=16 http://host:8000/v1")
+    assert scrub(f"key {SENTINEL[:12]}... rejected", SENTINEL) == "key [redacted]... rejected"
+
+
+def test_stage_runs_keep_max_new_tokens_and_never_a_secret(tmp_path: Path) -> None:
+    """Through real commands: generate records its --max-new-tokens; a judge given a password in
+    its --base-url works, records the URL with the password hidden, and the password is nowhere
+    in the store's bytes or the output; a secret-named argument is never recorded."""
+    from judge_server import fault_server
+
+    from patchdb.store import open_store
+    from patchdb.store.runs import stage_run
+
+    model = save_tiny_llama(tmp_path / "m", n_layers=4)
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        f'[sweep]\nname = "tiny"\nmodel = {json.dumps(str(model))}\ndtype = "float32"\n'
+        'steer_layer = 1\npatch_layers = "2"\nsamples = 1\nmax_new_tokens = 4\n'
+        'positive_words = ["Bread"]\nnegative_words = ["Dust"]\n')
+    db = tmp_path / "store.sqlite"
+    assert run_cli("init", "--config", config, "--db", db).exit_code == 0
+    generate = run_cli("generate", "--db", db, "--quiet", "--max-new-tokens", "2")
+    assert generate.exit_code == 0, generate.output
+    with fault_server() as server:
+        url = server.base_url.replace("http://", f"http://judge:{URL_SECRET}@")
+        judge = run_cli("judge", "--db", db, "--base-url", url, "--no-progress",
+                        "--judge-max-new-tokens", "7")
+    assert judge.exit_code == 0, judge.output
+    assert server.stats.requests == 8  # 4 rollouts, coherence + detection each
+    store = open_store(str(db))
+    with stage_run(store, "probe", {"hf_token": SENTINEL, "auth_token": SENTINEL,
+                                    "max_new_tokens": 3}):
+        pass
+    store.close()
+    with sqlite3.connect(db) as conn:
+        runs = dict(conn.execute("SELECT stage, arguments FROM stage_runs").fetchall())
+    assert json.loads(runs["generate"])["max_new_tokens"] == 2
+    judged = json.loads(runs["judge"])
+    assert judged["hf_max_new_tokens"] == 7
+    assert judged["base_url"] == server.base_url.replace("http://", "http://judge:***@")
+    assert json.loads(runs["probe"]) == {"max_new_tokens": 3}
+    assert URL_SECRET not in generate.output + judge.output
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {str(p): secrets_in(p) for p in files if secrets_in(p)} == {}
+
+
 # --- every SQL statement is parameterised -----------------------------------------------------
 
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|DROP|CREATE|ALTER|PRAGMA|BEGIN|WHERE|"

@@ -44,9 +44,9 @@ class PatchdbGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PatchdbError as exc:
-            from patchdb.store.runs import redact_credentials
+            from patchdb.redact import redact_text
 
-            raise click.ClickException(redact_credentials(str(exc))) from None
+            raise click.ClickException(redact_text(str(exc))) from None
 
 
 @click.group(cls=PatchdbGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from patchdb import redact
 from patchdb.errors import JudgeError
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
@@ -98,13 +99,8 @@ class Reply:
 
 
 def scrub(text: str, secret: str) -> str:
-    """Remove the key (and any long part of it) from text that may reach a user or the store."""
-    if secret and secret != NO_KEY and len(secret) >= 4:
-        text = text.replace(secret, "[redacted]")
-        if len(secret) > 12:
-            for part in (secret[:12], secret[-8:]):
-                text = text.replace(part, "[redacted]")
-    return text
+    """Text that may reach a user or the store, without the key or any other secret in it."""
+    return redact.scrub(text, *([secret] if secret != NO_KEY else []))
 
 
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:

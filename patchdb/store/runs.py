@@ -3,7 +3,6 @@ stage from a crashed one (a crashed one stops beating)."""
 
 import json
 import os
-import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,25 +12,12 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from patchdb.redact import redact_arguments, redact_text
 from patchdb.store.models import StageRun, utcnow
 from patchdb.store.store import Store
 
 HEARTBEAT_S = 10.0
 STALE_AFTER = timedelta(seconds=60)
-SECRET_MARKERS = ("key", "token", "secret", "password")
-_URL_PASSWORD = re.compile(r"(\w+://[^/\s:@]*):[^/\s@]*@")
-
-
-def redact_credentials(text: str) -> str:
-    """Hide the password of any URL in text ("http://u:pw@host" -> "http://u:***@host")."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-def scrub_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a secret; keep what a reader needs to rerun the stage."""
-    return {
-        k: v for k, v in arguments.items() if not any(m in k.lower() for m in SECRET_MARKERS)
-    }
 
 
 class StageRunHandle:
@@ -76,7 +62,7 @@ def stage_run(
         run = StageRun(
             stage=stage,
             sweep_id=sweep_id,
-            arguments=json.dumps(scrub_arguments(arguments), sort_keys=True, default=str),
+            arguments=json.dumps(redact_arguments(arguments), sort_keys=True, default=str),
             host=socket.gethostname(),
             pid=os.getpid(),
             status="running",
@@ -93,7 +79,7 @@ def stage_run(
         handle.finish("interrupted")
         raise
     except BaseException as exc:
-        handle.finish("failed", redact_credentials(f"{type(exc).__name__}: {exc}")[:2000])
+        handle.finish("failed", redact_text(f"{type(exc).__name__}: {exc}")[:2000])
         raise
     else:
         handle.finish("finished")
