@@ -1,6 +1,6 @@
 """A judge run with nothing pending counts that first and returns: no backend is built, so no
-model is loaded and no API key is needed, yet the run is recorded in stage_runs (as a generate
-run with nothing to generate is)."""
+model is loaded and no API key is needed, and (as for a generate run with nothing to generate)
+no stage_runs row is added: a run that did nothing does not grow the history."""
 
 import sqlite3
 from pathlib import Path
@@ -81,9 +81,9 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
 
     assert rows(db_path, "SELECT * FROM judgments ORDER BY id") == stored
     assert len(rows(db_path, "SELECT id FROM judge_configs")) == 1
-    # every run that got past loading (or had nothing to load) is recorded, and finished
+    # only the run that judged something is recorded: refused loads and no-op runs are not
     runs = rows(db_path, "SELECT stage, status FROM stage_runs ORDER BY id")
-    assert runs == [("judge", "finished")] * (4 if unparsed else 5)
+    assert runs == [("judge", "finished")]
 
 
 def test_nothing_pending_needs_no_backend(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,8 +95,7 @@ def test_nothing_pending_needs_no_backend(db_path: Path, monkeypatch: pytest.Mon
         assert result.exit_code == 0, result.output
         assert result.output.strip() == ("Judged 0 calls: nothing to judge (no rollouts of "
                                          "sweep 'small' in scope).")
-    assert rows(db_path, "SELECT count(*) FROM stage_runs WHERE stage = 'judge' "
-                         "AND status = 'finished'") == [(4,)]
+    assert rows(db_path, "SELECT count(*) FROM stage_runs") == [(0,)]
     assert rows(db_path, "SELECT count(*) FROM judge_configs") == [(0,)]
 
 

@@ -102,11 +102,18 @@ def generate(
       patchdb generate --shard 1/2 --device cuda:1
       patchdb generate --gpus 4        # or: torchrun --nproc-per-node 4 -m patchdb generate
     """
-    from patchdb.generate.distributed import rank_options, torchrun_command, torchrun_rank
+    from patchdb.generate.distributed import (
+        check_gpus,
+        rank_options,
+        torchrun_command,
+        torchrun_rank,
+    )
     from patchdb.generate.stage import GenerateOptions, run_generate
 
     if gpus is not None and gpus % gpus_per_model:
         raise ConfigError(f"--gpus {gpus} is not a multiple of --gpus-per-model {gpus_per_model}")
+    if gpus is not None:
+        check_gpus(gpus, device)
     if gpus is not None and gpus > gpus_per_model and torchrun_rank() is None:
         command = torchrun_command(gpus, sys.argv[1:], gpus_per_model)
         sys.exit(subprocess.call(command))

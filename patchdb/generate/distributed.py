@@ -27,6 +27,21 @@ def torchrun_rank() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def check_gpus(gpus: int, device: str | None) -> None:
+    """Refuse --gpus N where this machine has fewer than N CUDA GPUs, rather than quietly
+    starting N processes on the CPU (`--device cpu` asks for CPU processes on purpose)."""
+    import torch
+
+    if device is not None and device.startswith("cpu"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--gpus {gpus} needs CUDA GPUs, but CUDA is not available here; "
+                          "run without --gpus to generate on the CPU")
+    found = torch.cuda.device_count()
+    if gpus > found:
+        raise ConfigError(f"--gpus {gpus} asks for more GPUs than the {found} visible here")
+
+
 def rank_options(options: GenerateOptions) -> GenerateOptions:
     """Give this rank its share: shard i/N (or the whole sweep) is split W ways as shard
     i + N*rank of N*W, which holds exactly the units of i/N across all ranks; and, unless a

@@ -319,9 +319,7 @@ def run_generate(
     config = plan.config
     arguments = {k: v for k, v in vars(options).items() if v is not None}
     if not plan.pending:
-        with stage_run(store, "generate", arguments, plan.sweep_id) as run:
-            result.stage_run_id = run.id
-        return result
+        return result  # a run that does nothing leaves no stage_runs row behind
 
     device = options.device or default_device()
     spread: dict[str, list[int]] = {}

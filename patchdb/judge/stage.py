@@ -103,19 +103,17 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
     """Judge what the mode says is pending; returns what was done.
 
     Pending work is counted first: when there is none (and no generate run is feeding a
-    --follow run), no backend is built and no model is loaded; the run is still recorded in
-    stage_runs, as a generate run with nothing to generate is, and its summary says
-    nothing_pending. Raises FatalJudgeError (bad key, no credit, unreachable API) after saving
-    what finished, and JudgeInterrupted on Ctrl-C after saving what finished.
+    --follow run), no backend is built, no model is loaded and, as for a generate run with
+    nothing to generate, no stage_runs row is added; the summary says nothing_pending.
+    Raises FatalJudgeError (bad key, no credit, unreachable API) after saving what finished,
+    and JudgeInterrupted on Ctrl-C after saving what finished.
     """
     sweep, config, scope, resolved, templates = prepare(store, sweep_name, options)
     stored = stored_settings(resolved)
     config_id, pending = count_calls(store, scope, stored, templates, options.mode)
     if not pending and not (options.follow and generate_running(store, sweep.id)):
         in_scope = count_calls(store, scope, stored, templates, "overwrite")[1]
-        with stage_run(store, "judge", options.arguments(), sweep.id) as run:
-            pass
-        return JudgeSummary(judge_config_id=config_id or 0, stage_run_id=run.id,
+        return JudgeSummary(judge_config_id=config_id or 0, stage_run_id=0,
                             nothing_pending=True, sweep_name=sweep.name,
                             calls_in_scope=in_scope)
     options = replace(
