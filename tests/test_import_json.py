@@ -1,4 +1,9 @@
-"""`patchdb import-json`: a sweep in the JSON layout moves into the store, once, or not at all."""
+"""`patchdb import-json`: a sweep in the JSON layout moves into the store, once, or not at all.
+
+Two trees: `write_plan_tree` (tests/plan_tree.py) writes the plan's layout with hand-chosen
+verdicts and hand-computed rates; `write_tree` here writes a random-content tree in the later
+naming (judgments_detection_identification.json) that other report tests build on.
+"""
 
 import json
 import random
@@ -8,9 +13,13 @@ from typing import Any
 import pytest
 from click.testing import Result
 from conftest import file_digest, run_cli
+from plan_tree import COHERENCE, PAIR_KEYS, PLAIN_DETECTION, SCORED, SINGLE_KEYS, write_plan_tree
+from plan_tree import SAMPLES as PLAN_SAMPLES
+from plan_tree import dump as dump4
 from sqlalchemy import func, select
 
 from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
+from patchdb.store.models import Experiment
 from patchdb.store.sweeps import get_sweep, sweep_config
 
 LAYERS = (40, 41, 42)
@@ -30,20 +39,14 @@ def cli(*args: object) -> Result:
 
 
 def dump(path: Path, data: Any) -> None:
-    """Write JSON as the old scripts did (json.dump with indent=2)."""
+    """Write JSON with json.dump's default separators, indented."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2), encoding="ascii")
 
 
-def rate(coherent: list[bool | None], detected: list[bool | None]) -> float | None:
-    scored = [c and d for c, d in zip(coherent, detected, strict=True)
-              if c is not None and d is not None]
-    return sum(scored) / len(scored) if scored else None
-
-
 def write_experiment(folder: Path, keys: list[str], grader: str, seed: int) -> None:
+    """Random answers and verdicts; no score files (the plan tree tests those)."""
     rng = random.Random(seed)
-    all_scores: dict[str, dict[str, float | None]] = {}
     for layer in LAYERS:
         answers = {k: [rng.choice(ANSWERS) for _ in range(SAMPLES)] for k in keys}
         dump(folder / f"layer_{layer}" / "rollouts.json", answers)
@@ -57,22 +60,14 @@ def write_experiment(folder: Path, keys: list[str], grader: str, seed: int) -> N
         detected[keys[0]] = [True, False, True]
         dump(folder / f"layer_{layer}" / "judgments_coherence.json", coherence)
         dump(folder / f"layer_{layer}" / f"judgments_{grader}.json", detected)
-        scores = {k: rate(coherence[k], detected[k]) for k in keys}
-        dump(folder / f"layer_{layer}" / "judge_scores.json", scores)
-        all_scores[str(layer)] = scores
-    dump(folder / "all_layer_scores.json", all_scores)
 
 
 def write_tree(root: Path) -> Path:
-    """A small sweep in the layout users have: two experiments, three layers, odd answers."""
+    """A small sweep in the later naming: two experiments, three layers, odd answers."""
     pairs = [f"{s}_to_{t}" for s in NEGATIVE for t in POSITIVE]
     write_experiment(root / "failure_to_success", pairs, "detection_identification", 1)
     write_experiment(root / "unsteered_to_steered", SINGLE, "detection", 2)
     return root
-
-
-def json_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json"))}
 
 
 def count(db: Path, model: type) -> int:
@@ -250,8 +245,10 @@ def test_a_file_that_disagrees_with_the_store_is_refused(tree: Path, db_path: Pa
 
 
 def test_a_missing_store_is_not_created_for_a_bad_tree(tree: Path, db_path: Path) -> None:
-    _bad_json(tree)
-    assert cli("import-json", tree, "--db", db_path).exit_code == 1
+    path, problem = _bad_json(tree)
+    result = cli("import-json", tree, "--db", db_path)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {path}: {problem}\n"
     assert not db_path.exists()
 
 
@@ -267,15 +264,86 @@ def test_patch_layers_before_the_default_steer_layer_need_the_option(
     assert result.exit_code == 0, result.output
 
 
-def test_stale_judge_scores_are_noted_not_trusted(tree: Path, db_path: Path) -> None:
+# --- the plan's own layout (tests/plan_tree.py) --------------------------------------------------
+
+
+def stored_verdicts(db: Path, experiment: str, grader: str) -> dict[tuple[int, str], list[Any]]:
+    """{(layer, key): verdicts by sample index} for one experiment and grader."""
+    store = open_store(str(db))
+    try:
+        with store.read() as session:
+            rows = session.execute(select(
+                Rollout.patch_layer, Rollout.source_word, Rollout.target_word, Judgment.verdict)
+                .join(Judgment, Judgment.rollout_id == Rollout.id)
+                .where(Judgment.grader == grader, Rollout.experiment_id.in_(
+                    select(Experiment.id).where(Experiment.name == experiment)))
+                .order_by(Rollout.patch_layer, Rollout.source_word, Rollout.target_word,
+                          Rollout.sample_index)).all()
+    finally:
+        store.close()
+    result: dict[tuple[int, str], list[Any]] = {}
+    for layer, source, target, verdict in rows:
+        key = f"{source}_to_{target}" if source and target else source or target
+        result.setdefault((layer, key), []).append(verdict)
+    return result
+
+
+def by_layer_key(data: dict[int, dict[str, list[Any]]]) -> dict[tuple[int, str], list[Any]]:
+    return {(layer, key): v for layer, keys in data.items() for key, v in keys.items()}
+
+
+@pytest.mark.parametrize("naming", ["plan", "split", "both"])
+def test_each_naming_puts_verdicts_under_their_grader(
+        tmp_path: Path, db_path: Path, naming: str) -> None:
+    """Plan naming: a pair experiment's judgments_detection.json is detection+identification;
+    beside a judgments_detection_identification.json it is plain detection."""
+    tree = write_plan_tree(tmp_path / "patching_layer_sweep", naming)
+    result = cli("import-json", tree, "--db", db_path)
+    assert result.exit_code == 0, result.output
+    n_keys = len(PAIR_KEYS) + len(SINGLE_KEYS)
+    n_judgments = n_keys * 2 * PLAN_SAMPLES * 2 + (
+        len(PAIR_KEYS) * 2 * PLAN_SAMPLES if naming == "both" else 0)
+    assert result.output.splitlines()[1].startswith(
+        f"Imported {n_keys * 3 * PLAN_SAMPLES} new rollouts and {n_judgments} new judgments")
+    assert "Note:" not in result.output  # every judge_scores.json agrees with its verdicts
+    pairs, single = "failure_to_success", "unsteered_to_steered"
+    assert stored_verdicts(db_path, pairs, "detection_identification") == by_layer_key(
+        SCORED[pairs])
+    assert stored_verdicts(db_path, pairs, "detection") == (
+        by_layer_key(PLAIN_DETECTION) if naming == "both" else {})
+    assert stored_verdicts(db_path, pairs, "coherence") == by_layer_key(COHERENCE[pairs])
+    assert stored_verdicts(db_path, single, "detection") == by_layer_key(SCORED[single])
+    assert stored_verdicts(db_path, single, "detection_identification") == {}
+
+
+def test_a_pair_verdict_that_disagrees_names_the_plan_file(tmp_path: Path, db_path: Path) -> None:
+    tree = write_plan_tree(tmp_path / "patching_layer_sweep")
+    assert cli("import-json", tree, "--db", db_path).exit_code == 0
+    path = tree / "failure_to_success" / "layer_41" / "judgments_detection.json"
+    data = json.loads(path.read_text())
+    assert data["Dust_to_Bread"][3] is False
+    data["Dust_to_Bread"][3] = True
+    dump4(path, data)
+    before = file_digest(db_path)
+    result = cli("import-json", tree, "--db", db_path)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {path}: sample 3 of Dust/Bread differs from the imported verdict already in "
+        "the store; nothing was imported\n")
+    assert file_digest(db_path) == before
+
+
+def test_stale_judge_scores_are_noted_not_trusted(tmp_path: Path, db_path: Path) -> None:
+    tree = write_plan_tree(tmp_path / "patching_layer_sweep")
     path = tree / "failure_to_success" / "layer_40" / "judge_scores.json"
     scores = json.loads(path.read_text())
     scores["Dust_to_Bread"] = 0.99
-    dump(path, scores)
+    dump4(path, scores)
     result = cli("import-json", tree, "--db", db_path)
     assert result.exit_code == 0, result.output
-    assert (f"Note: {path} disagrees with its judgments; patchdb recomputes rates from the "
-            "judgments.") in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("Note:")]
+    assert notes == [f"Note: {path} disagrees with its judgments; patchdb recomputes rates from "
+                     "the judgments."]
     assert cli("report", "--db", db_path, "--export-json", "--out", "out").exit_code == 0
     exported = json.loads(Path("out/failure_to_success/layer_40/judge_scores.json").read_text())
-    assert exported["Dust_to_Bread"] == 2 / 3
+    assert exported["Dust_to_Bread"] == 0.5  # TT, TF, TT, FT: 2 of 4

@@ -18,14 +18,16 @@ from patchdb.store import open_store
               help="The model that wrote the rollouts, recorded in the sweep's config "
                    "(env PATCHDB_IMPORT_MODEL).")
 @click.option("--steer-layer", type=click.IntRange(min=0), envvar="PATCHDB_IMPORT_STEER_LAYER",
-              help="The injection layer (default: SPEC.md's 38, if the patch layers come after "
+              help="The injection layer (default: the default sweep's 38, if the patch layers come after "
                    "it; env PATCHDB_IMPORT_STEER_LAYER).")
 def import_json(folder: Path, db: str, sweep_name: str | None, model: str,
                 steer_layer: int | None) -> None:
     """Import FOLDER, which holds one sub-folder per experiment (like patching_layer_sweep/),
-    with layer_<L>/rollouts.json and any judgments_<type>.json files. Words, layers and
-    samples are read from the files; every file is checked before anything is written.
-    Importing the same folder again changes nothing.
+    with layer_<L>/rollouts.json and any judgments_<type>.json files. In a pair experiment
+    judgments_detection.json holds the detection+identification verdicts, unless a
+    judgments_detection_identification.json lies beside it. Words, layers and samples are read
+    from the files; every file is checked before anything is written. Importing the same
+    folder again changes nothing.
 
     \b
     Example:

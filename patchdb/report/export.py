@@ -1,16 +1,22 @@
-"""`report --export-json`: the JSON layout users' scripts already read (SPEC.md).
+"""`report --export-json`: the JSON layout users' scripts already read (the plan's layout).
 
     <out>/<experiment>/all_layer_scores.json          {"40": {key: rate}}
     <out>/<experiment>/layer_<L>/rollouts.json        {key: [answer, ...]}  (by sample index)
     <out>/<experiment>/layer_<L>/judgments_<g>.json   {key: [true|false|null, ...]}
     <out>/<experiment>/layer_<L>/judge_scores.json    {key: rate}
 
+Verdict files take the plan's names: a pair experiment's detection+identification verdicts go
+to judgments_detection.json. Only at a layer where a pair experiment also holds plain detection
+verdicts (imported from a tree of the later naming) is the later naming written instead
+(judgments_detection.json plain, judgments_detection_identification.json beside it), so that
+importing the export reads every file as the grader it came from.
+
 A key whose samples were never scored keeps its place with rate null (the old scripts had no
 rate for it either; null keeps "nothing scored" apart from 0). A judgments file is written for
 each grader with at least one judgment at that layer; null is an unparsed (or missing) verdict.
 A layer with no judgment at all gets rollouts.json only and no entry in all_layer_scores.json,
 as when the old judge script had not reached it.
-Files are written like `json.dump(data, f, indent=2)`: ASCII with \\u escapes, no trailing newline.
+Files are written like `json.dump(data, f, indent=4)`: ASCII with \\u escapes, no trailing newline.
 """
 
 import json
@@ -27,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.errors import PatchdbError
-from patchdb.experiments import EXPERIMENTS, GRADERS, experiment_keys, key_label
+from patchdb.experiments import EXPERIMENTS, GRADERS, ExperimentDef, experiment_keys, key_label
 from patchdb.report.aggregate import ExperimentRates
 from patchdb.store.models import Experiment
 
@@ -58,19 +64,23 @@ def _scalar(value: Any) -> str:
     return json.dumps(value)
 
 
+INDENT = 4  # the original scripts write json.dump(..., indent=4)
+
+
 def dumps(data: Any) -> str:
-    """Exactly `json.dumps(data, indent=2)`, fast for {key: [scalar, ...]}: with an indent the
-    json module falls back to pure Python, which costs seconds on a full sweep's answers."""
+    """Exactly `json.dumps(data, indent=INDENT)`, fast for {key: [scalar, ...]}: with an indent
+    the json module falls back to pure Python, which costs seconds on a full sweep's answers."""
     if not isinstance(data, dict) or not data or not all(
             isinstance(v, list) for v in data.values()):
-        return json.dumps(data, indent=2)
+        return json.dumps(data, indent=INDENT)
+    one, two = " " * INDENT, " " * (2 * INDENT)
     entries = []
     for key, values in data.items():
         if not isinstance(key, str):
-            return json.dumps(data, indent=2)
-        items = ",\n    ".join(map(_scalar, values))
-        body = f"[\n    {items}\n  ]" if values else "[]"
-        entries.append(f"  {encode_basestring_ascii(key)}: {body}")
+            return json.dumps(data, indent=INDENT)
+        items = f",\n{two}".join(map(_scalar, values))
+        body = f"[\n{two}{items}\n{one}]" if values else "[]"
+        entries.append(f"{one}{encode_basestring_ascii(key)}: {body}")
     return "{\n" + ",\n".join(entries) + "\n}"
 
 
@@ -91,6 +101,15 @@ def layer_scores(rates: ExperimentRates) -> dict[int, dict[str, float | None]]:
         if scores:
             result[layer] = scores
     return result
+
+
+def file_names(exp: ExperimentDef, graders: set[str]) -> dict[str, str]:
+    """{grader: <name> of its judgments_<name>.json} for the graders judged at one layer: the
+    plan's names, which the importer's `file_grader` reads back to the same graders."""
+    names = {g: g for g in GRADERS if g in graders}
+    if exp.pairs and "detection" not in graders and "detection_identification" in graders:
+        names["detection_identification"] = "detection"
+    return names
 
 
 _VERDICT_COLUMNS = "".join(
@@ -148,10 +167,10 @@ def export_experiment(
                     verdicts[grader][key] = [_verdict(r[verdict]) for r in samples]
         layer_dir = inside(folder, folder / f"layer_{int(layer)}")
         written.append(write_json(layer_dir / "rollouts.json", ordered(answers)))
-        for judged, by_key in verdicts.items():
-            if by_key:
-                written.append(write_json(layer_dir / f"judgments_{judged}.json",
-                                          ordered(by_key)))
+        names = file_names(exp, {g for g, by_key in verdicts.items() if by_key})
+        for judged, name in names.items():
+            written.append(write_json(layer_dir / f"judgments_{name}.json",
+                                      ordered(verdicts[judged])))
         if any(verdicts.values()):
             judged_layers.append(layer)
             written.append(write_json(layer_dir / "judge_scores.json",

@@ -1,4 +1,9 @@
-"""`patchdb import-json`: move a sweep from the JSON layout (SPEC.md) into the store.
+"""`patchdb import-json`: move a sweep from the JSON layout users already have into the store.
+
+Both namings of the verdict files are read: the plan's (a pair experiment's
+judgments_detection.json holds detection+identification verdicts) and the later judge's
+(judgments_detection_identification.json beside a plain-detection judgments_detection.json);
+see `file_grader`.
 
 Everything is read and checked before anything is written; then one transaction registers the
 sweep, inserts the rollouts and judgments the store lacks, and skips those it already has, so
@@ -26,7 +31,7 @@ from patchdb.store.sweeps import get_experiments, register_sweep
 
 IMPORT_JUDGE = {"model": "imported", "reasoning": "none", "template_version": "import-v1",
                 "backend": "import"}
-SPEC_STEER_LAYER = 38
+DEFAULT_STEER_LAYER = SweepConfig().steer_layer
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
 _JUDGMENTS_FILE = re.compile(r"^judgments_(.+)\.json$")
 
@@ -39,6 +44,7 @@ class LayerData:
     folder: Path
     rollouts: dict[Key, list[str]]
     judgments: dict[str, dict[Key, list[bool | None]]]
+    files: dict[str, Path] = field(default_factory=dict)  # grader -> the file its verdicts came from
 
 
 @dataclass
@@ -159,10 +165,20 @@ def _expected_rate(exp: ExperimentDef, layer: LayerData, key: Key) -> float | No
     return sum(scores) / len(scores) if scores else None
 
 
+def file_grader(exp: ExperimentDef, name: str, beside: set[str]) -> str:
+    """Which grader's verdicts the file judgments_<name>.json holds, given the names of the
+    other judgments files in its layer folder. The plan's layout writes a pair experiment's
+    detection+identification verdicts to judgments_detection.json; only where a
+    judgments_detection_identification.json is beside it is that file plain detection."""
+    if exp.pairs and name == "detection" and "detection_identification" not in beside:
+        return "detection_identification"
+    return name
+
+
 def _read_layer(exp: ExperimentDef, folder: Path, layer: int,
                 mismatches: list[Path]) -> LayerData | None:
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
-    judgment_files: dict[str, Path] = {}
+    found: dict[str, Path] = {}
     for name, path in files.items():
         match = _JUDGMENTS_FILE.match(name)
         if match:
@@ -170,14 +186,16 @@ def _read_layer(exp: ExperimentDef, folder: Path, layer: int,
                 raise ImportFormatError(
                     f"{path}: unknown judgment type {match.group(1)!r} "
                     f"(known: {', '.join(GRADERS)})")
-            judgment_files[match.group(1)] = path
+            found[match.group(1)] = path
+    judgment_files = {file_grader(exp, name, set(found)): path for name, path in found.items()}
     if "rollouts.json" not in files:
         if judgment_files:
             raise ImportFormatError(f"{folder}: judgments without a rollouts.json")
         return None
     rollouts = _read_rollouts(exp, files["rollouts.json"])
     data = LayerData(layer, folder, rollouts, {
-        grader: _read_judgments(exp, path, rollouts) for grader, path in judgment_files.items()})
+        grader: _read_judgments(exp, path, rollouts) for grader, path in judgment_files.items()},
+        judgment_files)
     if "judge_scores.json" in files:
         path = files["judge_scores.json"]
         for key, rate in _read_scores(path, _load(path)).items():
@@ -232,11 +250,11 @@ def infer_config(experiments: list[ExperimentData], name: str, model: str,
     if not layers:
         raise ImportFormatError("no rollouts.json found under any layer_<L> folder")
     if steer_layer is None:
-        if min(layers) <= SPEC_STEER_LAYER:
+        if min(layers) <= DEFAULT_STEER_LAYER:
             raise ImportFormatError(
                 f"patch layers start at {min(layers)}, not after the default steer layer "
-                f"{SPEC_STEER_LAYER}; pass --steer-layer")
-        steer_layer = SPEC_STEER_LAYER
+                f"{DEFAULT_STEER_LAYER}; pass --steer-layer")
+        steer_layer = DEFAULT_STEER_LAYER
     config = SweepConfig(
         name=name, model=model, steer_layer=steer_layer, patch_layers=format_range(sorted(layers)),
         samples=max(samples, 1), positive_words=list(positive), negative_words=list(negative),
@@ -331,7 +349,7 @@ def _write(session: Session, plan: ImportPlan) -> ImportResult:
                                                           verdict=verdict))
                             elif verdicts[(rid, grader)] != verdict:
                                 raise ImportFormatError(
-                                    f"{layer.folder / f'judgments_{grader}.json'}: sample "
+                                    f"{layer.files[grader]}: sample "
                                     f"{index} of {source or '(none)'}/{target or '(none)'} "
                                     f"differs from the imported verdict already in the store; "
                                     f"nothing was imported")
