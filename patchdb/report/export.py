@@ -106,7 +106,7 @@ def layer_scores(rates: ExperimentRates) -> dict[int, dict[str, float | None]]:
 def file_names(exp: ExperimentDef, graders: set[str]) -> dict[str, str]:
     """{grader: <name> of its judgments_<name>.json} for the graders judged at one layer: the
     plan's names, which the importer's `file_grader` reads back to the same graders."""
-    names = {g: g for g in GRADERS if g in graders}
+    names: dict[str, str] = {g: g for g in GRADERS if g in graders}
     if exp.pairs and "detection" not in graders and "detection_identification" in graders:
         names["detection_identification"] = "detection"
     return names
