@@ -1,6 +1,7 @@
 """Concept vectors: SPEC.md's recipe on a tiny Llama, storage and reuse, `patchdb vectors`
 (compute and --import), and one slow test on the real SmolLM2 through its GGUF alias."""
 
+import hashlib
 import shutil
 import threading
 import time
@@ -13,6 +14,7 @@ from click.testing import Result
 from conftest import file_digest
 from conftest import run_cli as _run_cli
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from tiny_models import save_tiny_llama, tiny_llama, tiny_tokenizer
 
 from patchdb.errors import ModelError
@@ -25,10 +27,29 @@ from patchdb.generate.vectors import (
     baseline_words,
     ensure_vectors,
     from_blob,
+    missing_vectors,
+    to_blob,
 )
 from patchdb.store import ConceptVector, StageRun, Store, open_store
 
 N_LAYERS = 4
+OLD_RECIPE = "last-token-minus-baseline-mean/v1"  # patchdb's own 100-word baseline, before
+PAPER_BASELINE = [  # the published paper's 100 entries, "Butterflies" once: 99 words
+    "Desks", "Jackets", "Gondolas", "Laughter", "Intelligence", "Bicycles", "Chairs",
+    "Orchestras", "Sand", "Pottery", "Arrowheads", "Jewelry", "Daffodils", "Plateaus",
+    "Estuaries", "Quilts", "Moments", "Bamboo", "Ravines", "Archives", "Hieroglyphs", "Stars",
+    "Clay", "Fossils", "Wildlife", "Flour", "Traffic", "Bubbles", "Honey", "Geodes", "Magnets",
+    "Ribbons", "Zigzags", "Puzzles", "Tornadoes", "Anthills", "Galaxies", "Poverty", "Diamonds",
+    "Universes", "Vinegar", "Nebulae", "Knowledge", "Marble", "Fog", "Rivers", "Scrolls",
+    "Silhouettes", "Marbles", "Cakes", "Valleys", "Whispers", "Pendulums", "Towers", "Tables",
+    "Glaciers", "Whirlpools", "Jungles", "Wool", "Anger", "Ramparts", "Flowers", "Research",
+    "Hammers", "Clouds", "Justice", "Dogs", "Butterflies", "Needles", "Fortresses", "Bonfires",
+    "Skyscrapers", "Caravans", "Patience", "Bacon", "Velocities", "Smoke", "Electricity",
+    "Sunsets", "Anchors", "Parchments", "Courage", "Statues", "Oxygen", "Time", "Fabric",
+    "Pasta", "Snowflakes", "Mountains", "Echoes", "Pianos", "Sanctuaries", "Abysses", "Air",
+    "Dewdrops", "Gardens", "Literature", "Rice", "Enigmas",
+]
+PAPER_BASELINE_SHA256 = "adf530abc9781231c96a6026f6f47ae691585e5c160e726643d50806796cdb9d"
 
 
 def run_cli(*args: object) -> Result:
@@ -61,19 +82,22 @@ def _reference(loaded: LoadedModel, layer: int, word: str) -> torch.Tensor:
     return out.hidden_states[layer + 1][0, -1].float()
 
 
-def test_baseline_words_are_100_ordinary_nouns_not_sweep_words() -> None:
+def test_baseline_is_the_papers_99_words() -> None:
     from patchdb.config import NEGATIVE_WORDS, POSITIVE_WORDS
 
     words = baseline_words()
-    assert len(words) == len(set(words)) == 100
+    assert len(PAPER_BASELINE) == len(set(PAPER_BASELINE)) == 99
+    assert words == PAPER_BASELINE
+    assert hashlib.sha256("\n".join(words).encode()).hexdigest() == PAPER_BASELINE_SHA256
     assert not {w.lower() for w in words} & {w.lower() for w in POSITIVE_WORDS + NEGATIVE_WORDS}
+    assert RECIPE == "last-token-minus-paper-baseline-mean/v2"
 
 
 def test_recipe_matches_unbatched_reference(store: Store, tiny: LoadedModel) -> None:
     layer = 2
     vectors = ensure_vectors(store, tiny, layer, ["Bread", "Trees", "Dust"])
     assert list(vectors) == ["Bread", "Trees", "Dust"]
-    mean = torch.stack([_reference(tiny, layer, w) for w in baseline_words()]).mean(0)
+    mean = torch.stack([_reference(tiny, layer, w) for w in PAPER_BASELINE]).mean(0)
     for word, vector in vectors.items():
         assert vector.dtype == torch.float32 and vector.shape == (64,)
         torch.testing.assert_close(vector, _reference(tiny, layer, word) - mean, atol=1e-5, rtol=1e-5)
@@ -84,6 +108,31 @@ def test_recipe_matches_unbatched_reference(store: Store, tiny: LoadedModel) -> 
         assert row.norm == pytest.approx(float(from_blob(row).norm()))
     torch.testing.assert_close(from_blob(rows[-1]), mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_blob(rows[0]), vectors["Bread"], atol=0, rtol=0)
+
+
+def test_old_recipe_vectors_stay_and_are_not_reused(store: Store, tiny: LoadedModel) -> None:
+    """A store holding vectors (and a baseline mean) of the old recipe computes the paper
+    recipe's beside them: the old rows stay as they were, the sweep gets the new ones."""
+    layer = 1
+
+    def old_rows(session: Session) -> None:
+        for word, value in (("Bread", 7.0), ("Trees", 7.0), (BASELINE_MEAN, 3.0)):
+            vector = torch.full((64,), value)
+            session.add(ConceptVector(model="tiny-llama", layer=layer, word=word,
+                                      recipe=OLD_RECIPE, dimension=64,
+                                      norm=float(vector.norm()), vector=to_blob(vector)))
+    store.transact(old_rows)
+    vectors = ensure_vectors(store, tiny, layer, ["Bread", "Trees"])
+    mean = torch.stack([_reference(tiny, layer, w) for w in PAPER_BASELINE]).mean(0)
+    for word in ("Bread", "Trees"):
+        torch.testing.assert_close(vectors[word], _reference(tiny, layer, word) - mean,
+                                   atol=1e-5, rtol=1e-5)
+    rows = {(r.word, r.recipe): from_blob(r) for r in _rows(store)}
+    assert sorted(rows) == sorted((w, recipe) for w in ("Bread", "Trees", BASELINE_MEAN)
+                                  for recipe in (OLD_RECIPE, RECIPE))
+    assert torch.equal(rows[("Bread", OLD_RECIPE)], torch.full((64,), 7.0))
+    assert torch.equal(rows[(BASELINE_MEAN, OLD_RECIPE)], torch.full((64,), 3.0))
+    assert missing_vectors(store, "tiny-llama", layer, ["Bread", "Trees", "Milk"]) == ["Milk"]
 
 
 def test_last_layer_and_batch_independence(store: Store, tiny: LoadedModel) -> None:

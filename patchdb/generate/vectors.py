@@ -1,9 +1,15 @@
-"""Concept vectors: SPEC.md's recipe, stored in concept_vectors and reused by later runs.
+"""Concept vectors: the original pipeline's recipe, stored in concept_vectors and reused later.
 
 For word w at layer L: the output of decoder layer L (the residual stream) at the last token of
-the chat prompt "Tell me about {w}." minus the mean of the same over the 100 baseline words
-shipped in baseline_words.txt. Not normalised. The baseline mean is stored too, as the row with
-word "__baseline_mean__", so a new word later costs one forward pass, not 101.
+the chat prompt "Tell me about {w}." minus the mean of the same over the baseline words in
+baseline_words.txt: the published introspection paper's list, which has "Butterflies" twice and
+is de-duplicated in order to 99 words as the original scripts do. Not normalised. The baseline
+mean is stored too, as the row with word "__baseline_mean__", so a new word later costs one
+forward pass, not 100.
+
+Every row carries its recipe. Vectors of another recipe (OLD_RECIPES: patchdb's earlier list of
+100 words, which moves every vector) stay in the store but are never used for a sweep, so a
+store that holds them computes the paper-baseline vectors beside them.
 
 A user's own vectors come in through `import_vectors` under the recipe "imported"; where a word
 has both, the imported vector is the one `ensure_vectors` returns.
@@ -28,16 +34,17 @@ from patchdb.store import ConceptVector, Store
 from patchdb.store.runs import stage_run
 from patchdb.store.sweeps import check_sweep_words, get_sweep, sweep_config
 
-RECIPE = "last-token-minus-baseline-mean/v1"
+RECIPE = "last-token-minus-paper-baseline-mean/v2"
+OLD_RECIPES = ("last-token-minus-baseline-mean/v1",)  # patchdb's own 100-word baseline
 IMPORTED_RECIPE = "imported"
 BASELINE_MEAN = "__baseline_mean__"
 BATCH_SIZE = 16
 
 
 def baseline_words() -> list[str]:
-    """The 100 ordinary nouns whose mean is subtracted (none of them a sweep word)."""
+    """The 99 paper baseline words whose mean is subtracted, in order, each once."""
     text = resources.files("patchdb.generate").joinpath("baseline_words.txt").read_text("utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
 
 
 def to_blob(vector: torch.Tensor) -> bytes:
