@@ -10,7 +10,9 @@ from patchdb.store.status import SweepStatus, sweep_status
 
 
 def render(status: SweepStatus) -> str:
-    lines = [f"Sweep {status.sweep} (model {status.model})", ""]
+    prompt = (f"sha256 {status.prompt_hash}" if status.prompt_hash
+              else "not rendered yet (generate stores it)")
+    lines = [f"Sweep {status.sweep} (model {status.model})", f"Prompt: {prompt}", ""]
     header = (f"{'experiment':<22} {'layer':>5} {'rollouts':>15} {'judged':>15} "
               f"{'unparsed':>8} {'errors':>6}")
     lines.append(header)

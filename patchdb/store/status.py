@@ -1,6 +1,7 @@
 """What `patchdb status` reports: expected vs present rows per experiment and layer, judge cost,
 and the stages that are running or crashed. Counting is done in SQL."""
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ class SweepStatus:
     judge_configs: int = 0
     counted_judge_config: int | None = None
     stages: list[StageStatus] = field(default_factory=list)
+    prompt_hash: str | None = None  # see prompt_hash(); None until generate stores the prompt
 
     def totals(self) -> dict[str, int]:
         keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
@@ -58,6 +60,12 @@ class SweepStatus:
         data = asdict(self)
         data["totals"] = self.totals()
         return data
+
+
+def prompt_hash(text: str | None) -> str | None:
+    """The first 12 hex digits of the sha256 of the rendered prompt (UTF-8), so two stores'
+    prompts compare at a glance."""
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
@@ -113,6 +121,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
         ).one()
         result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost or 0.0),
                              judge_configs=int(n_configs), counted_judge_config=main_config)
+        result.prompt_hash = prompt_hash(sweep.prompt_text)
         layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
         for exp in experiments:
             n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,
