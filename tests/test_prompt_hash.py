@@ -84,3 +84,22 @@ def test_a_store_rendered_differently_refuses_to_generate(
         "one used before\n")
     assert sql(db_path, "SELECT count(*) FROM rollouts") == rollouts
     assert sql(db_path, "SELECT prompt_text, injection_start FROM sweeps") == prompt
+
+
+def test_init_help_says_how_to_reproduce_a_prompt() -> None:
+    text = " ".join(run_cli("init", "--help").output.split())
+    assert "The default prompt intro (the first user turn) is patchdb's own wording" in text
+    assert "put its exact first-turn text in `prompt_intro`" in text
+
+
+def test_prompt_intro_is_the_first_turn(config: Path, tmp_path: Path) -> None:
+    """What the help text promises: the intro in the config is the prompt's first user turn."""
+    intro = "These are the exact words of an earlier sweep's first turn."
+    custom = tmp_path / "custom.toml"
+    custom.write_text(config.read_text() + f'prompt_intro = "{intro}"\n')
+    db = tmp_path / "custom.sqlite"
+    assert run_cli("init", "--config", custom, "--db", db).exit_code == 0
+    assert run_cli("generate", "--db", db, "--quiet", "--device", "cpu").exit_code == 0
+    ((text,),) = sql(db, "SELECT prompt_text FROM sweeps")
+    assert isinstance(text, str) and text.count(intro) == 1
+    assert text.index(intro) < text.index("Ok.") < text.index("Trial 1")

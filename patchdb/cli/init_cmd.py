@@ -20,6 +20,10 @@ from patchdb.store.sweeps import register_sweep
 def init(config_path: str | None, db: str) -> None:
     """Create or upgrade the store and register a sweep.
 
+    The default prompt intro (the first user turn) is patchdb's own wording, and introspection
+    rates depend on the prompt's exact text: to reproduce an earlier sweep, put its exact
+    first-turn text in `prompt_intro` under [sweep] in the config.
+
     \b
     Example:
       patchdb init --config sweep.toml --db runs.sqlite
