@@ -6,6 +6,7 @@ since both would compete for the same cores or GPU.
 """
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from patchdb.config import SweepConfig, load_config
 from patchdb.errors import JudgeError
 from patchdb.generate.stage import GenerateOptions, GenerateResult, run_generate
 from patchdb.judge.settings import JudgeOptions
-from patchdb.judge.stage import JudgeSummary, run_judge
+from patchdb.judge.stage import JudgeInterrupted, JudgeSummary, run_judge
 from patchdb.report import Report, build_report
 from patchdb.store import Store
 from patchdb.store.sweeps import register_sweep
@@ -62,18 +63,36 @@ def _judge_options(options: SweepOptions) -> JudgeOptions:
                         progress=options.progress)
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep during `stage`; what finished is saved and no later stage ran."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
 def _start_follower(db_url: str, sweep: str, options: SweepOptions) -> subprocess.Popen[bytes]:
+    """The judge beside generate, in a session of its own: a terminal's Ctrl-C reaches only
+    this process, which passes one SIGINT on (two would skip the judge's grace period)."""
     args = [sys.executable, "-m", "patchdb", "judge", "--sweep", sweep, "--follow"]
     if options.experiments:
         args += ["--experiments", ",".join(options.experiments)]
     if options.layers:
         args += ["--layers", ",".join(str(x) for x in options.layers)]
     env = dict(os.environ, PATCHDB_DB=db_url)  # not on the command line: a URL may hold a password
-    return subprocess.Popen(args, env=env)
+    return subprocess.Popen(args, env=env, start_new_session=True)
+
+
+def _stop_follower(follower: subprocess.Popen[bytes]) -> None:
+    """Ask the judge beside generate to stop (it keeps what finished) and wait for it."""
+    if follower.poll() is None:
+        follower.send_signal(signal.SIGINT)
+    follower.wait()
 
 
 def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> SweepResult:
-    """Register the sweep, then generate, judge and report whatever is missing."""
+    """Register the sweep, then generate, judge and report whatever is missing. Ctrl-C in a
+    stage raises SweepInterrupted after that stage has saved what finished; no later stage runs."""
     store.transact(lambda s: register_sweep(s, config))
     result = SweepResult()
     gen_options = GenerateOptions(
@@ -86,14 +105,24 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
         follower = _start_follower(store.url, config.name, options)
     try:
         result.generated = run_generate(store, gen_options, progress=options.progress)
-    finally:
+    except BaseException:
+        if follower is not None:  # the real cause is this error, not the judge's exit code
+            _stop_follower(follower)
+        raise
+    if result.generated.interrupted:
         if follower is not None:
-            code = follower.wait()
-            if code != 0:
-                raise JudgeError(f"the judge beside generate stopped with exit code {code}; "
-                                 "rerun `patchdb sweep` to resume")
+            _stop_follower(follower)
+        raise SweepInterrupted("generate")
+    if follower is not None:
+        code = follower.wait()
+        if code != 0:
+            raise JudgeError(f"the judge beside generate stopped with exit code {code}; "
+                             "rerun `patchdb sweep` to resume")
     # with nothing pending, run_judge loads no model and returns a nothing_pending summary
-    result.judged = run_judge(store, config.name, _judge_options(options))
+    try:
+        result.judged = run_judge(store, config.name, _judge_options(options))
+    except JudgeInterrupted:
+        raise SweepInterrupted("judge") from None
     result.report = build_report(store, config.name, options.experiments, options.out_dir,
                                  export_json=options.export_json)
     if options.html:

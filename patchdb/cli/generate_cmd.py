@@ -92,7 +92,7 @@ def generate(
 
     Each unit (one key at one patch layer, all its samples) is committed in one transaction,
     so a crash loses at most the units in flight and running again fills exactly what is
-    missing. Ctrl-C stops after the current batch (exit 130).
+    missing. Ctrl-C stops after the current batch (exit 130); a second Ctrl-C stops now.
 
     \b
     Example:
@@ -145,5 +145,5 @@ def generate(
     if result.units_skipped:
         click.echo(f"Skipped {result.units_skipped} units that another process wrote meanwhile.")
     if result.interrupted:
-        click.echo("Interrupted: stopped after the current batch; run again to resume.", err=True)
+        click.echo("Interrupted: every finished unit is saved; run again to resume.", err=True)
         sys.exit(130)  # not ctx.exit: main() runs click with standalone_mode=False

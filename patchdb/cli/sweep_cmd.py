@@ -1,5 +1,6 @@
 """`patchdb sweep`: the whole pipeline, resumable, in one command."""
 
+import sys
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ from patchdb.cli.options import (
     narrowing_options,
 )
 from patchdb.store import open_store
-from patchdb.sweep import SweepOptions, resolve_config, run_sweep
+from patchdb.sweep import SweepInterrupted, SweepOptions, resolve_config, run_sweep
 
 
 @click.command()
@@ -45,6 +46,10 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
             experiments=experiments, layers=layers, words=words, samples=samples,
             max_new_tokens=max_new_tokens, device=device, out_dir=out_dir, html=not no_html,
         ))
+    except SweepInterrupted as exc:
+        click.echo(f"Interrupted during {exc.stage}: what finished is saved and no later stage "
+                   "ran; run `patchdb sweep` again to resume.", err=True)
+        sys.exit(130)  # not ctx.exit: main() runs click with standalone_mode=False
     finally:
         store.close()
     gen = result.generated

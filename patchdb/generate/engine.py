@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from patchdb.faults import fault_point
 from patchdb.generate.attention import routes_decode_attention
 from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
@@ -274,6 +275,7 @@ class Engine:
         active = torch.arange(n_rows, device=self.device)  # original row of each current row
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
+            fault_point("generate.decode_step")
             next_tokens = choose_tokens(logits, seeds, step, temperature)
             tokens[active, step] = torch.where(done, -1, next_tokens)
             done = done | torch.isin(next_tokens, eos)

@@ -8,6 +8,7 @@ so two processes on one store never write a rollout twice.
 
 import hashlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -213,17 +214,42 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
         )
 
 
+FIRST_CTRL_C = ("Ctrl-C: stopping after the current batch; every finished unit is kept. "
+                "Press Ctrl-C again to stop now.")
+SECOND_CTRL_C = "Ctrl-C again: stopping now; the batch in progress is dropped."
+
+
 class _StopAfterBatch:
-    """First Ctrl-C asks to stop after the current batch; a second one interrupts at once."""
+    """First Ctrl-C asks to stop after the current batch and says so at once; a second one
+    interrupts at once, except while finished units are being written (then right after)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.now = False
+        self._writing = False
         self._previous: Any = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if not self.requested:
+            self.requested = True
+            _say(FIRST_CTRL_C)
+            return
+        if not self.now:
+            self.now = True
+            _say(SECOND_CTRL_C)
+        if not self._writing:
             raise KeyboardInterrupt
-        self.requested = True
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Finished units are written whole even if a second Ctrl-C comes meanwhile."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self.now:
+            raise KeyboardInterrupt
 
     @contextmanager
     def installed(self) -> Iterator["_StopAfterBatch"]:
@@ -236,6 +262,12 @@ class _StopAfterBatch:
             yield self
         finally:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _say(line: str) -> None:
+    """One line on stderr now, from a signal handler (below any progress bar)."""
+    sys.stderr.write(f"\n{line}\n")
+    sys.stderr.flush()
 
 
 def _store_prompt(session: Session, sweep_id: int, text: str, injection_start: int) -> None:
@@ -411,21 +443,11 @@ def _run_batches(
             if not batch:
                 continue
             units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
+            fault_point("generate.batch_started")
             outputs = engine.generate(units, plan.max_new_tokens, temperature)
             fault_point("generate.batch_decoded")
-            for piece, completions in zip(batch, outputs, strict=True):
-                got = done.setdefault(piece.unit_index, {})
-                for index, c in zip(piece.samples, completions, strict=True):
-                    got[index] = c
-                    result.tokens += len(c.token_ids) + (c.finish_reason == "stop")
-                pending = plan.pending[piece.unit_index]
-                if len(got) == len(pending.samples):
-                    written = _write_unit(store, pending, plan.sweep_name, got, decode, run_id)
-                    del done[piece.unit_index]
-                    result.units_written += 1
-                    result.rollouts_written += written
-                    bar.update(1)
-                    fault_point("generate.unit_written")
+            with stopper.writing():
+                _keep_batch(store, plan, batch, outputs, done, decode, run_id, result, bar)
             result.seconds = time.perf_counter() - started
             bar.set_postfix_str(f"{result.tokens_per_second:.1f} tok/s")
             if stopper.requested:
@@ -433,6 +455,33 @@ def _run_batches(
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()
+
+
+def _keep_batch(
+    store: Store,
+    plan: GeneratePlan,
+    batch: list[Piece],
+    outputs: list[list[Completion]],
+    done: dict[int, dict[int, Completion]],
+    decode: Callable[[list[int]], str],
+    run_id: int,
+    result: GenerateResult,
+    bar: Any,
+) -> None:
+    """File a decoded batch's completions; write every unit that now has all its samples."""
+    for piece, completions in zip(batch, outputs, strict=True):
+        got = done.setdefault(piece.unit_index, {})
+        for index, c in zip(piece.samples, completions, strict=True):
+            got[index] = c
+            result.tokens += len(c.token_ids) + (c.finish_reason == "stop")
+        pending = plan.pending[piece.unit_index]
+        if len(got) == len(pending.samples):
+            written = _write_unit(store, pending, plan.sweep_name, got, decode, run_id)
+            del done[piece.unit_index]
+            result.units_written += 1
+            result.rollouts_written += written
+            bar.update(1)
+            fault_point("generate.unit_written")
 
 
 def _still_missing(

@@ -10,6 +10,7 @@ lets the run spend more than one batch (plus the calls in flight) on replies it 
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -286,8 +287,18 @@ class Runner:
     # --- the run ----------------------------------------------------------------------------
 
     def _on_sigint(self) -> None:
+        """First Ctrl-C: no new calls, wait up to grace_s for those in flight; second: stop now.
+        Each says so at once."""
+        from tqdm import tqdm
+
         if self.stop.is_set() and self.summary.stopped == "interrupted":
+            if not self.fatal_event.is_set():
+                tqdm.write("Ctrl-C again: stopping now; what finished is saved.", file=sys.stderr)
             self.fatal_event.set()  # a second Ctrl-C: stop waiting for calls in flight
+            return
+        tqdm.write(f"Ctrl-C: no new calls; waiting up to {self.options.grace_s:g} s for the calls "
+                   "in flight, and what finished is saved. Press Ctrl-C again to stop now.",
+                   file=sys.stderr)
         self.summary.stopped = "interrupted"
         self.stop.set()
 
