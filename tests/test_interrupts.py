@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import run_cli
 from judge_server import fault_server, make_store
 from test_generate_stage import init_store, model_dir  # noqa: F401  (fixture)
 
@@ -144,7 +147,9 @@ def test_judge_says_at_once_what_ctrl_c_does(tmp_path: Path) -> None:
     assert 3 <= saved < 2 * n
 
 
-def sweep_toml(path: Path, model: Path, base_url: str) -> Path:
+def sweep_toml(path: Path, model: Path, base_url: str | None) -> Path:
+    """The tiny sweep; base_url None leaves the default remote judge (OpenRouter)."""
+    url = "" if base_url is None else f'base_url = "{base_url}"\n'
     path.write_text(f"""[sweep]
 name = "tiny"
 model = "{model}"
@@ -158,8 +163,7 @@ positive_words = ["Bread", "Trees"]
 negative_words = ["Dust"]
 
 [judge]
-base_url = "{base_url}"
-concurrency = 2
+{url}concurrency = 2
 """)
     return path
 
@@ -190,3 +194,24 @@ def test_ctrl_c_during_generate_stops_the_sweep(
     assert [(stage, status) for stage, status, pid in runs if pid == proc.pid] == [
         ("generate", "interrupted")]
     assert all(status in ("interrupted", "finished") for _, status, _ in runs), runs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failing_generate_is_the_error_a_sweep_reports(
+    tmp_path: Path, model_dir: Path  # noqa: F811
+) -> None:
+    """Generate fails (a CUDA device on a machine without one) while the judge beside it fails
+    too (no API key for the default remote judge, and rollouts to judge): the user is told the
+    first cause, not the follower's exit code."""
+    db = tmp_path / "store.sqlite"
+    config = sweep_toml(tmp_path / "sweep.toml", model_dir, None)
+    assert run_cli("init", "--config", config, "--db", db).exit_code == 0
+    assert run_cli("generate", "--db", db, "--layers", "2", "--quiet").exit_code == 0
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENROUTER_API_KEY", "OPENAI_API_KEY") and not k.startswith("PATCHDB_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchdb", "sweep", "--config", str(config), "--db", str(db),
+         "--device", "cuda:0"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: device 'cuda:0' asked for, but CUDA is not available")
