@@ -1,14 +1,22 @@
-"""Run history and run-level checks: stage_runs grows only for runs that did something, and
-`generate --gpus` refuses a machine without the GPUs it asks for."""
+"""Run history and run-level checks: stage_runs grows only for runs that did something,
+`generate --gpus` refuses a machine without the GPUs it asks for, and failures around a run are
+seen (a heartbeat the store refuses, a store schema this patchdb does not know, a model without
+a static cache) instead of being swallowed or reported as something else."""
 
+import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import file_digest, run_cli
-from judge_server import fault_server
+from judge_server import fault_server, make_store
 from test_generate_stage import init_store, model_dir  # noqa: F401  (fixture)
+from tiny_models import tiny_llama
+
+from patchdb.store import open_store
+from patchdb.store import runs as runs_module
 
 
 def stage_runs(db: Path) -> list[tuple[str, str]]:
@@ -48,3 +56,81 @@ def test_gpus_without_cuda_is_refused_in_one_line(
                              "run without --gpus to generate on the CPU\n")
     assert file_digest(db) == before
     assert stage_runs(db) == []
+
+
+# --- failures are seen -------------------------------------------------------------------------
+
+class Waiter(logging.Handler):
+    """Sets an event once a record containing `text` is logged (from any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen, self.messages = text, threading.Event(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_a_heartbeat_the_store_refuses_is_reported_and_the_stage_goes_on(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_store(db_path, last=0)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("""CREATE TRIGGER no_beats BEFORE UPDATE ON stage_runs
+            WHEN NEW.status = 'running' BEGIN SELECT RAISE(ABORT, 'beats refused'); END""")
+    monkeypatch.setattr(runs_module, "HEARTBEAT_S", 0.01)
+    waiter = Waiter("beats refused")
+    logger = logging.getLogger("patchdb.store.runs")
+    logger.addHandler(waiter)
+    store = open_store(str(db_path))
+    try:
+        with runs_module.stage_run(store, "generate", {}) as run:
+            assert waiter.seen.wait(timeout=60), waiter.messages
+    finally:
+        logger.removeHandler(waiter)
+        store.close()
+    assert waiter.messages[0] == (f"patchdb: the heartbeat of stage run {run.id} was not recorded "
+                                  f"(database error on {db_path}: beats refused)")
+    assert stage_runs(db_path) == [("generate", "finished")]
+
+
+def set_revision(db: Path, revision: str) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+
+
+def test_only_a_revision_this_patchdb_defines_is_known(db_path: Path) -> None:
+    from patchdb.store.migrate import check_known, head_revision
+
+    make_store(db_path, last=0)
+    store = open_store(str(db_path))
+    assert check_known(store.engine, "here") == head_revision() == "0001"
+    store.close()
+    for revision in ("ffff", "heads", "base"):  # alembic keywords are not revisions of a store
+        set_revision(db_path, revision)
+        result = run_cli("status", "--db", db_path)
+        assert result.exit_code == 1
+        assert result.output == (
+            f"Error: {db_path} was written by a newer patchdb (schema {revision} is unknown "
+            "here, this patchdb knows up to 0001); upgrade patchdb\n")
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+                (revision,)]
+
+
+def test_a_model_without_a_static_cache_says_why_it_decodes_slowly(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    from patchdb.generate.graphed import graph_supported
+
+    model = tiny_llama(n_layers=2)
+    cpu = torch.device("cpu")
+    assert graph_supported(model, cpu, 64, require_cuda=False)
+    model.config.layer_types = ["full_attention", "exotic_attention"]
+    with caplog.at_level(logging.WARNING, logger="patchdb.generate.graphed"):
+        assert not graph_supported(model, cpu, 64, require_cuda=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "patchdb: no static KV cache for this model (KeyError: 'exotic_attention'); decoding "
+        "without CUDA graphs, several times slower"]

@@ -11,6 +11,7 @@ the steering vectors are a static buffer, and the cache's own length counter is 
 never runs here: it touches the prefill only.
 """
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -28,6 +29,8 @@ from patchdb.generate.attention import (
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
+log = logging.getLogger(__name__)
+
 
 def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda: bool = True) -> bool:
     """CUDA only (unless `require_cuda` is off, for the eager static decoder), SDPA attention
@@ -44,7 +47,10 @@ def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda
         return False
     try:
         probe = StaticCache(config=model.config, max_cache_len=max_len)
-    except Exception:
+    except (KeyError, TypeError, ValueError, NotImplementedError) as exc:
+        # transformers has no static cache for this layout (e.g. a layer type it does not map)
+        log.warning("patchdb: no static KV cache for this model (%s: %s); decoding without "
+                    "CUDA graphs, several times slower", type(exc).__name__, exc)
         return False
     layers: list[Any] = list(probe.layers)
     return all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in layers)

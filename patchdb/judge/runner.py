@@ -234,7 +234,7 @@ class Runner:
             self.stop.set()
             self.fatal_event.set()  # replies in flight could not be kept either
 
-    def _write_failure(self, exc: BaseException) -> StoreError:
+    def _write_failure(self, exc: StoreError | DatabaseError) -> StoreError:
         """The one line a failed judgment write ends the run with."""
         cause = describe_db_error(self.store.where, exc) if isinstance(exc, DatabaseError) else exc
         return StoreError(f"writing judgments failed, so the judge stopped ({cause}); "
@@ -335,7 +335,7 @@ class Runner:
             await self.backend.close()
             try:
                 await asyncio.to_thread(self.writer.close)  # Ctrl-C here still only sets a flag
-            except Exception as exc:
+            except (StoreError, DatabaseError) as exc:  # anything else is a bug: show it whole
                 raise self._write_failure(exc) from None
             finally:
                 self.bar.close()

@@ -35,6 +35,11 @@ def _script() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config("sqlite://"))
 
 
+def known_revisions() -> set[str]:
+    """Every schema revision this patchdb's migrations define."""
+    return {script.revision for script in _script().walk_revisions()}
+
+
 def head_revision() -> str:
     head = _script().get_current_head()
     assert head is not None
@@ -53,14 +58,11 @@ def check_known(engine: Engine, where: str) -> str | None:
         revision = MigrationContext.configure(conn).get_current_revision()
     if revision is None and tables - {"alembic_version"}:
         raise StoreError(f"{where} is a database but not a patchdb store (it has no schema version)")
-    if revision is not None:
-        try:
-            _script().get_revision(revision)
-        except Exception:
-            raise StoreNewerError(
-                f"{where} was written by a newer patchdb (schema {revision} is unknown here, "
-                f"this patchdb knows up to {head_revision()}); upgrade patchdb"
-            ) from None
+    if revision is not None and revision not in known_revisions():
+        raise StoreNewerError(
+            f"{where} was written by a newer patchdb (schema {revision} is unknown here, "
+            f"this patchdb knows up to {head_revision()}); upgrade patchdb"
+        )
     return revision
 
 

@@ -2,6 +2,7 @@
 stage from a crashed one (a crashed one stops beating)."""
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -11,11 +12,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DatabaseError
 
+from patchdb.errors import StoreError
 from patchdb.redact import redact_arguments, redact_text
 from patchdb.store.models import StageRun, utcnow
-from patchdb.store.store import Store
+from patchdb.store.store import Store, describe_db_error
 
+log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 STALE_AFTER = timedelta(seconds=60)
 
@@ -35,8 +39,14 @@ class StageRunHandle:
                         update(StageRun).where(StageRun.id == self.id).values(heartbeat_at=utcnow())
                     )
                 )
-            except Exception:  # a missed beat is not worth killing the stage for
-                pass
+            except (StoreError, DatabaseError) as exc:
+                # a missed beat is not worth stopping the stage for, but it is worth a line:
+                # `patchdb status` calls a run crashed once its beats stop
+                if isinstance(exc, DatabaseError):
+                    exc = describe_db_error(self.store.where, exc)
+                text = redact_text(str(exc))
+                log.warning("patchdb: the heartbeat of stage run %d was not recorded (%s)",
+                            self.id, text)
 
     def finish(self, status: str, error: str | None = None) -> None:
         self._stop.set()
