@@ -35,3 +35,12 @@ class JudgeError(PatchdbError):
 
 class ImportFormatError(PatchdbError):
     """A file of the JSON layout has the wrong shape."""
+
+
+class LabelError(PatchdbError):
+    """A human label cannot be written (unknown rollout, a grader the rollout is not asked)."""
+
+
+class CalibrationError(PatchdbError):
+    """The labels cannot support a calibration or a corrected rate (too few, judge no better
+    than chance)."""

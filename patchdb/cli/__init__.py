@@ -22,6 +22,7 @@ COMMANDS = {
     "import-json": "patchdb.cli.import_cmd:import_json",
     "merge": "patchdb.cli.merge_cmd:merge",
     "sweep": "patchdb.cli.sweep_cmd:sweep",
+    "label": "patchdb.cli.label_cmd:label",
 }
 
 

@@ -169,3 +169,19 @@ class JudgeCacheEntry(Base):
     request_hash: Mapped[str] = mapped_column(String(64), unique=True)
     reply_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Label(Base):
+    """A person's YES/NO answer to one grader's question about one rollout: the ground truth
+    that `calibrate` measures judge configs against."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("rollout_id", "grader", "labeler"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    grader: Mapped[str] = mapped_column(String(40))
+    labeler: Mapped[str] = mapped_column(String(200))
+    label: Mapped[bool] = mapped_column(Boolean)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,92 @@
+"""`patchdb label`: human YES/NO labels, from a local web page or from scripts."""
+
+import json
+
+import click
+
+from patchdb.cli.options import db_option, sweep_option
+from patchdb.experiments import GRADERS
+from patchdb.label.labels import default_labeler, set_label
+from patchdb.label.plan import DEFAULT_TARGET, Progress, check_graders, plan_next
+from patchdb.store import open_store
+from patchdb.store.sweeps import get_sweep
+
+
+@click.command()
+@db_option
+@sweep_option
+@click.option("--grader", "graders", multiple=True, type=click.Choice(GRADERS),
+              envvar="PATCHDB_LABEL_GRADER",
+              help="Grader to label; repeat for several (default: all three; "
+                   "env PATCHDB_LABEL_GRADER).")
+@click.option("--labeler", envvar="PATCHDB_LABELER",
+              help="Who labels (default: the OS user name; env PATCHDB_LABELER).")
+@click.option("--target", type=click.IntRange(min=1), default=DEFAULT_TARGET, show_default=True,
+              envvar="PATCHDB_LABEL_TARGET", help="Labels wanted per grader (env PATCHDB_LABEL_TARGET).")
+@click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
+              help="Judge config whose YES/NO verdicts the plan balances (default: the one that "
+                   "judged the most samples; env PATCHDB_JUDGE_CONFIG).")
+@click.option("--next", "show_next", is_flag=True, help="Print the next answer to label and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --next: print it as JSON.")
+@click.option("--set", "set_rollout", type=int, metavar="ROLLOUT",
+              help="Write a label for this rollout id (with one --grader and --yes or --no).")
+@click.option("--yes/--no", "value", default=None, help="The label written by --set.")
+@click.option("--note", help="A note kept with the label written by --set.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              envvar="PATCHDB_LABEL_PORT", help="Port of the page on 127.0.0.1 (0: a free one).")
+def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | None, target: int,
+          judge_config: int | None, show_next: bool, as_json: bool, set_rollout: int | None,
+          value: bool | None, note: str | None, port: int) -> None:
+    """Label answers YES or NO by hand, one grader question at a time, so `patchdb calibrate`
+    can measure the judge. Without --next or --set, serve a labeling page on 127.0.0.1 and
+    print its URL (keys: y, n, s to skip, u to undo); stop it with Ctrl-C. Every label is
+    committed at once.
+
+    \b
+    Example:
+      patchdb label --db demo.sqlite                     # open the printed URL
+      patchdb label --next --grader coherence --json
+      patchdb label --set 17 --grader coherence --yes --note "clear and on topic"
+    """
+    who = labeler or default_labeler()
+    if set_rollout is not None:
+        if len(graders) != 1 or value is None:
+            raise click.UsageError("--set needs exactly one --grader and one of --yes/--no")
+        store = open_store(db)
+        try:
+            store.transact(lambda s: set_label(s, set_rollout, graders[0], who, value, note))
+        finally:
+            store.close()
+        click.echo(f"Labeled rollout {set_rollout} {graders[0]}: {'YES' if value else 'NO'} "
+                   f"(by {who}).")
+        return
+    if value is not None or note is not None:
+        raise click.UsageError("--yes, --no and --note go with --set")
+    chosen = check_graders(list(graders))
+    if show_next:
+        store = open_store(db)
+        try:
+            with store.read() as session:
+                item, progress = plan_next(session, get_sweep(session, sweep), chosen, who,
+                                           target, judge_config)
+        finally:
+            store.close()
+        if as_json:
+            click.echo(json.dumps({"item": None if item is None else item.to_dict(),
+                                   "progress": [vars(p) for p in progress]}, ensure_ascii=False))
+        elif item is None:
+            click.echo("Nothing left to label: " + _progress_line(progress))
+        else:
+            click.echo(f"Rollout {item.rollout_id} ({item.experiment}, layer {item.patch_layer}, "
+                       f"{item.source} -> {item.target}), grader {item.grader}:")
+            click.echo(f"Question: {item.question}\nAnswer: {item.answer}\n")
+            click.echo(item.grader_question)
+            click.echo("\n" + _progress_line(progress))
+        return
+    from patchdb.label.server import serve
+
+    serve(db, sweep, chosen, who, target, judge_config, port, announce=click.echo)
+
+
+def _progress_line(progress: list[Progress]) -> str:
+    return ", ".join(f"{p.grader} {p.labeled}/{p.target}" for p in progress)

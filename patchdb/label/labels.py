@@ -1,0 +1,61 @@
+"""Writing and removing human labels; each call is one committed transaction."""
+
+import getpass
+import os
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from patchdb.errors import LabelError
+from patchdb.store.models import Experiment, Label, Rollout, utcnow
+
+
+def default_labeler() -> str:
+    """The OS user name: who labels, unless --labeler says otherwise."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or "unknown"
+
+
+def graders_of(experiment: Experiment) -> tuple[str, str]:
+    """The two graders asked about each rollout of an experiment."""
+    return ("coherence", experiment.detection_grader)
+
+
+def check_labelable(session: Session, rollout_id: int, grader: str) -> Rollout:
+    """The rollout, if it exists and its experiment asks `grader`; else a LabelError."""
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise LabelError(f"no rollout with id {rollout_id} in the store")
+    experiment = session.get(Experiment, rollout.experiment_id)
+    assert experiment is not None
+    asked = graders_of(experiment)
+    if grader not in asked:
+        raise LabelError(f"rollout {rollout_id} ({experiment.name}) is graded by "
+                         f"{' and '.join(asked)}, not {grader}")
+    return rollout
+
+
+def set_label(session: Session, rollout_id: int, grader: str, labeler: str, value: bool,
+              note: str | None = None) -> Label:
+    """Write (or overwrite) one labeler's YES/NO for a rollout and grader."""
+    if not labeler.strip():
+        raise LabelError("the labeler name is empty")
+    check_labelable(session, rollout_id, grader)
+    row = session.scalar(select(Label).where(Label.rollout_id == rollout_id,
+                                             Label.grader == grader, Label.labeler == labeler))
+    if row is None:
+        row = Label(rollout_id=rollout_id, grader=grader, labeler=labeler, label=value, note=note)
+        session.add(row)
+    else:
+        row.label, row.note, row.created_at = value, note, utcnow()
+    session.flush()
+    return row
+
+
+def remove_label(session: Session, rollout_id: int, grader: str, labeler: str) -> bool:
+    """Delete one labeler's label (the page's undo); True if there was one."""
+    result = session.execute(delete(Label).where(
+        Label.rollout_id == rollout_id, Label.grader == grader, Label.labeler == labeler))
+    return bool(getattr(result, "rowcount", 0))

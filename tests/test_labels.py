@@ -1,0 +1,127 @@
+"""Human labels: the labels table, `label --set` and the stratified `label --next` plan."""
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import file_digest, run_cli
+from labeled_store import fill, init_store
+from sqlalchemy import func, select
+
+from patchdb.label.labels import default_labeler
+from patchdb.store import Experiment, Rollout, open_store
+from patchdb.store.models import Label
+
+
+@pytest.fixture
+def db(store_db: str, tmp_path: Path) -> str:
+    init_store(store_db, tmp_path)
+    store = open_store(store_db)
+    store.transact(fill)
+    store.close()
+    return store_db
+
+
+def rollout_id(db: str, experiment: str, layer: int, sample: int) -> int:
+    store = open_store(db)
+    with store.read() as s:
+        found = s.scalar(select(Rollout.id).join(Experiment).where(
+            Experiment.name == experiment, Rollout.patch_layer == layer,
+            Rollout.sample_index == sample).order_by(Rollout.id))
+    store.close()
+    assert found is not None
+    return int(found)
+
+
+def labels(db: str) -> list[tuple[int, str, str, bool, str | None]]:
+    store = open_store(db)
+    with store.read() as s:
+        rows = s.execute(select(Label.rollout_id, Label.grader, Label.labeler, Label.label,
+                                Label.note).order_by(Label.id)).all()
+    store.close()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_set_writes_overwrites_and_keeps_labelers_apart(db: str) -> None:
+    rid = rollout_id(db, "failure_to_success", 3, 0)
+    result = run_cli("label", "--db", db, "--set", rid, "--grader", "coherence", "--yes")
+    assert result.exit_code == 0, result.output
+    me = default_labeler()
+    assert result.output == f"Labeled rollout {rid} coherence: YES (by {me}).\n"
+    run_cli("label", "--db", db, "--set", rid, "--grader", "coherence", "--no", "--note", "rambles")
+    run_cli("label", "--db", db, "--set", rid, "--grader", "detection_identification", "--yes",
+            "--labeler", "ada")
+    assert labels(db) == [(rid, "coherence", me, False, "rambles"),
+                          (rid, "detection_identification", "ada", True, None)]
+    store = open_store(db)
+    with store.read() as s:
+        stamp = s.scalar(select(Label.created_at).limit(1))
+    store.close()
+    # SQLite gives the stamp back naive; it must be UTC wall time, not local time.
+    assert stamp is not None
+    now = datetime.now(UTC)
+    assert abs(stamp.replace(tzinfo=UTC) - now) < timedelta(minutes=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "99999", "--grader", "coherence", "--yes"], "Error: no rollout with id 99999 in the store\n"),
+    (["--set", "{rid}", "--grader", "detection", "--yes"],
+     "Error: rollout {rid} (failure_to_success) is graded by coherence and "
+     "detection_identification, not detection\n"),
+    (["--set", "{rid}", "--yes"], "Error: --set needs exactly one --grader and one of --yes/--no\n"),
+    (["--set", "{rid}", "--grader", "coherence", "--yes", "--labeler", " "],
+     "Error: the labeler name is empty\n"),
+])
+def test_bad_labels_are_one_line_and_change_nothing(db: str, args: list[str],
+                                                    message: str) -> None:
+    rid = rollout_id(db, "failure_to_success", 3, 0)
+    before = file_digest(Path(db)) if "://" not in db else None
+    proc = subprocess.run([sys.executable, "-m", "patchdb", "label", "--db", db,
+                           *[a.format(rid=rid) for a in args]], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines()[-1] + "\n" == message.format(rid=rid)
+    assert labels(db) == []
+    if before is not None:
+        assert file_digest(Path(db)) == before
+
+
+def next_item(db: str, *args: str) -> dict:  # type: ignore[type-arg]
+    result = run_cli("label", "--db", db, "--next", "--json", *args)
+    assert result.exit_code == 0, result.output
+    data: dict = json.loads(result.output)  # type: ignore[type-arg]
+    return data
+
+
+def test_next_balances_judge_verdicts_and_spreads_over_cells(db: str) -> None:
+    """Labeling what --next offers, 8 times for coherence: the judge said YES on sample 0 and NO
+    on sample 1, so a balanced plan gives 4 of each, and 4 cells (2 experiments... x 2 layers)
+    are reached before any cell gets a second label of the same verdict."""
+    seen = []
+    for _ in range(8):
+        item = next_item(db, "--grader", "coherence", "--target", "8")["item"]
+        seen.append((item["experiment"], item["patch_layer"], item["judge_verdict"]))
+        run_cli("label", "--db", db, "--set", item["rollout_id"], "--grader", "coherence", "--yes")
+    assert sorted(v for _, _, v in seen) == [False] * 4 + [True] * 4
+    assert len({(e, layer) for e, layer, _ in seen}) == 8  # 4 experiments x 2 layers, no repeat
+    assert [v for _, _, v in seen[:2]] in ([False, True], [True, False])
+    done = next_item(db, "--grader", "coherence", "--target", "8")
+    assert done["item"] is None
+    assert done["progress"] == [{"grader": "coherence", "labeled": 8, "target": 8,
+                                 "available": 40}]
+
+
+def test_next_shows_the_question_the_answer_and_the_word(db: str) -> None:
+    item = next_item(db, "--grader", "detection_identification", "--target", "5")["item"]
+    assert item["question"] == ("Trial 1: Do you detect an injected thought? If so, what is the "
+                                "injected thought about?")
+    assert item["answer"].startswith("answer ")
+    assert item["experiment"] in ("failure_to_success", "success_to_failure")
+    assert item["word"] == item["target"] and item["word"] in ("Bread", "Trees", "Dust", "Milk")
+    assert f'about "{item["word"]}"' in item["grader_question"]
+    store = open_store(db)
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Label)) == 0
+    store.close()
