@@ -52,6 +52,8 @@ class Sweep(Base):
     samples: Mapped[int] = mapped_column(Integer)
     max_new_tokens: Mapped[int] = mapped_column(Integer)
     temperature: Mapped[float] = mapped_column(Float)
+    top_k: Mapped[int | None] = mapped_column(Integer)  # NULL until the first generate run
+    top_p: Mapped[float | None] = mapped_column(Float)
     prompt_text: Mapped[str | None] = mapped_column(Text)
     injection_start: Mapped[int | None] = mapped_column(Integer)
     config_json: Mapped[str] = mapped_column(Text)
