@@ -23,6 +23,7 @@ COMMANDS = {
     "merge": "patchdb.cli.merge_cmd:merge",
     "sweep": "patchdb.cli.sweep_cmd:sweep",
     "label": "patchdb.cli.label_cmd:label",
+    "calibrate": "patchdb.cli.calibrate_cmd:calibrate",
 }
 
 
