@@ -61,6 +61,8 @@ class SweepConfig:
     samples: int = 64
     max_new_tokens: int = 100
     temperature: float = 1.0
+    top_k: int | None = None  # None: the model's generation config (HF's default 50 if unset)
+    top_p: float | None = None  # None: the model's generation config (HF's default 1.0 if unset)
     positive_words: list[str] = field(default_factory=lambda: list(POSITIVE_WORDS))
     negative_words: list[str] = field(default_factory=lambda: list(NEGATIVE_WORDS))
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
@@ -84,8 +86,15 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+# Keys whose default is None but whose value is a number, not a string.
+_OPTIONAL_NUMBERS = {("sweep", "top_k"): int, ("sweep", "top_p"): float}
+
+
 def _check_type(table: str, key: str, value: Any, default: Any) -> Any:
     where = f"[{table}] {key}"
+    number = _OPTIONAL_NUMBERS.get((table, key))
+    if number is not None and value is not None and default is None:
+        return _check_type(table, key, value, number())
     if isinstance(default, bool) or default is None:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -142,6 +151,10 @@ def validate(config: SweepConfig) -> SweepConfig:
         raise ConfigError("[sweep] max_new_tokens must be >= 1")
     if config.temperature < 0:
         raise ConfigError("[sweep] temperature must be >= 0 (0 means greedy)")
+    if config.top_k is not None and config.top_k < 0:
+        raise ConfigError(f"[sweep] top_k must be an integer >= 0 (0 means no top-k), got {config.top_k}")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise ConfigError(f"[sweep] top_p must be in (0, 1] (1 means no top-p), got {config.top_p:g}")
     for side in ("positive_words", "negative_words"):
         words = getattr(config, side)
         for word in words:
@@ -203,6 +216,32 @@ def load_config(path: str | Path | None) -> SweepConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in {p}: {exc}") from None
     return config_from_dict(data)
+
+
+# The [sweep] keys that do not change what a sweep measures ("name" is how it is looked up).
+# The [judge] table is how to grade it, not what it is: each judge config is its own row.
+_NOT_SCIENCE = ("name", "judge")
+
+
+def science(config: SweepConfig) -> dict[str, Any]:
+    """What defines a sweep's results: every [sweep] setting but its name, no [judge] setting."""
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_SCIENCE}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def science_differences(mine: SweepConfig, other: SweepConfig, here: str, there: str) -> str | None:
+    """None when the two configs define the same sweep, else every differing key with both
+    values on one line, e.g. "strength 4.0 in the store, 8.0 in the config"."""
+    a, b = science(mine), science(other)
+    parts = [
+        f"{key} {_shown(a[key])} {here}, {_shown(b[key])} {there}"
+        for key in a if a[key] != b[key]
+    ]
+    return "; ".join(parts) or None
 
 
 def config_from_json(text: str) -> SweepConfig:

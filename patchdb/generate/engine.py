@@ -19,7 +19,7 @@ from patchdb.generate.attention import routes_decode_attention
 from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import LayerMap
-from patchdb.generate.sampling import choose_tokens
+from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 
 # Compact the batch once at least this fraction of its rows has finished.
 COMPACT_FRACTION = 0.125
@@ -174,9 +174,11 @@ class Engine:
 
     @torch.inference_mode()
     def generate(
-        self, units: list[TargetUnit], max_new_tokens: int, temperature: float
+        self, units: list[TargetUnit], max_new_tokens: int, sampling: Sampling | float
     ) -> list[list[Completion]]:
-        """Generate every sample of every unit; returns completions per unit, in seed order."""
+        """Generate every sample of every unit; returns completions per unit, in seed order.
+        A bare float for `sampling` is a temperature over the full softmax."""
+        how = as_sampling(sampling)
         counts = [len(u.seeds) for u in units]
         if not units or sum(counts) == 0:
             return [[] for _ in units]
@@ -194,12 +196,11 @@ class Engine:
                 cache.batch_select_indices(self._cache_index(expand))
                 steer_state.vectors = steer_state.vectors[expand]
                 tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
-                                      temperature)
+                                      how)
         if decoder is not None:
             decoder.load(cache, expand, steer_state.vectors[expand], self.prompt_len)
             del cache
-            tokens = self._decode_graphed(decoder, logits[expand], seeds, max_new_tokens,
-                                          temperature)
+            tokens = self._decode_graphed(decoder, logits[expand], seeds, max_new_tokens, how)
         return self._completions(tokens.cpu(), counts)
 
     def _cache_index(self, index: torch.Tensor) -> torch.Tensor:
@@ -243,7 +244,7 @@ class Engine:
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
-                        max_new_tokens: int, temperature: float) -> torch.Tensor:
+                        max_new_tokens: int, sampling: Sampling) -> torch.Tensor:
         """The decode loop on a static cache: rows never leave the batch (the graph's shape is
         fixed), and the loop ends when every row has reached EOS."""
         n_rows = len(seeds)
@@ -251,7 +252,7 @@ class Engine:
         eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
-            next_tokens = choose_tokens(logits, seeds, step, temperature)
+            next_tokens = choose_tokens(logits, seeds, step, sampling)
             tokens[:, step] = torch.where(done, -1, next_tokens)
             done = done | torch.isin(next_tokens, eos)
             if step == max_new_tokens - 1 or bool(done.all()):
@@ -266,7 +267,7 @@ class Engine:
         steer_state: Steering,
         seeds: torch.Tensor,
         max_new_tokens: int,
-        temperature: float,
+        sampling: Sampling,
     ) -> torch.Tensor:
         """The decode loop: [rows, max_new_tokens] token ids, -1 after a row's EOS."""
         n_rows = len(seeds)
@@ -276,7 +277,7 @@ class Engine:
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             fault_point("generate.decode_step")
-            next_tokens = choose_tokens(logits, seeds, step, temperature)
+            next_tokens = choose_tokens(logits, seeds, step, sampling)
             tokens[active, step] = torch.where(done, -1, next_tokens)
             done = done | torch.isin(next_tokens, eos)
             if step == max_new_tokens - 1 or bool(done.all()):

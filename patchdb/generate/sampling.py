@@ -2,13 +2,18 @@
 
 Each rollout has its own seed, derived from what it is (sweep, experiment, layer, key, sample),
 so it can be regenerated alone. Sampling draws one uniform per row from a counter-based hash of
-(seed, step), computed with integer tensor ops, and inverts the row's softmax CDF: a row's tokens
-never depend on which other rows share its batch, and no random generator state is involved.
+(seed, step), computed with integer tensor ops, and inverts the row's CDF after temperature,
+top-k and top-p, in that order, as Hugging Face's sampling warpers do: a row's tokens never depend
+on which other rows share its batch, and no random generator state is involved.
 """
 
 import hashlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from patchdb.errors import ModelError
 
 SEED_BITS = 62
 _M32 = 0xFFFFFFFF
@@ -49,17 +54,126 @@ def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+# What Hugging Face generate() falls back to when neither the caller nor the model's generation
+# config sets a value (GenerationConfig._get_default_generation_params in transformers 5).
+HF_DEFAULT_TOP_K = 50
+HF_DEFAULT_TOP_P = 1.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: softmax(logits / temperature) (0: greedy), cut to the
+    top_k highest (0: no cut), then to the smallest head holding top_p of the mass (1.0: no cut)."""
+
+    temperature: float
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def cuts(self) -> bool:
+        """Whether top-k or top-p removes any token."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+def as_sampling(value: "Sampling | float") -> Sampling:
+    """A bare temperature means the full softmax (no top-k, no top-p)."""
+    return value if isinstance(value, Sampling) else Sampling(float(value))
+
+
+# Generation-config settings that would make HF generate() draw from another set of tokens or
+# with other probabilities than temperature + top-k + top-p; each with the value that is inert.
+_INERT: dict[str, Any] = {
+    "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "min_new_tokens": None, "min_length": 0, "guidance_scale": None,
+    "exponential_decay_length_penalty": None, "forced_eos_token_id": None,
+}
+
+
+def _inert(name: str, value: Any) -> bool:
+    """Whether HF generate() adds no logits processor for this generation-config value."""
+    if value is None or value == _INERT[name]:
+        return True
+    if name in ("epsilon_cutoff", "eta_cutoff"):  # HF applies them only inside (0, 1)
+        return not 0.0 < value < 1.0
+    if name == "typical_p":
+        return bool(value >= 1.0)
+    if name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
+        return bool(value <= 0)
+    return name == "guidance_scale" and value == 1
+
+
+def resolve_sampling(
+    generation_config: Any, temperature: float, top_k: int | None, top_p: float | None
+) -> Sampling:
+    """The sweep's temperature with top_k / top_p as HF generate(temperature=...) resolves them:
+    the sweep's own value, else the model's generation config, else HF's default. Any other
+    setting of the generation config that would change what can be drawn is refused by name."""
+    for name in _INERT:
+        value = getattr(generation_config, name, None)
+        if not _inert(name, value):
+            raise ModelError(
+                f"the model's generation config sets {name} = {value!r}, which patchdb's sampler "
+                "does not apply (it applies temperature, top_k and top_p only)"
+            )
+    if top_k is None:
+        top_k = getattr(generation_config, "top_k", None)
+        top_k = HF_DEFAULT_TOP_K if top_k is None else int(top_k)
+    if top_p is None:
+        top_p = getattr(generation_config, "top_p", None)
+        top_p = HF_DEFAULT_TOP_P if top_p is None else float(top_p)
+    return Sampling(float(temperature), max(int(top_k), 0), min(float(top_p), 1.0))
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's survivors of a top-k cut, highest first, as (scores, token ids). Like HF's
+    warper, every token tied with the k-th highest score survives; a row with fewer such
+    tokens than another pads with -inf."""
+    values, indices = torch.topk(scores, min(k, scores.shape[-1]))
+    threshold = values[:, -1:]
+    widest = int((scores >= threshold).sum(dim=-1).max())
+    if widest > values.shape[-1]:  # ties at the k-th score (common in bf16 logits)
+        values, indices = torch.topk(scores, widest)
+        values = values.masked_fill(values < threshold, float("-inf"))
+    return values, indices
+
+
+def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For probabilities sorted highest first: True where a top-p cut removes the token. As in
+    HF's warper, a token goes when the ascending cumulative mass up to and including it is at
+    most 1 - top_p; the most likely token always stays."""
+    ascending = probs.flip(-1).cumsum(dim=-1)
+    remove = ascending <= 1 - top_p
+    remove[..., -1] = False
+    return remove.flip(-1)
+
+
 def choose_tokens(
-    logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float
+    logits: torch.Tensor, seeds: torch.Tensor, step: int, sampling: "Sampling | float"
 ) -> torch.Tensor:
-    """The next token of each row: argmax for temperature 0, else inverse-CDF sampling from
-    softmax(logits / temperature) with the row's own uniform. Every operation is row-wise, so a
-    row's token does not depend on the other rows; one uniform per row (not per vocabulary entry)
-    keeps sampling cheap next to a decode step on a 262k vocabulary."""
+    """The next token of each row: argmax for temperature 0, else inverse-CDF sampling with the
+    row's own uniform from softmax(logits / temperature) cut by top-k, then top-p. Every
+    operation is row-wise, so a row's token does not depend on the other rows; one uniform per
+    row (not per vocabulary entry) keeps sampling cheap next to a decode step on a 262k
+    vocabulary. Top-k runs first (torch.topk), so top-p only sorts the k survivors."""
+    how = as_sampling(sampling)
     scores = logits.float()
-    if temperature == 0:
+    if how.temperature == 0:
         return scores.argmax(dim=-1)
-    cdf = torch.softmax(scores / temperature, dim=-1).cumsum_(dim=-1)
-    target = row_uniforms(seeds, step)[:, None] * cdf[:, -1:]
-    picks = torch.searchsorted(cdf, target).squeeze(-1)
-    return picks.clamp_(max=scores.shape[-1] - 1)
+    uniforms = row_uniforms(seeds, step)[:, None]
+    if not how.cuts:
+        cdf = torch.softmax(scores / how.temperature, dim=-1).cumsum_(dim=-1)
+        picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).squeeze(-1)
+        return picks.clamp_(max=scores.shape[-1] - 1)
+    scaled = scores / how.temperature
+    if how.top_k > 0:
+        values, indices = _top_k(scaled, how.top_k)
+    else:
+        values, indices = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if how.top_p < 1.0:
+        probs = probs.masked_fill(_top_p_mask(probs, how.top_p), 0.0)
+    cdf = probs.cumsum_(dim=-1)
+    picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
+    return indices.gather(1, picks).squeeze(-1)

@@ -37,11 +37,18 @@ from patchdb.generate.engine import (
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model
 from patchdb.generate.prompt import render_prompt
-from patchdb.generate.sampling import rollout_seed
+from patchdb.generate.sampling import Sampling, resolve_sampling, rollout_seed
 from patchdb.generate.vectors import ensure_vectors
 from patchdb.store import Rollout, Store, Sweep
 from patchdb.store.runs import stage_run
-from patchdb.store.sweeps import ExpectedUnit, expected_units, get_experiments, get_sweep, sweep_config
+from patchdb.store.sweeps import (
+    ExpectedUnit,
+    expected_units,
+    get_experiments,
+    get_sweep,
+    record_sampling,
+    sweep_config,
+)
 
 
 @dataclass
@@ -376,6 +383,9 @@ def run_generate(
         len(layer_map.layers), sorted({p.unit.patch_layer for p in plan.pending}), "patch layer"
     )
     prompt = render_prompt(loaded.tokenizer, config.prompt_intro, config.prompt_trial)
+    sampling = resolve_sampling(
+        loaded.model.generation_config, config.temperature, config.top_k, config.top_p
+    )
     pending_tokens = sum(len(p.samples) for p in plan.pending) * plan.max_new_tokens
     compile_decode = (options.compile if options.compile is not None
                       else auto_compile(device, pending_tokens))
@@ -400,6 +410,9 @@ def run_generate(
             store.transact(
                 lambda s: _store_prompt(s, plan.sweep_id, prompt.text, prompt.injection_start)
             )
+            store.transact(
+                lambda s: record_sampling(s, plan.sweep_id, sampling.top_k, sampling.top_p)
+            )
             words = sorted(
                 ({p.unit.source_word for p in plan.pending}
                  | {p.unit.target_word for p in plan.pending})
@@ -409,7 +422,7 @@ def run_generate(
             scaled = {w: raw[w].float() * config.strength for w in words}
             sources = _Sources(engine, sorted({p.unit.patch_layer for p in plan.pending}), scaled)
             _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
-                         result, stopper, progress)
+                         result, stopper, progress, sampling)
             if stopper.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -429,8 +442,8 @@ def _run_batches(
     result: GenerateResult,
     stopper: _StopAfterBatch,
     progress: bool,
+    sampling: Sampling,
 ) -> None:
-    temperature = plan.config.temperature
     done: dict[int, dict[int, Completion]] = {}
     bar = tqdm(total=len(plan.pending), unit="unit", desc="generate", disable=not progress)
     started = time.perf_counter()
@@ -444,7 +457,7 @@ def _run_batches(
                 continue
             units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
             fault_point("generate.batch_started")
-            outputs = engine.generate(units, plan.max_new_tokens, temperature)
+            outputs = engine.generate(units, plan.max_new_tokens, sampling)
             fault_point("generate.batch_decoded")
             with stopper.writing():
                 _keep_batch(store, plan, batch, outputs, done, decode, run_id, result, bar)

@@ -1,15 +1,14 @@
 """Registering sweeps and looking them up: the rows every stage starts from."""
 
-import json
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from patchdb.config import SweepConfig, config_from_json
+from patchdb.config import SweepConfig, config_from_json, science_differences
 from patchdb.errors import ConfigError, UnknownNameError
 from patchdb.experiments import EXPERIMENTS, ExperimentDef, experiment_keys
-from patchdb.store.models import Experiment, Sweep
+from patchdb.store.models import Experiment, Rollout, Sweep
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,18 @@ class ExpectedUnit:
 def register_sweep(session: Session, config: SweepConfig) -> tuple[Sweep, bool]:
     """Insert the sweep and its experiments; return (sweep, created).
 
-    Registering the same config again is a no-op. A different config under an existing
-    name is refused, so two machines cannot silently disagree about one sweep.
+    Registering the same science again is a no-op (the stored config stays; [judge] settings
+    do not define a sweep). Different science under an existing name is refused, naming each
+    differing key, so two machines cannot silently disagree about one sweep.
     """
     existing = session.scalar(select(Sweep).where(Sweep.name == config.name))
     if existing is not None:
-        if json.loads(existing.config_json) != json.loads(config.to_json()):
+        differ = science_differences(
+            sweep_config(existing), config, "in the store", "in this config"
+        )
+        if differ is not None:
             raise ConfigError(
-                f"sweep {config.name!r} already exists with a different config; "
+                f"sweep {config.name!r} already exists with other settings ({differ}); "
                 "choose another name"
             )
         return existing, False
@@ -88,6 +91,40 @@ def get_sweep(session: Session, name: str | None) -> Sweep:
 
 def sweep_config(sweep: Sweep) -> SweepConfig:
     return config_from_json(sweep.config_json)
+
+
+def record_sampling(session: Session, sweep_id: int, top_k: int, top_p: float) -> None:
+    """Write the sweep's resolved top_k and top_p before its first rollout, so the store says
+    how it was sampled. Once it has rollouts, a run that would sample otherwise is refused
+    (greedy sweeps excepted: no cut changes an argmax)."""
+    sweep = session.get(Sweep, sweep_id)
+    assert sweep is not None
+    unset = sweep.top_k is None or sweep.top_p is None
+    if not _has_rollouts(session, sweep_id) or (sweep.temperature == 0 and unset):
+        sweep.top_k, sweep.top_p = top_k, top_p
+        return
+    if sweep.temperature == 0:
+        return
+    if unset:
+        raise ConfigError(
+            f"sweep {sweep.name!r} has rollouts from a patchdb that drew from the full softmax "
+            f"and did not record top_k / top_p; this run would sample with top_k {top_k}, "
+            f"top_p {top_p:g}; register a new sweep to sample the new way"
+        )
+    for key, stored, now in (("top_k", sweep.top_k, top_k), ("top_p", sweep.top_p, top_p)):
+        if stored != now:
+            raise ConfigError(
+                f"sweep {sweep.name!r} has rollouts sampled with {key} {stored:g}, but this "
+                f"run would sample with {key} {now:g} (from the sweep config or the model's "
+                "generation config); use the same model, or register a new sweep"
+            )
+
+
+def _has_rollouts(session: Session, sweep_id: int) -> bool:
+    return session.scalar(
+        select(Rollout.id).join(Experiment, Rollout.experiment_id == Experiment.id)
+        .where(Experiment.sweep_id == sweep_id).limit(1)
+    ) is not None
 
 
 def get_experiments(session: Session, sweep: Sweep, names: list[str] | None = None) -> list[Experiment]:
