@@ -125,3 +125,16 @@ def test_next_shows_the_question_the_answer_and_the_word(db: str) -> None:
     with store.read() as s:
         assert s.scalar(select(func.count()).select_from(Label)) == 0
     store.close()
+
+
+def test_coherence_labels_the_rollouts_a_detection_grader_labeled(db: str) -> None:
+    """With every grader, a detection grader leads and coherence then takes the same rollout,
+    so both labels of a score exist."""
+    first = next_item(db, "--target", "3")["item"]
+    assert first["grader"] == "detection_identification"
+    run_cli("label", "--db", db, "--set", first["rollout_id"], "--grader", first["grader"], "--no")
+    second = next_item(db, "--target", "3")["item"]
+    assert second["grader"] == "detection"
+    run_cli("label", "--db", db, "--set", second["rollout_id"], "--grader", "detection", "--no")
+    third = next_item(db, "--target", "3")["item"]
+    assert (third["grader"], third["rollout_id"]) == ("coherence", first["rollout_id"])

@@ -30,8 +30,13 @@ from patchdb.store import open_store
                    "env PATCHDB_JUDGE_CONFIG).")
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
+@click.option("--corrected", is_flag=True, envvar="PATCHDB_REPORT_CORRECTED",
+              help="Also draw the rates corrected for the judge's errors, calibrated on the "
+                   "labels of `patchdb label`, with bootstrap 95% bands (env "
+                   "PATCHDB_REPORT_CORRECTED).")
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
-           export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool) -> None:
+           export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool,
+           corrected: bool) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
     and optionally export the sweep in the JSON layout (SPEC.md) under the same folder.
 
@@ -45,6 +50,9 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     try:
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
                               judge_config)
+        from patchdb.report.corrected_plot import corrected_report
+
+        corrected_lines = corrected_report(store, result, fmt) if corrected else []
         html_path = None
         if html:
             from patchdb.report.html import write_html_report
@@ -66,3 +74,5 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     if html_path is not None:
         click.echo("")
         click.echo(f"HTML report: {html_path}")
+    for line in corrected_lines:
+        click.echo(line)

@@ -4,7 +4,9 @@ Per grader, the plan spreads labels over (experiment, patch layer) cells and bal
 between the judge's YES and NO verdicts (of one judge config), so a target of 100 labels per
 grader measures both error rates of the judge across the whole sweep. Answers the judge left
 unparsed are offered only when no parsed one is left. Within a cell the next rollout is the one
-with the smallest sha256 of its id: a fixed order that mixes keys and samples.
+with the smallest sha256 of its id: a fixed order that mixes keys and samples. A rollout labeled
+for one of its graders comes back first for the other, so that labels pair up into hand-labeled
+scores (coherent AND detected), which corrected rates are calibrated on.
 """
 
 import hashlib
@@ -23,6 +25,9 @@ from patchdb.store.models import Experiment, Judgment, Label, Rollout, Sweep
 from patchdb.store.sweeps import sweep_config
 
 DEFAULT_TARGET = 100
+# Among graders equally far from their target, a detection grader picks first (balanced on its
+# verdicts) and coherence then labels the same rollouts.
+LEAD_ORDER = ("detection_identification", "detection", "coherence")
 
 
 @dataclass(frozen=True)
@@ -103,13 +108,24 @@ def _labeled(session: Session, grader: str, labeler: str) -> set[int]:
         Label.grader == grader, Label.labeler == labeler)))
 
 
+def _partners(session: Session, grader: str, labeler: str) -> set[int]:
+    """Rollouts this labeler labeled for another grader: labeling them for this one too gives
+    the hand-labeled scores (coherent AND detected) that corrected rates need."""
+    return set(session.scalars(select(Label.rollout_id).where(
+        Label.grader != grader, Label.labeler == labeler)))
+
+
 def _pick(candidates: list[tuple[int, str, int, bool | None]], labeled: set[int],
-          skipped: set[int]) -> int | None:
-    """The next rollout: the least-labeled verdict, then the least-labeled cell within it."""
+          skipped: set[int], partners: set[int]) -> int | None:
+    """The next rollout: one already labeled for its other grader, else the least-labeled
+    verdict, then the least-labeled cell within it."""
     done = [c for c in candidates if c[0] in labeled]
     open_ = [c for c in candidates if c[0] not in labeled and c[0] not in skipped]
     if not open_:
         return None
+    pending = [c for c in open_ if c[0] in partners]
+    if pending:
+        return min(pending, key=lambda c: c[0])[0]
     parsed = [c for c in open_ if c[3] is not None]
     pool = parsed or open_
     by_verdict = Counter(c[3] for c in done)
@@ -151,7 +167,7 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
     skipped = skipped or set()
     progress: list[Progress] = []
     choices: list[tuple[float, int, str]] = []
-    for rank, grader in enumerate(check_graders(graders)):
+    for grader in check_graders(graders):
         candidates = _candidates(session, sweep, grader, judge)
         labeled = _labeled(session, grader, labeler) & {c[0] for c in candidates}
         skip = {r for r, g in skipped if g == grader}
@@ -159,11 +175,11 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
         step = Progress(grader, len(labeled), target, available)
         progress.append(step)
         if not step.done:
-            choices.append((len(labeled) / target, rank, grader))
+            choices.append((len(labeled) / target, LEAD_ORDER.index(grader), grader))
     for _, _, grader in sorted(choices):
         candidates = _candidates(session, sweep, grader, judge)
         chosen = _pick(candidates, _labeled(session, grader, labeler),
-                       {r for r, g in skipped if g == grader})
+                       {r for r, g in skipped if g == grader}, _partners(session, grader, labeler))
         if chosen is not None:
             return _item(session, sweep, chosen, grader, judge), progress
     return None, progress

@@ -1,0 +1,138 @@
+"""Corrected rates: the Rogan-Gladen correction, its refusals, and a simulation of its coverage."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from labeled_store import fill, init_store
+from sqlalchemy import func, select
+
+from patchdb.errors import CalibrationError
+from patchdb.label.labels import set_label
+from patchdb.report.corrected import ScoreCalibration, corrected_band, rogan_gladen, se_sp
+from patchdb.report.stats import wilson_interval
+from patchdb.store import Experiment, Rollout, open_store
+from patchdb.store.models import Label
+
+
+def test_rogan_gladen_on_hand_values() -> None:
+    # a judge of Se 0.8 and Sp 0.85 reports 0.2 * 0.8 + 0.8 * 0.15 = 0.28 for a true 0.2
+    assert float(rogan_gladen(0.28, 0.8, 0.85)) == pytest.approx(0.2)
+    # a perfect judge changes nothing; an observed rate below the false-positive rate clips to 0
+    assert float(rogan_gladen(0.37, 1.0, 1.0)) == pytest.approx(0.37)
+    assert float(rogan_gladen(0.05, 0.8, 0.85)) == 0.0
+
+
+def test_se_sp_from_classes_sampled_by_the_judges_verdict() -> None:
+    """Prevalence 0.3, Se 0.8, Sp 0.9: the judge says YES to 0.24 + 0.07 = 0.31 of all answers;
+    of those 0.24/0.31 are true; of its NO answers 0.06/0.69 are true."""
+    se, sp = se_sp(np.float64(0.24 / 0.31), np.float64(0.06 / 0.69), 0.31)
+    assert float(se) == pytest.approx(0.8) and float(sp) == pytest.approx(0.9)
+
+
+def test_too_few_labels_and_a_chance_judge_are_refused_in_one_line() -> None:
+    with pytest.raises(CalibrationError) as few:
+        ScoreCalibration(9, 8, 30, 3, 0.3).check("experiment x")
+    assert str(few.value) == (
+        "cannot correct experiment x: 9 labeled rollouts the judge scored YES and 30 it scored "
+        "NO (labels for both graders); needs 10 of each")
+    # q1 = q0 = 0.5: the verdict says nothing about the truth, so Se + Sp - 1 = 0
+    with pytest.raises(CalibrationError) as chance:
+        ScoreCalibration(20, 10, 20, 10, 0.4).check("experiment x")
+    assert str(chance.value) == (
+        "cannot correct experiment x: the judge's TPR + TNR - 1 is 0.00 (TPR 0.40, TNR 0.60), "
+        "below 0.2; it is too close to chance")
+    ScoreCalibration(20, 18, 20, 2, 0.4).check("experiment x")  # a useful judge passes
+
+
+# A synthetic sweep: 4 layers x 4 keys x 100 samples with these true rates.
+TRUE_RATES = np.array([[0.05, 0.1, 0.05, 0.0], [0.1, 0.2, 0.3, 0.2],
+                       [0.4, 0.5, 0.6, 0.5], [0.7, 0.8, 0.6, 0.9]])
+SAMPLES = 100
+SE, SP = 0.8, 0.85
+LABELS_PER_CLASS = 60
+RUNS = 200
+
+
+def simulate(rng: np.random.Generator) -> tuple[bool, bool]:
+    """One run: true scores, a judge of known error rates, 60 labels of each judged class drawn
+    as the labeling plan draws them; does each band cover layer 1's true mean rate (0.2)?"""
+    truth = rng.random((*TRUE_RATES.shape, SAMPLES)) < TRUE_RATES[..., None]
+    noise = rng.random(truth.shape)
+    judged = np.where(truth, noise < SE, noise >= SP)
+    yes = rng.choice(np.flatnonzero(judged), LABELS_PER_CLASS, replace=False)
+    no = rng.choice(np.flatnonzero(~judged), LABELS_PER_CLASS, replace=False)
+    calibration = ScoreCalibration(LABELS_PER_CLASS, int(truth.flat[yes].sum()),
+                                   LABELS_PER_CLASS, int(truth.flat[no].sum()),
+                                   float(judged.mean()))
+    calibration.check("the simulated sweep")
+    successes = judged[1].sum(axis=1)
+    target = float(TRUE_RATES[1].mean())
+    band = corrected_band(list(successes), [SAMPLES] * len(successes), calibration, rng,
+                          draws=1000)
+    low, high = wilson_interval(float(successes.sum()), float(successes.size * SAMPLES))
+    return band.lower <= target <= band.upper, float(low) <= target <= float(high)
+
+
+def test_corrected_band_covers_the_truth_and_the_raw_band_does_not() -> None:
+    rng = np.random.default_rng(20261130)
+    results = [simulate(rng) for _ in range(RUNS)]
+    corrected = sum(c for c, _ in results) / RUNS
+    raw = sum(r for _, r in results) / RUNS
+    assert corrected >= 0.90, corrected
+    assert raw <= 0.10, raw
+
+
+# --- report --corrected on a store ---------------------------------------------------------------
+
+@pytest.fixture
+def db(store_db: str, tmp_path: Path) -> str:
+    """The small judged sweep (judge: YES on sample 0, NO on sample 1), every pair-experiment
+    rollout labeled coherent; detected+identified on 12 of the 16 the judge said YES to and on
+    2 of the 16 it said NO to."""
+    init_store(store_db, tmp_path)
+    store = open_store(store_db)
+    store.transact(fill)
+
+    def label(session) -> None:  # type: ignore[no-untyped-def]
+        for sample, true_yes in ((0, 12), (1, 2)):
+            ids = list(session.scalars(
+                select(Rollout.id).join(Experiment)
+                .where(Experiment.pairs.is_(True), Rollout.sample_index == sample)
+                .order_by(Rollout.id)))
+            assert len(ids) == 16
+            for i, rid in enumerate(ids):
+                set_label(session, rid, "coherence", "ada", True)
+                set_label(session, rid, "detection_identification", "ada", i < true_yes)
+
+    store.transact(label)
+    store.close()
+    return store_db
+
+
+def test_report_corrected_draws_the_hand_computed_correction(db: str, tmp_path: Path) -> None:
+    """pi = 0.5, q1 = 12/16, q0 = 2/16: Se = 0.375/0.4375 = 0.857, Sp = 0.4375/0.5625 = 0.778;
+    every key's raw rate is 0.5, corrected (0.5 + 0.778 - 1) / (0.857 + 0.778 - 1) = 0.4375."""
+    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected",
+                     "--experiments", "failure_to_success,success_to_failure")
+    assert result.exit_code == 0, result.output
+    assert ("Correction for the detection_identification experiments (judge config #1): 16 "
+            "labeled scores the judge said YES to (12 true), 16 it said NO to (2 true); score "
+            "TPR 0.86, TNR 0.78; bootstrap 2000 draws, seed 0.") in result.output
+    rows = [line.split(": ", 1) for line in result.output.splitlines() if ": 3: " in line]
+    assert [word.strip() for word, _ in rows] == ["Bread", "Trees", "Dust", "Milk"]
+    for _, cells in rows:
+        assert [c.split(" [")[0] for c in cells.split("; ")] == ["3: 50 -> 44", "4: 50 -> 44"]
+    for exp in ("failure_to_success", "success_to_failure"):
+        assert (tmp_path / "out" / exp / "sweep_plot_corrected.png").stat().st_size > 0
+
+
+def test_report_corrected_refuses_too_few_labels_in_one_line(db: str, tmp_path: Path) -> None:
+    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        "Error: cannot correct the rates of the detection experiments: 0 labeled rollouts the "
+        "judge scored YES and 0 it scored NO (labels for both graders); needs 10 of each")
+    with open_store(db).read() as s:
+        assert s.scalar(select(func.count()).select_from(Label)) == 64
