@@ -9,10 +9,21 @@ from patchdb.store import open_store
 from patchdb.store.status import SweepStatus, sweep_status
 
 
+def sampling_line(status: SweepStatus) -> str:
+    """How the sweep's tokens are drawn, as recorded by its first generate run."""
+    if status.temperature == 0:
+        return "greedy (temperature 0)"
+    if status.top_k is None or status.top_p is None:
+        return (f"temperature {status.temperature:g}; top_k and top_p not resolved yet "
+                "(generate records them)")
+    return f"temperature {status.temperature:g}, top_k {status.top_k}, top_p {status.top_p:g}"
+
+
 def render(status: SweepStatus) -> str:
     prompt = (f"sha256 {status.prompt_hash}" if status.prompt_hash
               else "not rendered yet (generate stores it)")
-    lines = [f"Sweep {status.sweep} (model {status.model})", f"Prompt: {prompt}", ""]
+    lines = [f"Sweep {status.sweep} (model {status.model})", f"Prompt: {prompt}",
+             f"Sampling: {sampling_line(status)}", ""]
     header = (f"{'experiment':<22} {'layer':>5} {'rollouts':>15} {'judged':>15} "
               f"{'unparsed':>8} {'errors':>6}")
     lines.append(header)

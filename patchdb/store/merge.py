@@ -13,12 +13,12 @@ merge killed half way leaves whole chunks behind, and running it again fills in 
 Stage runs are copied as history, so a rollout keeps the record of the run (host, pid) that
 made it; a run here whose source copy has a newer heartbeat takes its status from there.
 
-Refused before anything is written: a sweep whose config (compared as parsed JSON) or rendered
-prompt differs between the stores. A judgment is not copied when its rollout exists here with a
-different answer (both stores generated that sample): it would grade an answer it never saw.
+Refused before anything is written: a sweep whose science (every [sweep] setting; [judge]
+settings do not count), rendered prompt or recorded top_k / top_p differs between the stores.
+A judgment is not copied when its rollout exists here with a different answer (both stores
+generated that sample): it would grade an answer it never saw.
 """
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +30,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from patchdb.config import SweepConfig, config_from_json, science_differences
 from patchdb.errors import ConfigError, StoreError
 from patchdb.store.models import Base
 from patchdb.store.store import Store
@@ -85,26 +86,33 @@ def merge_stores(
 @dataclass(frozen=True)
 class _SweepIdentity:
     where: str
-    config: Any
+    config: SweepConfig
     prompt_text: str | None
     injection_start: int | None
+    top_k: int | None
+    top_p: float | None
 
 
 def _sweep_identities(store: Store) -> dict[str, _SweepIdentity]:
     with store.read() as s:
         rows = s.execute(select(SWEEPS.c.name, SWEEPS.c.config_json, SWEEPS.c.prompt_text,
-                                SWEEPS.c.injection_start)).all()
-    return {name: _SweepIdentity(store.where, json.loads(cfg), prompt, start)
-            for name, cfg, prompt, start in rows}
+                                SWEEPS.c.injection_start, SWEEPS.c.top_k, SWEEPS.c.top_p)).all()
+    return {name: _SweepIdentity(store.where, config_from_json(cfg), prompt, start, k, p)
+            for name, cfg, prompt, start, k, p in rows}
 
 
-def _disagreement(a: _SweepIdentity, b: _SweepIdentity) -> str | None:
-    if a.config != b.config:
-        return "config"
+def _disagreement(a: _SweepIdentity, b: _SweepIdentity) -> tuple[str, str] | None:
+    """What differs (and, for settings, both values) between two stores' copies of a sweep.
+    Only its science counts: [judge] settings are how it is graded, not what it is."""
+    differ = science_differences(a.config, b.config, f"in {a.where}", f"in {b.where}")
+    if differ is not None:
+        return "config", f" ({differ})"
     for what, x, y in (("rendered prompt", a.prompt_text, b.prompt_text),
-                       ("injection start", a.injection_start, b.injection_start)):
+                       ("injection start", a.injection_start, b.injection_start),
+                       ("top_k", a.top_k, b.top_k), ("top_p", a.top_p, b.top_p)):
         if x is not None and y is not None and x != y:
-            return what
+            shown = "" if what == "rendered prompt" else f" ({x} in {a.where}, {y} in {b.where})"
+            return what, shown
     return None
 
 
@@ -114,11 +122,12 @@ def check_sweeps_agree(target: Store, sources: Iterable[Store]) -> None:
     for source in sources:
         for name, ident in _sweep_identities(source).items():
             other = seen.get(name)
-            what = _disagreement(other, ident) if other is not None else None
-            if other is not None and what is not None:
+            found = _disagreement(other, ident) if other is not None else None
+            if other is not None and found is not None:
+                what, values = found
                 raise ConfigError(
                     f"cannot merge {source.where}: its sweep {name!r} has a different {what} "
-                    f"than in {other.where}; nothing was merged"
+                    f"than in {other.where}; nothing was merged{values}"
                 )
             if other is None or other.prompt_text is None:
                 seen[name] = ident
@@ -239,7 +248,9 @@ def _merge_sweeps(s: Session, source: Store, result: MergeResult
     here = {r["name"]: r for r in conn.execute(select(SWEEPS)).mappings()}
     for sweep in sweeps:
         mine = here.get(sweep["name"])
-        if mine is not None and json.loads(mine["config_json"]) != json.loads(sweep["config_json"]):
+        if mine is not None and science_differences(
+                config_from_json(mine["config_json"]), config_from_json(sweep["config_json"]),
+                "here", "there") is not None:
             raise ConfigError(f"cannot merge {source.where}: its sweep {sweep['name']!r} has a "
                               "different config than here; nothing was merged")
         if mine is None:
@@ -248,6 +259,9 @@ def _merge_sweeps(s: Session, source: Store, result: MergeResult
         elif mine["prompt_text"] is None and sweep["prompt_text"] is not None:
             conn.execute(update(SWEEPS).where(SWEEPS.c.id == mine["id"]).values(
                 prompt_text=sweep["prompt_text"], injection_start=sweep["injection_start"]))
+        if mine is not None and mine["top_k"] is None and sweep["top_k"] is not None:
+            conn.execute(update(SWEEPS).where(SWEEPS.c.id == mine["id"]).values(
+                top_k=sweep["top_k"], top_p=sweep["top_p"]))
     names = {r["name"]: r["id"] for r in conn.execute(select(SWEEPS.c.name, SWEEPS.c.id)).mappings()}
     sweep_ids = {r["id"]: names[r["name"]] for r in sweeps}
     rows = [_values(e, EXPERIMENTS, sweep_id=sweep_ids[e["sweep_id"]]) for e in experiments]

@@ -50,6 +50,9 @@ class SweepStatus:
     counted_judge_config: int | None = None
     stages: list[StageStatus] = field(default_factory=list)
     prompt_hash: str | None = None  # see prompt_hash(); None until generate stores the prompt
+    temperature: float | None = None
+    top_k: int | None = None  # None until generate resolves and records the sampling
+    top_p: float | None = None
 
     def totals(self) -> dict[str, int]:
         keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
@@ -122,6 +125,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
         result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost or 0.0),
                              judge_configs=int(n_configs), counted_judge_config=main_config)
         result.prompt_hash = prompt_hash(sweep.prompt_text)
+        result.temperature, result.top_k, result.top_p = sweep.temperature, sweep.top_k, sweep.top_p
         layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
         for exp in experiments:
             n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,

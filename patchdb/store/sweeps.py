@@ -36,7 +36,7 @@ def register_sweep(session: Session, config: SweepConfig) -> tuple[Sweep, bool]:
         )
         if differ is not None:
             raise ConfigError(
-                f"sweep {config.name!r} already exists with other settings ({differ}); "
+                f"sweep {config.name!r} already exists with a different config ({differ}); "
                 "choose another name"
             )
         return existing, False
