@@ -4,6 +4,7 @@ Whatever they are fed, only the project's typed errors (PatchdbError subclasses)
 """
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,19 +85,32 @@ def test_parts_with_huge_spans_are_refused_not_expanded(start: int, stop: int, s
 
 # --- the verdict parser ------------------------------------------------------------------------
 
-VERDICT_WORDS = st.sampled_from(["YES", "No", "yes!", "**NO**", "YES,", "maybe", "", "\n", "NOPE"])
+VERDICT_WORDS = st.sampled_from(["YES", "No", "yes!", "**NO**", "YES,", "maybe", "", "\n", "NOPE",
+                                 "Verdict:YES", "eyes", "casino", "```", "1no", "ß", "Yes_",
+                                 "No123456789", "YES!!!!!!!!", "........", "\n```\n"])
 
 
 @FUZZ
 @given(st.one_of(st.none(), st.text(), st.lists(st.one_of(st.text(max_size=8), VERDICT_WORDS))
-                 .map(" ".join)))
-def test_parse_verdict_never_raises(reply: str | None) -> None:
-    verdict = parse_verdict(reply)
-    assert verdict in (True, False, None)
-    if verdict is not None:
-        assert reply is not None
-        last = "".join(ch for ch in reply.split()[-1] if ch.isalpha()).casefold()
-        assert last == ("yes" if verdict else "no")
+                 .map(" ".join), st.lists(VERDICT_WORDS, max_size=4).map("".join),
+                 st.lists(VERDICT_WORDS, max_size=4).map(" ".join)))
+def test_parse_verdict_agrees_with_a_second_reading_of_the_rule(reply: str | None) -> None:
+    """An independent reading of the documented rule, by regular expressions on the text."""
+    assert parse_verdict(reply) is verdict_by_regex(reply)
+
+
+def verdict_by_regex(reply: str | None) -> bool | None:
+    """The rule written a second way: strip non-letters by a regex, then compare."""
+    if reply is None:
+        return None
+    def letters(text: str) -> str:
+        return re.sub(r"[^\w]|[\d_]", "", text).casefold() if text.isascii() else "".join(
+            filter(str.isalpha, text)).casefold()
+    words = re.findall(r"\S+", reply)
+    if words and letters(words[-1]) in ("yes", "no"):
+        return letters(words[-1]) == "yes"
+    match = re.search(r"(yes|no)$", letters(reply[-10:]))
+    return None if match is None else match.group(1) == "yes"
 
 
 @FUZZ
@@ -117,11 +131,16 @@ ANY_JSON = st.recursive(SCALARS, lambda inner: st.one_of(
 # Shapes close to the real layout, so the fuzzer gets past the first checks.
 SAMPLE_LISTS = st.lists(st.one_of(st.none(), st.booleans(), st.text(max_size=10)), max_size=4)
 NEAR_LAYOUT = st.dictionaries(WORDS, st.one_of(SAMPLE_LISTS, SCALARS), max_size=4)
+VALID_ROLLOUTS = st.dictionaries(
+    st.sampled_from(["Bread", "Trees", "Dust", "Dust_to_Bread", "Bread_to_Dust"]),
+    st.lists(st.text(max_size=10), max_size=4), max_size=3)
 CONTENT = st.one_of(ANY_JSON.map(json.dumps), NEAR_LAYOUT.map(json.dumps),
+                    VALID_ROLLOUTS.map(json.dumps),
                     st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
 FILES = st.sampled_from(["rollouts.json", "judgments_coherence.json", "judgments_detection.json",
                          "judgments_detection_identification.json", "judge_scores.json",
                          "judgments_vibes.json", "notes.txt"])
+ROOTLESS_MESSAGES = {"no rollouts.json found under any layer_<L> folder"}
 TREE_FILE = st.tuples(st.sampled_from(list(EXPERIMENTS)), st.integers(0, 45), FILES, CONTENT)
 
 
@@ -150,9 +169,46 @@ def test_read_tree_accepts_or_raises_a_typed_error(
         try:
             plan = read_tree(root, steer_layer=steer_layer)
         except PatchdbError as exc:
-            assert str(exc)  # a message a user can read
+            message = str(exc)
+            assert "\n" not in message, message
+            assert message.startswith(str(root)) or message in ROOTLESS_MESSAGES or (
+                message.startswith("patch layers start at ") and steer_layer is None), message
             return
-        assert plan.config.patch_layers
+        # Accepted: the plan holds exactly the answers of the rollouts.json files written last.
+        written = {(experiment, layer): content for experiment, layer, name, content in files
+                   if name == "rollouts.json"}
+        answers = sum(len(v) for content in written.values() for v in json.loads(content).values())
+        assert plan.n_rollouts == answers
+        assert parse_range(plan.config.patch_layers) == sorted({layer for _, layer in written})
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(list(EXPERIMENTS)), st.integers(1, 45)), min_size=1,
+                max_size=5), st.data())
+def test_read_tree_holds_every_answer_written(places: list[tuple[str, int]],
+                                              data: st.DataObject) -> None:
+    """Well-formed rollouts files only: the plan has each answer and each layer, counted here."""
+    words = st.sampled_from(["Bread", "Trees", "Dust", "Café"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "sweep"
+        written: dict[tuple[str, int], dict[str, list[str]]] = {}
+        for experiment, layer in places:
+            keys = (st.tuples(words, words).map("_to_".join) if EXPERIMENTS[experiment].pairs
+                    else words)
+            content = data.draw(st.dictionaries(keys, st.lists(st.text(max_size=6), max_size=5),
+                                                max_size=3))
+            written[(experiment, layer)] = content
+            write_file(root, Path(experiment) / f"layer_{layer}" / "rollouts.json",
+                       json.dumps(content))
+        plan = read_tree(root, steer_layer=0)
+    read = {(e.name, la.layer): {k: v for k, v in la.rollouts.items()}
+            for e in plan.experiments for la in e.layers}
+    assert plan.n_rollouts == sum(len(v) for c in written.values() for v in c.values())
+    assert sorted(read) == sorted(written)
+    for place, content in written.items():
+        assert sorted(a for v in read[place].values() for a in v) == sorted(
+            a for v in content.values() for a in v)
+    assert parse_range(plan.config.patch_layers) == sorted({layer for _, layer in written})
 
 
 @FUZZ
