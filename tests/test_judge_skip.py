@@ -74,10 +74,22 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
     overwrite = run_cli("judge", "--db", db_path, *hf, "--overwrite")
     assert overwrite.exit_code == 1
     assert overwrite.output.strip() == "Error: refusing to load ./m"
-    unparsed = rows(db_path, "SELECT count(*) FROM judgments "
-                             "WHERE verdict IS NULL AND error IS NULL")[0][0]
-    retry = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed")
-    assert retry.exit_code == (1 if unparsed else 0), retry.output
+    assert rows(db_path, "SELECT * FROM judgments ORDER BY id") == stored
+
+    # --retry-unparsed from two known states: no unparsed row needs no model; one row does
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE judgments SET verdict = 0 WHERE verdict IS NULL AND error IS NULL")
+    none = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed")
+    assert none.exit_code == 0, none.output
+    assert none.output.strip() == ("Judged 0 calls: nothing to judge (no unparsed judgment of "
+                                   "sweep 'small' in scope).")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE judgments SET verdict = NULL, error = NULL "
+                     "WHERE id = (SELECT min(id) FROM judgments)")
+    stored = rows(db_path, "SELECT * FROM judgments ORDER BY id")
+    one = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed")
+    assert one.exit_code == 1, one.output
+    assert one.output.strip() == "Error: refusing to load ./m"
 
     assert rows(db_path, "SELECT * FROM judgments ORDER BY id") == stored
     assert len(rows(db_path, "SELECT id FROM judge_configs")) == 1
