@@ -281,15 +281,16 @@ def test_every_stage_refuses_a_damaged_store(tmp_path: Path, damage: object,
 
 @pytest.mark.parametrize(("content", "fragment"), [
     (b'["an answer"]', "expected an object {key: ...}, got list"),
-    (b'{"Bread": "an answer"}', ""),
-    (b'{"Bread": [1, 2]}', ""),
-    (b'{"Bread": [["nested"]]}', ""),
-    (b'{"Dust_to_Bread": ["a"]}', ""),
-    (b'{"": ["a"]}', ""),
+    (b'{"Bread": "an answer"}', "key 'Bread' must hold a list of answer strings"),
+    (b'{"Bread": [1, 2]}', "key 'Bread' must hold a list of answer strings"),
+    (b'{"Bread": [["nested"]]}', "key 'Bread' must hold a list of answer strings"),
+    (b'{"Dust_to_Bread": ["a"]}', "key 'Dust_to_Bread' has an invalid word 'Dust_to_Bread'"),
+    (b'{"": ["a"]}', "key '' has an invalid word ''"),
     (b"\xff\xfe{}", "not UTF-8 text"),
     (b'{"Bread": ["caf\xe9"]}', "not UTF-8 text"),
-    (b"", "invalid JSON"),
-    (b"{" * 100_000, ""),
+    (b"", "invalid JSON (Expecting value at line 1 column 1)"),
+    (b"{" * 100_000,
+     "invalid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
 ])
 def test_import_of_a_wrong_shape_names_the_file(tmp_path: Path, db_path: Path, content: bytes,
                                                 fragment: str) -> None:
@@ -300,7 +301,7 @@ def test_import_of_a_wrong_shape_names_the_file(tmp_path: Path, db_path: Path, c
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     line = assert_one_error(run_cli("import-json", tmp_path / "tree", "--db", db_path), fragment)
-    assert str(path) in line
+    assert line.startswith(f"Error: {path}: ") and line.endswith(fragment), line
     assert file_digest(db_path) == before
 
 
