@@ -65,18 +65,38 @@ def test_init_with_config_and_sqlite_tables(tmp_path: Path, db_path: Path) -> No
     assert exps == ["steered_to_unsteered", "success_to_failure"]
 
 
+def newest_migration() -> str:
+    """The highest revision number among the migration files, read from their names."""
+    versions = Path(__file__).resolve().parents[1] / "migrations" / "versions"
+    return max(p.name.split("_")[0] for p in versions.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
 def test_db_commands(db_path: Path) -> None:
     run_cli("init", "--db", db_path)
-    assert head_revision() in run_cli("db", "current", "--db", db_path).output
-    assert run_cli("db", "upgrade", "--db", db_path).exit_code == 0
+    head = newest_migration()
+    assert head_revision() == head
+    current = run_cli("db", "current", "--db", db_path)
+    assert current.exit_code == 0
+    assert current.output.strip() == f"{db_path}: schema {head}, head {head}"
+    upgrade = run_cli("db", "upgrade", "--db", db_path)
+    assert upgrade.exit_code == 0
+    assert upgrade.output.strip() == f"{db_path} is at schema {head} (head)"
     check = run_cli("db", "check", "--db", db_path)
-    assert check.exit_code == 0 and "matches" in check.output
+    assert check.exit_code == 0
+    assert check.output.strip().splitlines()[-1] == f"{db_path}: schema matches the models"
 
 
 def test_env_var_names_the_store(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATCHDB_DB", str(db_path))
-    assert run_cli("init").exit_code == 0
+    result = run_cli("init")
+    assert result.exit_code == 0
+    # the default sweep: Gemma-3-27B, the four experiments, patch layers 40 to 60
+    assert result.output.strip() == (
+        f"Sweep 'default' registered in {db_path}: model google/gemma-3-27b-it, 4 experiments, "
+        "21 patch layers (40-60).")
     assert db_path.exists()
+    again = run_cli("status")
+    assert again.exit_code == 0 and str(db_path) in again.output
 
 
 def test_every_command_has_an_example() -> None:
@@ -223,7 +243,7 @@ def test_status_counts_one_judge_config(tmp_path: Path, db_path: Path) -> None:
 def test_entry_point_keeps_a_commands_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     import patchdb.cli as cli_module
 
-    monkeypatch.setitem(cli_module.COMMANDS, "bye", "exit_probe:bye")
+    monkeypatch.setitem(cli_module.COMMANDS, "bye", ("exit_probe:bye", "Exit with code 3."))
     monkeypatch.setattr(sys, "argv", ["patchdb", "bye"])
     with pytest.raises(SystemExit) as stopped:
         cli_module.main()
