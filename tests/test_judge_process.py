@@ -91,13 +91,13 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(
     subprocess.run(judge_cmd(reference), env=env, check=True, capture_output=True, timeout=120)
     assert count(reference) == 2 * n
 
-    proc = subprocess.Popen(judge_cmd(killed, "--concurrency", "4"), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    written = wait_for_rows(killed, proc, 20)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert written <= count(killed) < 2 * n  # killed mid-run
+    # the process kills itself right after its first committed batch of 16 (no call starts
+    # while a batch is unwritten, so at most 16 + 4 results were pending then)
+    proc = subprocess.run(judge_cmd(killed, "--concurrency", "4", "--write-batch", "16"),
+                          env=dict(env, PATCHDB_FAULT="judge.batch_written:1"), text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert 1 <= count(killed) < 2 * n  # killed mid-run
     rerun = subprocess.run(judge_cmd(killed), env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert judgment_rows(killed) == judgment_rows(reference)
@@ -110,10 +110,9 @@ def test_ctrl_c_saves_what_finished_and_exits_130(tmp_path: Path, server: FaultS
     db = tmp_path / "store.sqlite"
     n = make_store(db, answer, samples=SAMPLES)
     env = judge_env(server)
-    proc = subprocess.Popen(judge_cmd(db, "--concurrency", "4"), env=env, text=True,
+    proc = subprocess.Popen(judge_cmd(db, "--concurrency", "4"), text=True,
+                            env=dict(env, PATCHDB_FAULT="judge.reply:10:INT"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for_rows(db, proc, 10)
-    proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, out
     assert "Interrupted; what finished is saved" in out and "Traceback" not in out
