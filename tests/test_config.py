@@ -1,8 +1,13 @@
 """Range strings and the sweep config."""
 
-import pytest
+import json
+from pathlib import Path
 
-from patchdb.config import SweepConfig, config_from_dict, config_from_json, load_config
+import pytest
+from click.testing import Result
+from conftest import file_digest, run_cli
+
+from patchdb.config import SweepConfig, config_from_dict, config_from_json, load_config, science
 from patchdb.errors import ConfigError, RangeError
 from patchdb.experiments import EXPERIMENTS, NO_STEERING, experiment_keys, key_label
 from patchdb.ranges import format_range, parse_range
@@ -95,3 +100,100 @@ def test_dataclass_defaults_are_not_shared() -> None:
     a, b = SweepConfig(), SweepConfig()
     a.positive_words.append("Zebras")
     assert "Zebras" not in b.positive_words
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    ({"top_k": -1}, "[sweep] top_k must be an integer >= 0 (0 means no top-k), got -1"),
+    ({"top_k": 1.5}, "[sweep] top_k must be an integer, got 1.5"),
+    ({"top_k": True}, "[sweep] top_k must be an integer, got True"),
+    ({"top_p": 0}, "[sweep] top_p must be in (0, 1] (1 means no top-p), got 0"),
+    ({"top_p": 1.01}, "[sweep] top_p must be in (0, 1] (1 means no top-p), got 1.01"),
+    ({"top_p": "0.9"}, "[sweep] top_p must be a number, got '0.9'"),
+])
+def test_top_k_and_top_p_are_checked(sweep: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"sweep": sweep})
+    assert str(info.value) == message
+
+
+def test_top_k_and_top_p_default_to_unset_and_round_trip() -> None:
+    assert (SweepConfig().top_k, SweepConfig().top_p) == (None, None)
+    config = config_from_dict({"sweep": {"top_k": 0, "top_p": 1}})
+    assert (config.top_k, config.top_p) == (0, 1.0)
+    assert config_from_json(config.to_json()) == config
+    # A config stored before these keys existed reads back with both unset.
+    old = json.loads(SweepConfig().to_json())
+    del old["top_k"], old["top_p"]
+    assert config_from_json(json.dumps(old)) == SweepConfig()
+
+
+def test_science_leaves_out_the_name_and_every_judge_setting() -> None:
+    assert set(science(SweepConfig())) == {
+        "model", "model_revision", "dtype", "steer_layer", "strength", "patch_layers", "samples",
+        "max_new_tokens", "temperature", "top_k", "top_p", "positive_words", "negative_words",
+        "experiments", "prompt_intro", "prompt_trial"}
+
+
+MINI = """\
+[sweep]
+name = "mini"
+model = "smollm2-135m"
+steer_layer = 18
+patch_layers = "20-21"
+samples = 2
+positive_words = ["Bread"]
+negative_words = ["Dust"]
+experiments = ["steered_to_unsteered"]
+
+[judge]
+concurrency = 8
+"""
+
+
+def _init(tmp_path: Path, db: Path, text: str, name: str = "a.toml") -> Result:
+    path = tmp_path / name
+    path.write_text(text)
+    return run_cli("init", "--config", path, "--db", db)
+
+
+def test_init_accepts_a_change_of_judge_settings_only(tmp_path: Path) -> None:
+    db = tmp_path / "runs.sqlite"
+    assert _init(tmp_path, db, MINI).exit_code == 0
+    before = file_digest(db)
+    changed = MINI.replace("concurrency = 8", 'concurrency = 64\nbase_url = "http://x"')
+    result = _init(tmp_path, db, changed, "b.toml")
+    assert result.exit_code == 0, result.output
+    assert "'mini' already registered" in result.output
+    assert file_digest(db) == before
+
+
+def test_init_refuses_new_science_naming_the_key_and_both_values(tmp_path: Path) -> None:
+    db = tmp_path / "runs.sqlite"
+    assert _init(tmp_path, db, MINI).exit_code == 0
+    before = file_digest(db)
+    result = _init(tmp_path, db, MINI.replace("samples = 2", "samples = 2\nstrength = 8.0"), "b.toml")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: sweep 'mini' already exists with a different config (strength 4.0 in the store, "
+        "8.0 in this config); choose another name\n")
+    result = _init(tmp_path, db, MINI.replace("samples = 2", "samples = 3\ntop_k = 64"), "c.toml")
+    assert result.output == (
+        "Error: sweep 'mini' already exists with a different config (samples 2 in the store, "
+        "3 in this config; top_k None in the store, 64 in this config); choose another name\n")
+    assert file_digest(db) == before
+
+
+def test_merge_accepts_other_judge_settings_and_refuses_other_science(tmp_path: Path) -> None:
+    here, other, bad = (tmp_path / f"{n}.sqlite" for n in ("here", "other", "bad"))
+    assert _init(tmp_path, here, MINI).exit_code == 0
+    assert _init(tmp_path, other, MINI.replace("concurrency = 8", "concurrency = 99")).exit_code == 0
+    result = run_cli("merge", other, "--db", here)
+    assert result.exit_code == 0, result.output
+    assert _init(tmp_path, bad, MINI.replace("samples = 2", "samples = 2\nstrength = 8.0")).exit_code == 0
+    before = file_digest(here)
+    result = run_cli("merge", bad, "--db", here)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: cannot merge {bad}: its sweep 'mini' has a different config than in {here}; "
+        f"nothing was merged (strength 4.0 in {here}, 8.0 in {bad})\n")
+    assert file_digest(here) == before
