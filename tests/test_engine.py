@@ -238,3 +238,67 @@ def test_compiling_is_automatic_only_on_gpus_for_long_runs() -> None:
     assert not auto_compile("cpu", 10 * AUTO_COMPILE_TOKENS)
     assert not auto_compile("cuda:0", AUTO_COMPILE_TOKENS - 1)
     assert auto_compile("cuda:1", AUTO_COMPILE_TOKENS)
+
+
+# --- steering against a forward written out by hand --------------------------------------------
+
+
+def start_from_offsets(tok: Any, text: str) -> int:
+    """The injection start worked out here: the token holding the first character of the blank
+    line right before "Trial 1", read off the tokenizer's character offsets."""
+    char = text.index("\n\nTrial 1")
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    [index] = [i for i, (lo, hi) in enumerate(offsets) if lo <= char < hi]
+    return index
+
+
+def hand_forward(model: torch.nn.Module, ids: list[int], vec: torch.Tensor, layer: int,
+                 start: int) -> torch.Tensor:
+    """Logits of the whole sequence, the decoder layers called one by one (no cache, no hooks),
+    `vec` added to the output of decoder layer `layer` at every position >= start."""
+    inner = model.model
+    x = torch.tensor([ids])
+    n = x.shape[1]
+    positions = torch.arange(n)[None]
+    hidden = inner.embed_tokens(x)
+    rotary = inner.rotary_emb(hidden, positions)
+    causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    for i, block in enumerate(inner.layers):
+        out = block(hidden, attention_mask=causal, position_ids=positions,
+                    position_embeddings=rotary)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+        if i == layer:
+            hidden = hidden.clone()
+            hidden[0, start:] += vec
+    return model.lm_head(inner.norm(hidden))[0]
+
+
+def hand_greedy(model: torch.nn.Module, ids: list[int], vec: torch.Tensor, layer: int,
+                start: int, n_new: int) -> list[int]:
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n_new):
+            out.append(int(hand_forward(model, ids + out, vec, layer, start)[-1].argmax()))
+    return out
+
+
+def test_steering_starts_at_the_blank_line_and_covers_every_later_token(engine: Engine) -> None:
+    tok = tiny_tokenizer()
+    start = start_from_offsets(tok, PROMPT)
+    assert tok.decode(engine.prompt_ids[start:start + 2]) == "\n\n"  # SmolLM2 splits it in two
+    steered = Engine(engine.model, engine.layer_map, engine.prompt_ids, start, STEER_LAYER,
+                     engine.eos_token_ids)
+    vec = vector(30)
+    with torch.inference_mode():
+        reference = hand_forward(engine.model, engine.prompt_ids, vec, STEER_LAYER, start)[-1]
+        one_late = hand_forward(engine.model, engine.prompt_ids, vec, STEER_LAYER, start + 1)[-1]
+    # the reference can tell a mask that starts one token late from the right one
+    assert (reference - one_late).abs().max() > 1e-2
+    got = steered.prefill_logits([TargetUnit(vec, None, None, [0])])[0].float()
+    assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4), (got - reference).abs().max()
+
+    n_new = 10
+    [[answer]] = steered.generate([TargetUnit(vec, None, None, [0])], n_new, 0.0)
+    expected = hand_greedy(engine.model, engine.prompt_ids, vec, STEER_LAYER, start, n_new)
+    assert answer.token_ids == expected
+    assert len(set(expected)) > 1
