@@ -138,3 +138,96 @@ def test_coherence_labels_the_rollouts_a_detection_grader_labeled(db: str) -> No
     run_cli("label", "--db", db, "--set", second["rollout_id"], "--grader", "detection", "--no")
     third = next_item(db, "--target", "3")["item"]
     assert (third["grader"], third["rollout_id"]) == ("coherence", first["rollout_id"])
+
+
+# --- labels travel: export, import-json, merge ----------------------------------------------------
+
+def label_facts(db: str) -> set[tuple]:  # type: ignore[type-arg]
+    """Labels by what they label (ids differ between stores)."""
+    store = open_store(db)
+    with store.read() as s:
+        rows = s.execute(select(Experiment.name, Rollout.patch_layer, Rollout.source_word,
+                                Rollout.target_word, Rollout.sample_index, Label.grader,
+                                Label.labeler, Label.label, Label.note)
+                         .join(Rollout, Rollout.id == Label.rollout_id)
+                         .join(Experiment, Experiment.id == Rollout.experiment_id)).all()
+    store.close()
+    return {tuple(r) for r in rows}
+
+
+def add_labels(db: str) -> None:
+    a = rollout_id(db, "failure_to_success", 3, 0)
+    b = rollout_id(db, "unsteered_to_steered", 4, 1)
+    for args in ([a, "coherence", "--yes", "--labeler", "ada", "--note", "fine"],
+                 [a, "detection_identification", "--no", "--labeler", "ada"],
+                 [a, "coherence", "--no", "--labeler", "bob"],
+                 [b, "detection", "--yes", "--labeler", "ada"]):
+        rid, grader, value, *rest = args
+        result = run_cli("label", "--db", db, "--set", rid, "--grader", grader, value, *rest)
+        assert result.exit_code == 0, result.output
+
+
+EXPECTED = {
+    ("failure_to_success", 3, "Dust", "Bread", 0, "coherence", "ada", True, "fine"),
+    ("failure_to_success", 3, "Dust", "Bread", 0, "detection_identification", "ada", False, None),
+    ("failure_to_success", 3, "Dust", "Bread", 0, "coherence", "bob", False, None),
+    ("unsteered_to_steered", 4, "", "Bread", 1, "detection", "ada", True, None),
+}
+
+
+def test_export_writes_labels_and_import_json_reads_them_back(db: str, tmp_path: Path) -> None:
+    add_labels(db)
+    assert label_facts(db) == EXPECTED
+    out = tmp_path / "tree"
+    assert run_cli("report", "--db", db, "--export-json", "--out", out).exit_code == 0
+    written = json.loads((out / "failure_to_success" / "layer_3" / "labels_coherence.json")
+                         .read_text())
+    assert list(written) == ["Dust_to_Bread"]
+    assert [{k: e[k] for k in ("sample", "labeler", "label", "note")}
+            for e in written["Dust_to_Bread"]] == [
+        {"sample": 0, "labeler": "ada", "label": True, "note": "fine"},
+        {"sample": 0, "labeler": "bob", "label": False, "note": None}]
+    assert written["Dust_to_Bread"][0]["created_at"].endswith("+00:00")
+    assert not (out / "failure_to_success" / "layer_4" / "labels_coherence.json").exists()
+
+    second = str(tmp_path / "second.sqlite")
+    result = run_cli("import-json", out, "--db", second, "--sweep", "tiny", "--steer-layer", "1")
+    assert result.exit_code == 0, result.output
+    assert "Imported 4 new human labels." in result.output
+    assert label_facts(second) == EXPECTED
+    again = run_cli("import-json", out, "--db", second, "--sweep", "tiny", "--steer-layer", "1")
+    assert again.exit_code == 0 and "human labels" not in again.output
+    assert label_facts(second) == EXPECTED
+
+
+def test_import_refuses_a_label_that_differs_from_the_store(db: str, tmp_path: Path) -> None:
+    add_labels(db)
+    out = tmp_path / "tree"
+    assert run_cli("report", "--db", db, "--export-json", "--out", out).exit_code == 0
+    second = str(tmp_path / "second.sqlite")
+    assert run_cli("import-json", out, "--db", second, "--sweep", "tiny", "--steer-layer", "1").exit_code == 0
+    path = out / "failure_to_success" / "layer_3" / "labels_coherence.json"
+    data = json.loads(path.read_text())
+    data["Dust_to_Bread"][1]["label"] = True  # bob changed his mind in the other copy
+    path.write_text(json.dumps(data))
+    before = file_digest(Path(second))
+    result = run_cli("import-json", out, "--db", second, "--sweep", "tiny", "--steer-layer", "1")
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {path}: key 'Dust_to_Bread' sample 0: the label of bob "
+                             "differs from the one in the store; nothing was imported\n")
+    assert file_digest(Path(second)) == before
+
+
+def test_merge_carries_labels_once(db: str, tmp_path: Path) -> None:
+    add_labels(db)
+    target = str(tmp_path / "merged.sqlite")
+    init_store(target, tmp_path)
+    first = run_cli("merge", db, "--db", target)
+    assert first.exit_code == 0, first.output
+    assert [line.split() for line in first.output.splitlines() if line.startswith("  labels")] == [
+        ["labels", "4"]]
+    assert label_facts(target) == EXPECTED
+    second = run_cli("merge", db, "--db", target)
+    assert [line.split() for line in second.output.splitlines() if line.startswith("  labels")] == [
+        ["labels", "0"]]
+    assert label_facts(target) == EXPECTED

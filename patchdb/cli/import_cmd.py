@@ -51,6 +51,8 @@ def import_json(folder: Path, db: str, sweep_name: str | None, model: str,
     click.echo(f"Imported {result.new_rollouts} new rollouts and {result.new_judgments} new "
                f"judgments{judge}; {plan.n_rollouts - result.new_rollouts} rollouts and "
                f"{plan.n_judgments - result.new_judgments} judgments were already there.")
+    if result.new_labels:
+        click.echo(f"Imported {result.new_labels} new human labels.")
     for path in plan.score_mismatches:
         click.echo(f"Note: {path} disagrees with its judgments; patchdb recomputes rates from "
                    "the judgments.", err=True)

@@ -4,6 +4,7 @@
     <out>/<experiment>/layer_<L>/rollouts.json        {key: [answer, ...]}  (by sample index)
     <out>/<experiment>/layer_<L>/judgments_<g>.json   {key: [true|false|null, ...]}
     <out>/<experiment>/layer_<L>/judge_scores.json    {key: rate}
+    <out>/<experiment>/layer_<L>/labels_<grader>.json  human labels (see patchdb.label.transfer)
 
 Verdict files take the plan's names: a pair experiment's detection+identification verdicts go
 to judgments_detection.json. Only at a layer where a pair experiment also holds plain detection
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session
 from patchdb.config import SweepConfig
 from patchdb.errors import PatchdbError
 from patchdb.experiments import EXPERIMENTS, GRADERS, ExperimentDef, experiment_keys, key_label
+from patchdb.label.transfer import export_labels
 from patchdb.report.aggregate import ExperimentRates
 from patchdb.store.models import Experiment
 
@@ -175,6 +177,7 @@ def export_experiment(
             judged_layers.append(layer)
             written.append(write_json(layer_dir / "judge_scores.json",
                                       ordered(scores.get(layer, {}))))
+    written += export_labels(session, experiment, folder, write_json)
     written.append(write_json(folder / "all_layer_scores.json", {
         str(layer): ordered(scores.get(layer, {})) for layer in judged_layers}))
     return written

@@ -24,6 +24,7 @@ from patchdb.config import SweepConfig, validate
 from patchdb.errors import ConfigError, ImportFormatError
 from patchdb.experiments import EXPERIMENTS, GRADERS, NO_STEERING, ExperimentDef
 from patchdb.faults import fault_point
+from patchdb.label.transfer import import_labels
 from patchdb.ranges import format_range
 from patchdb.store import Store
 from patchdb.store.models import JudgeConfig, Judgment, Rollout
@@ -80,6 +81,7 @@ class ImportResult:
     new_rollouts: int
     new_judgments: int
     judge_config_id: int | None
+    new_labels: int = 0
 
 
 def _load(path: Path) -> Any:
@@ -355,9 +357,12 @@ def _write(session: Session, plan: ImportPlan) -> ImportResult:
                                     f"nothing was imported")
         if new_judgments:
             session.execute(insert(Judgment), new_judgments)
+    new_labels = import_labels(session, [(d.name, la.layer, la.folder) for d in plan.experiments
+                                         for la in d.layers], experiment_ids, have, parse_key,
+                               _load)
     fault_point("import.before_commit")
     return ImportResult(plan, sweep.name, created, len(new_rollouts), len(new_judgments),
-                        judge.id if judge is not None else None)
+                        judge.id if judge is not None else None, new_labels)
 
 
 def import_tree(store: Store, plan: ImportPlan) -> ImportResult:

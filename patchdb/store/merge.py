@@ -3,9 +3,10 @@
 Ids differ between stores, so every row is matched by what it is: a sweep by name, an
 experiment by (sweep, name), a concept vector by (model, layer, word, recipe), a judge config by
 (model, reasoning, template_version, backend), a rollout by (sweep, experiment, patch layer,
-source word, target word, sample index), a judgment by (rollout, grader, judge config), a judge
-cache entry by its request hash, and a stage run by (stage, host, pid, started_at). A row whose
-key is already here is left alone, so merging twice changes nothing.
+source word, target word, sample index), a judgment by (rollout, grader, judge config), a human
+label by (rollout, grader, labeler), a judge cache entry by its request hash, and a stage run
+by (stage, host, pid, started_at). A row whose key is already here is left alone, so merging
+twice changes nothing.
 
 Rows are copied in chunks, one transaction each, with INSERT ... ON CONFLICT DO NOTHING: a
 merge killed half way leaves whole chunks behind, and running it again fills in the rest.
@@ -54,7 +55,7 @@ JUDGE_CONFIG_KEY = ["model", "reasoning", "template_version", "backend"]
 VECTOR_KEY = ["model", "layer", "word", "recipe"]
 STAGE_RUN_KEY = ["stage", "host", "pid", "started_at"]
 REPORTED = ["sweeps", "experiments", "stage_runs", "concept_vectors", "judge_configs",
-            "rollouts", "judgments", "judge_cache"]
+            "rollouts", "judgments", "judge_cache", "labels"]
 
 
 @dataclass
@@ -235,6 +236,9 @@ def _merge_one(target: Store, source: Store, size: int,
     _copy_rollouts(target, source, experiment_ids, run_ids, here, size, result, progress)
     _copy_judgments(target, source, experiment_ids, here, config_ids, run_ids, size, result,
                     progress)
+    from patchdb.label.transfer import copy_labels  # it builds on this module's helpers
+
+    copy_labels(target, source, experiment_ids, here, size, result, progress)
     return result
 
 
