@@ -3,7 +3,7 @@
 import click
 
 from patchdb.cli.options import db_option
-from patchdb.config import load_config
+from patchdb.configs import config_option_help, resolve_config
 from patchdb.store import open_store
 from patchdb.store.sweeps import register_sweep
 
@@ -12,9 +12,8 @@ from patchdb.store.sweeps import register_sweep
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False),
     envvar="PATCHDB_CONFIG",
-    help="Sweep TOML file (default: SPEC.md's default sweep).",
+    help=config_option_help(),
 )
 @db_option
 def init(config_path: str | None, db: str) -> None:
@@ -27,8 +26,9 @@ def init(config_path: str | None, db: str) -> None:
     \b
     Example:
       patchdb init --config sweep.toml --db runs.sqlite
+      patchdb init --config demo --db demo.sqlite
     """
-    config = load_config(config_path)
+    config = resolve_config(config_path)
     store = open_store(db, create=True)
     try:
         sweep, created = store.transact(lambda s: register_sweep(s, config))

@@ -12,14 +12,14 @@ from patchdb.cli.options import (
     layers_option,
     narrowing_options,
 )
+from patchdb.configs import config_option_help, resolve_config
 from patchdb.store import open_store
-from patchdb.sweep import SweepInterrupted, SweepOptions, resolve_config, run_sweep
+from patchdb.sweep import SweepInterrupted, SweepOptions, run_sweep
 
 
 @click.command()
 @click.option("--config", "config_name", envvar="PATCHDB_CONFIG", default=None,
-              help="Sweep TOML file, or 'demo' for the embedded demo (env PATCHDB_CONFIG; "
-                   "default: SPEC.md's default sweep).")
+              help=config_option_help())
 @db_option
 @experiments_option
 @layers_option
