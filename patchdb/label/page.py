@@ -10,7 +10,7 @@ PAGE = """<!DOCTYPE html>
   body { font: 15px/1.45 system-ui, sans-serif; max-width: 60rem; margin: 1.5rem auto;
          padding: 0 1rem; color: #222; }
   .box { border: 1px solid #ccc; border-radius: 6px; padding: 0.6rem 0.9rem; margin: 0.7rem 0; }
-  #answer { white-space: pre-wrap; background: #f7f7f2; }
+  .answer { background: #f7f7f2; } #answer { white-space: pre-wrap; }
   #grader-question { white-space: pre-wrap; }
   #meta, #progress, #keys { color: #555; font-size: 0.9em; }
   #previous { background: #eef3fb; }
@@ -27,7 +27,7 @@ PAGE = """<!DOCTYPE html>
 <div id="current">
   <div id="meta"></div>
   <div class="box"><b>Question put to the model</b><div id="question"></div></div>
-  <div class="box" id="answer"></div>
+  <div class="box answer"><b>The model's answer</b><div id="answer"></div></div>
   <div class="box"><b>Your question</b> (word: <span id="word"></span>)
     <div id="grader-question"></div></div>
   <div id="keys">
