@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import select, update
 
 from patchdb.label.labels import set_label
 from patchdb.report.calibration import Table, cohen_kappa, wilson
+from patchdb.report.html import write_html_report
 from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
 
 Z = 1.959963984540054
@@ -150,3 +152,25 @@ def test_no_labels_is_one_line(store_db: str, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output == ("Error: no labeled answer of sweep 'tiny' has a judgment yet; "
                              "label some with `patchdb label`\n")
+
+
+def test_html_report_has_a_calibration_section(db: str, tmp_path: Path) -> None:
+    store = open_store(db)
+    page = write_html_report(store, None, tmp_path / "report").read_text(encoding="utf-8")
+    store.close()
+    section = page.split('<section id="calibration">', 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(\d+)</td><td>([\d.]+) ", section)
+    assert [(r[1], r[2], r[3]) for r in rows] == [("coherence", "20", "0.80"),
+                                                  ("coherence", "19", "1.00")]
+    assert rows[0][0].startswith("judge config #1 (openai: judge-a")
+    assert page.index('id="calibration"') < page.index('id="browser"')
+
+
+def test_html_report_without_labels_has_no_calibration_section(store_db: str,
+                                                                tmp_path: Path) -> None:
+    init_store(store_db, tmp_path)
+    store = open_store(store_db)
+    store.transact(fill)
+    page = write_html_report(store, None, tmp_path / "report").read_text(encoding="utf-8")
+    store.close()
+    assert 'id="calibration"' not in page

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
+from patchdb.report.calibration_html import calibration_section
 from patchdb.report.html_assets import CSS, JS
 from patchdb.report.plots import sweep_figure
 from patchdb.store import Experiment, Rollout, Store, utcnow
@@ -54,6 +55,7 @@ def write_html_report(
         judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
         total = count_rollouts(session, sweep.id)
         rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
+        calibration = calibration_section(session, sweep)
     facts = [
         ("Model", config.model + (f" @ {config.model_revision}" if config.model_revision else "")),
         ("Injection", f"layer {config.steer_layer}, strength {config.strength:g}"),
@@ -79,6 +81,7 @@ def write_html_report(
     title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
     plots = {r.name: figure_png(r, title.format(r.name)) for r in rates if any_scored(r)}
     page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key)
+    page = page.replace('<section id="browser">', calibration + '<section id="browser">', 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
     partial = path.with_name(path.name + ".partial")
