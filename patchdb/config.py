@@ -1,6 +1,6 @@
 """The one home of configuration: a sweep TOML file with `[sweep]` and `[judge]` tables.
 
-Defaults are SPEC.md's default sweep. Unknown keys are an error naming the key.
+Defaults are the default sweep of docs/science.md. Unknown keys are an error naming the key.
 """
 
 import dataclasses
@@ -199,7 +199,7 @@ def config_from_dict(data: dict[str, Any]) -> SweepConfig:
 
 
 def load_config(path: str | Path | None) -> SweepConfig:
-    """Read a sweep TOML file; None gives SPEC.md's default sweep."""
+    """Read a sweep TOML file; None gives the default sweep (docs/science.md)."""
     if path is None:
         return validate(SweepConfig())
     p = Path(path)

@@ -1,4 +1,4 @@
-"""The four experiments of SPEC.md and the keys each one expects.
+"""The four experiments (docs/science.md) and the keys each one expects.
 
 A key is (source word, target word). "No steering" is stored as the sentinel
 NO_STEERING (the empty string) so that unique constraints still hold: SQL

@@ -5,32 +5,26 @@ picks up rollouts as they land; with the in-process hf judge the stages run one 
 since both would compete for the same cores or GPU.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from patchdb.config import SweepConfig, load_config
+from patchdb.config import SweepConfig
 from patchdb.errors import JudgeError
-from patchdb.generate.stage import GenerateOptions, GenerateResult, run_generate
 from patchdb.judge.settings import JudgeOptions
 from patchdb.judge.stage import JudgeInterrupted, JudgeSummary, run_judge
 from patchdb.report import Report, build_report
 from patchdb.store import Store
 from patchdb.store.sweeps import register_sweep
 
-PACKAGED_CONFIGS = ("demo",)
-
-
-def resolve_config(name_or_path: str | None) -> SweepConfig:
-    """A config file path, or the name of a config shipped in the package ("demo")."""
-    if name_or_path in PACKAGED_CONFIGS:
-        with resources.as_file(resources.files("patchdb.configs") / f"{name_or_path}.toml") as p:
-            return load_config(p)
-    return load_config(name_or_path)
+if TYPE_CHECKING:  # generate loads torch: imported where it runs, so `sweep --help` is fast
+    from patchdb.generate.stage import GenerateResult
 
 
 @dataclass
@@ -93,6 +87,8 @@ def _stop_follower(follower: subprocess.Popen[bytes]) -> None:
 def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> SweepResult:
     """Register the sweep, then generate, judge and report whatever is missing. Ctrl-C in a
     stage raises SweepInterrupted after that stage has saved what finished; no later stage runs."""
+    from patchdb.generate.stage import GenerateOptions, run_generate
+
     store.transact(lambda s: register_sweep(s, config))
     result = SweepResult()
     gen_options = GenerateOptions(

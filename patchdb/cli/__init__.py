@@ -10,20 +10,33 @@ import click
 from patchdb import __version__
 from patchdb.errors import PatchdbError
 
-# name -> "module:function". One line per command.
-COMMANDS = {
-    "init": "patchdb.cli.init_cmd:init",
-    "status": "patchdb.cli.status_cmd:status",
-    "db": "patchdb.cli.db_cmd:db",
-    "generate": "patchdb.cli.generate_cmd:generate",
-    "vectors": "patchdb.cli.vectors_cmd:vectors",
-    "judge": "patchdb.cli.judge_cmd:judge",
-    "report": "patchdb.cli.report_cmd:report",
-    "import-json": "patchdb.cli.import_cmd:import_json",
-    "merge": "patchdb.cli.merge_cmd:merge",
-    "sweep": "patchdb.cli.sweep_cmd:sweep",
-    "label": "patchdb.cli.label_cmd:label",
-    "calibrate": "patchdb.cli.calibrate_cmd:calibrate",
+# name -> ("module:function", summary). The summary is the start of the command's own help
+# (a test keeps them in step) so `patchdb --help` lists commands without importing any of them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("patchdb.cli.init_cmd:init", "Create or upgrade the store and register a sweep."),
+    "status": ("patchdb.cli.status_cmd:status",
+               "Show expected vs present rollouts and judgments per experiment and layer"),
+    "db": ("patchdb.cli.db_cmd:db", "Inspect and migrate the store's schema."),
+    "generate": ("patchdb.cli.generate_cmd:generate",
+                 "Generate every missing rollout of the sweep (steered, patched target runs)."),
+    "vectors": ("patchdb.cli.vectors_cmd:vectors",
+                "Compute the concept vectors a sweep steers with, and store them for later runs."),
+    "judge": ("patchdb.cli.judge_cmd:judge",
+              "Judge rollouts: coherence for every answer, plus detection or "
+              "detection+identification as the experiment needs."),
+    "report": ("patchdb.cli.report_cmd:report",
+               "Plot rate against patch layer for each experiment, print a rate table per "
+               "experiment"),
+    "import-json": ("patchdb.cli.import_cmd:import_json",
+                    "Import FOLDER, which holds one sub-folder per experiment"),
+    "merge": ("patchdb.cli.merge_cmd:merge",
+              "Copy sweeps, experiments, concept vectors, stage runs, rollouts, judge configs, "
+              "judgments and judge cache entries from OTHER stores"),
+    "sweep": ("patchdb.cli.sweep_cmd:sweep", "Run generate, judge and report in order."),
+    "label": ("patchdb.cli.label_cmd:label",
+              "Label answers YES or NO by hand, one grader question at a time"),
+    "calibrate": ("patchdb.cli.calibrate_cmd:calibrate",
+                  "Measure each judge config against the human labels of `patchdb label`"),
 }
 
 
@@ -33,11 +46,19 @@ class PatchdbGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands from their summaries: importing them all would load torch."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [(name, click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
             return None
-        module, attr = target.split(":")
+        module, attr = entry[0].split(":")
         command = getattr(importlib.import_module(module), attr)
         assert isinstance(command, click.Command)
         return command

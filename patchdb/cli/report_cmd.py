@@ -38,7 +38,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
            export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool,
            corrected: bool) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
-    and optionally export the sweep in the JSON layout (SPEC.md) under the same folder.
+    and optionally export the sweep in the JSON layout (docs/schema.md) under the same folder.
 
     \b
     Example:

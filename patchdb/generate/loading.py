@@ -9,7 +9,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,10 +181,19 @@ def _write_gguf_cache(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def cached_gguf(gguf: Path) -> Path:
+def _say(message: str) -> None:
+    """One status line on stderr, so a user knows what a silent wait is spent on."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def cached_gguf(gguf: Path, announce: bool = False) -> Path:
     """The safetensors folder of a GGUF file, writing it on first use."""
     target = gguf_cache_dir(gguf)
     if not (target / "config.json").exists():
+        if announce:
+            _say(f"Dequantising {gguf.name} once into {target} (the slow part of a first load; "
+                 "later loads read this cache)...")
         try:
             _write_gguf_cache(gguf, target)
         except (OSError, ValueError) as exc:
@@ -209,13 +220,15 @@ SPREAD_WEIGHT_FRACTION = 0.9
 
 def load_model(
     spec: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
-    spread: list[int] | None = None,
+    spread: list[int] | None = None, announce: bool = True,
 ) -> LoadedModel:
     """Load a model in eval mode on `device` in `dtype`, with its tokenizer (pad = eos if unset).
 
     `spread`: CUDA device indexes to spread one copy of the model over with device_map="auto"
-    (for a model too large for one card); `device` is then the first of them."""
+    (for a model too large for one card); `device` is then the first of them. `announce`: say
+    on stderr what is being loaded and how long it took."""
     source = resolve_model(spec)
+    started = time.monotonic()
     torch_type = torch_dtype(dtype)
     target = _device(device)
     max_memory = _spread_memory(spread) if spread and len(spread) > 1 else None
@@ -224,8 +237,10 @@ def load_model(
     location = source.location
     if source.kind == "dir" and not (Path(location) / "config.json").is_file():
         raise ModelError(f"{spec} is not a model directory (it has no config.json)")
+    if announce:
+        _say(f"Loading model {spec} ({source.kind}) on {target} in {dtype}...")
     if source.kind == "gguf":
-        location = str(cached_gguf(Path(source.location)))
+        location = str(cached_gguf(Path(source.location), announce))
     options: dict[str, Any] = {"local_files_only": True}
     if source.kind == "hub" and revision:
         options["revision"] = revision
@@ -238,6 +253,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(f"model {spec!r} has no chat template; patchdb needs a chat model")
+    if announce:
+        _say(f"Loaded {source.model_id} in {time.monotonic() - started:.1f} s.")
     return LoadedModel(model, tokenizer, source.model_id, target, torch_type)
 
 

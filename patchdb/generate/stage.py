@@ -370,6 +370,7 @@ def run_generate(
         dtype=options.dtype or config.dtype,
         device=device,
         revision=config.model_revision,
+        announce=progress,
         **spread,
     )
     result.model_id = loaded.model_id

@@ -280,9 +280,13 @@ class Runner:
             now = time.monotonic()
             if now - self._last_postfix > 0.5:
                 self._last_postfix = now
-                self.bar.set_postfix_str(
-                    f"tok={s.prompt_tokens + s.completion_tokens:,} ${s.cost:.4f} "
-                    f"unparsed={s.unparsed} err={s.errors}", refresh=False)
+                self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _postfix(self) -> str:
+        """The bar's running totals, the same figures the summary line ends with."""
+        s = self.summary
+        return (f"tok={s.prompt_tokens + s.completion_tokens:,} ${s.cost:.4f} "
+                f"unparsed={s.unparsed} err={s.errors}")
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -316,7 +320,7 @@ class Runner:
         self.summary.pending_at_start = total
         if self.options.limit is not None:
             total = min(total, self.options.limit)
-        self.bar: Any = tqdm(total=total, unit="call", dynamic_ncols=True, leave=True,
+        self.bar: Any = tqdm(total=total, desc="judge", unit="call", dynamic_ncols=True, leave=True,
                              disable=not self.options.progress or None)
         self._written = asyncio.Event()
         self.writer = JudgmentWriter(
@@ -338,6 +342,7 @@ class Runner:
             except (StoreError, DatabaseError) as exc:  # anything else is a bug: show it whole
                 raise self._write_failure(exc) from None
             finally:
+                self.bar.set_postfix_str(self._postfix(), refresh=False)  # not a stale 0.5 s old one
                 self.bar.close()
                 self.summary.elapsed_s = time.monotonic() - started
                 if threading.current_thread() is threading.main_thread():

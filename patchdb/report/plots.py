@@ -1,18 +1,19 @@
-"""The sweep plot of SPEC.md's "Report" section: rate against patch layer, one per experiment.
+"""The sweep plot (docs/science.md, "Plots"): rate against patch layer, one per experiment.
 
 Figures are built with the object API on the Agg canvas (no pyplot state, no display needed).
 Missing rates are NaN, which matplotlib draws as a gap.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --help` stays fast
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.stats import wilson_interval
@@ -26,6 +27,8 @@ FORMATS = ("png", "svg", "pdf")
 
 
 def _colours(n: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -37,6 +40,10 @@ def _band(ax: Axes, layers: list[int], line: Line, colour: Any) -> None:
 
 def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure:
     """Draw one experiment's sweep plot; `ci` adds Wilson 95% bands around the bold lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(10, 6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
