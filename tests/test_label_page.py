@@ -174,3 +174,18 @@ def test_api_refuses_answers_the_page_never_showed(store: Store) -> None:
         assert json.loads(refused.value.read()) == {
             "error": "rollout 1 (coherence) was not shown on this page"}
     assert stored(store) == {}
+
+
+def test_an_idle_connection_does_not_stall_the_page(store: Store) -> None:
+    """Browsers open sockets ahead of time and may send nothing on them for a while."""
+    import socket
+
+    with serving(store, target=3) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        idle = socket.create_connection(("127.0.0.1", port))
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            data = json.load(opener.open(url + "api/next", timeout=5))
+        finally:
+            idle.close()
+    assert data["item"]["grader"] == "coherence" and "judge_verdict" not in data["item"]

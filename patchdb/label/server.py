@@ -8,9 +8,10 @@ POST /api/undo (takes back the last label or skip and shows that answer again).
 """
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 from patchdb.errors import PatchdbError
@@ -85,7 +86,10 @@ class Session:
 
 
 def handler_for(state: Session) -> type[BaseHTTPRequestHandler]:
-    """A request handler bound to one labeling session."""
+    """A request handler bound to one labeling session. Connections get their own threads (a
+    browser's idle preconnected socket must not stall the page), but the API calls run one at a
+    time."""
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
@@ -131,7 +135,9 @@ def handler_for(state: Session) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, action: Callable[[], dict[str, Any]]) -> None:
             try:
-                self._json(200, action())
+                with lock:
+                    data = action()
+                self._json(200, data)
             except PatchdbError as exc:
                 self._json(400, {"error": str(exc)})
             except (KeyError, TypeError, ValueError) as exc:
@@ -142,7 +148,9 @@ def handler_for(state: Session) -> type[BaseHTTPRequestHandler]:
 
 def make_server(state: Session, port: int = 0) -> HTTPServer:
     """An HTTP server for the session on 127.0.0.1 (port 0: a free port)."""
-    return HTTPServer(("127.0.0.1", port), handler_for(state))
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(state))
+    server.daemon_threads = True
+    return server
 
 
 def server_url(server: HTTPServer) -> str:
