@@ -4,6 +4,7 @@ seen (a heartbeat the store refuses, a store schema this patchdb does not know, 
 a static cache) instead of being swallowed or reported as something else."""
 
 import logging
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -103,11 +104,23 @@ def set_revision(db: Path, revision: str) -> None:
         conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
 
 
+def head_from_files() -> str:
+    """The revision no migration file builds on, read from the files' own lines (not alembic)."""
+    revisions, parents = set(), set()
+    for path in (ROOT / "migrations" / "versions").glob("[0-9]*.py"):
+        text = path.read_text()
+        revisions.add(re.search(r'^revision: str = "(\w+)"', text, re.M)[1])  # type: ignore[index]
+        parent = re.search(r'^down_revision: str \| None = "(\w+)"', text, re.M)
+        if parent:
+            parents.add(parent[1])
+    (head,) = revisions - parents
+    return head
+
+
 def test_only_a_revision_this_patchdb_defines_is_known(db_path: Path) -> None:
     from patchdb.store.migrate import check_known, head_revision
 
-    # the newest migration file's number is its revision id: read without alembic
-    newest = max(p.name[:4] for p in (ROOT / "migrations" / "versions").glob("[0-9]*.py"))
+    newest = head_from_files()
     make_store(db_path, last=0)
     store = open_store(str(db_path))
     assert check_known(store.engine, "here") == head_revision() == newest
