@@ -1,13 +1,74 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then lint, type-check and run the whole test suite.
-# Chromium (for the HTML report test) comes from Debian's packages when missing.
+#
+# Chromium (the HTML report test) and PostgreSQL (the store tests on a second backend) come from
+# Debian's packages when missing and this runs as root; a failed install fails this command.
+# Where they cannot be installed, the tests that need them are skipped and this script says so,
+# loudly, at the start and at the end (PATCHDB_REQUIRE_POSTGRES=1 makes a missing PostgreSQL fail).
+# A PostgreSQL server this script starts is stopped when it exits (success, failure or Ctrl-C);
+# one that was already running, or that PATCHDB_TEST_POSTGRES_URL names, is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+SKIPPED=()
+say() { echo "test: $*" >&2; }
+warn_skipped() {
+  local s
+  for s in "${SKIPPED[@]}"; do
+    echo "test: WARNING: SKIPPED $s" >&2
+  done
+}
+can_install() { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; }
+
 bash scripts/setup.sh
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  echo "test: installing chromium from Debian's packages"
-  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "test: chromium not installed; the HTML test will be skipped"
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if can_install; then
+    say "installing chromium from Debian's packages"
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); then
+      echo "Error: installing chromium failed; the HTML report test needs it" >&2
+      exit 1
+    fi
+  else
+    SKIPPED+=("the HTML report test: chromium is missing and cannot be installed here (not root, or no apt-get)")
+  fi
 fi
+
+STARTED_PG=""
+stop_pg() {
+  if [ -n "$STARTED_PG" ]; then
+    say "stopping the PostgreSQL server this script started"
+    bash scripts/start_postgres.sh stop || true
+    STARTED_PG=""
+  fi
+}
+on_exit() {
+  local code=$?
+  stop_pg
+  if [ ${#SKIPPED[@]} -gt 0 ]; then warn_skipped; fi
+  exit "$code"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [ -z "${PATCHDB_TEST_POSTGRES_URL:-}" ]; then
+  if bash scripts/start_postgres.sh running; then
+    say "using the PostgreSQL server that is already running (left running afterwards)"
+    PATCHDB_TEST_POSTGRES_URL=$(bash scripts/start_postgres.sh)  # prints its URL, starts nothing
+  elif bash scripts/start_postgres.sh have-binaries || can_install; then
+    STARTED_PG=1  # set before starting: a Ctrl-C during the start still stops it
+    PATCHDB_TEST_POSTGRES_URL=$(bash scripts/start_postgres.sh)
+  elif [ -n "${PATCHDB_REQUIRE_POSTGRES:-}" ]; then
+    echo "Error: PostgreSQL is required (PATCHDB_REQUIRE_POSTGRES) but its server binaries are missing and cannot be installed here" >&2
+    exit 1
+  else
+    SKIPPED+=("the PostgreSQL tests: no server binaries and they cannot be installed here (not root, or no apt-get); set PATCHDB_TEST_POSTGRES_URL to a server you run")
+  fi
+fi
+if [ -n "${PATCHDB_TEST_POSTGRES_URL:-}" ]; then export PATCHDB_TEST_POSTGRES_URL; fi
+if [ ${#SKIPPED[@]} -gt 0 ]; then warn_skipped; fi
+
 .venv/bin/ruff check patchdb tests scripts migrations
 .venv/bin/mypy patchdb
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
