@@ -159,16 +159,29 @@ def _item(session: Session, sweep: Sweep, rollout_id: int, grader: str,
     )
 
 
+Candidates = list[tuple[int, str, int, bool | None]]
+
+
 def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
               target: int = DEFAULT_TARGET, judge_config_id: int | None = None,
-              skipped: set[tuple[int, str]] | None = None) -> tuple[Item | None, list[Progress]]:
-    """The next answer to label (None when every grader reached its target) and the progress."""
+              skipped: set[tuple[int, str]] | None = None,
+              cache: dict[str, Candidates] | None = None) -> tuple[Item | None, list[Progress]]:
+    """The next answer to label (None when every grader reached its target) and the progress.
+    `cache` keeps each grader's candidates between calls (the labeling page passes one: the
+    sweep's rollouts and verdicts do not change while a person labels)."""
     judge = choose_judge_config(session, sweep, judge_config_id).id
     skipped = skipped or set()
+    cache = {} if cache is None else cache
+
+    def candidates_of(grader: str) -> Candidates:
+        if grader not in cache:
+            cache[grader] = _candidates(session, sweep, grader, judge)
+        return cache[grader]
+
     progress: list[Progress] = []
     choices: list[tuple[float, int, str]] = []
     for grader in check_graders(graders):
-        candidates = _candidates(session, sweep, grader, judge)
+        candidates = candidates_of(grader)
         labeled = _labeled(session, grader, labeler) & {c[0] for c in candidates}
         skip = {r for r, g in skipped if g == grader}
         available = sum(1 for c in candidates if c[0] not in labeled and c[0] not in skip)
@@ -177,7 +190,7 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
         if not step.done:
             choices.append((len(labeled) / target, LEAD_ORDER.index(grader), grader))
     for _, _, grader in sorted(choices):
-        candidates = _candidates(session, sweep, grader, judge)
+        candidates = candidates_of(grader)
         chosen = _pick(candidates, _labeled(session, grader, labeler),
                        {r for r, g in skipped if g == grader}, _partners(session, grader, labeler))
         if chosen is not None:

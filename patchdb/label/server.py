@@ -17,7 +17,7 @@ from typing import Any
 from patchdb.errors import PatchdbError
 from patchdb.label.labels import remove_label, set_label
 from patchdb.label.page import PAGE
-from patchdb.label.plan import Item, plan_next
+from patchdb.label.plan import Candidates, Item, plan_next
 from patchdb.store import Store, open_store
 from patchdb.store.sweeps import get_sweep
 
@@ -38,11 +38,13 @@ class Session:
     history: list[tuple[str, Item]] = field(default_factory=list)
     pending: Item | None = None
     shown: dict[tuple[int, str], Item] = field(default_factory=dict)
+    candidates: dict[str, Candidates] = field(default_factory=dict)
 
     def next(self) -> dict[str, Any]:
         with self.store.read() as session:
             item, progress = plan_next(session, get_sweep(session, self.sweep), self.graders,
-                                       self.labeler, self.target, self.judge_config, self.skipped)
+                                       self.labeler, self.target, self.judge_config, self.skipped,
+                                       self.candidates)
         if self.pending is not None:
             item, self.pending = self.pending, None
         shown = None
