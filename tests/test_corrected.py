@@ -10,7 +10,13 @@ from sqlalchemy import func, select
 
 from patchdb.errors import CalibrationError
 from patchdb.label.labels import set_label
-from patchdb.report.corrected import ScoreCalibration, corrected_band, rogan_gladen, se_sp
+from patchdb.report.corrected import (
+    ScoreCalibration,
+    Stratum,
+    corrected_band,
+    rogan_gladen,
+    se_sp,
+)
 from patchdb.report.stats import wilson_interval
 from patchdb.store import Experiment, Rollout, open_store
 from patchdb.store.models import Label
@@ -27,23 +33,38 @@ def test_rogan_gladen_on_hand_values() -> None:
 def test_se_sp_from_classes_sampled_by_the_judges_verdict() -> None:
     """Prevalence 0.3, Se 0.8, Sp 0.9: the judge says YES to 0.24 + 0.07 = 0.31 of all answers;
     of those 0.24/0.31 are true; of its NO answers 0.06/0.69 are true."""
-    se, sp = se_sp(np.float64(0.24 / 0.31), np.float64(0.06 / 0.69), 0.31)
-    assert float(se) == pytest.approx(0.8) and float(sp) == pytest.approx(0.9)
+    se, sp = se_sp(0.24 / 0.31, 0.06 / 0.69, 0.31)
+    assert se == pytest.approx(0.8) and sp == pytest.approx(0.9)
+    # the strata computation agrees: 31 labeled YES answers, 24 true; 69 NO answers, 6 true
+    two = ScoreCalibration.two_classes(31, 24, 69, 6, 0.31)
+    assert two.se_sp == pytest.approx((0.8, 0.9))
+
+
+def test_strata_of_the_no_class_are_weighted_by_their_share() -> None:
+    """Shares of the four verdict strata: YES/YES 0.2, YES/NO 0.5, NO/YES 0.1, NO/NO 0.2.
+    True shares: 16/20 = 0.8, 1/10 = 0.1, 0/10 = 0, and NO/NO (unlabeled) borrows the NO
+    class's pooled 1/20 = 0.05. tp = 0.2 * 0.8 = 0.16; fn = 0.5 * 0.1 + 0 + 0.2 * 0.05 = 0.06;
+    fp = 0.2 * 0.2 = 0.04; tn = 0.5 * 0.9 + 0.1 * 1 + 0.2 * 0.95 = 0.74.
+    Se = 0.16 / 0.22, Sp = 0.74 / 0.78 (pooling the NO class would give 0.8 and 0.95)."""
+    calibration = ScoreCalibration((Stratum(True, 0.2, 20, 16), Stratum(False, 0.5, 10, 1),
+                                    Stratum(False, 0.1, 10, 0), Stratum(False, 0.2, 0, 0)))
+    assert calibration.se_sp == pytest.approx((0.16 / 0.22, 0.74 / 0.78))
+    assert (calibration.judged_yes, calibration.judged_no) == (20, 20)
 
 
 def test_too_few_labels_and_a_chance_judge_are_refused_in_one_line() -> None:
     with pytest.raises(CalibrationError) as few:
-        ScoreCalibration(9, 8, 30, 3, 0.3).check("experiment x")
+        ScoreCalibration.two_classes(9, 8, 30, 3, 0.3).check("experiment x")
     assert str(few.value) == (
         "cannot correct experiment x: 9 labeled rollouts the judge scored YES and 30 it scored "
         "NO (labels for both graders); needs 10 of each")
     # q1 = q0 = 0.5: the verdict says nothing about the truth, so Se + Sp - 1 = 0
     with pytest.raises(CalibrationError) as chance:
-        ScoreCalibration(20, 10, 20, 10, 0.4).check("experiment x")
+        ScoreCalibration.two_classes(20, 10, 20, 10, 0.4).check("experiment x")
     assert str(chance.value) == (
         "cannot correct experiment x: the judge's TPR + TNR - 1 is 0.00 (TPR 0.40, TNR 0.60), "
         "below 0.2; it is too close to chance")
-    ScoreCalibration(20, 18, 20, 2, 0.4).check("experiment x")  # a useful judge passes
+    ScoreCalibration.two_classes(20, 18, 20, 2, 0.4).check("experiment x")  # a useful judge passes
 
 
 # A synthetic sweep: 4 layers x 4 keys x 100 samples with these true rates.
@@ -63,7 +84,7 @@ def simulate(rng: np.random.Generator) -> tuple[bool, bool]:
     judged = np.where(truth, noise < SE, noise >= SP)
     yes = rng.choice(np.flatnonzero(judged), LABELS_PER_CLASS, replace=False)
     no = rng.choice(np.flatnonzero(~judged), LABELS_PER_CLASS, replace=False)
-    calibration = ScoreCalibration(LABELS_PER_CLASS, int(truth.flat[yes].sum()),
+    calibration = ScoreCalibration.two_classes(LABELS_PER_CLASS, int(truth.flat[yes].sum()),
                                    LABELS_PER_CLASS, int(truth.flat[no].sum()),
                                    float(judged.mean()))
     calibration.check("the simulated sweep")

@@ -7,18 +7,22 @@ and specificity (Sp) for the score, once per detection grader (the pair experime
 the single-word experiments another), and assume they hold at every layer and key. A rate the
 judge reports as p is then (p + Sp - 1) / (Se + Sp - 1), clipped to [0, 1].
 
-The labeling plan picks answers balanced between the judge's YES and NO, not at random, so Se
-and Sp are not read off the labeled rollouts directly. Within each judged class the labels are a
-fair sample, which gives q1 = P(true YES | judged YES) and q0 = P(true YES | judged NO); with the
-judge's YES share pi over all scored rollouts of those experiments (known, not sampled):
-Se = pi q1 / (pi q1 + (1 - pi) q0) and Sp = (1 - pi)(1 - q0) / ((1 - pi)(1 - q0) + pi (1 - q1)).
+The labeling plan does not pick answers at random: it balances the judge's YES and NO verdicts
+of each grader. So Se and Sp are not read off the labeled rollouts directly. The scored rollouts
+fall into four strata by the judge's two verdicts (coherent YES/NO x detected YES/NO; only the
+YES/YES stratum is a judged YES score). Within a stratum the labels are a fair sample, which
+gives q_s, the share of true scores there; the strata's shares w_s of all scored rollouts are
+known. Then Se = sum over YES strata of w_s q_s / sum over all of w_s q_s, and Sp likewise with
+1 - q_s over the NO strata. A NO stratum without labels borrows the pooled q of the labeled NO
+strata.
 
-The band is a percentile bootstrap that redraws both the labels (q1 and q0, binomially within
-their class) and the samples (each key's successes, binomially), so the calibration's own
+The band is a percentile bootstrap that redraws both the labels (each stratum's true count,
+binomially) and the samples (each key's successes, binomially), so the calibration's own
 uncertainty widens it. Too few labels, or a judge barely better than chance (Se + Sp - 1 small,
 where the division blows up any noise), are refused.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,30 +38,80 @@ MIN_PER_CLASS = 10  # labeled rollouts the judge scored YES, and as many scored 
 MIN_YOUDEN = 0.2  # Se + Sp - 1 below this is "near 0": refused
 DRAWS = 2000
 SEED = 0
+Floats = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """Scored rollouts with one pair of judge verdicts: their share, and their labels."""
+
+    judged: bool  # the judge's score here (YES only where both verdicts are YES)
+    share: float  # of all scored rollouts of these experiments
+    labeled: int  # rollouts labeled for both graders
+    true_yes: int  # of those, true scores
 
 
 @dataclass(frozen=True)
 class ScoreCalibration:
-    """The judge's score against hand-labeled scores, by judged class, plus its YES share."""
+    """The judge's score against hand-labeled scores, stratum by stratum."""
 
-    judged_yes: int  # labeled rollouts the judge scored YES
-    judged_yes_true: int  # of those, truly YES
-    judged_no: int
-    judged_no_true: int  # labeled rollouts the judge scored NO that are truly YES
-    yes_share: float  # the judge's YES share over every scored rollout (pi)
+    strata: tuple[Stratum, ...]
+
+    @classmethod
+    def two_classes(cls, judged_yes: int, judged_yes_true: int, judged_no: int,
+                    judged_no_true: int, yes_share: float) -> "ScoreCalibration":
+        """One stratum per judged class: the judge's YES share and the labels of each class."""
+        return cls((Stratum(True, yes_share, judged_yes, judged_yes_true),
+                    Stratum(False, 1 - yes_share, judged_no, judged_no_true)))
+
+    def _count(self, judged: bool, field: str) -> int:
+        return sum(getattr(s, field) for s in self.strata if s.judged == judged)
 
     @property
-    def q1(self) -> float:
-        return self.judged_yes_true / self.judged_yes
+    def judged_yes(self) -> int:
+        return self._count(True, "labeled")
 
     @property
-    def q0(self) -> float:
-        return self.judged_no_true / self.judged_no
+    def judged_yes_true(self) -> int:
+        return self._count(True, "true_yes")
+
+    @property
+    def judged_no(self) -> int:
+        return self._count(False, "labeled")
+
+    @property
+    def judged_no_true(self) -> int:
+        return self._count(False, "true_yes")
+
+    def rates(self, true_yes: Floats) -> tuple[Floats, Floats]:
+        """Se and Sp for true counts per stratum (last axis; leading axes are draws)."""
+        labeled = np.array([s.labeled for s in self.strata], dtype=float)
+        shares = np.array([s.share for s in self.strata])
+        judged = np.array([s.judged for s in self.strata])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = true_yes / labeled
+            for cls in (True, False):  # an unlabeled stratum borrows its class's pooled q
+                members = (judged == cls) & (labeled > 0)
+                pooled = true_yes[..., members].sum(-1) / labeled[members].sum()
+                missing = (judged == cls) & (labeled == 0)
+                q[..., missing] = np.asarray(pooled)[..., None]
+            tp = (shares * q)[..., judged].sum(-1)
+            fn = (shares * q)[..., ~judged].sum(-1)
+            fp = (shares * (1 - q))[..., judged].sum(-1)
+            tn = (shares * (1 - q))[..., ~judged].sum(-1)
+            return np.asarray(tp / (tp + fn)), np.asarray(tn / (tn + fp))
 
     @property
     def se_sp(self) -> tuple[float, float]:
-        se, sp = se_sp(np.float64(self.q1), np.float64(self.q0), self.yes_share)
+        se, sp = self.rates(np.array([s.true_yes for s in self.strata], dtype=float))
         return float(se), float(sp)
+
+    def draw(self, rng: np.random.Generator, draws: int) -> tuple[Floats, Floats]:
+        """Se and Sp of `draws` bootstrap redraws of the labels."""
+        true_yes = np.stack([
+            rng.binomial(s.labeled, s.true_yes / s.labeled, draws) if s.labeled
+            else np.zeros(draws) for s in self.strata], axis=-1).astype(float)
+        return self.rates(true_yes)
 
     def check(self, what: str) -> None:
         """Refuse, in one line, a calibration that cannot support a correction."""
@@ -73,17 +127,15 @@ class ScoreCalibration:
                 f"(TPR {se:.2f}, TNR {sp:.2f}), below {MIN_YOUDEN}; it is too close to chance")
 
 
-def se_sp(q1: NDArray[np.float64] | np.float64, q0: NDArray[np.float64] | np.float64,
-          pi: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Sensitivity and specificity from the within-class truth rates and the judge's YES share."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = pi * q1 / (pi * q1 + (1 - pi) * q0)
-        sp = (1 - pi) * (1 - q0) / ((1 - pi) * (1 - q0) + pi * (1 - q1))
-    return np.asarray(se), np.asarray(sp)
+def se_sp(q1: float, q0: float, pi: float) -> tuple[float, float]:
+    """Se and Sp from the truth shares among the judge's YES (q1) and NO (q0) answers and the
+    judge's YES share pi: the two-stratum case, written out."""
+    se = pi * q1 / (pi * q1 + (1 - pi) * q0)
+    sp = (1 - pi) * (1 - q0) / ((1 - pi) * (1 - q0) + pi * (1 - q1))
+    return se, sp
 
 
-def rogan_gladen(observed: NDArray[np.float64] | float, se: NDArray[np.float64] | float,
-                 sp: NDArray[np.float64] | float) -> NDArray[np.float64]:
+def rogan_gladen(observed: Floats | float, se: Floats | float, sp: Floats | float) -> Floats:
     """The true rate behind an observed rate, for a judge of sensitivity se and specificity sp."""
     with np.errstate(divide="ignore", invalid="ignore"):
         value = (np.asarray(observed) + sp - 1) / (np.asarray(se) + sp - 1)
@@ -108,18 +160,16 @@ def corrected_band(successes: list[int], n: list[int], calibration: ScoreCalibra
     k, total = k[keep], total[keep]
     se, sp = calibration.se_sp
     estimate = float(rogan_gladen(float(np.mean(k / total)), se, sp))
-    q1 = rng.binomial(calibration.judged_yes, calibration.q1, draws) / calibration.judged_yes
-    q0 = rng.binomial(calibration.judged_no, calibration.q0, draws) / calibration.judged_no
-    se_b, sp_b = se_sp(q1, q0, calibration.yes_share)
+    se_b, sp_b = calibration.draw(rng, draws)
     observed = (rng.binomial(total.astype(np.int64), k / total, (draws, len(k))) / total).mean(1)
     corrected = rogan_gladen(observed, se_b, sp_b)
     lower, upper = np.nanpercentile(corrected, [2.5, 97.5])
     return Band(estimate, float(lower), float(upper))
 
 
-# Judged scores of the sweep's rollouts for one judge config and detection grader.
+# Both verdicts of the sweep's scored rollouts for one judge config and detection grader.
 SCORES_SQL = """
-SELECT ss.rollout_id, ss.score
+SELECT ss.rollout_id, ss.coherent, ss.detected
 FROM sample_scores ss
 JOIN experiments e ON e.name = ss.experiment
 JOIN sweeps s ON s.id = e.sweep_id AND s.name = ss.sweep
@@ -131,19 +181,20 @@ WHERE s.id = :sweep_id AND e.detection_grader = :grader AND ss.judge_config_id =
 def score_calibration(session: Session, sweep: Sweep, detection_grader: str,
                       judge_config_id: int) -> ScoreCalibration:
     """The judge config's score against the hand-labeled scores of the sweep's rollouts."""
-    scores = {int(r): bool(s) for r, s in session.execute(
+    verdicts = {int(r): (bool(c), bool(d)) for r, c, d in session.execute(
         text(SCORES_SQL), {"sweep_id": sweep.id, "grader": detection_grader,
                            "config": judge_config_id})}
     truth = truths(session, sweep)
-    counts = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
-    for rollout, judged in scores.items():
+    pool = Counter(verdicts.values())
+    labeled: Counter[tuple[bool, bool]] = Counter()
+    true_yes: Counter[tuple[bool, bool]] = Counter()
+    for rollout, pair in verdicts.items():
         coherent = truth.get((rollout, "coherence"))
         detected = truth.get((rollout, detection_grader))
         if coherent is not None and detected is not None:
-            counts[(judged, coherent and detected)] += 1
-    share = sum(scores.values()) / len(scores) if scores else float("nan")
-    return ScoreCalibration(
-        judged_yes=counts[(True, True)] + counts[(True, False)],
-        judged_yes_true=counts[(True, True)],
-        judged_no=counts[(False, True)] + counts[(False, False)],
-        judged_no_true=counts[(False, True)], yes_share=share)
+            labeled[pair] += 1
+            true_yes[pair] += coherent and detected
+    total = max(1, len(verdicts))
+    return ScoreCalibration(tuple(
+        Stratum(pair == (True, True), pool[pair] / total, labeled[pair], true_yes[pair])
+        for pair in ((True, True), (True, False), (False, True), (False, False))))
