@@ -35,6 +35,7 @@ NEGATIVE_WORDS = [
 ]
 DTYPES = ("bfloat16", "float16", "float32")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+VERDICT_MODES = ("last-word", "logprobs")  # how a verdict is read; see docs/judging.md
 
 
 @dataclass
@@ -47,6 +48,7 @@ class JudgeSettings:
     backend: str = "openai"
     batch_size: int = 8  # prompts per forward pass, hf backend only
     max_new_tokens: int = 96  # reply length cap, hf backend only
+    verdict: str = "last-word"  # or "logprobs": P(YES) vs P(NO) after the reasoning
 
 
 @dataclass
@@ -181,6 +183,9 @@ def validate(config: SweepConfig) -> SweepConfig:
         )
     if config.judge.concurrency < 1 or config.judge.max_attempts < 1:
         raise ConfigError("[judge] concurrency and max_attempts must be >= 1")
+    if config.judge.verdict not in VERDICT_MODES:
+        raise ConfigError(f"[judge] verdict must be one of {', '.join(VERDICT_MODES)}, "
+                          f"got {config.judge.verdict!r}")
     return config
 
 

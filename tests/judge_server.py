@@ -15,6 +15,11 @@ Two servers live here:
       [[fault=401]]      every request gets HTTP 401 (402 and 403 work the same way)
       [[reply=NO]]       the final word of the reply (default YES); [[reply=none]] ends
                          without a verdict word
+      [[top=YES:-0.2|_No:-1.5]]  for a request with logprobs=true: the first token's top
+                         logprobs, token:logprob separated by "|", "_" for a leading space
+                         (default YES:-0.05|NO:-3.0); the first pair is the token returned
+      [[nologprobs]]     a logprobs request is answered without logprobs (a server that
+                         does not support them)
 
   Requests are counted per prompt text, so the coherence and detection prompts of one
   rollout each see the faults once.
@@ -49,6 +54,8 @@ from patchdb.store.sweeps import expected_units, get_experiments, register_sweep
 
 _FAULT = re.compile(r"\[\[fault=(\w+)(?:\*(\d+))?\]\]")
 _REPLY = re.compile(r"\[\[reply=(\w+)\]\]")
+_TOP = re.compile(r"\[\[top=([^\]]+)\]\]")
+DEFAULT_TOP = "YES:-0.05|NO:-3.0"
 COST_PER_CALL = 0.0001
 
 
@@ -74,6 +81,29 @@ def completion_body(text: str, finish_reason: str = "stop", model: str = "judge"
             "cost": COST_PER_CALL,
         },
     }
+
+
+def top_logprobs(spec: str) -> list[tuple[str, float]]:
+    """[[top=...]]'s pairs: "YES:-0.2|_No:-1.5" is [("YES", -0.2), (" No", -1.5)]."""
+    pairs = []
+    for item in spec.split("|"):
+        token, logprob = item.rsplit(":", 1)
+        pairs.append((" " + token[1:] if token.startswith("_") else token, float(logprob)))
+    return pairs
+
+
+def logprobs_body(prompt: str, model: str) -> dict[str, Any]:
+    """A one-token reply carrying the first token's top logprobs, as vLLM and llama.cpp give."""
+    found = _TOP.search(prompt)
+    pairs = top_logprobs(found.group(1) if found else DEFAULT_TOP)
+    body = completion_body(pairs[0][0], "length", model)
+    body["usage"]["completion_tokens"] = 1
+    if "[[nologprobs]]" not in prompt:
+        body["choices"][0]["logprobs"] = {"content": [{
+            "token": pairs[0][0], "logprob": pairs[0][1], "bytes": None,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in pairs],
+        }]}
+    return body
 
 
 @dataclass
@@ -184,6 +214,9 @@ class FaultServer:
                     self.wfile.write(data)
                 elif fault == "length":
                     self._send(200, completion_body("The answer is cut o", "length"), {})
+                elif body.get("logprobs"):
+                    prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+                    self._send(200, logprobs_body(prompt, body.get("model", "judge")), {})
                 else:
                     text = "The answer was read with care. " + (
                         "No verdict here." if word == "none" else f"Verdict: {word}"

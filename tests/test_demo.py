@@ -36,11 +36,18 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
         "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "
         "GROUP BY r.id").fetchall()
     assert all(n == 2 for _, n in per_rollout)
+    # the demo's judge reads verdicts as logprobs, so (almost) every verdict parses
+    parsed, total, with_p = db.execute("SELECT count(verdict), count(*), count(p_yes) "
+                                       "FROM judgments").fetchone()
+    assert total == 16 and parsed >= 0.9 * total and with_p == parsed
+    assert db.execute("SELECT verdict_mode FROM judge_configs").fetchall() == [("logprobs",)]
     report = tmp_path / "patchdb_report" / "demo"
     for exp in ("failure_to_success", "success_to_failure", "steered_to_unsteered",
                 "unsteered_to_steered"):
         assert (report / exp / "sweep_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((report / exp / "layer_20" / "rollouts.json").read_text())
+        rates = json.loads((report / exp / "all_layer_scores.json").read_text())["20"]
+        assert rates and all(isinstance(r, int | float) and 0 <= r <= 1 for r in rates.values())
     assert (report / "report.html").exists()
     assert "Store:" in first.stdout and "HTML:" in first.stdout
 

@@ -1,6 +1,7 @@
 """`patchdb generate` end to end on a tiny random-init Llama saved as a local model folder."""
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import file_digest, run_cli
+from test_pins_seeds import by_recipe
 from tiny_models import save_tiny_llama
 
 N_LAYERS = 6
@@ -99,6 +101,8 @@ def test_generate_fills_the_sweep_once(tmp_path: Path, model_dir: Path) -> None:
         assert 0 <= seed < 2**62
         assert "<|im_start|>" not in answer and "Trial 1" not in answer
     assert len({v[3] for v in got.values()}) == ALL_ROLLOUTS  # every rollout its own seed
+    for (exp, layer, src, tgt, sample), (_answer, _n, _reason, seed) in got.items():
+        assert seed == by_recipe("tiny", exp, layer, src, tgt, sample), (exp, layer, src, tgt)
     with sqlite3.connect(db) as conn:
         prompt, start = conn.execute("SELECT prompt_text, injection_start FROM sweeps").fetchone()
         runs = conn.execute("SELECT stage, status FROM stage_runs").fetchall()
@@ -274,3 +278,56 @@ def test_two_processes_on_one_store_write_each_rollout_once(tmp_path: Path, mode
     assert n_rows == ALL_ROLLOUTS
     assert [status for status, _ in by_run] == ["finished", "finished"]
     assert sum(n for _, n in by_run) == ALL_ROLLOUTS
+
+
+def wait_until_stopped(pid: int) -> None:
+    """Wait for the process to stop itself (state T), as PATCHDB_FAULT=...:STOP makes it."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the process never reached its fault point")
+
+
+def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model_dir: Path) -> None:
+    """The run stops itself after decoding its first batch; meanwhile every unit of the sweep is
+    written by another run. It then writes nothing, duplicates nothing and fails on nothing."""
+    other = init_store(tmp_path, model_dir, name="other.sqlite")
+    assert run_cli("generate", "--db", other, "--quiet").exit_code == 0
+    db = init_store(tmp_path, model_dir)
+    env = dict(os.environ, PATCHDB_FAULT="generate.batch_decoded:1:STOP")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until_stopped(proc.pid)
+        with sqlite3.connect(db) as conn:
+            conn.execute("ATTACH DATABASE ? AS other", (str(other),))
+            conn.execute(
+                "INSERT INTO rollouts (experiment_id, patch_layer, source_word, target_word, "
+                "sample_index, answer, n_tokens, finish_reason, seed, created_at) "
+                "SELECT e.id, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
+                "'elsewhere: ' || r.answer, r.n_tokens, r.finish_reason, r.seed, r.created_at "
+                "FROM other.rollouts r JOIN other.experiments oe ON oe.id = r.experiment_id "
+                "JOIN experiments e ON e.name = oe.name")
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    got = rollouts(db)
+    assert len(got) == ALL_ROLLOUTS
+    assert all(answer.startswith("elsewhere: ") for answer, *_ in got.values())
+    assert "Wrote 0 rollouts in 0 units (16/16 units present)" in out, out
+    assert "Skipped 16 units that another process wrote meanwhile." in out, out
+    # only the first batch (2 rows of at most 5 tokens) was decoded: the rest was dropped unrun
+    decoded = int(re.search(r": (\d+) tokens in ", out).group(1))  # type: ignore[union-attr]
+    assert 0 < decoded <= 2 * 5, out
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT status FROM stage_runs").fetchall()
+        mine = conn.execute("SELECT COUNT(*) FROM rollouts WHERE stage_run_id IS NOT NULL")
+        assert mine.fetchone()[0] == 0
+    assert runs == [("finished",)]

@@ -133,7 +133,7 @@ def test_unparsed_replies_are_kept_and_retried_on_request(
     assert {u for u in unparsed} == {("The answer was read with care. No verdict here.", None)}
     status = run_cli("status", "--db", db_path)
     total = [line for line in status.output.splitlines() if line.startswith("total")][0]
-    assert total.split()[-2:] == ["16", "0"]  # unparsed counted apart from errors
+    assert total.split()[-3:] == ["16", "0", "0"]  # unparsed, cut off, errors: apart
     before = server.stats.requests
     retry = run_cli("judge", "--db", db_path, "--retry-unparsed")
     assert "Judged 16 calls" in retry.output

@@ -138,7 +138,8 @@ def generate(
         return
     click.echo(
         f"Wrote {result.rollouts_written} rollouts in {result.units_written} units "
-        f"({done_before + result.units_written}/{plan.expected} units present) with "
+        f"({done_before + result.units_written + result.units_skipped}/{plan.expected} units "
+        f"present) with "
         f"{result.model_id}, batch size {result.batch_size}: {result.tokens} tokens in "
         f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)."
     )

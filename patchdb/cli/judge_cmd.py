@@ -5,7 +5,7 @@ from typing import Any
 import click
 
 from patchdb.cli.options import db_option, experiments_option, layers_option, split_list, sweep_option
-from patchdb.config import REASONING_EFFORTS
+from patchdb.config import REASONING_EFFORTS, VERDICT_MODES
 from patchdb.experiments import GRADERS
 from patchdb.judge.plan import PlanRow
 from patchdb.judge.settings import BACKENDS, JudgeOptions
@@ -130,6 +130,11 @@ def render_summary(s: JudgeSummary) -> str:
               help="Weights dtype with --judge-backend hf.")
 @click.option("--judge-device", "hf_device", envvar="PATCHDB_JUDGE_DEVICE",
               help="Device with --judge-backend hf (default: cuda when present, else cpu).")
+@click.option("--verdict", type=click.Choice(VERDICT_MODES), envvar="PATCHDB_JUDGE_VERDICT",
+              help="How a verdict is read: last-word (the reply's last word, YES or NO) or "
+                   "logprobs (after the reasoning, the likelier of YES and NO as the next token; "
+                   "needs a backend that returns logprobs). Default: the sweep's [judge] "
+                   "verdict, last-word.")
 @click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
               help="Show a progress bar on a terminal.")
 def judge(db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:

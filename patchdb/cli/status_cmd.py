@@ -25,19 +25,19 @@ def render(status: SweepStatus) -> str:
     lines = [f"Sweep {status.sweep} (model {status.model})", f"Prompt: {prompt}",
              f"Sampling: {sampling_line(status)}", ""]
     header = (f"{'experiment':<22} {'layer':>5} {'rollouts':>15} {'judged':>15} "
-              f"{'unparsed':>8} {'errors':>6}")
+              f"{'unparsed':>8} {'cut off':>7} {'errors':>6}")
     lines.append(header)
     lines.append("-" * len(header))
     for row in status.layers:
         rollouts = f"{row.rollouts_present}/{row.rollouts_expected}"
         judged = f"{row.judged}/{row.judgments_expected}"
         lines.append(f"{row.experiment:<22} {row.patch_layer:>5} {rollouts:>15} {judged:>15} "
-                     f"{row.unparsed:>8} {row.errors:>6}")
+                     f"{row.unparsed:>8} {row.cut_off:>7} {row.errors:>6}")
     t = status.totals()
     lines.append("-" * len(header))
     lines.append(f"{'total':<22} {'':>5} {t['rollouts_present']}/{t['rollouts_expected']:<8} "
                  f"{t['judged']:>7}/{t['judgments_expected']:<7} {t['unparsed']:>8} "
-                 f"{t['errors']:>6}")
+                 f"{t['cut_off']:>7} {t['errors']:>6}")
     lines.append("")
     counted = (f"; judgments counted for judge config #{status.counted_judge_config}, the one "
                "that judged the most" if status.judge_configs > 1 else "")

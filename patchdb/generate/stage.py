@@ -492,7 +492,10 @@ def _keep_batch(
         if len(got) == len(pending.samples):
             written = _write_unit(store, pending, plan.sweep_name, got, decode, run_id)
             del done[piece.unit_index]
-            result.units_written += 1
+            if written:
+                result.units_written += 1
+            else:  # another process wrote all of it after this one decoded it
+                result.units_skipped += 1
             result.rollouts_written += written
             bar.update(1)
             fault_point("generate.unit_written")

@@ -2,7 +2,11 @@
 
 Prompts are batched with left padding and decoded greedily, so no network and no key are
 needed (the embedded demo judges this way). Greedy decoding is deterministic, so a reply cut
-off at max_new_tokens is not retried: it is stored as unparsed, with its raw text.
+off at max_new_tokens is not retried: it is stored with its raw text and marked cut off.
+
+With verdict="logprobs" the reasoning (up to max_new_tokens) is followed by one batched
+forward pass over the verdict conversation (logprobs.py), whose next-token distribution gives
+P(YES): a verdict is read from every reply, finished or cut off.
 """
 
 import asyncio
@@ -10,6 +14,7 @@ import time
 from typing import Any
 
 from patchdb.judge.client import Reply
+from patchdb.judge.logprobs import LOGPROBS, answer_token_ids, verdict_messages
 
 HF_MAX_NEW_TOKENS = 96
 HF_BATCH = 8
@@ -21,6 +26,7 @@ class HfJudge:
     def __init__(
         self, spec: str, dtype: str = "float32", device: str | None = None,
         batch_size: int = HF_BATCH, max_new_tokens: int = HF_MAX_NEW_TOKENS,
+        verdict: str = "last-word",
     ) -> None:
         from patchdb.generate.loading import default_device, load_model
 
@@ -36,16 +42,42 @@ class HfJudge:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.verdict = verdict
+        self.answer_ids = answer_token_ids(self.tokenizer) if verdict == LOGPROBS else None
 
     async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]:
         return await asyncio.to_thread(self.generate, prompts)
 
     def _as_text(self, prompt: str) -> str:
+        return self._chat([{"role": "user", "content": prompt}])
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation as the model reads it, ending where the assistant speaks next."""
         if getattr(self.tokenizer, "chat_template", None):
             return str(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            ))
-        return prompt
+                messages, tokenize=False, add_generation_prompt=True))
+        parts = [m["content"] for m in messages]  # a base model: the turns, one per paragraph
+        return "\n\n".join(parts) + ("\n\n" if len(parts) > 1 else "")
+
+    def p_yes(self, prompts: list[str], reasonings: list[str]) -> list[float]:
+        """P(YES) over YES and NO for the first token of the answer to the verdict request,
+        summed over the spellings' tokens; one forward pass for the batch."""
+        import torch
+
+        assert self.answer_ids is not None
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        enc = self.tokenizer(
+            [self._chat(verdict_messages(p, r)) for p, r in zip(prompts, reasonings, strict=True)],
+            return_tensors="pt", padding=True, add_special_tokens=not chat,
+        ).to(self.device)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
+        with torch.no_grad():
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
+                                position_ids=positions).logits[:, -1, :].float()
+        log_yes = torch.logsumexp(logits[:, self.answer_ids[True]], dim=1)
+        log_no = torch.logsumexp(logits[:, self.answer_ids[False]], dim=1)
+        return torch.sigmoid(log_yes - log_no).tolist()
 
     def generate(self, prompts: list[str]) -> list[Reply]:
         """Greedy replies for a batch of prompts."""
@@ -66,7 +98,6 @@ class HfJudge:
             )
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
-        latency = (time.monotonic() - started) / max(1, len(prompts))
         replies = []
         for tokens, n_prompt in zip(new, prompt_lengths, strict=True):
             stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
@@ -78,8 +109,14 @@ class HfJudge:
                 prompt_tokens=int(n_prompt),
                 completion_tokens=len(kept),
                 cost=0.0,
-                latency_s=latency,
             ))
+        if self.answer_ids is not None:
+            for reply, p in zip(replies, self.p_yes(prompts, [r.text or "" for r in replies]),
+                                strict=True):
+                reply.p_yes = p
+        latency = (time.monotonic() - started) / max(1, len(prompts))
+        for reply in replies:
+            reply.latency_s = latency
         self.succeeded += len(replies)
         return replies
 

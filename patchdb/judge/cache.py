@@ -1,7 +1,7 @@
 """`judge --cache`: replies kept in table judge_cache, keyed by a hash of the request.
 
-Two requests are identical when backend, model, reasoning effort and rendered prompt match;
-the base URL is left out on purpose, so a proxy and the provider share one cache.
+Two requests are identical when backend, model, reasoning effort, rendered prompt and verdict
+mode match; the base URL is left out on purpose, so a proxy and the provider share one cache.
 """
 
 import hashlib
@@ -16,8 +16,11 @@ from patchdb.judge.client import Reply
 from patchdb.store.models import JudgeCacheEntry
 
 
-def request_hash(backend: str, model: str, reasoning: str, prompt: str) -> str:
-    key = json.dumps([backend, model, reasoning, prompt], ensure_ascii=False)
+def request_hash(backend: str, model: str, reasoning: str, prompt: str,
+                 verdict: str = "last-word") -> str:
+    """The cache key. The last-word mode keeps the key it had before verdict modes existed."""
+    parts = [backend, model, reasoning, prompt] + ([] if verdict == "last-word" else [verdict])
+    key = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
@@ -30,6 +33,7 @@ def reply_json(reply: Reply) -> str:
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
             "reasoning_tokens": reply.reasoning_tokens,
+            "p_yes": reply.p_yes,
         }
     )
 
@@ -44,6 +48,7 @@ def cached_reply(data: str) -> Reply:
         prompt_tokens=raw.get("prompt_tokens"),
         completion_tokens=raw.get("completion_tokens"),
         reasoning_tokens=raw.get("reasoning_tokens"),
+        p_yes=raw.get("p_yes"),
         cost=0.0,
         cached=True,
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 from patchdb import redact
 from patchdb.errors import JudgeError
+from patchdb.judge.logprobs import LOGPROBS, TOP_LOGPROBS, p_yes_from_top, verdict_messages
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 OPENAI_URL = "https://api.openai.com/v1"
@@ -82,6 +83,7 @@ class Reply:
     latency_s: float = 0.0
     failures: Counter[str] = field(default_factory=Counter)  # failed attempts by cause
     cached: bool = False
+    p_yes: float | None = None  # logprobs verdict mode: P(YES) normalised over YES and NO
 
     def add_usage(self, usage: Any) -> None:
         """Sum usage over attempts: a cut-off reply that is retried was still paid for."""
@@ -149,6 +151,7 @@ class ApiJudge:
         max_attempts: int = 3,
         backoff_base_s: float = 1.0,
         concurrency: int = 512,
+        verdict: str = "last-word",
     ) -> None:
         import httpx2
         import openai
@@ -158,6 +161,7 @@ class ApiJudge:
         self.reasoning = reasoning
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
+        self.verdict = verdict
         self.succeeded = 0
         self._openai = openai
         # httpx's connection pool does work proportional to its size on every request, so
@@ -252,8 +256,56 @@ class ApiJudge:
                     reply.error = f"reply not finished (finish reason {reply.finish_reason!r})"
             if attempt < self.max_attempts:
                 await asyncio.sleep(backoff_s(attempt, self.backoff_base_s, wait))
+        if self.verdict == LOGPROBS and reply.error is None and reply.text is not None:
+            await self.ask_verdict(prompt, reply, client)
         reply.latency_s = time.monotonic() - started
         return reply
+
+    async def ask_verdict(self, prompt: str, reply: Reply, client: Any) -> None:
+        """Logprobs mode: one more turn asks for the verdict; P(YES) comes from the twenty
+        likeliest first tokens (one token, no reasoning effort). Sets reply.p_yes, or
+        reply.error when every attempt failed."""
+        openai = self._openai
+        for attempt in range(1, self.max_attempts + 1):
+            wait: float | None = None
+            try:
+                completion = await client.chat.completions.create(
+                    model=self.model, messages=verdict_messages(prompt, reply.text or ""),
+                    max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                )
+            except openai.APIStatusError as exc:
+                if exc.status_code in FATAL_STATUS:
+                    raise FatalJudgeError(
+                        f"{FATAL_STATUS[exc.status_code]} at {self.endpoint.base_url}; stopped"
+                    ) from None
+                reply.failures[f"verdict_{exc.status_code}"] += 1
+                reply.error = "verdict request failed: HTTP " + scrub(
+                    f"{exc.status_code}: {exc}", self.endpoint.api_key)[:300]
+                wait = retry_after_s(exc.response.headers)
+            except (openai.APIError, ValueError, TypeError) as exc:
+                reply.failures["verdict_failed"] += 1
+                reply.error = "verdict request failed: " + scrub(
+                    f"{type(exc).__name__}: {exc}", self.endpoint.api_key)[:300]
+            else:
+                reply.add_usage(completion.usage)
+                reply.error = None
+                reply.p_yes = p_yes_from_top(self._top_tokens(completion))
+                return
+            if attempt < self.max_attempts:
+                await asyncio.sleep(backoff_s(attempt, self.backoff_base_s, wait))
+
+    def _top_tokens(self, completion: Any) -> list[tuple[str, float]]:
+        """(token, logprob) of the reply's first token and its top alternatives."""
+        choice = completion.choices[0] if completion.choices else None
+        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        if not content:
+            raise FatalJudgeError(
+                f"the judge API at {self.endpoint.base_url} returned no logprobs; "
+                "--verdict logprobs needs a server that does (vLLM, llama.cpp server), "
+                "or use --verdict last-word")
+        first = content[0]
+        pairs = [(t.token, t.logprob) for t in (first.top_logprobs or [])]
+        return [*pairs, (first.token, first.logprob)]
 
     async def close(self) -> None:
         for client in self.clients:

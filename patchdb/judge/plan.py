@@ -148,7 +148,8 @@ def count_pending(session: Session, scope: Scope, config_id: int | None, mode: s
 
 
 def find_judge_config(
-    session: Session, model: str, reasoning: str, template_version: str, backend: str
+    session: Session, model: str, reasoning: str, template_version: str, backend: str,
+    verdict_mode: str = "last-word",
 ) -> int | None:
     return session.scalar(
         select(JudgeConfig.id).where(
@@ -156,6 +157,7 @@ def find_judge_config(
             JudgeConfig.reasoning == reasoning,
             JudgeConfig.template_version == template_version,
             JudgeConfig.backend == backend,
+            JudgeConfig.verdict_mode == verdict_mode,
         )
     )
 

@@ -24,6 +24,7 @@ from patchdb.errors import StoreError
 from patchdb.faults import fault_point
 from patchdb.judge import cache as judge_cache
 from patchdb.judge.client import FatalJudgeError, Reply
+from patchdb.judge.logprobs import LOGPROBS, verdict_of
 from patchdb.judge.plan import Call, Scope, count_pending, pending_page
 from patchdb.judge.settings import JudgeOptions, Resolved
 from patchdb.judge.templates import Templates
@@ -128,7 +129,8 @@ class Runner:
                 digest = None
                 if self.options.cache:
                     digest = judge_cache.request_hash(
-                        self.resolved.backend, self.resolved.model, self.resolved.reasoning, prompt
+                        self.resolved.backend, self.resolved.model, self.resolved.reasoning, prompt,
+                        self.resolved.verdict,
                     )
                 work.append(_Work(call, prompt, digest, None))
             if self.options.cache and work:
@@ -241,8 +243,12 @@ class Runner:
                           f"{self.writer.written} judgments were saved; run again to resume")
 
     def _record(self, w: _Work, reply: Reply) -> None:
-        finished = reply.error is None and reply.finish_reason == "stop"
-        verdict = parse_verdict(reply.text) if finished else None
+        if self.resolved.verdict == LOGPROBS:  # read after the reasoning, finished or cut off
+            finished = reply.error is None and reply.p_yes is not None
+            verdict = verdict_of(reply.p_yes) if finished else None
+        else:
+            finished = reply.error is None and reply.finish_reason == "stop"
+            verdict = parse_verdict(reply.text) if finished else None
         s = self.summary
         s.calls += 1
         s.cached += reply.cached
@@ -265,6 +271,7 @@ class Runner:
         self.writer.put(Row({
             "rollout_id": w.call.rollout_id, "grader": w.call.grader,
             "judge_config_id": s.judge_config_id, "verdict": verdict, "raw_reply": reply.text,
+            "p_yes": reply.p_yes, "cut_off": reply.finish_reason == "length",
             "error": reply.error, "attempts": reply.attempts,
             "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "reasoning_tokens": reply.reasoning_tokens, "cost": reply.cost,

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from patchdb.config import REASONING_EFFORTS, JudgeSettings
+from patchdb.config import REASONING_EFFORTS, VERDICT_MODES, JudgeSettings
 from patchdb.errors import JudgeError
 from patchdb.judge.plan import MODES, check_graders
 from patchdb.redact import redact_arguments
@@ -39,6 +39,7 @@ class JudgeOptions:
     hf_max_new_tokens: int | None = None  # None: the sweep's [judge] max_new_tokens
     hf_dtype: str = "float32"
     hf_device: str | None = None  # None: CUDA when present, else CPU
+    verdict: str | None = None  # None: the sweep's [judge] verdict ("last-word")
     progress: bool = True
 
     def arguments(self) -> dict[str, Any]:
@@ -56,6 +57,7 @@ class Resolved:
     backend: str
     concurrency: int
     max_attempts: int
+    verdict: str = "last-word"  # how a verdict is read: part of the judge config's identity
 
 
 def resolve(options: JudgeOptions, defaults: JudgeSettings) -> Resolved:
@@ -82,5 +84,8 @@ def resolve(options: JudgeOptions, defaults: JudgeSettings) -> Resolved:
     max_attempts = options.max_attempts or defaults.max_attempts
     if concurrency < 1 or max_attempts < 1:
         raise JudgeError("concurrency and max attempts must be at least 1")
+    verdict = options.verdict or defaults.verdict
+    if verdict not in VERDICT_MODES:
+        raise JudgeError(f"unknown verdict mode {verdict!r} (known: {', '.join(VERDICT_MODES)})")
     return Resolved(model, reasoning, options.base_url or defaults.base_url, backend,
-                    concurrency, max_attempts)
+                    concurrency, max_attempts, verdict)

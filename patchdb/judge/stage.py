@@ -36,15 +36,16 @@ def ensure_judge_config(store: Store, resolved: Resolved, templates: Templates) 
 
     def upsert(session: Session) -> int:
         stmt = dialect_insert(session, JudgeConfig).on_conflict_do_nothing(
-            index_elements=["model", "reasoning", "template_version", "backend"]
+            index_elements=["model", "reasoning", "template_version", "backend", "verdict_mode"]
         )
         session.execute(stmt, [{
             "model": resolved.model, "reasoning": resolved.reasoning,
             "template_version": templates.version, "backend": resolved.backend,
+            "verdict_mode": resolved.verdict,
             "templates_json": templates.to_json(), "created_at": utcnow(),
         }])
         found = find_judge_config(session, resolved.model, resolved.reasoning,
-                                  templates.version, resolved.backend)
+                                  templates.version, resolved.backend, resolved.verdict)
         assert found is not None
         return found
 
@@ -56,11 +57,13 @@ def make_backend(resolved: Resolved, options: JudgeOptions) -> Backend:
         from patchdb.judge.backend_hf import HF_BATCH, HF_MAX_NEW_TOKENS, HfJudge
 
         return HfJudge(resolved.model, options.hf_dtype, options.hf_device,
-                       options.hf_batch_size or HF_BATCH, options.hf_max_new_tokens or HF_MAX_NEW_TOKENS)
+                       options.hf_batch_size or HF_BATCH, options.hf_max_new_tokens or HF_MAX_NEW_TOKENS,
+                       verdict=resolved.verdict)
     return ApiJudge(
         resolve_endpoint(resolved.base_url), resolved.model, resolved.reasoning,
         timeout_s=options.timeout_s, max_attempts=resolved.max_attempts,
         backoff_base_s=options.backoff_base_s, concurrency=resolved.concurrency,
+        verdict=resolved.verdict,
     )
 
 
@@ -95,7 +98,7 @@ def count_calls(store: Store, scope: Scope, stored: Resolved, templates: Templat
     pending now: a query, so it costs nothing to ask before loading a model."""
     with store.read() as session:
         config_id = find_judge_config(session, stored.model, stored.reasoning,
-                                      templates.version, stored.backend)
+                                      templates.version, stored.backend, stored.verdict)
         return config_id, count_pending(session, scope, config_id, mode)
 
 
@@ -144,7 +147,7 @@ def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions) -
     with store.read() as session:
         experiments = get_experiments(session, sweep, options.experiments)
         config_id = find_judge_config(session, stored.model, stored.reasoning,
-                                      templates.version, stored.backend)
+                                      templates.version, stored.backend, stored.verdict)
         return call_table(session, config, experiments, options.layers, options.graders,
                           config_id)
 

@@ -24,7 +24,7 @@ from patchdb.store.models import JudgeCacheEntry, Judgment, utcnow
 from patchdb.store.store import Store
 
 _UPDATED = (
-    "verdict", "raw_reply", "error", "attempts", "prompt_tokens", "completion_tokens",
+    "verdict", "p_yes", "cut_off", "raw_reply", "error", "attempts", "prompt_tokens", "completion_tokens",
     "reasoning_tokens", "cost", "latency_s", "stage_run_id", "created_at",
 )
 

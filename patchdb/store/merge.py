@@ -2,8 +2,8 @@
 
 Ids differ between stores, so every row is matched by what it is: a sweep by name, an
 experiment by (sweep, name), a concept vector by (model, layer, word, recipe), a judge config by
-(model, reasoning, template_version, backend), a rollout by (sweep, experiment, patch layer,
-source word, target word, sample index), a judgment by (rollout, grader, judge config), a human
+(model, reasoning, template_version, backend, verdict_mode), a rollout by (sweep, experiment,
+patch layer, source word, target word, sample index), a judgment by (rollout, grader, judge config), a human
 label by (rollout, grader, labeler), a judge cache entry by its request hash, and a stage run
 by (stage, host, pid, started_at). A row whose key is already here is left alone, so merging
 twice changes nothing.
@@ -51,7 +51,7 @@ JUDGE_CACHE = TABLES["judge_cache"]
 
 ROLLOUT_KEY = ["experiment_id", "patch_layer", "source_word", "target_word", "sample_index"]
 JUDGMENT_KEY = ["rollout_id", "grader", "judge_config_id"]
-JUDGE_CONFIG_KEY = ["model", "reasoning", "template_version", "backend"]
+JUDGE_CONFIG_KEY = ["model", "reasoning", "template_version", "backend", "verdict_mode"]
 VECTOR_KEY = ["model", "layer", "word", "recipe"]
 STAGE_RUN_KEY = ["stage", "host", "pid", "started_at"]
 REPORTED = ["sweeps", "experiments", "stage_runs", "concept_vectors", "judge_configs",

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -128,13 +129,17 @@ class Rollout(Base):
 
 class JudgeConfig(Base):
     __tablename__ = "judge_configs"
-    __table_args__ = (UniqueConstraint("model", "reasoning", "template_version", "backend"),)
+    __table_args__ = (UniqueConstraint("model", "reasoning", "template_version", "backend",
+                                       "verdict_mode", name="uq_judge_configs_identity"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model: Mapped[str] = mapped_column(String(500))
     reasoning: Mapped[str] = mapped_column(String(40))
     template_version: Mapped[str] = mapped_column(String(64))
     backend: Mapped[str] = mapped_column(String(40))
+    # "last-word" (the reply's last word) or "logprobs" (P(YES) vs P(NO) after the reasoning)
+    verdict_mode: Mapped[str] = mapped_column(String(20), default="last-word",
+                                              server_default="last-word")
     templates_json: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -148,6 +153,9 @@ class Judgment(Base):
     grader: Mapped[str] = mapped_column(String(40))
     judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
     verdict: Mapped[bool | None] = mapped_column(Boolean)
+    p_yes: Mapped[float | None] = mapped_column(Float)  # logprobs mode: P(YES) over YES and NO
+    # the reply reached the judge's token cap before it ended (finish reason "length")
+    cut_off: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     raw_reply: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=1)

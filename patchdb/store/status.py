@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from patchdb.experiments import experiment_keys
 from patchdb.store.models import Experiment, Judgment, Rollout, StageRun
@@ -24,8 +25,9 @@ class LayerStatus:
     rollouts_present: int
     judgments_expected: int
     judged: int = 0
-    unparsed: int = 0
-    errors: int = 0
+    unparsed: int = 0  # no verdict, no error, not cut off
+    errors: int = 0  # an error, and not cut off
+    cut_off: int = 0  # no verdict: the judge's reply reached its token cap
 
 
 @dataclass
@@ -56,7 +58,7 @@ class SweepStatus:
 
     def totals(self) -> dict[str, int]:
         keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
-                "unparsed", "errors")
+                "unparsed", "errors", "cut_off")
         return {k: sum(getattr(row, k) for row in self.layers) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +71,26 @@ def prompt_hash(text: str | None) -> str | None:
     """The first 12 hex digits of the sha256 of the rendered prompt (UTF-8), so two stores'
     prompts compare at a glance."""
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def cut_off_counts(session: Session, exp_ids: list[int],
+                   config_id: int | None) -> dict[tuple[int, int], tuple[int, int]]:
+    """Judgments with no verdict whose reply was cut off at the token cap, per (experiment id,
+    layer): (those without an error, those with one), so status can count them apart."""
+    if config_id is None:
+        return {}
+    no_verdict = Judgment.verdict.is_(None) & Judgment.cut_off.is_(True)
+    return {
+        (eid, layer): (int(plain or 0), int(failed or 0))
+        for eid, layer, plain, failed in session.execute(
+            select(Rollout.experiment_id, Rollout.patch_layer,
+                   func.sum(case((no_verdict & Judgment.error.is_(None), 1), else_=0)),
+                   func.sum(case((no_verdict & Judgment.error.is_not(None), 1), else_=0)))
+            .join(Rollout, Rollout.id == Judgment.rollout_id)
+            .where(Rollout.experiment_id.in_(exp_ids), Judgment.judge_config_id == config_id)
+            .group_by(Rollout.experiment_id, Rollout.patch_layer)
+        )
+    }
 
 
 def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
@@ -116,6 +138,7 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
                 .group_by(Rollout.experiment_id, Rollout.patch_layer)
             )
         }
+        cut = cut_off_counts(session, exp_ids, main_config)
         cost, n_configs = session.execute(
             select(func.coalesce(func.sum(Judgment.cost), 0.0),
                    func.count(func.distinct(Judgment.judge_config_id)))
@@ -133,9 +156,11 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
             for layer in layers:
                 expected = n_keys * config.samples if layer in config.layers else 0
                 judged, unparsed, errors = judgment_counts.get((exp.id, layer), (0, 0, 0))
+                cut_plain, cut_failed = cut.get((exp.id, layer), (0, 0))
                 result.layers.append(
                     LayerStatus(exp.name, layer, expected, rollout_counts.get((exp.id, layer), 0),
-                                expected * GRADERS_PER_ROLLOUT, judged, unparsed, errors)
+                                expected * GRADERS_PER_ROLLOUT, judged, unparsed - cut_plain,
+                                errors - cut_failed, cut_plain + cut_failed)
                 )
         runs = session.scalars(
             select(StageRun).where((StageRun.sweep_id == sweep.id) | StageRun.sweep_id.is_(None))
