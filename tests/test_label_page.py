@@ -189,3 +189,29 @@ def test_an_idle_connection_does_not_stall_the_page(store: Store) -> None:
         finally:
             idle.close()
     assert data["item"]["grader"] == "coherence" and "judge_verdict" not in data["item"]
+
+
+def test_label_command_prints_a_loopback_url_and_stops_on_ctrl_c(store: Store,
+                                                                  db_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "patchdb", "label", "--db", str(db_path),
+                             "--labeler", "ada", "--grader", "coherence"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("Labeling page for ada: http://127.0.0.1:"), line
+        url = line.split(": ", 1)[1].split()[0]
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        assert "<title>patchdb label</title>" in opener.open(url, timeout=10).read().decode()
+        data = json.load(opener.open(url + "api/next", timeout=10))
+        assert data["progress"] == [{"grader": "coherence", "labeled": 0, "target": 100,
+                                     "available": 48}]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "Aborted."  # click turns Ctrl-C into Abort
