@@ -1,6 +1,7 @@
 """The CLI's store commands: happy paths, and every error as one line with the store unchanged."""
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -66,9 +67,18 @@ def test_init_with_config_and_sqlite_tables(tmp_path: Path, db_path: Path) -> No
 
 
 def newest_migration() -> str:
-    """The highest revision number among the migration files, read from their names."""
+    """The head of the migration chain, read from the files' revision lines: the one revision
+    that no other file names as its down_revision."""
     versions = Path(__file__).resolve().parents[1] / "migrations" / "versions"
-    return max(p.name.split("_")[0] for p in versions.glob("[0-9][0-9][0-9][0-9]_*.py"))
+    revisions, parents = set(), set()
+    for path in versions.glob("[0-9]*_*.py"):
+        text = path.read_text(encoding="utf-8")
+        revisions.add(re.search(r'^revision: str = "(\w+)"', text, re.M).group(1))  # type: ignore[union-attr]
+        parent = re.search(r'^down_revision: str \| None = "(\w+)"', text, re.M)
+        if parent:
+            parents.add(parent.group(1))
+    [head] = revisions - parents
+    return head
 
 
 def test_db_commands(db_path: Path) -> None:
@@ -77,13 +87,15 @@ def test_db_commands(db_path: Path) -> None:
     assert head_revision() == head
     current = run_cli("db", "current", "--db", db_path)
     assert current.exit_code == 0
-    assert current.output.strip() == f"{db_path}: schema {head}, head {head}"
+    # the store is named by its path (SQLite) or its URL with the driver (PostgreSQL)
+    where = str(db_path).replace("postgresql://", "postgresql+psycopg://", 1)
+    assert current.output.strip() == f"{where}: schema {head}, head {head}"
     upgrade = run_cli("db", "upgrade", "--db", db_path)
     assert upgrade.exit_code == 0
-    assert upgrade.output.strip() == f"{db_path} is at schema {head} (head)"
+    assert upgrade.output.strip() == f"{where} is at schema {head} (head)"
     check = run_cli("db", "check", "--db", db_path)
     assert check.exit_code == 0
-    assert check.output.strip().splitlines()[-1] == f"{db_path}: schema matches the models"
+    assert check.output.strip().splitlines()[-1] == f"{where}: schema matches the models"
 
 
 def test_env_var_names_the_store(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
