@@ -51,6 +51,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The sampling settings of google/gemma-3-27b-it's generation config, given to the random-init
+# Gemma shapes so the stage samples as it would for the real model.
+GEMMA_SAMPLING = {"top_k": 64, "top_p": 0.95}
+
+
 def build_model(shape: str, device: str, dtype: torch.dtype) -> Any:
     spec = dict(SHAPES[shape])
     family = spec.pop("family")
@@ -322,10 +327,13 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
 def engine_step_time(model: Any, work: Work, device: str, rows: int,
                      compile_decode: bool = False, share_prefix: bool = False) -> float:
     """Decode-step time of patchdb's engine at exactly `rows` rows: the graphed step plus the
-    sampler, timed over 50 steps on a decoder already captured (and compiled) by a first run."""
+    sampler (as the stage resolves it for this model), timed over 50 steps on a decoder already
+    captured (and compiled) by a first run."""
     from patchdb.generate.engine import Engine, TargetUnit
     from patchdb.generate.layers import find_layers
-    from patchdb.generate.sampling import choose_tokens
+    from patchdb.generate.sampling import choose_tokens, resolve_sampling
+
+    sampling = resolve_sampling(model.generation_config, 1.0, None, None)
 
     engine = Engine(model, find_layers(model), work.prompt_ids, work.injection_start,
                     work.steer_layer, [], graph_rows=rows, compile_decode=compile_decode,
@@ -341,7 +349,7 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
     def run(tokens: int) -> float:
         sync(device)
         t = time.perf_counter()
-        engine.generate(units, tokens, 1.0)
+        engine.generate(units, tokens, sampling)
         sync(device)
         return time.perf_counter() - t
 
@@ -355,9 +363,33 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
     sync(device)
     t = time.perf_counter()
     for step in range(n):
-        tokens = choose_tokens(decoder.step(tokens, step), seeds, step, 1.0)
+        tokens = choose_tokens(decoder.step(tokens, step), seeds, step, sampling)
     sync(device)
     return (time.perf_counter() - t) / n
+
+
+@torch.inference_mode()
+def sampler_times(device: str, rows: int, vocab: int, repeats: int = 20) -> dict[str, Any]:
+    """Milliseconds per choose_tokens call on random float32 logits of [rows, vocab] on the
+    device, rounded through bf16 first as the engine's logits are (so top-k ties occur as they
+    do in a real run): the full softmax, top-k 64 then top-p 0.95, and top-p 0.95 alone."""
+    from patchdb.generate.sampling import Sampling, choose_tokens
+
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(device, torch.bfloat16).float()
+    seeds = torch.arange(rows, device=device)
+    out: dict[str, Any] = {"rows": rows, "vocab": vocab, "logits_dtype": "bfloat16 -> float32"}
+    for name, how in (("full_softmax", Sampling(1.0)), ("top_k64_top_p095", Sampling(1.0, 64, 0.95)),
+                      ("top_p095_only", Sampling(1.0, 0, 0.95))):
+        for step in range(3):
+            choose_tokens(logits, seeds, step, how)
+        sync(device)
+        t = time.perf_counter()
+        for step in range(repeats):
+            choose_tokens(logits, seeds, step, how)
+        sync(device)
+        out[f"{name}_ms"] = (time.perf_counter() - t) / repeats * 1e3
+    return out
 
 
 def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: int = 8,
@@ -420,6 +452,10 @@ def main() -> None:
     parser.add_argument("--share-prefix", action="store_true", help="patchdb generate --share-prefix")
     parser.add_argument("--equivalence-only", action="store_true",
                         help="only compare greedy texts of graph and eager decoding")
+    parser.add_argument("--sampler-rows", type=int, default=1000,
+                        help="rows of the sampler timing (random logits over the shape's vocabulary)")
+    parser.add_argument("--sampler-only", action="store_true",
+                        help="only time the sampler (no model is built)")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     args = parser.parse_args()
     device = args.device
@@ -439,8 +475,20 @@ def main() -> None:
                                "torch": torch.__version__}
     import transformers
     results["transformers"] = transformers.__version__
+    results["sampler"] = sampler_times(device, args.sampler_rows, SHAPES[args.shape]["vocab_size"])
+    sampler = results["sampler"]
+    print(f"sampler at {sampler['rows']} rows x {sampler['vocab']} vocab: top-k 64 + top-p 0.95 "
+          f"{sampler['top_k64_top_p095_ms']:.2f} ms, full softmax {sampler['full_softmax_ms']:.2f} ms, "
+          f"top-p 0.95 alone {sampler['top_p095_only_ms']:.2f} ms", flush=True)
+    if args.sampler_only:
+        args.out.write_text(json.dumps(results, indent=2))
+        return
     t = time.perf_counter()
     model = build_model(args.shape, device, dtype)
+    if SHAPES[args.shape]["family"] == "gemma3":
+        for key, value in GEMMA_SAMPLING.items():
+            setattr(model.generation_config, key, value)
+    results["sampling"] = {k: getattr(model.generation_config, k) for k in ("top_k", "top_p")}
     results["build_s"] = time.perf_counter() - t
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gbs"] = bandwidth / 1e9

