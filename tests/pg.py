@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -91,3 +92,37 @@ def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "store.sqlite")
     return str(request.getfixturevalue("pg_url"))
+
+
+def sqlalchemy_url(store: str | Path) -> str:
+    """The URL a test opens a store at: a SQLite path as sqlite:///, PostgreSQL through psycopg."""
+    text_ = str(store)
+    if text_.startswith("postgresql://"):
+        return text_.replace("postgresql://", "postgresql+psycopg://", 1)
+    return text_ if "://" in text_ else f"sqlite:///{text_}"
+
+
+def _engine(store: str | Path) -> Any:
+    url = sqlalchemy_url(store)
+    # SQLite: wait for a writer as long as the stages themselves do, never "database is locked"
+    return create_engine(url, connect_args={"timeout": 60} if url.startswith("sqlite") else {})
+
+
+def query(store: str | Path, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Rows of one SELECT on either backend, in a connection of its own."""
+    engine = _engine(store)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params or {})]
+    finally:
+        engine.dispose()
+
+
+def execute(store: str | Path, sql: str, rows: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """One committed statement (executemany for a list of rows) on either backend."""
+    engine = _engine(store)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql), rows)
+    finally:
+        engine.dispose()

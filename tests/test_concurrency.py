@@ -1,10 +1,10 @@
-"""Generate, two judges and report on one SQLite store at once, as real processes.
+"""Generate, two judges and report on one store at once, as real processes, on SQLite and on
+PostgreSQL (where one is available; tests/pg.py).
 
 No "database is locked" reaches the user, no row is lost and none is written twice.
 """
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from judge_server import FaultServer, fault_server
+from pg import query
 from tiny_models import save_tiny_llama
 
 ROLLOUTS = 32  # 4 experiments x 2 keys x 2 patch layers x 2 samples
@@ -26,12 +27,8 @@ def server() -> Iterator[FaultServer]:
         yield srv
 
 
-def query(db: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(db, timeout=60) as conn:
-        return conn.execute(sql).fetchall()
-
-
-def test_generate_two_judges_and_report_at_once(tmp_path: Path, server: FaultServer) -> None:
+def test_generate_two_judges_and_report_at_once(tmp_path: Path, server: FaultServer,
+                                                store_db: str) -> None:
     model = save_tiny_llama(tmp_path / "m")
     config = tmp_path / "sweep.toml"
     config.write_text(f"""[sweep]
@@ -45,7 +42,7 @@ max_new_tokens = 4
 positive_words = ["Bread", "Trees"]
 negative_words = ["Dust"]
 """)
-    db = tmp_path / "store.sqlite"
+    db = store_db
     assert run_cli("init", "--config", config, "--db", db).exit_code == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDB_JUDGE")}
     env.update(PATCHDB_DB=str(db), PATCHDB_JUDGE_BASE_URL=server.base_url,
@@ -80,10 +77,10 @@ negative_words = ["Dust"]
 
     assert query(db, "SELECT count(*) FROM rollouts") == [(ROLLOUTS,)]
     assert query(db, """SELECT count(*) FROM (SELECT experiment_id, patch_layer, source_word,
-        target_word, sample_index FROM rollouts GROUP BY 1, 2, 3, 4, 5 HAVING count(*) > 1)""") == [(0,)]
+        target_word, sample_index FROM rollouts GROUP BY 1, 2, 3, 4, 5 HAVING count(*) > 1) AS d""") == [(0,)]
     assert query(db, "SELECT count(*) FROM judgments") == [(ROLLOUTS * GRADERS_PER_ROLLOUT,)]
     assert query(db, """SELECT count(*) FROM (SELECT rollout_id, grader, judge_config_id
-        FROM judgments GROUP BY 1, 2, 3 HAVING count(*) > 1)""") == [(0,)]
+        FROM judgments GROUP BY 1, 2, 3 HAVING count(*) > 1) AS d""") == [(0,)]
     assert query(db, "SELECT count(*) FROM judgments WHERE error IS NOT NULL") == [(0,)]
     assert query(db, "SELECT count(*) FROM judge_configs") == [(1,)]
     assert sorted(query(db, "SELECT stage, status FROM stage_runs")) == [
