@@ -1,4 +1,4 @@
-"""Benchmark the report stage on a synthetic store the size of SPEC.md's default sweep.
+"""Benchmark the report stage on a synthetic store the size of the default sweep (docs/science.md).
 
     python scripts/bench_report.py              # 236,544 rollouts, 473,088 judgments
     python scripts/bench_report.py --samples 4  # a quick, smaller run

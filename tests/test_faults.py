@@ -63,7 +63,7 @@ def rollout_keys(db: Path) -> list[tuple]:
 
 
 def expected_keys() -> list[tuple]:
-    """The keys an uninterrupted run writes (SPEC.md's experiments; NO_STEERING is '')."""
+    """The keys an uninterrupted run writes (the experiments of docs/science.md; NO_STEERING is '')."""
     pairs = [("Dust", "Bread"), ("Dust", "Trees")]
     keys = {
         "failure_to_success": pairs,

@@ -1,4 +1,4 @@
-"""The sweep plots: drawn as SPEC.md says, then inspected as figure objects and as files."""
+"""The sweep plots: drawn as docs/science.md describes, then inspected as figure objects and as files."""
 
 import math
 import xml.etree.ElementTree as ET

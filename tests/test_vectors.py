@@ -1,4 +1,4 @@
-"""Concept vectors: SPEC.md's recipe on a tiny Llama, storage and reuse, `patchdb vectors`
+"""Concept vectors: the recipe of docs/science.md on a tiny Llama, storage and reuse, `patchdb vectors`
 (compute and --import), and one slow test on the real SmolLM2 through its GGUF alias."""
 
 import hashlib
