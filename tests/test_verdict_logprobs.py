@@ -155,14 +155,17 @@ def test_merge_carries_p_yes_cut_off_and_the_verdict_mode(tmp_path: Path,
     make_store(laptop, answer=answer_with_top)
     make_store(gpu, answer=answer_with_top)
     assert run_cli("judge", "--db", laptop, "--verdict", "logprobs").exit_code == 0
+    assert run_cli("judge", "--db", laptop).exit_code == 0  # the same judge, last-word
     with sqlite3.connect(laptop) as conn:  # one cut-off row, as a local judge leaves it
         conn.execute("UPDATE judgments SET cut_off = 1, verdict = NULL, p_yes = NULL "
                      "WHERE id = 1")
     merged = run_cli("merge", "--db", gpu, laptop)
     assert merged.exit_code == 0, merged.output
     copied = _judgment_rows(gpu)
-    assert copied == _judgment_rows(laptop) and len(copied) == 64
+    assert copied == _judgment_rows(laptop) and len(copied) == 128
     assert sum(r[7] for r in copied) == 1 and sum(r[6] is not None for r in copied) == 47
+    assert rows(gpu, "SELECT verdict_mode FROM judge_configs ORDER BY id") == [
+        ("logprobs",), ("last-word",)]
 
 
 def test_migration_keeps_judgments_and_marks_old_cut_off_replies(db_path: Path) -> None:
