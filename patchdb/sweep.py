@@ -124,6 +124,5 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
     if options.html:
         from patchdb.report.html import write_html_report
 
-        result.html_path = write_html_report(store, config.name, result.report.out_dir,
-                                             judge_config_id=result.report.judge.id)
+        result.html_path = write_html_report(store, config.name, result.report.out_dir)
     return result

@@ -186,7 +186,8 @@ def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None
     store = open_store(str(db_path))
     html = write_html_report(store, None, tmp_path / "out").read_text("utf-8")
     store.close()
-    assert "No scored samples yet." in html and "All 0 rollouts are embedded." in html
+    assert ('<p class="note missing">No rates: no rollouts yet: run `patchdb generate`</p>'
+            in html and "All 0 rollouts are embedded." in html)
 
 
 # --- headless Chromium -------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_own_prompts_make_a_new_judge_config(db_path: Path, server: FaultServer,
     prompts = tmp_path / "prompts.toml"
     prompts.write_text('coherence = """Coherent? {response}\nEnd with YES or NO."""\n')
     plan = run_cli("judge", "--db", db_path, "--prompts", prompts, "--dry-run")
-    assert plan.output.splitlines()[-1].split() == ["total", "64", "0", "64"]
+    assert plan.output.splitlines()[-3].split() == ["total", "64", "0", "64", "0"]
     result = run_cli("judge", "--db", db_path, "--prompts", prompts, "--graders", "coherence")
     assert "Judged 32 calls" in result.output
     assert server.stats.bodies[-1]["messages"][0]["content"].startswith("Coherent? ")

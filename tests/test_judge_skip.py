@@ -68,7 +68,8 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
                                      "error of sweep 'small' in scope).")
     dry = run_cli("judge", "--db", db_path, *hf, "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert dry.output.splitlines()[-1].split()[-3:] == ["8", "8", "0"]  # calls, done, missing
+    total = next(line for line in dry.output.splitlines() if line.startswith("total"))
+    assert total.split()[-4:] == ["8", "8", "0", "0"]  # calls, judged, send now, awaiting
 
     # where there is work, the model is loaded: the refusal above is real
     overwrite = run_cli("judge", "--db", db_path, *hf, "--overwrite")

@@ -24,7 +24,7 @@ def test_report_prints_a_table_per_experiment(imported: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == ("Sweep patching_layer_sweep: rates from judge config #1 (import: imported, "
-                        "reasoning none, templates import-v1).")
+                        "reasoning none, templates import-v1): 21 scored samples.")
     assert ("unsteered_to_steered: rate in % by patch layer (per word; - = nothing scored)"
             in lines)
     header = lines.index("unsteered_to_steered: rate in % by patch layer "
@@ -34,6 +34,10 @@ def test_report_prints_a_table_per_experiment(imported: Path) -> None:
     assert rows["Bread"][:4] == ["Bread", "67", "67", "-"]  # 2 of 3 scored samples, then a gap
     assert rows["Trees"][1:] == ["-"] * 5  # nothing scorable: gaps, no best or worst
     assert rows["Mean"][1] == "58"
+    # the tree holds 17 + 11 unparsed verdicts, no judgments at layer 42, 2 of 3 samples per pair
+    assert lines[header + 6] == (
+        "Not all scored: 11 of 36 verdicts unparsed: see `patchdb status`; `patchdb judge "
+        "--retry-unparsed`; 18 of 54 judge calls not made yet: `patchdb judge`")
     assert "failure_to_success: rate in % by patch layer (mean over source words; " \
            "- = nothing scored)" in lines
     assert "Plot: patchdb_report/patching_layer_sweep/failure_to_success/sweep_plot.png" in lines
@@ -74,11 +78,14 @@ def test_the_judge_config_with_most_judgments_is_the_default(imported: Path) -> 
     assert result.exit_code == 0, result.output
     assert result.output.startswith(
         "Sweep patching_layer_sweep: rates from judge config #1 (import: imported, reasoning "
-        "none, templates import-v1); 2 judge configs in this sweep, choose with --judge-config.")
+        "none, templates import-v1): 21 scored samples, the most of 2 judge configs (#2 has 9; "
+        "choose with --judge-config).")
     chosen = cli("report", "--db", imported, "--experiments", "unsteered_to_steered",
                  "--judge-config", other, "--export-json", "--out", "other")
     assert chosen.exit_code == 0, chosen.output
-    assert f"rates from judge config #{other} (openai: openai/gpt-5-nano" in chosen.output
+    assert chosen.output.startswith(
+        f"Sweep patching_layer_sweep: rates from judge config #{other} (openai: openai/gpt-5-nano, "
+        "reasoning medium, templates v1): 9 scored samples (chosen with --judge-config).")
     mean = next(line for line in chosen.output.splitlines() if line.startswith("Mean"))
     assert mean.split()[1:4] == ["100", "-", "-"]
     scores = json.loads(Path("other/unsteered_to_steered/all_layer_scores.json").read_text())

@@ -106,3 +106,68 @@ def test_plot_files_are_valid_images(tmp_path: Path, db_path: Path, fmt: str) ->
     else:
         assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
     assert not (path.parent.parent / "failure_to_success").exists()
+
+
+BAND_SWEEP = """
+[sweep]
+name = "band"
+model = "smollm2-135m"
+steer_layer = 18
+patch_layers = "20-21"
+samples = 10
+max_new_tokens = 8
+positive_words = ["Bread", "Trees"]
+negative_words = ["Dust"]
+experiments = ["steered_to_unsteered"]
+"""
+
+
+def test_band_contains_its_mean_line(tmp_path: Path, db_path: Path) -> None:
+    """At each layer Bread scores 10 of 10 and Trees 0 of 1 (9 replies unparsed): the bold
+    line is the mean of the two key rates, 0.5, while the pooled rate is 10/11. A band built
+    from pooled counts, Wilson(10, 11) = (0.6226, 0.9838), leaves the line outside; the band
+    drawn now is Wilson(0.5) at n_eff = 2^2 / (1/10 + 1/1) = 40/11: (0.1416, 0.8584)."""
+    from sqlalchemy.orm import Session
+
+    from patchdb.store import JudgeConfig, Judgment, Rollout
+    from patchdb.store.models import Experiment
+
+    config = tmp_path / "band.toml"
+    config.write_text(BAND_SWEEP, encoding="utf-8")
+    assert cli("init", "--config", config, "--db", db_path).exit_code == 0
+    store = open_store(str(db_path))
+
+    def fill(s: Session) -> None:
+        exp = s.query(Experiment).filter_by(name="steered_to_unsteered").one()
+        judge = JudgeConfig(model="j", reasoning="medium", template_version="v", backend="openai")
+        s.add(judge)
+        for layer in (20, 21):
+            for word in ("Bread", "Trees"):
+                for i in range(10):
+                    r = Rollout(experiment_id=exp.id, patch_layer=layer, source_word=word,
+                                target_word="", sample_index=i, answer="a")
+                    s.add(r)
+                    s.flush()
+                    detected = True if word == "Bread" else (False if i == 0 else None)
+                    for grader, verdict in (("coherence", True), ("detection", detected)):
+                        s.add(Judgment(rollout_id=r.id, grader=grader, judge_config_id=judge.id,
+                                       verdict=verdict, attempts=1))
+
+    try:
+        store.transact(fill)
+        with store.read() as session:
+            sweep = get_sweep(session, None)
+            judge = choose_judge_config(session, sweep, None)
+            found = experiment_rates(session, sweep, sweep_config(sweep),
+                                     ["steered_to_unsteered"], judge.id)[0]
+    finally:
+        store.close()
+    mean = found.groups[0]
+    assert mean.rates == [0.5, 0.5]
+    assert mean.successes == [10, 10] and mean.n_scored == [11, 11]  # counted in SQL
+    ax = sweep_figure(found, "title", ci=True).axes[0]
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    vertices = np.concatenate([p.vertices for p in band.get_paths()])
+    at_20 = vertices[np.isclose(vertices[:, 0], 20.0)][:, 1]
+    assert (at_20.min(), at_20.max()) == pytest.approx((0.1416, 0.8584), abs=5e-5)
+    assert at_20.min() < 0.5 < at_20.max()

@@ -7,7 +7,7 @@ import click
 from patchdb.cli.options import db_option, experiments_option, layers_option, split_list, sweep_option
 from patchdb.config import REASONING_EFFORTS, VERDICT_MODES
 from patchdb.experiments import GRADERS
-from patchdb.judge.plan import PlanRow
+from patchdb.judge.plan import DryRun
 from patchdb.judge.settings import BACKENDS, JudgeOptions
 from patchdb.judge.stage import JudgeInterrupted, JudgeSummary, dry_run_table, run_judge
 from patchdb.store import open_store
@@ -21,17 +21,40 @@ def graders_callback(ctx: click.Context, param: click.Parameter, value: str | No
     return graders
 
 
-def render_plan(rows: list[PlanRow]) -> str:
+MODE_FLAGS = {"only_missing": "--only-missing", "retry_unparsed": "--retry-unparsed",
+              "retry_errors": "--retry-errors", "overwrite": "--overwrite"}
+
+
+def render_plan(dry: DryRun, mode: str, limit: int | None = None) -> str:
+    """The dry-run table, then what the command would send now and what it would cost."""
     header = (f"{'experiment':<22} {'keys':>5} {'samples':>7} {'layers':>6} {'graders':>7} "
-              f"{'calls':>9} {'done':>9} {'missing':>9}")
+              f"{'calls':>9} {'judged':>9} {'send now':>9} {'awaiting generate':>17}")
     lines = [header, "-" * len(header)]
-    for r in rows:
+    for r in dry.rows:
         lines.append(f"{r.experiment:<22} {r.keys:>5} {r.samples:>7} {r.layers:>6} "
-                     f"{r.graders:>7} {r.calls:>9,} {r.done:>9,} {r.calls - r.done:>9,}")
+                     f"{r.graders:>7} {r.calls:>9,} {r.done:>9,} {r.send_now:>9,} "
+                     f"{r.awaiting_generate:>17,}")
+    rows = dry.rows
     calls, done = sum(r.calls for r in rows), sum(r.done for r in rows)
+    send, awaiting = sum(r.send_now for r in rows), sum(r.awaiting_generate for r in rows)
     lines.append("-" * len(header))
     lines.append(f"{'total':<22} {'':>5} {'':>7} {'':>6} {'':>7} {calls:>9,} {done:>9,} "
-                 f"{calls - done:>9,}")
+                 f"{send:>9,} {awaiting:>17,}")
+    config = (f"judge config #{dry.config_id}" if dry.config_id is not None
+              else "a new judge config (these settings have judged nothing yet)")
+    capped = f" (--limit {limit:,} of {send:,})" if limit is not None and limit < send else ""
+    lines.append(f"{MODE_FLAGS.get(mode, mode)} would send {dry.send_now:,} calls now{capped}, "
+                 f"as {config}; {awaiting:,} more calls wait for rollouts generate has not "
+                 "written yet.")
+    cost, later = dry.cost, dry.cost_awaiting
+    if cost.usd is None:
+        lines.append(f"Estimated cost: unknown: {cost.basis}.")
+    else:
+        lines.append(f"Estimated cost: ${cost.usd:,.4f} ({cost.basis}).")
+        if awaiting and later.usd is not None:
+            lines.append(f"The calls that wait for generate: about ${later.usd:,.4f} more.")
+        elif awaiting:
+            lines.append(f"The calls that wait for generate: cost unknown: {later.basis}.")
     return "\n".join(lines)
 
 
@@ -105,7 +128,14 @@ def render_summary(s: JudgeSummary) -> str:
               help="Answer identical requests from the judge_cache table.")
 @click.option("--follow", is_flag=True, envvar="PATCHDB_JUDGE_FOLLOW",
               help="Keep judging new rollouts while a generate run of the sweep is running.")
-@click.option("--dry-run", is_flag=True, help="Print the call-count table and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what this command would send now, what waits for generate, and the "
+                   "estimated cost; then exit without judging.")
+@click.option("--price-in", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_IN",
+              help="With --dry-run: USD per million prompt tokens, times the average tokens of "
+                   "this judge config's stored calls (default: their recorded cost).")
+@click.option("--price-out", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_OUT",
+              help="With --dry-run: USD per million completion (incl. reasoning) tokens.")
 @click.option("--prompts", type=click.Path(dir_okay=False), envvar="PATCHDB_JUDGE_PROMPTS",
               help="TOML/JSON file of grader templates with {prompt}, {response}, {word}.")
 @click.option("--backoff", "backoff_base_s", type=click.FloatRange(min=0), default=1.0,
@@ -137,7 +167,8 @@ def render_summary(s: JudgeSummary) -> str:
                    "verdict, last-word.")
 @click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
               help="Show a progress bar on a terminal.")
-def judge(db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
+def judge(db: str, sweep: str | None, dry_run: bool, price_in: float | None,
+          price_out: float | None, **kwargs: Any) -> None:
     """Judge rollouts: coherence for every answer, plus detection or detection+identification
     as the experiment needs. Resumable: a rerun judges only what is missing.
 
@@ -150,11 +181,14 @@ def judge(db: str, sweep: str | None, dry_run: bool, **kwargs: Any) -> None:
       patchdb judge --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
       patchdb judge --judge-backend hf --judge-model ./models/judge
     """
+    if (price_in is None) != (price_out is None):
+        raise click.ClickException("give both --price-in and --price-out, or neither")
     options = JudgeOptions(**kwargs)
     store = open_store(db)
     try:
         if dry_run:
-            click.echo(render_plan(dry_run_table(store, sweep, options)))
+            dry = dry_run_table(store, sweep, options, price_in, price_out)
+            click.echo(render_plan(dry, options.mode, options.limit))
             return
         try:
             summary = run_judge(store, sweep, options)

@@ -83,3 +83,12 @@ def narrowing_options(fn: F) -> F:
 def device_option(fn: F) -> F:
     return click.option("--device", envvar="PATCHDB_DEVICE",
                         help="Torch device, e.g. cuda:0 or cpu (default: cuda:0 when available).")(fn)
+
+
+def judge_config_option(fn: F) -> F:
+    """--judge-config: which judge config's verdicts to read (report, status)."""
+    return click.option(
+        "--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
+        help="Judge config id to read (default: the one with the most scored samples, the "
+             "newest on ties; env PATCHDB_JUDGE_CONFIG).",
+    )(fn)

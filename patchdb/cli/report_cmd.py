@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from patchdb.cli.options import db_option, experiments_option, sweep_option
+from patchdb.cli.options import db_option, experiments_option, judge_config_option, sweep_option
 from patchdb.report import build_report
 from patchdb.report.plots import FORMATS
 from patchdb.store import open_store
@@ -25,9 +25,7 @@ from patchdb.store import open_store
               envvar="PATCHDB_REPORT_FORMAT", help="Plot file format (env PATCHDB_REPORT_FORMAT).")
 @click.option("--ci", is_flag=True, envvar="PATCHDB_REPORT_CI",
               help="Draw Wilson 95% bands around the bold lines (env PATCHDB_REPORT_CI).")
-@click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
-              help="Judge config id to read (default: the one that judged the most samples; "
-                   "env PATCHDB_JUDGE_CONFIG).")
+@judge_config_option
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
 @click.option("--corrected", is_flag=True, envvar="PATCHDB_REPORT_CORRECTED",
@@ -58,13 +56,10 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
             from patchdb.report.html import write_html_report
 
             html_path = write_html_report(store, result.sweep, result.out_dir,
-                                          judge_config_id=result.judge.id)
+                                          judge_config_id=judge_config)
     finally:
         store.close()
-    judge = result.judge
-    others = f"; {judge.n_configs} judge configs in this sweep, choose with --judge-config" \
-        if judge.n_configs > 1 else ""
-    click.echo(f"Sweep {result.sweep}: rates from {judge.description}{others}.")
+    click.echo(f"Sweep {result.sweep}: rates from {result.judge.why}.")
     for exp in result.experiments:
         click.echo("")
         click.echo(exp.table)

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from patchdb.cli.options import db_option, sweep_option
+from patchdb.cli.options import db_option, judge_config_option, sweep_option
 from patchdb.store import open_store
 from patchdb.store.status import SweepStatus, sweep_status
 
@@ -39,10 +39,9 @@ def render(status: SweepStatus) -> str:
                  f"{t['judged']:>7}/{t['judgments_expected']:<7} {t['unparsed']:>8} "
                  f"{t['cut_off']:>7} {t['errors']:>6}")
     lines.append("")
-    counted = (f"; judgments counted for judge config #{status.counted_judge_config}, the one "
-               "that judged the most" if status.judge_configs > 1 else "")
+    lines.append(f"Judgments counted: {status.judge_choice}")
     lines.append(f"Judge cost so far: ${status.judge_cost:.4f} "
-                 f"({status.judge_configs} judge config(s){counted})")
+                 f"({status.judge_configs} judge config(s))")
     if status.stages:
         lines.append("")
         lines.append("Recent stages:")
@@ -56,8 +55,9 @@ def render(status: SweepStatus) -> str:
 @click.command()
 @db_option
 @sweep_option
+@judge_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(db: str, sweep: str | None, as_json: bool) -> None:
+def status(db: str, sweep: str | None, judge_config: int | None, as_json: bool) -> None:
     """Show expected vs present rollouts and judgments per experiment and layer,
     the judge cost so far, and which stages are running or crashed.
 
@@ -68,7 +68,7 @@ def status(db: str, sweep: str | None, as_json: bool) -> None:
     """
     store = open_store(db)
     try:
-        result = sweep_status(store, sweep)
+        result = sweep_status(store, sweep, judge_config)
     finally:
         store.close()
     if as_json:

@@ -63,6 +63,11 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
     else:
         click.echo("judge: nothing missing")
     assert result.report is not None
+    click.echo(f"Rates from {result.report.judge.why}.")
+    for exp in result.report.experiments:
+        click.echo("")
+        click.echo(exp.table)
+    click.echo("")
     click.echo(f"Store:  {store.where}")
     click.echo(f"Plots:  {result.report.out_dir}")
     for exp in result.report.experiments:

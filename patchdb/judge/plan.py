@@ -164,6 +164,10 @@ def find_judge_config(
 
 @dataclass
 class PlanRow:
+    """One experiment's line of `judge --dry-run`: the calls the sweep defines, those this
+    judge config has stored, those the command would send now (the same count_pending the
+    real run starts from) and those whose rollout generate has not written yet."""
+
     experiment: str
     keys: int
     samples: int
@@ -171,25 +175,30 @@ class PlanRow:
     graders: int
     calls: int
     done: int
+    send_now: int = 0
+    awaiting_generate: int = 0
 
 
 def call_table(
     session: Session, config: SweepConfig, experiments: Sequence[Experiment],
     layers: Sequence[int] | None, graders: Sequence[str] | None, config_id: int | None,
+    mode: str = "only_missing",
 ) -> list[PlanRow]:
-    """The call count per experiment (keys x samples x layers x graders) and the calls
-    already stored for this judge config."""
+    """The call count per experiment (keys x samples x layers x graders), the calls already
+    stored for this judge config, what `mode` would send now and what waits for generate."""
     table: list[PlanRow] = []
     for exp in experiments:
         units = expected_units(config, [exp], list(layers) if layers is not None else None)
         keys = {(u.source_word, u.target_word) for u in units}
         n_layers = len({u.patch_layer for u in units})
         exp_graders = graders_for(exp, graders)
-        done = 0
-        if config_id is not None and exp_graders:
+        done = present = 0
+        if exp_graders:
             rollouts = select(Rollout.id).where(Rollout.experiment_id == exp.id)
             if layers is not None:
                 rollouts = rollouts.where(Rollout.patch_layer.in_(list(layers)))
+            present = session.scalar(select(func.count()).select_from(rollouts.subquery())) or 0
+        if config_id is not None and exp_graders:
             done = session.scalar(
                 select(func.count()).select_from(Judgment).where(
                     Judgment.judge_config_id == config_id,
@@ -198,9 +207,83 @@ def call_table(
                 )
             ) or 0
         calls = len(keys) * config.samples * n_layers * len(exp_graders)
+        scope = Scope({exp.id: exp_graders} if exp_graders else {},
+                      tuple(layers) if layers is not None else None)
+        send = count_pending(session, scope, config_id, mode) if exp_graders else 0
         table.append(PlanRow(exp.name, len(keys), config.samples, n_layers, len(exp_graders),
-                             calls, done))
+                             calls, done, send, max(0, calls - present * len(exp_graders))))
     return table
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What `calls` more judge calls would cost, and from what; usd is None when unknown."""
+
+    usd: float | None
+    basis: str
+
+
+def estimate_cost(session: Session, config_id: int | None, calls: int,
+                  price_in: float | None = None, price_out: float | None = None) -> CostEstimate:
+    """From this judge config's own judged calls: their average recorded cost, or, with prices
+    in USD per million tokens, their average prompt and completion tokens times the prices.
+    Completion tokens include reasoning tokens, as the API bills them."""
+    if calls == 0:
+        return CostEstimate(0.0, "nothing to send")
+    n_tokens, avg_in, avg_out, n_cost, avg_cost = 0, 0.0, 0.0, 0, 0.0
+    if config_id is not None:
+        row = session.execute(select(
+            func.count(Judgment.prompt_tokens), func.avg(Judgment.prompt_tokens),
+            func.avg(Judgment.completion_tokens), func.count(Judgment.cost),
+            func.avg(Judgment.cost),
+        ).where(Judgment.judge_config_id == config_id, Judgment.error.is_(None))).one()
+        n_tokens, n_cost = int(row[0] or 0), int(row[3] or 0)
+        avg_in, avg_out, avg_cost = float(row[1] or 0), float(row[2] or 0), float(row[4] or 0)
+    which = f"judge config #{config_id}" if config_id is not None else "this judge config"
+    if price_in is not None and price_out is not None:
+        if not n_tokens:
+            return CostEstimate(None, f"{which} has no judged call with token counts in this "
+                                      "store to multiply the prices by")
+        per_call = (avg_in * price_in + avg_out * price_out) / 1e6
+        return CostEstimate(calls * per_call, (
+            f"{avg_in:,.0f} prompt + {avg_out:,.0f} completion tokens per call on average over "
+            f"{n_tokens:,} judged calls of {which}, at ${price_in:g} / ${price_out:g} per "
+            "million tokens"))
+    if n_cost:
+        return CostEstimate(calls * avg_cost, f"${avg_cost:.6f} per call on average over "
+                                              f"{n_cost:,} judged calls of {which}")
+    if n_tokens:
+        return CostEstimate(None, f"the judged calls of {which} record tokens but no cost; pass "
+                                  "--price-in and --price-out (USD per million tokens)")
+    return CostEstimate(None, f"{which} has no judged call in this store yet to take the cost "
+                              "or tokens per call from")
+
+
+@dataclass
+class DryRun:
+    """What `judge --dry-run` shows: the per-experiment table, the judge config it counts
+    against (None: a new one), the calls it would send now (after --limit) and their cost."""
+
+    rows: list[PlanRow]
+    config_id: int | None
+    send_now: int
+    cost: CostEstimate
+    cost_awaiting: CostEstimate  # of the calls whose rollouts generate has not written yet
+
+
+def plan_dry_run(session: Session, config: SweepConfig, experiments: Sequence[Experiment],
+                 layers: Sequence[int] | None, graders: Sequence[str] | None,
+                 config_id: int | None, mode: str, limit: int | None = None,
+                 price_in: float | None = None, price_out: float | None = None) -> DryRun:
+    """Count what the same judge command would send now and estimate its cost; writes nothing."""
+    rows = call_table(session, config, experiments, layers, graders, config_id, mode)
+    send = sum(r.send_now for r in rows)
+    if limit is not None:
+        send = min(send, limit)
+    awaiting = sum(r.awaiting_generate for r in rows)
+    return DryRun(rows, config_id, send,
+                  estimate_cost(session, config_id, send, price_in, price_out),
+                  estimate_cost(session, config_id, awaiting, price_in, price_out))
 
 
 def check_graders(graders: Sequence[str] | None) -> None:

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 from patchdb.config import SweepConfig
 from patchdb.judge.client import ApiJudge, FatalJudgeError, resolve_endpoint
 from patchdb.judge.plan import (
-    PlanRow,
+    DryRun,
     Scope,
-    call_table,
     count_pending,
     find_judge_config,
     make_scope,
+    plan_dry_run,
 )
 from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner, generate_running
 from patchdb.judge.settings import JudgeOptions, Resolved, resolve
@@ -140,16 +140,17 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
     return summary
 
 
-def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions) -> list[PlanRow]:
-    """The call-count table for --dry-run; writes nothing."""
+def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions,
+                  price_in: float | None = None, price_out: float | None = None) -> DryRun:
+    """What this judge command would send now, per experiment, and its cost; writes nothing."""
     sweep, config, _scope, resolved, templates = prepare(store, sweep_name, options)
     stored = stored_settings(resolved)
     with store.read() as session:
         experiments = get_experiments(session, sweep, options.experiments)
         config_id = find_judge_config(session, stored.model, stored.reasoning,
                                       templates.version, stored.backend, stored.verdict)
-        return call_table(session, config, experiments, options.layers, options.graders,
-                          config_id)
+        return plan_dry_run(session, config, experiments, options.layers, options.graders,
+                            config_id, options.mode, options.limit, price_in, price_out)
 
 
 __all__ = ["JudgeInterrupted", "JudgeSummary", "dry_run_table", "run_judge"]

@@ -1,28 +1,36 @@
-"""Rates per key and layer, read through the store's `layer_rates` view.
+"""Rates per key and layer, counted in SQL over the store's `sample_scores` view.
 
-All counting over judgments happens in SQL, in one pass over the view. Python only arranges
-its few thousand (key, layer, judge config) rows into lines for the plot, the table and the
-export, and averages key rates into the bold lines (a mean of at most a few dozen numbers).
+All counting over judgments happens in SQL, in one pass over the view: per key, layer and judge
+config the samples, the scored samples and the successes (integers, never rebuilt from a rate).
+Python only arranges its few thousand rows into lines for the plot, the table and the export,
+and averages key rates into the bold lines (a mean of at most a few dozen numbers).
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, bindparam, select, text
+from sqlalchemy import Row, bindparam, text
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
-from patchdb.errors import UnknownNameError
 from patchdb.experiments import EXPERIMENTS, experiment_keys, key_label
-from patchdb.store.models import Experiment, JudgeConfig, Sweep
+from patchdb.report.missing import missing_reasons
+from patchdb.report.stats import effective_n
+from patchdb.store.judge_choice import JudgeChoice, choose_judge_config, describe_judge_config
+from patchdb.store.models import Sweep
+
+__all__ = ["ExperimentRates", "JudgeChoice", "Line", "choose_judge_config",
+           "describe_judge_config", "experiment_rates", "sweep_rates"]
 
 # Every rate of the sweep, for every judge config (NULL: rollouts no config has judged yet).
 # This is the one pass over the judgments; everything after it works on these few rows.
 RATES_SQL = """
-SELECT experiment, patch_layer, source_word, target_word, judge_config_id, n, n_scored, rate
-FROM layer_rates
+SELECT experiment, patch_layer, source_word, target_word, judge_config_id,
+       COUNT(*) AS n, COUNT(score) AS n_scored, SUM(score) AS successes
+FROM sample_scores
 WHERE sweep = :sweep AND experiment IN :experiments
+GROUP BY experiment, patch_layer, source_word, target_word, judge_config_id
 """
 
 MEAN_LABEL = "Mean"
@@ -30,7 +38,12 @@ MEAN_LABEL = "Mean"
 
 @dataclass
 class Line:
-    """One line of a plot: a key (faint) or a group of keys (bold), aligned with the layers."""
+    """One line of a plot: a key (faint) or a group of keys (bold), aligned with the layers.
+
+    A key's successes and n_scored come from SQL; its n_effective is n_scored. A group's rate is
+    the mean of its keys' rates, its counts are pooled, and its n_effective is the sample size
+    its band is drawn at (see patchdb.report.stats).
+    """
 
     label: str
     source_word: str
@@ -39,6 +52,7 @@ class Line:
     n_scored: list[int]
     successes: list[int]
     present: list[bool]
+    n_effective: list[float]
 
     def rate_at(self, index: int) -> float | None:
         value = self.rates[index]
@@ -54,40 +68,7 @@ class ExperimentRates:
     layers: list[int]
     keys: list[Line] = field(default_factory=list)
     groups: list[Line] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class JudgeChoice:
-    """The judge config a report reads, and how many the sweep has."""
-
-    id: int | None
-    description: str
-    n_configs: int
-
-
-def describe_judge_config(config: JudgeConfig) -> str:
-    return (f"judge config #{config.id} ({config.backend}: {config.model}, "
-            f"reasoning {config.reasoning}, templates {config.template_version})")
-
-
-def _choice(session: Session, sweep: Sweep, scored: dict[int, int],
-            requested: int | None) -> JudgeChoice:
-    """The requested judge config, else the one that judged the most samples of the sweep."""
-    known = sorted(scored, key=lambda jc: (-scored[jc], jc))
-    if requested is not None:
-        if requested not in scored:
-            raise UnknownNameError(
-                f"judge config {requested} has no judgments in sweep {sweep.name!r} "
-                f"(configs with judgments: {', '.join(map(str, sorted(known))) or 'none'})"
-            )
-        chosen: int | None = requested
-    else:
-        chosen = known[0] if known else None
-    if chosen is None:
-        return JudgeChoice(None, "no judgments yet", 0)
-    config = session.get(JudgeConfig, chosen)
-    assert config is not None
-    return JudgeChoice(chosen, describe_judge_config(config), len(known))
+    missing: str = ""  # why rates are missing, with numbers and the command that fills them
 
 
 def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> list[Row[Any]]:
@@ -97,14 +78,6 @@ def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> l
     ))
 
 
-def _samples_judged(rows: list[Row[Any]]) -> dict[int, int]:
-    judged: dict[int, int] = {}
-    for row in rows:
-        if row.judge_config_id is not None:
-            judged[row.judge_config_id] = judged.get(row.judge_config_id, 0) + row.n
-    return judged
-
-
 def sweep_rates(
     session: Session,
     sweep: Sweep,
@@ -112,16 +85,9 @@ def sweep_rates(
     experiment_names: list[str],
     judge_config_id: int | None = None,
 ) -> tuple[JudgeChoice, list[ExperimentRates]]:
-    """Choose the judge config and arrange every rate, from one pass over `layer_rates`."""
-    rows = _rate_rows(session, sweep, experiment_names)
-    judge = _choice(session, sweep, _samples_judged(rows), judge_config_id)
-    return judge, _arrange(rows, config, experiment_names, judge.id)
-
-
-def choose_judge_config(session: Session, sweep: Sweep, requested: int | None) -> JudgeChoice:
-    """The requested judge config, or the one that judged the most samples of the sweep."""
-    names = list(session.scalars(select(Experiment.name).where(Experiment.sweep_id == sweep.id)))
-    return _choice(session, sweep, _samples_judged(_rate_rows(session, sweep, names)), requested)
+    """Choose the judge config and arrange every rate, from one pass over `sample_scores`."""
+    judge = choose_judge_config(session, sweep, judge_config_id)
+    return judge, experiment_rates(session, sweep, config, experiment_names, judge.id)
 
 
 def experiment_rates(
@@ -131,9 +97,14 @@ def experiment_rates(
     experiment_names: list[str],
     judge_config_id: int | None,
 ) -> list[ExperimentRates]:
-    """Per experiment: the key lines and the bold group lines, for one judge config."""
-    return _arrange(_rate_rows(session, sweep, experiment_names), config, experiment_names,
-                    judge_config_id)
+    """Per experiment: the key lines, the bold group lines and why rates are missing, for one
+    judge config."""
+    result = _arrange(_rate_rows(session, sweep, experiment_names), config, experiment_names,
+                      judge_config_id)
+    reasons = missing_reasons(session, sweep, config, experiment_names, judge_config_id)
+    for rates in result:
+        rates.missing = reasons.get(rates.name, "")
+    return result
 
 
 def _arrange(rows: list[Row[Any]], config: SweepConfig, experiment_names: list[str],
@@ -156,9 +127,11 @@ def _arrange(rows: list[Row[Any]], config: SweepConfig, experiment_names: list[s
             i = position[row.patch_layer]
             line.present[i] = True
             if judge_config_id is not None and row.judge_config_id == judge_config_id:
-                line.rates[i] = _nan(row.rate)
                 line.n_scored[i] = int(row.n_scored)
-                line.successes[i] = round((row.rate or 0.0) * row.n_scored)
+                line.successes[i] = int(row.successes or 0)
+                line.n_effective[i] = float(row.n_scored)
+                if row.n_scored:
+                    line.rates[i] = line.successes[i] / line.n_scored[i]
         keys = [lines[k] for k in sorted(lines, key=lambda k: (rank.get(k, len(rank)), k))]
         if exp.pairs:
             targets = list(dict.fromkeys(line.target_word for line in keys))
@@ -171,20 +144,19 @@ def _arrange(rows: list[Row[Any]], config: SweepConfig, experiment_names: list[s
 
 
 def _group(label: str, source: str, target: str, members: list[Line], n: int) -> Line:
-    """A bold line: the mean of its keys' rates where any is scored; counts pooled."""
+    """A bold line: the mean of its keys' rates where any is scored; counts pooled; the
+    effective sample size of that mean for its band."""
     line = _empty_line(label, source, target, n)
     for i in range(n):
         scored = [m.rates[i] for m in members if not math.isnan(m.rates[i])]
         line.rates[i] = sum(scored) / len(scored) if scored else math.nan
+        line.n_effective[i] = effective_n([m.n_scored[i] for m in members])
         line.n_scored[i] = sum(m.n_scored[i] for m in members)
         line.successes[i] = sum(m.successes[i] for m in members)
         line.present[i] = any(m.present[i] for m in members)
     return line
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
 def _empty_line(label: str, source: str, target: str, n: int) -> Line:
-    return Line(label, source, target, [math.nan] * n, [0] * n, [0] * n, [False] * n)
+    return Line(label, source, target, [math.nan] * n, [0] * n, [0] * n, [False] * n,
+                [0.0] * n)

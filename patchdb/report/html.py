@@ -65,7 +65,7 @@ def write_html_report(
         ("Positive words", ", ".join(config.positive_words)),
         ("Negative words", ", ".join(config.negative_words)),
         ("Rollouts", f"{total:,} of {expected:,} expected"),
-        ("Judge", judge.description),
+        ("Judge", judge.why),
     ]
     graders = graders_of([e.name for e in experiments])
     browser = {
@@ -236,14 +236,17 @@ def render_page(
     for r in rates:
         out.append(f'<section id="rates-{escape(r.name)}"><h2>{escape(r.name)}</h2>')
         if r.name not in plots:
-            out.append('<p class="muted">No scored samples yet.</p></section>')
+            why = escape(r.missing or "nothing scored yet")
+            out.append(f'<p class="note missing">No rates: {why}</p></section>')
             continue
         png = base64.b64encode(plots[r.name]).decode("ascii")
         out.append(f'<div class="result"><figure><img alt="rate against patch layer, {escape(r.name)}" '
                    f'src="data:image/png;base64,{png}"></figure>')
         what = "target word, averaged over source words" if r.pairs else "steered word"
+        gaps = (f'<p class="note missing">Not all scored: {escape(r.missing)}</p>'
+                if r.missing else "")
         out.append(f'<div class="table-wrap"><h3>Rate per patch layer and {what}</h3>'
-                   f"{rate_table(r)}</div></div></section>")
+                   f"{rate_table(r)}{gaps}</div></div></section>")
     n_embedded = len(browser["rollouts"])
     if n_embedded == total:
         cap_note = f"All {total:,} rollouts are embedded."

@@ -9,14 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --help` stays fast
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 from patchdb.report.aggregate import ExperimentRates, Line
-from patchdb.report.stats import wilson_interval
+from patchdb.report.stats import mean_rate_band
 
 PAIR_YLABEL = "Coherent & Detect+Identify Rate"
 SINGLE_YLABEL = "Coherent & Detect Rate"
@@ -34,12 +32,14 @@ def _colours(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def _band(ax: Axes, layers: list[int], line: Line, colour: Any) -> None:
-    lower, upper = wilson_interval(np.array(line.successes), np.array(line.n_scored))
+    """The bold line's 95% band: built for the mean of key rates that the line draws."""
+    lower, upper = mean_rate_band(line.rates, line.n_effective)
     ax.fill_between(layers, lower, upper, color=colour, alpha=0.2, linewidth=0)
 
 
 def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure:
-    """Draw one experiment's sweep plot; `ci` adds Wilson 95% bands around the bold lines."""
+    """Draw one experiment's sweep plot; `ci` adds 95% bands around the bold lines (Wilson
+    intervals of each mean of key rates, see patchdb.report.stats)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

@@ -29,11 +29,12 @@ def _extreme(line: Line, layers: list[int], layer: int | None) -> str:
 
 
 def experiment_table(rates: ExperimentRates) -> str:
-    """Rows: each target word (pairs: mean over sources) or each word plus the mean."""
+    """Rows: each target word (pairs: mean over sources) or each word plus the mean; then why
+    rates are missing, if they are."""
     rows = rates.groups if rates.pairs else rates.keys + rates.groups
     what = "mean over source words" if rates.pairs else "per word"
     if not rows:
-        return f"{rates.name}: no rollouts yet"
+        return f"{rates.name}: {rates.missing or 'no rollouts yet'}"
     layers = rates.layers
     word_width = max(len("word"), *(len(r.label) for r in rows))
     cell = max(3, *(len(str(layer)) for layer in layers))
@@ -49,4 +50,12 @@ def experiment_table(rates: ExperimentRates) -> str:
             f" {_extreme(row, layers, best):<10}",
             _extreme(row, layers, worst),
         ]))
+    if rates.missing:
+        lines.append(f"{missing_lead(rates)}: {rates.missing}")
     return "\n".join(lines)
+
+
+def missing_lead(rates: ExperimentRates) -> str:
+    """'No rates' when nothing is scored, else 'Not all scored'."""
+    scored = any(n for line in rates.keys for n in line.n_scored)
+    return "Not all scored" if scored else "No rates"

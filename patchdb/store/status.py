@@ -9,6 +9,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from patchdb.experiments import experiment_keys
+from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.models import Experiment, Judgment, Rollout, StageRun
 from patchdb.store.runs import effective_status
 from patchdb.store.store import Store
@@ -50,6 +51,7 @@ class SweepStatus:
     judge_cost: float = 0.0
     judge_configs: int = 0
     counted_judge_config: int | None = None
+    judge_choice: str = "no judgments yet"  # which config is counted, and why
     stages: list[StageStatus] = field(default_factory=list)
     prompt_hash: str | None = None  # see prompt_hash(); None until generate stores the prompt
     temperature: float | None = None
@@ -73,6 +75,43 @@ def prompt_hash(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def rollout_counts(session: Session, exp_ids: list[int]) -> dict[tuple[int, int], int]:
+    """Rollouts present per (experiment id, patch layer)."""
+    return {
+        (eid, layer): n
+        for eid, layer, n in session.execute(
+            select(Rollout.experiment_id, Rollout.patch_layer, func.count())
+            .where(Rollout.experiment_id.in_(exp_ids))
+            .group_by(Rollout.experiment_id, Rollout.patch_layer)
+        )
+    }
+
+
+def judgment_counts(session: Session, exp_ids: list[int],
+                    config_id: int | None) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """(parsed, unparsed, errors) judgments of one judge config per (experiment id, layer).
+    Unparsed means no YES/NO in the reply and no error; an error row is counted apart."""
+    if config_id is None:
+        return {}
+    return {
+        (eid, layer): (judged or 0, unparsed or 0, errors or 0)
+        for eid, layer, judged, unparsed, errors in session.execute(
+            select(
+                Rollout.experiment_id,
+                Rollout.patch_layer,
+                func.sum(case((Judgment.verdict.is_not(None), 1), else_=0)),
+                func.sum(
+                    case((Judgment.verdict.is_(None) & Judgment.error.is_(None), 1), else_=0)
+                ),
+                func.sum(case((Judgment.error.is_not(None), 1), else_=0)),
+            )
+            .join(Rollout, Rollout.id == Judgment.rollout_id)
+            .where(Rollout.experiment_id.in_(exp_ids), Judgment.judge_config_id == config_id)
+            .group_by(Rollout.experiment_id, Rollout.patch_layer)
+        )
+    }
+
+
 def cut_off_counts(session: Session, exp_ids: list[int],
                    config_id: int | None) -> dict[tuple[int, int], tuple[int, int]]:
     """Judgments with no verdict whose reply was cut off at the token cap, per (experiment id,
@@ -93,7 +132,10 @@ def cut_off_counts(session: Session, exp_ids: list[int],
     }
 
 
-def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
+def sweep_status(store: Store, sweep_name: str | None,
+                 judge_config_id: int | None = None) -> SweepStatus:
+    """Expected and present rows per experiment and layer, counting the judgments of the judge
+    config every report reads (patchdb.store.judge_choice) or of `judge_config_id`."""
     with store.read() as session:
         sweep = get_sweep(session, sweep_name)
         config = sweep_config(sweep)
@@ -101,44 +143,10 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
             select(Experiment).where(Experiment.sweep_id == sweep.id).order_by(Experiment.id)
         ).all()
         exp_ids = [e.id for e in experiments]
-        rollout_counts = {
-            (eid, layer): n
-            for eid, layer, n in session.execute(
-                select(Rollout.experiment_id, Rollout.patch_layer, func.count())
-                .where(Rollout.experiment_id.in_(exp_ids))
-                .group_by(Rollout.experiment_id, Rollout.patch_layer)
-            )
-        }
-        # Count the judge config that judged the most (as `report` reads it); others would
-        # push "judged" past "expected".
-        main_config = session.scalar(
-            select(Judgment.judge_config_id)
-            .join(Rollout, Rollout.id == Judgment.rollout_id)
-            .where(Rollout.experiment_id.in_(exp_ids))
-            .group_by(Judgment.judge_config_id)
-            .order_by(func.count().desc(), Judgment.judge_config_id)
-            .limit(1)
-        )
-        judgment_counts = {
-            (eid, layer): (judged or 0, unparsed or 0, errors or 0)
-            for eid, layer, judged, unparsed, errors in session.execute(
-                select(
-                    Rollout.experiment_id,
-                    Rollout.patch_layer,
-                    func.sum(case((Judgment.verdict.is_not(None), 1), else_=0)),
-                    func.sum(
-                        case(
-                            (Judgment.verdict.is_(None) & Judgment.error.is_(None), 1), else_=0
-                        )
-                    ),
-                    func.sum(case((Judgment.error.is_not(None), 1), else_=0)),
-                )
-                .join(Rollout, Rollout.id == Judgment.rollout_id)
-                .where(Rollout.experiment_id.in_(exp_ids), Judgment.judge_config_id == main_config)
-                .group_by(Rollout.experiment_id, Rollout.patch_layer)
-            )
-        }
-        cut = cut_off_counts(session, exp_ids, main_config)
+        counts = rollout_counts(session, exp_ids)
+        judge = choose_judge_config(session, sweep, judge_config_id)
+        tallies = judgment_counts(session, exp_ids, judge.id)
+        cut = cut_off_counts(session, exp_ids, judge.id)
         cost, n_configs = session.execute(
             select(func.coalesce(func.sum(Judgment.cost), 0.0),
                    func.count(func.distinct(Judgment.judge_config_id)))
@@ -146,19 +154,20 @@ def sweep_status(store: Store, sweep_name: str | None) -> SweepStatus:
             .where(Rollout.experiment_id.in_(exp_ids))
         ).one()
         result = SweepStatus(sweep=sweep.name, model=sweep.model, judge_cost=float(cost or 0.0),
-                             judge_configs=int(n_configs), counted_judge_config=main_config)
+                             judge_configs=int(n_configs), counted_judge_config=judge.id,
+                             judge_choice=judge.why)
         result.prompt_hash = prompt_hash(sweep.prompt_text)
         result.temperature, result.top_k, result.top_p = sweep.temperature, sweep.top_k, sweep.top_p
-        layers = sorted(set(config.layers) | {layer for _, layer in rollout_counts})
+        layers = sorted(set(config.layers) | {layer for _, layer in counts})
         for exp in experiments:
             n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,
                                          config.negative_words))
             for layer in layers:
                 expected = n_keys * config.samples if layer in config.layers else 0
-                judged, unparsed, errors = judgment_counts.get((exp.id, layer), (0, 0, 0))
+                judged, unparsed, errors = tallies.get((exp.id, layer), (0, 0, 0))
                 cut_plain, cut_failed = cut.get((exp.id, layer), (0, 0))
                 result.layers.append(
-                    LayerStatus(exp.name, layer, expected, rollout_counts.get((exp.id, layer), 0),
+                    LayerStatus(exp.name, layer, expected, counts.get((exp.id, layer), 0),
                                 expected * GRADERS_PER_ROLLOUT, judged, unparsed - cut_plain,
                                 errors - cut_failed, cut_plain + cut_failed)
                 )
