@@ -172,6 +172,11 @@ def judge(db: str, sweep: str | None, dry_run: bool, price_in: float | None,
     """Judge rollouts: coherence for every answer, plus detection or detection+identification
     as the experiment needs. Resumable: a rerun judges only what is missing.
 
+    --dry-run counts what this same command would send now (its mode, scope and --limit),
+    apart from the calls whose rollouts generate has not written yet, and prices them from
+    this judge config's own stored calls (average recorded cost, or average tokens times
+    --price-in/--price-out); it says so when it cannot.
+
     \b
     Example:
       export OPENROUTER_API_KEY=...
