@@ -88,6 +88,9 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
         conn.execute("UPDATE judgments SET verdict = NULL, error = NULL "
                      "WHERE id = (SELECT min(id) FROM judgments)")
     stored = rows(db_path, "SELECT * FROM judgments ORDER BY id")
+    plan = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed", "--dry-run")
+    total = next(line for line in plan.output.splitlines() if line.startswith("total"))
+    assert total.split()[-4:] == ["8", "8", "1", "0"]  # the dry run counts the one row too
     one = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed")
     assert one.exit_code == 1, one.output
     assert one.output.strip() == "Error: refusing to load ./m"
