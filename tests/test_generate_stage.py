@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import file_digest, run_cli
+from pg import execute, query
 from test_pins_seeds import by_recipe
 from tiny_models import save_tiny_llama
 
@@ -67,20 +68,20 @@ def write_config(tmp_path: Path, model_dir: Path, **overrides: object) -> Path:
     return path
 
 
-def init_store(tmp_path: Path, model_dir: Path, name: str = "store.sqlite", **overrides: object) -> Path:
-    db = tmp_path / name
+def init_store(tmp_path: Path, model_dir: Path, name: str = "store.sqlite",
+               db: str | Path | None = None, **overrides: object) -> Path | str:
+    """Register the tiny sweep in `db` (a path or URL; default: tmp_path / name)."""
+    db = Path(db) if db is not None and "://" not in str(db) else db or tmp_path / name
     result = run_cli("init", "--config", write_config(tmp_path, model_dir, **overrides), "--db", db)
     assert result.exit_code == 0, result.output
     return db
 
 
-def rollouts(db: Path) -> dict[tuple[str, int, str, str, int], tuple[str, int, str, int]]:
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT e.name, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
-            "r.answer, r.n_tokens, r.finish_reason, r.seed "
-            "FROM rollouts r JOIN experiments e ON e.id = r.experiment_id"
-        ).fetchall()
+def rollouts(db: Path | str) -> dict[tuple[str, int, str, str, int], tuple[str, int, str, int]]:
+    rows = query(
+        db, "SELECT e.name, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
+        "r.answer, r.n_tokens, r.finish_reason, r.seed "
+        "FROM rollouts r JOIN experiments e ON e.id = r.experiment_id")
     return {tuple(r[:5]): tuple(r[5:]) for r in rows}  # type: ignore[misc]
 
 
@@ -231,8 +232,9 @@ def test_layers_outside_the_model_are_refused_before_writing(
     assert file_digest(db) == digest
 
 
-def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_dir: Path) -> None:
-    db = init_store(tmp_path, model_dir, max_new_tokens=40)
+def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_dir: Path,
+                                                          store_db: str) -> None:
+    db = init_store(tmp_path, model_dir, db=store_db, max_new_tokens=40)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
@@ -241,9 +243,8 @@ def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        with sqlite3.connect(db) as conn:
-            if conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] > 0:
-                break
+        if query(db, "SELECT COUNT(*) FROM rollouts")[0][0] > 0:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -252,8 +253,7 @@ def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_
     partial = rollouts(db)
     assert 0 < len(partial) < ALL_ROLLOUTS
     assert len(partial) % 2 == 0  # whole units only (2 samples each)
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT status FROM stage_runs").fetchall() == [("interrupted",)]
+    assert query(db, "SELECT status FROM stage_runs") == [("interrupted",)]
     result = run_cli("generate", "--db", db, "--quiet")
     assert result.exit_code == 0, result.output
     done = rollouts(db)
@@ -261,20 +261,18 @@ def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_
     assert all(done[k] == v for k, v in partial.items())
 
 
-def test_two_processes_on_one_store_write_each_rollout_once(tmp_path: Path, model_dir: Path) -> None:
-    db = init_store(tmp_path, model_dir)
+def test_two_processes_on_one_store_write_each_rollout_once(tmp_path: Path, model_dir: Path,
+                                                            store_db: str) -> None:
+    db = init_store(tmp_path, model_dir, db=store_db)
     command = [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
                "--quiet"]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    with sqlite3.connect(db) as conn:
-        n_rows = conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0]
-        by_run = conn.execute(
-            "SELECT s.status, COUNT(r.id) FROM stage_runs s LEFT JOIN rollouts r "
-            "ON r.stage_run_id = s.id GROUP BY s.id"
-        ).fetchall()
+    n_rows = query(db, "SELECT COUNT(*) FROM rollouts")[0][0]
+    by_run = query(db, "SELECT s.status, COUNT(r.id) FROM stage_runs s LEFT JOIN rollouts r "
+                       "ON r.stage_run_id = s.id GROUP BY s.id")
     assert n_rows == ALL_ROLLOUTS
     assert [status for status, _ in by_run] == ["finished", "finished"]
     assert sum(n for _, n in by_run) == ALL_ROLLOUTS
@@ -291,27 +289,27 @@ def wait_until_stopped(pid: int) -> None:
     raise AssertionError("the process never reached its fault point")
 
 
-def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model_dir: Path) -> None:
+def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model_dir: Path,
+                                                           store_db: str) -> None:
     """The run stops itself after decoding its first batch; meanwhile every unit of the sweep is
     written by another run. It then writes nothing, duplicates nothing and fails on nothing."""
     other = init_store(tmp_path, model_dir, name="other.sqlite")
     assert run_cli("generate", "--db", other, "--quiet").exit_code == 0
-    db = init_store(tmp_path, model_dir)
+    db = init_store(tmp_path, model_dir, db=store_db)
     env = dict(os.environ, PATCHDB_FAULT="generate.batch_decoded:1:STOP")
     proc = subprocess.Popen(
         [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_until_stopped(proc.pid)
-        with sqlite3.connect(db) as conn:
-            conn.execute("ATTACH DATABASE ? AS other", (str(other),))
-            conn.execute(
-                "INSERT INTO rollouts (experiment_id, patch_layer, source_word, target_word, "
-                "sample_index, answer, n_tokens, finish_reason, seed, created_at) "
-                "SELECT e.id, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
-                "'elsewhere: ' || r.answer, r.n_tokens, r.finish_reason, r.seed, r.created_at "
-                "FROM other.rollouts r JOIN other.experiments oe ON oe.id = r.experiment_id "
-                "JOIN experiments e ON e.name = oe.name")
+        ids = dict(query(db, "SELECT name, id FROM experiments"))
+        execute(db, "INSERT INTO rollouts (experiment_id, patch_layer, source_word, target_word, "
+                "sample_index, answer, n_tokens, finish_reason, seed, created_at) VALUES (:e, :l, "
+                ":s, :t, :i, :a, :n, :f, :seed, CURRENT_TIMESTAMP)",
+                [dict(e=ids[exp], l=layer, s=src, t=tgt, i=i, a=f"elsewhere: {answer}", n=n,
+                      f=reason, seed=seed)
+                 for (exp, layer, src, tgt, i), (answer, n, reason, seed) in
+                 rollouts(other).items()])
         proc.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -326,8 +324,5 @@ def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model
     # only the first batch (2 rows of at most 5 tokens) was decoded: the rest was dropped unrun
     decoded = int(re.search(r": (\d+) tokens in ", out).group(1))  # type: ignore[union-attr]
     assert 0 < decoded <= 2 * 5, out
-    with sqlite3.connect(db) as conn:
-        runs = conn.execute("SELECT status FROM stage_runs").fetchall()
-        mine = conn.execute("SELECT COUNT(*) FROM rollouts WHERE stage_run_id IS NOT NULL")
-        assert mine.fetchone()[0] == 0
-    assert runs == [("finished",)]
+    assert query(db, "SELECT COUNT(*) FROM rollouts WHERE stage_run_id IS NOT NULL") == [(0,)]
+    assert query(db, "SELECT status FROM stage_runs") == [("finished",)]
