@@ -128,16 +128,23 @@ def test_next_shows_the_question_the_answer_and_the_word(db: str) -> None:
 
 
 def test_coherence_labels_the_rollouts_a_detection_grader_labeled(db: str) -> None:
-    """With every grader, a detection grader leads and coherence then takes the same rollout,
-    so both labels of a score exist."""
-    first = next_item(db, "--target", "3")["item"]
-    assert first["grader"] == "detection_identification"
-    run_cli("label", "--db", db, "--set", first["rollout_id"], "--grader", first["grader"], "--no")
-    second = next_item(db, "--target", "3")["item"]
-    assert second["grader"] == "detection"
-    run_cli("label", "--db", db, "--set", second["rollout_id"], "--grader", "detection", "--no")
-    third = next_item(db, "--target", "3")["item"]
-    assert (third["grader"], third["rollout_id"]) == ("coherence", first["rollout_id"])
+    """With every grader, a detection grader leads and the coherence question about the same
+    rollout comes right after it, past coherence's own target, so every labeled answer is a
+    hand-labeled score."""
+    seen = []
+    for _ in range(8):
+        item = next_item(db, "--target", "2")["item"]
+        seen.append((item["grader"], item["rollout_id"]))
+        run_cli("label", "--db", db, "--set", item["rollout_id"], "--grader", item["grader"],
+                "--no")
+    graders = [g for g, _ in seen]
+    assert graders == ["detection_identification", "coherence", "detection", "coherence"] * 2
+    for lead, follow in zip(seen[::2], seen[1::2], strict=True):
+        assert follow[1] == lead[1]
+    done = next_item(db, "--target", "2")
+    assert done["item"] is None
+    assert [(p["grader"], p["labeled"]) for p in done["progress"]] == [
+        ("coherence", 4), ("detection", 2), ("detection_identification", 2)]
 
 
 # --- labels travel: export, import-json, merge ----------------------------------------------------

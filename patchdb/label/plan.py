@@ -5,8 +5,9 @@ between the judge's YES and NO verdicts (of one judge config), so a target of 10
 grader measures both error rates of the judge across the whole sweep. Answers the judge left
 unparsed are offered only when no parsed one is left. Within a cell the next rollout is the one
 with the smallest sha256 of its id: a fixed order that mixes keys and samples. A rollout labeled
-for one of its graders comes back first for the other, so that labels pair up into hand-labeled
-scores (coherent AND detected), which corrected rates are calibrated on.
+for one of its graders comes next for the other (even past that grader's target), so labels
+pair up into hand-labeled scores (coherent AND detected), which corrected rates are calibrated
+on.
 """
 
 import hashlib
@@ -179,17 +180,20 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
         return cache[grader]
 
     progress: list[Progress] = []
-    choices: list[tuple[float, int, str]] = []
+    choices: list[tuple[bool, float, int, str]] = []
     for grader in check_graders(graders):
         candidates = candidates_of(grader)
         labeled = _labeled(session, grader, labeler) & {c[0] for c in candidates}
         skip = {r for r, g in skipped if g == grader}
-        available = sum(1 for c in candidates if c[0] not in labeled and c[0] not in skip)
-        step = Progress(grader, len(labeled), target, available)
+        open_ = {c[0] for c in candidates if c[0] not in labeled and c[0] not in skip}
+        step = Progress(grader, len(labeled), target, len(open_))
         progress.append(step)
-        if not step.done:
-            choices.append((len(labeled) / target, LEAD_ORDER.index(grader), grader))
-    for _, _, grader in sorted(choices):
+        # A rollout labeled for its other grader is finished first, even past the target, so
+        # every labeled answer yields a hand-labeled score.
+        pending = bool(open_ & _partners(session, grader, labeler))
+        if pending or not step.done:
+            choices.append((not pending, len(labeled) / target, LEAD_ORDER.index(grader), grader))
+    for *_, grader in sorted(choices):
         candidates = candidates_of(grader)
         chosen = _pick(candidates, _labeled(session, grader, labeler),
                        {r for r, g in skipped if g == grader}, _partners(session, grader, labeler))
