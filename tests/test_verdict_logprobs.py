@@ -177,7 +177,7 @@ def test_migration_keeps_judgments_and_marks_old_cut_off_replies(db_path: Path) 
     cfg = alembic_config(store.url)
     with store.engine.connect() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0004")
+        command.downgrade(cfg, "0003")
         conn.commit()
     store.close()
     with sqlite3.connect(db_path) as conn:

@@ -26,6 +26,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("sweeps") as batch:
-        batch.drop_column("top_p")
-        batch.drop_column("top_k")
+    # A plain DROP COLUMN (SQLite >= 3.35): a batch rebuild of sweeps would break the views
+    # that read it (rollouts_readable) when the rebuilt table is renamed back.
+    op.drop_column("sweeps", "top_p")
+    op.drop_column("sweeps", "top_k")

@@ -15,8 +15,8 @@ On SQLite the unique key of judge_configs can only change by rebuilding the tabl
 dropping the old table would cascade to judgments (foreign keys are on), so the judgments are
 kept in a temporary table around the rebuild and put back with their ids.
 
-Revision ID: 0003
-Revises: 0004
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-30
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0004"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

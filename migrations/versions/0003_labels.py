@@ -4,7 +4,7 @@ One row per (rollout, grader, labeler): a person's YES/NO answer to the grader's
 the rollout's answer. `patchdb label` writes them; `patchdb calibrate` and `report --corrected`
 read them. A label goes with its rollout (ON DELETE CASCADE).
 
-Revision ID: 0004
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-30
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
