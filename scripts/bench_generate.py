@@ -325,13 +325,15 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
 
 @torch.inference_mode()
 def engine_step_time(model: Any, work: Work, device: str, rows: int,
-                     compile_decode: bool = False, share_prefix: bool = False) -> float:
+                     compile_decode: bool = False, share_prefix: bool = False,
+                     full_softmax: list[float] | None = None) -> float:
     """Decode-step time of patchdb's engine at exactly `rows` rows: the graphed step plus the
     sampler (as the stage resolves it for this model), timed over 50 steps on a decoder already
-    captured (and compiled) by a first run."""
+    captured (and compiled) by a first run. Given a list, `full_softmax` also gets the same step
+    with the full-softmax sampler (no top-k/top-p), timed on the same decoder."""
     from patchdb.generate.engine import Engine, TargetUnit
     from patchdb.generate.layers import find_layers
-    from patchdb.generate.sampling import choose_tokens, resolve_sampling
+    from patchdb.generate.sampling import Sampling, choose_tokens, resolve_sampling
 
     sampling = resolve_sampling(model.generation_config, 1.0, None, None)
 
@@ -358,14 +360,20 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
     if decoder is None:  # no graphs (CPU): difference of two eager runs
         return (run(1 + n) - run(1)) / n
     seeds = torch.arange(rows, device=device)
-    tokens = torch.zeros(rows, dtype=torch.long, device=device)
-    decoder._set_length(decoder.prompt_slots)
-    sync(device)
-    t = time.perf_counter()
-    for step in range(n):
-        tokens = choose_tokens(decoder.step(tokens, step), seeds, step, sampling)
-    sync(device)
-    return (time.perf_counter() - t) / n
+
+    def steps(how: Sampling) -> float:
+        tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        decoder._set_length(decoder.prompt_slots)
+        sync(device)
+        t = time.perf_counter()
+        for step in range(n):
+            tokens = choose_tokens(decoder.step(tokens, step), seeds, step, how)
+        sync(device)
+        return (time.perf_counter() - t) / n
+
+    if full_softmax is not None:  # the same captured step with the full-softmax sampler
+        full_softmax.append(steps(Sampling(1.0)))
+    return steps(sampling)
 
 
 @torch.inference_mode()
@@ -525,17 +533,20 @@ def main() -> None:
              compile_s=max(0.0, b["wall_s"] - warm["wall_s"]))
     rows = b["batch_size"]
     t = time.perf_counter()
-    step_b = engine_step_time(model, work, device, rows, args.compile, args.share_prefix)
+    full: list[float] = []
+    step_b = engine_step_time(model, work, device, rows, args.compile, args.share_prefix, full)
     shared = work.injection_start if args.share_prefix else 0
     roof_b = roofline_step_s(model, rows, context, bandwidth, shared)
     comp_b = compute_step_s(model, rows, context, flops)
     b.update(tok_s=b["tokens"] / b["wall_s"], step_ms=step_b * 1e3, rows=rows,
              roofline_step_ms=roof_b * 1e3, roofline_fraction=roof_b / step_b,
              compute_step_ms=comp_b * 1e3, floor_fraction=max(roof_b, comp_b) / step_b,
-             warmup_s=b["compile_s"], step_probe_s=time.perf_counter() - t)
+             warmup_s=b["compile_s"], step_probe_s=time.perf_counter() - t,
+             step_ms_full_softmax=full[0] * 1e3 if full else None)
     results["b"] = b
     print(f"(b) patchdb: {b['tok_s']:.0f} tok/s, step {step_b * 1e3:.1f} ms at {rows} rows "
-          f"(auto={args.batch_size is None}), roofline {roof_b * 1e3:.1f} ms", flush=True)
+          f"(auto={args.batch_size is None}), roofline {roof_b * 1e3:.1f} ms; the same step with "
+          f"the full-softmax sampler {b['step_ms_full_softmax'] or float('nan'):.1f} ms", flush=True)
     if not args.skip_reference:
         model.generation_config.eos_token_id = None
         t = time.perf_counter()
