@@ -1,5 +1,6 @@
 """`patchdb judge --judge-backend hf`: grader prompts through a local model, no network, no key."""
 
+import math
 import sqlite3
 from pathlib import Path
 
@@ -62,20 +63,23 @@ def p_yes_one_by_one(model_dir: Path, prompt: str, reasoning: str) -> float:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": reasoning},
-         {"role": "user", "content": "Give your verdict now in one word: YES or NO."}],
-        tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        probs = torch.softmax(model(input_ids=ids).logits[0, -1].double(), dim=0)
     # SmolLM2's tokenizer: YES and " YES" split into "Y"/" Y" + "ES"; the rest are whole tokens
     yes = {tok.encode(s, add_special_tokens=False)[0] for s in
            ("YES", " YES", "Yes", " Yes", "yes", " yes")}
     no = {tok.encode(s, add_special_tokens=False)[0] for s in ("NO", " NO", "No", " No", "no", " no")}
     assert len(yes) == len(no) == 6
-    p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())
-    return p_yes / (p_yes + p_no)
+    log_odds = []
+    for request in ("YES or NO", "NO or YES"):  # asked both ways, log-odds averaged
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": reasoning},
+             {"role": "user", "content": f"Give your verdict now in one word: {request}."}],
+            tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1].double(), dim=0)
+        p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())
+        log_odds.append(math.log(p_yes / p_no))
+    return 1 / (1 + math.exp(-sum(log_odds) / 2))
 
 
 def test_hf_logprobs_mode_reads_a_verdict_from_every_reply(db_path: Path, tiny_model: Path) -> None:

@@ -12,7 +12,7 @@ from alembic import command
 from conftest import run_cli
 from judge_server import FaultServer, fault_server, make_store
 
-from patchdb.judge.logprobs import p_yes_from_top, token_answer, verdict_of
+from patchdb.judge.logprobs import balanced_p_yes, p_yes_from_top, token_answer, verdict_of
 from patchdb.store import open_store
 from patchdb.store.migrate import alembic_config, current_revision, head_revision
 
@@ -37,6 +37,16 @@ def test_tokens_that_stand_for_yes_and_no() -> None:
         True, True, True, True, True, False, False, False]
     assert [token_answer(t) for t in ("", " ", "Yes.", "Nope", "maybe", "yess", "nob")] == [
         None] * 7
+
+
+def test_both_orders_are_balanced_in_log_odds_by_hand() -> None:
+    # 0.8 and 0.2: a lean of the same size either way cancels
+    assert balanced_p_yes([0.8, 0.2]) == pytest.approx(0.5, abs=1e-12)
+    # odds 9 and 1: mean log-odds ln 3, so P(YES) = 3 / 4
+    assert balanced_p_yes([0.9, 0.5]) == pytest.approx(0.75, abs=1e-12)
+    assert balanced_p_yes([None, 0.3]) == pytest.approx(0.3, abs=1e-12)
+    assert balanced_p_yes([None, None]) is None
+    assert balanced_p_yes([1.0, 0.0]) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_p_yes_from_top_logprobs_by_hand() -> None:
@@ -79,11 +89,14 @@ def test_api_logprobs_verdicts_through_a_real_socket(db_path: Path, server: Faul
         assert p_yes == (None if expected is None else pytest.approx(expected, abs=1e-9))
         assert verdict == (None if expected is None else int(expected > 0.5))
         assert cut_off == 0 and raw == "The answer was read with care. No verdict here."
-        assert (prompt_tokens, completion_tokens) == (200, 21)  # both requests' usage
+        assert (prompt_tokens, completion_tokens) == (300, 22)  # all three requests' usage
     assert rows(db_path, "SELECT verdict_mode, backend FROM judge_configs") == [
         ("logprobs", "openai")]
     verdict_requests = [b for b in server.stats.bodies if b.get("logprobs")]
-    assert len(verdict_requests) == 64 and len(server.stats.bodies) == 128
+    assert len(verdict_requests) == 128 and len(server.stats.bodies) == 192
+    orders = sorted(b["messages"][2]["content"] for b in verdict_requests)
+    assert orders == ["Give your verdict now in one word: NO or YES."] * 64 + [
+        "Give your verdict now in one word: YES or NO."] * 64
     body = verdict_requests[0]
     assert (body["max_tokens"], body["top_logprobs"]) == (1, 20) and "reasoning" not in body
     assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]

@@ -61,23 +61,27 @@ class HfJudge:
 
     def p_yes(self, prompts: list[str], reasonings: list[str]) -> list[float]:
         """P(YES) over YES and NO for the first token of the answer to the verdict request,
-        summed over the spellings' tokens; one forward pass for the batch."""
+        summed over the spellings' tokens, balanced over both orders of the request; one
+        forward pass per order for the batch."""
         import torch
 
         assert self.answer_ids is not None
         chat = bool(getattr(self.tokenizer, "chat_template", None))
-        enc = self.tokenizer(
-            [self._chat(verdict_messages(p, r)) for p, r in zip(prompts, reasonings, strict=True)],
-            return_tensors="pt", padding=True, add_special_tokens=not chat,
-        ).to(self.device)
-        mask = enc["attention_mask"]
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
-        with torch.no_grad():
-            logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
-                                position_ids=positions).logits[:, -1, :].float()
-        log_yes = torch.logsumexp(logits[:, self.answer_ids[True]], dim=1)
-        log_no = torch.logsumexp(logits[:, self.answer_ids[False]], dim=1)
-        return torch.sigmoid(log_yes - log_no).tolist()
+        log_odds = []
+        for order in (0, 1):  # both orders of the two words; their log-odds are averaged
+            enc = self.tokenizer(
+                [self._chat(verdict_messages(p, r, order))
+                 for p, r in zip(prompts, reasonings, strict=True)],
+                return_tensors="pt", padding=True, add_special_tokens=not chat,
+            ).to(self.device)
+            mask = enc["attention_mask"]
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
+            with torch.no_grad():
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
+                                    position_ids=positions).logits[:, -1, :].float()
+            log_odds.append(torch.logsumexp(logits[:, self.answer_ids[True]], dim=1)
+                            - torch.logsumexp(logits[:, self.answer_ids[False]], dim=1))
+        return torch.sigmoid((log_odds[0] + log_odds[1]) / 2).tolist()
 
     def generate(self, prompts: list[str]) -> list[Reply]:
         """Greedy replies for a batch of prompts."""

@@ -18,7 +18,13 @@ from typing import Any
 
 from patchdb import redact
 from patchdb.errors import JudgeError
-from patchdb.judge.logprobs import LOGPROBS, TOP_LOGPROBS, p_yes_from_top, verdict_messages
+from patchdb.judge.logprobs import (
+    LOGPROBS,
+    TOP_LOGPROBS,
+    balanced_p_yes,
+    p_yes_from_top,
+    verdict_messages,
+)
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 OPENAI_URL = "https://api.openai.com/v1"
@@ -262,15 +268,26 @@ class ApiJudge:
         return reply
 
     async def ask_verdict(self, prompt: str, reply: Reply, client: Any) -> None:
-        """Logprobs mode: one more turn asks for the verdict; P(YES) comes from the twenty
-        likeliest first tokens (one token, no reasoning effort). Sets reply.p_yes, or
-        reply.error when every attempt failed."""
+        """Logprobs mode: one more turn asks for the verdict, once in each order of the two
+        words; P(YES) comes from the twenty likeliest first tokens of each (one token, no
+        reasoning effort), balanced over the orders. Sets reply.p_yes, or reply.error when
+        every attempt of a request failed."""
+        answers = []
+        for order in (0, 1):
+            answer = await self._ask_verdict_once(prompt, reply, client, order)
+            if reply.error is not None:
+                return
+            answers.append(answer)
+        reply.p_yes = balanced_p_yes(answers)
+
+    async def _ask_verdict_once(self, prompt: str, reply: Reply, client: Any,
+                                order: int) -> float | None:
         openai = self._openai
         for attempt in range(1, self.max_attempts + 1):
             wait: float | None = None
             try:
                 completion = await client.chat.completions.create(
-                    model=self.model, messages=verdict_messages(prompt, reply.text or ""),
+                    model=self.model, messages=verdict_messages(prompt, reply.text or "", order),
                     max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS,
                 )
             except openai.APIStatusError as exc:
@@ -289,10 +306,10 @@ class ApiJudge:
             else:
                 reply.add_usage(completion.usage)
                 reply.error = None
-                reply.p_yes = p_yes_from_top(self._top_tokens(completion))
-                return
+                return p_yes_from_top(self._top_tokens(completion))
             if attempt < self.max_attempts:
                 await asyncio.sleep(backoff_s(attempt, self.backoff_base_s, wait))
+        return None
 
     def _top_tokens(self, completion: Any) -> list[tuple[str, float]]:
         """(token, logprob) of the reply's first token and its top alternatives."""

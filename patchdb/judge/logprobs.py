@@ -2,8 +2,11 @@
 probabilities of YES and NO for its next token decide it, so a verdict is always read.
 
 Both backends build the same conversation: the grader prompt, the judge's reasoning as its
-reply, and one more user turn (VERDICT_REQUEST). The answer is the likelier of YES and NO;
-P(YES), normalised over the two, is stored with the judgment.
+reply, and one more user turn asking for the verdict. It is asked twice, naming the two words
+in both orders (VERDICT_REQUESTS), because small judges lean towards whichever word the request
+names first (SmolLM2-135M: P(YES) 0.76-0.88 asked "YES or NO", 0.20-0.36 asked "NO or YES", on
+the same replies); the two answers' log-odds are averaged, which cancels a constant lean. The
+answer is the likelier of YES and NO; P(YES), normalised over the two, is stored.
 
 Which tokens count: a token stands for YES when its text, without surrounding whitespace and
 case-folded, is "yes" or the start of it ("y", "ye"), and for NO when it is "no" or "n". The
@@ -22,7 +25,8 @@ from patchdb.config import VERDICT_MODES
 from patchdb.errors import JudgeError
 
 LAST_WORD, LOGPROBS = VERDICT_MODES
-VERDICT_REQUEST = "Give your verdict now in one word: YES or NO."
+VERDICT_REQUESTS = ("Give your verdict now in one word: YES or NO.",
+                    "Give your verdict now in one word: NO or YES.")
 TOP_LOGPROBS = 20
 SPELLINGS = {True: ("YES", "Yes", "yes"), False: ("NO", "No", "no")}
 
@@ -39,13 +43,24 @@ def token_answer(token: str) -> bool | None:
     return None
 
 
-def verdict_messages(prompt: str, reasoning: str) -> list[dict[str, str]]:
-    """The conversation whose next token carries the verdict."""
+def verdict_messages(prompt: str, reasoning: str, order: int = 0) -> list[dict[str, str]]:
+    """The conversation whose next token carries the verdict; `order` picks the request that
+    names YES first (0) or NO first (1)."""
     return [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": reasoning},
-        {"role": "user", "content": VERDICT_REQUEST},
+        {"role": "user", "content": VERDICT_REQUESTS[order]},
     ]
+
+
+def balanced_p_yes(answers: Iterable[float | None]) -> float | None:
+    """P(YES) from the answers to both orders: the mean of their log-odds (an answer of 0 or 1
+    counts as 1e-9 from it). A missing answer leaves the other alone; None when both are."""
+    odds = [math.log(p / (1 - p)) for p in
+            (min(max(a, 1e-9), 1 - 1e-9) for a in answers if a is not None)]
+    if not odds:
+        return None
+    return 1 / (1 + math.exp(-sum(odds) / len(odds)))
 
 
 def p_yes_from_top(entries: Iterable[tuple[str, float]]) -> float | None:
