@@ -40,6 +40,8 @@ from patchdb.generate.prompt import render_prompt
 from patchdb.generate.sampling import Sampling, resolve_sampling, rollout_seed
 from patchdb.generate.vectors import ensure_vectors
 from patchdb.store import Rollout, Store, Sweep
+from patchdb.store.dialect import dialect_insert
+from patchdb.store.models import utcnow
 from patchdb.store.runs import stage_run
 from patchdb.store.sweeps import (
     ExpectedUnit,
@@ -299,13 +301,15 @@ def _write_unit(
     decode: Callable[[list[int]], str],
     run_id: int,
 ) -> int:
-    """Insert the unit's rollouts in one transaction, skipping samples written meanwhile."""
+    """Insert the unit's rollouts in one transaction, skipping samples written meanwhile (on
+    PostgreSQL another process can insert between our read and our write: ON CONFLICT DO
+    NOTHING makes that a skip too); returns how many rows this call inserted."""
     unit = pending.unit
 
     def write(session: Session) -> int:
         still = set(missing_samples(session, unit, max(pending.samples) + 1))
         rows = [
-            Rollout(
+            dict(
                 experiment_id=unit.experiment_id,
                 patch_layer=unit.patch_layer,
                 source_word=unit.source_word,
@@ -319,12 +323,17 @@ def _write_unit(
                     unit.source_word, unit.target_word, index,
                 ),
                 stage_run_id=run_id,
+                created_at=utcnow(),
             )
             for index, c in sorted(completions.items())
             if index in still
         ]
-        session.add_all(rows)
-        return len(rows)
+        if not rows:
+            return 0
+        stmt = dialect_insert(session, Rollout).values(rows).on_conflict_do_nothing(
+            index_elements=["experiment_id", "patch_layer", "source_word", "target_word",
+                            "sample_index"])
+        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
     return store.transact(write)
 

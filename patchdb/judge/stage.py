@@ -24,7 +24,7 @@ from patchdb.judge.plan import (
 from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner, generate_running
 from patchdb.judge.settings import JudgeOptions, Resolved, resolve
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
-from patchdb.judge.writer import dialect_insert
+from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import JudgeConfig, utcnow
 from patchdb.store.runs import stage_run
 from patchdb.store.store import Store

@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from patchdb.errors import StoreError
 from patchdb.faults import fault_point
+from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import JudgeCacheEntry, Judgment, utcnow
 from patchdb.store.store import Store
 
@@ -27,18 +27,6 @@ _UPDATED = (
     "verdict", "p_yes", "cut_off", "raw_reply", "error", "attempts", "prompt_tokens", "completion_tokens",
     "reasoning_tokens", "cost", "latency_s", "stage_run_id", "created_at",
 )
-
-
-def dialect_insert(session: Session, table: Any) -> Any:
-    """INSERT with ON CONFLICT support for the store's database (SQLite or PostgreSQL)."""
-    name = session.get_bind().dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    else:
-        raise StoreError(f"the judge stage does not support {name} stores (SQLite or PostgreSQL)")
-    return insert(table)
 
 
 @dataclass
