@@ -38,6 +38,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -131,6 +132,12 @@ class FaultServer:
         class Server(ThreadingHTTPServer):
             request_queue_size = 1024
             daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that stops (a fatal reply ends the judge) may drop its other
+                # connections while we read them: not a server fault, and no traceback.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
 
         self.httpd = Server(("127.0.0.1", 0), handler)
         self.port = self.httpd.server_address[1]

@@ -218,15 +218,15 @@ def test_cli_computes_then_reuses(tmp_path: Path, db_path: Path) -> None:
     assert run_cli("init", "--config", config, "--db", db_path).exit_code == 0
     first = run_cli("vectors", "--db", db_path, "--device", "cpu")
     assert first.exit_code == 0, first.output
-    lines = first.output.splitlines()
+    lines = first.stdout.splitlines()  # the model-load lines go to stderr
     assert lines[0] == f"Concept vectors for {(tmp_path / 'tiny-model').resolve()} at layer 1 ({RECIPE}):"
     assert [line.split()[0] for line in lines[1:4]] == ["Bread", "Trees", "Dust"]
     assert all(line.endswith("computed now") for line in lines[1:4])
     assert lines[-1] == "Computed 3, reused 0."
     second = run_cli("vectors", "--db", db_path, "--words", "Trees")
     assert second.exit_code == 0
-    assert second.output.splitlines()[1].endswith("stored")
-    assert second.output.splitlines()[-1] == "Computed 0, reused 1."
+    assert second.stdout.splitlines()[1].endswith("stored")
+    assert second.stdout.splitlines()[-1] == "Computed 0, reused 1."
     with open_store(str(db_path)).read() as session:
         runs = session.scalars(select(StageRun).order_by(StageRun.id)).all()
         assert [(r.stage, r.status) for r in runs] == [("vectors", "finished")] * 2
@@ -239,9 +239,10 @@ def test_cli_bad_layer_is_one_line(tmp_path: Path, db_path: Path) -> None:
     run_cli("init", "--config", config, "--db", db_path)
     result = run_cli("vectors", "--db", db_path, "--layer", "7")
     assert result.exit_code == 1
-    assert result.output == (
-        "Error: concept vector layer 7 is outside the model's 4 decoder layers (valid range 0-3)\n"
-    )
+    # stderr: the model-load lines (the layer count is the model's), then the one error line
+    assert result.stdout == ""
+    assert [line for line in result.stderr.splitlines() if not line.startswith("Load")] == [
+        "Error: concept vector layer 7 is outside the model's 4 decoder layers (valid range 0-3)"]
 
 
 def test_cli_import(tmp_path: Path, db_path: Path, tiny: LoadedModel) -> None:
