@@ -121,7 +121,11 @@ def rates_from_json(root: Path) -> dict[str, dict[int, dict[str, float | None]]]
         grader = EXPERIMENTS[exp_dir.name].detection_grader
         for layer_dir in sorted(exp_dir.glob("layer_*")):
             coherence = json.loads((layer_dir / "judgments_coherence.json").read_text())
-            detected = json.loads((layer_dir / f"judgments_{grader}.json").read_text())
+            # the plan's names: in a pair experiment judgments_detection.json holds det+id
+            name = f"judgments_{grader}.json"
+            if not (layer_dir / name).exists():
+                name = "judgments_detection.json"
+            detected = json.loads((layer_dir / name).read_text())
             layer: dict[str, float | None] = {}
             for key, verdicts in coherence.items():
                 scored = [c and d for c, d in zip(verdicts, detected[key], strict=True)

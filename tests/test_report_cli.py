@@ -117,7 +117,9 @@ def test_a_sweep_with_no_rollouts_reports_gaps(db_path: Path) -> None:
 
 def test_a_sweep_name_never_escapes_the_report_folder(tmp_path: Path, db_path: Path) -> None:
     tree = write_tree(tmp_path / "patching_layer_sweep")
-    assert cli("import-json", tree, "--db", db_path, "--sweep", "../../evil/x").exit_code == 0
+    imported = cli("import-json", tree, "--db", db_path, "--sweep", "../../evil/x")
+    assert imported.exit_code == 0, imported.output
+    assert imported.output.startswith("Sweep '../../evil/x' registered: ")
     result = cli("report", "--db", db_path, "--export-json")
     assert result.exit_code == 0, result.output
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".png")]
