@@ -262,9 +262,13 @@ class DevTools:
         return reply["result"].get("value")
 
 
+FILE_LOADED = "location.protocol === 'file:' && document.readyState === 'complete'"
+
+
 @contextmanager
-def browser(url: str) -> Iterator[DevTools]:
-    """Chromium showing `url`, driven over its DevTools port; killed afterwards."""
+def browser(url: str, loaded: str | None = FILE_LOADED) -> Iterator[DevTools]:
+    """Chromium showing `url`, driven over its DevTools port, handed over once the JavaScript
+    condition `loaded` holds (None: as soon as a page exists); killed afterwards."""
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen([*chromium_args(profile), "--remote-debugging-port=0", url],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -282,8 +286,7 @@ def browser(url: str) -> Iterator[DevTools]:
                 targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
                 pages = [t for t in targets if t["type"] == "page"]
             tools = DevTools(pages[0]["webSocketDebuggerUrl"])
-            loaded = "location.protocol === 'file:' && document.readyState === 'complete'"
-            while not tools.js(loaded):
+            while loaded is not None and not tools.js(loaded):
                 assert time.monotonic() < deadline, "the page did not load"
                 time.sleep(0.1)
             yield tools

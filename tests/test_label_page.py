@@ -5,19 +5,17 @@ DevTools protocol (the small client of test_html_report), and keys arrive as rea
 """
 
 import json
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from labeled_store import fill, init_store
 from sqlalchemy import select
-from test_html_report import CHROMIUM, DevTools, chromium_args
+from test_html_report import CHROMIUM, DevTools, browser
 
 from patchdb.label.server import Session, make_server, server_url
 from patchdb.store import Store, open_store
@@ -49,39 +47,6 @@ def serving(store: Store, target: int) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@contextmanager
-def browser(url: str) -> Iterator[DevTools]:
-    """Chromium showing the page at `url`, driven over its DevTools port; killed afterwards."""
-    import subprocess
-
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([*chromium_args(profile), "--remote-debugging-port=0", url],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            port_file = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 120
-            while not port_file.exists() or not port_file.read_text().strip():
-                assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
-                time.sleep(0.1)
-            port = int(port_file.read_text().split()[0])
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            pages: list[dict[str, Any]] = []
-            while not pages:
-                assert time.monotonic() < deadline, "chromium opened no page"
-                targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
-                pages = [t for t in targets if t["type"] == "page"]
-            tools = DevTools(pages[0]["webSocketDebuggerUrl"])
-            yield tools
-            tools.sock.close()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def wait_for(tools: DevTools, condition: str) -> None:
@@ -127,7 +92,7 @@ def rollout(key: str) -> int:
 
 @needs_chromium
 def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None:
-    with serving(store, target=3) as url, browser(url) as tools:
+    with serving(store, target=3) as url, browser(url, loaded=None) as tools:
         wait_for(tools, "document.body.dataset.state === 'asking'")
         first = shown(tools)
         page_text = tools.js("document.body.innerText")
