@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import ImportFormatError
 from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
-from patchdb.store.merge import ROLLOUTS, TABLES, MergeResult, insert_new
+from patchdb.store.merge import (
+    TABLES,
+    MergeResult,
+    insert_new,
+    rollout_here,
+    with_rollout_key,
+)
 from patchdb.store.merge import _chunks as chunks
 from patchdb.store.merge import _utc as utc
 from patchdb.store.models import Experiment, Label, Rollout
@@ -136,18 +142,10 @@ def copy_labels(target: Store, source: Store, experiment_ids: dict[int, int],
                 result: MergeResult, progress: Callable[[str, int], None] | None) -> None:
     """merge: every source label whose rollout is here with the same answer (matched by key,
     like judgments); a label already here for that rollout, grader and labeler is kept."""
-    r = ROLLOUTS.c
-    query = (select(LABELS, r.experiment_id.label("r_experiment"),
-                    r.patch_layer.label("r_layer"), r.source_word.label("r_source"),
-                    r.target_word.label("r_target"), r.sample_index.label("r_sample"),
-                    r.answer.label("r_answer"))
-             .join(ROLLOUTS, r.id == LABELS.c.rollout_id))
-    for rows in chunks(source, query, LABELS.c.id, size):
+    for rows in chunks(source, with_rollout_key(LABELS), LABELS.c.id, size):
         values = []
         for row in rows:
-            exp = experiment_ids.get(row["r_experiment"])
-            mine = None if exp is None else here.get(
-                (exp, row["r_layer"], row["r_source"], row["r_target"], row["r_sample"]))
+            mine = rollout_here(row, experiment_ids, here)
             if mine is None or mine[1] != hash(row["r_answer"]):
                 continue  # no such rollout here, or it holds another answer
             values.append({"rollout_id": mine[0], "grader": row["grader"],

@@ -332,6 +332,26 @@ def _rollouts_here(target: Store, experiments: set[int]) -> RolloutsHere:
     return here
 
 
+def with_rollout_key(table: Table) -> Any:
+    """SELECT the rows of a table that points at rollouts (judgments, labels), each with its
+    rollout's key and answer, so it can be matched to the same rollout in another store."""
+    r = ROLLOUTS.c
+    return (select(table, r.experiment_id.label("r_experiment"),
+                   r.patch_layer.label("r_layer"), r.source_word.label("r_source"),
+                   r.target_word.label("r_target"), r.sample_index.label("r_sample"),
+                   r.answer.label("r_answer"))
+            .join(ROLLOUTS, r.id == table.c.rollout_id))
+
+
+def rollout_here(row: RowMapping, experiment_ids: dict[int, int],
+                 here: RolloutsHere) -> tuple[int, int] | None:
+    """(target rollout id, hash of its answer) of a with_rollout_key row, or None."""
+    exp = experiment_ids.get(row["r_experiment"])
+    if exp is None:
+        return None
+    return here.get((exp, row["r_layer"], row["r_source"], row["r_target"], row["r_sample"]))
+
+
 def _copy_rollouts(target: Store, source: Store, experiment_ids: dict[int, int],
                    run_ids: dict[int, int], here: RolloutsHere, size: int, result: MergeResult,
                    progress: Callable[[str, int], None] | None) -> None:
@@ -369,18 +389,10 @@ def _copy_judgments(target: Store, source: Store, experiment_ids: dict[int, int]
                     run_ids: dict[int, int], size: int, result: MergeResult,
                     progress: Callable[[str, int], None] | None) -> None:
     """Every source judgment, attached to the target rollout of the same key and answer."""
-    r = ROLLOUTS.c
-    query = (select(JUDGMENTS, r.experiment_id.label("r_experiment"),
-                    r.patch_layer.label("r_layer"), r.source_word.label("r_source"),
-                    r.target_word.label("r_target"), r.sample_index.label("r_sample"),
-                    r.answer.label("r_answer"))
-             .join(ROLLOUTS, r.id == JUDGMENTS.c.rollout_id))
-    for rows in _chunks(source, query, JUDGMENTS.c.id, size):
+    for rows in _chunks(source, with_rollout_key(JUDGMENTS), JUDGMENTS.c.id, size):
         values = []
         for j in rows:
-            exp = experiment_ids.get(j["r_experiment"])
-            mine = None if exp is None else here.get(
-                (exp, j["r_layer"], j["r_source"], j["r_target"], j["r_sample"]))
+            mine = rollout_here(j, experiment_ids, here)
             config_id = config_ids.get(j["judge_config_id"])
             if mine is None or config_id is None:
                 continue  # its rollout or judge config is newer than our copy; next merge
