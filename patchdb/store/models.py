@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -195,3 +196,48 @@ class Label(Base):
     label: Mapped[bool] = mapped_column(Boolean)
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JudgeBatch(Base):
+    """A batch job of judge calls sent to a provider's batch API by `judge --batch`. Live (its
+    keys are never submitted again) until collected_at is set; migration 0006 explains state."""
+
+    __tablename__ = "judge_batches"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
+    base_url: Mapped[str] = mapped_column(String(500))  # any password in it hidden
+    provider_batch_id: Mapped[str | None] = mapped_column(String(200))
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    output_file_id: Mapped[str | None] = mapped_column(String(200))
+    error_file_id: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20))
+    requests: Mapped[int] = mapped_column(Integer)
+    completed: Mapped[int | None] = mapped_column(Integer)  # the provider's request counts
+    failed: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    cost: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    collected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stage_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("stage_runs.id", ondelete="SET NULL")
+    )
+
+
+class JudgeBatchKey(Base):
+    """One (rollout, grader, judge config) key a judge batch holds."""
+
+    __tablename__ = "judge_batch_keys"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "rollout_id", "grader"),
+        Index("ix_judge_batch_keys_key", "rollout_id", "grader", "judge_config_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("judge_batches.id", ondelete="CASCADE"))
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    grader: Mapped[str] = mapped_column(String(40))
+    judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
