@@ -4,6 +4,8 @@ from typing import Any
 
 import click
 
+from patchdb.cli.judge_batch import BATCH_ONLY, judge_batch
+from patchdb.cli.multi import run_per_sweep
 from patchdb.cli.options import db_option, experiments_option, layers_option, split_list, sweep_option
 from patchdb.config import REASONING_EFFORTS, VERDICT_MODES
 from patchdb.experiments import GRADERS
@@ -21,6 +23,8 @@ def graders_callback(ctx: click.Context, param: click.Parameter, value: str | No
     return graders
 
 
+BATCH_FLAGS = ("use_batch", "no_wait", "collect", "cancel", "batch_max_requests",
+               "batch_max_bytes", "batch_poll", "batch_discount")
 MODE_FLAGS = {"only_missing": "--only-missing", "retry_unparsed": "--retry-unparsed",
               "retry_errors": "--retry-errors", "overwrite": "--overwrite"}
 
@@ -133,7 +137,8 @@ def render_summary(s: JudgeSummary) -> str:
                    "estimated cost; then exit without judging.")
 @click.option("--price-in", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_IN",
               help="With --dry-run: USD per million prompt tokens, times the average tokens of "
-                   "this judge config's stored calls (default: their recorded cost).")
+                   "this judge config's stored calls (default: their recorded cost). With "
+                   "--batch: the live price that prices batch replies carrying no cost.")
 @click.option("--price-out", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_OUT",
               help="With --dry-run: USD per million completion (incl. reasoning) tokens.")
 @click.option("--prompts", type=click.Path(dir_okay=False), envvar="PATCHDB_JUDGE_PROMPTS",
@@ -165,6 +170,28 @@ def render_summary(s: JudgeSummary) -> str:
                    "logprobs (after the reasoning, the likelier of YES and NO as the next token; "
                    "needs a backend that returns logprobs). Default: the sweep's [judge] "
                    "verdict, last-word.")
+@click.option("--batch", "use_batch", is_flag=True, envvar="PATCHDB_JUDGE_BATCH",
+              help="Judge through the provider's batch API (OpenAI files + batches endpoints) at "
+                   "batch prices: collect the batches that ended, submit what is missing, wait. "
+                   "See docs/judging.md.")
+@click.option("--no-wait", is_flag=True, help="With --batch: submit and exit; collect later.")
+@click.option("--collect", is_flag=True,
+              help="With --batch: show this judge config's batches and collect those that "
+                   "ended; submit nothing.")
+@click.option("--cancel", is_flag=True,
+              help="With --batch: cancel the live batches (what they finished is collected).")
+@click.option("--batch-max-requests", type=click.IntRange(min=1), default=50_000,
+              show_default=True, envvar="PATCHDB_JUDGE_BATCH_MAX_REQUESTS",
+              help="Requests per batch job (OpenAI's limit is 50,000).")
+@click.option("--batch-max-bytes", type=click.IntRange(min=1), default=200_000_000,
+              show_default=True, envvar="PATCHDB_JUDGE_BATCH_MAX_BYTES",
+              help="Bytes per batch input file (OpenAI's limit is 200 MB).")
+@click.option("--batch-poll", type=click.FloatRange(min=0.01), default=30.0, show_default=True,
+              envvar="PATCHDB_JUDGE_BATCH_POLL", help="Seconds between looks at live batches.")
+@click.option("--batch-discount", type=click.FloatRange(min=0, max=1), default=0.5,
+              show_default=True, envvar="PATCHDB_JUDGE_BATCH_DISCOUNT",
+              help="Batch price as a share of the live price: prices replies that carry no "
+                   "cost of their own, and the --dry-run batch estimate.")
 @click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
               help="Show a progress bar on a terminal.")
 def judge(db: str, sweep: str | None, dry_run: bool, price_in: float | None,
@@ -185,12 +212,22 @@ def judge(db: str, sweep: str | None, dry_run: bool, price_in: float | None,
       patchdb judge --retry-errors
       patchdb judge --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
       patchdb judge --judge-backend hf --judge-model ./models/judge
+      patchdb judge --sweep 'demo-dose-*'       # every sweep of a dose series
     """
     if (price_in is None) != (price_out is None):
         raise click.ClickException("give both --price-in and --price-out, or neither")
+    if run_per_sweep(db, sweep):  # --sweep 'name*': each matching sweep in turn
+        return
+    batch = {k: kwargs.pop(k) for k in BATCH_FLAGS}
+    if not batch["use_batch"] and any(batch[k] for k in BATCH_ONLY):
+        raise click.UsageError("--no-wait, --collect and --cancel go with --batch")
     options = JudgeOptions(**kwargs)
     store = open_store(db)
     try:
+        if batch["use_batch"]:
+            judge_batch(store, sweep, options, dry_run, {**batch, "price_in": price_in,
+                                                         "price_out": price_out})
+            return
         if dry_run:
             dry = dry_run_table(store, sweep, options, price_in, price_out)
             click.echo(render_plan(dry, options.mode, options.limit))

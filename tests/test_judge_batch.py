@@ -1,0 +1,259 @@
+"""`patchdb judge --batch` against a loopback server speaking the files and batches endpoints.
+
+After every scenario a rerun ends with exactly one judgment per key and grader, and the
+server's own count of the requests it ran (per custom_id) shows nothing ran twice.
+"""
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from batch_server import BatchServer, BatchState, batch_server
+from conftest import file_digest, run_cli
+from judge_server import make_store
+
+from patchdb.judge.batch_plan import split
+from patchdb.judge.plan import Call
+
+SENTINEL = "sk-sentinel-batch-4c8e2a9f1b7d"
+N_ROLLOUTS = 32  # make_store's small sweep: 8 keys x 2 layers x 2 samples
+N_CALLS = 2 * N_ROLLOUTS
+PER_CALL = (100 * 1.0 + 20 * 2.0) / 1e6 * 0.5  # the server's usage at $1/$2 per M, half price
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchServer]:
+    monkeypatch.setenv("PATCHDB_JUDGE_API_KEY", SENTINEL)
+    monkeypatch.setenv("PATCHDB_JUDGE_BATCH_POLL", "0.01")
+    with batch_server() as srv:
+        monkeypatch.setenv("PATCHDB_JUDGE_BASE_URL", srv.base_url)
+        yield srv
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def batch(db: Path, *args: str) -> object:
+    return run_cli("judge", "--db", db, "--batch", "--price-in", "1", "--price-out", "2", *args)
+
+
+def one_row_per_key(db: Path) -> bool:
+    """Every rollout has exactly one judgment for each grader its experiment asks."""
+    counts = rows(db, """
+        SELECT (SELECT count(*) FROM judgments j WHERE j.rollout_id = r.id AND j.grader = g.grader)
+        FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
+        JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'
+              UNION SELECT 'detection_identification') g
+          ON g.grader IN ('coherence', e.detection_grader)""")
+    return len(counts) == N_CALLS and {c for (c,) in counts} == {1} and rows(
+        db, "SELECT count(*) FROM judgments") == [(N_CALLS,)]
+
+
+def billed_once(state: BatchState) -> bool:
+    return len(state.billed) == N_CALLS and set(state.billed.values()) == {1}
+
+
+def verdicts(db: Path) -> dict[tuple[str, str], object]:
+    """{(answer, grader): verdict}: keyed by text, so two stores compare."""
+    return {(a, g): v for a, g, v in rows(db, """SELECT r.answer, j.grader, j.verdict
+        FROM judgments j JOIN rollouts r ON r.id = j.rollout_id""")}
+
+
+def test_batch_judges_each_key_once_at_batch_prices(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path, lambda i, w: f"I notice {w} ({i})" + (" [[reply=NO]]" if i % 3 == 0
+                                                              else ""))
+    result = batch(db_path)
+    assert result.exit_code == 0, result.output
+    n_no = len([i for i in range(N_ROLLOUTS) if i % 3 == 0]) * 2
+    assert (f"Submitted 1 batch(es) of {N_CALLS} calls; collected 1: {N_CALLS - n_no} yes, "
+            f"{n_no} no, 0 unparsed, 0 errors (0 cut off)") in result.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+    # the output file is shuffled: verdicts right for every answer means custom_id matched
+    for (answer, _grader), verdict in verdicts(db_path).items():
+        assert verdict == (0 if "[[reply=NO]]" in answer else 1), answer
+    (cost,) = rows(db_path, "SELECT DISTINCT round(cost, 12) FROM judgments")[0]
+    assert cost == pytest.approx(PER_CALL)
+    assert rows(db_path, "SELECT state, requests, completed, failed, round(cost, 10), "
+                         "collected_at IS NOT NULL FROM judge_batches") == [
+        ("completed", N_CALLS, N_CALLS, 0, round(N_CALLS * PER_CALL, 10), 1)]
+    assert server.state.calls["create"] == 1 and server.state.calls["upload"] == 1
+    # resuming is a query: nothing missing, nothing live, nothing sent
+    again = batch(db_path)
+    assert "Submitted 0 batch(es) of 0 calls" in again.output
+    assert server.state.calls["upload"] == 1 and billed_once(server.state)
+
+
+def test_batch_and_live_agree_verdict_for_verdict(tmp_path: Path, server: BatchServer) -> None:
+    def answer(i: int, w: str) -> str:
+        return f"About {w} ({i})" + [" [[reply=NO]]", "", " [[reply=none]]", ""][i % 4]
+
+    live_db, batch_db = tmp_path / "live.sqlite", tmp_path / "batch.sqlite"
+    make_store(live_db, answer)
+    make_store(batch_db, answer)
+    live = run_cli("judge", "--db", live_db, "--concurrency", "4")
+    assert live.exit_code == 0, live.output
+    assert batch(batch_db).exit_code == 0
+    assert server.state.live_calls == N_CALLS
+    assert verdicts(live_db) == verdicts(batch_db) and len(verdicts(batch_db)) == N_CALLS
+    assert sorted({v for v in verdicts(batch_db).values()}, key=str) == [0, 1, None]
+
+
+def test_cut_off_garbage_and_failed_requests_become_retryable_rows(
+        db_path: Path, server: BatchServer) -> None:
+    marks = {5: "[[batch=length]]", 7: "[[batch=garbage]]", 9: "[[batch=http500]]"}
+    make_store(db_path, lambda i, w: f"I notice {w} ({i}) {marks.get(i, '')}")
+    result = batch(db_path)
+    assert result.exit_code == 0, result.output
+    assert "0 unparsed, 6 errors (2 cut off)" in result.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+    found = rows(db_path, """SELECT r.answer, j.verdict, j.cut_off, j.error FROM judgments j
+        JOIN rollouts r ON r.id = j.rollout_id WHERE j.verdict IS NULL ORDER BY r.id, j.grader""")
+    assert [(a.split("(")[1][:1], v, c) for a, v, c, _ in found] == [
+        ("5", None, 1), ("5", None, 1), ("7", None, 0), ("7", None, 0), ("9", None, 0),
+        ("9", None, 0)]
+    errors = [e for *_, e in found]
+    assert errors[0] == "reply not finished (finish reason 'length')"  # the live judge's text
+    assert errors[2].startswith("bad reply: an unreadable line in the batch output")
+    assert errors[4] == "HTTP 500: overloaded"
+    # the six error rows go again only when asked, and only they
+    retry = batch(db_path, "--retry-errors")
+    assert retry.exit_code == 0 and "Submitted 1 batch(es) of 6 calls" in retry.output
+    twice = sorted(cid for cid, n in server.state.billed.items() if n == 2)
+    assert len(twice) == 6 and one_row_per_key(db_path)
+
+
+def test_expired_batch_keeps_what_ran_and_the_rerun_sends_the_rest(
+        db_path: Path, server: BatchServer) -> None:
+    server.state.scripts = [("validating", "in_progress", "expired")]
+    make_store(db_path)
+    first = batch(db_path)
+    assert first.exit_code == 0, first.output
+    assert f"{N_CALLS // 2} requests of expired or cancelled batches never ran" in first.output
+    assert rows(db_path, "SELECT count(*) FROM judgments") == [(N_CALLS // 2,)]
+    second = batch(db_path)
+    assert f"Submitted 1 batch(es) of {N_CALLS // 2} calls" in second.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+
+
+def test_cancelled_batch_is_collected_and_sent_again(db_path: Path, server: BatchServer) -> None:
+    server.state.scripts = [("validating",) + ("in_progress",) * 50]
+    make_store(db_path)
+    submitted = batch(db_path, "--no-wait")
+    assert submitted.exit_code == 0 and "1 batch(es) submitted and not waited for" in \
+        submitted.output
+    # a key in a live batch is never submitted again
+    again = batch(db_path, "--no-wait")
+    assert "Submitted 0 batch(es) of 0 calls" in again.output
+    assert server.state.calls["upload"] == 1
+    cancel = batch(db_path, "--cancel")
+    assert cancel.exit_code == 0 and "cancelling" in cancel.output
+    shown = batch(db_path, "--collect")
+    assert "cancelled" in shown.output and "live" not in shown.output.split("\n")[2]
+    assert rows(db_path, "SELECT count(*) FROM judgments") == [(0,)]
+    assert not server.state.billed
+    final = batch(db_path)
+    assert f"Submitted 1 batch(es) of {N_CALLS} calls" in final.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+
+
+def test_failed_validation_names_the_first_bad_line(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path, lambda i, w: f"I notice {w} ({i})" + (" [[batch=invalid]]" if i == 3
+                                                              else ""))
+    result = batch(db_path)
+    assert result.exit_code == 1
+    # rollout 3's coherence request is line 7: rollouts 0-2 come first, two graders each
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: batch #1 (batch-00002) failed validation: line 7: the request body is not "
+        "valid for this model")
+    assert rows(db_path, "SELECT count(*) FROM judgments") == [(0,)]
+    assert rows(db_path, "SELECT state, collected_at IS NOT NULL FROM judge_batches") == [
+        ("failed", 1)]
+    assert not server.state.billed
+
+
+def test_server_restart_between_submit_and_collect(db_path: Path, server: BatchServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    make_store(db_path)
+    assert batch(db_path, "--no-wait").exit_code == 0
+    server.stop()
+    down = batch(db_path, "--collect")
+    assert down.exit_code == 1 and "Error: looking up batch batch-00002 failed: cannot reach" \
+        in down.output
+    with batch_server(server.state, server.port):  # the provider is back, same state
+        shown = batch(db_path, "--collect")  # collects only what ended: nothing yet
+        assert shown.exit_code == 0 and "in_progress" in shown.output, shown.output
+        rerun = batch(db_path)  # waits for it, collects it, finds nothing more to send
+        assert f"{N_CALLS:,} judgments written" in rerun.output
+        assert "Submitted 0 batch(es) of 0 calls; collected 1" in rerun.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+
+
+def test_limit_and_request_cap_split_the_work(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    result = batch(db_path, "--batch-max-requests", "10", "--limit", "25")
+    assert result.exit_code == 0, result.output
+    assert "Submitted 3 batch(es) of 25 calls" in result.output
+    assert rows(db_path, "SELECT requests FROM judge_batches ORDER BY id") == [(10,), (10,), (5,)]
+    rest = batch(db_path, "--batch-max-requests", "50")
+    assert f"Submitted 1 batch(es) of {N_CALLS - 25} calls" in rest.output
+    assert one_row_per_key(db_path) and billed_once(server.state)
+
+
+def test_split_by_bytes_and_requests() -> None:
+    items = [(Call(i, "coherence", "a", "w"), b"x" * size + b"\n")
+             for i, size in enumerate([9, 9, 19, 4, 4, 4])]
+    chunks = [[c.rollout_id for c in chunk.calls] for chunk in split(iter(items), 3, 20)]
+    assert chunks == [[0, 1], [2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="21 bytes, more than the 20-byte"):
+        list(split(iter([(Call(0, "coherence", "a", "w"), b"x" * 20 + b"\n")]), 3, 20))
+
+
+def test_dry_run_shows_the_batch_estimate_beside_the_live_one(
+        db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    server.state.cost = 0.0001  # live replies carry their cost
+    assert run_cli("judge", "--db", db_path, "--limit", "8").exit_code == 0
+    dry = run_cli("judge", "--db", db_path, "--batch", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    remaining = N_CALLS - 8
+    assert f"Estimated cost: ${remaining * 0.0001:,.4f}" in dry.output
+    assert (f"As batches (--batch): {remaining} calls in 1 batch job(s)" in dry.output)
+    assert (f"Estimated cost at batch prices: ${remaining * 0.0001 / 2:,.4f} (0.5 x the live "
+            f"estimate of ${remaining * 0.0001:,.4f}") in dry.output
+    assert rows(db_path, "SELECT count(*) FROM judge_batches") == [(0,)]
+    server.state.scripts = [("validating",) + ("in_progress",) * 50]
+    assert batch(db_path, "--no-wait", "--limit", "20").exit_code == 0
+    held = run_cli("judge", "--db", db_path, "--batch", "--dry-run")
+    assert (f"As batches (--batch): {remaining - 20} calls in 1 batch job(s) or more (split "
+            "further by file size); 20 calls already held by live batches") in held.output
+
+
+def test_refusals_are_one_line_and_change_nothing(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    before = file_digest(db_path)
+    router = run_cli("judge", "--db", db_path, "--batch", "--base-url",
+                     "https://openrouter.ai/api/v1")
+    assert router.exit_code == 1
+    assert router.output.startswith("Error: OpenRouter's batch API takes its requests inline")
+    logprobs = run_cli("judge", "--db", db_path, "--batch", "--verdict", "logprobs")
+    assert logprobs.exit_code == 1 and logprobs.output.startswith("Error: --batch reads verdicts")
+    alone = run_cli("judge", "--db", db_path, "--no-wait")
+    assert alone.exit_code == 2 and "--no-wait, --collect and --cancel go with --batch" in \
+        alone.output
+    cost = run_cli("judge", "--db", db_path, "--batch", "--no-wait", "--max-cost", "1")
+    assert cost.exit_code == 2 and "needs waiting" in cost.output
+    assert file_digest(db_path) == before and not server.state.calls
+
+
+def test_the_key_is_sent_and_never_kept(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    result = batch(db_path)
+    assert result.exit_code == 0 and SENTINEL not in result.output
+    assert server.state.auth_headers == {f"Bearer {SENTINEL}"}
+    for path in db_path.parent.glob(db_path.name + "*"):
+        data = path.read_bytes()
+        assert SENTINEL.encode() not in data and SENTINEL[:14].encode() not in data, path
+    assert rows(db_path, "SELECT base_url FROM judge_batches") == [(server.base_url,)]
