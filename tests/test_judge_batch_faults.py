@@ -1,0 +1,82 @@
+"""`judge --batch` killed (SIGKILL) at seeded points between upload, create and collect.
+
+The process stops itself at a named fault point (PATCHDB_FAULT), the n-th time it passes it,
+n drawn from a fixed seed. After every kill a plain rerun ends with exactly one judgment per
+key and grader, the server ran every request once, and it was asked to create exactly one
+batch per batch job: a batch created just before the kill is found by its input file and
+adopted, never created again.
+"""
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from batch_server import BatchServer, batch_server
+from conftest import run_cli
+from judge_server import make_store
+
+pytestmark = pytest.mark.faults
+
+SEED = 18
+N_CALLS = 64  # make_store's 32 rollouts, two graders each
+PER_BATCH = 16  # so 4 batch jobs
+POINTS = ("judge.batch_uploaded", "judge.batch_created", "judge.batch_collected_file",
+          "judge.batch_collect_chunk")
+KILL_AT = {p: random.Random(f"{SEED}:{p}").randint(1, N_CALLS // PER_BATCH) for p in POINTS}
+KEY = "sk-fault-batch-0d9e8f7a6b5c"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchServer]:
+    monkeypatch.setenv("PATCHDB_JUDGE_API_KEY", KEY)
+    monkeypatch.setenv("PATCHDB_JUDGE_BATCH_POLL", "0.01")
+    with batch_server() as srv:
+        monkeypatch.setenv("PATCHDB_JUDGE_BASE_URL", srv.base_url)
+        yield srv
+
+
+def judge_killed(db: Path, fault: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATCHDB_FAULT": fault}
+    return subprocess.run(
+        [sys.executable, "-m", "patchdb", "judge", "--db", str(db), "--batch",
+         "--batch-max-requests", str(PER_BATCH), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120)
+
+
+def one_row_per_key(db: Path) -> list[int]:
+    with sqlite3.connect(db) as conn:
+        counts = conn.execute("""SELECT (SELECT count(*) FROM judgments j
+            WHERE j.rollout_id = r.id AND j.grader = g.grader)
+            FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
+            JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'
+                  UNION SELECT 'detection_identification') g
+              ON g.grader IN ('coherence', e.detection_grader)""").fetchall()
+    return sorted({c for (c,) in counts}) if len(counts) == N_CALLS else [-1]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_then_rerun_judges_each_key_once_and_runs_nothing_twice(
+        db_path: Path, server: BatchServer, point: str) -> None:
+    make_store(db_path)
+    killed = judge_killed(db_path, f"{point}:{KILL_AT[point]}")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    rerun = run_cli("judge", "--db", db_path, "--batch", "--batch-max-requests", str(PER_BATCH))
+    assert rerun.exit_code == 0, rerun.output
+    assert one_row_per_key(db_path) == [1]
+    state = server.state
+    assert len(state.billed) == N_CALLS and set(state.billed.values()) == {1}
+    assert state.calls["create"] == N_CALLS // PER_BATCH
+    # an upload whose file id was lost is uploaded again (files are not billed); no other is
+    lost_upload = 1 if point == "judge.batch_uploaded" else 0
+    assert state.calls["upload"] == N_CALLS // PER_BATCH + lost_upload
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*), sum(collected_at IS NOT NULL), sum(requests) "
+                            "FROM judge_batches").fetchone() == (4, 4, N_CALLS)
+    status = run_cli("status", "--db", db_path)  # the killed run is seen as crashed
+    assert "#1 judge     crashed" in status.output and "#2 judge     finished" in status.output
