@@ -80,3 +80,15 @@ def test_kill_then_rerun_judges_each_key_once_and_runs_nothing_twice(
                             "FROM judge_batches").fetchone() == (4, 4, N_CALLS)
     status = run_cli("status", "--db", db_path)  # the killed run is seen as crashed
     assert "#1 judge     crashed" in status.output and "#2 judge     finished" in status.output
+
+
+@pytest.mark.slow
+def test_ten_thousand_calls_survive_a_kill_mid_collect_and_match_live() -> None:
+    """The benchmark script's run: 10,016 calls, SIGKILL after 5 of 11 written chunks, a
+    rerun, then a live judge of the same rollouts; it asserts the match itself (~55 s)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_judge_batch.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "verdicts that differ: 0" in run.stdout and run.stdout.rstrip().endswith(
+        "batch == live verdict for verdict")
