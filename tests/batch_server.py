@@ -75,6 +75,7 @@ class BatchState:
 
     scripts: list[tuple[str, ...]] = field(default_factory=list)  # per created batch, in order
     cost: float | None = None  # put into every reply's usage (None: no cost, as OpenAI does)
+    echo_key_on_upload: bool = False  # answer uploads with a 500 that repeats the caller's key
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     plans: dict[str, list[str]] = field(default_factory=dict)
@@ -254,6 +255,10 @@ class BatchServer:
                     state.auth_headers.add(self.headers.get("Authorization", ""))
                     if parts == ["v1", "files"]:
                         state.calls["upload"] += 1
+                        if state.echo_key_on_upload:  # as some providers do in error bodies
+                            auth = self.headers.get("Authorization", "")
+                            return self._json({"error": {"message": f"storage down for {auth}"}},
+                                              500)
                         return self._json(self._upload(data))
                     if parts == ["v1", "batches"]:
                         state.calls["create"] += 1

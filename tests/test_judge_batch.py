@@ -257,3 +257,33 @@ def test_the_key_is_sent_and_never_kept(db_path: Path, server: BatchServer) -> N
         data = path.read_bytes()
         assert SENTINEL.encode() not in data and SENTINEL[:14].encode() not in data, path
     assert rows(db_path, "SELECT base_url FROM judge_batches") == [(server.base_url,)]
+
+
+def test_an_error_body_echoing_the_key_is_scrubbed(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    server.state.echo_key_on_upload = True
+    result = batch(db_path)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: uploading the batch input file failed: HTTP 500")
+    assert SENTINEL not in result.output and SENTINEL[-12:] not in result.output
+    assert server.state.calls["upload"] == 4  # the client's own retries of a 500, then it stops
+    for path in db_path.parent.glob(db_path.name + "*"):
+        assert SENTINEL.encode() not in path.read_bytes(), path
+    # the batch stays recorded, not uploaded; the next run uploads it
+    assert rows(db_path, "SELECT state, input_file_id FROM judge_batches") == [("preparing", None)]
+    server.state.echo_key_on_upload = False
+    assert batch(db_path).exit_code == 0
+    assert one_row_per_key(db_path) and billed_once(server.state)
+
+
+def test_max_cost_sends_one_batch_at_a_time_until_reached(db_path: Path,
+                                                          server: BatchServer) -> None:
+    make_store(db_path)
+    # 16 calls a batch at $0.00007 each: $0.00112 after one batch, $0.00224 after two
+    result = batch(db_path, "--batch-max-requests", "16", "--max-cost", "0.002")
+    assert result.exit_code == 0, result.output
+    assert "Submitted 2 batch(es) of 32 calls" in result.output
+    assert "Stopped at --max-cost" in result.output
+    assert rows(db_path, "SELECT count(*), round(sum(cost), 8) FROM judgments") == [(32, 0.00224)]
+    unpriced = run_cli("judge", "--db", db_path, "--batch", "--max-cost", "1")
+    assert unpriced.exit_code == 1 and "--max-cost needs each reply's cost" in unpriced.output
