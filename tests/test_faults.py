@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from judge_server import FaultServer, fault_server, make_store
+from pg import query as store_query
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.faults
@@ -52,12 +53,12 @@ negative_words = ["Dust"]
     return path
 
 
-def query(db: Path, sql: str, *params: object) -> list[tuple]:
-    with sqlite3.connect(db, timeout=60) as conn:
-        return conn.execute(sql, params).fetchall()
+def query(db: str | Path, sql: str) -> list[tuple]:
+    """Rows of one SELECT on a SQLite path or a PostgreSQL URL."""
+    return store_query(db, sql)
 
 
-def rollout_keys(db: Path) -> list[tuple]:
+def rollout_keys(db: str | Path) -> list[tuple]:
     return query(db, """SELECT e.name, r.patch_layer, r.source_word, r.target_word, r.sample_index
         FROM rollouts r JOIN experiments e ON e.id = r.experiment_id ORDER BY 1, 2, 3, 4, 5""")
 
@@ -75,10 +76,10 @@ def expected_keys() -> list[tuple]:
                   for src, tgt in ks for i in range(SAMPLES))
 
 
-def assert_whole_units(db: Path) -> int:
+def assert_whole_units(db: str | Path) -> int:
     """No duplicate key, and every unit has all its samples or none; returns the rollout count."""
     dup = query(db, """SELECT count(*) FROM (SELECT experiment_id, patch_layer, source_word,
-        target_word, sample_index FROM rollouts GROUP BY 1, 2, 3, 4, 5 HAVING count(*) > 1)""")
+        target_word, sample_index FROM rollouts GROUP BY 1, 2, 3, 4, 5 HAVING count(*) > 1) d""")
     assert dup == [(0,)]
     sizes = query(db, """SELECT count(*) FROM rollouts
         GROUP BY experiment_id, patch_layer, source_word, target_word""")
@@ -86,7 +87,7 @@ def assert_whole_units(db: Path) -> int:
     return sum(n for (n,) in sizes)
 
 
-def stage_statuses(db: Path) -> dict[int, str]:
+def stage_statuses(db: str | Path) -> dict[int, str]:
     """pid -> status, as `patchdb status --json` reports it."""
     result = run_cli("status", "--db", db, "--json")
     assert result.exit_code == 0, result.output
@@ -105,18 +106,19 @@ def assert_killed(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout + proc.stderr)
 
 
-def count(db: Path, table: str) -> int:
+def count(db: str | Path, table: str) -> int:
     return int(query(db, f"SELECT count(*) FROM {table}")[0][0])  # constant table names only
 
 
 def test_generate_killed_at_seeded_points_then_rerun_equals_one_run(
-    tmp_path: Path, model_dir: Path
+    tmp_path: Path, model_dir: Path, store_db: str
 ) -> None:
+    """On SQLite and on PostgreSQL: whole units after every kill, one run's rows after the rerun."""
     rng = random.Random(SEED)
     config = sweep_toml(tmp_path / "sweep.toml", model_dir)
-    killed = tmp_path / "killed.sqlite"
+    killed = store_db
     assert run_cli("init", "--config", config, "--db", killed).exit_code == 0
-    command = [sys.executable, "-m", "patchdb", "generate", "--db", str(killed), "--quiet",
+    command = [sys.executable, "-m", "patchdb", "generate", "--db", killed, "--quiet",
                "--batch-size", "1"]
     pids = []
     for point in ("generate.unit_written", "generate.batch_decoded", "generate.unit_written"):
@@ -158,17 +160,19 @@ def judge_env(server: FaultServer) -> dict[str, str]:
     return env
 
 
-def judgment_rows(db: Path) -> list[tuple]:
-    return query(db, """SELECT r.experiment_id, r.patch_layer, r.source_word, r.target_word,
+def judgment_rows(db: str | Path) -> list[tuple]:
+    return query(db, """SELECT e.name, r.patch_layer, r.source_word, r.target_word,
         r.sample_index, j.grader, j.verdict, j.raw_reply, j.error
-        FROM judgments j JOIN rollouts r ON r.id = j.rollout_id ORDER BY 1, 2, 3, 4, 5, 6""")
+        FROM judgments j JOIN rollouts r ON r.id = j.rollout_id
+        JOIN experiments e ON e.id = r.experiment_id ORDER BY 1, 2, 3, 4, 5, 6""")
 
 
 def test_judge_killed_at_seeded_points_then_rerun_equals_one_run(
-    tmp_path: Path, server: FaultServer
+    tmp_path: Path, server: FaultServer, store_db: str
 ) -> None:
+    """On SQLite and on PostgreSQL: the killed store ends equal to an uninterrupted SQLite run."""
     rng = random.Random(SEED)
-    reference, killed = tmp_path / "reference.sqlite", tmp_path / "killed.sqlite"
+    reference, killed = tmp_path / "reference.sqlite", store_db
     n = make_store(reference, samples=JUDGE_SAMPLES)
     make_store(killed, samples=JUDGE_SAMPLES)
     env = judge_env(server)
@@ -182,7 +186,7 @@ def test_judge_killed_at_seeded_points_then_rerun_equals_one_run(
         # The n-th reply of the calls still to make, never the last one: the kill lands mid-run.
         # A write batch holds at least one reply, so batch 1 always comes before the end too.
         k = rng.randint(1, min(40, 2 * n - before - 1)) if point == "judge.reply" else 1
-        proc = run_until_fault([*command, str(killed), "--concurrency",
+        proc = run_until_fault([*command, killed, "--concurrency",
                                 str(rng.choice([1, 4, 8]))], f"{point}:{k}", env)
         assert_killed(proc)
         after = count(killed, "judgments")
@@ -191,16 +195,16 @@ def test_judge_killed_at_seeded_points_then_rerun_equals_one_run(
         else:  # killed right after its first write batch committed
             assert before < after
         assert after < 2 * n
-        assert query(killed, """SELECT count(*) FROM (SELECT rollout_id, grader, judge_config_id
-            FROM judgments GROUP BY 1, 2, 3 HAVING count(*) > 1)""") == [(0,)]
+        assert query(killed, """SELECT count(*) FROM (SELECT rollout_id, grader,
+            judge_config_id FROM judgments GROUP BY 1, 2, 3 HAVING count(*) > 1) d""") == [(0,)]
         assert query(killed, "SELECT count(*) FROM judgments WHERE raw_reply IS NULL "
-                     "AND error IS NULL") == [(0,)]  # a stored judgment is a whole one
+                           "AND error IS NULL") == [(0,)]  # a stored judgment is a whole one
         statuses = stage_statuses(killed)
         new = [pid for pid in statuses if pid not in pids]
         assert [statuses[pid] for pid in new] == ["crashed"]
         pids += new
 
-    rerun = subprocess.run([*command, str(killed)], env=env, text=True, capture_output=True,
+    rerun = subprocess.run([*command, killed], env=env, text=True, capture_output=True,
                            timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert judgment_rows(killed) == judgment_rows(reference)
