@@ -4,6 +4,7 @@ Defaults are the default sweep of docs/science.md. Unknown keys are an error nam
 """
 
 import dataclasses
+import itertools
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -203,10 +204,93 @@ def config_from_dict(data: dict[str, Any]) -> SweepConfig:
     return validate(config)
 
 
+# Keys a config may give as a list (a dose series): one sweep per value, or per combination
+# when both are lists. Each sweep is named `<name>-steer<L>` / `<name>-strength<S>` (both:
+# `<name>-steer<L>-strength<S>`), so a glob such as `<name>-*` selects the series.
+DOSE_KEYS = {"steer_layer": "steer", "strength": "strength"}
+
+
+@dataclass
+class ConfigSeries:
+    """What one config file defines: a single sweep, or a dose series of sweeps."""
+
+    name: str  # the [sweep] name as written (the series name when `varied` is not empty)
+    configs: list[SweepConfig]
+    varied: list[str]  # the keys given as lists, in DOSE_KEYS order
+
+    @property
+    def is_series(self) -> bool:
+        return bool(self.varied)
+
+
+def dose_value_text(value: int | float) -> str:
+    """4.0 -> '4', 2.5 -> '2.5', 18 -> '18': a sweep name's suffix, exact (never rounded), so
+    two different values never share a name."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def dose_name(name: str, values: dict[str, int | float]) -> str:
+    """The predictable name of one sweep of a series, e.g. 'demo-dose-strength8'."""
+    return name + "".join(f"-{DOSE_KEYS[k]}{dose_value_text(v)}" for k, v in values.items())
+
+
+def _dose_lists(sweep_raw: dict[str, Any]) -> dict[str, list[int | float]]:
+    """The list-valued dose keys, each list checked: not empty, values of the key's type, no
+    value twice (4 and 4.0 are one value)."""
+    defaults = SweepConfig()
+    lists: dict[str, list[int | float]] = {}
+    for key in DOSE_KEYS:
+        raw = sweep_raw.get(key)
+        if not isinstance(raw, list):
+            continue
+        if not raw:
+            raise ConfigError(f"[sweep] {key} is an empty list (give one value or several)")
+        values = [_check_type("sweep", key, v, getattr(defaults, key)) for v in raw]
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"[sweep] {key} lists {dose_value_text(twice)} twice")
+        lists[key] = values
+    return lists
+
+
+def series_from_dict(data: dict[str, Any]) -> ConfigSeries:
+    """Build the sweep(s) a parsed TOML file defines: a list for steer_layer or strength gives
+    one validated sweep per value (both lists: per combination), named by dose_name."""
+    sweep_raw = data.get("sweep", {})
+    lists = _dose_lists(sweep_raw) if isinstance(sweep_raw, dict) else {}
+    if not lists:
+        config = config_from_dict(data)
+        return ConfigSeries(config.name, [config], [])
+    name = sweep_raw.get("name", SweepConfig.name)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("[sweep] name must be a non-empty string")
+    configs = []
+    for combination in itertools.product(*lists.values()):
+        values = dict(zip(lists, combination, strict=True))
+        raw = {**sweep_raw, **values, "name": dose_name(name, values)}
+        configs.append(config_from_dict({**data, "sweep": raw}))
+    return ConfigSeries(name, configs, list(lists))
+
+
 def load_config(path: str | Path | None) -> SweepConfig:
-    """Read a sweep TOML file; None gives the default sweep (docs/science.md)."""
+    """Read a sweep TOML file that defines one sweep; None gives the default sweep."""
+    series = load_series(path)
+    if series.is_series:
+        raise ConfigError(
+            f"the config gives a list for {' and '.join(series.varied)} (a series of "
+            f"{len(series.configs)} sweeps); use `patchdb init` or `patchdb sweep` with it"
+        )
+    return series.configs[0]
+
+
+def load_series(path: str | Path | None) -> ConfigSeries:
+    """Read a sweep TOML file: one sweep, or a dose series (DOSE_KEYS); None gives the default
+    sweep (docs/science.md)."""
     if path is None:
-        return validate(SweepConfig())
+        config = validate(SweepConfig())
+        return ConfigSeries(config.name, [config], [])
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
@@ -220,7 +304,7 @@ def load_config(path: str | Path | None) -> SweepConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in {p}: {exc}") from None
-    return config_from_dict(data)
+    return series_from_dict(data)
 
 
 # The [sweep] keys that do not change what a sweep measures ("name" is how it is looked up).

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from patchdb.cli.multi import run_per_sweep
 from patchdb.cli.options import (
     db_option,
     device_option,
@@ -101,6 +102,7 @@ def generate(
       patchdb generate --shard 0/2 --device cuda:0 &
       patchdb generate --shard 1/2 --device cuda:1
       patchdb generate --gpus 4        # or: torchrun --nproc-per-node 4 -m patchdb generate
+      patchdb generate --sweep 'demo-dose-*'   # every sweep of a dose series
     """
     from patchdb.generate.distributed import (
         check_gpus,
@@ -117,6 +119,8 @@ def generate(
     if gpus is not None and gpus > gpus_per_model and torchrun_rank() is None:
         command = torchrun_command(gpus, sys.argv[1:], gpus_per_model)
         sys.exit(subprocess.call(command))
+    if run_per_sweep(db, sweep):  # --sweep 'name*': each matching sweep in turn
+        return
 
     options = GenerateOptions(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,

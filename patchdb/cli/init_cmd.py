@@ -3,9 +3,9 @@
 import click
 
 from patchdb.cli.options import db_option
-from patchdb.configs import config_option_help, resolve_config
+from patchdb.configs import config_option_help, resolve_series
 from patchdb.store import open_store
-from patchdb.store.sweeps import register_sweep
+from patchdb.store.sweeps import register_sweeps
 
 
 @click.command()
@@ -23,20 +23,29 @@ def init(config_path: str | None, db: str) -> None:
     rates depend on the prompt's exact text: to reproduce an earlier sweep, put its exact
     first-turn text in `prompt_intro` under [sweep] in the config.
 
+    A list for `strength` or `steer_layer` (a dose series) registers one sweep per value, named
+    `<name>-strength<S>` or `<name>-steer<L>` (both lists: `<name>-steer<L>-strength<S>`); if
+    one of them is refused, none is registered.
+
     \b
     Example:
       patchdb init --config sweep.toml --db runs.sqlite
       patchdb init --config demo --db demo.sqlite
     """
-    config = resolve_config(config_path)
+    series = resolve_series(config_path)
     store = open_store(db, create=True)
     try:
-        sweep, created = store.transact(lambda s: register_sweep(s, config))
+        registered = store.transact(lambda s: register_sweeps(s, series.configs))
     finally:
         store.close()
-    verb = "registered" if created else "already registered"
-    n_keys = len(config.layers)
-    click.echo(
-        f"Sweep {sweep.name!r} {verb} in {store.where}: model {config.model}, "
-        f"{len(config.experiments)} experiments, {n_keys} patch layers ({config.patch_layers})."
-    )
+    if series.is_series:
+        click.echo(f"Series {series.name!r}: {len(series.configs)} sweeps, one per "
+                   f"{' and '.join(series.varied)} value (select them with --sweep "
+                   f"'{series.name}-*').")
+    for config, (sweep, created) in zip(series.configs, registered, strict=True):
+        verb = "registered" if created else "already registered"
+        click.echo(
+            f"Sweep {sweep.name!r} {verb} in {store.where}: model {config.model}, "
+            f"{len(config.experiments)} experiments, {len(config.layers)} patch layers "
+            f"({config.patch_layers})."
+        )

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import click
 
+from patchdb.cli.multi import run_per_sweep
 from patchdb.cli.options import db_option, experiments_option, judge_config_option, sweep_option
 from patchdb.report import build_report
+from patchdb.report.export import safe_component
 from patchdb.report.plots import FORMATS
 from patchdb.store import open_store
 
@@ -32,18 +34,40 @@ from patchdb.store import open_store
               help="Also draw the rates corrected for the judge's errors, calibrated on the "
                    "labels of `patchdb label`, with bootstrap 95% bands (env "
                    "PATCHDB_REPORT_CORRECTED).")
+@click.option("--compare", is_flag=True,
+              help="Compare the sweeps given as arguments (names, globs, or SWEEP@judge=ID for "
+                   "a sweep under one judge config): one figure per experiment on shared axes, "
+                   "one line style per sweep, their differences in settings printed above it.")
+@click.argument("compared", nargs=-1)
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
            export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool,
-           corrected: bool) -> None:
+           corrected: bool, compare: bool, compared: tuple[str, ...]) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
     and optionally export the sweep in the JSON layout (docs/schema.md) under the same folder.
+
+    --sweep takes a glob ('demo-dose-*') to report every matching sweep, each in its own folder.
+    With --compare, the sweeps given as arguments are drawn together (docs/compare.md).
 
     \b
     Example:
       patchdb report --db runs.sqlite
       patchdb report --experiments failure_to_success --format svg --ci
       patchdb report --export-json --out patching_layer_sweep
+      patchdb report --compare demo-dose-strength4 demo-dose-strength8 --html
+      patchdb report --compare 'demo-dose-*'
+      patchdb report --compare demo@judge=1 demo@judge=2
     """
+    if compare or compared:
+        from patchdb.cli.compare_cli import report_compare
+
+        report_compare(db, list(compared), compare, sweep=sweep, experiments=experiments,
+                       out_dir=out_dir, export_json=export_json, fmt=fmt, ci=ci,
+                       judge_config=judge_config, html=html, corrected=corrected)
+        return
+    # a glob: each sweep in its own folder, ./patchdb_report/<sweep> or --out/<sweep>
+    if run_per_sweep(db, sweep, lambda name: {"out_dir": None if out_dir is None
+                                              else out_dir / safe_component(name)}):
+        return
     store = open_store(db)
     try:
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,

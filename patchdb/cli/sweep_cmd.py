@@ -12,7 +12,8 @@ from patchdb.cli.options import (
     layers_option,
     narrowing_options,
 )
-from patchdb.configs import config_option_help, resolve_config
+from patchdb.cli.sweep_series import run_series, series_member
+from patchdb.configs import config_option_help, resolve_series
 from patchdb.store import open_store
 from patchdb.sweep import SweepInterrupted, SweepOptions, run_sweep
 
@@ -38,8 +39,16 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
     Example:
       patchdb sweep --config demo --db demo.sqlite
       patchdb sweep --config sweep.toml --layers 40-44
+      patchdb sweep --config demo-dose --db demo.sqlite   # two strengths, then compared
+
+    A config with a list for strength or steer_layer (a dose series) runs each of its sweeps
+    in turn, then draws them together (`report --compare`) in ./patchdb_report/<name>.
     """
-    config = resolve_config(config_name)
+    series = resolve_series(config_name)
+    config = series_member(series)
+    if config is None:  # a dose series: each of its sweeps in turn, then the comparison
+        run_series(series, db, out_dir, not no_html, experiments)
+        return
     store = open_store(db, create=True)
     try:
         result = run_sweep(store, config, SweepOptions(

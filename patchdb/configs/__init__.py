@@ -3,7 +3,7 @@
 from importlib import resources
 from pathlib import Path
 
-from patchdb.config import SweepConfig, load_config
+from patchdb.config import ConfigSeries, SweepConfig, load_series
 from patchdb.errors import ConfigError
 
 
@@ -15,16 +15,28 @@ def packaged_config_names() -> list[str]:
 
 
 def resolve_config(name_or_path: str | Path | None) -> SweepConfig:
-    """A --config value: an existing TOML file, else a packaged config name; None: the default."""
+    """A --config value that must define one sweep (a dose series is refused)."""
+    series = resolve_series(name_or_path)
+    if series.is_series:
+        raise ConfigError(
+            f"config {name_or_path} gives a list for {' and '.join(series.varied)} (a series "
+            f"of {len(series.configs)} sweeps); use `patchdb init` or `patchdb sweep` with it"
+        )
+    return series.configs[0]
+
+
+def resolve_series(name_or_path: str | Path | None) -> ConfigSeries:
+    """A --config value: an existing TOML file, else a packaged config name; None: the default.
+    A list for steer_layer or strength makes a series of sweeps (patchdb.config.DOSE_KEYS)."""
     if name_or_path is None:
-        return load_config(None)
+        return load_series(None)
     if Path(name_or_path).is_file():
-        return load_config(name_or_path)
+        return load_series(name_or_path)
     names = packaged_config_names()
     if str(name_or_path) in names:
         resource = resources.files("patchdb.configs") / f"{name_or_path}.toml"
         with resources.as_file(resource) as p:
-            return load_config(p)
+            return load_series(p)
     raise ConfigError(f"config file not found: {name_or_path} "
                       f"(packaged configs: {', '.join(names)})")
 

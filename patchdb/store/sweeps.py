@@ -1,5 +1,6 @@
 """Registering sweeps and looking them up: the rows every stage starts from."""
 
+import fnmatch
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -68,6 +69,44 @@ def register_sweep(session: Session, config: SweepConfig) -> tuple[Sweep, bool]:
         )
     session.flush()
     return sweep, True
+
+
+def register_sweeps(session: Session, configs: list[SweepConfig]) -> list[tuple[Sweep, bool]]:
+    """Register every sweep of a series in the caller's one transaction: if one is refused
+    (another config under its name), none is registered."""
+    return [register_sweep(session, config) for config in configs]
+
+
+GLOB_CHARS = "*?["
+
+
+def is_sweep_pattern(value: str) -> bool:
+    """A --sweep value with glob characters (* ? [...]) selects every sweep it matches."""
+    return any(c in value for c in GLOB_CHARS)
+
+
+def match_sweeps(session: Session, pattern: str) -> list[Sweep]:
+    """The sweeps whose names match a glob (case-sensitive), in registration order; no match,
+    or a '[' never closed, is an error naming the store's sweeps."""
+    known = session.scalars(select(Sweep).order_by(Sweep.id)).all()
+    names = ", ".join(s.name for s in known) or "none"
+    if "[" in pattern and "]" not in pattern[pattern.index("[") + 1:]:
+        raise UnknownNameError(f"invalid sweep pattern {pattern!r}: '[' is never closed "
+                               f"(sweeps: {names})")
+    hits = [s for s in known if fnmatch.fnmatchcase(s.name, pattern)]
+    if not hits:
+        raise UnknownNameError(f"no sweep matches {pattern!r} (sweeps: {names})")
+    return hits
+
+
+def sweep_names(session: Session, value: str | None) -> list[str | None]:
+    """What a --sweep value names: a glob gives every matching sweep, a name itself (None: the
+    store's only sweep, found later by get_sweep)."""
+    if value is None or not is_sweep_pattern(value):
+        return [value]
+    if session.scalar(select(Sweep.id).where(Sweep.name == value)) is not None:
+        return [value]  # a sweep whose name holds a glob character is still named by it
+    return [s.name for s in match_sweeps(session, value)]
 
 
 def get_sweep(session: Session, name: str | None) -> Sweep:

@@ -1,0 +1,42 @@
+"""`patchdb report --compare`: check the options, draw the comparison, print what it shows."""
+
+from pathlib import Path
+
+import click
+
+from patchdb.store import open_store
+
+# report options that read or write one sweep: refused with --compare, each by its flag
+_ONE_SWEEP = {"sweep": "--sweep", "export_json": "--export-json", "ci": "--ci",
+              "judge_config": "--judge-config", "corrected": "--corrected"}
+
+
+def report_compare(db: str, compared: list[str], compare: bool, *, experiments: list[str] | None,
+                   out_dir: Path | None, fmt: str, html: bool, **one_sweep: object) -> None:
+    """Run `report --compare A B ...` and print the differences, a table per experiment and
+    where the figures (and the page) are."""
+    if not compare:
+        listed = " ".join(compared)
+        raise click.ClickException(f"sweep names as arguments ({listed}) need --compare; "
+                                   "to report one sweep use --sweep NAME")
+    for name, flag in _ONE_SWEEP.items():
+        if one_sweep.get(name) not in (None, False):
+            hint = " (use SWEEP@judge=ID)" if name == "judge_config" else ""
+            raise click.ClickException(f"{flag} does not apply to --compare{hint}")
+    from patchdb.report.compare import describe, run_compare
+
+    store = open_store(db)
+    try:
+        result = run_compare(store, compared, experiments, out_dir, fmt, html)
+    finally:
+        store.close()
+    for line in describe(result.comparison):
+        click.echo(line)
+    for experiment in result.comparison.experiments:
+        click.echo("")
+        click.echo(result.tables[experiment])
+        if experiment in result.plots:
+            click.echo(f"Plot: {result.plots[experiment]}")
+    if result.html is not None:
+        click.echo("")
+        click.echo(f"HTML comparison: {result.html}")

@@ -1,0 +1,85 @@
+"""The comparison page: one self-contained HTML file (inline CSS, figures as data URIs) with
+what each compared sweep is, the settings in which they differ, and per experiment the
+comparison figure and its rate table."""
+
+import base64
+import math
+import os
+from html import escape
+from pathlib import Path
+
+from patchdb.report.compare import Comparison, describe, member_settings, rows_of, shared_layers
+from patchdb.report.html_assets import CSS
+from patchdb.store import utcnow
+
+COMPARE_FILE = "compare.html"
+
+
+def _table(comparison: Comparison, experiment: str) -> str:
+    """Rows: word then sweep; columns: the shared patch layers; blank where nothing is scored."""
+    layers = shared_layers(comparison, experiment)
+    head = "".join(f"<th>{layer}</th>" for layer in layers)
+    out = [f'<table class="rates"><thead><tr><th>Word</th><th>Sweep</th>{head}</tr></thead><tbody>']
+    rows: dict[str, list[str]] = {}
+    for m in comparison.members:
+        rates = m.rates.get(experiment)
+        for line in rows_of(rates) if rates is not None else []:
+            at = dict(zip(rates.layers, line.rates, strict=True))  # type: ignore[union-attr]
+            cells = []
+            for layer in layers:
+                rate = at.get(layer, math.nan)
+                cells.append("<td></td>" if math.isnan(rate) else
+                             f'<td style="background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})">'
+                             f"{rate:.2f}</td>")
+            rows.setdefault(line.label, []).append(
+                f"<th>{escape(line.label)}</th><th>{escape(m.label)}</th>{''.join(cells)}")
+    out += [f"<tr>{row}</tr>" for entries in rows.values() for row in entries]
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_dir: Path) -> Path:
+    """Write `<out_dir>/compare.html` from the comparison and its PNG figures; return its path."""
+    lines = describe(comparison)
+    settings = [member_settings(m) for m in comparison.members]
+    shown = ["model", "steer layer", "strength", "prompt", "judge"] + [
+        name for name, _ in comparison.differences
+        if name not in ("model", "steer layer", "strength", "prompt", "judge")]
+    head = "".join(f"<th>{escape(m.label)}</th>" for m in comparison.members)
+    body = "".join(
+        f"<tr><th>{escape(name)}</th>"
+        + "".join(f"<td>{escape(s[name])}</td>" for s in settings) + "</tr>"
+        for name in shown)
+    title = " vs ".join(m.label for m in comparison.members)
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>patchdb comparison: {escape(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Comparison: {escape(title)}</h1>",
+        f'<p class="muted">Written by patchdb on {utcnow().strftime("%Y-%m-%d %H:%M UTC")}.</p>',
+        *(f'<p class="note">{escape(line)}</p>' for line in lines),
+        f'<div class="table-wrap"><table class="rates settings"><thead><tr><th>Setting</th>{head}'
+        f"</tr></thead><tbody>{body}</tbody></table></div>",
+        "<nav>" + "".join(f'<a href="#compare-{escape(e)}">{escape(e)}</a>'
+                          for e in comparison.experiments) + "</nav>",
+    ]
+    for experiment in comparison.experiments:
+        out.append(f'<section id="compare-{escape(experiment)}"><h2>{escape(experiment)}</h2>')
+        if experiment in figures:
+            png = base64.b64encode(figures[experiment]).decode("ascii")
+            out.append(f'<div class="result"><figure><img alt="comparison of rate against patch '
+                       f'layer, {escape(experiment)}" src="data:image/png;base64,{png}"></figure>')
+            out.append(f'<div class="table-wrap"><h3>Rate per patch layer</h3>'
+                       f"{_table(comparison, experiment)}</div></div>")
+        else:
+            out.append('<p class="note missing">No rates in any compared sweep yet.</p>')
+        out.append("</section>")
+    out.append("</body></html>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / COMPARE_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("\n".join(out), encoding="utf-8", errors="replace")
+    os.replace(partial, path)
+    return path

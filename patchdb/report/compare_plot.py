@@ -1,0 +1,82 @@
+"""The comparison figure: one experiment's rates of every compared sweep on shared axes.
+
+A word keeps its colour across sweeps (as in the sweep plot); each sweep has its own line style
+and marker, and the settings in which the sweeps differ are printed above the plot.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+    from matplotlib.figure import Figure
+
+from patchdb.experiments import EXPERIMENTS
+from patchdb.report.aggregate import MEAN_LABEL
+from patchdb.report.compare import Comparison, describe, rows_of, shared_layers
+from patchdb.report.plots import BOLD_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, _colours
+
+# Matplotlib's dash patterns for the names in compare.LINE_STYLES, in the same order.
+DASHES: tuple[Any, ...] = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def line_label(word: str, member: str) -> str:
+    """The label of one drawn line: 'Bread [demo-strength4]'."""
+    return f"{word} [{member}]"
+
+
+def compare_figure(comparison: Comparison, experiment: str) -> Figure:
+    """Draw one experiment for every member that has it: one line per member per word (and
+    the mean, for single-word experiments), the differences in settings above the plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    header = [textwrap.fill(line, 120) for line in describe(comparison)[1:]]
+    fig = Figure(figsize=(11, 6.5 + 0.25 * sum(h.count("\n") for h in header)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    words: list[str] = []
+    for m in comparison.members:
+        if experiment in m.rates:
+            words += [line.label for line in rows_of(m.rates[experiment])
+                      if line.label not in words and line.label != MEAN_LABEL]
+    colour_of = dict(zip(words, _colours(len(words)), strict=True))
+    word_handles = [Line2D([], [], color=colour_of[w], linewidth=BOLD_WIDTH, label=w)
+                    for w in words]
+    member_handles = []
+    for i, m in enumerate(comparison.members):
+        style, marker = DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
+        member_handles.append(Line2D([], [], color="black", linestyle=style, marker=marker,
+                                     label=m.label))
+        rates = m.rates.get(experiment)
+        for line in rows_of(rates) if rates is not None else []:
+            mean = line.label == MEAN_LABEL
+            ax.plot(rates.layers, line.rates,  # type: ignore[union-attr]
+                    color="black" if mean else colour_of[line.label], linestyle=style,
+                    marker=marker, markersize=4, linewidth=BOLD_WIDTH if mean else 1.8,
+                    label=line_label(line.label, m.label))
+    if any(line.label == MEAN_LABEL for m in comparison.members if experiment in m.rates
+           for line in rows_of(m.rates[experiment])):
+        word_handles.append(Line2D([], [], color="black", linewidth=BOLD_WIDTH, label=MEAN_LABEL))
+    layers = shared_layers(comparison, experiment)
+    ax.set_xlabel("Patch layer")
+    ax.set_ylabel(PAIR_YLABEL if EXPERIMENTS[experiment].pairs else SINGLE_YLABEL)
+    ax.set_ylim(0, 1)
+    if layers:
+        ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.set_title(experiment)
+    legend = ax.legend(handles=word_handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       fontsize="small", title="word")
+    ax.add_artist(legend)
+    ax.legend(handles=member_handles, loc="lower left", bbox_to_anchor=(1.01, 0.0),
+              fontsize="small", title="sweep")
+    top = 1 - (0.05 + 0.035 * sum(h.count("\n") + 1 for h in header))
+    fig.text(0.02, 0.99, "\n".join(header), va="top", ha="left", fontsize="small")
+    fig.subplots_adjust(left=0.07, right=0.76, bottom=0.09, top=top)
+    return fig
