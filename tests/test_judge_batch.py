@@ -287,3 +287,15 @@ def test_max_cost_sends_one_batch_at_a_time_until_reached(db_path: Path,
     assert rows(db_path, "SELECT count(*), round(sum(cost), 8) FROM judgments") == [(32, 0.00224)]
     unpriced = run_cli("judge", "--db", db_path, "--batch", "--max-cost", "1")
     assert unpriced.exit_code == 1 and "--max-cost needs each reply's cost" in unpriced.output
+
+
+def test_batches_at_another_api_keep_their_keys(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    server.state.scripts = [("validating",) + ("in_progress",) * 50]
+    assert batch(db_path, "--no-wait").exit_code == 0
+    with batch_server() as other:
+        moved = batch(db_path, "--base-url", other.base_url)
+        assert moved.exit_code == 0, moved.output
+        assert f"Live batches of this judge config were sent to {server.base_url}" in \
+            moved.output
+        assert "Submitted 0 batch(es) of 0 calls" in moved.output and not other.state.calls

@@ -82,6 +82,23 @@ def test_kill_then_rerun_judges_each_key_once_and_runs_nothing_twice(
     assert "#1 judge     crashed" in status.output and "#2 judge     finished" in status.output
 
 
+def test_ctrl_c_while_waiting_leaves_the_batches_to_collect(db_path: Path,
+                                                            server: BatchServer) -> None:
+    server.state.scripts = [("validating", "in_progress", "in_progress", "completed")]
+    make_store(db_path)
+    stopped = judge_killed(db_path, "judge.batch_poll:1:INT")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "Interrupted; the submitted batches run on at the provider" in stopped.stderr
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT status FROM stage_runs").fetchall() == [("interrupted",)]
+        assert conn.execute("SELECT count(*) FROM judge_batches WHERE collected_at IS NULL"
+                            ).fetchone() == (4,)
+    rerun = run_cli("judge", "--db", db_path, "--batch")
+    assert rerun.exit_code == 0 and "Submitted 0 batch(es) of 0 calls; collected 4" in \
+        rerun.output
+    assert one_row_per_key(db_path) == [1] and set(server.state.billed.values()) == {1}
+
+
 @pytest.mark.slow
 def test_ten_thousand_calls_survive_a_kill_mid_collect_and_match_live() -> None:
     """The benchmark script's run: 10,016 calls, SIGKILL after 5 of 11 written chunks, a

@@ -94,7 +94,12 @@ def judge_batch(store: Store, sweep: str | None, options: JudgeOptions, dry_run:
         click.echo(render_plan(plan.dry, options.mode, options.limit))
         click.echo(render_batch_plan(plan))
         return
-    summary = run_batch(store, sweep, options, opts, lambda text: click.echo(text, err=True))
+    try:
+        summary = run_batch(store, sweep, options, opts, lambda text: click.echo(text, err=True))
+    except KeyboardInterrupt:
+        click.echo("Interrupted; the submitted batches run on at the provider. "
+                   "`patchdb judge --batch --collect` or a rerun collects them.", err=True)
+        raise SystemExit(130) from None
     if opts.collect_only or opts.cancel:
         click.echo(render_batches(batch_table(store, sweep, options)))
     click.echo(render_batch_summary(summary, opts.no_wait))

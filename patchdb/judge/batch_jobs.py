@@ -124,12 +124,21 @@ class BatchContext:
     # --- following and collecting -----------------------------------------------------------
 
     def live(self) -> list[JudgeBatch]:
+        """This judge config's live batches at this API (those sent elsewhere keep their keys
+        held and are followed by a run pointed at their API)."""
         with self.store.read() as session:
             rows = session.scalars(select(JudgeBatch).where(
-                JudgeBatch.judge_config_id == self.config_id, JudgeBatch.collected_at.is_(None))
-                .order_by(JudgeBatch.id)).all()
+                JudgeBatch.judge_config_id == self.config_id, JudgeBatch.collected_at.is_(None),
+                JudgeBatch.base_url == self.base_url).order_by(JudgeBatch.id)).all()
             session.expunge_all()
         return list(rows)
+
+    def live_elsewhere(self) -> list[str]:
+        """The APIs other live batches of this judge config were sent to."""
+        with self.store.read() as session:
+            return sorted(set(session.scalars(select(JudgeBatch.base_url).where(
+                JudgeBatch.judge_config_id == self.config_id, JudgeBatch.collected_at.is_(None),
+                JudgeBatch.base_url != self.base_url))))
 
     def advance(self, submit: bool = True) -> int:
         """Take every live batch of this judge config one step: finish its submission (when

@@ -77,7 +77,7 @@ def batch_pending(store: Store, scope: Scope, config_id: int, mode: str,
     `limit` of them (the same pages the live judge reads, each in a read of its own)."""
     after, sent = 0, 0
     while limit is None or sent < limit:
-        with store.read() as session:
+        with store.read() as session:  # closed before yielding: the caller writes and waits
             calls, last = pending_page(session, scope, config_id, mode, after)
             if last is None:
                 return

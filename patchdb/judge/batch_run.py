@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from patchdb.errors import JudgeError
+from patchdb.faults import fault_point
 from patchdb.judge.batch_client import BatchApi
 from patchdb.judge.batch_collect import Prices
 from patchdb.judge.batch_jobs import BatchContext, BatchSummary
@@ -83,12 +84,16 @@ def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
                                config.prompt_trial, resolved.model, resolved.reasoning,
                                redact_text(endpoint.base_url),
                                Prices(batch.price_in, batch.price_out, batch.discount), echo)
+            for url in ctx.live_elsewhere():
+                echo(f"Live batches of this judge config were sent to {url}; their keys stay "
+                     "held until a run with that --base-url collects them.")
             if batch.cancel:
                 ctx.cancel()
             live = ctx.advance(submit=not batch.collect_only)
             if not (batch.collect_only or batch.cancel):
                 live = _submit(ctx, scope, options, batch)
             while live and not batch.no_wait and not batch.collect_only:
+                fault_point("judge.batch_poll")
                 time.sleep(batch.poll_s)
                 live = ctx.advance()
             ctx.summary.live = live
