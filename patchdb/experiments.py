@@ -5,7 +5,7 @@ NO_STEERING (the empty string) so that unique constraints still hold: SQL
 treats NULLs as distinct. The views show it as "(none)".
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Steering = Literal["positive", "negative", "none"]
@@ -13,6 +13,10 @@ Grader = Literal["coherence", "detection", "detection_identification"]
 
 NO_STEERING = ""
 NO_STEERING_LABEL = "(none)"
+# A baseline (a target condition generated with no patch) is stored at this patch layer with
+# source word NO_STEERING; layer_rates leaves it out and baseline_rates shows it.
+BASELINE_LAYER = -1
+BASELINE_FOLDER = "baseline"  # the JSON layout's folder for them, beside the layer_<L> folders
 GRADERS: tuple[Grader, ...] = ("coherence", "detection", "detection_identification")
 
 
@@ -23,6 +27,7 @@ class ExperimentDef:
     target: Steering
     pairs: bool
     detection_grader: Grader
+    baseline: bool = False  # the experiment's baselines: keys are target words (see key_label)
 
 
 EXPERIMENTS: dict[str, ExperimentDef] = {
@@ -58,8 +63,27 @@ def experiment_keys(
     return [(s, NO_STEERING) for s in sources]
 
 
+def baseline_targets(exp: ExperimentDef, positive: list[str], negative: list[str]) -> list[str]:
+    """The target conditions of an experiment, one baseline each: its target words, or
+    [NO_STEERING] (the no-injection control) when its target is unsteered."""
+    return words_for(exp.target, positive, negative)
+
+
+def at_layer(exp: ExperimentDef, patch_layer: int) -> ExperimentDef:
+    """The experiment as its rows at this patch layer are keyed: its baselines by target."""
+    return replace(exp, baseline=True) if patch_layer == BASELINE_LAYER else exp
+
+
+def layer_folder(patch_layer: int) -> str:
+    """The JSON layout's folder for a patch layer: layer_<L>, or BASELINE_FOLDER."""
+    return BASELINE_FOLDER if patch_layer == BASELINE_LAYER else f"layer_{patch_layer}"
+
+
 def key_label(exp: ExperimentDef, source: str, target: str) -> str:
-    """The key as the JSON layout writes it: "Source_to_Target" or the bare word."""
+    """The key as the JSON layout writes it: "Source_to_Target" or the bare word; a baseline's
+    key is its target word, or "(none)" for the no-injection control."""
+    if exp.baseline:
+        return target if target != NO_STEERING else NO_STEERING_LABEL
     if exp.pairs:
         return f"{source}_to_{target}"
     return source if source != NO_STEERING else target

@@ -42,6 +42,7 @@ class SweepOptions:
     html: bool = True
     export_json: bool = True
     progress: bool = True
+    baselines: bool = True  # also each target condition with no patch (docs/science.md)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
     gen_options = GenerateOptions(
         sweep=config.name, experiments=options.experiments, layers=options.layers,
         words=options.words, samples=options.samples, max_new_tokens=options.max_new_tokens,
-        batch_size=options.batch_size, device=options.device,
+        batch_size=options.batch_size, device=options.device, baselines=options.baselines,
     )
     follower = None
     if config.judge.backend != "hf":

@@ -85,15 +85,16 @@ def rollouts(db: Path | str) -> dict[tuple[str, int, str, str, int], tuple[str, 
     return {tuple(r[:5]): tuple(r[5:]) for r in rows}  # type: ignore[misc]
 
 
-# 8 keys per layer (2 + 2 + 2 + 2), 2 layers, 2 samples.
-ALL_ROLLOUTS = 32
+# 8 keys per layer (2 + 2 + 2 + 2), 2 layers, plus one unpatched baseline per target condition
+# of each experiment (2 + 1 + 1 + 2), 2 samples: (16 + 6) x 2.
+ALL_ROLLOUTS = 44
 
 
 def test_generate_fills_the_sweep_once(tmp_path: Path, model_dir: Path) -> None:
     db = init_store(tmp_path, model_dir)
     result = run_cli("generate", "--db", db, "--quiet")
     assert result.exit_code == 0, result.output
-    assert "Wrote 32 rollouts in 16 units (16/16 units present)" in result.output
+    assert "Wrote 44 rollouts in 22 units (22/22 units present)" in result.output
     got = rollouts(db)
     assert len(got) == ALL_ROLLOUTS
     for (_exp, _layer, _src, _tgt, _sample), (answer, n_tokens, reason, seed) in got.items():
@@ -114,7 +115,7 @@ def test_generate_fills_the_sweep_once(tmp_path: Path, model_dir: Path) -> None:
 
     again = run_cli("generate", "--db", db, "--quiet")
     assert again.exit_code == 0, again.output
-    assert "Nothing to generate: all 16 units of sweep 'tiny' in scope are present." in again.output
+    assert "Nothing to generate: all 22 units of sweep 'tiny' in scope are present." in again.output
     assert rollouts(db) == got
 
 
@@ -132,10 +133,12 @@ def test_unsteered_experiments_store_the_sentinel(tmp_path: Path, model_dir: Pat
             "SELECT DISTINCT experiment, source, target FROM rollouts_readable ORDER BY 1, 2, 3"
         ).fetchall()
     assert sorted(set(table)) == [
+        ("steered_to_unsteered", "", ""),  # the baseline with no steering: the control
         ("steered_to_unsteered", "Bread", ""), ("steered_to_unsteered", "Trees", ""),
         ("unsteered_to_steered", "", "Bread"), ("unsteered_to_steered", "", "Trees"),
     ]
     assert view == [
+        ("steered_to_unsteered", "(none)", "(none)"),
         ("steered_to_unsteered", "Bread", "(none)"), ("steered_to_unsteered", "Trees", "(none)"),
         ("unsteered_to_steered", "(none)", "Bread"), ("unsteered_to_steered", "(none)", "Trees"),
     ]
@@ -147,10 +150,10 @@ def test_a_run_in_parts_equals_a_run_at_once(tmp_path: Path, model_dir: Path) ->
     parts = init_store(tmp_path, model_dir, "parts.sqlite")
     first = run_cli("generate", "--db", parts, "--quiet", "--layers", "3", "--batch-size", "3")
     assert first.exit_code == 0, first.output
-    assert {k[1] for k in rollouts(parts)} == {3}
+    assert {k[1] for k in rollouts(parts)} == {-1, 3}  # -1: the baselines, not a layer
     second = run_cli("generate", "--db", parts, "--quiet", "--batch-size", "1")
     assert second.exit_code == 0, second.output
-    assert "Wrote 16 rollouts in 8 units (16/16 units present)" in second.output
+    assert "Wrote 16 rollouts in 8 units (22/22 units present)" in second.output
     # Same keys, and (greedy, batch-invariant) the same answers, whatever the batching.
     assert rollouts(parts) == rollouts(whole)
 
@@ -192,7 +195,8 @@ def test_samples_option_generates_the_first_indexes_only(tmp_path: Path, model_d
     got = rollouts(db)
     assert {k[4] for k in got} == {0}
     assert all("Dust" in (k[2], k[3]) for k in got)
-    assert len(got) == 8  # (Bread, Dust), (Trees, Dust), (Dust, Bread), (Dust, Trees) x 2 layers
+    # (Bread, Dust), (Trees, Dust), (Dust, Bread), (Dust, Trees) x 2 layers, and Dust's baseline
+    assert len(got) == 9
 
 
 @pytest.mark.parametrize(
@@ -319,8 +323,8 @@ def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model
     got = rollouts(db)
     assert len(got) == ALL_ROLLOUTS
     assert all(answer.startswith("elsewhere: ") for answer, *_ in got.values())
-    assert "Wrote 0 rollouts in 0 units (16/16 units present)" in out, out
-    assert "Skipped 16 units that another process wrote meanwhile." in out, out
+    assert "Wrote 0 rollouts in 0 units (22/22 units present)" in out, out
+    assert "Skipped 22 units that another process wrote meanwhile." in out, out
     # only the first batch (2 rows of at most 5 tokens) was decoded: the rest was dropped unrun
     decoded = int(re.search(r": (\d+) tokens in ", out).group(1))  # type: ignore[union-attr]
     assert 0 < decoded <= 2 * 5, out

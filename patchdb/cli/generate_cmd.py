@@ -69,6 +69,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
                    "about 1.4x faster steps for about a minute of compiling. Default: on when "
                    "at least 2M decode tokens are pending.")
+@click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
+              help="Skip the baselines (each target condition generated with no patch; the "
+                   "unsteered one is the no-injection control).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     db: str,
@@ -87,6 +90,7 @@ def generate(
     gpus_per_model: int,
     share_prefix: bool,
     compile_: bool | None,
+    no_baselines: bool,
     quiet: bool,
 ) -> None:
     """Generate every missing rollout of the sweep (steered, patched target runs).
@@ -126,7 +130,7 @@ def generate(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         shard=shard, model=model, compile=compile_, gpus_per_model=gpus_per_model,
-        share_prefix=share_prefix,
+        share_prefix=share_prefix, baselines=not no_baselines,
     )
     options = rank_options(options)
     store = open_store(db)

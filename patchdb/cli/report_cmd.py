@@ -27,6 +27,9 @@ from patchdb.store import open_store
               envvar="PATCHDB_REPORT_FORMAT", help="Plot file format (env PATCHDB_REPORT_FORMAT).")
 @click.option("--ci", is_flag=True, envvar="PATCHDB_REPORT_CI",
               help="Draw Wilson 95% bands around the bold lines (env PATCHDB_REPORT_CI).")
+@click.option("--net", is_flag=True, envvar="PATCHDB_REPORT_NET",
+              help="Plot each rate minus the false-positive rate of the no-injection control "
+                   "(bands: Newcombe's interval of the difference; env PATCHDB_REPORT_NET).")
 @judge_config_option
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
@@ -40,7 +43,7 @@ from patchdb.store import open_store
                    "one line style per sweep, their differences in settings printed above it.")
 @click.argument("compared", nargs=-1)
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
-           export_json: bool, fmt: str, ci: bool, judge_config: int | None, html: bool,
+           export_json: bool, fmt: str, ci: bool, net: bool, judge_config: int | None, html: bool,
            corrected: bool, compare: bool, compared: tuple[str, ...]) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
     and optionally export the sweep in the JSON layout (docs/schema.md) under the same folder.
@@ -71,7 +74,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     store = open_store(db)
     try:
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
-                              judge_config)
+                              judge_config, net=net)
         from patchdb.report.corrected_plot import corrected_report
 
         corrected_lines = corrected_report(store, result, fmt) if corrected else []

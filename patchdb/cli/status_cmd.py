@@ -5,6 +5,7 @@ import json
 import click
 
 from patchdb.cli.options import db_option, judge_config_option, sweep_option
+from patchdb.experiments import BASELINE_LAYER
 from patchdb.store import open_store
 from patchdb.store.status import SweepStatus, sweep_status
 
@@ -31,7 +32,8 @@ def render(status: SweepStatus) -> str:
     for row in status.layers:
         rollouts = f"{row.rollouts_present}/{row.rollouts_expected}"
         judged = f"{row.judged}/{row.judgments_expected}"
-        lines.append(f"{row.experiment:<22} {row.patch_layer:>5} {rollouts:>15} {judged:>15} "
+        layer = "base" if row.patch_layer == BASELINE_LAYER else row.patch_layer  # no patch
+        lines.append(f"{row.experiment:<22} {layer:>5} {rollouts:>15} {judged:>15} "
                      f"{row.unparsed:>8} {row.cut_off:>7} {row.errors:>6}")
     t = status.totals()
     lines.append("-" * len(header))

@@ -29,10 +29,13 @@ from patchdb.sweep import SweepInterrupted, SweepOptions, run_sweep
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               envvar="PATCHDB_REPORT_OUT", help="Report folder (default ./patchdb_report/<sweep>).")
 @click.option("--no-html", is_flag=True, help="Skip the HTML report.")
+@click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
+              help="Skip the baselines (each target condition generated with no patch; the "
+                   "unsteered one is the no-injection control).")
 def sweep(config_name: str | None, db: str, experiments: list[str] | None,
           layers: list[int] | None, words: list[str] | None, samples: int | None,
           max_new_tokens: int | None, device: str | None, out_dir: Path | None,
-          no_html: bool) -> None:
+          no_html: bool, no_baselines: bool) -> None:
     """Run generate, judge and report in order. Each resumes: a second run does no new work.
 
     \b
@@ -54,6 +57,7 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
         result = run_sweep(store, config, SweepOptions(
             experiments=experiments, layers=layers, words=words, samples=samples,
             max_new_tokens=max_new_tokens, device=device, out_dir=out_dir, html=not no_html,
+            baselines=not no_baselines,
         ))
     except SweepInterrupted as exc:
         click.echo(f"Interrupted during {exc.stage}: what finished is saved and no later stage "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from patchdb.config import DTYPES, SweepConfig
 from patchdb.errors import ConfigError
-from patchdb.experiments import NO_STEERING
+from patchdb.experiments import BASELINE_LAYER, NO_STEERING
 from patchdb.faults import fault_point
 from patchdb.generate.engine import (
     Completion,
@@ -40,6 +40,7 @@ from patchdb.generate.prompt import render_prompt
 from patchdb.generate.sampling import Sampling, resolve_sampling, rollout_seed
 from patchdb.generate.vectors import ensure_vectors
 from patchdb.store import Rollout, Store, Sweep
+from patchdb.store.baselines import baseline_units
 from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import utcnow
 from patchdb.store.runs import stage_run
@@ -71,6 +72,7 @@ class GenerateOptions:
     compile: bool | None = None  # torch.compile the graphed decode step; None: auto_compile()
     share_prefix: bool = True  # keep the prompt's KV before the injection start once (GPU)
     gpus_per_model: int = 1  # >1: one model copy spread over this many cards (device_map="auto")
+    baselines: bool = True  # also every target condition with no patch (patch_layer -1)
 
 
 # Compiling the decode step costs about a minute per process and batch shape (53 s for a
@@ -188,9 +190,11 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
         config = sweep_config(sweep)
         _check_options(options, config)
         experiments = get_experiments(session, sweep, options.experiments)
+        baselines = (baseline_units(config, experiments, options.words)
+                     if options.baselines else [])
         units = [
             u
-            for u in expected_units(config, experiments, options.layers, options.words)
+            for u in baselines + expected_units(config, experiments, options.layers, options.words)
             if in_shard(u, options.shard)
         ]
         samples = options.samples or config.samples
@@ -389,9 +393,8 @@ def run_generate(
         torch.cuda.set_device(loaded.device)
     layer_map = find_layers(loaded.model)
     check_layer_range(len(layer_map.layers), [config.steer_layer], "steer layer")
-    check_layer_range(
-        len(layer_map.layers), sorted({p.unit.patch_layer for p in plan.pending}), "patch layer"
-    )
+    patch_layers = sorted({p.unit.patch_layer for p in plan.pending} - {BASELINE_LAYER})
+    check_layer_range(len(layer_map.layers), patch_layers, "patch layer")
     prompt = render_prompt(loaded.tokenizer, config.prompt_intro, config.prompt_trial)
     sampling = resolve_sampling(
         loaded.model.generation_config, config.temperature, config.top_k, config.top_p
@@ -430,7 +433,7 @@ def run_generate(
             )
             raw = ensure_vectors(store, loaded, config.steer_layer, words)
             scaled = {w: raw[w].float() * config.strength for w in words}
-            sources = _Sources(engine, sorted({p.unit.patch_layer for p in plan.pending}), scaled)
+            sources = _Sources(engine, patch_layers, scaled)
             _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
                          result, stopper, progress, sampling)
             if stopper.requested:
@@ -532,10 +535,11 @@ def _target_unit(
 ) -> TargetUnit:
     unit = plan.pending[piece.unit_index].unit
     steer = scaled[unit.target_word] if unit.target_word != NO_STEERING else None
+    baseline = unit.patch_layer == BASELINE_LAYER  # no patch: the row's MLPs are left alone
     return TargetUnit(
         steer=steer,
-        patch_layer=unit.patch_layer,
-        patch_values=sources.values(unit.source_word, unit.patch_layer),
+        patch_layer=None if baseline else unit.patch_layer,
+        patch_values=None if baseline else sources.values(unit.source_word, unit.patch_layer),
         seeds=[
             rollout_seed(plan.sweep_name, unit.experiment, unit.patch_layer,
                          unit.source_word, unit.target_word, index)

@@ -11,13 +11,15 @@ detection grader. Which calls are pending depends on the mode:
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.errors import UnknownNameError
-from patchdb.experiments import GRADERS, judged_word
+from patchdb.experiments import BASELINE_LAYER, GRADERS, judged_word
+from patchdb.store.baselines import baseline_units
 from patchdb.store.models import Experiment, JudgeConfig, Judgment, Rollout
 from patchdb.store.sweeps import expected_units
 
@@ -37,10 +39,25 @@ class Call:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which rollouts and graders a run covers: {experiment id: graders}, optional layers."""
+    """Which rollouts and graders a run covers: {experiment id: graders}, optional patch
+    layers, and whether the baselines (patch layer -1) are in, whatever the layers."""
 
     graders: dict[int, tuple[str, ...]]
     layers: tuple[int, ...] | None = None
+    baselines: bool = True
+
+
+Q = TypeVar("Q", bound=Select)
+
+
+def in_scope(query: Q, scope: Scope) -> Q:
+    """Narrow a query over rollouts to the scope's patch layers and baselines."""
+    if scope.layers is not None:
+        extra = (BASELINE_LAYER,) if scope.baselines else ()
+        return query.where(Rollout.patch_layer.in_(scope.layers + extra))
+    if not scope.baselines:
+        return query.where(Rollout.patch_layer != BASELINE_LAYER)
+    return query
 
 
 def graders_for(experiment: Experiment, chosen: Sequence[str] | None) -> tuple[str, ...]:
@@ -83,9 +100,7 @@ def pending_page(
         .order_by(Rollout.id)
         .limit(page)
     )
-    if scope.layers is not None:
-        query = query.where(Rollout.patch_layer.in_(scope.layers))
-    rollouts = session.execute(query).all()
+    rollouts = session.execute(in_scope(query, scope)).all()
     if not rollouts:
         return [], None
     ids = [r.id for r in rollouts]
@@ -119,9 +134,7 @@ def count_pending(session: Session, scope: Scope, config_id: int | None, mode: s
     """How many calls the mode would make now, counted in SQL."""
     total = 0
     for exp_id, graders in scope.graders.items():
-        rollouts = select(Rollout.id).where(Rollout.experiment_id == exp_id)
-        if scope.layers is not None:
-            rollouts = rollouts.where(Rollout.patch_layer.in_(scope.layers))
+        rollouts = in_scope(select(Rollout.id).where(Rollout.experiment_id == exp_id), scope)
         n_rollouts = session.scalar(select(func.count()).select_from(rollouts.subquery())) or 0
         if config_id is None:
             rows = {"all": 0, "unparsed": 0, "errors": 0}
@@ -185,20 +198,36 @@ def call_table(
     mode: str = "only_missing",
 ) -> list[PlanRow]:
     """The call count per experiment (keys x samples x layers x graders), the calls already
-    stored for this judge config, what `mode` would send now and what waits for generate."""
+    stored for this judge config, what `mode` would send now and what waits for generate;
+    each experiment's baselines follow it on a row of their own ("  baseline", one layer)."""
     table: list[PlanRow] = []
+    chosen = tuple(layers) if layers is not None else None
     for exp in experiments:
-        units = expected_units(config, [exp], list(layers) if layers is not None else None)
-        keys = {(u.source_word, u.target_word) for u in units}
-        n_layers = len({u.patch_layer for u in units})
         exp_graders = graders_for(exp, graders)
-        done = present = 0
-        if exp_graders:
-            rollouts = select(Rollout.id).where(Rollout.experiment_id == exp.id)
-            if layers is not None:
-                rollouts = rollouts.where(Rollout.patch_layer.in_(list(layers)))
-            present = session.scalar(select(func.count()).select_from(rollouts.subquery())) or 0
-        if config_id is not None and exp_graders:
+        for name, units, scope in (
+            (exp.name, expected_units(config, [exp], list(chosen) if chosen else None),
+             Scope({exp.id: exp_graders}, chosen, baselines=False)),
+            ("  baseline", baseline_units(config, [exp]),
+             Scope({exp.id: exp_graders}, (), baselines=True)),
+        ):
+            if units:
+                table.append(_plan_row(session, name, units, config.samples, scope, config_id,
+                                       mode))
+    return table
+
+
+def _plan_row(session: Session, name: str, units: Sequence[Any], samples: int, scope: Scope,
+              config_id: int | None, mode: str) -> PlanRow:
+    """One line of the dry-run table: the units' calls, counted against the scope's rollouts."""
+    keys = {(u.source_word, u.target_word) for u in units}
+    n_layers = len({u.patch_layer for u in units})
+    exp_graders = next(iter(scope.graders.values()))
+    done = present = 0
+    if exp_graders:
+        rollouts = in_scope(select(Rollout.id).where(Rollout.experiment_id.in_(scope.graders)),
+                            scope)
+        present = session.scalar(select(func.count()).select_from(rollouts.subquery())) or 0
+        if config_id is not None:
             done = session.scalar(
                 select(func.count()).select_from(Judgment).where(
                     Judgment.judge_config_id == config_id,
@@ -206,13 +235,10 @@ def call_table(
                     Judgment.rollout_id.in_(rollouts),
                 )
             ) or 0
-        calls = len(keys) * config.samples * n_layers * len(exp_graders)
-        scope = Scope({exp.id: exp_graders} if exp_graders else {},
-                      tuple(layers) if layers is not None else None)
-        send = count_pending(session, scope, config_id, mode) if exp_graders else 0
-        table.append(PlanRow(exp.name, len(keys), config.samples, n_layers, len(exp_graders),
-                             calls, done, send, max(0, calls - present * len(exp_graders))))
-    return table
+    calls = len(units) * samples * len(exp_graders)
+    send = count_pending(session, scope, config_id, mode) if exp_graders else 0
+    return PlanRow(name, len(keys), samples, n_layers, len(exp_graders), calls, done, send,
+                   max(0, calls - present * len(exp_graders)))
 
 
 @dataclass(frozen=True)

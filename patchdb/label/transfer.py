@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from patchdb.errors import ImportFormatError
-from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
+from patchdb.experiments import EXPERIMENTS, GRADERS, at_layer, key_label, layer_folder
 from patchdb.store.merge import (
     TABLES,
     MergeResult,
@@ -59,10 +59,10 @@ def export_labels(session: Session, experiment: Experiment, folder: Path,
     files: dict[tuple[int, str], dict[str, list[dict[str, Any]]]] = {}
     for layer, grader, source, target, sample, labeler, value, note, created in rows:
         by_key = files.setdefault((layer, grader), {})
-        by_key.setdefault(key_label(exp, source, target), []).append(
+        by_key.setdefault(key_label(at_layer(exp, layer), source, target), []).append(
             {"sample": sample, "labeler": labeler, "label": bool(value), "note": note,
              "created_at": _iso(created)})
-    return [write_json(folder / f"layer_{layer}" / f"labels_{grader}.json", data)
+    return [write_json(folder / layer_folder(layer) / f"labels_{grader}.json", data)
             for (layer, grader), data in sorted(files.items())]
 
 
@@ -105,7 +105,7 @@ def import_labels(session: Session, layers: list[tuple[str, int, Path]],
             if not isinstance(data, dict):
                 raise ImportFormatError(f"{path}: expected an object {{key: [label, ...]}}")
             for key, entries in data.items():
-                source, target = parse_key(exp, path, key)
+                source, target = parse_key(at_layer(exp, layer), path, key)
                 if not isinstance(entries, list):
                     raise ImportFormatError(f"{path}: key {key!r} must hold a list of labels")
                 for raw in entries:

@@ -45,8 +45,10 @@ def build_report(
     ci: bool = False,
     export_json: bool = False,
     judge_config_id: int | None = None,
+    net: bool = False,
 ) -> Report:
-    """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/."""
+    """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/;
+    `net` plots every rate minus the false-positive rate (patchdb.report.baselines)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     with store.read() as session:
@@ -59,7 +61,7 @@ def build_report(
         reports: list[ExperimentReport] = []
         for experiment, rates in zip(rows, all_rates, strict=True):
             title = f"{experiment.name} (sweep {sweep.name}, steer layer {config.steer_layer})"
-            figure = sweep_figure(rates, title, ci=ci)
+            figure = sweep_figure(rates, title, ci=ci, net=net)
             plot = save_figure(figure, inside(base, base / experiment.name / f"sweep_plot.{fmt}"))
             report = ExperimentReport(experiment.name, plot, experiment_table(rates), rates)
             if export_json:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.experiments import EXPERIMENTS, experiment_keys, key_label
+from patchdb.report.baselines import Baseline, control_of, read_baselines
 from patchdb.report.missing import missing_reasons
 from patchdb.report.stats import effective_n
 from patchdb.store.judge_choice import JudgeChoice, choose_judge_config, describe_judge_config
@@ -25,11 +26,12 @@ __all__ = ["ExperimentRates", "JudgeChoice", "Line", "choose_judge_config",
 
 # Every rate of the sweep, for every judge config (NULL: rollouts no config has judged yet).
 # This is the one pass over the judgments; everything after it works on these few rows.
+# Patch layer -1 holds the baselines (patchdb.report.baselines reads them from their own view).
 RATES_SQL = """
 SELECT experiment, patch_layer, source_word, target_word, judge_config_id,
        COUNT(*) AS n, COUNT(score) AS n_scored, SUM(score) AS successes
 FROM sample_scores
-WHERE sweep = :sweep AND experiment IN :experiments
+WHERE sweep = :sweep AND experiment IN :experiments AND patch_layer <> -1
 GROUP BY experiment, patch_layer, source_word, target_word, judge_config_id
 """
 
@@ -69,6 +71,8 @@ class ExperimentRates:
     keys: list[Line] = field(default_factory=list)
     groups: list[Line] = field(default_factory=list)
     missing: str = ""  # why rates are missing, with numbers and the command that fills them
+    baselines: dict[str, Baseline] = field(default_factory=dict)  # by target word, unpatched
+    control: Baseline | None = None  # the no-injection control: the false-positive rate
 
 
 def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> list[Row[Any]]:
@@ -102,8 +106,11 @@ def experiment_rates(
     result = _arrange(_rate_rows(session, sweep, experiment_names), config, experiment_names,
                       judge_config_id)
     reasons = missing_reasons(session, sweep, config, experiment_names, judge_config_id)
+    baselines = read_baselines(session, sweep.name, judge_config_id)
     for rates in result:
         rates.missing = reasons.get(rates.name, "")
+        rates.baselines = baselines.get(rates.name, {})
+        rates.control = control_of(baselines)
     return result
 
 

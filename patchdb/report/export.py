@@ -5,6 +5,8 @@
     <out>/<experiment>/layer_<L>/judgments_<g>.json   {key: [true|false|null, ...]}
     <out>/<experiment>/layer_<L>/judge_scores.json    {key: rate}
     <out>/<experiment>/layer_<L>/labels_<grader>.json  human labels (see patchdb.label.transfer)
+    <out>/<experiment>/baseline/...                   the same files for the baselines (no patch),
+                                                      keyed by target word ("(none)": the control)
 
 Verdict files take the plan's names: a pair experiment's detection+identification verdicts go
 to judgments_detection.json. Only at a layer where a pair experiment also holds plain detection
@@ -34,7 +36,17 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.errors import PatchdbError
-from patchdb.experiments import EXPERIMENTS, GRADERS, ExperimentDef, experiment_keys, key_label
+from patchdb.experiments import (
+    BASELINE_LAYER,
+    EXPERIMENTS,
+    GRADERS,
+    ExperimentDef,
+    at_layer,
+    baseline_targets,
+    experiment_keys,
+    key_label,
+    layer_folder,
+)
 from patchdb.label.transfer import export_labels
 from patchdb.report.aggregate import ExperimentRates
 from patchdb.store.models import Experiment
@@ -144,13 +156,19 @@ def export_experiment(
     """Write one experiment's JSON files under out_dir/<experiment>/; return their paths."""
     exp = EXPERIMENTS[experiment.name]
     folder = inside(out_dir, out_dir / experiment.name)
-    rank = {key_label(exp, *key): i for i, key in enumerate(
-        experiment_keys(exp, config.positive_words, config.negative_words))}
+    words = (config.positive_words, config.negative_words)
+    rank = {key_label(exp, *key): i for i, key in enumerate(experiment_keys(exp, *words))}
+    rank |= {key_label(at_layer(exp, BASELINE_LAYER), "", t): i
+             for i, t in enumerate(baseline_targets(exp, *words))}
+    scores = layer_scores(rates)
+    if rates.baselines:  # written to baseline/judge_scores.json, never to all_layer_scores.json
+        scores[BASELINE_LAYER] = {key_label(at_layer(exp, BASELINE_LAYER), "", t):
+                                  (None if b.n_scored == 0 else b.rate)
+                                  for t, b in rates.baselines.items()}
 
     def ordered(data: dict[str, Any]) -> dict[str, Any]:
         return {k: data[k] for k in sorted(data, key=lambda k: (rank.get(k, len(rank)), k))}
 
-    scores = layer_scores(rates)
     written: list[Path] = []
     judged_layers: list[int] = []
     rows = session.execute(text(ROLLOUT_VERDICTS_SQL),
@@ -161,20 +179,21 @@ def export_experiment(
         verdicts: dict[str, dict[str, list[bool | None]]] = {g: {} for g in GRADERS}
         for (source, target), key_rows in groupby(layer_rows, key=itemgetter(1, 2)):
             samples = list(key_rows)
-            key = key_label(exp, source, target)
+            key = key_label(at_layer(exp, layer), source, target)
             answers[key] = [r[3] for r in samples]
             for g, grader in enumerate(GRADERS):
                 has, verdict = 4 + 2 * g, 5 + 2 * g
                 if any(r[has] for r in samples):
                     verdicts[grader][key] = [_verdict(r[verdict]) for r in samples]
-        layer_dir = inside(folder, folder / f"layer_{int(layer)}")
+        layer_dir = inside(folder, folder / layer_folder(int(layer)))
         written.append(write_json(layer_dir / "rollouts.json", ordered(answers)))
         names = file_names(exp, {g for g, by_key in verdicts.items() if by_key})
         for judged, name in names.items():
             written.append(write_json(layer_dir / f"judgments_{name}.json",
                                       ordered(verdicts[judged])))
         if any(verdicts.values()):
-            judged_layers.append(layer)
+            if layer != BASELINE_LAYER:
+                judged_layers.append(layer)
             written.append(write_json(layer_dir / "judge_scores.json",
                                       ordered(scores.get(layer, {}))))
     written += export_labels(session, experiment, folder, write_json)

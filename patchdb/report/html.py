@@ -18,12 +18,14 @@ from urllib.parse import urlencode
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from patchdb.experiments import EXPERIMENTS, GRADERS, key_label
+from patchdb.experiments import EXPERIMENTS, GRADERS, at_layer, key_label
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.calibration_html import calibration_section
 from patchdb.report.html_assets import CSS, JS
 from patchdb.report.plots import sweep_figure
+from patchdb.report.tables import control_line, unpatched
 from patchdb.store import Experiment, Rollout, Store, utcnow
+from patchdb.store.baselines import baseline_units
 from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
 
 REPORT_FILE = "report.html"
@@ -50,7 +52,8 @@ def write_html_report(
         sweep = get_sweep(session, sweep_name)
         config = sweep_config(sweep)
         experiments = get_experiments(session, sweep)
-        expected = len(expected_units(config, experiments)) * config.samples
+        expected = len(baseline_units(config, experiments)
+                       + expected_units(config, experiments)) * config.samples
         names = [e.name for e in experiments]
         judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
         total = count_rollouts(session, sweep.id)
@@ -137,7 +140,8 @@ def browser_rollouts(
             "id": r.id,
             "experiment": r.experiment,
             "layer": r.patch_layer,
-            "key": key_label(EXPERIMENTS[r.experiment], r.source_word, r.target_word),
+            "key": key_label(at_layer(EXPERIMENTS[r.experiment], r.patch_layer), r.source_word,
+                             r.target_word),
             "source": r.source_word,
             "target": r.target_word,
             "sample": r.sample_index,
@@ -200,7 +204,15 @@ def rate_table(rates: ExperimentRates) -> str:
             cells.append(f'<td title="{column.n_scored[i]} samples scored; click for the '
                          f'rollouts" style="{shade}"><a href="{link}">{rate:.2f}</a></td>')
         lines.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
+    if rates.baselines:  # the same target conditions with no patch
+        cells = [f"<td>{'' if math.isnan(b) else f'{b:.2f}'}</td>"
+                 for b in (unpatched(rates, column) for column in columns)]
+        lines.append(f'<tr class="baseline"><th title="the same target condition with no '
+                     f'patch">unpatched</th>{"".join(cells)}</tr>')
     lines.append("</tbody></table>")
+    control = control_line(rates)
+    if control is not None:
+        lines.append(f'<p class="note">{escape(control)}</p>')
     return "\n".join(lines)
 
 

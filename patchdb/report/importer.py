@@ -22,7 +22,16 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig, validate
 from patchdb.errors import ConfigError, ImportFormatError
-from patchdb.experiments import EXPERIMENTS, GRADERS, NO_STEERING, ExperimentDef
+from patchdb.experiments import (
+    BASELINE_FOLDER,
+    BASELINE_LAYER,
+    EXPERIMENTS,
+    GRADERS,
+    NO_STEERING,
+    NO_STEERING_LABEL,
+    ExperimentDef,
+    at_layer,
+)
 from patchdb.faults import fault_point
 from patchdb.label.transfer import import_labels
 from patchdb.ranges import format_range
@@ -107,6 +116,10 @@ def _check_word(path: Path, key: str, word: str) -> str:
 
 def parse_key(exp: ExperimentDef, path: Path, key: str) -> Key:
     """A JSON key back to (source word, target word); "" stands for no steering."""
+    if exp.baseline:  # the target word, or "(none)" for the no-injection control
+        if key == NO_STEERING_LABEL:
+            return NO_STEERING, NO_STEERING
+        return NO_STEERING, _check_word(path, key, key)
     if exp.pairs:
         parts = key.split("_to_")
         if len(parts) != 2:
@@ -217,10 +230,15 @@ def _read_experiment(folder: Path, mismatches: list[Path]) -> ExperimentData:
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
-        if child.is_dir():
+        if child.is_dir() and child.name == BASELINE_FOLDER:
+            layer = _read_layer(at_layer(exp, BASELINE_LAYER), child, BASELINE_LAYER, mismatches)
+            if layer is not None:
+                data.layers.append(layer)
+        elif child.is_dir():
             match = _LAYER_DIR.match(child.name)
             if match is None:
-                raise ImportFormatError(f"{child}: expected a folder named layer_<number>")
+                raise ImportFormatError(f"{child}: expected a folder named layer_<number> "
+                                        f"or {BASELINE_FOLDER}")
             layer = _read_layer(exp, child, int(match.group(1)), mismatches)
             if layer is not None:
                 data.layers.append(layer)
@@ -243,11 +261,12 @@ def infer_config(experiments: list[ExperimentData], name: str, model: str,
     for data in experiments:
         exp = EXPERIMENTS[data.name]
         for layer in data.layers:
-            layers.add(layer.layer)
+            if layer.layer != BASELINE_LAYER:
+                layers.add(layer.layer)
             for (source, target), answers in layer.rollouts.items():
                 samples = max(samples, len(answers))
                 for word, side in ((source, exp.source), (target, exp.target)):
-                    if side != "none":
+                    if side != "none" and word != NO_STEERING:  # a baseline has no source
                         (positive if side == "positive" else negative)[word] = None
     if not layers:
         raise ImportFormatError("no rollouts.json found under any layer_<L> folder")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --
     from matplotlib.figure import Figure
 
 from patchdb.report.aggregate import ExperimentRates, Line
+from patchdb.report.baseline_plot import draw_references, net_band, shift_of
 from patchdb.report.stats import mean_rate_band
 
 PAIR_YLABEL = "Coherent & Detect+Identify Rate"
@@ -31,15 +32,23 @@ def _colours(n: int) -> list[tuple[float, float, float, float]]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _band(ax: Axes, layers: list[int], line: Line, colour: Any) -> None:
-    """The bold line's 95% band: built for the mean of key rates that the line draws."""
-    lower, upper = mean_rate_band(line.rates, line.n_effective)
+def _band(ax: Axes, layers: list[int], line: Line, colour: Any,
+          rates: ExperimentRates | None = None) -> None:
+    """The bold line's 95% band: built for the mean of key rates that the line draws (with
+    `rates` given, the net band of that mean minus the false-positive rate)."""
+    if rates is not None:
+        lower, upper = net_band(line, rates)
+    else:
+        lower, upper = mean_rate_band(line.rates, line.n_effective)
     ax.fill_between(layers, lower, upper, color=colour, alpha=0.2, linewidth=0)
 
 
-def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure:
+def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
+                 net: bool = False) -> Figure:
     """Draw one experiment's sweep plot; `ci` adds 95% bands around the bold lines (Wilson
-    intervals of each mean of key rates, see patchdb.report.stats)."""
+    intervals of each mean of key rates, see patchdb.report.stats); the baselines are dashed
+    lines and the false-positive rate a grey band; `net` draws every rate minus the
+    false-positive rate (patchdb.report.baselines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -48,31 +57,39 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False) -> Figure
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     layers = rates.layers
+    shift = shift_of(rates, net)  # 0.0, or the false-positive rate with `net`
+    netted = rates if net else None
     if rates.pairs:
         colour_of = dict(zip([g.target_word for g in rates.groups],
                              _colours(len(rates.groups)), strict=True))
         for line in rates.keys:
-            ax.plot(layers, line.rates, color=colour_of.get(line.target_word, "grey"),
+            ax.plot(layers, [r - shift for r in line.rates],
+                    color=colour_of.get(line.target_word, "grey"),
                     alpha=PAIR_ALPHA, linewidth=1, label="_nolegend_")
         for group in rates.groups:
             colour = colour_of[group.target_word]
-            ax.plot(layers, group.rates, color=colour, linewidth=BOLD_WIDTH, marker="o",
-                    markersize=3, label=group.label)
+            ax.plot(layers, [r - shift for r in group.rates], color=colour, linewidth=BOLD_WIDTH,
+                    marker="o", markersize=3, label=group.label)
             if ci:
-                _band(ax, layers, group, colour)
+                _band(ax, layers, group, colour, netted)
         ax.set_ylabel(PAIR_YLABEL)
     else:
+        colour_of = dict(zip([line.target_word for line in rates.keys],
+                             _colours(len(rates.keys)), strict=True))
         for line, colour in zip(rates.keys, _colours(len(rates.keys)), strict=True):
-            ax.plot(layers, line.rates, color=colour, alpha=SINGLE_ALPHA, linewidth=1.5,
-                    label=line.label)
+            ax.plot(layers, [r - shift for r in line.rates], color=colour, alpha=SINGLE_ALPHA,
+                    linewidth=1.5, label=line.label)
         for group in rates.groups:
-            ax.plot(layers, group.rates, color="black", linewidth=BOLD_WIDTH, marker="o",
-                    markersize=3, label=group.label)
+            ax.plot(layers, [r - shift for r in group.rates], color="black",
+                    linewidth=BOLD_WIDTH, marker="o", markersize=3, label=group.label)
             if ci:
-                _band(ax, layers, group, "black")
+                _band(ax, layers, group, "black", netted)
         ax.set_ylabel(SINGLE_YLABEL)
+    draw_references(ax, rates, colour_of, shift)
+    if net:
+        ax.set_ylabel(f"{ax.get_ylabel()} minus false positives")
     ax.set_xlabel("Patch layer")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-shift, 1 - shift)
     if layers:
         ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

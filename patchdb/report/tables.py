@@ -2,7 +2,7 @@
 
 import math
 
-from patchdb.report.aggregate import ExperimentRates, Line
+from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates, Line
 
 GAP = "-"
 
@@ -28,9 +28,30 @@ def _extreme(line: Line, layers: list[int], layer: int | None) -> str:
     return f"{layer} ({_percent(line.rates[layers.index(layer)])}%)"
 
 
+def unpatched(rates: ExperimentRates, row: Line) -> float:
+    """A row's baseline: its target word's unpatched rate; the mean row's is the mean of its
+    words' (NaN where none is scored)."""
+    if row.label == MEAN_LABEL and not rates.pairs:
+        scored = [b for b in (unpatched(rates, k) for k in rates.keys) if not math.isnan(b)]
+        return sum(scored) / len(scored) if scored else math.nan
+    baseline = rates.baselines.get(row.target_word)
+    return baseline.rate if baseline is not None else math.nan
+
+
+def control_line(rates: ExperimentRates) -> str | None:
+    """The false-positive rate in words, or None without a scored control."""
+    c = rates.control
+    if c is None:
+        return None
+    lower, upper = c.interval()
+    return (f"False positives (no injection, no patch): {_percent(c.rate)}% "
+            f"({c.successes}/{c.n_scored}; 95% CI {_percent(lower)}-{_percent(upper)}%)")
+
+
 def experiment_table(rates: ExperimentRates) -> str:
     """Rows: each target word (pairs: mean over sources) or each word plus the mean; then why
-    rates are missing, if they are."""
+    rates are missing, if they are. With baselines, a "base" column gives each row's unpatched
+    rate, and a last line the false-positive rate."""
     rows = rates.groups if rates.pairs else rates.keys + rates.groups
     what = "mean over source words" if rates.pairs else "per word"
     if not rows:
@@ -38,18 +59,26 @@ def experiment_table(rates: ExperimentRates) -> str:
     layers = rates.layers
     word_width = max(len("word"), *(len(r.label) for r in rows))
     cell = max(3, *(len(str(layer)) for layer in layers))
-    header = " ".join([f"{'word':<{word_width}}", *(f"{layer:>{cell}}" for layer in layers),
-                       f" {'best':<10}", "worst"])
+    base = [f"{'base':>4} |"] if rates.baselines else []
+    header = " ".join([f"{'word':<{word_width}}", *base,
+                       *(f"{layer:>{cell}}" for layer in layers), f" {'best':<10}", "worst"])
     lines = [f"{rates.name}: rate in % by patch layer ({what}; {GAP} = nothing scored)",
              header, "-" * len(header)]
     for row in rows:
         best, worst = best_and_worst(row, layers)
+        base = [f"{_percent(unpatched(rates, row)):>4} |"] if rates.baselines else []
         lines.append(" ".join([
             f"{row.label:<{word_width}}",
+            *base,
             *(f"{_percent(rate):>{cell}}" for rate in row.rates),
             f" {_extreme(row, layers, best):<10}",
             _extreme(row, layers, worst),
         ]))
+    if rates.baselines:
+        lines.append("base: the same target condition with no patch")
+    control = control_line(rates)
+    if control is not None:
+        lines.append(control)
     if rates.missing:
         lines.append(f"{missing_lead(rates)}: {rates.missing}")
     return "\n".join(lines)

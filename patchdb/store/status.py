@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from patchdb.experiments import experiment_keys
+from patchdb.experiments import BASELINE_LAYER, baseline_targets, experiment_keys
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.models import Experiment, Judgment, Rollout, StageRun
 from patchdb.store.runs import effective_status
@@ -158,12 +158,15 @@ def sweep_status(store: Store, sweep_name: str | None,
                              judge_choice=judge.why)
         result.prompt_hash = prompt_hash(sweep.prompt_text)
         result.temperature, result.top_k, result.top_p = sweep.temperature, sweep.top_k, sweep.top_p
-        layers = sorted(set(config.layers) | {layer for _, layer in counts})
+        # the baselines come first, as patch layer -1 (BASELINE_LAYER)
+        layers = sorted(set(config.layers) | {BASELINE_LAYER} | {layer for _, layer in counts})
         for exp in experiments:
-            n_keys = len(experiment_keys(experiment_def(exp), config.positive_words,
-                                         config.negative_words))
+            words = (config.positive_words, config.negative_words)
+            n_keys = len(experiment_keys(experiment_def(exp), *words))
+            n_targets = len(baseline_targets(experiment_def(exp), *words))
             for layer in layers:
-                expected = n_keys * config.samples if layer in config.layers else 0
+                expected = (n_keys * config.samples if layer in config.layers
+                            else n_targets * config.samples if layer == BASELINE_LAYER else 0)
                 judged, unparsed, errors = tallies.get((exp.id, layer), (0, 0, 0))
                 cut_plain, cut_failed = cut.get((exp.id, layer), (0, 0))
                 result.layers.append(
