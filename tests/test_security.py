@@ -131,6 +131,38 @@ def test_credentials_in_a_base_url_are_not_printed(db_path: Path) -> None:
     assert URL_SECRET not in result.output and "http://judge:***@127.0.0.1" in result.output
 
 
+def test_batch_judging_never_stores_prints_or_logs_the_key(tmp_path: Path) -> None:
+    """The same checks over `judge --batch`: an upload refused with the key echoed back, then
+    a batch uploaded, created, polled and collected."""
+    from batch_server import BatchState, batch_server
+
+    db = tmp_path / "store.sqlite"
+    make_store(db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHDB_JUDGE")}
+    env.update(PATCHDB_JUDGE_API_KEY=SENTINEL, OPENROUTER_API_KEY=SENTINEL,
+               OPENAI_API_KEY=SENTINEL, PATCHDB_JUDGE_BATCH_POLL="0.01")
+    state = BatchState(echo_key_on_upload=True)
+    outputs = ""
+    with batch_server(state) as server:
+        for expected in (1, 0):
+            run = subprocess.run(
+                [sys.executable, "-m", "patchdb", "judge", "--db", str(db), "--batch",
+                 "--base-url", server.base_url, "--no-progress"],
+                env=env, capture_output=True, text=True, timeout=120)
+            assert run.returncode == expected, run.stdout + run.stderr
+            outputs += run.stdout + run.stderr
+            state.echo_key_on_upload = False
+    assert state.auth_headers == {f"Bearer {SENTINEL}"} and len(state.billed) == 64
+    for command in (["status"], ["report", "--export-json", "--out", "out"]):
+        result = run_cli(*command, "--db", db)
+        assert result.exit_code == 0, result.output
+        outputs += result.output
+    for secret in (SENTINEL, SENTINEL[:14], SENTINEL[-12:]):
+        assert secret not in outputs
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {str(p): secrets_in(p) for p in files if secrets_in(p)} == {}
+
+
 # --- one redaction rule: secrets go, counts of tokens stay ---------------------------------------
 
 def test_secret_names_are_known_by_their_parts_and_token_counts_are_not_secrets() -> None:
