@@ -256,8 +256,8 @@ class BatchServer:
                     if parts == ["v1", "files"]:
                         state.calls["upload"] += 1
                         if state.echo_key_on_upload:  # as some providers do in error bodies
-                            auth = self.headers.get("Authorization", "")
-                            return self._json({"error": {"message": f"storage down for {auth}"}},
+                            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                            return self._json({"error": {"message": f"no storage for key {key}"}},
                                               500)
                         return self._json(self._upload(data))
                     if parts == ["v1", "batches"]:
