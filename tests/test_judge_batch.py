@@ -13,6 +13,7 @@ from batch_server import BatchServer, BatchState, batch_server
 from conftest import file_digest, run_cli
 from judge_server import make_store
 
+from patchdb.errors import JudgeError
 from patchdb.judge.batch_plan import split
 from patchdb.judge.plan import Call
 
@@ -207,7 +208,7 @@ def test_split_by_bytes_and_requests() -> None:
              for i, size in enumerate([9, 9, 19, 4, 4, 4])]
     chunks = [[c.rollout_id for c in chunk.calls] for chunk in split(iter(items), 3, 20)]
     assert chunks == [[0, 1], [2], [3, 4, 5]]
-    with pytest.raises(ValueError, match="21 bytes, more than the 20-byte"):
+    with pytest.raises(JudgeError, match="21 bytes, more than the 20-byte"):
         list(split(iter([(Call(0, "coherence", "a", "w"), b"x" * 20 + b"\n")]), 3, 20))
 
 

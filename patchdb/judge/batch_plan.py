@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
+from patchdb.errors import JudgeError
 from patchdb.judge.plan import Call, Scope, pending_page
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout
 from patchdb.store.store import Store
@@ -140,8 +141,8 @@ def split(items: Iterator[tuple[Call, bytes]], max_requests: int,
     chunk, size = Chunk([], []), 0
     for call, line in items:
         if len(line) > max_bytes:
-            raise ValueError(f"one request is {len(line):,} bytes, more than the "
-                             f"{max_bytes:,}-byte batch file limit")
+            raise JudgeError(f"one request is {len(line):,} bytes, more than the "
+                             f"{max_bytes:,}-byte batch file limit (--batch-max-bytes)")
         if chunk.calls and (len(chunk.calls) >= max_requests or size + len(line) > max_bytes):
             yield chunk
             chunk, size = Chunk([], []), 0
