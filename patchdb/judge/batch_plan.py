@@ -15,7 +15,7 @@ from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from patchdb.errors import JudgeError
-from patchdb.judge.plan import Call, Scope, pending_page
+from patchdb.judge.plan import Call, Scope, in_scope, pending_page
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout
 from patchdb.store.store import Store
 
@@ -110,8 +110,7 @@ def count_held(session: Session, scope: Scope, config_id: int | None, mode: str)
             .where(JudgeBatch.collected_at.is_(None), JudgeBatchKey.judge_config_id == config_id,
                    Rollout.experiment_id == exp_id, JudgeBatchKey.grader.in_(graders))
         )
-        if scope.layers is not None:
-            query = query.where(Rollout.patch_layer.in_(scope.layers))
+        query = in_scope(query, scope)
         if mode == "only_missing":
             query = query.where(~exists().where(row))
         elif mode == "retry_unparsed":
