@@ -149,6 +149,9 @@ def test_cancelled_batch_is_collected_and_sent_again(db_path: Path, server: Batc
     again = batch(db_path, "--no-wait")
     assert "Submitted 0 batch(es) of 0 calls" in again.output
     assert server.state.calls["upload"] == 1
+    status = run_cli("status", "--db", db_path)
+    assert (f"Judge batches: 1 live ({N_CALLS} requests; `patchdb judge --batch --collect` "
+            "shows and collects them), 0 collected") in status.output
     cancel = batch(db_path, "--cancel")
     assert cancel.exit_code == 0 and "cancelling" in cancel.output
     shown = batch(db_path, "--collect")
@@ -157,6 +160,7 @@ def test_cancelled_batch_is_collected_and_sent_again(db_path: Path, server: Batc
     assert not server.state.billed
     final = batch(db_path)
     assert f"Submitted 1 batch(es) of {N_CALLS} calls" in final.output
+    assert '"batches_live": 0' in run_cli("status", "--db", db_path, "--json").output
     assert one_row_per_key(db_path) and billed_once(server.state)
 
 

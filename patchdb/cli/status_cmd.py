@@ -44,6 +44,10 @@ def render(status: SweepStatus) -> str:
     lines.append(f"Judgments counted: {status.judge_choice}")
     lines.append(f"Judge cost so far: ${status.judge_cost:.4f} "
                  f"({status.judge_configs} judge config(s))")
+    if status.batches_live or status.batches_collected:
+        lines.append(f"Judge batches: {status.batches_live} live "
+                     f"({status.batch_requests_live:,} requests; `patchdb judge --batch "
+                     f"--collect` shows and collects them), {status.batches_collected} collected")
     if status.stages:
         lines.append("")
         lines.append("Recent stages:")

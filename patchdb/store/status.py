@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.experiments import BASELINE_LAYER, baseline_targets, experiment_keys
 from patchdb.store.judge_choice import choose_judge_config
-from patchdb.store.models import Experiment, Judgment, Rollout, StageRun
+from patchdb.store.models import Experiment, JudgeBatch, Judgment, Rollout, StageRun
 from patchdb.store.runs import effective_status
 from patchdb.store.store import Store
 from patchdb.store.sweeps import experiment_def, get_sweep, sweep_config
@@ -57,6 +57,9 @@ class SweepStatus:
     temperature: float | None = None
     top_k: int | None = None  # None until generate resolves and records the sampling
     top_p: float | None = None
+    batches_live: int = 0  # judge batches submitted and not yet collected (judge --batch)
+    batch_requests_live: int = 0
+    batches_collected: int = 0
 
     def totals(self) -> dict[str, int]:
         keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
@@ -174,6 +177,14 @@ def sweep_status(store: Store, sweep_name: str | None,
                                 expected * GRADERS_PER_ROLLOUT, judged, unparsed - cut_plain,
                                 errors - cut_failed, cut_plain + cut_failed)
                 )
+        for live, n, requests in session.execute(
+            select(JudgeBatch.collected_at.is_(None), func.count(), func.sum(JudgeBatch.requests))
+            .where(JudgeBatch.sweep_id == sweep.id).group_by(JudgeBatch.collected_at.is_(None))
+        ):
+            if live:
+                result.batches_live, result.batch_requests_live = int(n), int(requests or 0)
+            else:
+                result.batches_collected = int(n)
         runs = session.scalars(
             select(StageRun).where((StageRun.sweep_id == sweep.id) | StageRun.sweep_id.is_(None))
             .order_by(StageRun.id.desc()).limit(10)
