@@ -4,6 +4,7 @@ After every scenario a rerun ends with exactly one judgment per key and grader, 
 server's own count of the requests it ran (per custom_id) shows nothing ran twice.
 """
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +305,38 @@ def test_batches_at_another_api_keep_their_keys(db_path: Path, server: BatchServ
         assert f"Live batches of this judge config were sent to {server.base_url}" in \
             moved.output
         assert "Submitted 0 batch(es) of 0 calls" in moved.output and not other.state.calls
+
+
+def test_result_lines_are_matched_by_custom_id_and_read_by_the_live_rules() -> None:
+    from patchdb.judge.batch_collect import Prices, read_results
+
+    def ok(cid: str, text: str, finish: str = "stop", cost: float | None = None) -> str:
+        usage = {"prompt_tokens": 10, "completion_tokens": 4, **({"cost": cost} if cost else {})}
+        return json.dumps({"custom_id": cid, "error": None, "response": {
+            "status_code": 200, "body": {"choices": [{"finish_reason": finish, "message": {
+                "content": text}}], "usage": usage}}})
+
+    output = "\n".join([
+        ok("patchdb-r2-coherence-c7", "Fine.\n**NO**"),  # out of order on purpose
+        ok("patchdb-r1-coherence-c7", "Fine. YES", cost=0.25),
+        ok("patchdb-r1-detection-c7", "I cannot say."),
+        ok("patchdb-r1-coherence-c8", "YES"),  # another judge config: not this batch's
+        ok("patchdb-r9-coherence-c7", "YES"),  # a key this batch does not hold
+        "{not json and no id",
+    ]).encode()
+    errors = "\n".join([
+        json.dumps({"custom_id": "patchdb-r2-detection-c7", "response": None,
+                    "error": {"code": "batch_cancelled", "message": "cancelled"}}),
+        json.dumps({"custom_id": "patchdb-r3-coherence-c7", "response": None,
+                    "error": {"code": "request_timeout", "message": "too slow"}}),
+    ]).encode()
+    keys = {(1, "coherence"), (1, "detection"), (2, "coherence"), (2, "detection"),
+            (3, "coherence")}
+    got = read_results([output, errors], keys, 7, Prices(2.0, 4.0, 0.5))
+    assert {k: (v["verdict"], v["error"]) for k, v in got.rows.items()} == {
+        (2, "coherence"): (False, None), (1, "coherence"): (True, None),
+        (1, "detection"): (None, None),
+        (3, "coherence"): (None, "batch request failed: request_timeout: too slow")}
+    assert got.not_run == {(2, "detection")} and got.unknown_lines == 3
+    assert got.rows[(1, "coherence")]["cost"] == 0.25  # the provider's own figure
+    assert got.rows[(2, "coherence")]["cost"] == pytest.approx((10 * 2 + 4 * 4) / 1e6 * 0.5)
