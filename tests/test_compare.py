@@ -160,6 +160,7 @@ def test_a_glob_compares_every_match(two_sweeps: Path) -> None:
                               "SWEEP@judge=ID, e.g. demo@judge=2"),
     (["low", "high", "--judge-config", "1"],
      "Error: --judge-config does not apply to --compare (use SWEEP@judge=ID)"),
+    (["low", "high", "--net"], "Error: --net does not apply to --compare"),
     (["low", "high", "--experiments", "success_to_failure"],
      "Error: unknown experiment 'success_to_failure': none of the compared sweeps has it"),
 ])
@@ -178,3 +179,71 @@ def test_names_without_compare_are_refused(two_sweeps: Path) -> None:
     assert result.exit_code == 1
     assert result.output == ("Error: sweep names as arguments (low high) need --compare; to "
                              "report one sweep use --sweep NAME\n")
+
+
+SINGLE = ["unsteered_to_steered", "steered_to_unsteered"]
+# baselines (patch layer -1, 2 samples each), the samples answered NO, per sweep:
+#   low:  Bread NO on 0 -> 50%; Trees none -> 100%; control (no steering) NO on 1 -> 50%
+#   high: Bread NO on 0, 1 -> 0%; Trees none -> 100%; control NO on 0, 1 -> 0%
+BASELINE_NO = {
+    "low": {("unsteered_to_steered", "Bread"): {0}, ("unsteered_to_steered", "Trees"): set(),
+            ("steered_to_unsteered", ""): {1}},
+    "high": {("unsteered_to_steered", "Bread"): {0, 1}, ("unsteered_to_steered", "Trees"): set(),
+             ("steered_to_unsteered", ""): {0, 1}},
+}
+
+
+def _add_baselines(db: Path, sweep: str) -> None:
+    """The sweep's baseline rollouts, as generate writes them (patch layer -1, source '')."""
+    with sqlite3.connect(db) as conn:
+        for (experiment, target), no in BASELINE_NO[sweep].items():
+            (exp_id,) = conn.execute(
+                "SELECT e.id FROM experiments e JOIN sweeps s ON s.id = e.sweep_id "
+                "WHERE s.name = ? AND e.name = ?", (sweep, experiment)).fetchone()
+            for sample in (0, 1):
+                conn.execute(
+                    "INSERT INTO rollouts (experiment_id, patch_layer, source_word, target_word, "
+                    "sample_index, answer, n_tokens, finish_reason, seed, created_at) "
+                    "VALUES (?, -1, '', ?, ?, ?, 5, 'length', ?, '2026-01-01 00:00:00')",
+                    (exp_id, target, sample, f"Baseline {sample}." + (NO if sample in no else ""),
+                     sample))
+
+
+def test_baselines_are_drawn_and_tabled_per_sweep(db_path: Path, server: FaultServer) -> None:
+    for name, strength in (("low", 2.0), ("high", 6.0)):
+        assert make_store(db_path, name=name, strength=strength, experiments=SINGLE) == 16
+        _add_baselines(db_path, name)
+    assert run_cli("judge", "--db", db_path, "--sweep", "*").exit_code == 0
+    result = run_cli("report", "--db", db_path, "--compare", "low", "high",
+                     "--experiments", "unsteered_to_steered")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = lines.index("unsteered_to_steered: rate in % by patch layer (per word; "
+                        "- = nothing scored)")
+    assert [line.split() for line in lines[table + 1: table + 12]] == [
+        ["word", "sweep", "base", "|", "2", "3"],
+        ["-" * len(lines[table + 1])],
+        ["Bread", "low", "50", "|", "100", "100"], ["Bread", "high", "0", "|", "100", "100"],
+        ["Trees", "low", "100", "|", "100", "100"], ["Trees", "high", "100", "|", "100", "100"],
+        ["Mean", "low", "75", "|", "100", "100"], ["Mean", "high", "50", "|", "100", "100"],
+        "base: the same target condition with no patch".split(),
+        # Wilson 95% intervals: 1/2 -> 0.095-0.905, 0/2 -> 0-0.658 (z^2 / (n + z^2))
+        "low: False positives (no injection, no patch): 50% (1/2; 95% CI 9-91%)".split(),
+        "high: False positives (no injection, no patch): 0% (0/2; 95% CI 0-66%)".split(),
+    ]
+    store = open_store(str(db_path))
+    try:
+        with store.read() as session:
+            comparison = build_comparison(session, ["low", "high"], ["unsteered_to_steered"])
+    finally:
+        store.close()
+    ax = compare_figure(comparison, "unsteered_to_steered").axes[0]
+    references = {line.get_label(): (line.get_linestyle(), line.get_ydata()[0])
+                  for line in ax.get_lines() if "unpatched" in str(line.get_label())
+                  or "false positives" in str(line.get_label())}
+    assert references == {
+        "Bread unpatched [low]": ("-", 0.5), "Trees unpatched [low]": ("-", 1.0),
+        "false positives [low]": ("-", 0.5),
+        "Bread unpatched [high]": ("--", 0.0), "Trees unpatched [high]": ("--", 1.0),
+        "false positives [high]": ("--", 0.0),
+    }

@@ -212,6 +212,7 @@ def test_sweep_runs_the_series_then_compares_it(db_path: Path) -> None:
     assert page.count('<img alt="comparison of rate against patch layer') == 2
     for name in ("d-strength2", "d-strength6"):
         assert Path(f"patchdb_report/{name}/report.html").exists()
+        assert f'<a href="../{name}/report.html">{name}</a>' in page
     again = run_cli("sweep", "--config", config, "--db", db_path)
     assert again.exit_code == 0, again.output
     assert again.output.count("generate: 0 new rollouts") == 2

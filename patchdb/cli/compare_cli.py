@@ -8,7 +8,7 @@ from patchdb.store import open_store
 
 # report options that read or write one sweep: refused with --compare, each by its flag
 _ONE_SWEEP = {"sweep": "--sweep", "export_json": "--export-json", "ci": "--ci",
-              "judge_config": "--judge-config", "corrected": "--corrected"}
+              "judge_config": "--judge-config", "corrected": "--corrected", "net": "--net"}
 
 
 def report_compare(db: str, compared: list[str], compare: bool, *, experiments: list[str] | None,

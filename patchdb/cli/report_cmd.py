@@ -65,7 +65,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
 
         report_compare(db, list(compared), compare, sweep=sweep, experiments=experiments,
                        out_dir=out_dir, export_json=export_json, fmt=fmt, ci=ci,
-                       judge_config=judge_config, html=html, corrected=corrected)
+                       judge_config=judge_config, html=html, corrected=corrected, net=net)
         return
     # a glob: each sweep in its own folder, ./patchdb_report/<sweep> or --out/<sweep>
     if run_per_sweep(db, sweep, lambda name: {"out_dir": None if out_dir is None

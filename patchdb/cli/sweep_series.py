@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from patchdb.config import ConfigSeries, SweepConfig
-from patchdb.report import DEFAULT_REPORT_DIR
+from patchdb.report import DEFAULT_REPORT_DIR, default_out_dir
 from patchdb.report.export import safe_component
 from patchdb.store import open_store
 from patchdb.store.sweeps import register_sweeps
@@ -30,6 +30,7 @@ def run_series(series: ConfigSeries, db: str, out_dir: Path | None, html: bool,
                experiments: list[str] | None) -> None:
     """Register the series, run `patchdb sweep` for each of its sweeps, then compare them."""
     from patchdb.report.compare import describe, run_compare
+    from patchdb.report.html import REPORT_FILE
 
     store = open_store(db, create=True)
     try:
@@ -38,18 +39,20 @@ def run_series(series: ConfigSeries, db: str, out_dir: Path | None, html: bool,
         store.close()
     ctx = click.get_current_context()
     assert ctx.command.callback is not None
+    reports: dict[str, Path] = {}
     for config in series.configs:
         click.echo(f"== sweep {config.name}")
         ctx.meta[MEMBER] = config.name
         own = None if out_dir is None else out_dir / safe_component(config.name)
         ctx.invoke(ctx.command.callback, **{**ctx.params, "out_dir": own})
+        reports[config.name] = (own or default_out_dir(config.name)) / REPORT_FILE
         click.echo("")
     ctx.meta.pop(MEMBER, None)
     base = out_dir if out_dir is not None else DEFAULT_REPORT_DIR / safe_component(series.name)
     store = open_store(db)
     try:
         result = run_compare(store, [c.name for c in series.configs], experiments, base,
-                             html=html)
+                             html=html, reports=reports)
     finally:
         store.close()
     click.echo(f"== series {series.name}: {len(series.configs)} sweeps compared")

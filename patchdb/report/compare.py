@@ -20,6 +20,7 @@ from patchdb.errors import ConfigError, UnknownNameError
 from patchdb.experiments import EXPERIMENTS
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, Line, experiment_rates
 from patchdb.report.export import safe_component
+from patchdb.report.tables import control_line, unpatched
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.status import prompt_hash
 from patchdb.store.sweeps import get_experiments, get_sweep, sweep_config, sweep_names
@@ -230,15 +231,26 @@ def compare_table(comparison: Comparison, experiment: str) -> str:
     word_w = max(4, *(len(w) for w in rows))
     member_w = max(5, *(len(m.label) for m in comparison.members))
     cell = max(3, *(len(str(layer)) for layer in layers))
+    members = [m for m in comparison.members if experiment in m.rates]
+    with_base = any(m.rates[experiment].baselines for m in members)
     header = " ".join([f"{'word':<{word_w}}", f"{'sweep':<{member_w}}",
+                       *([f"{'base':>4} |"] if with_base else []),
                        *(f"{layer:>{cell}}" for layer in layers)])
     out = [f"{experiment}: rate in % by patch layer ({what}; {GAP} = nothing scored)",
            header, "-" * len(header)]
+    by_label = {m.label: m.rates[experiment] for m in members}
     for word, entries in rows.items():
         for label, line, own_layers in entries:
             at = dict(zip(own_layers, line.rates, strict=True))
-            out.append(" ".join([f"{word:<{word_w}}", f"{label:<{member_w}}",
+            base = ([f"{_percent(unpatched(by_label[label], line)):>4} |"] if with_base else [])
+            out.append(" ".join([f"{word:<{word_w}}", f"{label:<{member_w}}", *base,
                                  *(f"{_percent(at.get(layer)):>{cell}}" for layer in layers)]))
+    if with_base:
+        out.append("base: the same target condition with no patch")
+    for m in members:
+        control = control_line(m.rates[experiment])
+        if control is not None:
+            out.append(f"{m.label}: {control}")
     return "\n".join(out)
 
 
@@ -268,9 +280,11 @@ def any_scored(comparison: Comparison, experiment: str) -> bool:
 
 
 def run_compare(store: Any, texts: list[str], experiments: list[str] | None = None,
-                out_dir: Path | None = None, fmt: str = "png", html: bool = False) -> CompareReport:
+                out_dir: Path | None = None, fmt: str = "png", html: bool = False,
+                reports: dict[str, Path] | None = None) -> CompareReport:
     """Build the comparison and write one figure per experiment with any scored rate under
-    `<out_dir>/<experiment>/compare_plot.<fmt>` (and `<out_dir>/compare.html` with `html`)."""
+    `<out_dir>/<experiment>/compare_plot.<fmt>` (and `<out_dir>/compare.html` with `html`,
+    linking each member's own report page given in `reports`)."""
     import io
 
     from patchdb.report import DEFAULT_REPORT_DIR
@@ -297,5 +311,5 @@ def run_compare(store: Any, texts: list[str], experiments: list[str] | None = No
             figure.savefig(buffer, format="png", dpi=90)
             figures[experiment] = buffer.getvalue()
     if html:
-        report.html = write_compare_html(comparison, figures, base)
+        report.html = write_compare_html(comparison, figures, base, reports)
     return report

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from patchdb.report.compare import Comparison, describe, member_settings, rows_of, shared_layers
 from patchdb.report.html_assets import CSS
+from patchdb.report.tables import control_line, unpatched
 from patchdb.store import utcnow
 
 COMPARE_FILE = "compare.html"
@@ -18,34 +19,46 @@ COMPARE_FILE = "compare.html"
 def _table(comparison: Comparison, experiment: str) -> str:
     """Rows: word then sweep; columns: the shared patch layers; blank where nothing is scored."""
     layers = shared_layers(comparison, experiment)
-    head = "".join(f"<th>{layer}</th>" for layer in layers)
+    members = [m for m in comparison.members if experiment in m.rates]
+    with_base = any(m.rates[experiment].baselines for m in members)
+    head = ('<th title="the same target condition with no patch">Unpatched</th>'
+            if with_base else "") + "".join(f"<th>{layer}</th>" for layer in layers)
     out = [f'<table class="rates"><thead><tr><th>Word</th><th>Sweep</th>{head}</tr></thead><tbody>']
     rows: dict[str, list[str]] = {}
-    for m in comparison.members:
-        rates = m.rates.get(experiment)
-        for line in rows_of(rates) if rates is not None else []:
-            at = dict(zip(rates.layers, line.rates, strict=True))  # type: ignore[union-attr]
-            cells = []
-            for layer in layers:
-                rate = at.get(layer, math.nan)
-                cells.append("<td></td>" if math.isnan(rate) else
-                             f'<td style="background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})">'
-                             f"{rate:.2f}</td>")
+    for m in members:
+        rates = m.rates[experiment]
+        for line in rows_of(rates):
+            at = dict(zip(rates.layers, line.rates, strict=True))
+            values = ([unpatched(rates, line)] if with_base else []) + [
+                at.get(layer, math.nan) for layer in layers]
+            cells = ["<td></td>" if math.isnan(rate) else
+                     f'<td style="background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})">'
+                     f"{rate:.2f}</td>" for rate in values]
             rows.setdefault(line.label, []).append(
                 f"<th>{escape(line.label)}</th><th>{escape(m.label)}</th>{''.join(cells)}")
     out += [f"<tr>{row}</tr>" for entries in rows.values() for row in entries]
     out.append("</tbody></table>")
+    for m in members:
+        control = control_line(m.rates[experiment])
+        if control is not None:
+            out.append(f'<p class="muted">{escape(m.label)}: {escape(control)}</p>')
     return "\n".join(out)
 
 
-def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_dir: Path) -> Path:
-    """Write `<out_dir>/compare.html` from the comparison and its PNG figures; return its path."""
+def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_dir: Path,
+                       reports: dict[str, Path] | None = None) -> Path:
+    """Write `<out_dir>/compare.html` from the comparison and its PNG figures; return its path.
+    `reports` maps a member's label to its own report page, linked from the settings table."""
     lines = describe(comparison)
     settings = [member_settings(m) for m in comparison.members]
     shown = ["model", "steer layer", "strength", "prompt", "judge"] + [
         name for name, _ in comparison.differences
         if name not in ("model", "steer layer", "strength", "prompt", "judge")]
-    head = "".join(f"<th>{escape(m.label)}</th>" for m in comparison.members)
+    links = {label: Path(os.path.relpath(page, out_dir)).as_posix()
+             for label, page in (reports or {}).items() if page.exists()}
+    head = "".join(f'<th><a href="{escape(links[m.label])}">{escape(m.label)}</a></th>'
+                   if m.label in links else f"<th>{escape(m.label)}</th>"
+                   for m in comparison.members)
     body = "".join(
         f"<tr><th>{escape(name)}</th>"
         + "".join(f"<td>{escape(s[name])}</td>" for s in settings) + "</tr>"

@@ -1,7 +1,9 @@
 """The comparison figure: one experiment's rates of every compared sweep on shared axes.
 
 A word keeps its colour across sweeps (as in the sweep plot); each sweep has its own line style
-and marker, and the settings in which the sweeps differ are printed above the plot.
+and marker, and the settings in which the sweeps differ are printed above the plot. A sweep's
+baselines are thin lines in its style: each word's unpatched rate in the word's colour, the
+false-positive rate of its no-injection control in grey.
 """
 
 from __future__ import annotations
@@ -10,21 +12,40 @@ import textwrap
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-from patchdb.experiments import EXPERIMENTS
-from patchdb.report.aggregate import MEAN_LABEL
+from patchdb.experiments import EXPERIMENTS, NO_STEERING
+from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates
+from patchdb.report.baseline_plot import CONTROL_COLOUR
 from patchdb.report.compare import Comparison, describe, rows_of, shared_layers
 from patchdb.report.plots import BOLD_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, _colours
 
 # Matplotlib's dash patterns for the names in compare.LINE_STYLES, in the same order.
 DASHES: tuple[Any, ...] = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+REFERENCE_WIDTH = 1.0  # the baselines: thin lines across the plot
+REFERENCE_ALPHA = 0.6
 
 
 def line_label(word: str, member: str) -> str:
     """The label of one drawn line: 'Bread [demo-strength4]'."""
     return f"{word} [{member}]"
+
+
+def _references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any], style: Any,
+                member: str) -> None:
+    """One member's baselines: each target word's unpatched rate (thin, in the word's colour)
+    and the false-positive rate (grey), both in the member's line style."""
+    for target, baseline in rates.baselines.items():
+        if target == NO_STEERING or not baseline.n_scored or target not in colour_of:
+            continue  # the unsteered target's baseline is the control, drawn below
+        ax.axhline(baseline.rate, color=colour_of[target], linestyle=style,
+                   linewidth=REFERENCE_WIDTH, alpha=REFERENCE_ALPHA,
+                   label=line_label(f"{target} unpatched", member))
+    if rates.control is not None:
+        ax.axhline(rates.control.rate, color=CONTROL_COLOUR, linestyle=style,
+                   linewidth=REFERENCE_WIDTH, label=line_label("false positives", member))
 
 
 def compare_figure(comparison: Comparison, experiment: str) -> Figure:
@@ -59,9 +80,17 @@ def compare_figure(comparison: Comparison, experiment: str) -> Figure:
                     color="black" if mean else colour_of[line.label], linestyle=style,
                     marker=marker, markersize=4, linewidth=BOLD_WIDTH if mean else 1.8,
                     label=line_label(line.label, m.label))
+        if rates is not None:
+            _references(ax, rates, colour_of, style, m.label)
     if any(line.label == MEAN_LABEL for m in comparison.members if experiment in m.rates
            for line in rows_of(m.rates[experiment])):
         word_handles.append(Line2D([], [], color="black", linewidth=BOLD_WIDTH, label=MEAN_LABEL))
+    if any(m.rates[experiment].baselines for m in comparison.members if experiment in m.rates):
+        word_handles.append(Line2D([], [], color="dimgray", linewidth=REFERENCE_WIDTH,
+                                   alpha=REFERENCE_ALPHA, label="unpatched (thin)"))
+    if any(m.rates[experiment].control for m in comparison.members if experiment in m.rates):
+        word_handles.append(Line2D([], [], color=CONTROL_COLOUR, linewidth=REFERENCE_WIDTH,
+                                   label="false positives"))
     layers = shared_layers(comparison, experiment)
     ax.set_xlabel("Patch layer")
     ax.set_ylabel(PAIR_YLABEL if EXPERIMENTS[experiment].pairs else SINGLE_YLABEL)
