@@ -340,3 +340,17 @@ def test_result_lines_are_matched_by_custom_id_and_read_by_the_live_rules() -> N
     assert got.not_run == {(2, "detection")} and got.unknown_lines == 3
     assert got.rows[(1, "coherence")]["cost"] == 0.25  # the provider's own figure
     assert got.rows[(2, "coherence")]["cost"] == pytest.approx((10 * 2 + 4 * 4) / 1e6 * 0.5)
+
+
+def test_scope_options_narrow_what_is_submitted(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    layer = batch(db_path, "--layers", "2")
+    assert "Submitted 1 batch(es) of 32 calls" in layer.output, layer.output
+    assert rows(db_path, "SELECT DISTINCT r.patch_layer FROM judgments j "
+                         "JOIN rollouts r ON r.id = j.rollout_id") == [(2,)]
+    coherence = batch(db_path, "--graders", "coherence")
+    assert "Submitted 1 batch(es) of 16 calls" in coherence.output  # layer 3's coherence
+    pair = batch(db_path, "--experiments", "failure_to_success")
+    assert "Submitted 1 batch(es) of 4 calls" in pair.output  # its layer-3 detection calls
+    assert rows(db_path, "SELECT count(*) FROM judgments") == [(52,)]
+    assert set(server.state.billed.values()) == {1}
