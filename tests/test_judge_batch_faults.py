@@ -4,7 +4,7 @@ The process stops itself at a named fault point (PATCHDB_FAULT), the n-th time i
 n drawn from a fixed seed. After every kill a plain rerun ends with exactly one judgment per
 key and grader, the server ran every request once, and it was asked to create exactly one
 batch per batch job: a batch created just before the kill is found by its input file and
-adopted, never created again.
+adopted, never created again. The kills run on SQLite and on PostgreSQL.
 """
 
 import os
@@ -20,6 +20,7 @@ import pytest
 from batch_server import BatchServer, batch_server
 from conftest import run_cli
 from judge_server import make_store
+from pg import query
 
 pytestmark = pytest.mark.faults
 
@@ -41,7 +42,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchServer]:
         yield srv
 
 
-def judge_killed(db: Path, fault: str) -> subprocess.CompletedProcess[str]:
+def judge_killed(db: str | Path, fault: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATCHDB_FAULT": fault}
     return subprocess.run(
         [sys.executable, "-m", "patchdb", "judge", "--db", str(db), "--batch",
@@ -49,20 +50,20 @@ def judge_killed(db: Path, fault: str) -> subprocess.CompletedProcess[str]:
         env=env, capture_output=True, text=True, timeout=120)
 
 
-def one_row_per_key(db: Path) -> list[int]:
-    with sqlite3.connect(db) as conn:
-        counts = conn.execute("""SELECT (SELECT count(*) FROM judgments j
-            WHERE j.rollout_id = r.id AND j.grader = g.grader)
-            FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
-            JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'
-                  UNION SELECT 'detection_identification') g
-              ON g.grader IN ('coherence', e.detection_grader)""").fetchall()
+def one_row_per_key(db: str | Path) -> list[int]:
+    counts = query(db, """SELECT (SELECT count(*) FROM judgments j
+        WHERE j.rollout_id = r.id AND j.grader = g.grader)
+        FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
+        JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'
+              UNION SELECT 'detection_identification') g
+          ON g.grader IN ('coherence', e.detection_grader)""")
     return sorted({c for (c,) in counts}) if len(counts) == N_CALLS else [-1]
 
 
 @pytest.mark.parametrize("point", POINTS)
 def test_kill_then_rerun_judges_each_key_once_and_runs_nothing_twice(
-        db_path: Path, server: BatchServer, point: str) -> None:
+        store_db: str, server: BatchServer, point: str) -> None:
+    db_path = store_db
     make_store(db_path)
     killed = judge_killed(db_path, f"{point}:{KILL_AT[point]}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -75,9 +76,8 @@ def test_kill_then_rerun_judges_each_key_once_and_runs_nothing_twice(
     # an upload whose file id was lost is uploaded again (files are not billed); no other is
     lost_upload = 1 if point == "judge.batch_uploaded" else 0
     assert state.calls["upload"] == N_CALLS // PER_BATCH + lost_upload
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT count(*), sum(collected_at IS NOT NULL), sum(requests) "
-                            "FROM judge_batches").fetchone() == (4, 4, N_CALLS)
+    assert query(db_path, "SELECT count(*), count(collected_at), sum(requests) "
+                          "FROM judge_batches") == [(4, 4, N_CALLS)]
     status = run_cli("status", "--db", db_path)  # the killed run is seen as crashed
     assert "#1 judge     crashed" in status.output and "#2 judge     finished" in status.output
 
