@@ -89,7 +89,7 @@ def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
                      "held until a run with that --base-url collects them.")
             if batch.cancel:
                 ctx.cancel()
-            live = ctx.advance(submit=not batch.collect_only)
+            live = ctx.advance(submit=not (batch.collect_only or batch.cancel))
             if not (batch.collect_only or batch.cancel):
                 live = _submit(ctx, scope, options, batch)
             while live and not batch.no_wait and not batch.collect_only:
