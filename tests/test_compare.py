@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import file_digest, run_cli
 from judge_server import FaultServer, fault_server, make_store
+from test_html_report import browser, needs_chromium
 
 from patchdb.report.compare import build_comparison
 from patchdb.report.compare_plot import compare_figure
@@ -247,3 +248,19 @@ def test_baselines_are_drawn_and_tabled_per_sweep(db_path: Path, server: FaultSe
         "Bread unpatched [high]": ("--", 0.0), "Trees unpatched [high]": ("--", 1.0),
         "false positives [high]": ("--", 0.0),
     }
+
+
+@needs_chromium
+def test_the_page_shows_its_figures_in_chromium(two_sweeps: Path) -> None:
+    result = run_cli("report", "--db", two_sweeps, "--compare", "low", "high", "--html")
+    assert result.exit_code == 0, result.output
+    page = Path("patchdb_report/compare-low-high/compare.html").resolve()
+    with browser(page.as_uri()) as tools:
+        widths = tools.js("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
+        notes = tools.js("Array.from(document.querySelectorAll('p.note')).map(p => p.textContent)")
+        headers = tools.js("Array.from(document.querySelectorAll('table.settings thead th'))"
+                           ".map(th => th.textContent)")
+    assert len(widths) == 2 and all(w >= 900 for w in widths)  # 11 in at 90 dpi
+    assert notes[:2] == ["Comparing: low (solid line), high (dashed line).",
+                         "Differences: strength 2 vs 6."]
+    assert headers == ["Setting", "low", "high"]
