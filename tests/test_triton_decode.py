@@ -16,7 +16,9 @@ class Heads(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
-# bfloat16 on GPUs only: Triton's CPU interpreter mishandles it (float16 stands in here).
+# On a GPU the tests run the compiled kernel; elsewhere Triton's interpreter, where bfloat16 is
+# mishandled (float16 stands in).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
@@ -29,12 +31,12 @@ def test_kernel_matches_sdpa_over_the_valid_positions(
 ) -> None:
     g = torch.Generator().manual_seed(length * 7 + groups)
     batch, max_len = 3, 130
-    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(dtype)
-    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
-    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
+    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(DEVICE, dtype)
+    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE, dtype)
     key[:, :, length:] = 1e4  # stale cache beyond the valid length must not count
     out = triton_decode.decode_attention_triton(
-        query, key, value, torch.tensor(length, dtype=torch.int32), 0.2)
+        query, key, value, torch.tensor(length, dtype=torch.int32, device=DEVICE), 0.2)
     ref = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key[:, :, :length].float(), value[:, :, :length].float(), scale=0.2)
     assert out.shape == query.shape and out.dtype == dtype
@@ -45,18 +47,18 @@ def test_kernel_matches_sdpa_over_the_valid_positions(
 def test_decode_attention_uses_the_kernel_while_a_length_is_set() -> None:
     g = torch.Generator().manual_seed(5)
     batch, heads, kv_heads, max_len, dim = 2, 4, 2, 40, 16
-    query = torch.randn(batch, heads, 1, dim, generator=g)
-    key = torch.randn(batch, kv_heads, max_len, dim, generator=g)
-    value = torch.randn(batch, kv_heads, max_len, dim, generator=g)
-    mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool)
+    query = torch.randn(batch, heads, 1, dim, generator=g).to(DEVICE)
+    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE)
+    mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=DEVICE)
     mask[..., :30] = True
     module = Heads(heads // kv_heads)
     by_mask, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
-    with cache_length(torch.tensor(30, dtype=torch.int32)):
+    with cache_length(torch.tensor(30, dtype=torch.int32, device=DEVICE)):
         by_kernel, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(by_kernel, by_mask, rtol=1e-5, atol=1e-5)
     # the kernel follows the length it is given, not the mask
-    with cache_length(torch.tensor(12, dtype=torch.int32)):
+    with cache_length(torch.tensor(12, dtype=torch.int32, device=DEVICE)):
         shorter, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
     mask[..., 12:] = False
     expected, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
@@ -71,16 +73,133 @@ def test_kernel_attends_to_a_shared_prefix_then_each_rows_own(
 ) -> None:
     g = torch.Generator().manual_seed(prefix_len + length)
     batch, kv_heads, groups, dim, max_len = 3, 2, 4, 32, 80
-    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(dtype)
-    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
-    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(dtype)
-    p_key = torch.randn(kv_heads, prefix_len, dim, generator=g).to(dtype)
-    p_value = torch.randn(kv_heads, prefix_len, dim, generator=g).to(dtype)
+    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(DEVICE, dtype)
+    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE, dtype)
+    p_key = torch.randn(kv_heads, prefix_len, dim, generator=g).to(DEVICE, dtype)
+    p_value = torch.randn(kv_heads, prefix_len, dim, generator=g).to(DEVICE, dtype)
     out = triton_decode.decode_attention_triton(
-        query, key, value, torch.tensor(length, dtype=torch.int32), 0.2, (p_key, p_value))
+        query, key, value, torch.tensor(length, dtype=torch.int32, device=DEVICE), 0.2,
+        (p_key, p_value))
     full_k = torch.cat([p_key.expand(batch, -1, -1, -1), key[:, :, :length]], dim=2)
     full_v = torch.cat([p_value.expand(batch, -1, -1, -1), value[:, :, :length]], dim=2)
     ref = torch.nn.functional.scaled_dot_product_attention(
         query.float(), full_k.float(), full_v.float(), scale=0.2)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                lengths: list[int], scale: float,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                window: int | None = None) -> torch.Tensor:
+    """SDPA in float64 on the CPU over [prefix, own cache] with a per-row mask built from positions: row i
+    sees the prefix and its first lengths[i] own positions, and, with a window, only positions
+    after its query's position minus the window (the query sits at the last seen position)."""
+    batch = query.shape[0]
+    p_len = prefix[0].shape[1] if prefix is not None else 0
+    keys, values = key.cpu().double(), value.cpu().double()
+    if prefix is not None:
+        keys = torch.cat([prefix[0].cpu().double().expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([prefix[1].cpu().double().expand(batch, -1, -1, -1), values], dim=2)
+    at = torch.arange(keys.shape[2])
+    mask = torch.stack([at < p_len + n for n in lengths])
+    if window is not None:
+        query_at = torch.tensor([p_len + n - 1 for n in lengths])
+        mask &= at[None, :] > query_at[:, None] - window
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.cpu().double(), keys, values, attn_mask=mask[:, None, None, :], scale=scale
+    ).to(query.device, torch.float32)
+
+
+def gemma_like(batch: int, groups: int, max_len: int, prefix_len: int, dtype: torch.dtype,
+               seed: int) -> tuple[torch.Tensor, ...]:
+    """Query, keys, values (and prefix keys and values) of a small grouped-query layer, with
+    stale cache entries large enough to show if a masked position is ever read."""
+    g = torch.Generator().manual_seed(seed)
+    kv_heads, dim = 2, 32
+    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(DEVICE, dtype)
+    key = (torch.randn(batch, kv_heads, max_len, dim, generator=g) * 3).to(DEVICE, dtype)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE, dtype)
+    p_key = (torch.randn(kv_heads, prefix_len, dim, generator=g) * 3).to(DEVICE, dtype)
+    p_value = torch.randn(kv_heads, prefix_len, dim, generator=g).to(DEVICE, dtype)
+    return query, key, value, p_key, p_value
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups,prefix_len", [(2, 0), (2, 37), (4, 20), (1, 5)])
+def test_rows_of_different_lengths_each_see_only_their_own(
+    dtype: torch.dtype, groups: int, prefix_len: int
+) -> None:
+    # 11 rows: more than one program's worth (8 rows of 2 query heads) and not a multiple of it
+    batch, max_len = 11, 70
+    query, key, value, p_key, p_value = gemma_like(batch, groups, max_len, prefix_len, dtype, 3)
+    lengths = [1, 70, 33, 2, 64, 65, 17, 40, 9, 31, 70]
+    for i, n in enumerate(lengths):
+        key[i, :, n:] = 1e4  # a row's stale positions must not count
+    prefix = (p_key, p_value) if prefix_len else None
+    out = triton_decode.decode_attention_triton(
+        query, key, value, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), 0.2, prefix)
+    ref = masked_sdpa(query, key, value, lengths, 0.2, prefix)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,ragged", [(1, False), (30, False), (50, True), (90, True)])
+def test_a_window_keeps_only_the_last_positions_prefix_included(
+    dtype: torch.dtype, window: int, ragged: bool
+) -> None:
+    batch, max_len, prefix_len = 5, 60, 40
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, window)
+    lengths = [12, 60, 1, 35, 47] if ragged else [45] * batch
+    length = torch.tensor(lengths if ragged else 45, dtype=torch.int32, device=DEVICE)
+    out = triton_decode.decode_attention_triton(
+        query, key, value, length, 0.2, (p_key, p_value), window=window)
+    ref = masked_sdpa(query, key, value, lengths, 0.2, (p_key, p_value), window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    # the window changed the answer: without it every row sees its whole cache
+    assert not torch.allclose(out.float(), masked_sdpa(query, key, value, lengths, 0.2,
+                                                       (p_key, p_value)), atol=1e-3)
+
+
+@pytest.mark.parametrize("tuning", [
+    triton_decode.Tuning(16, 16, 4, 2), triton_decode.Tuning(32, 32, 4, 3),
+    triton_decode.Tuning(64, 64, 8, 2), triton_decode.Tuning(16, 128, 2, 1),
+])
+def test_every_launch_shape_gives_the_same_attention(tuning: triton_decode.Tuning) -> None:
+    # 19 rows of 2 query heads: 1 to 3 programs, the last partly empty, whatever the shape
+    batch, max_len, prefix_len = 19, 50, 30
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, torch.float32, 8)
+    lengths = [(7 * i) % 50 + 1 for i in range(batch)]
+    out = triton_decode.decode_attention_triton(
+        query, key, value, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), 0.2, (p_key, p_value),
+        tuning=tuning)
+    ref = masked_sdpa(query, key, value, lengths, 0.2, (p_key, p_value))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lengths_must_be_one_or_one_a_row() -> None:
+    query, key, value, _, _ = gemma_like(3, 2, 8, 0, torch.float32, 1)
+    with pytest.raises(ValueError, match="one length per row"):
+        triton_decode.decode_attention_triton(
+            query, key, value, torch.tensor([4, 4], dtype=torch.int32, device=DEVICE), 0.2)
+
+
+def test_decode_attention_gives_the_kernel_a_sliding_layers_window() -> None:
+    g = torch.Generator().manual_seed(9)
+    batch, heads, kv_heads, max_len, dim, window = 2, 4, 2, 40, 16, 8
+    query = torch.randn(batch, heads, 1, dim, generator=g).to(DEVICE)
+    key = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE)
+    value = torch.randn(batch, kv_heads, max_len, dim, generator=g).to(DEVICE)
+    # the mask a sliding layer gets for a query at position 29: positions 22..29
+    mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=DEVICE)
+    mask[..., 30 - window:30] = True
+    module = Heads(heads // kv_heads)
+    by_mask, _ = decode_attention(module, query, key, value, mask, scaling=0.25,
+                                  sliding_window=window)
+    with cache_length(torch.tensor(30, dtype=torch.int32, device=DEVICE)):
+        by_kernel, _ = decode_attention(module, query, key, value, mask, scaling=0.25,
+                                        sliding_window=window)
+    torch.testing.assert_close(by_kernel, by_mask, rtol=1e-5, atol=1e-5)

@@ -4,9 +4,10 @@ With one query token a row (two per KV head after packing grouped-query heads) a
 the static cache, the fused kernel SDPA picks on an H100 reads the cache at well under half the
 card's bandwidth: attention was a third of a 27B model's decode step (scripts/probe_step.py).
 While a decode step is captured, `cache_length` names the device scalar holding the cache's valid
-length, and attention runs patchdb's Triton kernel (triton_decode.py), which streams each KV head
-once. Elsewhere (no Triton, the CPU, other head sizes) it packs the query heads by the KV head
-they share and calls SDPA, as transformers does outside torch.compile.
+length, and attention runs patchdb's Triton kernel (triton_decode.py), which streams each row's
+KV cache once and the shared prefix once for several rows. Elsewhere (no Triton, the CPU, other
+head sizes) it packs the query heads by the KV head they share and calls SDPA, as transformers
+does outside torch.compile.
 
 The function is never traced by torch.compile (a compiled decoder layer calls it eagerly), so
 its Python branches are plain Python.
@@ -79,7 +80,11 @@ def decode_attention(
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     length = _LENGTH[0]
     if length is not None and triton_decode.available(query) and dim & (dim - 1) == 0:
-        out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix)
+        # a sliding-window layer's window (positions counted from the shared prefix's first);
+        # the mask says the same on the SDPA path
+        window = kwargs.get("sliding_window")
+        out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix,
+                                                    window=window)
     else:
         if prefix is not None:  # without the kernel the prefix joins every row's keys
             key, value, attention_mask = _join_prefix(prefix, key, value, attention_mask)

@@ -1,15 +1,24 @@
 """A Triton kernel for the decode step's attention: one query token per row against a static
-KV cache whose valid length is a device scalar (so a captured CUDA graph can replay it).
+KV cache whose valid length is a device tensor (so a captured CUDA graph can replay it).
 
-One program per (row, KV head) streams that head's keys and values once, in blocks, with an
-online softmax over the query heads that share it (grouped-query attention, padded to the 16 rows
-tl.dot needs). Every row of a decode batch is at the same step, so one length serves all rows.
+One program takes a few rows of one KV head, holding every query head of those rows that shares
+the head (grouped-query attention) as one block of at least 16 query lines, the smallest tl.dot
+takes. It reads the prefix every row shares (when there is one) once for all its rows, then
+streams each row's own keys and values once, in blocks, with an online softmax. The first
+layout, one program per row and KV head, read the shared prefix again for every row (from L2, but
+more bytes than the rows' own cache): on an H200 at 1,040 rows, a 150-position prefix and 77 own
+positions, 0.48 ms a layer against 0.20 ms now (docs/performance.md, scripts/probe_decode.py).
 
-Triton is optional: it ships with CUDA builds of torch. Without it (or on the CPU) `available()`
-is False and attention.py uses PyTorch's SDPA instead.
+Lengths are one int32 scalar (every row at the same step) or one per row (ragged rows);
+`window` keeps only the last `window` positions before and at the query, as a sliding-window
+layer does. Triton is optional: it ships with CUDA builds of torch. Without it (or on the CPU)
+`available()` is False and attention.py uses PyTorch's SDPA instead.
 """
 
+import os
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -20,109 +29,174 @@ try:  # pragma: no cover - depends on the torch build
 except ImportError:  # pragma: no cover
     triton = None
 
-BLOCK = 64
+NO_WINDOW = 1 << 30
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch shape: `lines` query lines a program holds (rows x padded query heads per KV head,
+    at least 16), `block` cache positions per step, and Triton's num_warps / num_stages."""
+
+    lines: int = 16
+    block: int = 32
+    warps: int = 2
+    stages: int = 3
+
+
+DEFAULT = Tuning()  # the fastest at 1,040 rows in two sweeps on an H200 (scripts/probe_decode.py)
 
 
 def available(tensor: torch.Tensor) -> bool:
     """Whether the kernel can run on this tensor's device (CUDA, or Triton's CPU interpreter)."""
     if triton is None:
         return False
-    import os
-
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:  # pragma: no cover - compiled for the GPU, or interpreted in tests
 
     @triton.jit
-    def _attend(q, k_base, v_base, s_kl, s_vl, length, scale, best, total, acc,
-                d, offs, BLOCK_L: tl.constexpr, IEEE: tl.constexpr):
-        """Online softmax of q against positions 0..length-1 of one head's keys and values."""
-        for start in range(0, length, BLOCK_L):
-            pos = start + offs
-            ok = pos < length
-            k = tl.load(k_base + pos[:, None] * s_kl + d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(ok[None, :], s * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, 1))
-            alpha = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + pos[:, None] * s_vl + d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            best = new_best
-        return best, total, acc
+    def _update(q, k, v, seen, scale, best, total, acc, IEEE: tl.constexpr):
+        """One block of the online softmax: scores of every query line against the block's
+        keys, kept where `seen` ([lines, block]) holds, folded into best/total/acc."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(seen, s * scale, float("-inf"))
+        # best starts finite (-1e30), so a line that sees nothing in a block keeps its state
+        # exactly: alpha is exp(0) and p is 0.
+        new_best = tl.maximum(best, tl.max(s, 1))
+        alpha = tl.exp(best - new_best)
+        p = tl.exp(s - new_best[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return new_best, total, acc
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr, prefix_len, scale,
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
+                       batch, prefix_len, window, scale, s_len,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
-                       GROUPS: tl.constexpr, G_PAD: tl.constexpr, DIM: tl.constexpr,
-                       BLOCK_L: tl.constexpr, IEEE: tl.constexpr):
-        row = tl.program_id(0)
+                       GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
+                       LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
+                       RAGGED: tl.constexpr, IEEE: tl.constexpr):
+        first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
-        length = tl.load(len_ptr)
-        g = tl.arange(0, G_PAD)
+        line = tl.arange(0, LINES)
+        local = line // G_PAD  # which of the program's rows a query line belongs to
+        g = line % G_PAD
+        row = first + local
+        ok = (g < GROUPS) & (local < ROWS) & (row < batch)
+        safe_row = tl.minimum(row, batch - 1)
         d = tl.arange(0, DIM)
         offs = tl.arange(0, BLOCK_L)
-        g_ok = g < GROUPS
-        q = tl.load(q_ptr + row * s_qb + head * s_qh + g[:, None] * s_qg + d[None, :],
-                    mask=g_ok[:, None], other=0.0)
-        best = tl.full([G_PAD], float("-inf"), tl.float32)
-        total = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, DIM], tl.float32)
-        # The prefix every row shares (read by all rows, so mostly from L2), then the row's own.
-        best, total, acc = _attend(q, pk_ptr + head * s_pkh, pv_ptr + head * s_pvh, s_pkl, s_pvl,
-                                   prefix_len, scale, best, total, acc, d, offs, BLOCK_L, IEEE)
-        best, total, acc = _attend(q, k_ptr + row * s_kb + head * s_kh,
-                                   v_ptr + row * s_vb + head * s_vh, s_kl, s_vl,
-                                   length, scale, best, total, acc, d, offs, BLOCK_L, IEEE)
-        out = acc / total[:, None]
-        tl.store(o_ptr + row * s_ob + head * s_oh + g[:, None] * s_og + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+        q = tl.load(q_ptr + safe_row[:, None] * s_qb + head * s_qh + g[:, None] * s_qg + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        lens = tl.load(len_ptr + safe_row * s_len)  # each line's row length
+        lens = tl.where(ok, lens, 0)
+        # the first position (prefix positions count first) a line's query sees
+        lowest = prefix_len + lens - window
+        best = tl.full([LINES], -1e30, tl.float32)
+        total = tl.zeros([LINES], tl.float32)
+        acc = tl.zeros([LINES, DIM], tl.float32)
+        # The shared prefix: every line of the program against each block, read once for all.
+        pk_base = pk_ptr + head * s_pkh
+        pv_base = pv_ptr + head * s_pvh
+        for start in range(0, prefix_len, BLOCK_L):
+            pos = start + offs
+            inside = pos < prefix_len
+            k = tl.load(pk_base + pos[:, None] * s_pkl + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(pv_base + pos[:, None] * s_pvl + d[None, :], mask=inside[:, None], other=0.0)
+            seen = ok[:, None] & inside[None, :] & (pos[None, :] >= lowest[:, None])
+            best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+        # Each row's own cache, the rows one after another in one pipelined loop: a block of
+        # row r updates only r's lines.
+        longest = tl.max(lens, 0)
+        blocks = tl.cdiv(longest, BLOCK_L)
+        for step in range(0, ROWS * blocks):
+            r = step // blocks
+            start = (step - r * blocks) * BLOCK_L
+            this_row = first + r
+            mine = ok & (local == r)
+            if RAGGED:
+                length = tl.max(tl.where(mine, lens, 0), 0)
+            else:
+                length = tl.where(this_row < batch, longest, 0)
+            pos = start + offs
+            inside = pos < length
+            this_row = tl.minimum(this_row, batch - 1)
+            k = tl.load(k_ptr + this_row * s_kb + head * s_kh + pos[:, None] * s_kl + d[None, :],
+                        mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptr + this_row * s_vb + head * s_vh + pos[:, None] * s_vl + d[None, :],
+                        mask=inside[:, None], other=0.0)
+            seen = (mine[:, None] & inside[None, :]
+                    & (prefix_len + pos[None, :] >= lowest[:, None]))
+            best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+        out = acc / tl.where(ok, total, 1.0)[:, None]  # lines outside the batch stay unstored
+        tl.store(o_ptr + safe_row[:, None] * s_ob + head * s_oh + g[:, None] * s_og + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@cache
+def _multiprocessors(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
+    """Rows a program takes: as many as its query lines hold, fewer where that would leave
+    the GPU's multiprocessors with under four programs each."""
+    assert triton is not None
+    rows = max(1, lines // g_pad)
+    if query.is_cuda:
+        batch, kv_heads = query.shape[:2]
+        floor = 4 * _multiprocessors(query.device.index or 0)
+        while rows > 1 and triton.cdiv(batch, rows) * kv_heads < floor:
+            rows //= 2
+    return rows
 
 
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             length: torch.Tensor, scale: float,
-                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            window: int | None = None, tuning: Tuning = DEFAULT) -> torch.Tensor:
     """query [b, kv_heads, groups, d] (query heads packed by the KV head they share); key and
-    value [b, kv_heads, max_len, d], of which the first `length` (int32 device scalar) positions
-    count; `prefix`: keys and values [kv_heads, prefix_len, d] that every row attends to before
-    its own. Returns [b, kv_heads, groups, d]."""
+    value [b, kv_heads, max_len, d], of which the first `length` positions count (an int32
+    device scalar, or int32 [b], one length a row); `prefix`: keys and values
+    [kv_heads, prefix_len, d] that every row attends to before its own; `window`: a query sees
+    only the last `window` positions up to its own (the prefix's counted first).
+    Returns [b, kv_heads, groups, d]."""
     assert triton is not None
     batch, kv_heads, groups, dim = query.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("keys and values need a contiguous last dimension")
     if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
         raise ValueError("prefix keys and values need a contiguous last dimension")
+    if length.dim() > 1 or (length.dim() == 1 and length.shape[0] != batch):
+        raise ValueError("length is one scalar or one length per row")
     query = query.contiguous()
     out = torch.empty_like(query)
-    grid: Any = (batch, kv_heads)
-    guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
-    with guard:
-        _launch(grid, query, key, value, prefix, out, length, scale, groups, dim)
-    return out
-
-
-def _launch(grid: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            prefix: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor,
-            length: torch.Tensor, scale: float, groups: int, dim: int) -> None:
-    assert triton is not None
+    g_pad = triton.next_power_of_2(groups)
+    rows = _rows_per_program(query, tuning.lines, g_pad)
+    grid: Any = (triton.cdiv(batch, rows), kv_heads)
     p_keys, p_values = prefix if prefix is not None else (key[0], value[0])
     prefix_len = prefix[0].shape[1] if prefix is not None else 0
-    _decode_kernel[grid](
-        query, key, value, p_keys, p_values, out, length, prefix_len, scale,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        p_keys.stride(0), p_keys.stride(1), p_values.stride(0), p_values.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim, BLOCK_L=BLOCK,
-        IEEE=query.dtype == torch.float32, num_warps=4,
-    )
+    guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
+    with guard:
+        _decode_kernel[grid](
+            query, key, value, p_keys, p_values, out, length,
+            batch, prefix_len, NO_WINDOW if window is None else window, scale,
+            length.stride(0) if length.dim() == 1 else 0,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            p_keys.stride(0), p_keys.stride(1), p_values.stride(0), p_values.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            GROUPS=groups, G_PAD=g_pad, ROWS=rows, LINES=max(16, rows * g_pad), DIM=dim,
+            BLOCK_L=tuning.block, RAGGED=length.dim() == 1, IEEE=query.dtype == torch.float32,
+            num_warps=tuning.warps, num_stages=tuning.stages,
+        )
+    return out
