@@ -264,3 +264,28 @@ def test_the_page_shows_its_figures_in_chromium(two_sweeps: Path) -> None:
     assert notes[:2] == ["Comparing: low (solid line), high (dashed line).",
                          "Differences: strength 2 vs 6."]
     assert headers == ["Setting", "low", "high"]
+
+
+def test_sweeps_from_two_stores_compare_after_merge(tmp_path: Path, server: FaultServer) -> None:
+    """One sweep per machine, each judged there; merged into one store, they compare as if
+    they had run in one place (the same rates as test_compare_prints_differences_and_tables)."""
+    boxes = {"low": tmp_path / "box_low.sqlite", "high": tmp_path / "box_high.sqlite"}
+    for (name, db), strength in zip(boxes.items(), (2.0, 6.0), strict=True):
+        assert make_store(db, name=name, strength=strength, experiments=EXPERIMENTS) == 16
+    _say_no(boxes["low"], "low", "unsteered_to_steered", 3, "Bread", (1,))
+    _say_no(boxes["high"], "high", "unsteered_to_steered", 3, "Trees", (0,))
+    for db in boxes.values():
+        assert run_cli("judge", "--db", db).exit_code == 0
+    merged = run_cli("merge", boxes["high"], "--db", boxes["low"])
+    assert merged.exit_code == 0, merged.output
+    result = run_cli("report", "--db", boxes["low"], "--compare", "low", "high",
+                     "--experiments", "unsteered_to_steered")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == "Differences: strength 2 vs 6."
+    assert lines[2].startswith("Same: model tiny; steer layer 1; prompt not rendered yet; "
+                               "judge #1 (openai: openai/gpt-5-nano, reasoning medium, ")
+    rows = [line.split() for line in lines[7:13]]
+    assert rows == [["Bread", "low", "100", "50"], ["Bread", "high", "100", "100"],
+                    ["Trees", "low", "100", "100"], ["Trees", "high", "100", "50"],
+                    ["Mean", "low", "100", "75"], ["Mean", "high", "100", "75"]]
