@@ -4,6 +4,10 @@ Set `PATCHDB_FAULT=<point>:<n>[:<signal>]` and the process sends itself the sign
 SIGKILL) the n-th time it passes `fault_point("<point>")`. Tests use it to kill or interrupt a stage
 at an exact place (after unit n, after judge write batch n, ...) instead of sleeping and hoping.
 Several faults can be given, separated by commas. Unset, a fault point costs one dict lookup.
+`judge --batch` passes judge.batch_uploaded and judge.batch_created (right after each call,
+before the store records it), judge.batch_collected_file (after each file download),
+judge.batch_collect_chunk (after each chunk of judgments is written) and judge.batch_poll
+(before each wait for live batches).
 """
 
 import os
