@@ -85,12 +85,13 @@ def test_no_baselines_skips_them_and_a_later_run_adds_only_them(tmp_path: Path,
     assert {(exp, tgt) for exp, tgt, _ in baselines(db)} == BASELINE_KEYS
 
 
-def test_words_narrow_the_baselines_and_leave_out_the_control(tmp_path: Path,
-                                                               model_dir: Path) -> None:
+def test_words_narrow_the_baselines_but_keep_the_control(tmp_path: Path,
+                                                          model_dir: Path) -> None:
     db = init_store(tmp_path, model_dir)
     result = run_cli("generate", "--db", db, "--quiet", "--words", "Dust", "--layers", "2")
     assert result.exit_code == 0, result.output
-    assert {(exp, tgt) for exp, tgt, _ in baselines(db)} == {("success_to_failure", "Dust")}
+    assert {(exp, tgt) for exp, tgt, _ in baselines(db)} == {("success_to_failure", "Dust"),
+                                                               ("steered_to_unsteered", "")}
 
 
 def test_a_killed_run_resumes_to_the_same_baselines(tmp_path: Path, model_dir: Path) -> None:

@@ -17,7 +17,7 @@ from judge_server import FaultServer, fault_server
 from pg import query
 from tiny_models import save_tiny_llama
 
-ROLLOUTS = 32  # 4 experiments x 2 keys x 2 patch layers x 2 samples
+ROLLOUTS = 44  # (4 experiments x 2 keys x 2 patch layers + 6 baselines) x 2 samples
 GRADERS_PER_ROLLOUT = 2  # coherence and the experiment's detection grader
 
 

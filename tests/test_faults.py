@@ -27,7 +27,7 @@ pytestmark = pytest.mark.faults
 
 SEED = 9  # the kill points are drawn from this seed
 SAMPLES = 2
-UNITS = 16  # 4 experiments x 2 keys x 2 patch layers
+UNITS = 22  # 4 experiments x 2 keys x 2 patch layers, and 6 baselines (one per target condition)
 JUDGE_SAMPLES = 6  # 8 keys x 2 layers x 6 samples = 96 rollouts, 192 judge calls
 
 
@@ -72,8 +72,13 @@ def expected_keys() -> list[tuple]:
         "steered_to_unsteered": [("Bread", ""), ("Trees", "")],
         "unsteered_to_steered": [("", "Bread"), ("", "Trees")],
     }
-    return sorted((exp, layer, src, tgt, i) for exp, ks in keys.items() for layer in (2, 3)
-                  for src, tgt in ks for i in range(SAMPLES))
+    # and one baseline (patch layer -1, no source) per target condition of each experiment
+    baselines = [("failure_to_success", "Bread"), ("failure_to_success", "Trees"),
+                 ("success_to_failure", "Dust"), ("steered_to_unsteered", ""),
+                 ("unsteered_to_steered", "Bread"), ("unsteered_to_steered", "Trees")]
+    return sorted([(exp, layer, src, tgt, i) for exp, ks in keys.items() for layer in (2, 3)
+                   for src, tgt in ks for i in range(SAMPLES)]
+                  + [(exp, -1, "", tgt, i) for exp, tgt in baselines for i in range(SAMPLES)])
 
 
 def assert_whole_units(db: str | Path) -> int:

@@ -194,9 +194,10 @@ def test_samples_option_generates_the_first_indexes_only(tmp_path: Path, model_d
     assert result.exit_code == 0, result.output
     got = rollouts(db)
     assert {k[4] for k in got} == {0}
-    assert all("Dust" in (k[2], k[3]) for k in got)
-    # (Bread, Dust), (Trees, Dust), (Dust, Bread), (Dust, Trees) x 2 layers, and Dust's baseline
-    assert len(got) == 9
+    assert all("Dust" in (k[2], k[3]) for k in got if k[:4] != ("steered_to_unsteered", -1, "", ""))
+    # (Bread, Dust), (Trees, Dust), (Dust, Bread), (Dust, Trees) x 2 layers, Dust's baseline and
+    # the no-injection control (the reference of every word)
+    assert len(got) == 10
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ FIRST = ("Ctrl-C: stopping after the current batch; every finished unit is kept.
          "Press Ctrl-C again to stop now.")
 SECOND = "Ctrl-C again: stopping now; the batch in progress is dropped."
 SAVED = "Interrupted: every finished unit is saved; run again to resume."
-SAMPLES = 2  # init_store's sweep: 16 units of 2 samples
+SAMPLES = 2  # init_store's sweep: 16 units and 6 baselines of 2 samples
 # Ctrl-C just before batch 2 decodes, then a stop at the start of step 3 of its 6 decode steps
 # (batch 1 passes decode_step 6 times).
 STOP_IN_BATCH_2 = "generate.batch_started:2:INT,generate.decode_step:9:STOP"
@@ -113,7 +113,7 @@ def test_a_second_ctrl_c_stops_the_decode_now_and_keeps_finished_units(
     assert query(db, "SELECT status FROM stage_runs") == [("interrupted",)]
     rerun = subprocess.run(generate(db), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert units_present(db) == 16
+    assert units_present(db) == 22
 
 
 def test_a_second_ctrl_c_while_units_are_written_keeps_the_whole_batch(

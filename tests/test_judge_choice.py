@@ -161,7 +161,7 @@ def test_status_counts_errors_apart_from_unparsed(tmp_path: Path, db_path: Path)
     assert data["totals"]["errors"] == 2
     by_layer = {(r["patch_layer"]): (r["judged"], r["unparsed"], r["errors"])
                 for r in data["layers"]}
-    assert by_layer == {20: (4, 2, 2), 21: (7, 1, 0)}
+    assert by_layer == {-1: (0, 0, 0), 20: (4, 2, 2), 21: (7, 1, 0)}  # -1: no baselines yet
     report = run_cli("report", "--db", db_path)
     assert ("Not all scored: 3 of 16 verdicts unparsed: see `patchdb status`; `patchdb judge "
             "--retry-unparsed`; 2 judge errors: `patchdb judge --retry-errors`"
@@ -211,7 +211,8 @@ def test_sweep_ends_with_the_rate_table(tmp_path: Path, db_path: Path) -> None:
     verdicts[ids[("Trees", 21, 1)]] = (True, True)
     version = DEFAULT_TEMPLATES.version
     add_judge(db_path, "openai/gpt-5-nano", verdicts, templates=version)
-    result = run_cli("sweep", "--config", tmp_path / "sweep.toml", "--db", db_path, "--out", "out")
+    result = run_cli("sweep", "--config", tmp_path / "sweep.toml", "--db", db_path, "--out", "out",
+                     "--no-baselines")  # nothing to generate: the store has every patched key
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     first = lines.index(f"Rates from judge config #1 (openai: openai/gpt-5-nano, reasoning "

@@ -41,7 +41,8 @@ def test_a_rerun_with_nothing_to_do_adds_no_stage_run(
     with fault_server() as server:
         judge = ["judge", "--db", db, "--base-url", server.base_url, "--no-progress"]
         assert run_cli(*judge).exit_code == 0
-        assert server.stats.requests == 16  # 8 keys x 1 layer x 1 sample, two graders each
+        # (8 keys x 1 layer + 6 baselines) x 1 sample, two graders each
+        assert server.stats.requests == 28
         idle = run_cli(*judge)
     assert idle.exit_code == 0 and "nothing to judge" in idle.output
     assert stage_runs(db) == [("generate", "finished"), ("judge", "finished")]

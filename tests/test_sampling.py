@@ -263,7 +263,8 @@ def test_a_run_that_would_sample_otherwise_is_refused_once_rollouts_exist(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     db = init_tiny(tmp_path, models["plain"])
-    result = run_cli("generate", "--db", db, "--device", "cpu", "--quiet", "--layers", "2")
+    result = run_cli("generate", "--db", db, "--device", "cpu", "--quiet", "--layers", "2",
+                     "--no-baselines")
     assert result.exit_code == 0, result.output
     assert recorded(db) == (50, 1.0)  # HF's defaults: the tiny model's config sets neither
     result = run_cli("generate", "--db", db, "--device", "cpu", "--quiet",
@@ -364,8 +365,8 @@ def test_smollm2_never_draws_a_token_outside_hf_support(tmp_path: Path) -> None:
 
     store = open_store(str(db))
     try:  # one unit (8 samples) per batch, so the prefill row maps to every decode row
-        result = run_generate(store, GenerateOptions(device="cpu", batch_size=8), progress=False,
-                              load=load)
+        result = run_generate(store, GenerateOptions(device="cpu", batch_size=8, baselines=False),
+                              progress=False, load=load)
     finally:
         store.close()
     assert result.rollouts_written == 16

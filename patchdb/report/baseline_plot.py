@@ -1,6 +1,7 @@
 """The baselines on a sweep plot: a dashed line per target word at its unpatched rate, in the
 word's colour, and the false-positive rate of the no-injection control as a grey dotted line
-in its grey Wilson 95% band. With `report --net` every rate is drawn minus that rate."""
+in its grey Wilson 95% band (legend "False pos."). With `report --net` every rate is drawn
+minus that rate."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 BASELINE_STYLE = "--"
 CONTROL_COLOUR = "grey"
-UNPATCHED_LABEL = "Unpatched (dashed)"
+UNPATCHED_LABEL = "Unpatched"
 
 
 def shift_of(rates: ExperimentRates, net: bool) -> float:
@@ -49,4 +50,4 @@ def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],
         lower, upper = control.interval()
         ax.axhspan(lower - shift, upper - shift, color=CONTROL_COLOUR, alpha=0.15, linewidth=0)
         ax.axhline(control.rate - shift, color=CONTROL_COLOUR, linestyle=":", linewidth=1.5,
-                   label=f"False positives ({control.rate:.0%}, no injection)")
+                   label=f"False pos. {control.rate:.0%}")  # short: the legend is narrow

@@ -71,6 +71,9 @@ JS = r"""
     return n;
   }
 
+  // patch layer -1 holds the baselines (each target condition with no patch)
+  function layerName(layer) { return layer === -1 ? "baseline (no patch)" : "layer " + layer; }
+
   function fillSelect(select, values, labelOf) {
     var keep = select.value;
     while (select.options.length > 1) { select.remove(1); }
@@ -146,7 +149,7 @@ JS = r"""
     card.setAttribute("data-rollout-id", String(r.id));
     var meta = node("div", "meta");
     meta.appendChild(node("span", "experiment", r.experiment));
-    meta.appendChild(node("span", "layer", "layer " + r.layer));
+    meta.appendChild(node("span", "layer", layerName(r.layer)));
     meta.appendChild(node("span", "key", r.key));
     meta.appendChild(node("span", null, "sample " + r.sample));
     meta.appendChild(node("span", null, (r.n_tokens === null ? "?" : r.n_tokens) + " tokens, " +
@@ -189,7 +192,7 @@ JS = r"""
   }
 
   fillSelect(el("f-experiment"), data.experiments);
-  fillSelect(el("f-layer"), data.layers);
+  fillSelect(el("f-layer"), data.layers, function (v) { return v === -1 ? "baseline" : v; });
   fillSelect(el("f-word"), data.words);
   var verdicts = ["score:pass", "score:fail", "score:unscored"];
   data.graders.forEach(function (g) {

@@ -14,15 +14,15 @@ from patchdb.store.sweeps import ExpectedUnit, check_sweep_words, experiment_def
 def baseline_units(
     config: SweepConfig, experiments: list[Experiment], words: list[str] | None = None
 ) -> list[ExpectedUnit]:
-    """Every baseline unit of the experiments, narrowed to target words in `words` (as with
-    keys, a narrowing by words leaves out the control, whose target is no word)."""
+    """Every baseline unit of the experiments, narrowed to target words in `words`; the
+    control, whose target is no word, is the reference of every word and always stays in."""
     if words is not None:
         check_sweep_words(config, words)
     units: list[ExpectedUnit] = []
     for exp in experiments:
         for target in baseline_targets(experiment_def(exp), config.positive_words,
                                        config.negative_words):
-            if words is not None and target not in words:
+            if words is not None and target != NO_STEERING and target not in words:
                 continue
             units.append(ExpectedUnit(exp.name, exp.id, BASELINE_LAYER, NO_STEERING, target))
     return units
