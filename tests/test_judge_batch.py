@@ -354,3 +354,17 @@ def test_scope_options_narrow_what_is_submitted(db_path: Path, server: BatchServ
     assert "Submitted 1 batch(es) of 4 calls" in pair.output  # its layer-3 detection calls
     assert rows(db_path, "SELECT count(*) FROM judgments") == [(52,)]
     assert set(server.state.billed.values()) == {1}
+
+
+def test_a_sweep_follows_only_its_own_batches(db_path: Path, server: BatchServer) -> None:
+    make_store(db_path)
+    make_store(db_path, name="second")  # the same judge config judges both sweeps
+    server.state.scripts = [("validating", "in_progress", "completed")]
+    assert batch(db_path, "--sweep", "small", "--no-wait").exit_code == 0
+    other = batch(db_path, "--sweep", "second")
+    assert other.exit_code == 0, other.output
+    assert "Batch #1" not in other.output and f"Submitted 1 batch(es) of {N_CALLS}" in \
+        other.output
+    assert rows(db_path, "SELECT s.name, b.collected_at IS NULL FROM judge_batches b "
+                         "JOIN sweeps s ON s.id = b.sweep_id ORDER BY b.id") == [
+        ("small", 1), ("second", 0)]

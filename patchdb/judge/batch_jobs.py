@@ -124,12 +124,13 @@ class BatchContext:
     # --- following and collecting -----------------------------------------------------------
 
     def live(self) -> list[JudgeBatch]:
-        """This judge config's live batches at this API (those sent elsewhere keep their keys
-        held and are followed by a run pointed at their API)."""
+        """This sweep's live batches of this judge config at this API (those sent elsewhere
+        keep their keys held and are followed by a run pointed at their API)."""
         with self.store.read() as session:
             rows = session.scalars(select(JudgeBatch).where(
                 JudgeBatch.judge_config_id == self.config_id, JudgeBatch.collected_at.is_(None),
-                JudgeBatch.base_url == self.base_url).order_by(JudgeBatch.id)).all()
+                JudgeBatch.sweep_id == self.sweep_id, JudgeBatch.base_url == self.base_url)
+                .order_by(JudgeBatch.id)).all()
             session.expunge_all()
         return list(rows)
 
@@ -138,7 +139,7 @@ class BatchContext:
         with self.store.read() as session:
             return sorted(set(session.scalars(select(JudgeBatch.base_url).where(
                 JudgeBatch.judge_config_id == self.config_id, JudgeBatch.collected_at.is_(None),
-                JudgeBatch.base_url != self.base_url))))
+                JudgeBatch.sweep_id == self.sweep_id, JudgeBatch.base_url != self.base_url))))
 
     def advance(self, submit: bool = True) -> int:
         """Take every live batch of this judge config one step: finish its submission (when
