@@ -28,9 +28,11 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     first = _run(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "demo.sqlite")
-    # Keys with Bread: 3 failure_to_success + 3 success_to_failure + 1 + 1 single-word.
-    assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 8
-    assert db.execute("SELECT count(DISTINCT patch_layer) FROM rollouts").fetchone()[0] == 1
+    # Keys with Bread: 3 failure_to_success + 3 success_to_failure + 1 + 1 single-word, and the
+    # baselines (no patch, patch layer -1) of Bread in its two experiments and the control.
+    assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 11
+    assert db.execute("SELECT patch_layer, count(*) FROM rollouts GROUP BY 1 ORDER BY 1"
+                      ).fetchall() == [(-1, 3), (20, 8)]
     # Every rollout has its coherence judgment and its experiment's detection judgment.
     per_rollout = db.execute(
         "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "
@@ -39,7 +41,7 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     # the demo's judge reads verdicts as logprobs, so (almost) every verdict parses
     parsed, total, with_p = db.execute("SELECT count(verdict), count(*), count(p_yes) "
                                        "FROM judgments").fetchone()
-    assert total == 16 and parsed >= 0.9 * total and with_p == parsed
+    assert total == 22 and parsed >= 0.9 * total and with_p == parsed
     assert db.execute("SELECT verdict_mode FROM judge_configs").fetchall() == [("logprobs",)]
     report = tmp_path / "patchdb_report" / "demo"
     for exp in ("failure_to_success", "success_to_failure", "steered_to_unsteered",
@@ -48,6 +50,8 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
         assert json.loads((report / exp / "layer_20" / "rollouts.json").read_text())
         rates = json.loads((report / exp / "all_layer_scores.json").read_text())["20"]
         assert rates and all(isinstance(r, int | float) and 0 <= r <= 1 for r in rates.values())
+    assert json.loads((report / "failure_to_success" / "baseline" / "rollouts.json").read_text())
+    assert json.loads((report / "steered_to_unsteered" / "baseline" / "rollouts.json").read_text())
     assert (report / "report.html").exists()
     assert "Store:" in first.stdout and "HTML:" in first.stdout
 
