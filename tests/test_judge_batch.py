@@ -368,3 +368,14 @@ def test_a_sweep_follows_only_its_own_batches(db_path: Path, server: BatchServer
     assert rows(db_path, "SELECT s.name, b.collected_at IS NULL FROM judge_batches b "
                          "JOIN sweeps s ON s.id = b.sweep_id ORDER BY b.id") == [
         ("small", 1), ("second", 0)]
+
+
+def test_replies_without_cost_or_prices_say_the_cost_is_unknown(db_path: Path,
+                                                                server: BatchServer) -> None:
+    make_store(db_path)
+    result = run_cli("judge", "--db", db_path, "--batch")
+    assert result.exit_code == 0, result.output
+    assert ("0 errors (0 cut off); cost unknown (pass --price-in/--price-out to price replies "
+            "that carry no cost).") in result.output
+    assert rows(db_path, "SELECT count(*), count(cost) FROM judgments") == [(N_CALLS, 0)]
+    assert rows(db_path, "SELECT cost FROM judge_batches") == [(None,)]

@@ -54,11 +54,13 @@ def render_batches(rows: list[JudgeBatch]) -> str:
 
 def render_batch_summary(s: BatchSummary, no_wait: bool) -> str:
     v = s.verdicts
-    cost = f"${s.cost:.4f}" if s.cost_known else \
-        f"${s.cost:.4f} known (pass --price-in/--price-out to price replies without a cost)"
+    unpriced = "pass --price-in/--price-out to price replies that carry no cost"
+    cost = (f"cost at batch prices ${s.cost:.4f}" if s.cost_known else
+            f"cost unknown ({unpriced})" if not s.cost else
+            f"cost at batch prices ${s.cost:.4f} for the replies that carry one ({unpriced})")
     lines = [f"Submitted {s.submitted:,} batch(es) of {s.submitted_calls:,} calls; collected "
              f"{s.collected:,}: {v['yes']:,} yes, {v['no']:,} no, {v['unparsed']:,} unparsed, "
-             f"{v['errors']:,} errors ({v['cut_off']:,} cut off); cost at batch prices {cost}."]
+             f"{v['errors']:,} errors ({v['cut_off']:,} cut off); {cost}."]
     if s.not_run:
         lines.append(f"{s.not_run:,} requests of expired or cancelled batches never ran; the "
                      "next run sends them again.")
