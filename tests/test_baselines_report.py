@@ -237,6 +237,31 @@ def test_export_writes_a_baseline_folder_and_import_reads_it_back(judged: Path,
     assert_expected(baseline_view(fresh))
 
 
+def test_labels_of_baselines_travel_through_the_baseline_folder(judged: Path,
+                                                                  tmp_path: Path) -> None:
+    with sqlite3.connect(judged) as conn:
+        [(rid,)] = conn.execute(
+            "SELECT r.id FROM rollouts r JOIN experiments e ON e.id = r.experiment_id "
+            "WHERE e.name = 'steered_to_unsteered' AND r.patch_layer = -1 AND r.sample_index = 2")
+        conn.execute("INSERT INTO labels (rollout_id, grader, labeler, label, created_at) "
+                     "VALUES (?, 'detection', 'ada', 0, '2026-12-01 00:00:00')", (rid,))
+    out = tmp_path / "tree"
+    assert run_cli("report", "--db", str(judged), "--export-json", "--out", str(out)).exit_code == 0
+    written = json.loads((out / "steered_to_unsteered" / "baseline" / "labels_detection.json")
+                         .read_text())
+    assert [(key, [(e["sample"], e["label"]) for e in entries])
+            for key, entries in written.items()] == [("(none)", [(2, False)])]
+    fresh = tmp_path / "imported.sqlite"
+    imported = run_cli("import-json", str(out), "--db", str(fresh), "--steer-layer", "1")
+    assert imported.exit_code == 0, imported.output
+    with sqlite3.connect(fresh) as conn:
+        assert conn.execute(
+            "SELECT e.name, r.patch_layer, r.source_word, r.target_word, r.sample_index, "
+            "l.grader, l.label FROM labels l JOIN rollouts r ON r.id = l.rollout_id "
+            "JOIN experiments e ON e.id = r.experiment_id").fetchall() == [
+            ("steered_to_unsteered", -1, "", "", 2, "detection", 0)]
+
+
 def test_plot_draws_each_baseline_dashed_and_the_false_positive_rate(judged: Path) -> None:
     store = open_store(str(judged))
     try:
