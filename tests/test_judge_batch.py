@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from batch_server import BatchServer, BatchState, batch_server
@@ -379,3 +380,37 @@ def test_replies_without_cost_or_prices_say_the_cost_is_unknown(db_path: Path,
             "that carry no cost).") in result.output
     assert rows(db_path, "SELECT count(*), count(cost) FROM judgments") == [(N_CALLS, 0)]
     assert rows(db_path, "SELECT cost FROM judge_batches") == [(None,)]
+
+
+def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> None:
+    """Two submitters that both found a key missing: the second records only what the first
+    did not take (checked inside its write transaction), on SQLite and PostgreSQL."""
+    from patchdb.judge.batch_collect import Prices
+    from patchdb.judge.batch_jobs import BatchContext
+    from patchdb.judge.templates import DEFAULT_TEMPLATES
+    from patchdb.store import open_store
+    from patchdb.store.models import JudgeConfig
+
+    make_store(store_db)
+    store = open_store(store_db)
+    try:
+        def config(session: Any) -> int:
+            row = JudgeConfig(model="m", reasoning="low", template_version="v", backend="openai")
+            session.add(row)
+            session.flush()
+            return int(row.id)
+
+        config_id = store.transact(config)
+        ctx = BatchContext(store, None, config_id, 1, 0, DEFAULT_TEMPLATES,  # type: ignore[arg-type]
+                           "q", "m", "low", "http://x/v1", Prices(), lambda _: None)
+        ctx.stage_run_id = None  # type: ignore[assignment]
+        first = [Call(r, "coherence", "a", "w") for r in (1, 2, 3)]
+        second = [Call(r, "coherence", "a", "w") for r in (2, 3, 4, 5)]
+        one, kept_one = ctx.record(first)
+        two, kept_two = ctx.record(second)
+        again, kept_again = ctx.record(first)
+    finally:
+        store.close()
+    assert (one, [c.rollout_id for c in kept_one]) == (1, [1, 2, 3])
+    assert (two, [c.rollout_id for c in kept_two]) == (2, [4, 5])
+    assert (again, kept_again) == (None, [])

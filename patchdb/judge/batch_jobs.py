@@ -14,19 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from patchdb.experiments import judged_word
 from patchdb.faults import fault_point
 from patchdb.judge.batch_client import BatchApi, BatchInfo
 from patchdb.judge.batch_collect import NO_RESULT, Prices, error_values, read_results, write_rows
-from patchdb.judge.batch_plan import Key, custom_id, reasoning_options, request_line
+from patchdb.judge.batch_plan import Key, custom_id, live_keys, reasoning_options, request_line
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Rollout, utcnow
 from patchdb.store.store import Store
 
 WRITE_CHUNK = 1000  # judgments per transaction while collecting
+BATCH_LOCK = 18_000_000  # + judge config id: PostgreSQL's advisory lock around recording keys
 
 
 @dataclass
@@ -75,18 +76,27 @@ class BatchContext:
 
     # --- submitting -------------------------------------------------------------------------
 
-    def record(self, calls: list[Call]) -> int:
-        """Write the batch row and its keys before anything leaves this machine."""
-        def add(session: Any) -> int:
+    def record(self, calls: list[Call]) -> tuple[int | None, list[Call]]:
+        """Write the batch row and its keys before anything leaves this machine: the id and
+        the calls it holds, leaving out keys another run put into a live batch meanwhile
+        (checked in the same write transaction; None when none is left)."""
+        def add(session: Any) -> tuple[int | None, list[Call]]:
+            if session.get_bind().dialect.name == "postgresql":  # SQLite writers queue anyway
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                {"key": BATCH_LOCK + self.config_id})
+            held = live_keys(session, self.config_id, sorted({c.rollout_id for c in calls}))
+            kept = [c for c in calls if (c.rollout_id, c.grader) not in held]
+            if not kept:
+                return None, []
             batch = JudgeBatch(judge_config_id=self.config_id, sweep_id=self.sweep_id,
-                               base_url=self.base_url, state="preparing", requests=len(calls),
+                               base_url=self.base_url, state="preparing", requests=len(kept),
                                stage_run_id=self.stage_run_id)
             session.add(batch)
             session.flush()
             session.execute(insert(JudgeBatchKey), [
                 {"batch_id": batch.id, "rollout_id": c.rollout_id, "grader": c.grader,
-                 "judge_config_id": self.config_id} for c in calls])
-            return int(batch.id)
+                 "judge_config_id": self.config_id} for c in kept])
+            return int(batch.id), kept
 
         return self.store.transact(add)
 

@@ -111,10 +111,13 @@ def _submit(ctx: BatchContext, scope: Any, options: JudgeOptions, batch: BatchOp
         if options.max_cost is not None and ctx.summary.cost >= options.max_cost:
             ctx.summary.stopped = "max_cost"
             break
-        batch_id = ctx.record(chunk.calls)
-        ctx.send(ctx.reload(batch_id), b"".join(chunk.lines))
+        batch_id, kept = ctx.record(chunk.calls)
+        if batch_id is None:
+            continue  # another run submitted all of these meanwhile
+        lines = dict(zip((id(c) for c in chunk.calls), chunk.lines, strict=True))
+        ctx.send(ctx.reload(batch_id), b"".join(lines[id(c)] for c in kept))
         ctx.summary.submitted += 1
-        ctx.summary.submitted_calls += len(chunk.calls)
+        ctx.summary.submitted_calls += len(kept)
         live += 1
         if options.max_cost is not None:
             while (live := ctx.advance()):
