@@ -385,11 +385,13 @@ def test_replies_without_cost_or_prices_say_the_cost_is_unknown(db_path: Path,
 def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> None:
     """Two submitters that both found a key missing: the second records only what the first
     did not take (checked inside its write transaction), on SQLite and PostgreSQL."""
+    from sqlalchemy import insert
+
     from patchdb.judge.batch_collect import Prices
     from patchdb.judge.batch_jobs import BatchContext
     from patchdb.judge.templates import DEFAULT_TEMPLATES
     from patchdb.store import open_store
-    from patchdb.store.models import JudgeConfig
+    from patchdb.store.models import JudgeConfig, Judgment
 
     make_store(store_db)
     store = open_store(store_db)
@@ -409,8 +411,15 @@ def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> N
         one, kept_one = ctx.record(first)
         two, kept_two = ctx.record(second)
         again, kept_again = ctx.record(first)
+        store.transact(lambda s: s.execute(insert(Judgment), [  # judged meanwhile, live
+            {"rollout_id": 6, "grader": "coherence", "judge_config_id": config_id,
+             "verdict": True, "attempts": 1}]))
+        judged, kept_judged = ctx.record([Call(6, "coherence", "a", "w")])
+        redo, kept_redo = ctx.record([Call(6, "coherence", "a", "w")], "overwrite")
     finally:
         store.close()
     assert (one, [c.rollout_id for c in kept_one]) == (1, [1, 2, 3])
     assert (two, [c.rollout_id for c in kept_two]) == (2, [4, 5])
     assert (again, kept_again) == (None, [])
+    assert (judged, kept_judged) == (None, [])  # looking for missing keys: no longer missing
+    assert (redo, [c.rollout_id for c in kept_redo]) == (3, [6])

@@ -20,7 +20,14 @@ from patchdb.experiments import judged_word
 from patchdb.faults import fault_point
 from patchdb.judge.batch_client import BatchApi, BatchInfo
 from patchdb.judge.batch_collect import NO_RESULT, Prices, error_values, read_results, write_rows
-from patchdb.judge.batch_plan import Key, custom_id, live_keys, reasoning_options, request_line
+from patchdb.judge.batch_plan import (
+    Key,
+    custom_id,
+    judged_keys,
+    live_keys,
+    reasoning_options,
+    request_line,
+)
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Rollout, utcnow
@@ -76,15 +83,21 @@ class BatchContext:
 
     # --- submitting -------------------------------------------------------------------------
 
-    def record(self, calls: list[Call]) -> tuple[int | None, list[Call]]:
+    def record(self, calls: list[Call], mode: str = "only_missing") -> tuple[
+        int | None, list[Call]
+    ]:
         """Write the batch row and its keys before anything leaves this machine: the id and
         the calls it holds, leaving out keys another run put into a live batch meanwhile
-        (checked in the same write transaction; None when none is left)."""
+        (and, looking for missing ones, keys judged meanwhile), checked in the same write
+        transaction; None when none is left."""
         def add(session: Any) -> tuple[int | None, list[Call]]:
             if session.get_bind().dialect.name == "postgresql":  # SQLite writers queue anyway
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                 {"key": BATCH_LOCK + self.config_id})
-            held = live_keys(session, self.config_id, sorted({c.rollout_id for c in calls}))
+            rollout_ids = sorted({c.rollout_id for c in calls})
+            held = live_keys(session, self.config_id, rollout_ids)
+            if mode == "only_missing":
+                held |= judged_keys(session, self.config_id, rollout_ids)
             kept = [c for c in calls if (c.rollout_id, c.grader) not in held]
             if not kept:
                 return None, []

@@ -111,7 +111,7 @@ def _submit(ctx: BatchContext, scope: Any, options: JudgeOptions, batch: BatchOp
         if options.max_cost is not None and ctx.summary.cost >= options.max_cost:
             ctx.summary.stopped = "max_cost"
             break
-        batch_id, kept = ctx.record(chunk.calls)
+        batch_id, kept = ctx.record(chunk.calls, options.mode)
         if batch_id is None:
             continue  # another run submitted all of these meanwhile
         lines = dict(zip((id(c) for c in chunk.calls), chunk.lines, strict=True))
