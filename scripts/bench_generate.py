@@ -181,6 +181,35 @@ def roofline_step_s(model: torch.nn.Module, rows: int, context: int, bandwidth: 
     return (weight_bytes(model) + tokens * kv_bytes_per_token(model)) / bandwidth
 
 
+# ---------------------------------------------------------------- answers that end early
+
+STOP_TOKEN = 1  # the EOS the early-stop mode forces (a random-init model almost never draws it)
+# Answer lengths of the early-stop mode: a quarter of the answers run to the cap, the rest end
+# after a log-normal number of tokens (median 30, sigma 0.6: about 12 to 75 tokens for the
+# middle 90%), i.e. one to four sentences. An assumption, not a measurement (random-init models
+# never stop): an instruction-tuned model asked "do you detect an injected thought?" mostly
+# answers in a few sentences, and a verbose share explains itself until the 100-token cap.
+STOP_CAPPED = 0.25
+STOP_MEDIAN = 30.0
+STOP_SIGMA = 0.6
+
+
+def answer_lengths(max_new_tokens: int) -> Any:
+    """seeds -> the step at which each row emits EOS (-1: never; it runs to the cap). Depends
+    only on the seed, as a row's tokens do, so batching and finished-row moves change nothing."""
+    from patchdb.generate.sampling import row_uniforms
+
+    def lengths(seeds: torch.Tensor) -> torch.Tensor:
+        capped = row_uniforms(seeds, 1_000_001) < STOP_CAPPED
+        u = row_uniforms(seeds, 1_000_002).double()
+        normal = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        drawn = torch.round(STOP_MEDIAN * torch.exp(STOP_SIGMA * normal)).long()
+        drawn = drawn.clamp(4, max_new_tokens - 1)
+        return torch.where(capped, -1, drawn)
+
+    return lengths
+
+
 # ---------------------------------------------------------------- (a) the reference loop
 
 def reference_loop(model: Any, work: Work, device: str, timing: dict[str, float]) -> int:
@@ -286,8 +315,16 @@ experiments = ["failure_to_success"]
 
 
 def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: str,
-              batch_size: int | None, workdir: Path, compile_decode: bool = False,
-              share_prefix: bool = False) -> dict[str, Any]:
+              batch_size: int | None, workdir: Path, compile_decode: bool | None = False,
+              share_prefix: bool = True, stop_at: Any = None,
+              shrink_rows: bool = True, words: list[str] | None = None) -> dict[str, Any]:
+    """One run of the generate stage on a fresh store; compile_decode None: the stage's own
+    choice. `stop_at` (seeds -> answer lengths) forces EOS at those lengths; `shrink_rows` off:
+    finished rows stay in the step. Per-batch times are kept to tell set-up from the steady rate."""
+    import dataclasses
+    import functools
+
+    import patchdb.generate.engine as engine_mod
     import patchdb.generate.stage as stage_mod
     from patchdb.config import config_from_dict
     from patchdb.generate.loading import LoadedModel
@@ -303,14 +340,43 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     store.transact(lambda s: register_sweep(s, config))
     loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=config.model,
                          device=torch.device(device), dtype=next(model.parameters()).dtype)
-    stage_mod.eos_ids = lambda *a, **k: []  # EOS disabled for timing: every row runs to the end
+    # EOS disabled for timing (every row runs to the end), or forced at drawn lengths.
+    stage_mod.eos_ids = lambda *a, **k: [STOP_TOKEN] if stop_at is not None else []
+    choose = engine_mod.choose_tokens
+    if stop_at is not None:
+        def forced(logits: torch.Tensor, seeds: torch.Tensor, step: int, how: Any) -> torch.Tensor:
+            drawn = choose(logits, seeds, step, how)
+            return torch.where(stop_at(seeds) == step, STOP_TOKEN, drawn)
+        engine_mod.choose_tokens = forced
+    engine_cls = engine_mod.Engine
+    stage_mod.Engine = functools.partial(engine_cls, shrink_rows=shrink_rows)  # type: ignore[misc]
+    generate = engine_cls.generate
+    batches: list[tuple[float, int]] = []
+
+    def timed(self: Any, units: Any, *args: Any, **kwargs: Any) -> Any:
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate(self, units, *args, **kwargs)
+        sync(device)
+        batches.append((time.perf_counter() - t0, sum(len(u.seeds) for u in units)))
+        return out
+
+    engine_cls.generate = timed  # type: ignore[method-assign]
+    extra = {"baselines": False} if "baselines" in {
+        f.name for f in dataclasses.fields(stage_mod.GenerateOptions)} else {}
     options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode,
-                                        share_prefix=share_prefix)
+                                        share_prefix=share_prefix, words=words, **extra)
     sync(device)
     if device.startswith("cuda"):
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    result = stage_mod.run_generate(store, options, progress=False, load=lambda *a, **k: loaded)
+    try:
+        result = stage_mod.run_generate(store, options, progress=False, load=lambda *a, **k: loaded)
+    finally:
+        engine_mod.choose_tokens = choose
+        stage_mod.Engine = engine_cls  # type: ignore[misc]
+        engine_cls.generate = generate  # type: ignore[method-assign]
     sync(device)
     wall = time.perf_counter() - t
     with store.read() as s:
@@ -318,9 +384,20 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
 
         from patchdb.store import Rollout
         n_rows = s.scalar(select(func.count()).select_from(Rollout))
+    cuda = device.startswith("cuda")
+    times = sorted(b[0] for b in batches)
+    # Set-up: vectors, source runs, compiling and capturing, less what a plain batch takes.
+    setup = wall - sum(b[0] for b in batches) + (batches[0][0] - times[len(times) // 2]
+                                                  if len(batches) > 1 else 0.0)
     return {"wall_s": wall, "tokens": result.tokens, "rollouts": n_rows,
             "batch_size": result.batch_size, "units": result.units_written,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0}
+            "tok_s": result.tokens / wall, "setup_s": setup,
+            "tok_s_steady": result.tokens / max(wall - setup, 1e-9),
+            "batches": [round(b[0], 3) for b in batches], "batch_rows": [b[1] for b in batches],
+            "compile": compile_decode, "shrink_rows": shrink_rows, "early_stop": stop_at is not None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0,
+            "card_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else 0}
 
 
 @torch.inference_mode()
@@ -443,6 +520,111 @@ def equivalence(model: Any, work: Work, device: str, units: int = 4, samples: in
             "identical_triton_vs_sdpa_graph": same_kernels, "tokens": new_tokens, "dtype": str(model.dtype)}
 
 
+FULL_SWEEP_ROLLOUTS = 236_544  # the default sweep: 21 patch layers x 176 units x 64 samples
+
+
+def layer_config(shape: str, n_layers: int, samples: int, new_tokens: int) -> tuple[str, int, int]:
+    """The default sweep (every experiment and word) narrowed to its first patch layer, scaled
+    to the model's depth; returns the TOML text, the steer layer and the patch layer."""
+    steer = min(round(n_layers * 38 / 62), n_layers - 4)
+    text = f"""
+[sweep]
+name = "layer-{shape}"
+model = "random-init-{shape}"
+dtype = "bfloat16"
+steer_layer = {steer}
+patch_layers = "{steer + 2}"
+samples = {samples}
+max_new_tokens = {new_tokens}
+"""
+    return text, steer, steer + 2
+
+
+FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, shrink rows)
+    "defaults": (None, False, True),
+    "compile-off": (False, False, True),
+    "compile-on": (True, False, True),
+    "stop-shrink": (True, True, True),
+    "stop-keep": (True, True, False),
+}
+
+
+def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str,
+               results: dict[str, Any], flops: float) -> None:
+    """The headline run: the default sweep's units on one patch layer through the generate
+    stage, each variant on a fresh store in this process, and the per-key loop on a few units."""
+    from patchdb.config import DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL
+    from patchdb.generate.prompt import render_prompt
+
+    n_layers = model.config.num_hidden_layers
+    text, steer, layer = layer_config(args.shape, n_layers, args.samples, args.new_tokens)
+    results["full_layer"] = {"patch_layer": layer, "steer_layer": steer,
+                             "stop_lengths": {"capped": STOP_CAPPED, "median": STOP_MEDIAN,
+                                              "sigma": STOP_SIGMA}}
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs.split(","):
+            compile_decode, stop, shrink = FULL_LAYER_RUNS[name]
+            stop_at = answer_lengths(args.new_tokens) if stop else None
+            r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device, args.batch_size,
+                          Path(tmp), compile_decode, True, stop_at, shrink,
+                          args.stop_words if stop else None)
+            runs[name] = r
+            print(f"[{name}] {r['rollouts']} rollouts, {r['tokens']} tokens in {r['wall_s']:.1f} s: "
+                  f"{r['tok_s']:.0f} tok/s ({r['tok_s_steady']:.0f} after {r['setup_s']:.1f} s set-up) "
+                  f"at {r['batch_size']} rows, peak {r['peak_reserved_gib']:.1f} of "
+                  f"{r['card_gib']:.1f} GiB; batches {r['batches']}", flush=True)
+            results["full_layer"]["runs"] = runs
+            args.out.write_text(json.dumps(results, indent=2))
+    if args.reference_units:
+        prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
+        torch.manual_seed(1)
+        vectors = torch.randn(2, model.config.hidden_size, device=device, dtype=model.dtype) * 4.0
+        work = Work(prompt.input_ids, prompt.injection_start, steer, [layer],
+                    [(0, 1)] * args.reference_units, args.samples, args.new_tokens, vectors)
+        model.generation_config.eos_token_id = None
+        reference_loop(model, Work(work.prompt_ids, work.injection_start, steer, [layer], [(0, 1)],
+                                   args.samples, 2, vectors), device, {})  # warm-up
+        t = time.perf_counter()
+        tokens = reference_loop(model, work, device, {})
+        wall = time.perf_counter() - t
+        results["full_layer"]["loop"] = {"units": args.reference_units, "tokens": tokens,
+                                         "wall_s": wall, "tok_s": tokens / wall}
+    summarize_full_layer(results, model, flops)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> None:
+    """Projections for the full default sweep, the speed-up over the loop and the fraction of
+    the compute floor (2 FLOPs per weight per token at the measured matmul rate)."""
+    out = results["full_layer"]
+    runs, loop = out["runs"], out.get("loop")
+    full_tokens = FULL_SWEEP_ROLLOUTS * results["new_tokens"]
+    floor_s = full_tokens * 2 * sum(p.numel() for p in full_weights(model)) / flops
+    out["full_sweep_tokens"], out["compute_floor_min"] = full_tokens, floor_s / 60
+    print("\n| run | rows | rollouts | tok/s | steady tok/s | set-up s | full sweep min "
+          "| of floor | x loop | peak GiB (of card) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        # A full sweep is one process: set-up once, then the steady rate.
+        r["projected_full_sweep_min"] = (full_tokens / r["tok_s_steady"] + r["setup_s"]) / 60
+        r["floor_fraction"] = floor_s / 60 / r["projected_full_sweep_min"]
+        if loop:
+            r["speedup_over_loop"] = r["tok_s"] / loop["tok_s"]
+            r["full_sweep_speedup"] = full_tokens / loop["tok_s"] / 60 / r["projected_full_sweep_min"]
+        print(f"| {name} | {r['batch_size']} | {r['rollouts']} | {r['tok_s']:.0f} | "
+              f"{r['tok_s_steady']:.0f} | {r['setup_s']:.1f} | {r['projected_full_sweep_min']:.1f} | "
+              f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
+              f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
+    if loop:
+        out["loop_full_sweep_h"] = full_tokens / loop["tok_s"] / 3600
+        print(f"| per-key loop ({loop['units']} units) | 64 | {loop['units'] * 64} | "
+              f"{loop['tok_s']:.0f} | | | {out['loop_full_sweep_h'] * 60:.0f} | | 1.0 | |")
+    print(f"compute floor of the full sweep: {floor_s / 60:.1f} min ({full_tokens / 1e6:.2f}M tokens "
+          f"x 2 x {sum(p.numel() for p in full_weights(model)) / 1e9:.1f}B FLOP at "
+          f"{flops / 1e12:.0f} TFLOP/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,6 +646,14 @@ def main() -> None:
                         help="rows of the sampler timing (random logits over the shape's vocabulary)")
     parser.add_argument("--sampler-only", action="store_true",
                         help="only time the sampler (no model is built)")
+    parser.add_argument("--full-layer", action="store_true",
+                        help="the headline run: the default sweep's units on one patch layer")
+    parser.add_argument("--runs", default="compile-off,defaults,stop-shrink,stop-keep",
+                        help=f"--full-layer runs, in order, from {', '.join(FULL_LAYER_RUNS)}")
+    parser.add_argument("--stop-words", nargs="+", default=["Bread", "Dust"],
+                        help="the early-stop runs' words (fewer units than a full layer)")
+    parser.add_argument("--reference-units", type=int, default=3,
+                        help="--full-layer: units of the per-key loop to time (0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     args = parser.parse_args()
     device = args.device
@@ -483,6 +673,19 @@ def main() -> None:
                                "torch": torch.__version__}
     import transformers
     results["transformers"] = transformers.__version__
+    results["new_tokens"] = args.new_tokens
+    if args.full_layer:
+        from tiny_models import tiny_tokenizer as _tokenizer
+
+        model = build_model(args.shape, device, dtype)
+        if SHAPES[args.shape]["family"] == "gemma3":
+            for key, value in GEMMA_SAMPLING.items():
+                setattr(model.generation_config, key, value)
+        flops = matmul_flops(device)
+        results["matmul_tflops"] = flops / 1e12
+        results["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
+        full_layer(args, model, _tokenizer(), device, results, flops)
+        return
     results["sampler"] = sampler_times(device, args.sampler_rows, SHAPES[args.shape]["vocab_size"])
     sampler = results["sampler"]
     print(f"sampler at {sampler['rows']} rows x {sampler['vocab']} vocab: top-k 64 + top-p 0.95 "

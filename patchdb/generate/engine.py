@@ -75,13 +75,15 @@ class Engine:
         compile_decode: bool = False,
         graph_replay: bool = True,
         share_prefix: bool = False,
+        shrink_rows: bool = True,
     ) -> None:
         """`use_graphs`: decode through a CUDA graph on a static cache where it applies (GPUs);
         `graph_rows`: size the graph for at least this many rows, so later batches reuse it;
         `fast_attention`, `compile_decode`, `graph_replay`: how the graphed step is built
         (GraphedDecoder; with graph_replay off the static-cache path also runs on the CPU);
         `share_prefix`: the static decoder keeps the prompt before the injection start once for
-        all rows (it needs fast_attention)."""
+        all rows (it needs fast_attention); `shrink_rows`: the static decoder moves the rows still
+        decoding into a smaller captured row count as others finish (GraphedDecoder)."""
         if not 0 <= injection_start < len(prompt_ids):
             raise ValueError(f"injection start {injection_start} is outside the prompt")
         self.model = model
@@ -108,6 +110,7 @@ class Engine:
         self.compile_decode = compile_decode
         self.graph_replay = graph_replay
         self.share_prefix = share_prefix and fast_attention
+        self.shrink_rows = shrink_rows
         self._decoder: GraphedDecoder | None = None
         self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
@@ -240,23 +243,32 @@ class Engine:
                                        self.injection_start, max(rows, self.graph_rows),
                                        max_len, self._cache_kw, self.fast_attention,
                                        self.compile_decode, self.graph_replay,
-                                       self.shared_prefix_len(max_len))
+                                       self.shared_prefix_len(max_len), self.shrink_rows)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
                         max_new_tokens: int, sampling: Sampling) -> torch.Tensor:
-        """The decode loop on a static cache: rows never leave the batch (the graph's shape is
-        fixed), and the loop ends when every row has reached EOS."""
+        """The decode loop on a static cache: the loop ends when every row has reached EOS, and
+        once the rows still decoding fit a smaller captured row count they move there."""
         n_rows = len(seeds)
         tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.int64, device=self.device)
         eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        active = torch.arange(n_rows, device=self.device)  # original row of each current row
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             next_tokens = choose_tokens(logits, seeds, step, sampling)
-            tokens[:, step] = torch.where(done, -1, next_tokens)
+            tokens[active, step] = torch.where(done, -1, next_tokens)
             done = done | torch.isin(next_tokens, eos)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1:
                 break
+            live = len(done) - int(done.sum())
+            if live == 0:
+                break
+            if decoder.shrinks_to(live):
+                keep = (~done).nonzero().squeeze(1)
+                decoder.keep_rows(keep)
+                active, seeds, next_tokens = active[keep], seeds[keep], next_tokens[keep]
+                done = done[keep]
             logits = decoder.step(next_tokens, step)
         return tokens
 
@@ -342,6 +354,16 @@ def plan_batches(pending: Sequence[Any], batch_rows: int) -> list[list[Piece]]:
     if current:
         batches.append(current)
     return batches
+
+
+def even_batch_rows(total_rows: int, most: int) -> int:
+    """The fewest rows a batch needs so that `total_rows` still takes as few batches of at most
+    `most` rows: the batches come out even (1,040 rows a batch over 11,264 rows: 1,024), the
+    last is not a small remainder, and a captured step fits every batch."""
+    if total_rows <= 0:
+        return most
+    batches = -(-total_rows // most)
+    return -(-total_rows // batches)
 
 
 CPU_BATCH_ROWS = 64

@@ -32,6 +32,7 @@ from patchdb.generate.engine import (
     TargetUnit,
     auto_batch_size,
     eos_ids,
+    even_batch_rows,
     plan_batches,
 )
 from patchdb.generate.layers import check_layer_range, find_layers
@@ -75,10 +76,10 @@ class GenerateOptions:
     baselines: bool = True  # also every target condition with no patch (patch_layer -1)
 
 
-# Compiling the decode step costs about a minute per process and batch shape (53 s for a
-# 27B model on an H100) and makes each step about 1.4x faster there: worth it from a few million
-# decode tokens on (2M tokens take about 11 minutes uncompiled at 3,000 tokens/s).
-AUTO_COMPILE_TOKENS = 2_000_000
+# Compiling the decode step compiles one program per kind of decoder layer (GraphedDecoder's
+# update_in_attention), not one per layer as it did (40-60 s for a 27B model), and makes each
+# step faster: worth it from a few hundred thousand decode tokens on.
+AUTO_COMPILE_TOKENS = 200_000
 
 
 def auto_compile(device: str, pending_tokens: int) -> bool:
@@ -407,9 +408,10 @@ def run_generate(
         config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
         compile_decode=compile_decode, share_prefix=options.share_prefix,
     )
-    batch_rows = options.batch_size or auto_batch_size(
-        loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
-        engine.shared_prefix_len(len(prompt.input_ids) + plan.max_new_tokens),
+    batch_rows = options.batch_size or even_batch_rows(
+        sum(len(p.samples) for p in plan.pending),
+        auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
+                        engine.shared_prefix_len(len(prompt.input_ids) + plan.max_new_tokens)),
     )
     result.batch_size = batch_rows
     stopper = _StopAfterBatch()
