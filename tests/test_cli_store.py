@@ -46,8 +46,9 @@ def test_init_default_then_status(db_path: Path) -> None:
     status = run_cli("status", "--db", db_path, "--json")
     data = json.loads(status.output)
     assert data["sweep"] == "default"
-    assert data["totals"]["rollouts_expected"] == 236_544
-    assert data["totals"]["judgments_expected"] == 473_088
+    # 236,544 patched rollouts and 27 baselines x 64 samples (8 + 10 + 1 + 8 target conditions)
+    assert data["totals"]["rollouts_expected"] == 236_544 + 1_728
+    assert data["totals"]["judgments_expected"] == 473_088 + 3_456
     assert data["totals"]["rollouts_present"] == 0
     text_status = run_cli("status", "--db", db_path)
     assert "failure_to_success" in text_status.output and "0/5120" in text_status.output
@@ -57,8 +58,9 @@ def test_init_with_config_and_sqlite_tables(tmp_path: Path, db_path: Path) -> No
     result = run_cli("init", "--config", _config(tmp_path, MINI), "--db", db_path)
     assert result.exit_code == 0, result.output
     data = json.loads(run_cli("status", "--db", db_path, "--json").output)
-    # steered_to_unsteered: 2 words; success_to_failure: 2x1 pairs; 2 layers x 2 samples
-    assert data["totals"]["rollouts_expected"] == (2 + 2) * 2 * 2
+    # steered_to_unsteered: 2 words; success_to_failure: 2x1 pairs; 2 layers x 2 samples; and a
+    # baseline each for the control and Dust, 2 samples
+    assert data["totals"]["rollouts_expected"] == (2 + 2) * 2 * 2 + 2 * 2
     con = sqlite3.connect(db_path)
     row = con.execute("SELECT name, steer_layer, samples FROM sweeps").fetchone()
     exps = [r[0] for r in con.execute("SELECT name FROM experiments ORDER BY id")]

@@ -60,8 +60,8 @@ def test_two_processes_under_torchrun_fill_the_sweep_once(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     con = sqlite3.connect(db)
-    # 2 + 2 pair keys, 2 + 2 single-word keys; 2 layers, 2 samples
-    assert con.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 8 * 2 * 2
+    # 2 + 2 pair keys, 2 + 2 single-word keys; 2 layers, 2 samples; and 6 baselines
+    assert con.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 8 * 2 * 2 + 6 * 2
     runs = con.execute("SELECT pid, status FROM stage_runs WHERE stage = 'generate'").fetchall()
     assert len(runs) == 2 and len({pid for pid, _ in runs}) == 2
     assert all(status == "finished" for _, status in runs)

@@ -12,8 +12,10 @@ from patchdb.judge.templates import DEFAULT_TEMPLATES
 from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
 from patchdb.store.models import Experiment
 
-# 2 words x 2 layers x 2 samples = 8 rollouts expected, 16 calls (coherence + detection).
-# The store holds 6 rollouts (Trees at layer 21 not generated: 4 calls wait for generate).
+# 2 words x 2 layers x 2 samples = 8 rollouts expected, 16 calls (coherence + detection), and
+# the no-injection control's baseline: 2 rollouts, 4 calls.
+# The store holds 6 rollouts (Trees at layer 21 and the baseline not generated: 8 calls wait for
+# generate).
 # Rollouts 1-5 are judged by the default judge: 10 rows = 6 parsed, 3 unparsed, 1 error;
 # rollout 6 is not judged (2 calls missing).
 UNPARSED = {(1, "detection"), (2, "detection"), (3, "coherence")}
@@ -74,13 +76,13 @@ def test_each_mode_counts_what_it_would_send(tmp_path: Path, db_path: Path, mode
     before = file_digest(db_path)
     lines = dry(db_path, mode)
     # calls, judged, send now, awaiting generate
-    assert total(lines) == ["total", "16", "10", str(send), "4"]
-    assert lines[-3] == (f"{mode} would send {send} calls now, as judge config #1; 4 more "
+    assert total(lines) == ["total", "20", "10", str(send), "8"]
+    assert lines[-3] == (f"{mode} would send {send} calls now, as judge config #1; 8 more "
                          "calls wait for rollouts generate has not written yet.")
     # $0.0015 recorded per call, over the 9 calls without an error
     assert lines[-2] == (f"Estimated cost: ${send * 0.0015:.4f} ($0.001500 per call on average "
                          "over 9 judged calls of judge config #1).")
-    assert lines[-1] == "The calls that wait for generate: about $0.0060 more."
+    assert lines[-1] == "The calls that wait for generate: about $0.0120 more."
     assert file_digest(db_path) == before
 
 
@@ -98,7 +100,7 @@ def test_prices_per_million_tokens(tmp_path: Path, db_path: Path) -> None:
     assert lines[-2] == ("Estimated cost: $0.0025 (1,000 prompt + 3,000 completion tokens per "
                          "call on average over 9 judged calls of judge config #1, at $0.05 / "
                          "$0.4 per million tokens).")
-    assert lines[-1] == "The calls that wait for generate: about $0.0050 more."
+    assert lines[-1] == "The calls that wait for generate: about $0.0100 more."
 
 
 def test_says_when_it_cannot_price(tmp_path: Path, db_path: Path) -> None:
@@ -108,9 +110,9 @@ def test_says_when_it_cannot_price(tmp_path: Path, db_path: Path) -> None:
                          "tokens but no cost; pass --price-in and --price-out (USD per million "
                          "tokens).")
     other = dry(db_path, "--reasoning", "low")  # a judge config that has judged nothing
-    assert total(other) == ["total", "16", "0", "12", "4"]
+    assert total(other) == ["total", "20", "0", "12", "8"]
     assert other[-2] == ("--only-missing would send 12 calls now, as a new judge config (these "
-                         "settings have judged nothing yet); 4 more calls wait for rollouts "
+                         "settings have judged nothing yet); 8 more calls wait for rollouts "
                          "generate has not written yet.")
     assert other[-1] == ("Estimated cost: unknown: this judge config has no judged call in "
                          "this store yet to take the cost or tokens per call from.")
@@ -120,10 +122,11 @@ def test_says_when_it_cannot_price(tmp_path: Path, db_path: Path) -> None:
 
 
 def test_nothing_generated_sends_nothing(db_path: Path) -> None:
-    """The default sweep before generate: 473,088 calls, all waiting for generate."""
+    """The default sweep before generate: 473,088 calls and 3,456 of the baselines (27 target
+    conditions x 64 samples x 2 graders), all waiting for generate."""
     assert run_cli("init", "--db", db_path).exit_code == 0
     lines = dry(db_path)
-    assert total(lines) == ["total", "473,088", "0", "0", "473,088"]
+    assert total(lines) == ["total", "476,544", "0", "0", "476,544"]
     assert lines[-3].startswith("--only-missing would send 0 calls now, as a new judge config")
     assert lines[-2] == "Estimated cost: $0.0000 (nothing to send)."
     assert lines[-1] == ("The calls that wait for generate: cost unknown: this judge config has "

@@ -69,7 +69,9 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
     dry = run_cli("judge", "--db", db_path, *hf, "--dry-run")
     assert dry.exit_code == 0, dry.output
     total = next(line for line in dry.output.splitlines() if line.startswith("total"))
-    assert total.split()[-4:] == ["8", "8", "0", "0"]  # calls, judged, send now, awaiting
+    # calls, judged, send now, awaiting: make_store writes no baselines, so theirs (the control
+    # and Bread's and Trees' in unsteered_to_steered, 1 sample, 2 graders) wait for generate
+    assert total.split()[-4:] == ["14", "8", "0", "6"]
 
     # where there is work, the model is loaded: the refusal above is real
     overwrite = run_cli("judge", "--db", db_path, *hf, "--overwrite")
@@ -90,7 +92,7 @@ def test_hf_rerun_loads_no_model(db_path: Path, tmp_path: Path,
     stored = rows(db_path, "SELECT * FROM judgments ORDER BY id")
     plan = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed", "--dry-run")
     total = next(line for line in plan.output.splitlines() if line.startswith("total"))
-    assert total.split()[-4:] == ["8", "8", "1", "0"]  # the dry run counts the one row too
+    assert total.split()[-4:] == ["14", "8", "1", "6"]  # the dry run counts the one row too
     one = run_cli("judge", "--db", db_path, *hf, "--retry-unparsed")
     assert one.exit_code == 1, one.output
     assert one.output.strip() == "Error: refusing to load ./m"
@@ -148,7 +150,8 @@ def test_sweep_rerun_loads_no_judge_model(tmp_path: Path, monkeypatch: pytest.Mo
     try:
         first = run_sweep(store, config, options)
         assert first.judged is not None and not first.judged.nothing_pending
-        assert first.judged.calls == first.judged.pending_at_start == 2
+        # (Bread and the control's baseline) x 1 sample x coherence and detection
+        assert first.judged.calls == first.judged.pending_at_start == 4
         refuse_model_loading(monkeypatch)  # generate has nothing to do either, so loads none
         second = run_sweep(store, config, options)
         assert second.generated is not None and second.generated.rollouts_written == 0

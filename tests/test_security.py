@@ -215,7 +215,8 @@ def test_stage_runs_keep_max_new_tokens_and_never_a_secret(tmp_path: Path) -> No
         judge = run_cli("judge", "--db", db, "--base-url", url, "--no-progress",
                         "--judge-max-new-tokens", "7")
     assert judge.exit_code == 0, judge.output
-    assert server.stats.requests == 8  # 4 rollouts, coherence + detection each
+    # 8 rollouts (4 keys and a baseline per target condition), coherence + detection each
+    assert server.stats.requests == 16
     store = open_store(str(db))
     with stage_run(store, "probe", {"hf_token": SENTINEL, "auth_token": SENTINEL,
                                     "max_new_tokens": 3}):
@@ -333,7 +334,7 @@ def test_a_word_that_looks_like_sql_is_stored_as_a_word(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         keys = conn.execute("SELECT source_word, target_word FROM rollouts").fetchall()
         assert conn.execute("SELECT name FROM sweeps").fetchall() == [(HOSTILE,)]
-    assert len(keys) == 4  # one key per experiment, at one layer, one sample
+    assert len(keys) == 8  # one key per experiment at one layer, and their 4 baselines; 1 sample
     assert (HOSTILE_2, HOSTILE) in keys and (HOSTILE, "") in keys
     assert sorted(p.name for p in Path("out").iterdir()) == sorted(
         ["failure_to_success", "success_to_failure", "steered_to_unsteered",

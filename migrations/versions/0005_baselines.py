@@ -26,10 +26,16 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-BASELINE_LAYER = -1
-
-# The score rule of layer_rates (0001), grouped over the rollouts of one patch-layer filter.
-_GROUPED = """
+# The views are written out in full (the score rule is 0001's layer_rates): SQL text here is
+# constant, never assembled from values.
+LAYER_RATES = """
+    CREATE VIEW layer_rates AS
+    SELECT s.name AS sweep, e.name AS experiment, e.pairs, g.patch_layer,
+           g.source_word, g.target_word,
+           CASE WHEN g.source_word = '' THEN '(none)' ELSE g.source_word END AS source,
+           CASE WHEN g.target_word = '' THEN '(none)' ELSE g.target_word END AS target,
+           g.judge_config_id, g.n, g.n_scored, g.rate
+    FROM (
         SELECT r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id,
                COUNT(*) AS n,
                COUNT(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL ELSE 1 END)
@@ -41,39 +47,67 @@ _GROUPED = """
         LEFT JOIN judgments c ON c.rollout_id = r.id AND c.grader = 'coherence'
         LEFT JOIN judgments d ON d.rollout_id = r.id AND d.grader = ge.detection_grader
                               AND d.judge_config_id = c.judge_config_id
-        {where}
+        WHERE r.patch_layer <> -1
         GROUP BY r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id
+    ) g
+    JOIN experiments e ON e.id = g.experiment_id
+    JOIN sweeps s ON s.id = e.sweep_id
 """
 
+BASELINE_RATES = """
+    CREATE VIEW baseline_rates AS
+    SELECT s.name AS sweep, e.name AS experiment, e.pairs, e.detection_grader, g.target_word,
+           CASE WHEN g.target_word = '' THEN '(none)' ELSE g.target_word END AS target,
+           g.judge_config_id, g.n, g.n_scored, g.rate
+    FROM (
+        SELECT r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id,
+               COUNT(*) AS n,
+               COUNT(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL ELSE 1 END)
+                   AS n_scored,
+               AVG(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL
+                        WHEN c.verdict AND d.verdict THEN 1.0 ELSE 0.0 END) AS rate
+        FROM rollouts r
+        JOIN experiments ge ON ge.id = r.experiment_id
+        LEFT JOIN judgments c ON c.rollout_id = r.id AND c.grader = 'coherence'
+        LEFT JOIN judgments d ON d.rollout_id = r.id AND d.grader = ge.detection_grader
+                              AND d.judge_config_id = c.judge_config_id
+        WHERE r.patch_layer = -1
+        GROUP BY r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id
+    ) g
+    JOIN experiments e ON e.id = g.experiment_id
+    JOIN sweeps s ON s.id = e.sweep_id
+"""
 
-def _layer_rates(where: str) -> str:
-    return f"""
+# 0001's layer_rates, for the downgrade.
+LAYER_RATES_0001 = """
     CREATE VIEW layer_rates AS
     SELECT s.name AS sweep, e.name AS experiment, e.pairs, g.patch_layer,
            g.source_word, g.target_word,
            CASE WHEN g.source_word = '' THEN '(none)' ELSE g.source_word END AS source,
            CASE WHEN g.target_word = '' THEN '(none)' ELSE g.target_word END AS target,
            g.judge_config_id, g.n, g.n_scored, g.rate
-    FROM ({_GROUPED.format(where=where)}) g
+    FROM (
+        SELECT r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id,
+               COUNT(*) AS n,
+               COUNT(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL ELSE 1 END)
+                   AS n_scored,
+               AVG(CASE WHEN c.verdict IS NULL OR d.verdict IS NULL THEN NULL
+                        WHEN c.verdict AND d.verdict THEN 1.0 ELSE 0.0 END) AS rate
+        FROM rollouts r
+        JOIN experiments ge ON ge.id = r.experiment_id
+        LEFT JOIN judgments c ON c.rollout_id = r.id AND c.grader = 'coherence'
+        LEFT JOIN judgments d ON d.rollout_id = r.id AND d.grader = ge.detection_grader
+                              AND d.judge_config_id = c.judge_config_id
+        GROUP BY r.experiment_id, r.patch_layer, r.source_word, r.target_word, c.judge_config_id
+    ) g
     JOIN experiments e ON e.id = g.experiment_id
     JOIN sweeps s ON s.id = e.sweep_id
-    """
-
-
-BASELINE_RATES = f"""
-    CREATE VIEW baseline_rates AS
-    SELECT s.name AS sweep, e.name AS experiment, e.pairs, e.detection_grader, g.target_word,
-           CASE WHEN g.target_word = '' THEN '(none)' ELSE g.target_word END AS target,
-           g.judge_config_id, g.n, g.n_scored, g.rate
-    FROM ({_GROUPED.format(where=f"WHERE r.patch_layer = {BASELINE_LAYER}")}) g
-    JOIN experiments e ON e.id = g.experiment_id
-    JOIN sweeps s ON s.id = e.sweep_id
-    """
+"""
 
 
 def upgrade() -> None:
     op.execute("DROP VIEW IF EXISTS layer_rates")
-    op.execute(_layer_rates(f"WHERE r.patch_layer <> {BASELINE_LAYER}"))
+    op.execute(LAYER_RATES)
     op.execute(BASELINE_RATES)
 
 
@@ -82,5 +116,5 @@ def downgrade() -> None:
     # labels) go, so the old layer_rates cannot show a layer -1.
     op.execute("DROP VIEW IF EXISTS baseline_rates")
     op.execute("DROP VIEW IF EXISTS layer_rates")
-    op.execute(f"DELETE FROM rollouts WHERE patch_layer = {BASELINE_LAYER}")
-    op.execute(_layer_rates(""))
+    op.execute("DELETE FROM rollouts WHERE patch_layer = -1")
+    op.execute(LAYER_RATES_0001)
