@@ -284,7 +284,7 @@ def run_compare(store: Any, texts: list[str], experiments: list[str] | None = No
                 reports: dict[str, Path] | None = None) -> CompareReport:
     """Build the comparison and write one figure per experiment with any scored rate under
     `<out_dir>/<experiment>/compare_plot.<fmt>` (and `<out_dir>/compare.html` with `html`,
-    linking each member's own report page given in `reports`)."""
+    linking each member's own report page: from `reports`, else its default folder's)."""
     import io
 
     from patchdb.report import DEFAULT_REPORT_DIR
@@ -311,5 +311,9 @@ def run_compare(store: Any, texts: list[str], experiments: list[str] | None = No
             figure.savefig(buffer, format="png", dpi=90)
             figures[experiment] = buffer.getvalue()
     if html:
-        report.html = write_compare_html(comparison, figures, base, reports)
+        from patchdb.report import default_out_dir
+        from patchdb.report.html import REPORT_FILE
+
+        pages = {m.label: default_out_dir(m.sweep) / REPORT_FILE for m in comparison.members}
+        report.html = write_compare_html(comparison, figures, base, {**pages, **(reports or {})})
     return report

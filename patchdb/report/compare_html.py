@@ -73,7 +73,8 @@ def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_di
         f"<h1>Comparison: {escape(title)}</h1>",
         f'<p class="muted">Written by patchdb on {utcnow().strftime("%Y-%m-%d %H:%M UTC")}.</p>',
         *(f'<p class="note">{escape(line)}</p>' for line in lines),
-        f'<div class="table-wrap"><table class="rates settings"><thead><tr><th>Setting</th>{head}'
+        '<div class="table-wrap" style="margin-bottom: 12px">'
+        f'<table class="rates settings"><thead><tr><th>Setting</th>{head}'
         f"</tr></thead><tbody>{body}</tbody></table></div>",
         "<nav>" + "".join(f'<a href="#compare-{escape(e)}">{escape(e)}</a>'
                           for e in comparison.experiments) + "</nav>",

@@ -26,6 +26,7 @@ DASHES: tuple[Any, ...] = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 REFERENCE_WIDTH = 1.0  # the baselines: thin lines across the plot
 REFERENCE_ALPHA = 0.6
+Y_MARGIN = 0.03
 
 
 def line_label(word: str, member: str) -> str:
@@ -94,7 +95,10 @@ def compare_figure(comparison: Comparison, experiment: str) -> Figure:
     layers = shared_layers(comparison, experiment)
     ax.set_xlabel("Patch layer")
     ax.set_ylabel(PAIR_YLABEL if EXPERIMENTS[experiment].pairs else SINGLE_YLABEL)
-    ax.set_ylim(0, 1)
+    # rates span 0 to 1; a small margin keeps lines that sit at 0 or 1 (common when several
+    # sweeps agree) visible instead of hidden under the frame
+    ax.set_ylim(-Y_MARGIN, 1 + Y_MARGIN)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     if layers:
         ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
