@@ -64,7 +64,9 @@ def test_every_rollout_gets_one_row_per_grader(db_path: Path, server: FaultServe
     assert len(di) == 16 and all('"Bread"' in t or '"Trees"' in t or '"Dust"' in t for t in di)
     assert rows(db_path, "SELECT stage, status FROM stage_runs") == [("judge", "finished")]
     status = run_cli("status", "--db", db_path)
-    assert f"{2 * N_ROLLOUTS}/{2 * N_ROLLOUTS}" in status.output
+    # every call is judged; status also expects the baselines make_store does not write
+    # (6 target conditions x 2 samples x 2 graders)
+    assert f"{2 * N_ROLLOUTS}/{2 * N_ROLLOUTS + 24}" in status.output
     # resuming is a query: nothing is missing, so nothing is sent
     before = server.stats.requests
     again = run_cli("judge", "--db", db_path)
@@ -239,7 +241,8 @@ def test_own_prompts_make_a_new_judge_config(db_path: Path, server: FaultServer,
     prompts = tmp_path / "prompts.toml"
     prompts.write_text('coherence = """Coherent? {response}\nEnd with YES or NO."""\n')
     plan = run_cli("judge", "--db", db_path, "--prompts", prompts, "--dry-run")
-    assert plan.output.splitlines()[-3].split() == ["total", "64", "0", "64", "0"]
+    # the baselines' 24 calls wait for generate (make_store writes none)
+    assert plan.output.splitlines()[-3].split() == ["total", "88", "0", "64", "24"]
     result = run_cli("judge", "--db", db_path, "--prompts", prompts, "--graders", "coherence")
     assert "Judged 32 calls" in result.output
     assert server.stats.bodies[-1]["messages"][0]["content"].startswith("Coherent? ")

@@ -106,4 +106,5 @@ def test_hf_logprobs_mode_reads_a_verdict_from_every_reply(db_path: Path, tiny_m
         assert p_yes == pytest.approx(p_yes_one_by_one(tiny_model, prompt, raw), abs=1e-4)
     status = run_cli("status", "--db", db_path)
     total = [line for line in status.output.splitlines() if line.startswith("total")][0]
-    assert total.split()[-4:] == ["8/8", "0", "0", "0"]  # every verdict parsed, none cut off
+    # every verdict parsed, none cut off; status also expects 3 baselines x 1 sample x 2 graders
+    assert total.split()[-4:] == ["8/14", "0", "0", "0"]
