@@ -217,3 +217,30 @@ def test_sweep_runs_the_series_then_compares_it(db_path: Path) -> None:
     assert again.exit_code == 0, again.output
     assert again.output.count("generate: 0 new rollouts") == 2
     assert again.output.count("judge: nothing missing") == 2
+
+
+@pytest.mark.slow
+def test_the_packaged_dose_series_runs_offline(tmp_path: Path) -> None:
+    """`patchdb sweep --config demo-dose` at its smallest: both strengths, their baselines,
+    judged in process by the demo's model, then compared (docs/compare.md)."""
+    import subprocess
+    import sys
+
+    args = ["sweep", "--config", "demo-dose", "--db", "demo.sqlite", "--layers", "20",
+            "--words", "Bread", "--samples", "1", "--max-new-tokens", "8"]
+    run = subprocess.run([sys.executable, "-m", "patchdb", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    db = tmp_path / "demo.sqlite"
+    # keys with Bread: 2 + 2 pairs and 1 + 1 single-word keys, one sample, one layer
+    assert patched_rollouts(db) == [("demo-dose-strength4", 6), ("demo-dose-strength8", 6)]
+    baselines = rows(db, "SELECT s.name, count(*) FROM rollouts r JOIN experiments e ON "
+                         "e.id = r.experiment_id JOIN sweeps s ON s.id = e.sweep_id "
+                         "WHERE r.patch_layer = -1 GROUP BY s.name ORDER BY s.name")
+    assert [name for name, n in baselines if n > 0] == ["demo-dose-strength4",
+                                                         "demo-dose-strength8"]
+    assert "Differences: strength 4 vs 8." in run.stdout
+    page = (tmp_path / "patchdb_report" / "demo-dose" / "compare.html").read_text()
+    assert page.count('<img alt="comparison of rate against patch layer') == 4
+    for name in ("demo-dose-strength4", "demo-dose-strength8"):
+        assert (tmp_path / "patchdb_report" / name / "report.html").exists()
