@@ -289,3 +289,26 @@ def test_sweeps_from_two_stores_compare_after_merge(tmp_path: Path, server: Faul
     assert rows == [["Bread", "low", "100", "50"], ["Bread", "high", "100", "100"],
                     ["Trees", "low", "100", "100"], ["Trees", "high", "100", "50"],
                     ["Mean", "low", "100", "75"], ["Mean", "high", "100", "75"]]
+
+
+def test_every_differing_setting_is_named_once(db_path: Path) -> None:
+    """Settings beyond the main five are named too, main ones first, each once."""
+    make_store(db_path, name="a", strength=2.0, experiments=EXPERIMENTS)
+    make_store(db_path, name="b", strength=6.0, samples=1, temperature=0.5,
+               positive_words=["Bread"], experiments=EXPERIMENTS)
+    result = run_cli("report", "--db", db_path, "--compare", "a", "b")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:3] == [
+        "Comparing: a (solid line), b (dashed line).",
+        "Differences: strength 2 vs 6; samples 2 vs 1; temperature 1 vs 0.5; "
+        "positive_words Bread, Trees vs Bread.",
+        "Same: model tiny; steer layer 1; prompt not rendered yet; judge no judgments yet.",
+    ]
+    # nothing is judged yet: each sweep says why its rates are missing
+    lines = result.output.splitlines()
+    pairs = lines.index("failure_to_success: rate in % by patch layer (mean over source words; "
+                        "- = nothing scored)")
+    assert lines[pairs + 3:pairs + 8] == [
+        "Bread a       -   -", "Bread b       -   -", "Trees a       -   -",
+        "a: No rates: no judgments yet: run `patchdb judge`",
+        "b: No rates: no judgments yet: run `patchdb judge`"]

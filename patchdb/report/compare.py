@@ -20,7 +20,7 @@ from patchdb.errors import ConfigError, UnknownNameError
 from patchdb.experiments import EXPERIMENTS
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, Line, experiment_rates
 from patchdb.report.export import safe_component
-from patchdb.report.tables import control_line, unpatched
+from patchdb.report.tables import control_line, missing_lead, unpatched
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.status import prompt_hash
 from patchdb.store.sweeps import get_experiments, get_sweep, sweep_config, sweep_names
@@ -251,6 +251,10 @@ def compare_table(comparison: Comparison, experiment: str) -> str:
         control = control_line(m.rates[experiment])
         if control is not None:
             out.append(f"{m.label}: {control}")
+    for m in members:
+        rates = m.rates[experiment]
+        if rates.missing:
+            out.append(f"{m.label}: {missing_lead(rates)}: {rates.missing}")
     return "\n".join(out)
 
 
