@@ -213,10 +213,17 @@ def test_sweep_runs_the_series_then_compares_it(db_path: Path) -> None:
     for name in ("d-strength2", "d-strength6"):
         assert Path(f"patchdb_report/{name}/report.html").exists()
         assert f'<a href="../{name}/report.html">{name}</a>' in page
-    again = run_cli("sweep", "--config", config, "--db", db_path)
+    # again, into --out: nothing new to do; each sweep's report in a sub-folder, the
+    # comparison in the folder itself
+    again = run_cli("sweep", "--config", config, "--db", db_path, "--out", "out")
     assert again.exit_code == 0, again.output
     assert again.output.count("generate: 0 new rollouts") == 2
     assert again.output.count("judge: nothing missing") == 2
+    assert again.output.splitlines()[-1] == "Compare: out/compare.html"
+    page = Path("out/compare.html").read_text()
+    for name in ("d-strength2", "d-strength6"):
+        assert Path(f"out/{name}/unsteered_to_steered/sweep_plot.png").exists()
+        assert f'<a href="{name}/report.html">{name}</a>' in page
 
 
 @pytest.mark.slow
