@@ -90,3 +90,40 @@ def test_one_compiled_program_serves_every_layer_and_batch() -> None:
     assert second <= 2 * first
     assert answers(static, [TargetUnit(None, None, None, [10, 11, 12])], 1.0) == [want[1][:3]]
     assert counters["stats"]["unique_graphs"] == second
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rows_leave_captured_graphs_with_the_eager_greedy_answers(compiled: bool) -> None:
+    """On a GPU: rows that finish move into graphs captured at fewer rows (plain and
+    compiled), and the greedy answers stay the eager decode's."""
+    from test_engine import start_from_offsets
+    from test_gpu import STEER_LAYER as GPU_STEER
+    from test_gpu import real_shape_model
+    from test_gpu import units as gpu_units
+
+    model = real_shape_model("cuda")
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+
+    def build(eos: list[int], **kwargs: Any) -> Engine:
+        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      eos, **kwargs)
+
+    with torch.inference_mode():
+        free = build([], use_graphs=False)
+        todo = gpu_units(free)
+        rows = [c.token_ids for unit in free.generate(todo, 16, 0.0) for c in unit]
+        stop = sorted({rows[0][3], rows[4][5]})  # the first unit's and the third's rows end early
+        want = answers_16(build(stop, use_graphs=False), todo)
+        ends = [len(ids) for unit in want for ids, reason in unit if reason == "stop"]
+        assert len(ends) >= 5, "most rows must end early"
+        fast = build(stop, compile_decode=compiled, share_prefix=True)
+        assert answers_16(fast, todo) == want
+    assert fast._decoder is not None and fast._decoder.current.rows < 7
+    assert fast._decoder.captures >= 2  # the full row count and at least one smaller
+
+
+def answers_16(engine: Engine, todo: list[TargetUnit]) -> list[Any]:
+    return [[(c.token_ids, c.finish_reason) for c in unit] for unit in engine.generate(todo, 16, 0.0)]
