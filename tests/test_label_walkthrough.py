@@ -1,0 +1,142 @@
+"""The labels -> calibrate -> corrected walk-through on the demo store, from committed fixtures.
+
+tests/fixtures/demo_labels.json holds the team's labels of every demo answer (both graders) and
+demo_labels_judge.json the demo judge's P(YES) for the same answers. They are loaded into a
+fresh store registered with the demo config (no model is run), and `calibrate` and `report
+--corrected` must say what docs/labels.md says they say. The expected counts are recomputed here
+from the two files by plain counting, and the headline ones are also written out by hand.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from sqlalchemy import select
+
+from patchdb.judge.templates import DEFAULT_TEMPLATES
+from patchdb.label.labels import set_label
+from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, open_store
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LABELS = json.loads((FIXTURES / "demo_labels.json").read_text())
+JUDGE = json.loads((FIXTURES / "demo_labels_judge.json").read_text())["rollouts"]
+DETECTION = {"failure_to_success": "detection_identification",
+             "success_to_failure": "detection_identification",
+             "steered_to_unsteered": "detection", "unsteered_to_steered": "detection"}
+
+
+def parse(key: str) -> tuple[str, int, str, str, int]:
+    """experiment/layer/key/sample -> (experiment, layer, source, target, sample)."""
+    experiment, layer, words, sample = key.split("/")
+    if "_to_" in words:
+        source, target = words.split("_to_")
+    elif experiment == "steered_to_unsteered":
+        source, target = words, ""
+    else:
+        source, target = "", words
+    return experiment, int(layer), source, target, int(sample)
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store registered with the demo config, holding the demo's answers, its judge's
+    verdicts and the team's labels (built once: the tests only read it)."""
+    db = str(tmp_path_factory.mktemp("walkthrough") / "demo.sqlite")
+    result = run_cli("init", "--config", "demo", "--db", db)
+    assert result.exit_code == 0, result.output
+    store = open_store(db)
+
+    def fill(session) -> None:  # type: ignore[no-untyped-def]
+        judge = JudgeConfig(model="smollm2-135m", reasoning="none", backend="hf",
+                            template_version=DEFAULT_TEMPLATES.version, verdict_mode="logprobs")
+        session.add(judge)
+        session.flush()
+        experiments = {e.name: e.id for e in session.scalars(select(Experiment))}
+        for key, entry in LABELS["rollouts"].items():
+            experiment, layer, source, target, sample = parse(key)
+            rollout = Rollout(experiment_id=experiments[experiment], patch_layer=layer,
+                              source_word=source, target_word=target, sample_index=sample,
+                              answer=entry["answer"], n_tokens=16, finish_reason="length",
+                              seed=sample)
+            session.add(rollout)
+            session.flush()
+            for grader, p_yes in JUDGE[key].items():
+                session.add(Judgment(rollout_id=rollout.id, grader=grader,
+                                     judge_config_id=judge.id, p_yes=p_yes,
+                                     verdict=p_yes > 0.5, raw_reply="(reasoning)"))
+                set_label(session, rollout.id, grader, "team", entry[grader], entry.get("note"))
+
+    store.transact(fill)
+    store.close()
+    return db
+
+
+def hand_counts() -> dict[str, Counter[str]]:
+    """Per grader: the judge's verdicts against the labels, counted from the fixture files."""
+    counts: dict[str, Counter[str]] = {}
+    for key, entry in LABELS["rollouts"].items():
+        for grader, p_yes in JUDGE[key].items():
+            judged, truth = p_yes > 0.5, entry[grader]
+            cell = {(True, True): "tp", (False, True): "fn", (True, False): "fp",
+                    (False, False): "tn"}[(judged, truth)]
+            counts.setdefault(grader, Counter())[cell] += 1
+    return counts
+
+
+def test_the_fixture_is_every_demo_answer_labeled_for_both_graders() -> None:
+    rollouts = LABELS["rollouts"]
+    assert len(rollouts) == 96 and LABELS["labeler"] == "team"
+    for key, entry in rollouts.items():
+        experiment = key.split("/")[0]
+        assert {"coherence", DETECTION[experiment]} <= set(entry)
+        assert set(JUDGE[key]) == {"coherence", DETECTION[experiment]}
+    yes = Counter(g for e in rollouts.values() for g in ("coherence", "detection",
+                                                          "detection_identification")
+                  if e.get(g))
+    # what docs/labels.md reports: 13 of 96 coherent, 8 of 24 detections, no identification
+    assert yes == Counter({"coherence": 13, "detection": 8})
+    scores = sum(e["coherence"] and e.get("detection", False) for e in rollouts.values())
+    assert scores == 4
+
+
+def test_calibrate_reports_the_hand_counted_tables(demo_db: str) -> None:
+    result = run_cli("calibrate", "--db", demo_db, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["grader"]: r for r in json.loads(result.output)["calibration"]}
+    counts = hand_counts()
+    for grader, cells in counts.items():
+        assert {c: rows[grader][c] for c in ("tp", "fn", "fp", "tn")} == {
+            c: cells[c] for c in ("tp", "fn", "fp", "tn")}
+    # the same tables, written out: the demo judge says YES to nearly everything
+    assert [rows["coherence"][c] for c in ("tp", "fn", "fp", "tn")] == [11, 2, 81, 2]
+    assert [rows["detection"][c] for c in ("tp", "fn", "fp", "tn")] == [7, 1, 16, 0]
+    assert [rows["detection_identification"][c] for c in ("tp", "fn", "fp", "tn")] == [0, 0, 70, 2]
+    assert rows["coherence"]["tpr"] == pytest.approx(11 / 13)
+    assert rows["coherence"]["tnr"] == pytest.approx(2 / 83)
+    # kappa of the coherence table by hand: observed 13/96, chance (92*13 + 4*83) / 96**2
+    chance = (92 * 13 + 4 * 83) / 96**2
+    assert rows["coherence"]["kappa"] == pytest.approx((13 / 96 - chance) / (1 - chance))
+    assert rows["coherence"]["kappa"] < 0 and rows["detection"]["kappa"] < 0
+    assert rows["detection_identification"]["tpr"] is None  # no answer named its word
+
+
+@pytest.mark.parametrize("experiments, line", [
+    (None, "Error: cannot correct the rates of the detection experiments: 23 labeled rollouts "
+           "the judge scored YES and 1 it scored NO (labels for both graders); needs 10 of each"),
+    ("failure_to_success,success_to_failure",
+     "Error: cannot correct the rates of the detection_identification experiments: 69 labeled "
+     "rollouts the judge scored YES and 3 it scored NO (labels for both graders); "
+     "needs 10 of each"),
+])
+def test_report_corrected_refuses_in_one_line(demo_db: str, tmp_path: Path,
+                                              experiments: str | None, line: str) -> None:
+    # the judged scores by hand: a rollout is judged YES when both of its verdicts are YES
+    single = [k for k in JUDGE if DETECTION[k.split("/")[0]] == "detection"]
+    judged_yes = sum(all(p > 0.5 for p in JUDGE[k].values()) for k in single)
+    assert (judged_yes, len(single) - judged_yes) == (23, 1)
+    args = ["report", "--db", demo_db, "--corrected", "--out", str(tmp_path / "out")]
+    result = run_cli(*args, *(["--experiments", experiments] if experiments else []))
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == line
