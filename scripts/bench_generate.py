@@ -15,6 +15,15 @@ is bound by arithmetic, not reads), and warm-up time for each, then the ratio (b
 a JSON results file.
 
     python scripts/bench_generate.py --shape gemma3-27b --out results.json
+
+`--full-layer` is the headline run instead: the default sweep's units on its first patch layer
+(176 units x 64 samples x 100 tokens), the stage with its defaults, with and without compiling,
+and with answers that end early (EOS forced at lengths drawn per seed; see answer_lengths) with
+and without moving finished rows out of the step, plus the per-key loop on a few units; it
+prints tok/s, set-up, the projected full sweep, the speed-up over the loop, the fraction of the
+compute floor and peak memory:
+
+    python scripts/bench_generate.py --full-layer --out full_layer.json
 """
 
 import argparse
@@ -561,6 +570,21 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
     results["full_layer"] = {"patch_layer": layer, "steer_layer": steer,
                              "stop_lengths": {"capped": STOP_CAPPED, "median": STOP_MEDIAN,
                                               "sigma": STOP_SIGMA}}
+    if args.reference_units:
+        prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
+        torch.manual_seed(1)
+        vectors = torch.randn(2, model.config.hidden_size, device=device, dtype=model.dtype) * 4.0
+        work = Work(prompt.input_ids, prompt.injection_start, steer, [layer],
+                    [(0, 1)] * args.reference_units, args.samples, args.new_tokens, vectors)
+        model.generation_config.eos_token_id = None
+        reference_loop(model, Work(work.prompt_ids, work.injection_start, steer, [layer], [(0, 1)],
+                                   args.samples, 2, vectors), device, {})  # warm-up
+        t = time.perf_counter()
+        tokens = reference_loop(model, work, device, {})
+        wall = time.perf_counter() - t
+        results["full_layer"]["loop"] = {"units": args.reference_units, "tokens": tokens,
+                                         "wall_s": wall, "tok_s": tokens / wall}
+        args.out.write_text(json.dumps(results, indent=2))
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
@@ -576,20 +600,6 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                   f"{r['card_gib']:.1f} GiB; batches {r['batches']}", flush=True)
             results["full_layer"]["runs"] = runs
             args.out.write_text(json.dumps(results, indent=2))
-    if args.reference_units:
-        prompt = render_prompt(tokenizer, DEFAULT_PROMPT_INTRO, DEFAULT_PROMPT_TRIAL)
-        torch.manual_seed(1)
-        vectors = torch.randn(2, model.config.hidden_size, device=device, dtype=model.dtype) * 4.0
-        work = Work(prompt.input_ids, prompt.injection_start, steer, [layer],
-                    [(0, 1)] * args.reference_units, args.samples, args.new_tokens, vectors)
-        model.generation_config.eos_token_id = None
-        reference_loop(model, Work(work.prompt_ids, work.injection_start, steer, [layer], [(0, 1)],
-                                   args.samples, 2, vectors), device, {})  # warm-up
-        t = time.perf_counter()
-        tokens = reference_loop(model, work, device, {})
-        wall = time.perf_counter() - t
-        results["full_layer"]["loop"] = {"units": args.reference_units, "tokens": tokens,
-                                         "wall_s": wall, "tok_s": tokens / wall}
     summarize_full_layer(results, model, flops)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -302,3 +302,12 @@ def test_steering_starts_at_the_blank_line_and_covers_every_later_token(engine: 
     expected = hand_greedy(engine.model, engine.prompt_ids, vec, STEER_LAYER, start, n_new)
     assert answer.token_ids == expected
     assert len(set(expected)) > 1
+
+
+def test_batches_come_out_even() -> None:
+    from patchdb.generate.engine import even_batch_rows
+
+    assert even_batch_rows(11_264, 1_040) == 1_024  # 11 batches of 1,024, not 10 x 1,040 + 864
+    assert even_batch_rows(100, 64) == 50
+    assert even_batch_rows(10, 64) == 10
+    assert even_batch_rows(128, 64) == 64
