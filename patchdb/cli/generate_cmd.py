@@ -67,8 +67,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                    "an H100: 2x the rows, 1.26x the rollouts per second).")
 @click.option("--compile/--no-compile", "compile_", default=None, envvar="PATCHDB_COMPILE",
               help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
-                   "about 1.4x faster steps for about a minute of compiling. Default: on when "
-                   "at least 2M decode tokens are pending.")
+                   "about 1.25x faster steps for seconds of compiling (H200, Gemma-3-27B "
+                   "shape). Default: on when at least 300,000 decode tokens are pending.")
 @click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
               help="Skip the baselines (each target condition generated with no patch; the "
                    "unsteered one is the no-injection control).")
