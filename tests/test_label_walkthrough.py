@@ -20,6 +20,7 @@ from patchdb.label.labels import set_label
 from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
+DOC = (Path(__file__).parent.parent / "docs" / "labels.md").read_text(encoding="utf-8")
 LABELS = json.loads((FIXTURES / "demo_labels.json").read_text())
 JUDGE = json.loads((FIXTURES / "demo_labels_judge.json").read_text())["rollouts"]
 DETECTION = {"failure_to_success": "detection_identification",
@@ -122,6 +123,15 @@ def test_calibrate_reports_the_hand_counted_tables(demo_db: str) -> None:
     assert rows["detection_identification"]["tpr"] is None  # no answer named its word
 
 
+def test_the_table_in_the_docs_is_what_calibrate_prints(demo_db: str) -> None:
+    result = run_cli("calibrate", "--db", demo_db)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 5  # the config, the header, one row per grader
+    for line in lines[1:]:
+        assert line in DOC.splitlines()
+
+
 @pytest.mark.parametrize("experiments, line", [
     (None, "Error: cannot correct the rates of the detection experiments: 23 labeled rollouts "
            "the judge scored YES and 1 it scored NO (labels for both graders); needs 10 of each"),
@@ -140,3 +150,5 @@ def test_report_corrected_refuses_in_one_line(demo_db: str, tmp_path: Path,
     result = run_cli(*args, *(["--experiments", experiments] if experiments else []))
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1] == line
+    if experiments is None:
+        assert line in DOC.splitlines()  # docs/labels.md quotes it
