@@ -1,5 +1,6 @@
 """`patchdb generate` end to end on a tiny random-init Llama saved as a local model folder."""
 
+import functools
 import os
 import re
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -331,3 +333,44 @@ def test_units_another_process_wrote_meanwhile_are_skipped(tmp_path: Path, model
     assert 0 < decoded <= 2 * 5, out
     assert query(db, "SELECT COUNT(*) FROM rollouts WHERE stage_run_id IS NOT NULL") == [(0,)]
     assert query(db, "SELECT status FROM stage_runs") == [("finished",)]
+
+
+def test_answers_that_end_early_are_written_through_the_static_decoder(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that reach EOS at different steps leave the static decoder's step (it runs on the CPU
+    stepwise, without graph replay); every unit is written whole, as the eager decode writes it."""
+    from patchdb.generate import stage
+    from patchdb.generate.engine import Engine
+
+    seen: list[list[int]] = []
+    last_rows: list[int] = []
+
+    class Recording(Engine):
+        def generate(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().generate(*args, **kwargs)
+            seen.extend(c.token_ids for unit in out for c in unit)
+            if self._decoder is not None:
+                last_rows.append(self._decoder.current.rows)
+            return out
+
+    overrides = dict(temperature=1.0, max_new_tokens=8)
+    monkeypatch.setattr(stage, "Engine", Recording)
+    monkeypatch.setattr(stage, "eos_ids", lambda *a, **k: [])
+    assert run_cli("generate", "--db", init_store(tmp_path, model_dir, "free.sqlite", **overrides),
+                   "--quiet").exit_code == 0
+    # Tokens the rows emit mid-answer: most rows end by their fourth token, the rest later.
+    stop = sorted({row[3] for row in seen[:30]} | {row[5] for row in seen[30:]})
+    monkeypatch.setattr(stage, "eos_ids", lambda *a, **k: stop)
+    eager_db = init_store(tmp_path, model_dir, "eager.sqlite", **overrides)
+    assert run_cli("generate", "--db", eager_db, "--quiet").exit_code == 0
+    static = functools.partial(Recording, graph_replay=False, fast_attention=False)
+    monkeypatch.setattr(stage, "Engine", static)
+    static_db = init_store(tmp_path, model_dir, "static.sqlite", **overrides)
+    result = run_cli("generate", "--db", static_db, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert last_rows and last_rows[-1] < ALL_ROLLOUTS  # the last steps ran at fewer rows
+    want = rollouts(eager_db)
+    assert rollouts(static_db) == want and len(want) == ALL_ROLLOUTS
+    ends = {n for _answer, n, reason, _seed in want.values() if reason == "stop"}
+    assert len(ends) >= 2 and max(ends) < 8, "answers must end early, at different lengths"
