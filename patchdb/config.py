@@ -222,6 +222,15 @@ class ConfigSeries:
     def is_series(self) -> bool:
         return bool(self.varied)
 
+    def single(self, what: str) -> "SweepConfig":
+        """The one sweep it defines; a series is refused, `what` naming the config in the error."""
+        if self.is_series:
+            raise ConfigError(
+                f"{what} gives a list for {' and '.join(self.varied)} (a series of "
+                f"{len(self.configs)} sweeps); use `patchdb init` or `patchdb sweep` with it"
+            )
+        return self.configs[0]
+
 
 def dose_value_text(value: int | float) -> str:
     """4.0 -> '4', 2.5 -> '2.5', 18 -> '18': a sweep name's suffix, exact (never rounded), so
@@ -276,13 +285,7 @@ def series_from_dict(data: dict[str, Any]) -> ConfigSeries:
 
 def load_config(path: str | Path | None) -> SweepConfig:
     """Read a sweep TOML file that defines one sweep; None gives the default sweep."""
-    series = load_series(path)
-    if series.is_series:
-        raise ConfigError(
-            f"the config gives a list for {' and '.join(series.varied)} (a series of "
-            f"{len(series.configs)} sweeps); use `patchdb init` or `patchdb sweep` with it"
-        )
-    return series.configs[0]
+    return load_series(path).single("the config")
 
 
 def load_series(path: str | Path | None) -> ConfigSeries:

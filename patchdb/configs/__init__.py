@@ -16,13 +16,7 @@ def packaged_config_names() -> list[str]:
 
 def resolve_config(name_or_path: str | Path | None) -> SweepConfig:
     """A --config value that must define one sweep (a dose series is refused)."""
-    series = resolve_series(name_or_path)
-    if series.is_series:
-        raise ConfigError(
-            f"config {name_or_path} gives a list for {' and '.join(series.varied)} (a series "
-            f"of {len(series.configs)} sweeps); use `patchdb init` or `patchdb sweep` with it"
-        )
-    return series.configs[0]
+    return resolve_series(name_or_path).single(f"config {name_or_path}")
 
 
 def resolve_series(name_or_path: str | Path | None) -> ConfigSeries:
