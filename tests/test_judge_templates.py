@@ -121,7 +121,22 @@ def test_dry_run_default_sweep_totals_473088(db_path: Path) -> None:
     lines = result.output.splitlines()
     assert lines[2].split() == ["failure_to_success", "80", "64", "21", "2", "215,040", "0",
                                 "0", "215,040"]  # calls, judged, send now, awaiting generate
-    assert lines[7].split() == ["total", "473,088", "0", "0", "473,088"]
+    # Each experiment's patch-layer row, then its unpatched baseline (one unit per target
+    # condition: 8 target words, 10, the single "no steering" control, 8).
+    rows = {}
+    experiment = ""
+    for line in lines[2:10]:
+        name, *numbers = line.split()
+        if name != "baseline":
+            experiment = name
+        rows[(experiment, name == "baseline")] = int(numbers[-4].replace(",", ""))
+    patch = sum(calls for (_, is_baseline), calls in rows.items() if not is_baseline)
+    assert patch == 473_088  # the default sweep's judge calls (SPEC)
+    assert rows[("success_to_failure", True)] == 10 * 64 * 2
+    assert rows[("steered_to_unsteered", True)] == 1 * 64 * 2
+    baselines = (8 + 10 + 1 + 8) * 64 * 2
+    assert lines[11].split() == ["total", f"{473_088 + baselines:,}", "0", "0",
+                                 f"{473_088 + baselines:,}"]
     assert file_digest(db_path) == before
 
 
@@ -130,7 +145,10 @@ def test_dry_run_narrowed(db_path: Path) -> None:
     result = run_cli("judge", "--db", db_path, "--dry-run", "--layers", "40-41",
                      "--experiments", "steered_to_unsteered", "--graders", "coherence")
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[4].split() == ["total", "1,024", "0", "0", "1,024"]
+    lines = result.output.splitlines()
+    assert lines[2].split()[-4:] == ["1,024", "0", "0", "1,024"]  # 8 keys x 64 x 2 layers
+    assert lines[3].split() == ["baseline", "1", "64", "1", "1", "64", "0", "0", "64"]
+    assert lines[5].split() == ["total", "1,088", "0", "0", "1,088"]
     bad = run_cli("judge", "--db", db_path, "--dry-run", "--graders", "honesty")
     assert bad.exit_code == 2 and "unknown grader 'honesty'" in bad.output
 
