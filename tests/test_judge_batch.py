@@ -252,6 +252,9 @@ def test_refusals_are_one_line_and_change_nothing(db_path: Path, server: BatchSe
         alone.output
     cost = run_cli("judge", "--db", db_path, "--batch", "--no-wait", "--max-cost", "1")
     assert cost.exit_code == 2 and "needs waiting" in cost.output
+    tiny = run_cli("judge", "--db", db_path, "--batch", "--batch-max-bytes", "200")
+    assert tiny.exit_code == 1 and len(tiny.output.splitlines()) == 1
+    assert tiny.output.startswith("Error: one request is ") and "200-byte" in tiny.output
     assert file_digest(db_path) == before and not server.state.calls
 
 

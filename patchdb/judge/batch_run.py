@@ -26,10 +26,19 @@ from patchdb.judge.batch_plan import (
     MAX_REQUESTS,
     batch_pending,
     count_held,
+    custom_id,
+    reasoning_options,
+    request_line,
     split,
 )
 from patchdb.judge.client import resolve_endpoint
-from patchdb.judge.plan import CostEstimate, DryRun, estimate_cost, find_judge_config
+from patchdb.judge.plan import (
+    CostEstimate,
+    DryRun,
+    estimate_cost,
+    find_judge_config,
+    pending_page,
+)
 from patchdb.judge.settings import JudgeOptions
 from patchdb.judge.stage import dry_run_table, ensure_judge_config, prepare
 from patchdb.redact import redact_text
@@ -69,12 +78,41 @@ def _check(options: JudgeOptions, resolved: Any, base_url: str) -> None:
                          "with OPENAI_API_KEY)")
 
 
+def _check_sizes(store: Store, scope: Any, options: JudgeOptions, batch: BatchOptions,
+                 resolved: Any, templates: Any, question: str, base_url: str) -> None:
+    """Refuse, before the judge config or the run is written, a --batch-max-bytes smaller than
+    one of the requests this run would send (measured with the longest custom_id it can have)."""
+    with store.read() as session:
+        config_id = find_judge_config(session, resolved.model, resolved.reasoning,
+                                      templates.version, resolved.backend, resolved.verdict)
+    cid = custom_id(10**12, "x" * max(len(g) for gs in scope.graders.values() for g in gs),
+                    10**12)
+    extra = reasoning_options(base_url, resolved.reasoning)
+    after, seen = 0, 0
+    while options.limit is None or seen < options.limit:
+        with store.read() as session:
+            calls, last = pending_page(session, scope, config_id, options.mode, after)
+        if last is None:
+            return
+        for call in calls:
+            prompt = templates.render(call.grader, question, call.answer, call.word)
+            size = len(request_line(cid, resolved.model, prompt, extra))
+            if size > batch.max_bytes:
+                raise JudgeError(f"one request is up to {size:,} bytes, more than the "
+                                 f"{batch.max_bytes:,}-byte batch file limit (--batch-max-bytes)")
+        seen += len(calls)
+        after = last
+
+
 def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
               batch: BatchOptions, echo: Callable[[str], None]) -> BatchSummary:
     """Collect what ended, submit what is missing, wait (unless no_wait); see the module doc."""
     sweep, config, scope, resolved, templates = prepare(store, sweep_name, options)
     endpoint = resolve_endpoint(resolved.base_url)
     _check(options, resolved, endpoint.base_url)
+    if not (batch.collect_only or batch.cancel):
+        _check_sizes(store, scope, options, batch, resolved, templates, config.prompt_trial,
+                     endpoint.base_url)
     config_id = ensure_judge_config(store, resolved, templates)
     api = BatchApi(endpoint, options.timeout_s)
     arguments = {**options.arguments(), "batch": asdict(batch)}
