@@ -2,7 +2,10 @@
 # The GPU test set: `pytest -m gpu` (tests/test_gpu.py): every decode path (graphed SDPA,
 # graphed Triton, shared prefix, compiled) gives the eager decode's greedy answers on a
 # random-init model of a small real shape, and the sampler never draws outside the support of
-# Hugging Face's temperature/top-k/top-p warpers. Run it in any change that touches the graphed,
+# Hugging Face's temperature/top-k/top-p warpers; and (tests/test_gpu_stage.py) `patchdb
+# generate` on CUDA over a dose series with baselines writes every unit and, at temperature 0,
+# the CPU eager decode's answers key for key (with two GPUs, `--gpus 2` the same rows). Run it
+# in any change that touches the graphed,
 # compiled, shared-prefix or sampling code, on a machine with an NVIDIA GPU.
 #
 #   bash scripts/test_gpu.sh            # uses .venv (scripts/setup.sh makes it), else python3
