@@ -49,9 +49,15 @@ def serving(store: Store, target: int) -> Iterator[str]:
         server.server_close()
 
 
+# the label page, served over loopback HTTP, has loaded (not the blank page Chromium starts on)
+PAGE_LOADED = "location.protocol === 'http:' && document.readyState === 'complete'"
+
+
 def wait_for(tools: DevTools, condition: str) -> None:
+    """Poll until `condition` holds; before the page has a body it does not (the browser may
+    be asked while the first document is still loading)."""
     deadline = time.monotonic() + 30
-    while not tools.js(condition):
+    while not tools.js(f"document.body !== null && ({condition})"):
         assert time.monotonic() < deadline, f"never true: {condition}"
         time.sleep(0.05)
 
@@ -92,7 +98,7 @@ def rollout(key: str) -> int:
 
 @needs_chromium
 def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None:
-    with serving(store, target=3) as url, browser(url, loaded=None) as tools:
+    with serving(store, target=3) as url, browser(url, loaded=PAGE_LOADED) as tools:
         wait_for(tools, "document.body.dataset.state === 'asking'")
         first = shown(tools)
         page_text = tools.js("document.body.innerText")
