@@ -22,11 +22,10 @@ from patchdb.judge.batch_client import BatchApi, BatchInfo
 from patchdb.judge.batch_collect import NO_RESULT, Prices, error_values, read_results, write_rows
 from patchdb.judge.batch_plan import (
     Key,
-    custom_id,
+    call_line,
     judged_keys,
     live_keys,
     reasoning_options,
-    request_line,
 )
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import Templates
@@ -73,9 +72,9 @@ class BatchContext:
     summary: BatchSummary = field(default_factory=BatchSummary)
 
     def line(self, call: Call) -> bytes:
-        prompt = self.templates.render(call.grader, self.question, call.answer, call.word)
-        return request_line(custom_id(call.rollout_id, call.grader, self.config_id), self.model,
-                            prompt, reasoning_options(self.api.endpoint.base_url, self.reasoning))
+        return call_line(self.templates, self.question, self.model,
+                         reasoning_options(self.api.endpoint.base_url, self.reasoning), call,
+                         self.config_id)
 
     def _set(self, batch_id: int, **values: Any) -> None:
         self.store.transact(lambda s: s.execute(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import JudgeError
 from patchdb.judge.plan import Call, Scope, in_scope, pending_page
+from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout
 from patchdb.store.store import Store
 
@@ -59,6 +60,13 @@ def request_line(cid: str, model: str, prompt: str, options: dict[str, object]) 
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
+def call_line(templates: Templates, question: str, model: str, options: dict[str, object],
+              call: Call, config_id: int) -> bytes:
+    """The batch input line that asks one call's grader question under judge config config_id."""
+    prompt = templates.render(call.grader, question, call.answer, call.word)
+    return request_line(custom_id(call.rollout_id, call.grader, config_id), model, prompt, options)
+
+
 def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> set[Key]:
     """Keys among these rollouts that a live batch of this judge config holds."""
     held: set[Key] = set()
@@ -83,7 +91,7 @@ def judged_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) ->
     return found
 
 
-def batch_pending(store: Store, scope: Scope, config_id: int, mode: str,
+def batch_pending(store: Store, scope: Scope, config_id: int | None, mode: str,
                   limit: int | None = None) -> Iterator[Call]:
     """The calls the mode has pending that no live batch holds, in rollout order, at most
     `limit` of them (the same pages the live judge reads, each in a read of its own)."""
@@ -93,7 +101,8 @@ def batch_pending(store: Store, scope: Scope, config_id: int, mode: str,
             calls, last = pending_page(session, scope, config_id, mode, after)
             if last is None:
                 return
-            held = live_keys(session, config_id, sorted({c.rollout_id for c in calls}))
+            held = (live_keys(session, config_id, sorted({c.rollout_id for c in calls}))
+                    if config_id is not None else set())
         for call in calls:
             if (call.rollout_id, call.grader) in held:
                 continue

@@ -25,22 +25,16 @@ from patchdb.judge.batch_plan import (
     MAX_BYTES,
     MAX_REQUESTS,
     batch_pending,
+    call_line,
     count_held,
-    custom_id,
     reasoning_options,
-    request_line,
     split,
 )
 from patchdb.judge.client import resolve_endpoint
-from patchdb.judge.plan import (
-    CostEstimate,
-    DryRun,
-    estimate_cost,
-    find_judge_config,
-    pending_page,
-)
+from patchdb.judge.plan import CostEstimate, DryRun, estimate_cost, find_judge_config
 from patchdb.judge.settings import JudgeOptions
 from patchdb.judge.stage import dry_run_table, ensure_judge_config, prepare
+from patchdb.judge.templates import Templates
 from patchdb.redact import redact_text
 from patchdb.store.models import JudgeBatch
 from patchdb.store.runs import stage_run
@@ -79,29 +73,20 @@ def _check(options: JudgeOptions, resolved: Any, base_url: str) -> None:
 
 
 def _check_sizes(store: Store, scope: Any, options: JudgeOptions, batch: BatchOptions,
-                 resolved: Any, templates: Any, question: str, base_url: str) -> None:
+                 resolved: Any, templates: Templates, question: str, base_url: str) -> None:
     """Refuse, before the judge config or the run is written, a --batch-max-bytes smaller than
-    one of the requests this run would send (measured with the longest custom_id it can have)."""
+    one of the requests this run would send (a new judge config's id taken as 10**12, longer
+    than any it can get)."""
     with store.read() as session:
         config_id = find_judge_config(session, resolved.model, resolved.reasoning,
                                       templates.version, resolved.backend, resolved.verdict)
-    cid = custom_id(10**12, "x" * max(len(g) for gs in scope.graders.values() for g in gs),
-                    10**12)
     extra = reasoning_options(base_url, resolved.reasoning)
-    after, seen = 0, 0
-    while options.limit is None or seen < options.limit:
-        with store.read() as session:
-            calls, last = pending_page(session, scope, config_id, options.mode, after)
-        if last is None:
-            return
-        for call in calls:
-            prompt = templates.render(call.grader, question, call.answer, call.word)
-            size = len(request_line(cid, resolved.model, prompt, extra))
-            if size > batch.max_bytes:
-                raise JudgeError(f"one request is up to {size:,} bytes, more than the "
-                                 f"{batch.max_bytes:,}-byte batch file limit (--batch-max-bytes)")
-        seen += len(calls)
-        after = last
+    for call in batch_pending(store, scope, config_id, options.mode, options.limit):
+        line = call_line(templates, question, resolved.model, extra, call,
+                         config_id if config_id is not None else 10**12)
+        if len(line) > batch.max_bytes:
+            raise JudgeError(f"one request is {len(line):,} bytes, more than the "
+                             f"{batch.max_bytes:,}-byte batch file limit (--batch-max-bytes)")
 
 
 def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
