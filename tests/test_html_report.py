@@ -266,9 +266,9 @@ FILE_LOADED = "location.protocol === 'file:' && document.readyState === 'complet
 
 
 @contextmanager
-def browser(url: str, loaded: str | None = FILE_LOADED) -> Iterator[DevTools]:
+def browser(url: str, loaded: str = FILE_LOADED) -> Iterator[DevTools]:
     """Chromium showing `url`, driven over its DevTools port, handed over once the JavaScript
-    condition `loaded` holds (None: as soon as a page exists); killed afterwards."""
+    condition `loaded` holds; killed afterwards."""
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen([*chromium_args(profile), "--remote-debugging-port=0", url],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -286,7 +286,7 @@ def browser(url: str, loaded: str | None = FILE_LOADED) -> Iterator[DevTools]:
                 targets = json.load(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30))
                 pages = [t for t in targets if t["type"] == "page"]
             tools = DevTools(pages[0]["webSocketDebuggerUrl"])
-            while loaded is not None and not tools.js(loaded):
+            while not tools.js(loaded):
                 assert time.monotonic() < deadline, "the page did not load"
                 time.sleep(0.1)
             yield tools
@@ -314,8 +314,8 @@ def choose(tools: DevTools, field: str, value: str) -> None:
              " s.dispatchEvent(new Event('change')); })()")
 
 
-def wait_for(tools: DevTools, condition: str) -> None:
-    deadline = time.monotonic() + 10
+def wait_for(tools: DevTools, condition: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
     while not tools.js(condition):
         assert time.monotonic() < deadline, f"never true: {condition}"
         time.sleep(0.05)

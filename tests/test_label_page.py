@@ -6,7 +6,6 @@ DevTools protocol (the small client of test_html_report), and keys arrive as rea
 
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from labeled_store import fill, init_store
 from sqlalchemy import select
-from test_html_report import CHROMIUM, DevTools, browser
+from test_html_report import CHROMIUM, DevTools, browser, wait_for
 
 from patchdb.label.server import Session, make_server, server_url
 from patchdb.store import Store, open_store
@@ -53,15 +52,6 @@ def serving(store: Store, target: int) -> Iterator[str]:
 PAGE_LOADED = "location.protocol === 'http:' && document.readyState === 'complete'"
 
 
-def wait_for(tools: DevTools, condition: str) -> None:
-    """Poll until `condition` holds; before the page has a body it does not (the browser may
-    be asked while the first document is still loading)."""
-    deadline = time.monotonic() + 30
-    while not tools.js(f"document.body !== null && ({condition})"):
-        assert time.monotonic() < deadline, f"never true: {condition}"
-        time.sleep(0.05)
-
-
 def press(tools: DevTools, key: str) -> None:
     """A real key press: keyDown and keyUp events through Chromium's input pipeline."""
     code = ord(key.upper())
@@ -81,7 +71,7 @@ def press_and_wait(tools: DevTools, key: str) -> str:
     before = shown(tools)
     press(tools, key)
     wait_for(tools, f"document.body.dataset.state === 'done' || "
-                    f"document.body.dataset.rollout !== {before!r}")
+                    f"document.body.dataset.rollout !== {before!r}", timeout_s=30)
     return shown(tools)
 
 
@@ -99,7 +89,7 @@ def rollout(key: str) -> int:
 @needs_chromium
 def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None:
     with serving(store, target=3) as url, browser(url, loaded=PAGE_LOADED) as tools:
-        wait_for(tools, "document.body.dataset.state === 'asking'")
+        wait_for(tools, "document.body.dataset.state === 'asking'", timeout_s=30)
         first = shown(tools)
         page_text = tools.js("document.body.innerText")
         assert "thinking..." not in page_text  # the judge's reasoning is hidden before a label
@@ -127,7 +117,7 @@ def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None
 
         assert press_and_wait(tools, "y") == third
         press_and_wait(tools, "y")
-        wait_for(tools, "document.body.dataset.state === 'done'")
+        wait_for(tools, "document.body.dataset.state === 'done'", timeout_s=30)
         assert tools.js("document.getElementById('progress').textContent").endswith(
             "coherence 3/3")
     assert stored(store) == {rollout(first): True, rollout(second): True, rollout(third): True}
