@@ -23,7 +23,8 @@ def report_compare(db: str, compared: list[str], compare: bool, *, experiments: 
         if one_sweep.get(name) not in (None, False):
             hint = " (use SWEEP@judge=ID)" if name == "judge_config" else ""
             raise click.ClickException(f"{flag} does not apply to --compare{hint}")
-    from patchdb.report.compare import describe, run_compare
+    from patchdb.report.compare import describe
+    from patchdb.report.compare_run import run_compare
 
     store = open_store(db)
     try:

@@ -4,6 +4,7 @@ from typing import Any
 
 import click
 
+from patchdb.cli.judge_plan import render_plan
 from patchdb.judge.batch_jobs import BatchSummary
 from patchdb.judge.batch_run import (
     BatchOptions,
@@ -90,8 +91,6 @@ def judge_batch(store: Store, sweep: str | None, options: JudgeOptions, dry_run:
         raise click.BadParameter("--max-cost is checked as batches end, so it needs waiting "
                                  "(drop --no-wait)", param_hint="--max-cost")
     if dry_run:
-        from patchdb.cli.judge_cmd import render_plan
-
         plan = batch_dry_run(store, sweep, options, opts)
         click.echo(render_plan(plan.dry, options.mode, options.limit))
         click.echo(render_batch_plan(plan))

@@ -3,6 +3,7 @@
 import click
 
 from patchdb.cli.options import db_option
+from patchdb.label.transfer import copy_labels
 from patchdb.store import Store, open_store
 from patchdb.store.merge import MergeResult, merge_stores
 
@@ -39,7 +40,7 @@ def merge(others: tuple[str, ...], db: str) -> None:
         for other in others:
             sources.append(open_store(other))
         target = open_store(db, create=True)
-        results = merge_stores(target, sources)
+        results = merge_stores(target, sources, steps=[copy_labels])
     finally:
         for store in [*sources, *([target] if target else [])]:
             store.close()

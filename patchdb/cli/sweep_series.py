@@ -29,7 +29,8 @@ def series_member(series: ConfigSeries) -> SweepConfig | None:
 def run_series(series: ConfigSeries, db: str, out_dir: Path | None, html: bool,
                experiments: list[str] | None) -> None:
     """Register the series, run `patchdb sweep` for each of its sweeps, then compare them."""
-    from patchdb.report.compare import describe, run_compare
+    from patchdb.report.compare import describe
+    from patchdb.report.compare_run import run_compare
     from patchdb.report.html import REPORT_FILE
 
     store = open_store(db, create=True)

@@ -25,12 +25,12 @@ from patchdb.experiments import EXPERIMENTS, GRADERS, at_layer, key_label, layer
 from patchdb.store.merge import (
     TABLES,
     MergeResult,
+    chunks,
     insert_new,
     rollout_here,
+    utc,
     with_rollout_key,
 )
-from patchdb.store.merge import _chunks as chunks
-from patchdb.store.merge import _utc as utc
 from patchdb.store.models import Experiment, Label, Rollout
 from patchdb.store.store import Store
 

@@ -267,57 +267,6 @@ def default_compare_dir(base: Path, labels: list[str]) -> Path:
     return base / name
 
 
-@dataclass
-class CompareReport:
-    """What `report --compare` wrote: the comparison, its figures and (optionally) its page."""
-
-    comparison: Comparison
-    out_dir: Path
-    plots: dict[str, Path]
-    tables: dict[str, str]
-    html: Path | None = None
-
-
 def any_scored(comparison: Comparison, experiment: str) -> bool:
     return any(n for m in comparison.members if experiment in m.rates
                for line in m.rates[experiment].keys for n in line.n_scored)
-
-
-def run_compare(store: Any, texts: list[str], experiments: list[str] | None = None,
-                out_dir: Path | None = None, fmt: str = "png", html: bool = False,
-                reports: dict[str, Path] | None = None) -> CompareReport:
-    """Build the comparison and write one figure per experiment with any scored rate under
-    `<out_dir>/<experiment>/compare_plot.<fmt>` (and `<out_dir>/compare.html` with `html`,
-    linking each member's own report page: from `reports`, else its default folder's)."""
-    import io
-
-    from patchdb.report import DEFAULT_REPORT_DIR
-    from patchdb.report.compare_html import write_compare_html
-    from patchdb.report.compare_plot import compare_figure
-    from patchdb.report.export import inside
-    from patchdb.report.plots import save_figure
-
-    with store.read() as session:
-        comparison = build_comparison(session, texts, experiments)
-    base = out_dir if out_dir is not None else default_compare_dir(
-        DEFAULT_REPORT_DIR, [m.label for m in comparison.members])
-    report = CompareReport(comparison, base, {}, {})
-    figures: dict[str, bytes] = {}
-    for experiment in comparison.experiments:
-        report.tables[experiment] = compare_table(comparison, experiment)
-        if not any_scored(comparison, experiment):
-            continue
-        figure = compare_figure(comparison, experiment)
-        report.plots[experiment] = save_figure(
-            figure, inside(base, base / experiment / f"compare_plot.{fmt}"))
-        if html:
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=90)
-            figures[experiment] = buffer.getvalue()
-    if html:
-        from patchdb.report import default_out_dir
-        from patchdb.report.html import REPORT_FILE
-
-        pages = {m.label: default_out_dir(m.sweep) / REPORT_FILE for m in comparison.members}
-        report.html = write_compare_html(comparison, figures, base, {**pages, **(reports or {})})
-    return report

@@ -71,17 +71,26 @@ class MergeResult:
         return sum(self.copied.values())
 
 
+# A table a feature above the store keeps beside the rollouts (labels): copied after the
+# judgments, given (target, source, experiment ids source -> target, the rollouts here by key,
+# chunk size, the result to count into, progress).
+MergeStep = Callable[[Store, Store, dict[int, int], dict[tuple[int, int, str, str, int],
+                                                         tuple[int, int]],
+                      int, MergeResult, Callable[[str, int], None] | None], None]
+
+
 def merge_stores(
     target: Store, sources: Sequence[Store], chunk_rows: int = CHUNK_ROWS,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Callable[[str, int], None] | None = None, steps: Sequence[MergeStep] = (),
 ) -> list[MergeResult]:
     """Merge every source into target, in order. All sweeps are checked before any row is
-    written. `progress(table, n)` is told of each chunk copied."""
+    written. `progress(table, n)` is told of each chunk copied. `steps` copy the tables of
+    features above the store (the CLI passes the labels' step), each after the judgments."""
     for source in sources:
         if source.url == target.url:
             raise StoreError(f"cannot merge {target.where} into itself")
     check_sweeps_agree(target, sources)
-    return [_merge_one(target, source, chunk_rows, progress) for source in sources]
+    return [_merge_one(target, source, chunk_rows, progress, steps) for source in sources]
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ def check_sweeps_agree(target: Store, sources: Iterable[Store]) -> None:
                 seen[name] = ident
 
 
-def _utc(value: Any) -> Any:
+def utc(value: Any) -> Any:
     """Time stamps leave as aware UTC, whatever the source backend handed out."""
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -150,7 +159,7 @@ def _values(row: RowMapping, table: Table, **changes: Any) -> dict[str, Any]:
     """A source row as insert values for target: no id, foreign keys replaced by `changes`."""
     values = {name: row[name] for name in _COPIED_COLUMNS[table.name]}
     for name in _TIME_COLUMNS[table.name]:
-        values[name] = _utc(values[name])
+        values[name] = utc(values[name])
     values.update(changes)
     return values
 
@@ -200,7 +209,7 @@ def _inserter(table: Table, key: list[str], rows: list[dict[str, Any]]) -> Calla
     return lambda session: len(insert_new(session.connection(), table, key, rows))
 
 
-def _chunks(store: Store, query: Any, id_column: Any, size: int) -> Iterable[Sequence[RowMapping]]:
+def chunks(store: Store, query: Any, id_column: Any, size: int) -> Iterable[Sequence[RowMapping]]:
     """The query's rows in id order, `size` at a time (keyset paging, one short read each)."""
     last = 0
     while True:
@@ -216,7 +225,7 @@ def _chunks(store: Store, query: Any, id_column: Any, size: int) -> Iterable[Seq
 def _copy_plain(target: Store, source: Store, table: Table, key: list[str], size: int,
                 result: MergeResult, progress: Callable[[str, int], None] | None) -> None:
     """A table without foreign keys, chunk by chunk."""
-    for rows in _chunks(source, select(table), table.c.id, size):
+    for rows in chunks(source, select(table), table.c.id, size):
         values = [_values(r, table) for r in rows]
         n = target.transact(_inserter(table, key, values))
         result.copied[table.name] += n
@@ -225,7 +234,8 @@ def _copy_plain(target: Store, source: Store, table: Table, key: list[str], size
 
 
 def _merge_one(target: Store, source: Store, size: int,
-               progress: Callable[[str, int], None] | None) -> MergeResult:
+               progress: Callable[[str, int], None] | None,
+               steps: Sequence[MergeStep]) -> MergeResult:
     result = MergeResult(source.where)
     sweep_ids, experiment_ids = target.transact(lambda s: _merge_sweeps(s, source, result))
     run_ids = target.transact(lambda s: _merge_stage_runs(s, source, sweep_ids, result))
@@ -236,9 +246,8 @@ def _merge_one(target: Store, source: Store, size: int,
     _copy_rollouts(target, source, experiment_ids, run_ids, here, size, result, progress)
     _copy_judgments(target, source, experiment_ids, here, config_ids, run_ids, size, result,
                     progress)
-    from patchdb.label.transfer import copy_labels  # it builds on this module's helpers
-
-    copy_labels(target, source, experiment_ids, here, size, result, progress)
+    for step in steps:
+        step(target, source, experiment_ids, here, size, result, progress)
     return result
 
 
@@ -284,7 +293,7 @@ def _merge_stage_runs(s: Session, source: Store, sweep_ids: dict[int, int],
         runs = src.execute(select(STAGE_RUNS).order_by(STAGE_RUNS.c.id)).mappings().all()
 
     def key(row: RowMapping | dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(_utc(row[k]) for k in STAGE_RUN_KEY)
+        return tuple(utc(row[k]) for k in STAGE_RUN_KEY)
 
     here = {key(r): r for r in conn.execute(select(STAGE_RUNS)).mappings()}
     run_ids: dict[int, int] = {}
@@ -297,10 +306,10 @@ def _merge_stage_runs(s: Session, source: Store, sweep_ids: dict[int, int],
             result.copied["stage_runs"] += 1
             continue
         run_ids[run["id"]] = mine["id"]
-        if _utc(run["heartbeat_at"]) > _utc(mine["heartbeat_at"]):
+        if utc(run["heartbeat_at"]) > utc(mine["heartbeat_at"]):
             conn.execute(update(STAGE_RUNS).where(STAGE_RUNS.c.id == mine["id"]).values(
-                status=run["status"], heartbeat_at=_utc(run["heartbeat_at"]),
-                finished_at=_utc(run["finished_at"]), error=run["error"]))
+                status=run["status"], heartbeat_at=utc(run["heartbeat_at"]),
+                finished_at=utc(run["finished_at"]), error=run["error"]))
     return run_ids
 
 
@@ -357,7 +366,7 @@ def _copy_rollouts(target: Store, source: Store, experiment_ids: dict[int, int],
                    progress: Callable[[str, int], None] | None) -> None:
     """Every source rollout whose key is not here, in id order (a primary-key range scan per
     chunk); `here` learns the new rows."""
-    for rows in _chunks(source, select(ROLLOUTS), ROLLOUTS.c.id, size):
+    for rows in chunks(source, select(ROLLOUTS), ROLLOUTS.c.id, size):
         values, answers = [], {}
         for r in rows:
             exp = experiment_ids.get(r["experiment_id"])
@@ -389,7 +398,7 @@ def _copy_judgments(target: Store, source: Store, experiment_ids: dict[int, int]
                     run_ids: dict[int, int], size: int, result: MergeResult,
                     progress: Callable[[str, int], None] | None) -> None:
     """Every source judgment, attached to the target rollout of the same key and answer."""
-    for rows in _chunks(source, with_rollout_key(JUDGMENTS), JUDGMENTS.c.id, size):
+    for rows in chunks(source, with_rollout_key(JUDGMENTS), JUDGMENTS.c.id, size):
         values = []
         for j in rows:
             mine = rollout_here(j, experiment_ids, here)

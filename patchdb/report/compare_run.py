@@ -1,0 +1,61 @@
+"""Writing a comparison: its figures, its tables and its page, above the modules that build
+(compare.py) and draw (compare_plot.py, compare_html.py) it, so those never import each other."""
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchdb.report import DEFAULT_REPORT_DIR, default_out_dir
+from patchdb.report.compare import (
+    Comparison,
+    any_scored,
+    build_comparison,
+    compare_table,
+    default_compare_dir,
+)
+from patchdb.report.compare_html import write_compare_html
+from patchdb.report.compare_plot import compare_figure
+from patchdb.report.export import inside
+from patchdb.report.html import REPORT_FILE
+from patchdb.report.plots import save_figure
+
+
+@dataclass
+class CompareReport:
+    """What `report --compare` wrote: the comparison, its figures and (optionally) its page."""
+
+    comparison: Comparison
+    out_dir: Path
+    plots: dict[str, Path]
+    tables: dict[str, str]
+    html: Path | None = None
+
+
+def run_compare(store: Any, texts: list[str], experiments: list[str] | None = None,
+                out_dir: Path | None = None, fmt: str = "png", html: bool = False,
+                reports: dict[str, Path] | None = None) -> CompareReport:
+    """Build the comparison and write one figure per experiment with any scored rate under
+    `<out_dir>/<experiment>/compare_plot.<fmt>` (and `<out_dir>/compare.html` with `html`,
+    linking each member's own report page: from `reports`, else its default folder's)."""
+    with store.read() as session:
+        comparison = build_comparison(session, texts, experiments)
+    base = out_dir if out_dir is not None else default_compare_dir(
+        DEFAULT_REPORT_DIR, [m.label for m in comparison.members])
+    report = CompareReport(comparison, base, {}, {})
+    figures: dict[str, bytes] = {}
+    for experiment in comparison.experiments:
+        report.tables[experiment] = compare_table(comparison, experiment)
+        if not any_scored(comparison, experiment):
+            continue
+        figure = compare_figure(comparison, experiment)
+        report.plots[experiment] = save_figure(
+            figure, inside(base, base / experiment / f"compare_plot.{fmt}"))
+        if html:
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=90)
+            figures[experiment] = buffer.getvalue()
+    if html:
+        pages = {m.label: default_out_dir(m.sweep) / REPORT_FILE for m in comparison.members}
+        report.html = write_compare_html(comparison, figures, base, {**pages, **(reports or {})})
+    return report
