@@ -6,6 +6,7 @@ Defaults are the default sweep of docs/science.md. Unknown keys are an error nam
 import dataclasses
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,8 @@ def _check_type(table: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means either
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -182,8 +185,9 @@ def validate(config: SweepConfig) -> SweepConfig:
             f"[judge] reasoning must be one of {', '.join(REASONING_EFFORTS)}, "
             f"got {config.judge.reasoning!r}"
         )
-    if config.judge.concurrency < 1 or config.judge.max_attempts < 1:
-        raise ConfigError("[judge] concurrency and max_attempts must be >= 1")
+    for key in ("concurrency", "max_attempts", "batch_size", "max_new_tokens"):
+        if getattr(config.judge, key) < 1:
+            raise ConfigError(f"[judge] {key} must be >= 1, got {getattr(config.judge, key)}")
     if config.judge.verdict not in VERDICT_MODES:
         raise ConfigError(f"[judge] verdict must be one of {', '.join(VERDICT_MODES)}, "
                           f"got {config.judge.verdict!r}")

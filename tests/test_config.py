@@ -197,3 +197,35 @@ def test_merge_accepts_other_judge_settings_and_refuses_other_science(tmp_path: 
         f"Error: cannot merge {bad}: its sweep 'mini' has a different config than in {here}; "
         f"nothing was merged (strength 4.0 in {here}, 8.0 in {bad})\n")
     assert file_digest(here) == before
+
+
+# TOML spells NaN and infinity `nan`, `inf`, `+inf`, `-inf`; no setting means any of them.
+@pytest.mark.parametrize(("line", "message"), [
+    ("strength = nan", "[sweep] strength must be a finite number, got nan"),
+    ("strength = inf", "[sweep] strength must be a finite number, got inf"),
+    ("strength = -inf", "[sweep] strength must be a finite number, got -inf"),
+    ("temperature = nan", "[sweep] temperature must be a finite number, got nan"),
+    ("temperature = +inf", "[sweep] temperature must be a finite number, got inf"),
+    ("top_p = nan", "[sweep] top_p must be a finite number, got nan"),
+    ("strength = [4.0, inf]", "[sweep] strength must be a finite number, got inf"),  # a series
+    ("strength = [nan, 8.0]", "[sweep] strength must be a finite number, got nan"),
+])
+def test_nan_and_infinity_are_refused_for_every_number(tmp_path: Path, line: str,
+                                                       message: str) -> None:
+    db = tmp_path / "runs.sqlite"
+    assert _init(tmp_path, db, MINI).exit_code == 0
+    before = file_digest(db)
+    text = MINI.replace('name = "mini"', f'name = "other"\n{line}')
+    result = _init(tmp_path, db, text, "bad.toml")
+    assert (result.exit_code, result.output) == (1, f"Error: {message}\n")
+    assert file_digest(db) == before  # nothing registered, not even the first of a series
+    sweep = run_cli("sweep", "--config", tmp_path / "bad.toml", "--db", tmp_path / "new.sqlite")
+    assert (sweep.exit_code, sweep.output) == (1, f"Error: {message}\n")
+    assert not (tmp_path / "new.sqlite").exists()
+
+
+@pytest.mark.parametrize("key", ["concurrency", "max_attempts", "batch_size", "max_new_tokens"])
+def test_judge_counts_must_be_positive(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"judge": {key: 0}})
+    assert str(info.value) == f"[judge] {key} must be >= 1, got 0"
