@@ -241,3 +241,21 @@ class JudgeBatchKey(Base):
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
     grader: Mapped[str] = mapped_column(String(40))
     judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
+
+
+class JudgeLease(Base):
+    """A live judge run's claim on one (rollout, grader, judge config) key: other runs leave the
+    key alone until the claim's run writes it, lets it go, dies or lets it expire (migration 0007)."""
+
+    __tablename__ = "judge_leases"
+    __table_args__ = (UniqueConstraint("rollout_id", "grader", "judge_config_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    grader: Mapped[str] = mapped_column(String(40))
+    judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
+    stage_run_id: Mapped[int] = mapped_column(
+        ForeignKey("stage_runs.id", ondelete="CASCADE"), index=True
+    )
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
