@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchdb.controls import CONTROLS
 from patchdb.errors import ConfigError
 from patchdb.experiments import EXPERIMENTS
 from patchdb.ranges import parse_range
@@ -72,6 +73,7 @@ class SweepConfig:
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
     prompt_intro: str = DEFAULT_PROMPT_INTRO
     prompt_trial: str = DEFAULT_PROMPT_TRIAL
+    controls: list[str] = field(default_factory=list)  # patchdb.controls: random_vector, ...
     judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     @property
@@ -175,6 +177,12 @@ def validate(config: SweepConfig) -> SweepConfig:
             raise ConfigError(
                 f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})"
             )
+    for control in config.controls:
+        if control not in CONTROLS:
+            raise ConfigError(f"[sweep] controls: unknown control {control!r} "
+                              f"(known: {', '.join(CONTROLS)})")
+    if len(set(config.controls)) != len(config.controls):
+        raise ConfigError("[sweep] controls lists a control twice")
     if "\n\n" not in config.prompt_trial:
         raise ConfigError(
             "[sweep] prompt_trial must have a blank line before its question "

@@ -131,7 +131,7 @@ def test_science_leaves_out_the_name_and_every_judge_setting() -> None:
     assert set(science(SweepConfig())) == {
         "model", "model_revision", "dtype", "steer_layer", "strength", "patch_layers", "samples",
         "max_new_tokens", "temperature", "top_k", "top_p", "positive_words", "negative_words",
-        "experiments", "prompt_intro", "prompt_trial"}
+        "experiments", "prompt_intro", "prompt_trial", "controls"}
 
 
 MINI = """\
