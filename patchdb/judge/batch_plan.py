@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import JudgeError
 from patchdb.judge.plan import Call, Scope, in_scope, pending_page
+from patchdb.judge.providers import OPENAI, provider_of
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout
 from patchdb.store.store import Store
@@ -46,9 +47,10 @@ def parse_custom_id(text: str) -> tuple[int, str, int] | None:
 
 
 def reasoning_options(base_url: str, effort: str) -> dict[str, object]:
-    """The reasoning-effort field as the live client sends it (OpenAI's own field on
-    api.openai.com, OpenRouter's `reasoning` object elsewhere), so both judge alike."""
-    if "api.openai.com" in base_url:
+    """The reasoning-effort field as the live client sends it (OpenAI's own field at OpenAI's
+    host, by the rule in providers.provider_of; OpenRouter's `reasoning` object elsewhere), so
+    both judge alike."""
+    if provider_of(base_url) == OPENAI:
         return {"reasoning_effort": effort}
     return {"reasoning": {"effort": effort}}
 

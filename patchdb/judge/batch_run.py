@@ -32,6 +32,7 @@ from patchdb.judge.batch_plan import (
 )
 from patchdb.judge.client import resolve_endpoint
 from patchdb.judge.plan import CostEstimate, DryRun, estimate_cost, find_judge_config
+from patchdb.judge.providers import OPENROUTER, provider_of
 from patchdb.judge.settings import JudgeOptions
 from patchdb.judge.stage import dry_run_table, ensure_judge_config, prepare
 from patchdb.judge.templates import Templates
@@ -65,7 +66,7 @@ def _check(options: JudgeOptions, resolved: Any, base_url: str) -> None:
                          "second question per call, which a batch cannot")
     if options.follow or options.cache:
         raise JudgeError("--batch cannot be combined with --follow or --cache")
-    if "openrouter.ai" in base_url:
+    if provider_of(base_url) == OPENROUTER:
         raise JudgeError("OpenRouter's batch API takes its requests inline, not as an uploaded "
                          "file, so --batch cannot use it; point --base-url at an API with the "
                          "OpenAI files and batches endpoints (e.g. https://api.openai.com/v1 "

@@ -3,7 +3,8 @@
 The openai client runs with max_retries=0: this module retries 429, 5xx, timeouts, dropped
 connections and replies cut off before they finished (finish reason not "stop"), with
 exponential backoff and jitter, honouring Retry-After. 401/403/402/404 stop the whole run
-(FatalJudgeError). The API key is never put into any text this module returns or raises.
+(FatalJudgeError). The API key is never put into any text this module returns or raises, and
+a provider's key is sent only to that provider's own host (patchdb.judge.providers).
 """
 
 import asyncio
@@ -25,9 +26,8 @@ from patchdb.judge.logprobs import (
     p_yes_from_top,
     verdict_messages,
 )
+from patchdb.judge.providers import DEFAULT_URLS, KEY_VARS, OPENAI, OPENROUTER, provider_of
 
-OPENROUTER_URL = "https://openrouter.ai/api/v1"
-OPENAI_URL = "https://api.openai.com/v1"
 NO_KEY = "no-key-needed"
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
@@ -53,25 +53,22 @@ class Endpoint:
 
 
 def resolve_endpoint(base_url: str | None, env: Mapping[str, str] | None = None) -> Endpoint:
-    """Pick the base URL and key: OpenRouter with OPENROUTER_API_KEY, OpenAI with
-    OPENAI_API_KEY; any other URL gets PATCHDB_JUDGE_API_KEY or a placeholder key."""
+    """Pick the base URL and key. With no URL: OpenRouter with OPENROUTER_API_KEY, else OpenAI
+    with OPENAI_API_KEY. A provider's key goes only to that provider's own https host
+    (providers.provider_of); any other URL gets PATCHDB_JUDGE_API_KEY or a placeholder key."""
     env = os.environ if env is None else env
-    openrouter, openai_key = env.get("OPENROUTER_API_KEY"), env.get("OPENAI_API_KEY")
     if not base_url:
-        if openrouter:
-            return Endpoint(OPENROUTER_URL, openrouter)
-        if openai_key:
-            return Endpoint(OPENAI_URL, openai_key)
+        for name in (OPENROUTER, OPENAI):
+            if env.get(KEY_VARS[name]):
+                return Endpoint(DEFAULT_URLS[name], env[KEY_VARS[name]])
         raise JudgeError(
             "no judge API key: set OPENROUTER_API_KEY or OPENAI_API_KEY, or point --base-url "
             "at a server that needs none (or use --judge-backend hf)"
         )
     url = base_url.rstrip("/")
-    if "openrouter.ai" in url and openrouter:
-        return Endpoint(url, openrouter)
-    if "api.openai.com" in url and openai_key:
-        return Endpoint(url, openai_key)
-    return Endpoint(url, env.get("PATCHDB_JUDGE_API_KEY") or NO_KEY)
+    provider = provider_of(url)
+    key = env.get(KEY_VARS[provider]) if provider is not None else None
+    return Endpoint(url, key or env.get("PATCHDB_JUDGE_API_KEY") or NO_KEY)
 
 
 @dataclass
@@ -163,6 +160,7 @@ class ApiJudge:
         import openai
 
         self.endpoint = endpoint
+        self.provider = provider_of(endpoint.base_url)
         self.model = model
         self.reasoning = reasoning
         self.max_attempts = max_attempts
@@ -190,7 +188,7 @@ class ApiJudge:
         ]
 
     def _request_options(self) -> dict[str, Any]:
-        if "api.openai.com" in self.endpoint.base_url:
+        if self.provider == OPENAI:
             return {"reasoning_effort": self.reasoning}
         return {"extra_body": {"reasoning": {"effort": self.reasoning}}}
 
