@@ -2,12 +2,17 @@
 
 SQLite runs in WAL mode with foreign keys on and a busy timeout. Write transactions start with
 BEGIN IMMEDIATE, so two writers queue on the lock instead of failing on an upgrade.
+
+A SQLite file this process cannot write (read-only media, or no write permission on the file or
+on its folder) is opened read-only and immutable: a WAL reader must otherwise create the -shm
+index beside the file, which it cannot do there, and so could not even read.
 """
 
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -81,6 +86,37 @@ def check_sqlite_file(path: Path) -> None:
         )
 
 
+def sqlite_read_only(path: Path) -> bool:
+    """Whether this process cannot write the SQLite file at `path`: the file is not writable, or
+    its folder is not, so the -wal and -shm files that WAL mode needs cannot be made."""
+    if not path.exists():
+        return False
+    if not os.access(path, os.W_OK):
+        return True
+    shm = path.with_name(path.name + "-shm")
+    return not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _read_only_connect(path: Path) -> Any:
+    """A connection factory for a store that cannot be written here. `immutable` tells SQLite
+    nobody changes the file, so it needs no -shm index and takes no locks; that is only right
+    when no committed change waits in the write-ahead log, so such a store is refused."""
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(
+            f"{path} is read-only here and its write-ahead log {wal.name} holds changes not yet "
+            "in the file; open it once where it can be written (any patchdb command), then "
+            "read it here")
+    uri = f"file:{quote(str(path))}?mode=ro&immutable=1"
+    return lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   check_same_thread=False)
+
+
+def _sqlite_read_only_setup(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+    dbapi_conn.execute("PRAGMA foreign_keys = ON")
+
+
 def _sqlite_connect_setup(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     # Take transaction control from the sqlite3 module so we can emit BEGIN IMMEDIATE.
     dbapi_conn.isolation_level = None
@@ -99,14 +135,19 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; for SQLite, with the pragmas and BEGIN handling above."""
+def make_engine(url: str, read_only: bool = False) -> Engine:
+    """Create an engine; for SQLite, with the pragmas and BEGIN handling above, or read-only
+    (`read_only`, for a file that sqlite_read_only says cannot be written here)."""
     url = with_driver(url)
     path = sqlite_path(url)
     if path is not None:
         check_sqlite_file(path)
     try:
-        if url.startswith("sqlite"):
+        if path is not None and read_only:
+            engine = create_engine(url, creator=_read_only_connect(path))
+            event.listen(engine, "connect", _sqlite_read_only_setup)
+            event.listen(engine, "begin", _sqlite_begin)
+        elif url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
             event.listen(engine, "connect", _sqlite_connect_setup)
             event.listen(engine, "begin", _sqlite_begin)

@@ -66,6 +66,18 @@ def check_known(engine: Engine, where: str) -> str | None:
     return revision
 
 
+def check_current(engine: Engine, where: str) -> None:
+    """For a store that cannot be written here: refuse it unless it is at this patchdb's
+    schema, since upgrading it would mean writing it."""
+    revision = check_known(engine, where)
+    if revision != head_revision():
+        schema = f"schema {revision}" if revision is not None else "no schema yet"
+        raise StoreError(
+            f"{where} is read-only here and has {schema}, older than this patchdb's "
+            f"{head_revision()}; it must be upgraded before it can be read: run any patchdb "
+            "command on it where it can be written (or on a writable copy)")
+
+
 # Any constant will do: PostgreSQL upgraders queue on this advisory lock, as SQLite's do on
 # BEGIN IMMEDIATE, so concurrent openers of a fresh database do not both create the tables.
 PG_UPGRADE_LOCK = 0x70617463  # "patc"

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import StoreError
 from patchdb.store import migrate
-from patchdb.store.engine import make_engine, resolve_url, sqlite_path
+from patchdb.store.engine import make_engine, resolve_url, sqlite_path, sqlite_read_only
 
 T = TypeVar("T")
 LOCK_RETRIES = 8
@@ -37,17 +37,28 @@ def describe_db_error(where: str, exc: DatabaseError) -> StoreError:
     if lowered.startswith("connection failed") or "could not connect" in lowered:
         reason = text.rsplit("failed: ", 1)[-1].replace("FATAL:  ", "")
         return StoreError(f"cannot connect to {where} ({reason})")
+    if "readonly database" in lowered or "read-only file system" in lowered:
+        return read_only_error(where)
     if "unable to open" in lowered:
         return StoreError(f"cannot open {where} ({text})")
     return StoreError(f"database error on {where}: {text}")
 
 
-class Store:
-    """A migrated patchdb store. Use `read()` for queries and `write()` for one transaction."""
+def read_only_error(where: str) -> StoreError:
+    """The one line for a command that must write a store it can only read."""
+    return StoreError(f"cannot write to {where}: it is read-only here (the file or its folder "
+                      "cannot be written); commands that only read it (status, report, "
+                      "calibrate, label --next) still work")
 
-    def __init__(self, url: str, engine: Engine) -> None:
+
+class Store:
+    """A migrated patchdb store. Use `read()` for queries and `write()` for one transaction.
+    A read-only store (a SQLite file this process cannot write) refuses `write()`."""
+
+    def __init__(self, url: str, engine: Engine, read_only: bool = False) -> None:
         self.url = url
         self.engine = engine
+        self.read_only = read_only
         self._writer = engine.execution_options(sqlite_begin="IMMEDIATE")
 
     @property
@@ -68,6 +79,8 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One write transaction: all of it is committed, or none of it."""
+        if self.read_only:
+            raise read_only_error(self.where)
         with Session(self._writer, expire_on_commit=False) as session:
             try:
                 with session.begin():
@@ -98,15 +111,19 @@ class Store:
 
 
 def open_store(db: str | None = None, *, create: bool = False, migrate_schema: bool = True) -> Store:
-    """Open (and upgrade) the store at a path or SQLAlchemy URL; create it only if `create`."""
+    """Open (and upgrade) the store at a path or SQLAlchemy URL; create it only if `create`.
+    A SQLite file that cannot be written here is opened read-only and never upgraded."""
     url = resolve_url(db)
     path = sqlite_path(url)
     if path is not None and not create and not path.exists():
         raise StoreError(f"no store at {path}; create one with `patchdb init --db {path}`")
-    engine = make_engine(url)
-    store = Store(url, engine)
+    read_only = path is not None and sqlite_read_only(path)
+    engine = make_engine(url, read_only=read_only)
+    store = Store(url, engine, read_only=read_only)
     try:
-        if migrate_schema:
+        if read_only:
+            migrate.check_current(engine, store.where)
+        elif migrate_schema:
             migrate.upgrade(engine, store.where)
         else:
             migrate.check_known(engine, store.where)
