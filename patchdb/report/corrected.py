@@ -1,29 +1,35 @@
-"""Rates corrected for the judge's errors (Rogan-Gladen), with bootstrap bands.
+"""The store's side of corrected rates, and the Rogan-Gladen correction (`--correction
+rogan-gladen`; the default, PPI++, is patchdb.report.ppi).
 
 What is corrected is the score itself, coherent AND detected, as one YES/NO: a rollout labeled by
 hand for both of its graders has a true score (the AND of its two labels) and a judged score (the
-AND of the judge's two verdicts). From those rollouts we estimate the judge's sensitivity (Se)
-and specificity (Sp) for the score, once per detection grader (the pair experiments share one,
-the single-word experiments another), and assume they hold at every layer and key. A rate the
-judge reports as p is then (p + Sp - 1) / (Se + Sp - 1), clipped to [0, 1].
+AND of the judge's two verdicts). `strata_counts` reads both, per key, layer and the judge's
+detection verdict (the label plan's strata), for PPI.
+
+Rogan-Gladen estimates the judge's sensitivity (Se) and specificity (Sp) for the score once per
+detection grader (the pair experiments share one, the single-word experiments another) and
+assumes they hold at every layer and key. A rate the judge reports as p is then
+(p + Sp - 1) / (Se + Sp - 1), clipped to [0, 1].
 
 The labeling plan does not pick answers at random: it balances the judge's YES and NO verdicts
 of each grader. So Se and Sp are not read off the labeled rollouts directly. The scored rollouts
 fall into four strata by the judge's two verdicts (coherent YES/NO x detected YES/NO; only the
-YES/YES stratum is a judged YES score). Within a stratum the labels are a fair sample, which
-gives q_s, the share of true scores there; the strata's shares w_s of all scored rollouts are
-known. Then Se = sum over YES strata of w_s q_s / sum over all of w_s q_s, and Sp likewise with
-1 - q_s over the NO strata. A NO stratum without labels borrows the pooled q of the labeled NO
-strata.
+YES/YES stratum is a judged YES score). Within a stratum the labels are taken as a fair sample,
+which gives q_s, the share of true scores there; the strata's shares w_s of all scored rollouts
+are known. Then Se = sum over YES strata of w_s q_s / sum over all of w_s q_s, and Sp likewise
+with 1 - q_s over the NO strata. A NO stratum without labels borrows the pooled q of the labeled
+NO strata.
 
-The band is a percentile bootstrap that redraws both the labels (each stratum's true count,
-binomially) and the samples (each key's successes, binomially), so the calibration's own
-uncertainty widens it. Too few labels, or a judge barely better than chance (Se + Sp - 1 small,
-where the division blows up any noise), are refused.
+Its band redraws the labels (each stratum's true count, binomially) and the words (the cluster
+bootstrap of patchdb.report.clusters) together, and goes through the report's Wilson-t step.
+Too few labels, or a judge barely better than chance (Se + Sp - 1 small, where the division
+blows up any noise), are refused.
 """
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,6 +38,16 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import CalibrationError
 from patchdb.report.calibration import truths
+from patchdb.report.clusters import bootstrap_counts
+from patchdb.report.ppi import (
+    NO,
+    YES,
+    LineBands,
+    StrataCounts,
+    bands_of,
+    empty_counts,
+    line_means,
+)
 from patchdb.store.models import Sweep
 
 MIN_PER_CLASS = 10  # labeled rollouts the judge scored YES, and as many scored NO
@@ -121,6 +137,10 @@ class ScoreCalibration:
                 f"YES and {self.judged_no} it scored NO (labels for both graders); "
                 f"needs {MIN_PER_CLASS} of each")
         se, sp = self.se_sp
+        if not (np.isfinite(se) and np.isfinite(sp)):
+            raise CalibrationError(
+                f"cannot correct {what}: the judge's TPR or TNR is undefined (TPR {se:.2f}, "
+                f"TNR {sp:.2f}): the labels hold no true score or no false one")
         if not se + sp - 1 >= MIN_YOUDEN:
             raise CalibrationError(
                 f"cannot correct {what}: the judge's TPR + TNR - 1 is {se + sp - 1:.2f} "
@@ -140,31 +160,6 @@ def rogan_gladen(observed: Floats | float, se: Floats | float, sp: Floats | floa
     with np.errstate(divide="ignore", invalid="ignore"):
         value = (np.asarray(observed) + sp - 1) / (np.asarray(se) + sp - 1)
     return np.asarray(np.clip(value, 0.0, 1.0))
-
-
-@dataclass(frozen=True)
-class Band:
-    estimate: float
-    lower: float
-    upper: float
-
-
-def corrected_band(successes: list[int], n: list[int], calibration: ScoreCalibration,
-                   rng: np.random.Generator, draws: int = DRAWS) -> Band:
-    """The corrected mean rate of some keys (successes[i] of n[i] scored) and its 95% band."""
-    k = np.asarray(successes, dtype=float)
-    total = np.asarray(n, dtype=float)
-    keep = total > 0
-    if not keep.any():
-        return Band(np.nan, np.nan, np.nan)
-    k, total = k[keep], total[keep]
-    se, sp = calibration.se_sp
-    estimate = float(rogan_gladen(float(np.mean(k / total)), se, sp))
-    se_b, sp_b = calibration.draw(rng, draws)
-    observed = (rng.binomial(total.astype(np.int64), k / total, (draws, len(k))) / total).mean(1)
-    corrected = rogan_gladen(observed, se_b, sp_b)
-    lower, upper = np.nanpercentile(corrected, [2.5, 97.5])
-    return Band(estimate, float(lower), float(upper))
 
 
 # Both verdicts of the sweep's scored rollouts for one judge config and detection grader.
@@ -198,3 +193,90 @@ def score_calibration(session: Session, sweep: Sweep, detection_grader: str,
     return ScoreCalibration(tuple(
         Stratum(pair == (True, True), pool[pair] / total, labeled[pair], true_yes[pair])
         for pair in ((True, True), (True, False), (False, True), (False, False))))
+
+
+def rogan_gladen_lines(counts: StrataCounts, calibration: ScoreCalibration, labels: list[str],
+                       draws: int = DRAWS, seed: int = SEED) -> list[LineBands]:
+    """Rogan-Gladen applied to each bold line's mean of key rates (what the raw line draws),
+    with the band of words and labels redrawn together."""
+    raw = counts.raw_rates
+    n_s, n_t = len(counts.sources), len(counts.targets)
+    observed = line_means(raw, np.ones((1, n_s), np.int64), np.ones((1, n_t), np.int64),
+                          counts.pairs)[0]
+    se, sp = calibration.se_sp
+    estimate = rogan_gladen(observed, se, sp)
+    estimate = np.where(np.isnan(observed), np.nan, estimate)
+    se_b, sp_b = calibration.draw(np.random.default_rng(seed), draws)
+    drawn_raw = line_means(raw, *bootstrap_counts(n_s, n_t, draws, seed), counts.pairs)
+    drawn = np.where(np.isnan(drawn_raw), np.nan,
+                     rogan_gladen(drawn_raw, se_b[:, None, None], sp_b[:, None, None]))
+    return bands_of(counts, estimate, drawn, labels, np.zeros(estimate.shape))
+
+
+# Per key, layer and the judge's detection verdict: the scored rollouts and judged YES scores.
+COUNTS_SQL = """
+SELECT ss.experiment, ss.patch_layer, ss.source_word, ss.target_word, ss.detected,
+       COUNT(*) AS n, SUM(ss.score) AS judged
+FROM sample_scores ss
+JOIN experiments e ON e.name = ss.experiment
+JOIN sweeps s ON s.id = e.sweep_id AND s.name = ss.sweep
+WHERE s.id = :sweep_id AND e.detection_grader = :grader AND ss.judge_config_id = :config
+      AND ss.score IS NOT NULL AND ss.patch_layer <> -1
+GROUP BY ss.experiment, ss.patch_layer, ss.source_word, ss.target_word, ss.detected
+"""
+
+# The same rollouts one by one where some label exists (a few hundred rows).
+LABELED_SQL = """
+SELECT ss.rollout_id, ss.experiment, ss.patch_layer, ss.source_word, ss.target_word,
+       ss.detected, ss.score
+FROM sample_scores ss
+JOIN experiments e ON e.name = ss.experiment
+JOIN sweeps s ON s.id = e.sweep_id AND s.name = ss.sweep
+WHERE s.id = :sweep_id AND e.detection_grader = :grader AND ss.judge_config_id = :config
+      AND ss.score IS NOT NULL AND ss.patch_layer <> -1
+      AND ss.rollout_id IN (SELECT rollout_id FROM labels)
+"""
+
+
+def strata_counts(session: Session, sweep: Sweep, detection_grader: str,
+                  judge_config_id: int) -> dict[str, StrataCounts]:
+    """Per experiment of the grader: its scored rollouts and hand-labeled scores over (source,
+    target, layer, the judge's detection verdict), words and layers in sorted order. A
+    rollout's true score is its coherence label AND its detection label (both needed)."""
+    params = {"sweep_id": sweep.id, "grader": detection_grader, "config": judge_config_id}
+    rows = list(session.execute(text(COUNTS_SQL), params))
+    truth = truths(session, sweep)
+    labeled = []
+    for row in session.execute(text(LABELED_SQL), params):
+        coherent = truth.get((int(row.rollout_id), "coherence"))
+        detected = truth.get((int(row.rollout_id), detection_grader))
+        if coherent is not None and detected is not None:
+            labeled.append((row, coherent and detected))
+    out: dict[str, StrataCounts] = {}
+    for name in sorted({r.experiment for r in rows}):
+        mine = [r for r in rows if r.experiment == name]
+        c = empty_counts(name, tuple(sorted({r.source_word for r in mine})),
+                         tuple(sorted({r.target_word for r in mine})),
+                         tuple(sorted({int(r.patch_layer) for r in mine})))
+        at = _index(c)
+        for r in mine:
+            i = at(r) + (YES if r.detected else NO,)
+            c.n[i] += int(r.n)
+            c.judged[i] += int(r.judged or 0)
+        for r, true in labeled:
+            if r.experiment != name:
+                continue
+            i = at(r) + (YES if r.detected else NO,)
+            c.labeled[i] += 1
+            c.labeled_true[i] += true
+            c.labeled_judged[i] += int(r.score)
+            c.labeled_both[i] += int(r.score) and true
+        out[name] = c
+    return out
+
+
+def _index(c: StrataCounts) -> Callable[[Any], tuple[int, int, int]]:
+    s_at = {w: i for i, w in enumerate(c.sources)}
+    t_at = {w: i for i, w in enumerate(c.targets)}
+    l_at = {layer: i for i, layer in enumerate(c.layers)}
+    return lambda r: (s_at[r.source_word], t_at[r.target_word], l_at[int(r.patch_layer)])
