@@ -1,8 +1,9 @@
-"""Corrected rates: the Rogan-Gladen correction, its refusals, and a simulation of its coverage."""
+"""Corrected rates from a store: Rogan-Gladen by hand, the refusals, and `report --corrected`
+(PPI++ by default) on a labeled store. The PPI simulations are in test_ppi.py."""
 
+import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import run_cli
 from labeled_store import fill, init_store
@@ -13,11 +14,9 @@ from patchdb.label.labels import set_label
 from patchdb.report.corrected import (
     ScoreCalibration,
     Stratum,
-    corrected_band,
     rogan_gladen,
     se_sp,
 )
-from patchdb.report.stats import wilson_interval
 from patchdb.store import Experiment, Rollout, open_store
 from patchdb.store.models import Label
 
@@ -65,44 +64,25 @@ def test_too_few_labels_and_a_chance_judge_are_refused_in_one_line() -> None:
         "cannot correct experiment x: the judge's TPR + TNR - 1 is 0.00 (TPR 0.40, TNR 0.60), "
         "below 0.2; it is too close to chance")
     ScoreCalibration.two_classes(20, 18, 20, 2, 0.4).check("experiment x")  # a useful judge passes
+    # exactly 10 of each is enough
+    ScoreCalibration.two_classes(10, 9, 10, 1, 0.4).check("experiment x")
+    with pytest.raises(CalibrationError):
+        ScoreCalibration.two_classes(10, 9, 9, 1, 0.4).check("experiment x")
 
 
-# A synthetic sweep: 4 layers x 4 keys x 100 samples with these true rates.
-TRUE_RATES = np.array([[0.05, 0.1, 0.05, 0.0], [0.1, 0.2, 0.3, 0.2],
-                       [0.4, 0.5, 0.6, 0.5], [0.7, 0.8, 0.6, 0.9]])
-SAMPLES = 100
-SE, SP = 0.8, 0.85
-LABELS_PER_CLASS = 60
-RUNS = 200
-
-
-def simulate(rng: np.random.Generator) -> tuple[bool, bool]:
-    """One run: true scores, a judge of known error rates, 60 labels of each judged class drawn
-    as the labeling plan draws them; does each band cover layer 1's true mean rate (0.2)?"""
-    truth = rng.random((*TRUE_RATES.shape, SAMPLES)) < TRUE_RATES[..., None]
-    noise = rng.random(truth.shape)
-    judged = np.where(truth, noise < SE, noise >= SP)
-    yes = rng.choice(np.flatnonzero(judged), LABELS_PER_CLASS, replace=False)
-    no = rng.choice(np.flatnonzero(~judged), LABELS_PER_CLASS, replace=False)
-    calibration = ScoreCalibration.two_classes(LABELS_PER_CLASS, int(truth.flat[yes].sum()),
-                                   LABELS_PER_CLASS, int(truth.flat[no].sum()),
-                                   float(judged.mean()))
-    calibration.check("the simulated sweep")
-    successes = judged[1].sum(axis=1)
-    target = float(TRUE_RATES[1].mean())
-    band = corrected_band(list(successes), [SAMPLES] * len(successes), calibration, rng,
-                          draws=1000)
-    low, high = wilson_interval(float(successes.sum()), float(successes.size * SAMPLES))
-    return band.lower <= target <= band.upper, float(low) <= target <= float(high)
-
-
-def test_corrected_band_covers_the_truth_and_the_raw_band_does_not() -> None:
-    rng = np.random.default_rng(20261130)
-    results = [simulate(rng) for _ in range(RUNS)]
-    corrected = sum(c for c, _ in results) / RUNS
-    raw = sum(r for _, r in results) / RUNS
-    assert corrected >= 0.90, corrected
-    assert raw <= 0.10, raw
+def test_an_undefined_tpr_or_tnr_is_refused() -> None:
+    """10 labels a side and not one true score: Se is 0/0. NaN must not pass the chance check
+    (NaN < 0.2 is False, so a check written as 'below' would let it through)."""
+    calibration = ScoreCalibration.two_classes(10, 0, 10, 0, 0.5)
+    assert math.isnan(calibration.se_sp[0])
+    with pytest.raises(CalibrationError) as undefined:
+        calibration.check("experiment x")
+    assert str(undefined.value) == (
+        "cannot correct experiment x: the judge's TPR or TNR is undefined (TPR nan, TNR 0.50): "
+        "the labels hold no true score or no false one")
+    # and with no false score among the labels, Sp is 0/0
+    with pytest.raises(CalibrationError, match="undefined"):
+        ScoreCalibration.two_classes(10, 10, 10, 10, 0.5).check("experiment x")
 
 
 # --- report --corrected on a store ---------------------------------------------------------------
@@ -132,25 +112,69 @@ def db(store_db: str, tmp_path: Path) -> str:
     return store_db
 
 
-def test_report_corrected_draws_the_hand_computed_correction(db: str, tmp_path: Path) -> None:
+def rows_of(output: str) -> dict[str, list[str]]:
+    """The corrected table's rows: line label -> 'layer: raw -> corrected' per layer."""
+    rows = [line.split(": ", 1) for line in output.splitlines() if ": 3: " in line]
+    return {word.strip(): [c.split(" [")[0] for c in cells.split("; ")] for word, cells in rows}
+
+
+def test_report_corrected_rogan_gladen_draws_the_hand_computed_correction(
+        db: str, tmp_path: Path) -> None:
     """pi = 0.5, q1 = 12/16, q0 = 2/16: Se = 0.375/0.4375 = 0.857, Sp = 0.4375/0.5625 = 0.778;
     every key's raw rate is 0.5, corrected (0.5 + 0.778 - 1) / (0.857 + 0.778 - 1) = 0.4375."""
     result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected",
+                     "--correction", "rogan-gladen",
                      "--experiments", "failure_to_success,success_to_failure")
     assert result.exit_code == 0, result.output
-    assert ("Correction for the detection_identification experiments (judge config #1): 16 "
-            "labeled scores the judge said YES to (12 true), 16 it said NO to (2 true); score "
-            "TPR 0.86, TNR 0.78; bootstrap 2000 draws, seed 0.") in result.output
-    rows = [line.split(": ", 1) for line in result.output.splitlines() if ": 3: " in line]
-    assert [word.strip() for word, _ in rows] == ["Bread", "Trees", "Dust", "Milk"]
-    for _, cells in rows:
-        assert [c.split(" [")[0] for c in cells.split("; ")] == ["3: 50 -> 44", "4: 50 -> 44"]
+    assert ("Correction for the detection_identification experiments (judge config #1): "
+            "Rogan-Gladen, 16 labeled scores the judge said YES to (12 true), 16 it said NO to "
+            "(2 true); score TPR 0.86, TNR 0.78 at every layer; bands over words and labels, "
+            "bootstrap 2000 draws, seed 0.") in result.output
+    rows = rows_of(result.output)
+    assert list(rows) == ["Bread", "Trees", "Dust", "Milk"]
+    assert all(cells == ["3: 50 -> 44", "4: 50 -> 44"] for cells in rows.values())
     for exp in ("failure_to_success", "success_to_failure"):
         assert (tmp_path / "out" / exp / "sweep_plot_corrected.png").stat().st_size > 0
 
 
-def test_report_corrected_refuses_too_few_labels_in_one_line(db: str, tmp_path: Path) -> None:
+def test_report_corrected_ppi_is_the_labeled_truth_where_every_rollout_is_labeled(
+        db: str, tmp_path: Path) -> None:
+    """Every pair rollout is labeled, so PPI's rate is the hand-labeled one, key by key. Truths
+    (sample 0, sample 1): failure_to_success layer 3: Dust->Bread (1, 0: its detection label is
+    YES but we relabel its coherence NO), Dust->Trees (1, 1), Milk->Bread and Milk->Trees
+    (1, 0); layer 4: (1, 0) each. success_to_failure layer 3: (1, 0) each; layer 4: (0, 0).
+    Lines: Bread 3: mean(0.5, 0.5) = 50, Trees 3: mean(1, 0.5) = 75, every other 50, and
+    success_to_failure's layer 4: 0."""
+    store = open_store(db)
+
+    def relabel(session) -> None:  # type: ignore[no-untyped-def]
+        rid = session.scalar(select(Rollout.id).join(Experiment).where(
+            Experiment.name == "failure_to_success", Rollout.patch_layer == 3,
+            Rollout.source_word == "Dust", Rollout.target_word == "Bread",
+            Rollout.sample_index == 1))
+        set_label(session, rid, "coherence", "ada", False)
+
+    store.transact(relabel)
+    store.close()
+    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected",
+                     "--experiments", "failure_to_success,success_to_failure")
+    assert result.exit_code == 0, result.output
+    assert ("Correction for the detection_identification experiments (judge config #1): PPI++ "
+            "per experiment and layer, lambda 1.00; 32 labeled scores (16 the judge detected, 12 "
+            "true; 16 it did not, 1 true)") in result.output
+    assert rows_of(result.output) == {
+        "Bread": ["3: 50 -> 50", "4: 50 -> 50"], "Trees": ["3: 50 -> 75", "4: 50 -> 50"],
+        "Dust": ["3: 50 -> 50", "4: 50 -> 0"], "Milk": ["3: 50 -> 50", "4: 50 -> 0"]}
+
+
+def test_report_corrected_refuses_without_labels_in_one_line(db: str, tmp_path: Path) -> None:
     result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        "Error: cannot correct the rates of the detection experiments: none of their scored "
+        "rollouts has a hand label for both graders; label some with `patchdb label`")
+    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected",
+                     "--correction", "rogan-gladen")
     assert result.exit_code == 1
     assert result.output.splitlines()[-1] == (
         "Error: cannot correct the rates of the detection experiments: 0 labeled rollouts the "

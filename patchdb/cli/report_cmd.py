@@ -35,8 +35,13 @@ from patchdb.store import open_store
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
 @click.option("--corrected", is_flag=True, envvar="PATCHDB_REPORT_CORRECTED",
               help="Also draw the rates corrected for the judge's errors, calibrated on the "
-                   "labels of `patchdb label`, with bootstrap 95% bands (env "
+                   "labels of `patchdb label`, with 95% bands over words and labels (env "
                    "PATCHDB_REPORT_CORRECTED).")
+@click.option("--correction", type=click.Choice(["ppi", "rogan-gladen"]), default="ppi",
+              show_default=True, envvar="PATCHDB_REPORT_CORRECTION",
+              help="How --corrected corrects: 'ppi', prediction-powered (PPI++) per experiment "
+                   "and layer from that layer's labels, or 'rogan-gladen', one TPR and TNR of "
+                   "the judge for every layer (docs/labels.md; env PATCHDB_REPORT_CORRECTION).")
 @click.option("--compare", is_flag=True,
               help="Compare the sweeps given as arguments (names, globs, or SWEEP@judge=ID for "
                    "a sweep under one judge config): one figure per experiment on shared axes, "
@@ -44,7 +49,7 @@ from patchdb.store import open_store
 @click.argument("compared", nargs=-1)
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
            export_json: bool, fmt: str, ci: bool, net: bool, judge_config: int | None, html: bool,
-           corrected: bool, compare: bool, compared: tuple[str, ...]) -> None:
+           corrected: bool, correction: str, compare: bool, compared: tuple[str, ...]) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
     and optionally export the sweep in the JSON layout (docs/schema.md) under the same folder.
 
@@ -77,7 +82,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
                               judge_config, net=net)
         from patchdb.report.corrected_plot import corrected_report
 
-        corrected_lines = corrected_report(store, result, fmt) if corrected else []
+        corrected_lines = corrected_report(store, result, fmt, correction) if corrected else []
         html_path = None
         if html:
             from patchdb.report.html import write_html_report
