@@ -279,7 +279,8 @@ def test_plot_draws_each_baseline_dashed_and_the_false_positive_rate(judged: Pat
     assert sorted(dashed) == sorted([(0.75, bold["Bread"]), (0.5, bold["Trees"])])
     dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
     assert [tuple(line.get_ydata()) for line in dotted] == [(0.25, 0.25)]
-    assert {"Unpatched", "False pos. 25%"} <= {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"Unpatched", "False pos. 25% (Wilson, 4 samples)"} <= {
+        t.get_text() for t in ax.get_legend().get_texts()}
 
     table = by_name["failure_to_success"].table.splitlines()
     assert table[1].split()[:3] == ["word", "base", "|"]
@@ -345,9 +346,13 @@ def test_html_page_has_the_unpatched_row(judged: Path, tmp_path: Path) -> None:
     result = run_cli("report", "--db", str(judged), "--html", "--out", str(tmp_path / "r"))
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r" / "report.html").read_text()
+    # each target's unpatched rate is one condition: its Wilson band over its 4 samples
+    bread, trees = _wilson(3, 4), _wilson(2, 4)
     assert ('<tr class="baseline"><th title="the same target condition with no patch">'
-            "unpatched</th><td>0.75</td><td>0.50</td></tr>") in page
-    assert "False positives (no injection, no patch): 25% (1/4; 95% CI" in page
+            f'unpatched</th><td>0.75<span class="band">{bread[0]:.2f}-{bread[1]:.2f}</span></td>'
+            f'<td>0.50<span class="band">{trees[0]:.2f}-{trees[1]:.2f}</span></td></tr>') in page
+    assert ("False positives (no injection, no patch): 25% (1/4; 95% band 5-70%: Wilson over "
+            "its samples, one condition)") in page
 
 
 def test_downgrade_drops_the_baselines_and_upgrade_brings_the_views_back(judged: Path) -> None:

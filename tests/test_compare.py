@@ -229,8 +229,10 @@ def test_baselines_are_drawn_and_tabled_per_sweep(db_path: Path, server: FaultSe
         ["Mean", "low", "75", "|", "100", "100"], ["Mean", "high", "50", "|", "100", "100"],
         "base: the same target condition with no patch".split(),
         # Wilson 95% intervals: 1/2 -> 0.095-0.905, 0/2 -> 0-0.658 (z^2 / (n + z^2))
-        "low: False positives (no injection, no patch): 50% (1/2; 95% CI 9-91%)".split(),
-        "high: False positives (no injection, no patch): 0% (0/2; 95% CI 0-66%)".split(),
+        ("low: False positives (no injection, no patch): 50% (1/2; 95% band 9-91%: Wilson "
+         "over its samples, one condition)").split(),
+        ("high: False positives (no injection, no patch): 0% (0/2; 95% band 0-66%: Wilson "
+         "over its samples, one condition)").split(),
     ]
     store = open_store(str(db_path))
     try:

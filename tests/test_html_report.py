@@ -6,6 +6,7 @@ client written here (no selenium or playwright), and with `--dump-dom` for a fil
 
 import base64
 import json
+import math
 import os
 import re
 import shutil
@@ -144,8 +145,35 @@ def rate_cells(html: str, experiment: str) -> list[list[str]]:
     """The rate table of one experiment as rows of cell texts (header row first)."""
     section = html.split(f'<section id="rates-{experiment}">')[1].split("</section>")[0]
     table = section.split('<table class="rates">')[1].split("</table>")[0]
+    table = re.sub(r'<span class="band">[^<]*</span>', "", table)  # the bands: band_cells
     cells = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row) for row in table.split("<tr>")[1:]]
     return [[re.sub(r"<[^>]+>", "", cell) for cell in row] for row in cells]
+
+
+def band_cells(html: str, experiment: str) -> list[list[str]]:
+    """The 95% bands in one experiment's rate table, per row (cells without one left out)."""
+    section = html.split(f'<section id="rates-{experiment}">')[1].split("</section>")[0]
+    table = section.split('<table class="rates">')[1].split("</table>")[0]
+    return [re.findall(r'<span class="band">([^<]*)</span>', row)
+            for row in table.split("<tr>")[2:]]
+
+
+def test_rate_tables_carry_the_bands_over_words(page: Path) -> None:
+    """failure_to_success: at layer 3 both sources of each target score 2/2; at layer 4
+    Bread's score 1/2 and Trees' 0/2. Two sources that agree: the band is Wilson's at all 4
+    samples of the line, with Student's t on 1 df (2 sources) for z."""
+    html = page.read_text(encoding="utf-8")
+    t1 = math.tan(math.pi * 0.475)  # Student's t, 97.5%, 1 df
+
+    def band(p: float, n: float) -> str:
+        centre = (p + t1 * t1 / (2 * n)) / (1 + t1 * t1 / n)
+        half = t1 / (1 + t1 * t1 / n) * math.sqrt(p * (1 - p) / n + t1 * t1 / (4 * n * n))
+        return f"{max(0.0, centre - half):.2f}-{min(1.0, centre + half):.2f}"
+
+    assert band_cells(html, "failure_to_success") == [[band(1.0, 4)] * 2,
+                                                      [band(0.5, 4), band(0.0, 4)]]
+    assert "Small figures: the 95% band of a mean line (Wilson-t over 2 sources)." in html
+    assert "(Wilson-t over 2 words)" in html
 
 
 def test_rate_tables_follow_the_judgments(page: Path) -> None:

@@ -82,10 +82,18 @@ def test_gaps_are_nan_never_zero(rates: dict[str, ExperimentRates]) -> None:
 
 
 def test_ci_adds_one_band_per_bold_line(rates: dict[str, ExperimentRates]) -> None:
-    pairs = sweep_figure(rates["failure_to_success"], "title", ci=True).axes[0]
-    single = sweep_figure(rates["unsteered_to_steered"], "title", ci=True).axes[0]
+    """Over samples every bold line has a band; over words, Trees' line has one scored source
+    (Dust_to_Trees has no scorable sample), so no band, and the legend says why."""
+    pairs = sweep_figure(rates["failure_to_success"], "title", ci=True,
+                         ci_method="samples").axes[0]
+    single = sweep_figure(rates["unsteered_to_steered"], "title", ci=True,
+                          ci_method="samples").axes[0]
     assert sum(isinstance(c, PolyCollection) for c in pairs.collections) == len(POSITIVE)
     assert sum(isinstance(c, PolyCollection) for c in single.collections) == 1
+    assert legend_texts(pairs.figure)[-1] == "95% band: Wilson over samples"
+    fig = sweep_figure(rates["failure_to_success"], "title", ci=True)
+    assert sum(isinstance(c, PolyCollection) for c in fig.axes[0].collections) == 1
+    assert legend_texts(fig)[-1] == "95% band: Wilson-t over 2 sources; n/a: 1 source"
 
 
 @pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
@@ -165,7 +173,7 @@ def test_band_contains_its_mean_line(tmp_path: Path, db_path: Path) -> None:
     mean = found.groups[0]
     assert mean.rates == [0.5, 0.5]
     assert mean.successes == [10, 10] and mean.n_scored == [11, 11]  # counted in SQL
-    ax = sweep_figure(found, "title", ci=True).axes[0]
+    ax = sweep_figure(found, "title", ci=True, ci_method="samples").axes[0]
     (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
     vertices = np.concatenate([p.vertices for p in band.get_paths()])
     at_20 = vertices[np.isclose(vertices[:, 0], 20.0)][:, 1]

@@ -6,7 +6,8 @@ import click
 
 from patchdb.cli.multi import run_per_sweep
 from patchdb.cli.options import db_option, experiments_option, judge_config_option, sweep_option
-from patchdb.report import build_report
+from patchdb.report import build_report, write_report_json
+from patchdb.report.bands import CI_METHODS, DEFAULT_CI_METHOD
 from patchdb.report.export import safe_component
 from patchdb.report.plots import FORMATS
 from patchdb.store import open_store
@@ -26,10 +27,20 @@ from patchdb.store import open_store
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True,
               envvar="PATCHDB_REPORT_FORMAT", help="Plot file format (env PATCHDB_REPORT_FORMAT).")
 @click.option("--ci", is_flag=True, envvar="PATCHDB_REPORT_CI",
-              help="Draw Wilson 95% bands around the bold lines (env PATCHDB_REPORT_CI).")
+              help="Draw 95% bands around the bold lines and print them in the tables "
+                   "(env PATCHDB_REPORT_CI).")
+@click.option("--ci-method", type=click.Choice(CI_METHODS), default=DEFAULT_CI_METHOD,
+              show_default=True, envvar="PATCHDB_REPORT_CI_METHOD",
+              help="How every band is made: 'words' from the spread between words (the words "
+                   "are what a claim generalises over; docs/statistics.md), 'samples' the "
+                   "Wilson bands that take each sample as independent, far too narrow, kept "
+                   "for comparison (env PATCHDB_REPORT_CI_METHOD).")
 @click.option("--net", is_flag=True, envvar="PATCHDB_REPORT_NET",
               help="Plot each rate minus the false-positive rate of the no-injection control "
                    "(bands: Newcombe's interval of the difference; env PATCHDB_REPORT_NET).")
+@click.option("--json", "rates_json", is_flag=True, envvar="PATCHDB_REPORT_JSON",
+              help="Also write rates.json beside the plots: every drawn rate with its 95% band, "
+                   "method and counts (docs/schema.md; env PATCHDB_REPORT_JSON).")
 @judge_config_option
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
@@ -48,8 +59,9 @@ from patchdb.store import open_store
                    "one line style per sweep, their differences in settings printed above it.")
 @click.argument("compared", nargs=-1)
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
-           export_json: bool, fmt: str, ci: bool, net: bool, judge_config: int | None, html: bool,
-           corrected: bool, correction: str, compare: bool, compared: tuple[str, ...]) -> None:
+           export_json: bool, fmt: str, ci: bool, ci_method: str, net: bool, rates_json: bool,
+           judge_config: int | None, html: bool, corrected: bool, correction: str, compare: bool,
+           compared: tuple[str, ...]) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
     and optionally export the sweep in the JSON layout (docs/schema.md) under the same folder.
 
@@ -60,6 +72,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     Example:
       patchdb report --db runs.sqlite
       patchdb report --experiments failure_to_success --format svg --ci
+      patchdb report --ci --json
       patchdb report --export-json --out patching_layer_sweep
       patchdb report --compare demo-dose-strength4 demo-dose-strength8 --html
       patchdb report --compare 'demo-dose-*'
@@ -70,7 +83,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
 
         report_compare(db, list(compared), compare, sweep=sweep, experiments=experiments,
                        out_dir=out_dir, export_json=export_json, fmt=fmt, ci=ci,
-                       judge_config=judge_config, html=html, corrected=corrected, net=net)
+                       ci_method=ci_method, rates_json=rates_json, judge_config=judge_config,
+                       html=html, corrected=corrected, net=net)
         return
     # a glob: each sweep in its own folder, ./patchdb_report/<sweep> or --out/<sweep>
     if run_per_sweep(db, sweep, lambda name: {"out_dir": None if out_dir is None
@@ -79,7 +93,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     store = open_store(db)
     try:
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
-                              judge_config, net=net)
+                              judge_config, net=net, ci_method=ci_method)
         from patchdb.report.corrected_plot import corrected_report
 
         corrected_lines = corrected_report(store, result, fmt, correction) if corrected else []
@@ -88,7 +102,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
             from patchdb.report.html import write_html_report
 
             html_path = write_html_report(store, result.sweep, result.out_dir,
-                                          judge_config_id=judge_config)
+                                          judge_config_id=judge_config, ci_method=ci_method)
+        json_path = write_report_json(result) if rates_json else None
     finally:
         store.close()
     click.echo(f"Sweep {result.sweep}: rates from {result.judge.why}.")
@@ -103,3 +118,6 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
         click.echo(f"HTML report: {html_path}")
     for line in corrected_lines:
         click.echo(line)
+    if json_path is not None:
+        click.echo("")
+        click.echo(f"Rates with their 95% bands: {json_path}")

@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
+from patchdb.report.bands import DEFAULT_CI_METHOD, check_method
 from patchdb.report.export import export_experiment, inside, safe_component
 from patchdb.report.plots import FORMATS, save_figure, sweep_figure
+from patchdb.report.rates_json import Corrected, sweep_rows, write_rates_json
 from patchdb.report.tables import experiment_table
 from patchdb.store import Store
 from patchdb.store.sweeps import get_experiments, get_sweep, sweep_config
@@ -29,6 +31,8 @@ class Report:
     out_dir: Path
     judge: JudgeChoice
     experiments: list[ExperimentReport]
+    ci_method: str = DEFAULT_CI_METHOD
+    net: bool = False
 
 
 def default_out_dir(sweep_name: str) -> Path:
@@ -46,11 +50,15 @@ def build_report(
     export_json: bool = False,
     judge_config_id: int | None = None,
     net: bool = False,
+    ci_method: str = DEFAULT_CI_METHOD,
 ) -> Report:
     """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/;
-    `net` plots every rate minus the false-positive rate (patchdb.report.baselines)."""
+    `net` plots every rate minus the false-positive rate (patchdb.report.baselines); bands
+    (with `ci`, and in the tables) are over words, or over samples with `ci_method`
+    "samples" (patchdb.report.bands)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    check_method(ci_method)
     with store.read() as session:
         sweep = get_sweep(session, sweep_name)
         config = sweep_config(sweep)
@@ -61,11 +69,22 @@ def build_report(
         reports: list[ExperimentReport] = []
         for experiment, rates in zip(rows, all_rates, strict=True):
             title = f"{experiment.name} (sweep {sweep.name}, steer layer {config.steer_layer})"
-            figure = sweep_figure(rates, title, ci=ci, net=net)
+            figure = sweep_figure(rates, title, ci=ci, net=net, ci_method=ci_method)
             plot = save_figure(figure, inside(base, base / experiment.name / f"sweep_plot.{fmt}"))
-            report = ExperimentReport(experiment.name, plot, experiment_table(rates), rates)
+            report = ExperimentReport(experiment.name, plot,
+                                      experiment_table(rates, ci, ci_method), rates)
             if export_json:
                 report.exported = export_experiment(session, experiment, config, rates,
                                                      judge.id, base)
             reports.append(report)
-    return Report(sweep.name, base, judge, reports)
+    return Report(sweep.name, base, judge, reports, ci_method, net)
+
+
+def write_report_json(report: Report, corrected: Corrected | None = None) -> Path:
+    """Write the report's `rates.json` beside its plots (patchdb.report.rates_json): every bold
+    line, baseline and the control with its band, net values with `net`, and corrected ones
+    where `corrected` gives them."""
+    rows = sweep_rows(report.sweep, report.judge.id, [e.rates for e in report.experiments],
+                      report.ci_method, report.net, corrected)
+    return write_rates_json(report.out_dir, rows, report.ci_method, report.net,
+                            corrected is not None)

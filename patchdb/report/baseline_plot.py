@@ -1,18 +1,17 @@
 """The baselines on a sweep plot: a dashed line per target word at its unpatched rate, in the
 word's colour, and the false-positive rate of the no-injection control as a grey dotted line
-in its grey Wilson 95% band (legend "False pos."). With `report --net` every rate is drawn
-minus that rate."""
+in its grey 95% band (legend "False pos."; one condition, so a Wilson band over its samples).
+With `report --net` every rate is drawn minus that rate, and a bold line's band is the band of
+that difference."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from numpy.typing import NDArray
-
 from patchdb.experiments import NO_STEERING
 from patchdb.report.aggregate import ExperimentRates, Line
-from patchdb.report.baselines import net_interval, require_control
+from patchdb.report.bands import DEFAULT_CI_METHOD, Band, control_interval, line_band, net_line_band
+from patchdb.report.baselines import require_control
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,14 +26,25 @@ def shift_of(rates: ExperimentRates, net: bool) -> float:
     return require_control(rates.control).rate if net else 0.0
 
 
-def net_band(line: Line, rates: ExperimentRates) -> tuple[NDArray[np.float64],
-                                                          NDArray[np.float64]]:
-    """The 95% band of a bold line minus the false-positive rate (Newcombe's interval)."""
-    return net_interval(line.rates, line.n_effective, require_control(rates.control))
+def group_band(rates: ExperimentRates, line: Line, net: bool,
+               ci_method: str = DEFAULT_CI_METHOD) -> Band:
+    """The 95% band of a bold line, or with `net` of that line minus the false-positive rate
+    (Newcombe's interval of the difference)."""
+    if net:
+        return net_line_band(rates, line, require_control(rates.control), ci_method)
+    return line_band(rates, line, ci_method)
+
+
+def control_label(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str | None:
+    """The legend entry of the false-positive rate, naming its band's method."""
+    if rates.control is None:
+        return None
+    c = control_interval(rates.control, ci_method)
+    return f"False pos. {c.estimate:.0%} (Wilson, {c.n_samples} samples)"
 
 
 def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],
-                    shift: float) -> None:
+                    shift: float, ci_method: str = DEFAULT_CI_METHOD) -> None:
     """Each target word's unpatched rate (dashed, its colour) and the false-positive rate."""
     drawn = False
     for target, baseline in rates.baselines.items():
@@ -47,7 +57,8 @@ def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],
         ax.plot([], [], color="dimgray", linestyle=BASELINE_STYLE, label=UNPATCHED_LABEL)
     control = rates.control
     if control is not None:
-        lower, upper = control.interval()
-        ax.axhspan(lower - shift, upper - shift, color=CONTROL_COLOUR, alpha=0.15, linewidth=0)
-        ax.axhline(control.rate - shift, color=CONTROL_COLOUR, linestyle=":", linewidth=1.5,
-                   label=f"False pos. {control.rate:.0%}")  # short: the legend is narrow
+        c = control_interval(control, ci_method)
+        ax.axhspan(c.lower - shift, c.upper - shift, color=CONTROL_COLOUR, alpha=0.15,
+                   linewidth=0)
+        ax.axhline(c.estimate - shift, color=CONTROL_COLOUR, linestyle=":", linewidth=1.5,
+                   label=control_label(rates, ci_method))

@@ -5,12 +5,13 @@ The rates come from the store's `baseline_rates` view under the report's judge c
 control is the baseline of steered_to_unsteered (no steering at all, no patch), judged for
 detection; every plot of the sweep draws it, whichever experiments are reported.
 
-Intervals of a net rate: a rate p1 with Wilson interval (l1, u1) minus the false-positive rate
-p2 with Wilson interval (l2, u2) gets Newcombe's hybrid score interval for a difference of two
-independent proportions,
+Intervals of a net rate: a rate p1 with interval (l1, u1) minus the false-positive rate p2 with
+Wilson interval (l2, u2) gets Newcombe's hybrid score interval for a difference of two
+independent estimates (`newcombe`),
     lower = (p1 - p2) - sqrt((p1 - l1)^2 + (u2 - p2)^2)
     upper = (p1 - p2) + sqrt((u1 - p1)^2 + (p2 - l2)^2),
-where a bold line's own interval is taken at its effective sample size (patchdb.report.stats).
+where a bold line's own interval is its band over words (patchdb.report.bands) or, with
+`--ci-method samples`, its Wilson interval at its effective sample size (`net_interval`).
 """
 
 import math
@@ -90,15 +91,24 @@ def require_control(control: Baseline | None) -> Baseline:
     return control
 
 
+def newcombe(p1: NDArray[np.float64] | float, l1: NDArray[np.float64] | float,
+             u1: NDArray[np.float64] | float, p2: float, l2: float,
+             u2: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Newcombe's interval of p1 - p2 from the two estimates' own intervals (module
+    docstring); NaN wherever either interval is."""
+    a = np.asarray(p1, dtype=float)
+    d = a - p2
+    lower = d - np.sqrt((a - np.asarray(l1, dtype=float)) ** 2 + (u2 - p2) ** 2)
+    upper = d + np.sqrt((np.asarray(u1, dtype=float) - a) ** 2 + (p2 - l2) ** 2)
+    return lower, upper
+
+
 def net_interval(rates: list[float], n_effective: list[float], control: Baseline,
                  z: float = Z_95) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Newcombe's interval of each rate minus the control's rate (module docstring)."""
+    """Newcombe's interval of each rate minus the control's rate, every sample taken as an
+    independent draw (`--ci-method samples`; module docstring)."""
     p1 = np.asarray(rates, dtype=float)
     n1 = np.asarray(n_effective, dtype=float)
     l1, u1 = wilson_interval(np.where(n1 > 0, p1 * n1, 0.0), n1, z)
-    p2 = control.rate
     l2, u2 = control.interval(z)
-    d = p1 - p2
-    lower = d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    upper = d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    return lower, upper
+    return newcombe(p1, l1, u1, control.rate, l2, u2)

@@ -22,7 +22,8 @@ API (numpy only; everything is vectorised over the patch layers, the last axis):
   word sets random (crossed): Var = sigma_s^2/S + sigma_t^2/T + sigma_e^2/(ST) from the two-way
   ANOVA mean squares (Owen 2007), negative components set to 0, Satterthwaite degrees of
   freedom, then the same Wilson-t step. A layer whose table has a missing cell gets NaN.
-- `wilson_t(estimate, variance, df, n_samples)`: that Wilson-t step on its own.
+- `two_way_variance(values)`: that variance and its degrees of freedom on their own.
+- `wilson_t(estimate, variance, df, n_samples)`: the Wilson-t step on its own.
 - `bootstrap_counts(n_sources, n_targets, draws, seed)`: a seeded two-way cluster bootstrap:
   per draw, how often each source word and each target word is drawn (both word sets resampled
   independently, with replacement); an axis of length 1 is always drawn once, so single-word
@@ -236,10 +237,38 @@ def band_method(n_words: int, what: str = "words") -> str:
     return f"Wilson-t over {n_words} {what}"
 
 
+def two_way_variance(values: Floats) -> tuple[Floats, Floats]:
+    """The variance of the mean of a complete (S, T, L) table with crossed random sources and
+    targets, and its Satterthwaite degrees of freedom, per layer (S, T >= 2): from the two-way
+    ANOVA mean squares MS_s, MS_t, MS_e, Var = sigma_s^2/S + sigma_t^2/T + sigma_e^2/(ST) with
+    sigma_s^2 = (MS_s - MS_e)/T and sigma_t^2 = (MS_t - MS_e)/S, a component estimated below 0
+    set to 0 (Owen 2007)."""
+    x = np.asarray(values, dtype=float)
+    n_s, n_t = x.shape[0], x.shape[1]
+    rows = x.mean(1)  # (S, L)
+    cols = x.mean(0)  # (T, L)
+    grand = x.mean((0, 1))
+    ms_s = n_t * ((rows - grand) ** 2).sum(0) / (n_s - 1)
+    ms_t = n_s * ((cols - grand) ** 2).sum(0) / (n_t - 1)
+    resid = x - rows[:, None, :] - cols[None, :, :] + grand
+    ms_e = (resid ** 2).sum((0, 1)) / ((n_s - 1) * (n_t - 1))
+    cells = n_s * n_t
+    keep_s = (ms_s > ms_e).astype(float)
+    keep_t = (ms_t > ms_e).astype(float)
+    # Var as a sum of mean squares: c_s MS_s + c_t MS_t + c_e MS_e
+    c_s, c_t, c_e = keep_s / cells, keep_t / cells, (1.0 - keep_s - keep_t) / cells
+    variance = c_s * ms_s + c_t * ms_t + c_e * ms_e
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denominator = ((c_s * ms_s) ** 2 / (n_s - 1) + (c_t * ms_t) ** 2 / (n_t - 1)
+                       + (c_e * ms_e) ** 2 / ((n_s - 1) * (n_t - 1)))
+        df = np.where(denominator > 0, variance ** 2 / denominator, cells - 1.0)
+    return variance, df
+
+
 def two_way_band(values: Floats, n_samples: Floats | None = None,
                  level: float = LEVEL) -> WordBand:
-    """The mean over (S, T) cells of `values` (S, T, L), both word sets random: ANOVA variance
-    components (Owen 2007), Satterthwaite df, Wilson-t; NaN at a layer with a missing cell."""
+    """The mean over (S, T) cells of `values` (S, T, L), both word sets random: the variance of
+    `two_way_variance` and the Wilson-t step; NaN at a layer with a missing cell."""
     x = np.asarray(values, dtype=float)
     n_s, n_t = x.shape[0], x.shape[1]
     present = np.isfinite(x)
@@ -251,29 +280,11 @@ def two_way_band(values: Floats, n_samples: Floats | None = None,
         nan = np.full(mean.shape, np.nan)
         return WordBand(mean, nan, nan.copy(), np.zeros(mean.shape, np.int64),
                         f"n/a: {n_s} sources x {n_t} targets")
-    filled = np.where(present, x, 0.0)
-    rows = filled.mean(1)  # (S, L)
-    cols = filled.mean(0)  # (T, L)
-    grand = filled.mean((0, 1))
-    ms_s = n_t * ((rows - grand) ** 2).sum(0) / (n_s - 1)
-    ms_t = n_s * ((cols - grand) ** 2).sum(0) / (n_t - 1)
-    resid = filled - rows[:, None, :] - cols[None, :, :] + grand
-    ms_e = (resid ** 2).sum((0, 1)) / ((n_s - 1) * (n_t - 1))
-    cells = n_s * n_t
-    keep_s = ms_s > ms_e  # a variance component estimated below 0 is set to 0
-    keep_t = ms_t > ms_e
-    c_s = np.where(keep_s, 1.0, 0.0) / cells
-    c_t = np.where(keep_t, 1.0, 0.0) / cells
-    c_e = (1.0 - keep_s.astype(float) - keep_t.astype(float)) / cells
-    variance = c_s * ms_s + c_t * ms_t + c_e * ms_e
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denominator = ((c_s * ms_s) ** 2 / (n_s - 1) + (c_t * ms_t) ** 2 / (n_t - 1)
-                       + (c_e * ms_e) ** 2 / ((n_s - 1) * (n_t - 1)))
-        df = np.where(denominator > 0, variance ** 2 / denominator, cells - 1.0)
+    variance, df = two_way_variance(np.where(present, x, 0.0))
     cap = (np.where(present, np.asarray(n_samples, dtype=float), 0.0).sum((0, 1))
            if n_samples is not None else np.full(mean.shape, np.inf))
     lower, upper = wilson_t(np.where(complete, mean, np.nan), variance, df, cap, level)
-    return WordBand(mean, lower, upper, np.where(complete, cells, 0).astype(np.int64),
+    return WordBand(mean, lower, upper, np.where(complete, n_s * n_t, 0).astype(np.int64),
                     f"two-way over {n_s} sources x {n_t} targets")
 
 

@@ -19,6 +19,7 @@ from patchdb.config import SweepConfig, dose_value_text, science
 from patchdb.errors import ConfigError, UnknownNameError
 from patchdb.experiments import EXPERIMENTS
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, Line, experiment_rates
+from patchdb.report.bands import DEFAULT_CI_METHOD
 from patchdb.report.export import safe_component
 from patchdb.report.tables import control_line, missing_lead, unpatched
 from patchdb.store.judge_choice import choose_judge_config
@@ -217,8 +218,10 @@ def _percent(value: float | None) -> str:
     return GAP if value is None or math.isnan(value) else f"{round(100 * value)}"
 
 
-def compare_table(comparison: Comparison, experiment: str) -> str:
-    """Rate in % by patch layer, one row per word and member, members grouped under each word."""
+def compare_table(comparison: Comparison, experiment: str,
+                  ci_method: str = DEFAULT_CI_METHOD) -> str:
+    """Rate in % by patch layer, one row per word and member, members grouped under each word;
+    each member's rates sit at its own patch layers."""
     layers = shared_layers(comparison, experiment)
     rows: dict[str, list[tuple[str, Line, list[int]]]] = {}
     for m in comparison.members:
@@ -248,7 +251,7 @@ def compare_table(comparison: Comparison, experiment: str) -> str:
     if with_base:
         out.append("base: the same target condition with no patch")
     for m in members:
-        control = control_line(m.rates[experiment])
+        control = control_line(m.rates[experiment], ci_method)
         if control is not None:
             out.append(f"{m.label}: {control}")
     for m in members:

@@ -8,6 +8,7 @@ import os
 from html import escape
 from pathlib import Path
 
+from patchdb.report.bands import DEFAULT_CI_METHOD
 from patchdb.report.compare import Comparison, describe, member_settings, rows_of, shared_layers
 from patchdb.report.html_assets import CSS
 from patchdb.report.tables import control_line, unpatched
@@ -16,7 +17,7 @@ from patchdb.store import utcnow
 COMPARE_FILE = "compare.html"
 
 
-def _table(comparison: Comparison, experiment: str) -> str:
+def _table(comparison: Comparison, experiment: str, ci_method: str = DEFAULT_CI_METHOD) -> str:
     """Rows: word then sweep; columns: the shared patch layers; blank where nothing is scored."""
     layers = shared_layers(comparison, experiment)
     members = [m for m in comparison.members if experiment in m.rates]
@@ -39,14 +40,15 @@ def _table(comparison: Comparison, experiment: str) -> str:
     out += [f"<tr>{row}</tr>" for entries in rows.values() for row in entries]
     out.append("</tbody></table>")
     for m in members:
-        control = control_line(m.rates[experiment])
+        control = control_line(m.rates[experiment], ci_method)
         if control is not None:
             out.append(f'<p class="muted">{escape(m.label)}: {escape(control)}</p>')
     return "\n".join(out)
 
 
 def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_dir: Path,
-                       reports: dict[str, Path] | None = None) -> Path:
+                       reports: dict[str, Path] | None = None,
+                       ci_method: str = DEFAULT_CI_METHOD) -> Path:
     """Write `<out_dir>/compare.html` from the comparison and its PNG figures; return its path.
     `reports` maps a member's label to its own report page, linked from the settings table."""
     lines = describe(comparison)
@@ -86,7 +88,7 @@ def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_di
             out.append(f'<div class="result"><figure><img alt="comparison of rate against patch '
                        f'layer, {escape(experiment)}" src="data:image/png;base64,{png}"></figure>')
             out.append(f'<div class="table-wrap"><h3>Rate per patch layer</h3>'
-                       f"{_table(comparison, experiment)}</div></div>")
+                       f"{_table(comparison, experiment, ci_method)}</div></div>")
         else:
             out.append('<p class="note missing">No rates in any compared sweep yet.</p>')
         out.append("</section>")

@@ -3,7 +3,8 @@
 A word keeps its colour across sweeps (as in the sweep plot); each sweep has its own line style
 and marker, and the settings in which the sweeps differ are printed above the plot. A sweep's
 baselines are thin lines in its style: each word's unpatched rate in the word's colour, the
-false-positive rate of its no-injection control in grey.
+false-positive rate of its no-injection control in grey. With `ci` each member's bold lines get
+their own 95% bands (patchdb.report.bands), at that member's own patch layers.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
 
 from patchdb.experiments import EXPERIMENTS, NO_STEERING
 from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates
+from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, line_band
 from patchdb.report.baseline_plot import CONTROL_COLOUR
 from patchdb.report.compare import Comparison, describe, rows_of, shared_layers
-from patchdb.report.plots import BOLD_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, _colours
+from patchdb.report.plots import BOLD_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, _colours, band_label
 
 # Matplotlib's dash patterns for the names in compare.LINE_STYLES, in the same order.
 DASHES: tuple[Any, ...] = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 REFERENCE_WIDTH = 1.0  # the baselines: thin lines across the plot
 REFERENCE_ALPHA = 0.6
+BAND_ALPHA = 0.12  # lighter than a sweep plot's: several members' bands overlap
 Y_MARGIN = 0.03
 
 
@@ -49,12 +52,15 @@ def _references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any], sty
                    linewidth=REFERENCE_WIDTH, label=line_label("false positives", member))
 
 
-def compare_figure(comparison: Comparison, experiment: str) -> Figure:
+def compare_figure(comparison: Comparison, experiment: str, ci: bool = False,
+                   ci_method: str = DEFAULT_CI_METHOD) -> Figure:
     """Draw one experiment for every member that has it: one line per member per word (and
-    the mean, for single-word experiments), the differences in settings above the plot."""
+    the mean, for single-word experiments), each at the member's own patch layers, with its
+    95% band when `ci`; the differences in settings above the plot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     header = [textwrap.fill(line, 120) for line in describe(comparison)[1:]]
@@ -67,9 +73,10 @@ def compare_figure(comparison: Comparison, experiment: str) -> Figure:
             words += [line.label for line in rows_of(m.rates[experiment])
                       if line.label not in words and line.label != MEAN_LABEL]
     colour_of = dict(zip(words, _colours(len(words)), strict=True))
-    word_handles = [Line2D([], [], color=colour_of[w], linewidth=BOLD_WIDTH, label=w)
+    word_handles: list[Any] = [Line2D([], [], color=colour_of[w], linewidth=BOLD_WIDTH, label=w)
                     for w in words]
     member_handles = []
+    bands: list[Band] = []
     for i, m in enumerate(comparison.members):
         style, marker = DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
         member_handles.append(Line2D([], [], color="black", linestyle=style, marker=marker,
@@ -77,10 +84,17 @@ def compare_figure(comparison: Comparison, experiment: str) -> Figure:
         rates = m.rates.get(experiment)
         for line in rows_of(rates) if rates is not None else []:
             mean = line.label == MEAN_LABEL
+            colour = "black" if mean else colour_of[line.label]
             ax.plot(rates.layers, line.rates,  # type: ignore[union-attr]
-                    color="black" if mean else colour_of[line.label], linestyle=style,
+                    color=colour, linestyle=style,
                     marker=marker, markersize=4, linewidth=BOLD_WIDTH if mean else 1.8,
                     label=line_label(line.label, m.label))
+            if ci and rates is not None and any(line is g for g in rates.groups):
+                band = line_band(rates, line, ci_method)
+                bands.append(band)
+                if drawn(band):
+                    ax.fill_between(rates.layers, band.lower, band.upper, color=colour,
+                                    alpha=BAND_ALPHA, linewidth=0)
         if rates is not None:
             _references(ax, rates, colour_of, style, m.label)
     if any(line.label == MEAN_LABEL for m in comparison.members if experiment in m.rates
@@ -92,6 +106,9 @@ def compare_figure(comparison: Comparison, experiment: str) -> Figure:
     if any(m.rates[experiment].control for m in comparison.members if experiment in m.rates):
         word_handles.append(Line2D([], [], color=CONTROL_COLOUR, linewidth=REFERENCE_WIDTH,
                                    label="false positives"))
+    if bands:
+        word_handles.append(Patch(color="dimgray", alpha=BAND_ALPHA * 2, linewidth=0,
+                                  label=band_label(bands)))
     layers = shared_layers(comparison, experiment)
     ax.set_xlabel("Patch layer")
     ax.set_ylabel(PAIR_YLABEL if EXPERIMENTS[experiment].pairs else SINGLE_YLABEL)

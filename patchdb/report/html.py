@@ -20,10 +20,11 @@ from sqlalchemy.orm import Session
 
 from patchdb.experiments import EXPERIMENTS, GRADERS, at_layer, key_label
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
+from patchdb.report.bands import DEFAULT_CI_METHOD, check_method, legend_method, line_band
 from patchdb.report.calibration_html import calibration_section
 from patchdb.report.html_assets import CSS, JS
 from patchdb.report.plots import sweep_figure
-from patchdb.report.tables import control_line, unpatched
+from patchdb.report.tables import control_line, row_baseline_band, unpatched
 from patchdb.store import Experiment, Rollout, Store, utcnow
 from patchdb.store.baselines import baseline_units
 from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
@@ -39,15 +40,19 @@ def write_html_report(
     *,
     samples_per_key: int = DEFAULT_SAMPLES_PER_KEY,
     judge_config_id: int | None = None,
+    ci_method: str = DEFAULT_CI_METHOD,
 ) -> Path:
     """Write `<out_dir>/report.html` for the sweep and return its path.
 
     The rollout browser embeds at most `samples_per_key` samples (lowest sample index first) of
     every key at every patch layer; rates and plots always cover every rollout. The verdicts
     shown are those of `judge_config_id`, by default the judge config that judged most samples.
+    Plots and tables carry each bold line's 95% band (over words, or over samples with
+    `ci_method` "samples"; patchdb.report.bands).
     """
     if samples_per_key < 1:
         raise ValueError("samples_per_key must be >= 1")
+    check_method(ci_method)
     with store.read() as session:
         sweep = get_sweep(session, sweep_name)
         config = sweep_config(sweep)
@@ -82,8 +87,10 @@ def write_html_report(
         "rollouts": rollouts,
     }
     title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
-    plots = {r.name: figure_png(r, title.format(r.name)) for r in rates if any_scored(r)}
-    page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key)
+    plots = {r.name: figure_png(r, title.format(r.name), ci_method) for r in rates
+             if any_scored(r)}
+    page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key,
+                       ci_method)
     page = page.replace('<section id="browser">', calibration + '<section id="browser">', 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
@@ -171,10 +178,13 @@ def any_scored(rates: ExperimentRates) -> bool:
     return any(n for line in rates.keys for n in line.n_scored)
 
 
-def figure_png(rates: ExperimentRates, title: str) -> bytes:
-    """The report's sweep plot of one experiment (patchdb.report.plots) as PNG bytes."""
+def figure_png(rates: ExperimentRates, title: str,
+               ci_method: str = DEFAULT_CI_METHOD) -> bytes:
+    """The report's sweep plot of one experiment with its 95% bands (patchdb.report.plots)
+    as PNG bytes."""
     buffer = io.BytesIO()
-    sweep_figure(rates, title).savefig(buffer, format="png", dpi=90)
+    sweep_figure(rates, title, ci=True, ci_method=ci_method).savefig(buffer, format="png",
+                                                                    dpi=90)
     return buffer.getvalue()
 
 
@@ -184,10 +194,18 @@ def json_for_script(value: Any) -> str:
     return dumped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def rate_table(rates: ExperimentRates) -> str:
+def _band_text(lower: float, upper: float) -> str:
+    if math.isnan(lower) or math.isnan(upper):
+        return '<span class="band">n/a</span>'
+    return f'<span class="band">{lower:.2f}-{upper:.2f}</span>'
+
+
+def rate_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str:
     """Rows are patch layers; columns are the target words (pairs: mean over source words) or
-    the steered words and their mean. A cell is blank where nothing was scored."""
+    the steered words and their mean. A cell is blank where nothing was scored; a bold line's
+    cell also holds its 95% band, named below the table."""
     columns = rates.groups if rates.pairs else rates.keys + rates.groups
+    bands = {id(g): line_band(rates, g, ci_method) for g in rates.groups}
     head = "".join(f"<th>{escape(c.label)}</th>" for c in columns)
     lines = [f'<table class="rates"><thead><tr><th>Layer</th>{head}</tr></thead><tbody>']
     for i, layer in enumerate(rates.layers):
@@ -201,16 +219,25 @@ def rate_table(rates: ExperimentRates) -> str:
             word = column.target_word or column.source_word
             query = {"experiment": rates.name, "layer": layer, **({"word": word} if word else {})}
             link = escape("#" + urlencode(query))
+            band = bands.get(id(column))
+            extra = "" if band is None else _band_text(band.lower[i], band.upper[i])
             cells.append(f'<td title="{column.n_scored[i]} samples scored; click for the '
-                         f'rollouts" style="{shade}"><a href="{link}">{rate:.2f}</a></td>')
+                         f'rollouts" style="{shade}"><a href="{link}">{rate:.2f}</a>{extra}</td>')
         lines.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     if rates.baselines:  # the same target conditions with no patch
-        cells = [f"<td>{'' if math.isnan(b) else f'{b:.2f}'}</td>"
-                 for b in (unpatched(rates, column) for column in columns)]
+        cells = []
+        for column in columns:
+            b = unpatched(rates, column)
+            ref = row_baseline_band(rates, column, ci_method) if id(column) in bands else None
+            extra = "" if ref is None else _band_text(ref.lower, ref.upper)
+            cells.append(f"<td>{'' if math.isnan(b) else f'{b:.2f}'}{extra}</td>")
         lines.append(f'<tr class="baseline"><th title="the same target condition with no '
                      f'patch">unpatched</th>{"".join(cells)}</tr>')
     lines.append("</tbody></table>")
-    control = control_line(rates)
+    if bands:
+        lines.append(f'<p class="muted">Small figures: the 95% band of a mean line '
+                     f"({escape(legend_method(list(bands.values())))}).</p>")
+    control = control_line(rates, ci_method)
     if control is not None:
         lines.append(f'<p class="note">{escape(control)}</p>')
     return "\n".join(lines)
@@ -225,6 +252,7 @@ def render_page(
     browser: dict[str, Any],
     total: int,
     cap: int,
+    ci_method: str = DEFAULT_CI_METHOD,
 ) -> str:
     """The whole page as one string; every piece of store text passes through escape()."""
     generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
@@ -258,7 +286,7 @@ def render_page(
         gaps = (f'<p class="note missing">Not all scored: {escape(r.missing)}</p>'
                 if r.missing else "")
         out.append(f'<div class="table-wrap"><h3>Rate per patch layer and {what}</h3>'
-                   f"{rate_table(r)}{gaps}</div></div></section>")
+                   f"{rate_table(r, ci_method)}{gaps}</div></div></section>")
     n_embedded = len(browser["rollouts"])
     if n_embedded == total:
         cap_note = f"All {total:,} rollouts are embedded."

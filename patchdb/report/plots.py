@@ -14,8 +14,8 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --
     from matplotlib.figure import Figure
 
 from patchdb.report.aggregate import ExperimentRates, Line
-from patchdb.report.baseline_plot import draw_references, net_band, shift_of
-from patchdb.report.stats import mean_rate_band
+from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, legend_method
+from patchdb.report.baseline_plot import draw_references, group_band, shift_of
 
 PAIR_YLABEL = "Coherent & Detect+Identify Rate"
 SINGLE_YLABEL = "Coherent & Detect Rate"
@@ -32,25 +32,35 @@ def _colours(n: int) -> list[tuple[float, float, float, float]]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _band(ax: Axes, layers: list[int], line: Line, colour: Any,
-          rates: ExperimentRates | None = None) -> None:
-    """The bold line's 95% band: built for the mean of key rates that the line draws (with
-    `rates` given, the net band of that mean minus the false-positive rate)."""
-    if rates is not None:
-        lower, upper = net_band(line, rates)
-    else:
-        lower, upper = mean_rate_band(line.rates, line.n_effective)
-    ax.fill_between(layers, lower, upper, color=colour, alpha=0.2, linewidth=0)
+BAND_ALPHA = 0.2
 
 
-def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
-                 net: bool = False) -> Figure:
-    """Draw one experiment's sweep plot; `ci` adds 95% bands around the bold lines (Wilson
-    intervals of each mean of key rates, see patchdb.report.stats); the baselines are dashed
-    lines and the false-positive rate a grey band; `net` draws every rate minus the
-    false-positive rate (patchdb.report.baselines)."""
+def _band(ax: Axes, layers: list[int], rates: ExperimentRates, line: Line, colour: Any,
+          net: bool, ci_method: str, bands: list[Band]) -> None:
+    """The bold line's 95% band, built for the mean of key rates that the line draws (with
+    `net`, the band of that mean minus the false-positive rate; patchdb.report.bands)."""
+    band = group_band(rates, line, net, ci_method)
+    bands.append(band)
+    if drawn(band):
+        ax.fill_between(layers, band.lower, band.upper, color=colour, alpha=BAND_ALPHA,
+                        linewidth=0)
+
+
+def band_label(bands: list[Band]) -> str:
+    """The legend entry of a plot's bands: '95% band: Wilson-t over 8 words'."""
+    return f"95% band: {legend_method(bands)}"
+
+
+def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool = False,
+                 ci_method: str = DEFAULT_CI_METHOD) -> Figure:
+    """Draw one experiment's sweep plot; `ci` adds 95% bands around the bold lines (over
+    words by default, `ci_method` "samples" for the Wilson bands over samples; the legend
+    names the method; patchdb.report.bands); the baselines are dashed lines and the
+    false-positive rate a grey band; `net` draws every rate minus the false-positive rate
+    (patchdb.report.baselines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 6))
@@ -58,7 +68,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
     ax = fig.add_subplot()
     layers = rates.layers
     shift = shift_of(rates, net)  # 0.0, or the false-positive rate with `net`
-    netted = rates if net else None
+    bands: list[Band] = []
     if rates.pairs:
         colour_of = dict(zip([g.target_word for g in rates.groups],
                              _colours(len(rates.groups)), strict=True))
@@ -71,7 +81,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
             ax.plot(layers, [r - shift for r in group.rates], color=colour, linewidth=BOLD_WIDTH,
                     marker="o", markersize=3, label=group.label)
             if ci:
-                _band(ax, layers, group, colour, netted)
+                _band(ax, layers, rates, group, colour, net, ci_method, bands)
         ax.set_ylabel(PAIR_YLABEL)
     else:
         colour_of = dict(zip([line.target_word for line in rates.keys],
@@ -83,9 +93,9 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
             ax.plot(layers, [r - shift for r in group.rates], color="black",
                     linewidth=BOLD_WIDTH, marker="o", markersize=3, label=group.label)
             if ci:
-                _band(ax, layers, group, "black", netted)
+                _band(ax, layers, rates, group, "black", net, ci_method, bands)
         ax.set_ylabel(SINGLE_YLABEL)
-    draw_references(ax, rates, colour_of, shift)
+    draw_references(ax, rates, colour_of, shift, ci_method)
     if net:
         ax.set_ylabel(f"{ax.get_ylabel()} minus false positives")
     ax.set_xlabel("Patch layer")
@@ -95,10 +105,18 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    # Fixed margins with room for the legend on the right: tight_layout costs a full text layout.
-    fig.subplots_adjust(left=0.08, right=0.84, bottom=0.1, top=0.93)
+    handles, labels = ax.get_legend_handles_labels()
+    if ci and bands:
+        labels.append(band_label(bands))
+        handles.append(Patch(color="dimgray", alpha=BAND_ALPHA, linewidth=0))
+    if handles:
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  fontsize="small")
+    # Fixed margins with room for the legend on the right: tight_layout costs a full text
+    # layout. A long legend entry (a band's method) gets a wider margin.
+    widest = max((len(label) for label in labels), default=0)
+    fig.subplots_adjust(left=0.08, right=max(0.55, 0.84 - 0.0065 * max(0, widest - 16)),
+                        bottom=0.1, top=0.93)
     return fig
 
 

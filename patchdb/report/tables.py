@@ -3,6 +3,16 @@
 import math
 
 from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates, Line
+from patchdb.report.bands import (
+    DEFAULT_CI_METHOD,
+    Band,
+    Interval,
+    baseline_interval,
+    baseline_mean_interval,
+    control_interval,
+    legend_method,
+    line_band,
+)
 
 GAP = "-"
 
@@ -38,20 +48,33 @@ def unpatched(rates: ExperimentRates, row: Line) -> float:
     return baseline.rate if baseline is not None else math.nan
 
 
-def control_line(rates: ExperimentRates) -> str | None:
+def control_line(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str | None:
     """The false-positive rate in words, or None without a scored control."""
     c = rates.control
     if c is None:
         return None
-    lower, upper = c.interval()
+    band = control_interval(c, ci_method)
     return (f"False positives (no injection, no patch): {_percent(c.rate)}% "
-            f"({c.successes}/{c.n_scored}; 95% CI {_percent(lower)}-{_percent(upper)}%)")
+            f"({c.successes}/{c.n_scored}; 95% band {_percent(band.lower)}-"
+            f"{_percent(band.upper)}%: {band.method})")
 
 
-def experiment_table(rates: ExperimentRates) -> str:
+def row_baseline_band(rates: ExperimentRates, row: Line,
+                      ci_method: str = DEFAULT_CI_METHOD) -> Interval | None:
+    """The band of a bold row's unpatched rate: a pair line's target condition (one
+    condition), or a single-word experiment's mean over its target conditions."""
+    if not rates.pairs:
+        return baseline_mean_interval(rates, ci_method)
+    baseline = rates.baselines.get(row.target_word)
+    return baseline_interval(baseline, ci_method) if baseline and baseline.n_scored else None
+
+
+def experiment_table(rates: ExperimentRates, ci: bool = False,
+                     ci_method: str = DEFAULT_CI_METHOD) -> str:
     """Rows: each target word (pairs: mean over sources) or each word plus the mean; then why
     rates are missing, if they are. With baselines, a "base" column gives each row's unpatched
-    rate, and a last line the false-positive rate."""
+    rate, and a last line the false-positive rate. With `ci`, each bold row is followed by the
+    lower and upper ends of its 95% band (patchdb.report.bands), the method said below."""
     rows = rates.groups if rates.pairs else rates.keys + rates.groups
     what = "mean over source words" if rates.pairs else "per word"
     if not rows:
@@ -64,6 +87,7 @@ def experiment_table(rates: ExperimentRates) -> str:
                        *(f"{layer:>{cell}}" for layer in layers), f" {'best':<10}", "worst"])
     lines = [f"{rates.name}: rate in % by patch layer ({what}; {GAP} = nothing scored)",
              header, "-" * len(header)]
+    bands: list[Band] = []
     for row in rows:
         best, worst = best_and_worst(row, layers)
         base = [f"{_percent(unpatched(rates, row)):>4} |"] if rates.baselines else []
@@ -74,9 +98,22 @@ def experiment_table(rates: ExperimentRates) -> str:
             f" {_extreme(row, layers, best):<10}",
             _extreme(row, layers, worst),
         ]))
+        if ci and any(row is g for g in rates.groups):
+            band = line_band(rates, row, ci_method)
+            bands.append(band)
+            base_band = row_baseline_band(rates, row, ci_method)
+            for end, values in (("lower", band.lower), ("upper", band.upper)):
+                ref = getattr(base_band, end) if base_band is not None else math.nan
+                lines.append(" ".join([
+                    f"{'  ' + end:<{word_width}}",
+                    *([f"{_percent(ref):>4} |"] if rates.baselines else []),
+                    *(f"{_percent(float(v)):>{cell}}" for v in values)]))
     if rates.baselines:
         lines.append("base: the same target condition with no patch")
-    control = control_line(rates)
+    if bands:
+        lines.append(f"lower, upper: the 95% band of the row above ({legend_method(bands)}; "
+                     "docs/statistics.md)")
+    control = control_line(rates, ci_method)
     if control is not None:
         lines.append(control)
     if rates.missing:
