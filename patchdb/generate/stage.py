@@ -2,8 +2,9 @@
 
 What is missing is a query (expected units minus rollouts present), so resuming after a crash,
 a kill or Ctrl-C is just running again. A unit is one key at one patch layer with all its
-samples; it is written in one transaction that first re-checks which samples are still missing,
-so two processes on one store never write a rollout twice.
+samples; it is written in one transaction with INSERT ... ON CONFLICT DO NOTHING, which checks
+each sample against what is there at that moment, so two processes on one store never write a
+rollout twice, and a sample another process wrote first is kept as it wrote it.
 """
 
 import hashlib
@@ -307,13 +308,14 @@ def _write_unit(
     decode: Callable[[list[int]], str],
     run_id: int,
 ) -> int:
-    """Insert the unit's rollouts in one transaction, skipping samples written meanwhile (on
-    PostgreSQL another process can insert between our read and our write: ON CONFLICT DO
-    NOTHING makes that a skip too); returns how many rows this call inserted."""
+    """Insert the unit's rollouts in one transaction; a sample another process wrote meanwhile
+    is skipped by ON CONFLICT DO NOTHING, the one re-check that holds on both backends (a
+    SELECT first would leave PostgreSQL a gap between the read and the write). Returns how many
+    rows this call inserted, counted by RETURNING: psycopg reports rowcount -1 here, which
+    printed "Wrote -6 rollouts"."""
     unit = pending.unit
 
     def write(session: Session) -> int:
-        still = set(missing_samples(session, unit, max(pending.samples) + 1))
         rows = [
             dict(
                 experiment_id=unit.experiment_id,
@@ -332,14 +334,11 @@ def _write_unit(
                 created_at=utcnow(),
             )
             for index, c in sorted(completions.items())
-            if index in still
         ]
-        if not rows:
-            return 0
         stmt = dialect_insert(session, Rollout).values(rows).on_conflict_do_nothing(
             index_elements=["experiment_id", "patch_layer", "source_word", "target_word",
-                            "sample_index"])
-        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+                            "sample_index"]).returning(Rollout.id)
+        return len(session.execute(stmt).all())
 
     return store.transact(write)
 
