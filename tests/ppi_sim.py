@@ -38,7 +38,7 @@ class Sweep:
 
 def simulate(rng: np.random.Generator, detection_means: tuple[float, ...], judge: Judge, *,
              words: int = 8, samples: int = 64, labels_per_stratum: int = 15,
-             concentration: float = 6.0) -> Sweep:
+             concentration: float = 6.0, name: str = "sim") -> Sweep:
     """One sweep of a single-word experiment (the words on the source axis)."""
     layers = len(detection_means)
     means = np.asarray(detection_means)
@@ -60,7 +60,7 @@ def simulate(rng: np.random.Generator, detection_means: tuple[float, ...], judge
             pool = np.flatnonzero(judged_d[:, layer, :] == verdict)
             pick = rng.choice(pool, min(labels_per_stratum, len(pool)), replace=False)
             labeled[:, layer, :].flat[pick] = True
-    c = empty_counts("sim", tuple(f"w{i}" for i in range(words)), ("",), tuple(range(layers)))
+    c = empty_counts(name, tuple(f"w{i}" for i in range(words)), ("",), tuple(range(layers)))
     for h, verdict in enumerate((False, True)):
         in_h = judged_d == verdict
         c.n[:, 0, :, h] = in_h.sum(-1)

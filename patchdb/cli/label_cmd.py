@@ -8,6 +8,7 @@ from patchdb.cli.options import db_option, sweep_option
 from patchdb.experiments import GRADERS
 from patchdb.label.labels import default_labeler, set_label
 from patchdb.label.plan import DEFAULT_TARGET, Progress, check_graders, plan_next
+from patchdb.label.widest import PLANS
 from patchdb.store import open_store
 from patchdb.store.sweeps import get_sweep
 
@@ -26,6 +27,11 @@ from patchdb.store.sweeps import get_sweep
 @click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
               help="Judge config whose YES/NO verdicts the plan balances (default: the one that "
                    "judged the most samples; env PATCHDB_JUDGE_CONFIG).")
+@click.option("--plan", type=click.Choice(PLANS), default="balanced", show_default=True,
+              envvar="PATCHDB_LABEL_PLAN",
+              help="With --next: 'balanced' spreads labels over experiments and layers and the "
+                   "judge's YES and NO; 'widest' sends the next one where the corrected band "
+                   "(report --corrected) is widest (env PATCHDB_LABEL_PLAN).")
 @click.option("--next", "show_next", is_flag=True, help="Print the next answer to label and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --next: print it as JSON.")
 @click.option("--set", "set_rollout", type=int, metavar="ROLLOUT",
@@ -35,7 +41,7 @@ from patchdb.store.sweeps import get_sweep
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               envvar="PATCHDB_LABEL_PORT", help="Port of the page on 127.0.0.1 (0: a free one).")
 def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | None, target: int,
-          judge_config: int | None, show_next: bool, as_json: bool, set_rollout: int | None,
+          judge_config: int | None, plan: str, show_next: bool, as_json: bool, set_rollout: int | None,
           value: bool | None, note: str | None, port: int) -> None:
     """Label answers YES or NO by hand, one grader question at a time, so `patchdb calibrate`
     can measure the judge. Without --next or --set, serve a labeling page on 127.0.0.1 and
@@ -68,7 +74,7 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
         try:
             with store.read() as session:
                 item, progress = plan_next(session, get_sweep(session, sweep), chosen, who,
-                                           target, judge_config)
+                                           target, judge_config, plan=plan)
         finally:
             store.close()
         if as_json:
@@ -85,6 +91,9 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
         return
     from patchdb.label.server import serve
 
+    if plan != "balanced":
+        raise click.UsageError("--plan widest goes with --next (the page follows the balanced "
+                               "plan)")
     serve(db, sweep, chosen, who, target, judge_config, port, announce=click.echo)
 
 

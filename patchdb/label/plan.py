@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from patchdb.errors import UnknownNameError
 from patchdb.experiments import GRADERS, NO_STEERING_LABEL, judged_word
 from patchdb.judge.templates import DEFAULT_TEMPLATES, trial_question
+from patchdb.label.widest import pick_widest
 from patchdb.report.aggregate import choose_judge_config
 from patchdb.store.models import Experiment, Judgment, Label, Rollout, Sweep
 from patchdb.store.sweeps import sweep_config
@@ -166,10 +167,12 @@ Candidates = list[tuple[int, str, int, bool | None]]
 def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
               target: int = DEFAULT_TARGET, judge_config_id: int | None = None,
               skipped: set[tuple[int, str]] | None = None,
-              cache: dict[str, Candidates] | None = None) -> tuple[Item | None, list[Progress]]:
+              cache: dict[str, Candidates] | None = None,
+              plan: str = "balanced") -> tuple[Item | None, list[Progress]]:
     """The next answer to label (None when every grader reached its target) and the progress.
     `cache` keeps each grader's candidates between calls (the labeling page passes one: the
-    sweep's rollouts and verdicts do not change while a person labels)."""
+    sweep's rollouts and verdicts do not change while a person labels). `plan` "widest" sends a
+    detection grader's next label where the corrected band is widest (patchdb.label.widest)."""
     judge = choose_judge_config(session, sweep, judge_config_id).id
     skipped = skipped or set()
     cache = {} if cache is None else cache
@@ -195,8 +198,14 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
             choices.append((not pending, len(labeled) / target, LEAD_ORDER.index(grader), grader))
     for *_, grader in sorted(choices):
         candidates = candidates_of(grader)
-        chosen = _pick(candidates, _labeled(session, grader, labeler),
-                       {r for r, g in skipped if g == grader}, _partners(session, grader, labeler))
+        labeled, skip = _labeled(session, grader, labeler), {r for r, g in skipped if g == grader}
+        partners = _partners(session, grader, labeler)
+        chosen = _pick(candidates, labeled, skip, partners)
+        if plan == "widest" and grader != "coherence" and judge is not None \
+                and chosen not in partners:
+            still_open = [c for c in candidates if c[0] not in labeled and c[0] not in skip
+                          and c[2] >= 0]
+            chosen = pick_widest(session, sweep, grader, judge, still_open, _order) or chosen
         if chosen is not None:
             return _item(session, sweep, chosen, grader, judge), progress
     return None, progress
