@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from patchdb.cli.options import (
 from patchdb.config import DTYPES
 from patchdb.errors import ConfigError
 from patchdb.store import open_store
+
+if TYPE_CHECKING:
+    from patchdb.generate.stage import GenerateResult
 
 
 def _batch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -72,6 +76,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
               help="Skip the baselines (each target condition generated with no patch; the "
                    "unsteered one is the no-injection control).")
+@click.option("--readout-only", is_flag=True, envvar="PATCHDB_READOUT_ONLY",
+              help="Prefill every unit (patched keys, baselines, controls) once for its "
+                   "first-token readout (P(yes), P(no), entropy) and write no rollouts: the "
+                   "layer map of the sweep in minutes, with no sampling and no judge.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     db: str,
@@ -91,6 +99,7 @@ def generate(
     share_prefix: bool,
     compile_: bool | None,
     no_baselines: bool,
+    readout_only: bool,
     quiet: bool,
 ) -> None:
     """Generate every missing rollout of the sweep (steered, patched target runs).
@@ -130,7 +139,7 @@ def generate(
         sweep=sweep, experiments=experiments, layers=layers, words=words, samples=samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         shard=shard, model=model, compile=compile_, gpus_per_model=gpus_per_model,
-        share_prefix=share_prefix, baselines=not no_baselines,
+        share_prefix=share_prefix, baselines=not no_baselines, readout_only=readout_only,
     )
     options = rank_options(options)
     store = open_store(db)
@@ -140,9 +149,14 @@ def generate(
         store.close()
     plan = result.plan
     done_before = plan.expected - len(plan.pending)
+    if readout_only:
+        _say_readouts(result, readout_only)
+        return
     if not plan.pending:
         click.echo(f"Nothing to generate: all {plan.expected} units of sweep "
                    f"{plan.sweep_name!r} in scope are present.")
+        if plan.readouts:
+            _say_readouts(result, readout_only)
         return
     click.echo(
         f"Wrote {result.rollouts_written} rollouts in {result.units_written} units "
@@ -153,6 +167,23 @@ def generate(
     )
     if result.units_skipped:
         click.echo(f"Skipped {result.units_skipped} units that another process wrote meanwhile.")
+    _say_readouts(result, readout_only)
     if result.interrupted:
         click.echo("Interrupted: every finished unit is saved; run again to resume.", err=True)
         sys.exit(130)  # not ctx.exit: main() runs click with standalone_mode=False
+
+
+def _say_readouts(result: "GenerateResult", readout_only: bool) -> None:
+    """One line on the first-token readouts: how many this run wrote and how many are present."""
+    plan = result.plan
+    if not plan.readouts:
+        if readout_only:
+            click.echo(f"Nothing to read out: all {plan.readouts_expected} readouts of sweep "
+                       f"{plan.sweep_name!r} in scope are present.")
+        return
+    present = plan.readouts_expected - len(plan.readouts) + result.readouts_written
+    click.echo(f"Wrote {result.readouts_written} readouts ({present}/{plan.readouts_expected} "
+               "present).")
+    if result.interrupted and readout_only:
+        click.echo("Interrupted: every finished batch is saved; run again to resume.", err=True)
+        sys.exit(130)

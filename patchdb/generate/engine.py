@@ -7,7 +7,7 @@ samples, which then decode with their own seeds. Rows that reach EOS are dropped
 """
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,9 +126,10 @@ class Engine:
         return rows
 
     def _forward(
-        self, input_ids: torch.Tensor, cache: DynamicCache, last_only: bool
+        self, input_ids: torch.Tensor, cache: DynamicCache | None, last_only: bool
     ) -> torch.Tensor:
-        kwargs: dict[str, object] = {self._cache_kw: cache, "use_cache": True}
+        kwargs: dict[str, object] = ({self._cache_kw: cache, "use_cache": True}
+                                     if cache is not None else {"use_cache": False})
         if last_only and self._keep_kw is not None:
             kwargs[self._keep_kw] = 1
         out = self.model(input_ids=input_ids, **kwargs)
@@ -148,13 +149,16 @@ class Engine:
 
     @torch.inference_mode()
     def prefill_logits(self, units: list[TargetUnit]) -> torch.Tensor:
-        """Last-position logits of the prefill alone (for tests and checks): [units, vocab]."""
+        """Last-position logits of the prefill alone, no KV cache kept (the first-token
+        readout, `generate --readout-only`): [units, vocab] in float32."""
         steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
         with steering(self.layer_map, self.steer_layer, steer_state):
-            logits, _ = self._prefill(units)
+            logits, _ = self._prefill(units, keep_cache=False)
         return logits
 
-    def _prefill(self, units: list[TargetUnit]) -> tuple[torch.Tensor, DynamicCache]:
+    def _prefill(
+        self, units: list[TargetUnit], keep_cache: bool = True
+    ) -> tuple[torch.Tensor, DynamicCache | None]:
         """One row per unit over the prompt, patched; the caller holds the steering hook."""
         n = len(units)
         n_patch = self.prompt_len - self.injection_start
@@ -170,17 +174,19 @@ class Engine:
                 if u.patch_values is None or u.patch_values.shape[0] != n_patch:
                     raise ValueError(f"unit {i} needs patch values over {n_patch} positions")
                 values[i] = u.patch_values.to(device=self.device, dtype=self.dtype)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config) if keep_cache else None
         with patching(self.layer_map, Patch(layers, values, self.injection_start)):
             logits = self._forward(ids, cache, last_only=True)
         return logits, cache
 
     @torch.inference_mode()
     def generate(
-        self, units: list[TargetUnit], max_new_tokens: int, sampling: Sampling | float
+        self, units: list[TargetUnit], max_new_tokens: int, sampling: Sampling | float,
+        on_prefill: Callable[[torch.Tensor], None] | None = None,
     ) -> list[list[Completion]]:
         """Generate every sample of every unit; returns completions per unit, in seed order.
-        A bare float for `sampling` is a temperature over the full softmax."""
+        A bare float for `sampling` is a temperature over the full softmax. `on_prefill` gets
+        the prefill's last-position logits, one row per unit (the first-token readout)."""
         how = as_sampling(sampling)
         counts = [len(u.seeds) for u in units]
         if not units or sum(counts) == 0:
@@ -195,6 +201,9 @@ class Engine:
         decoder = self._graphed_decoder(len(seeds), self.prompt_len + max_new_tokens)
         with steering(self.layer_map, self.steer_layer, steer_state):
             logits, cache = self._prefill(units)
+            assert cache is not None
+            if on_prefill is not None:
+                on_prefill(logits)
             if decoder is None:
                 cache.batch_select_indices(self._cache_index(expand))
                 steer_state.vectors = steer_state.vectors[expand]

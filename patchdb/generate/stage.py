@@ -23,9 +23,11 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from patchdb.config import DTYPES, SweepConfig
+from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.errors import ConfigError
 from patchdb.experiments import BASELINE_LAYER, NO_STEERING
 from patchdb.faults import fault_point
+from patchdb.generate.controls import ensure_random_vectors, unit_steer
 from patchdb.generate.engine import (
     Completion,
     Engine,
@@ -39,12 +41,25 @@ from patchdb.generate.engine import (
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model
 from patchdb.generate.prompt import render_prompt
+from patchdb.generate.readout import FirstTokenReader
+from patchdb.generate.readout_stage import (
+    PrefillReadouts,
+    ReadoutContext,
+    keep_readouts,
+    missing_readouts,
+)
 from patchdb.generate.sampling import Sampling, resolve_sampling, rollout_seed
 from patchdb.generate.vectors import ensure_vectors
 from patchdb.store import Rollout, Store, Sweep
 from patchdb.store.baselines import baseline_units
 from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import utcnow
+from patchdb.store.readouts import (
+    ReadoutUnit,
+    expected_readouts,
+    present_readouts,
+    random_vector_units,
+)
 from patchdb.store.runs import stage_run
 from patchdb.store.sweeps import (
     ExpectedUnit,
@@ -75,6 +90,7 @@ class GenerateOptions:
     share_prefix: bool = True  # keep the prompt's KV before the injection start once (GPU)
     gpus_per_model: int = 1  # >1: one model copy spread over this many cards (device_map="auto")
     baselines: bool = True  # also every target condition with no patch (patch_layer -1)
+    readout_only: bool = False  # prefill every unit for its first-token readout; no rollouts
 
 
 # Compiling the decode step compiles one program per kind of decoder layer (GraphedDecoder's
@@ -82,6 +98,7 @@ class GenerateOptions:
 # a Gemma-3-27B shape it cost 6.6 s more set-up and saved 2.6 s per 1,024-row batch of 100
 # tokens (12.6 -> 10.0 s): it pays from about 260,000 decode tokens on.
 AUTO_COMPILE_TOKENS = 300_000
+UNPATCHED = {BASELINE_LAYER, RANDOM_VECTOR_LAYER}  # units whose target run has no patch
 
 
 def auto_compile(device: str, pending_tokens: int) -> bool:
@@ -106,6 +123,8 @@ class GeneratePlan:
     max_new_tokens: int
     expected: int  # units in scope (after narrowing and sharding)
     pending: list[PendingUnit]
+    readouts_expected: int = 0
+    readouts: list[ReadoutUnit] = field(default_factory=list)  # readouts missing
 
 
 @dataclass
@@ -114,6 +133,7 @@ class GenerateResult:
     units_written: int = 0
     units_skipped: int = 0  # written by another process while this one ran
     rollouts_written: int = 0
+    readouts_written: int = 0
     tokens: int = 0
     seconds: float = 0.0
     batch_size: int = 0
@@ -194,12 +214,16 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
         _check_options(options, config)
         experiments = get_experiments(session, sweep, options.experiments)
         baselines = (baseline_units(config, experiments, options.words)
+                     + random_vector_units(config, experiments, options.words)
                      if options.baselines else [])
         units = [
             u
             for u in baselines + expected_units(config, experiments, options.layers, options.words)
             if in_shard(u, options.shard)
         ]
+        readouts = [r for r in expected_readouts(config, experiments, units)
+                    if in_shard(r.unit, options.shard)]
+        have_readouts = present_readouts(session, [e.id for e in experiments])
         samples = options.samples or config.samples
         present: dict[tuple[int, int, str, str], set[int]] = {}
         rows = session.execute(
@@ -217,7 +241,7 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
         for u in units:
             have = present.get((u.experiment_id, u.patch_layer, u.source_word, u.target_word), set())
             lacking = [i for i in range(samples) if i not in have]
-            if lacking:
+            if lacking and not options.readout_only:
                 pending.append(PendingUnit(u, lacking))
         return GeneratePlan(
             sweep_id=sweep.id,
@@ -227,6 +251,8 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
             max_new_tokens=options.max_new_tokens or config.max_new_tokens,
             expected=len(units),
             pending=pending,
+            readouts_expected=len(readouts),
+            readouts=[r for r in readouts if r.key not in have_readouts],
         )
 
 
@@ -371,7 +397,7 @@ def run_generate(
     result = GenerateResult(plan)
     config = plan.config
     arguments = {k: v for k, v in vars(options).items() if v is not None}
-    if not plan.pending:
+    if not plan.pending and not plan.readouts:
         return result  # a run that does nothing leaves no stage_runs row behind
 
     device = options.device or default_device()
@@ -394,8 +420,10 @@ def run_generate(
         torch.cuda.set_device(loaded.device)
     layer_map = find_layers(loaded.model)
     check_layer_range(len(layer_map.layers), [config.steer_layer], "steer layer")
-    patch_layers = sorted({p.unit.patch_layer for p in plan.pending} - {BASELINE_LAYER})
-    check_layer_range(len(layer_map.layers), patch_layers, "patch layer")
+    patch_layers = sorted({p.unit.patch_layer for p in plan.pending} - UNPATCHED)
+    check_layer_range(len(layer_map.layers),
+                      sorted({r.unit.patch_layer for r in plan.readouts} - UNPATCHED), "patch layer")
+    reader = FirstTokenReader(loaded.tokenizer)
     prompt = render_prompt(loaded.tokenizer, config.prompt_intro, config.prompt_trial)
     sampling = resolve_sampling(
         loaded.model.generation_config, config.temperature, config.top_k, config.top_p
@@ -428,16 +456,26 @@ def run_generate(
             store.transact(
                 lambda s: record_sampling(s, plan.sweep_id, sampling.top_k, sampling.top_p)
             )
+            units = [p.unit for p in plan.pending] + [r.unit for r in plan.readouts]
             words = sorted(
-                ({p.unit.source_word for p in plan.pending}
-                 | {p.unit.target_word for p in plan.pending})
-                - {NO_STEERING}
+                ({u.source_word for u in units} | {u.target_word for u in units}) - {NO_STEERING}
             )
             raw = ensure_vectors(store, loaded, config.steer_layer, words)
             scaled = {w: raw[w].float() * config.strength for w in words}
+            randoms = sorted({u.target_word for u in units if u.patch_layer == RANDOM_VECTOR_LAYER})
+            random_raw = ensure_random_vectors(store, loaded.model_id, config.steer_layer,
+                                               {w: raw[w] for w in randoms})
+            random_scaled = {w: v.float() * config.strength for w, v in random_raw.items()}
             sources = _Sources(engine, patch_layers, scaled)
-            _run_batches(store, plan, engine, sources, scaled, batch_rows, decode, run.id,
-                         result, stopper, progress, sampling)
+            readout = ReadoutContext(engine, loaded.tokenizer, config.prompt_intro,
+                                     config.prompt_trial, scaled, random_scaled, reader, run.id,
+                                     lambda: stopper.requested, stopper.writing)
+            if plan.pending:
+                _run_batches(store, plan, engine, sources, readout, batch_rows, decode, run.id,
+                             result, stopper, progress, sampling)
+            if not stopper.requested:
+                result.readouts_written += missing_readouts(store, plan.readouts, readout,
+                                                            progress)
             if stopper.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -450,7 +488,7 @@ def _run_batches(
     plan: GeneratePlan,
     engine: Engine,
     sources: _Sources,
-    scaled: dict[str, torch.Tensor],
+    readout: ReadoutContext,
     batch_rows: int,
     decode: Callable[[list[int]], str],
     run_id: int,
@@ -470,11 +508,14 @@ def _run_batches(
             bar.update(len(skipped))
             if not batch:
                 continue
-            units = [_target_unit(piece, plan, sources, scaled) for piece in batch]
+            units = [_target_unit(piece, plan, sources, readout) for piece in batch]
+            read = PrefillReadouts(readout.reader)
             fault_point("generate.batch_started")
-            outputs = engine.generate(units, plan.max_new_tokens, sampling)
+            outputs = engine.generate(units, plan.max_new_tokens, sampling, on_prefill=read)
             fault_point("generate.batch_decoded")
             with stopper.writing():
+                prefilled = [ReadoutUnit(plan.pending[p.unit_index].unit) for p in batch]
+                result.readouts_written += keep_readouts(store, prefilled, read.values, run_id)
                 _keep_batch(store, plan, batch, outputs, done, decode, run_id, result, bar)
             result.seconds = time.perf_counter() - started
             bar.set_postfix_str(f"{result.tokens_per_second:.1f} tok/s")
@@ -533,11 +574,11 @@ def _still_missing(
 
 
 def _target_unit(
-    piece: Piece, plan: GeneratePlan, sources: _Sources, scaled: dict[str, torch.Tensor]
+    piece: Piece, plan: GeneratePlan, sources: _Sources, readout: ReadoutContext
 ) -> TargetUnit:
     unit = plan.pending[piece.unit_index].unit
-    steer = scaled[unit.target_word] if unit.target_word != NO_STEERING else None
-    baseline = unit.patch_layer == BASELINE_LAYER  # no patch: the row's MLPs are left alone
+    steer = unit_steer(unit, readout.scaled, readout.random_scaled)
+    baseline = unit.patch_layer in UNPATCHED  # no patch: the row's MLPs are left alone
     return TargetUnit(
         steer=steer,
         patch_layer=None if baseline else unit.patch_layer,

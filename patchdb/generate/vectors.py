@@ -117,7 +117,7 @@ def stored_vectors(
     return {word: from_blob(row) for word, row in best.items()}
 
 
-def _insert_missing(
+def insert_missing(
     session: Session, model_id: str, layer: int, recipe: str, vectors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Insert the vectors that are not stored yet; a row already there (another process got
@@ -166,7 +166,7 @@ def ensure_vectors(
         new[BASELINE_MEAN] = mean
     raw = last_token_outputs(loaded, layer, missing)
     new.update({w: raw[w] - mean for w in missing})
-    held = store.transact(lambda s: _insert_missing(s, model_id, layer, RECIPE, new))
+    held = store.transact(lambda s: insert_missing(s, model_id, layer, RECIPE, new))
     found.update({w: held[w] for w in missing})
     return {w: found[w] for w in words}
 
@@ -239,7 +239,7 @@ def _import(session: Session, model_id: str, layer: int, vectors: dict[str, torc
                 f"{word!r} already has a different imported vector for {model_id} at layer "
                 f"{layer}; nothing was imported"
             )
-    added = _insert_missing(session, model_id, layer, IMPORTED_RECIPE, vectors)
+    added = insert_missing(session, model_id, layer, IMPORTED_RECIPE, vectors)
     return len([w for w in added if w not in held])
 
 

@@ -243,6 +243,34 @@ class JudgeBatchKey(Base):
     judge_config_id: Mapped[int] = mapped_column(ForeignKey("judge_configs.id", ondelete="CASCADE"))
 
 
+class Readout(Base):
+    """The first-token readout of one unit: the model's next-token distribution after the
+    prefill (no sampling, no judge). One row per unit and question, not per sample; question ''
+    is the sweep's trial question, any other text an unrelated question (the yes-bias control).
+    Migration 0008 explains the columns."""
+
+    __tablename__ = "readouts"
+    __table_args__ = (
+        UniqueConstraint("experiment_id", "patch_layer", "source_word", "target_word", "question",
+                         name="uq_readouts_key"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    patch_layer: Mapped[int] = mapped_column(Integer)
+    source_word: Mapped[str] = mapped_column(String(200))
+    target_word: Mapped[str] = mapped_column(String(200))
+    question: Mapped[str] = mapped_column(String(500))
+    p_yes: Mapped[float] = mapped_column(Float)
+    p_no: Mapped[float] = mapped_column(Float)
+    entropy: Mapped[float] = mapped_column(Float)  # nats, over the whole vocabulary
+    top_token: Mapped[str] = mapped_column(Text)  # the likeliest first token, decoded
+    stage_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("stage_runs.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class JudgeLease(Base):
     """A live judge run's claim on one (rollout, grader, judge config) key: other runs leave the
     key alone until the claim's run writes it, lets it go, dies or lets it expire (migration 0007)."""
