@@ -140,15 +140,61 @@ def test_the_table_in_the_docs_is_what_calibrate_prints(demo_db: str) -> None:
      "rollouts the judge scored YES and 3 it scored NO (labels for both graders); "
      "needs 10 of each"),
 ])
-def test_report_corrected_refuses_in_one_line(demo_db: str, tmp_path: Path,
-                                              experiments: str | None, line: str) -> None:
+def test_report_corrected_rogan_gladen_refuses_in_one_line(
+        demo_db: str, tmp_path: Path, experiments: str | None, line: str) -> None:
     # the judged scores by hand: a rollout is judged YES when both of its verdicts are YES
     single = [k for k in JUDGE if DETECTION[k.split("/")[0]] == "detection"]
     judged_yes = sum(all(p > 0.5 for p in JUDGE[k].values()) for k in single)
     assert (judged_yes, len(single) - judged_yes) == (23, 1)
-    args = ["report", "--db", demo_db, "--corrected", "--out", str(tmp_path / "out")]
+    args = ["report", "--db", demo_db, "--corrected", "--correction", "rogan-gladen",
+            "--out", str(tmp_path / "out")]
     result = run_cli(*args, *(["--experiments", experiments] if experiments else []))
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1] == line
     if experiments is None:
         assert line in DOC.splitlines()  # docs/labels.md quotes it
+
+
+def labeled_lines() -> dict[tuple[str, str], dict[int, float]]:
+    """Per (experiment, bold line) and layer, the mean over its keys of each key's share of
+    samples labeled coherent AND detected, counted from the fixture."""
+    keys: dict[tuple[str, str, int, str], list[bool]] = {}
+    for key, entry in LABELS["rollouts"].items():
+        experiment, layer, source, target, _ = parse(key)
+        score = entry["coherence"] and entry[DETECTION[experiment]]
+        keys.setdefault((experiment, target if source and target else "Mean", layer,
+                         f"{source}>{target}"), []).append(score)
+    lines: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for (experiment, line, layer, _), scores in keys.items():
+        lines.setdefault((experiment, line), {}).setdefault(layer, []).append(
+            sum(scores) / len(scores))
+    return {k: {layer: sum(v) / len(v) for layer, v in by_layer.items()}
+            for k, by_layer in lines.items()}
+
+
+def test_report_corrected_ppi_draws_the_labeled_truth(demo_db: str, tmp_path: Path) -> None:
+    """Every demo answer is labeled, so PPI's corrected rates are the labeled ones, whatever the
+    judge says: by hand, only steered_to_unsteered scores (1 of 6 samples at layer 20, 3 of 6
+    at layer 28); every other line is 0."""
+    truth = labeled_lines()
+    assert truth[("steered_to_unsteered", "Mean")] == {20: 1 / 6, 28: 3 / 6}
+    assert sum(v for k, by in truth.items() for v in by.values()) == pytest.approx(4 / 6)
+    result = run_cli("report", "--db", demo_db, "--corrected", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    printed = {}
+    experiment = ""
+    for line in result.output.splitlines():
+        if line.endswith(", corrected: rate in % by patch layer, raw -> corrected [95% band]"):
+            experiment = line.split(",")[0]
+        elif experiment and line.startswith("  ") and " -> " in line:
+            name, cells = line.strip().split(": ", 1)
+            for cell in cells.split("; "):
+                layer, rest = cell.split(": ", 1)
+                printed[(experiment, name, int(layer))] = int(rest.split(" -> ")[1].split()[0])
+    assert printed == {(e, n, layer): round(100 * v) for (e, n), by in truth.items()
+                       for layer, v in by.items()}
+    quoted = [line for line in result.output.splitlines()
+              if line.startswith(("Correction for", "  Mean: 20"))]
+    assert len(quoted) == 4
+    for line in quoted:
+        assert line in DOC.splitlines()  # docs/labels.md quotes them
