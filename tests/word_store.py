@@ -48,3 +48,38 @@ def import_sweep(db: Path, root: Path, name: str) -> None:
     result = run_cli("import-json", str(root), "--db", str(db), "--sweep", name,
                      "--steer-layer", str(STEER_LAYER))
     assert result.exit_code == 0, result.output
+
+
+# A sweep with three words a side, 100 samples per key, every count chosen by hand:
+# negative words Dust, Milk, Rubber; positive words Bread, Trees, Origami; layers 40 and 41.
+N = 100
+PAIR_COUNTS = {  # failure_to_success: target -> per source (Dust, Milk, Rubber), per layer
+    "Bread": {40: (20, 10, 0), 41: (60, 80, 40)},
+    "Trees": {40: (0, 0, 0), 41: (10, 20, 30)},
+    "Origami": {40: (50, 70, 90), 41: (100, 100, 100)},
+}
+SOURCES = ("Dust", "Milk", "Rubber")
+SINGLE_COUNTS = {  # unsteered_to_steered: word -> per layer
+    "Bread": {40: 10, 41: 60}, "Trees": {40: 0, 41: 90}, "Origami": {40: 25, 41: 30}}
+STEERED_COUNTS = {"Bread": {40: 5, 41: 0}, "Trees": {40: 15, 41: 0}, "Origami": {40: 40, 41: 0}}
+BASELINES = {
+    "failure_to_success": {"Bread": (30, N), "Trees": (0, N), "Origami": (80, N)},
+    "unsteered_to_steered": {"Bread": (20, N), "Trees": (50, N), "Origami": (10, N)},
+    # the false-positive rate: 29/100, where 0.29 * 100 is 28.999999999999996 in floating point
+    "steered_to_unsteered": {"(none)": (29, N)},
+}
+
+
+def hand_sweep(root: Path, layers: tuple[int, ...] = (40, 41)) -> Path:
+    """The hand-counted sweep above as a JSON tree (optionally on other patch layers, the
+    counts of 40 and 41 moved to them in order)."""
+    moved = dict(zip((40, 41), layers, strict=True))
+    pairs = {moved[layer]: {f"{s}_to_{t}": (by_layer[layer][i], N)
+                            for t, by_layer in PAIR_COUNTS.items()
+                            for i, s in enumerate(SOURCES)} for layer in (40, 41)}
+    single = {moved[layer]: {w: (c[layer], N) for w, c in SINGLE_COUNTS.items()}
+              for layer in (40, 41)}
+    steered = {moved[layer]: {w: (c[layer], N) for w, c in STEERED_COUNTS.items()}
+               for layer in (40, 41)}
+    return write_sweep(root, {"failure_to_success": pairs, "steered_to_unsteered": steered,
+                              "unsteered_to_steered": single}, BASELINES)
