@@ -2,8 +2,9 @@
 
 Every line is matched to its key by custom_id, never by its place in the file. A reply is read
 by the live judge's rules: a finished reply (finish reason "stop") gets the verdict of its last
-word or None (unparsed, never NO); a reply cut off at the token cap is stored with no verdict,
-cut_off set and the live judge's error text, so `--retry-errors` sends it again. A request the
+word or None (unparsed, never NO); a reply cut off at the token cap is read by the same rule and
+stored with cut_off set, and when it gives no verdict it keeps the live judge's error text, so
+`--retry-errors` sends it again. A request the
 provider failed (an error line, a non-200 status, a body that is no chat completion, a line
 that cannot be read) becomes an error row: it may have been billed, so only `--retry-errors`
 sends it again. Requests the provider never ran (an expired or cancelled batch) get no row and
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from patchdb.judge.batch_plan import CUSTOM_ID_IN_TEXT, Key, parse_custom_id
-from patchdb.judge.verdict import parse_verdict
+from patchdb.judge.verdict import last_word_verdict, unfinished
 from patchdb.judge.writer import _UPDATED
 from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import Judgment, utcnow
@@ -78,10 +79,9 @@ def reply_values(body: Any, prices: Prices) -> dict[str, Any]:
     }
     if choice is None:
         values["error"] = "reply had no choices"
-    elif finish != "stop":
-        values["error"] = f"reply not finished (finish reason {finish!r})"
-    else:
-        values["verdict"] = parse_verdict(reply)
+    else:  # finished or cut off, read as the live judge reads its last attempt
+        values["verdict"], values["error"] = last_word_verdict(
+            reply, finish, None if finish == "stop" else unfinished(finish))
     return values
 
 

@@ -28,7 +28,7 @@ from patchdb.judge.logprobs import LOGPROBS, verdict_of
 from patchdb.judge.plan import Call, Scope, count_pending, pending_page
 from patchdb.judge.settings import JudgeOptions, Resolved
 from patchdb.judge.templates import Templates
-from patchdb.judge.verdict import parse_verdict
+from patchdb.judge.verdict import last_word_verdict
 from patchdb.judge.writer import JudgmentWriter, Row
 from patchdb.store.models import StageRun
 from patchdb.store.runs import is_running
@@ -248,7 +248,8 @@ class Runner:
             verdict = verdict_of(reply.p_yes) if finished else None
         else:
             finished = reply.error is None and reply.finish_reason == "stop"
-            verdict = parse_verdict(reply.text) if finished else None
+            # a reply still cut off after its last attempt is read too, as the original did
+            verdict, reply.error = last_word_verdict(reply.text, reply.finish_reason, reply.error)
         s = self.summary
         s.calls += 1
         s.cached += reply.cached
