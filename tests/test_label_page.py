@@ -1,24 +1,25 @@
-"""The labeling page in headless Chromium: keys pressed on the page become rows in the store.
+"""The labeling page in headless Chromium: keys pressed on the page become rows in the store, and
+two tabs of the page are two sessions.
 
 The page is served by the real server on a free loopback port; Chromium is driven over the
 DevTools protocol (the small client of test_html_report), and keys arrive as real key events.
+The server's guards, request by request, are tested in test_label_server.
 """
 
 import json
-import threading
+import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from label_client import Tab, serving
+from label_client import stored as stored_labels
 from labeled_store import fill, init_store
-from sqlalchemy import select
 from test_html_report import CHROMIUM, DevTools, browser, wait_for
 
-from patchdb.label.server import Session, make_server, server_url
+from patchdb.label.server import server_url
 from patchdb.store import Store, open_store
-from patchdb.store.models import Label
 
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
@@ -33,19 +34,6 @@ def store(db_path: Path, tmp_path: Path) -> Iterator[Store]:
     store.transact(fill)
     yield store
     store.close()
-
-
-@contextmanager
-def serving(store: Store, target: int) -> Iterator[str]:
-    state = Session(store, None, ["coherence"], "ada", target, None)
-    server = make_server(state)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server_url(server)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # the label page, served over loopback HTTP, has loaded (not the blank page Chromium starts on)
@@ -75,11 +63,16 @@ def press_and_wait(tools: DevTools, key: str) -> str:
     return shown(tools)
 
 
+def press_and_settle(tools: DevTools, key: str) -> None:
+    """Press a key and wait until the page has finished what it does (even if it shows the same
+    answer again)."""
+    before = int(tools.js("document.body.dataset.steps || '0'"))
+    press(tools, key)
+    wait_for(tools, f"Number(document.body.dataset.steps || '0') > {before}", timeout_s=30)
+
+
 def stored(store: Store) -> dict[int, bool]:
-    with store.read() as s:
-        rows = s.execute(select(Label.rollout_id, Label.label).where(
-            Label.grader == "coherence", Label.labeler == "ada")).all()
-    return {int(r): bool(v) for r, v in rows}
+    return stored_labels(store, "coherence")
 
 
 def rollout(key: str) -> int:
@@ -88,7 +81,8 @@ def rollout(key: str) -> int:
 
 @needs_chromium
 def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None:
-    with serving(store, target=3) as url, browser(url, loaded=PAGE_LOADED) as tools:
+    with serving(store, target=3) as server, \
+            browser(server_url(server), loaded=PAGE_LOADED) as tools:
         wait_for(tools, "document.body.dataset.state === 'asking'", timeout_s=30)
         first = shown(tools)
         page_text = tools.js("document.body.innerText")
@@ -123,56 +117,41 @@ def test_keys_on_the_page_become_labels_with_skip_and_undo(store: Store) -> None
     assert stored(store) == {rollout(first): True, rollout(second): True, rollout(third): True}
 
 
-def test_api_refuses_answers_the_page_never_showed(store: Store) -> None:
-    with serving(store, target=3) as url:
-        request = urllib.request.Request(url + "api/label", method="POST",
-                                         data=json.dumps({"rollout_id": 1, "grader": "coherence",
-                                                          "label": True}).encode())
+
+@needs_chromium
+def test_two_tabs_are_two_sessions_and_a_closed_tab_frees_its_answer(store: Store) -> None:
+    """A second tab of the same URL shows another answer; undo in one tab never takes back a
+    label of the other; closing a tab frees the answer it showed at once."""
+    with serving(store, target=10) as server, \
+            browser(server_url(server), loaded=PAGE_LOADED) as first:
+        wait_for(first, "document.body.dataset.state === 'asking'", timeout_s=30)
+        devtools = f"http://127.0.0.1:{first.sock.getpeername()[1]}"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            opener.open(request, timeout=10)
-        assert refused.value.code == 400
-        assert json.loads(refused.value.read()) == {
-            "error": "rollout 1 (coherence) was not shown on this page"}
-    assert stored(store) == {}
+        opened = json.load(opener.open(urllib.request.Request(
+            f"{devtools}/json/new?{server_url(server)}", method="PUT"), timeout=30))
+        second = DevTools(opened["webSocketDebuggerUrl"])
+        wait_for(second, f"{PAGE_LOADED} && document.body.dataset.state === 'asking'",
+                 timeout_s=30)
+        a, b = shown(first), shown(second)
+        assert a != b
 
+        c = press_and_wait(second, "y")
+        assert stored(store) == {rollout(b): True}
+        press_and_settle(first, "u")  # the first tab labeled nothing: nothing to undo
+        assert stored(store) == {rollout(b): True} and shown(first) == a
+        assert c not in (a, b)
 
-def test_an_idle_connection_does_not_stall_the_page(store: Store) -> None:
-    """Browsers open sockets ahead of time and may send nothing on them for a while."""
-    import socket
-
-    with serving(store, target=3) as url:
-        port = int(url.rstrip("/").rsplit(":", 1)[1])
-        idle = socket.create_connection(("127.0.0.1", port))
-        try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            data = json.load(opener.open(url + "api/next", timeout=5))
-        finally:
-            idle.close()
-    assert data["item"]["grader"] == "coherence" and "judge_verdict" not in data["item"]
-
-
-def test_label_command_prints_a_loopback_url_and_stops_on_ctrl_c(store: Store,
-                                                                  db_path: Path) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-m", "patchdb", "label", "--db", str(db_path),
-                             "--labeler", "ada", "--grader", "coherence"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("Labeling page for ada: http://127.0.0.1:"), line
-        url = line.split(": ", 1)[1].split()[0]
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        assert "<title>patchdb label</title>" in opener.open(url, timeout=10).read().decode()
-        data = json.load(opener.open(url + "api/next", timeout=10))
-        assert data["progress"] == [{"grader": "coherence", "labeled": 0, "target": 100,
-                                     "available": 48}]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "Aborted."  # click turns Ctrl-C into Abort
+        # Closing the second tab frees c: a new page load is shown c, the plan's next answer.
+        second.sock.close()
+        opener.open(f"{devtools}/json/close/{opened['id']}", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            probe = Tab(server)  # a page load that looks, then closes (so it holds nothing)
+            item = probe.next()
+            assert probe.call("POST", "/api/close", {})[0] == 200
+            if item is not None and f"{item['rollout_id']}:{item['grader']}" == c:
+                break
+            assert time.monotonic() < deadline, "the closed tab kept its answer"
+            time.sleep(0.1)
+        press_and_wait(first, "n")
+    assert stored(store) == {rollout(b): True, rollout(a): False}

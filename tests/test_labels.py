@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import file_digest, run_cli
-from labeled_store import fill, init_store
+from labeled_store import CONFIG, fill, init_store
 from sqlalchemy import func, select
 
 from patchdb.label.labels import default_labeler
 from patchdb.store import Experiment, Rollout, open_store
-from patchdb.store.models import Label
+from patchdb.store.models import Label, Sweep
 
 
 @pytest.fixture
@@ -74,6 +74,15 @@ def test_set_writes_overwrites_and_keeps_labelers_apart(db: str) -> None:
     (["--set", "{rid}", "--yes"], "Error: --set needs exactly one --grader and one of --yes/--no\n"),
     (["--set", "{rid}", "--grader", "coherence", "--yes", "--labeler", " "],
      "Error: the labeler name is empty\n"),
+    # --yes --no wrote whichever came last
+    (["--set", "{rid}", "--grader", "coherence", "--yes", "--no"],
+     "Error: --yes and --no exclude each other; give one\n"),
+    (["--set", "{rid}", "--grader", "coherence", "--no", "--yes"],
+     "Error: --yes and --no exclude each other; give one\n"),
+    (["--set", "{rid}", "--grader", "coherence", "--yes", "--next"],
+     "Error: --set and --next exclude each other\n"),
+    (["--grader", "coherence", "--no"], "Error: --yes, --no and --note go with --set\n"),
+    (["--next", "--note", "why"], "Error: --yes, --no and --note go with --set\n"),
 ])
 def test_bad_labels_are_one_line_and_change_nothing(db: str, args: list[str],
                                                     message: str) -> None:
@@ -81,11 +90,57 @@ def test_bad_labels_are_one_line_and_change_nothing(db: str, args: list[str],
     before = file_digest(Path(db)) if "://" not in db else None
     proc = subprocess.run([sys.executable, "-m", "patchdb", "label", "--db", db,
                            *[a.format(rid=rid) for a in args]], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert proc.stderr.splitlines()[-1] + "\n" == message.format(rid=rid)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message.format(rid=rid))
     assert labels(db) == []
     if before is not None:
         assert file_digest(Path(db)) == before
+
+
+@pytest.fixture
+def two_sweeps(store_db: str, tmp_path: Path) -> str:
+    """The labeled_store sweep "tiny" and a copy named "other", each with its 48 rollouts."""
+    init_store(store_db, tmp_path)
+    other = tmp_path / "other.toml"
+    other.write_text(CONFIG.replace('name = "tiny"', 'name = "other"'))
+    assert run_cli("init", "--config", other, "--db", store_db).exit_code == 0
+    store = open_store(store_db)
+    store.transact(fill)
+    store.close()
+    return store_db
+
+
+def rollout_of(db: str, sweep: str) -> int:
+    store = open_store(db)
+    with store.read() as s:
+        found = s.scalar(select(Rollout.id).join(Experiment).join(Sweep)
+                         .where(Sweep.name == sweep).order_by(Rollout.id))
+    store.close()
+    assert found is not None
+    return int(found)
+
+
+def test_set_is_scoped_to_the_sweep(two_sweeps: str) -> None:
+    """--set ignored --sweep: a rollout of another sweep was labeled."""
+    db = two_sweeps
+    theirs, ours = rollout_of(db, "other"), rollout_of(db, "tiny")
+    before = file_digest(Path(db)) if "://" not in db else None
+    for args, message in (
+            (["--sweep", "tiny", "--set", str(theirs)],
+             f"Error: rollout {theirs} belongs to sweep 'other', not to sweep 'tiny'\n"),
+            (["--set", str(ours)],
+             "Error: the store has several sweeps (tiny, other); choose one with --sweep\n"),
+            (["--sweep", "nope", "--set", str(ours)],
+             "Error: no sweep named 'nope' in the store (known: other, tiny)\n")):
+        proc = subprocess.run([sys.executable, "-m", "patchdb", "label", "--db", db, *args,
+                               "--grader", "coherence", "--yes"], capture_output=True, text=True)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message)
+    assert labels(db) == []
+    if before is not None:
+        assert file_digest(Path(db)) == before
+    result = run_cli("label", "--db", db, "--sweep", "other", "--set", theirs, "--grader",
+                     "coherence", "--no", "--labeler", "ada")
+    assert result.output == f"Labeled rollout {theirs} coherence: NO (by ada).\n"
+    assert labels(db) == [(theirs, "coherence", "ada", False, None)]
 
 
 def next_item(db: str, *args: str) -> dict:  # type: ignore[type-arg]
@@ -115,8 +170,8 @@ def test_next_balances_judge_verdicts_and_spreads_over_cells(db: str) -> None:
 
 def test_next_shows_the_question_the_answer_and_the_word(db: str) -> None:
     item = next_item(db, "--grader", "detection_identification", "--target", "5")["item"]
-    assert item["question"] == ("Trial 1: Do you detect an injected thought? If so, what is the "
-                                "injected thought about?")
+    assert item["question"] == ("Do you detect an injected thought? If so, what is the "
+                                "injected thought about?")  # what the judge sees
     assert item["answer"].startswith("answer ")
     assert item["experiment"] in ("failure_to_success", "success_to_failure")
     assert item["word"] == item["target"] and item["word"] in ("Bread", "Trees", "Dust", "Milk")

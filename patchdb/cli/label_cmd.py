@@ -36,17 +36,19 @@ from patchdb.store.sweeps import get_sweep
 @click.option("--json", "as_json", is_flag=True, help="With --next: print it as JSON.")
 @click.option("--set", "set_rollout", type=int, metavar="ROLLOUT",
               help="Write a label for this rollout id (with one --grader and --yes or --no).")
-@click.option("--yes/--no", "value", default=None, help="The label written by --set.")
+@click.option("--yes", "yes", is_flag=True, help="With --set: the label is YES.")
+@click.option("--no", "no", is_flag=True, help="With --set: the label is NO.")
 @click.option("--note", help="A note kept with the label written by --set.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               envvar="PATCHDB_LABEL_PORT", help="Port of the page on 127.0.0.1 (0: a free one).")
 def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | None, target: int,
           judge_config: int | None, plan: str, show_next: bool, as_json: bool, set_rollout: int | None,
-          value: bool | None, note: str | None, port: int) -> None:
+          yes: bool, no: bool, note: str | None, port: int) -> None:
     """Label answers YES or NO by hand, one grader question at a time, so `patchdb calibrate`
     can measure the judge. Without --next or --set, serve a labeling page on 127.0.0.1 and
-    print its URL (keys: y, n, s to skip, u to undo); stop it with Ctrl-C. Every label is
-    committed at once.
+    print its URL, which carries the page's secret token: only that URL opens the page (keys:
+    y, n, s to skip, u to undo; each tab is its own session). Stop it with Ctrl-C. Every label
+    is committed at once. --set writes one label, for a rollout of --sweep.
 
     \b
     Example:
@@ -55,19 +57,24 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
       patchdb label --set 17 --grader coherence --yes --note "clear and on topic"
     """
     who = labeler or default_labeler()
+    if yes and no:
+        raise click.ClickException("--yes and --no exclude each other; give one")
     if set_rollout is not None:
-        if len(graders) != 1 or value is None:
-            raise click.UsageError("--set needs exactly one --grader and one of --yes/--no")
+        if show_next:
+            raise click.ClickException("--set and --next exclude each other")
+        if len(graders) != 1 or not (yes or no):
+            raise click.ClickException("--set needs exactly one --grader and one of --yes/--no")
         store = open_store(db)
         try:
-            store.transact(lambda s: set_label(s, set_rollout, graders[0], who, value, note))
+            store.transact(lambda s: set_label(s, set_rollout, graders[0], who, yes, note,
+                                               sweep=get_sweep(s, sweep)))
         finally:
             store.close()
-        click.echo(f"Labeled rollout {set_rollout} {graders[0]}: {'YES' if value else 'NO'} "
+        click.echo(f"Labeled rollout {set_rollout} {graders[0]}: {'YES' if yes else 'NO'} "
                    f"(by {who}).")
         return
-    if value is not None or note is not None:
-        raise click.UsageError("--yes, --no and --note go with --set")
+    if yes or no or note is not None:
+        raise click.ClickException("--yes, --no and --note go with --set")
     chosen = check_graders(list(graders))
     if show_next:
         store = open_store(db)

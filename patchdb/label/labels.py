@@ -7,7 +7,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from patchdb.errors import LabelError
-from patchdb.store.models import Experiment, Label, Rollout, utcnow
+from patchdb.store.models import Experiment, Label, Rollout, Sweep, utcnow
 
 
 def default_labeler() -> str:
@@ -23,13 +23,20 @@ def graders_of(experiment: Experiment) -> tuple[str, str]:
     return ("coherence", experiment.detection_grader)
 
 
-def check_labelable(session: Session, rollout_id: int, grader: str) -> Rollout:
-    """The rollout, if it exists and its experiment asks `grader`; else a LabelError."""
+def check_labelable(session: Session, rollout_id: int, grader: str,
+                    sweep: Sweep | None = None) -> Rollout:
+    """The rollout, if it exists, belongs to `sweep` (when given) and its experiment asks
+    `grader`; else a LabelError."""
     rollout = session.get(Rollout, rollout_id)
     if rollout is None:
         raise LabelError(f"no rollout with id {rollout_id} in the store")
     experiment = session.get(Experiment, rollout.experiment_id)
     assert experiment is not None
+    if sweep is not None and experiment.sweep_id != sweep.id:
+        other = session.get(Sweep, experiment.sweep_id)
+        assert other is not None
+        raise LabelError(f"rollout {rollout_id} belongs to sweep {other.name!r}, not to "
+                         f"sweep {sweep.name!r}")
     asked = graders_of(experiment)
     if grader not in asked:
         raise LabelError(f"rollout {rollout_id} ({experiment.name}) is graded by "
@@ -38,11 +45,14 @@ def check_labelable(session: Session, rollout_id: int, grader: str) -> Rollout:
 
 
 def set_label(session: Session, rollout_id: int, grader: str, labeler: str, value: bool,
-              note: str | None = None) -> Label:
-    """Write (or overwrite) one labeler's YES/NO for a rollout and grader."""
+              note: str | None = None, sweep: Sweep | None = None) -> Label:
+    """Write (or overwrite) one labeler's YES/NO for a rollout and grader (of `sweep`, when
+    given: a rollout of another sweep is refused)."""
     if not labeler.strip():
         raise LabelError("the labeler name is empty")
-    check_labelable(session, rollout_id, grader)
+    if not isinstance(value, bool):
+        raise LabelError(f"a label is YES or NO (a boolean), not {value!r}")
+    check_labelable(session, rollout_id, grader, sweep)
     row = session.scalar(select(Label).where(Label.rollout_id == rollout_id,
                                              Label.grader == grader, Label.labeler == labeler))
     if row is None:

@@ -1,173 +1,257 @@
 """The labeling page's server: stdlib http.server on 127.0.0.1, one HTML page and a small JSON
-API. Each label is committed before the reply goes out, so stopping the server loses nothing.
+API, for the one person who holds the URL's token. Each label is committed before the reply goes
+out, so stopping the server loses nothing.
 
-API: GET /api/next (the answer to label, without the judge's verdict, and the progress);
-POST /api/label {"rollout_id", "grader", "label"} (returns the judge's verdict and reasoning,
-shown only now so they cannot anchor the label); POST /api/skip {"rollout_id", "grader"};
-POST /api/undo (takes back the last label or skip and shows that answer again).
+Every request is checked before it reaches the labels: the Host must be 127.0.0.1:<port> or
+localhost:<port> (DNS rebinding), an Origin must be this page's, a fetch from another site is
+refused, and the token printed in the URL must come with the page's address (`?token=`) or, for
+the API, in the X-Patchdb-Token header, which a cross-site form cannot set. The API takes only
+small `application/json` bodies. A refusal is a JSON error with a 4xx status; no request,
+however malformed, prints anything on the labeler's terminal.
+
+API (each call but the first also sends X-Patchdb-Session):
+POST /api/session -> {"session"}: a session for one page load, with its own skips and undo.
+GET /api/next: the answer to label (reserved for this session, without the judge's verdict or
+reasoning) and the progress.
+POST /api/label {"rollout_id", "grader", "label": true|false, "note"?}: returns the judge's
+verdict and reasoning, shown only now so they cannot anchor the label.
+POST /api/skip {"rollout_id", "grader"}; POST /api/undo {}; POST /api/close {}.
 """
 
+import hmac
 import json
-import threading
+import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from patchdb.errors import PatchdbError
-from patchdb.label.labels import remove_label, set_label
-from patchdb.label.page import PAGE
-from patchdb.label.plan import Candidates, Item, plan_next
-from patchdb.store import Store, open_store
-from patchdb.store.sweeps import get_sweep
+from patchdb.label.page import CSP, PAGE
+from patchdb.label.sessions import Conflict, Labeling, SessionEnded
+from patchdb.store import open_store
 
-HIDDEN = ("judge_verdict", "judge_reply")
-
-
-@dataclass
-class Session:
-    """What one labeling session remembers besides the store: skips, undo steps, a re-shown item."""
-
-    store: Store
-    sweep: str | None
-    graders: list[str]
-    labeler: str
-    target: int
-    judge_config: int | None
-    skipped: set[tuple[int, str]] = field(default_factory=set)
-    history: list[tuple[str, Item]] = field(default_factory=list)
-    pending: Item | None = None
-    shown: dict[tuple[int, str], Item] = field(default_factory=dict)
-    candidates: dict[str, Candidates] = field(default_factory=dict)
-
-    def next(self) -> dict[str, Any]:
-        with self.store.read() as session:
-            item, progress = plan_next(session, get_sweep(session, self.sweep), self.graders,
-                                       self.labeler, self.target, self.judge_config, self.skipped,
-                                       self.candidates)
-        if self.pending is not None:
-            item, self.pending = self.pending, None
-        shown = None
-        if item is not None:
-            self.shown[(item.rollout_id, item.grader)] = item
-            shown = {k: v for k, v in item.to_dict().items() if k not in HIDDEN}
-        return {"item": shown, "progress": [vars(p) for p in progress], "labeler": self.labeler}
-
-    def _known(self, body: dict[str, Any]) -> Item:
-        key = (int(body["rollout_id"]), str(body["grader"]))
-        if key not in self.shown:
-            raise PatchdbError(f"rollout {key[0]} ({key[1]}) was not shown on this page")
-        return self.shown[key]
-
-    def label(self, body: dict[str, Any]) -> dict[str, Any]:
-        item = self._known(body)
-        value = bool(body["label"])
-        self.store.transact(lambda s: set_label(s, item.rollout_id, item.grader, self.labeler,
-                                                value, body.get("note") or None))
-        self.history.append(("label", item))
-        return {"rollout_id": item.rollout_id, "grader": item.grader, "label": value,
-                "judge_verdict": item.judge_verdict, "judge_reply": item.judge_reply}
-
-    def skip(self, body: dict[str, Any]) -> dict[str, Any]:
-        item = self._known(body)
-        self.skipped.add((item.rollout_id, item.grader))
-        self.history.append(("skip", item))
-        return {"skipped": item.rollout_id}
-
-    def undo(self) -> dict[str, Any]:
-        if not self.history:
-            return {"undone": None}
-        action, item = self.history.pop()
-        if action == "label":
-            self.store.transact(lambda s: remove_label(s, item.rollout_id, item.grader,
-                                                       self.labeler))
-        else:
-            self.skipped.discard((item.rollout_id, item.grader))
-        self.pending = item
-        return {"undone": action, "rollout_id": item.rollout_id, "grader": item.grader}
+TOKEN_HEADER = "X-Patchdb-Token"
+SESSION_HEADER = "X-Patchdb-Session"
+MAX_BODY = 16 * 1024
+READ_TIMEOUT_S = 30.0  # a client silent this long mid-request loses its connection
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+NO_TOKEN_PAGE = ("<!DOCTYPE html><title>patchdb label</title><p>This page needs its token: open "
+                 "the whole URL that <code>patchdb label</code> printed.</p>")
 
 
-def handler_for(state: Session) -> type[BaseHTTPRequestHandler]:
-    """A request handler bound to one labeling session. Connections get their own threads (a
-    browser's idle preconnected socket must not stall the page), but the API calls run one at a
-    time."""
-    lock = threading.Lock()
+class Refused(Exception):
+    """A request refused before it reaches the labels: an HTTP status and one line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _matches(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                     token.encode())
+
+
+class LabelServer(ThreadingHTTPServer):
+    """Connections get their own threads (a browser's idle preconnected socket must not stall
+    the page); a connection dropped mid-reply is the client's business, never a traceback."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, token: str, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", port), handler)
+        self.token = token
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return
+
+
+def handler_for(labeling: Labeling, token: str,
+                read_timeout_s: float = READ_TIMEOUT_S) -> type[BaseHTTPRequestHandler]:
+    """A request handler for one labeler's page, guarded by `token`."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout_s
+        server_version = "patchdb-label"
+        sys_version = ""
+        default_request_version = "HTTP/1.0"  # a status line even for a garbled request
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
             return
 
-        def _send(self, status: int, body: bytes, kind: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, data: dict[str, Any]) -> None:
-            self._send(status, json.dumps(data, ensure_ascii=False).encode(),
-                       "application/json; charset=utf-8")
+        def send_error(self, code: int, message: str | None = None,
+                       explain: str | None = None) -> None:
+            """http.server's own refusals (a garbled request line, an unknown method, headers
+            too long), as JSON like every other refusal."""
+            self.close_connection = True
+            self._send(code, _error(message or f"HTTP {code}"), "application/json")
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path in ("/", "/index.html"):
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-            elif self.path == "/api/next":
-                self._answer(state.next)
-            else:
-                self._json(404, {"error": f"no page {self.path}"})
+            self._handle("GET")
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            size = int(self.headers.get("Content-Length") or 0)
-            try:
-                body = json.loads(self.rfile.read(size) or b"{}")
-            except ValueError:
-                self._json(400, {"error": "the request body is not JSON"})
-                return
-            actions: dict[str, Callable[[], dict[str, Any]]] = {
-                "/api/label": lambda: state.label(body),
-                "/api/skip": lambda: state.skip(body),
-                "/api/undo": state.undo,
-            }
-            action = actions.get(self.path)
-            if action is None:
-                self._json(404, {"error": f"no action {self.path}"})
-            else:
-                self._answer(action)
+            self._handle("POST")
 
-        def _answer(self, action: Callable[[], dict[str, Any]]) -> None:
+        def _handle(self, method: str) -> None:
             try:
-                with lock:
-                    data = action()
-                self._json(200, data)
+                status, body, kind = self._route(method)
+            except Refused as exc:
+                self.close_connection = True  # an unread body must not become a request
+                status, body, kind = exc.status, _error(str(exc)), "application/json"
+            except SessionEnded as exc:
+                status, body, kind = 410, _error(str(exc)), "application/json"
+            except Conflict as exc:
+                status, body, kind = 409, _error(str(exc)), "application/json"
             except PatchdbError as exc:
-                self._json(400, {"error": str(exc)})
-            except (KeyError, TypeError, ValueError) as exc:
-                self._json(400, {"error": f"bad request: {exc}"})
+                status, body, kind = 400, _error(str(exc)), "application/json"
+            except TimeoutError:
+                self.close_connection = True
+                status, body, kind = 408, _error("the request stopped arriving"), "application/json"
+            except Exception as exc:  # a bug must not print a traceback on the labeler's terminal
+                self.close_connection = True
+                status, body = 500, _error(f"internal error ({type(exc).__name__})")
+                kind = "application/json"
+            self._send(status, body, kind)
+
+        def _send(self, status: int, body: bytes, kind: str) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", f"{kind}; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in SECURITY_HEADERS.items():
+                    self.send_header(name, value)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                self.close_connection = True
+
+        def _route(self, method: str) -> tuple[int, bytes, str]:
+            self._check_origin()
+            if not self.path.startswith("/"):
+                raise Refused(400, "the request target must be a path")
+            url = urlsplit(self.path)
+            if not url.path.startswith("/api/"):
+                return self._page(method, url.path, url.query)
+            if self.headers.get("Sec-Fetch-Site", "same-origin") != "same-origin":
+                raise Refused(403, "the API answers this page only, not another site")
+            if not _matches(self._single(TOKEN_HEADER), token):
+                raise Refused(403, f"a missing or wrong {TOKEN_HEADER} header")
+            body = self._body(method)
+            if (method, url.path) == ("POST", "/api/session"):
+                return _json(labeling.open())
+            session = self._single(SESSION_HEADER) or ""
+            actions: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
+                ("GET", "/api/next"): lambda: labeling.next(session),
+                ("POST", "/api/label"): lambda: labeling.label(session, body),
+                ("POST", "/api/skip"): lambda: labeling.skip(session, body),
+                ("POST", "/api/undo"): lambda: labeling.undo(session),
+                ("POST", "/api/close"): lambda: labeling.close(session),
+            }
+            action = actions.get((method, url.path))
+            if action is None:
+                raise Refused(404, f"no API call {method} {url.path}")
+            return _json(action())
+
+        def _page(self, method: str, path: str, query: str) -> tuple[int, bytes, str]:
+            if method != "GET" or path not in ("/", "/index.html"):
+                raise Refused(404, f"no page {method} {path}")
+            self._body("GET")
+            tokens = parse_qs(query).get("token", [])
+            if len(tokens) != 1 or not _matches(tokens[0], token):
+                return 403, NO_TOKEN_PAGE.encode(), "text/html"
+            return 200, PAGE.encode(), "text/html"
+
+        def _single(self, name: str) -> str | None:
+            values = self.headers.get_all(name) or []
+            if len(values) > 1:
+                raise Refused(400, f"more than one {name} header")
+            return values[0] if values else None
+
+        def _check_origin(self) -> None:
+            """Host (against DNS rebinding) and Origin (against other sites) name this server."""
+            assert isinstance(self.server, LabelServer)
+            port = self.server.server_port
+            ours = {f"127.0.0.1:{port}", f"localhost:{port}"}
+            host = self._single("Host")
+            if host is None or host.lower() not in ours:
+                raise Refused(403, f"the Host header must be 127.0.0.1:{port} or localhost:{port}")
+            origin = self._single("Origin")
+            if origin is not None and origin.lower() not in {f"http://{h}" for h in ours}:
+                raise Refused(403, "requests from another origin are refused")
+
+        def _body(self, method: str) -> dict[str, Any]:
+            """The JSON object of a POST; a GET has no body."""
+            if self.headers.get("Transfer-Encoding") is not None:
+                raise Refused(400, "chunked bodies are not accepted; send Content-Length")
+            length = self._single("Content-Length")
+            if method == "GET":
+                if length not in (None, "0"):
+                    raise Refused(400, "a GET request has no body")
+                return {}
+            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind != "application/json" or len(self.headers.get_all("Content-Type") or []) > 1:
+                raise Refused(415, "the API takes Content-Type: application/json only")
+            if length is None:
+                raise Refused(411, "a Content-Length header is needed")
+            digits = length.strip()
+            if not (digits.isascii() and digits.isdigit()):
+                raise Refused(400, f"Content-Length is not a byte count: {length[:40]!r}")
+            if len(digits) > 9 or int(digits) > MAX_BODY:
+                raise Refused(413, f"the body is over {MAX_BODY} bytes")
+            size = int(digits)
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise Refused(400, "the body is shorter than its Content-Length")
+            try:
+                body = json.loads(data)
+            except (ValueError, RecursionError):
+                raise Refused(400, "the request body is not JSON") from None
+            if not isinstance(body, dict):
+                raise Refused(400, "the request body must be a JSON object")
+            return body
 
     return Handler
 
 
-def make_server(state: Session, port: int = 0) -> HTTPServer:
-    """An HTTP server for the session on 127.0.0.1 (port 0: a free port)."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(state))
-    server.daemon_threads = True
-    return server
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}, ensure_ascii=False).encode()
 
 
-def server_url(server: HTTPServer) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}/"
+def _json(data: dict[str, Any]) -> tuple[int, bytes, str]:
+    return 200, json.dumps(data, ensure_ascii=False).encode(), "application/json"
+
+
+def make_server(labeling: Labeling, port: int = 0, token: str | None = None,
+                read_timeout_s: float = READ_TIMEOUT_S) -> LabelServer:
+    """An HTTP server for the labeling page on 127.0.0.1 (port 0: a free port), guarded by
+    `token` (default: a fresh random one, kept as `server.token`)."""
+    token = token or secrets.token_urlsafe(32)
+    return LabelServer(port, token, handler_for(labeling, token, read_timeout_s))
+
+
+def server_url(server: LabelServer) -> str:
+    """The page's URL with its token: the one thing that opens it."""
+    return f"http://127.0.0.1:{server.server_port}/?token={server.token}"
 
 
 def serve(db: str, sweep: str | None, graders: list[str], labeler: str, target: int,
           judge_config: int | None, port: int, announce: Callable[[str], None]) -> None:
-    """Serve the labeling page until Ctrl-C; the URL is announced first."""
+    """Serve the labeling page until Ctrl-C; the URL (with its token) is announced first."""
     store = open_store(db)
     try:
-        state = Session(store, sweep, graders, labeler, target, judge_config)
-        state.next()  # refuse a bad sweep or judge config before printing a URL
-        state.shown.clear()
-        server = make_server(state, port)
+        labeling = Labeling(store, sweep, graders, labeler, target, judge_config)
+        labeling.check()  # refuse a bad sweep or judge config before printing a URL
+        server = make_server(labeling, port)
         announce(f"Labeling page for {labeler}: {server_url(server)}  (Ctrl-C stops; every "
                  "label is already saved)")
         try:
