@@ -334,8 +334,8 @@ def test_a_closed_tab_frees_its_answer_and_its_session_ends(store: Store) -> Non
         assert x is not None
         assert a.call("POST", "/api/close", {}) == (200, {"closed": True})
         assert b.next() == x
-        ended = {"error": "this page's session has ended (the tab was closed or the server "
-                          "restarted); reload the page"}
+        ended = {"error": "this page's session has ended (its tab was closed, or 32 newer "
+                          "page loads replaced it); reload the page"}
         assert a.call("GET", "/api/next") == (410, ended)
         assert a.call("GET", "/api/next", None, {"X-Patchdb-Session": "forged"}) == (410, ended)
         assert a.call("GET", "/api/next", None, {"X-Patchdb-Session": None}) == (410, ended)
@@ -392,7 +392,9 @@ MALFORMED: list[tuple[str, str, int]] = [
     ("garbage request line", "\x00\x01\x02 garbage\r\n\r\n", 400),
     ("bad HTTP version", "GET / HTTP/9.x\r\nHost: {H}\r\n\r\n", 400),
     ("CORS preflight", "OPTIONS /api/label HTTP/1.1\r\nHost: {H}\r\nOrigin: http://evil.example"
-                       "\r\nAccess-Control-Request-Method: POST\r\n\r\n", 501),
+                       "\r\nAccess-Control-Request-Method: POST\r\n\r\n", 405),
+    ("unknown method", "DELETE /api/label HTTP/1.1\r\nHost: {H}\r\nX-Patchdb-Token: {T}\r\n\r\n",
+     405),
     ("header line too long", "GET / HTTP/1.1\r\nHost: {H}\r\nX-Long: " + "a" * 70000 + "\r\n\r\n",
      431),
     ("too many headers", "GET / HTTP/1.1\r\nHost: {H}\r\n" + "X-A: 1\r\n" * 200 + "\r\n", 431),

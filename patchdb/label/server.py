@@ -90,8 +90,10 @@ def handler_for(labeling: Labeling, token: str,
         def send_error(self, code: int, message: str | None = None,
                        explain: str | None = None) -> None:
             """http.server's own refusals (a garbled request line, an unknown method, headers
-            too long), as JSON like every other refusal."""
+            too long), as JSON like every other refusal; an unknown method is 405, not 501."""
             self.close_connection = True
+            if code == 501:
+                code, message = 405, f"no method {self.command} here (GET and POST only)"
             self._send(code, _error(message or f"HTTP {code}"), "application/json")
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name

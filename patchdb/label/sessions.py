@@ -186,8 +186,8 @@ class Labeling:
     def _session(self, session_id: str) -> PageSession:
         page = self.sessions.get(session_id)
         if page is None:
-            raise SessionEnded("this page's session has ended (the tab was closed or the "
-                               "server restarted); reload the page")
+            raise SessionEnded("this page's session has ended (its tab was closed, or "
+                               f"{MAX_SESSIONS} newer page loads replaced it); reload the page")
         self.sessions.move_to_end(session_id)
         return page
 
