@@ -175,6 +175,14 @@ def test_readout_only_prefills_every_unit_and_writes_no_rollouts(tmp_path: Path,
     assert "Nothing to read out: all 22 readouts of sweep 'tiny' in scope are present." in again.output
     assert file_digest(Path(db)) == digest
 
+    # merge copies them once, matched by key
+    copy = tmp_path / "copy.sqlite"
+    merged = run_cli("merge", db, "--db", copy)
+    assert merged.exit_code == 0, merged.output
+    assert "readouts                22" in merged.output
+    assert readouts(copy) == got
+    assert "readouts                 0" in run_cli("merge", db, "--db", copy).output
+
     # the rollouts come later and leave the readouts as they were
     later = run_cli("generate", "--db", db, "--quiet")
     assert later.exit_code == 0, later.output

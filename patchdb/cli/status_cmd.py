@@ -5,9 +5,13 @@ import json
 import click
 
 from patchdb.cli.options import db_option, judge_config_option, sweep_option
+from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.experiments import BASELINE_LAYER
 from patchdb.store import open_store
 from patchdb.store.status import SweepStatus, sweep_status
+
+# the rows of units with no patch: the baselines and the random-vector control
+UNPATCHED_LABELS: dict[int, str] = {BASELINE_LAYER: "base", RANDOM_VECTOR_LAYER: "rand"}
 
 
 def sampling_line(status: SweepStatus) -> str:
@@ -32,7 +36,7 @@ def render(status: SweepStatus) -> str:
     for row in status.layers:
         rollouts = f"{row.rollouts_present}/{row.rollouts_expected}"
         judged = f"{row.judged}/{row.judgments_expected}"
-        layer = "base" if row.patch_layer == BASELINE_LAYER else row.patch_layer  # no patch
+        layer = UNPATCHED_LABELS.get(row.patch_layer, row.patch_layer)  # no patch
         lines.append(f"{row.experiment:<22} {layer:>5} {rollouts:>15} {judged:>15} "
                      f"{row.unparsed:>8} {row.cut_off:>7} {row.errors:>6}")
     t = status.totals()

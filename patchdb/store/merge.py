@@ -4,7 +4,8 @@ Ids differ between stores, so every row is matched by what it is: a sweep by nam
 experiment by (sweep, name), a concept vector by (model, layer, word, recipe), a judge config by
 (model, reasoning, template_version, backend, verdict_mode), a rollout by (sweep, experiment,
 patch layer, source word, target word, sample index), a judgment by (rollout, grader, judge config), a human
-label by (rollout, grader, labeler), a judge cache entry by its request hash, and a stage run
+label by (rollout, grader, labeler), a first-token readout by (sweep, experiment, patch layer,
+source word, target word, question), a judge cache entry by its request hash, and a stage run
 by (stage, host, pid, started_at). A row whose key is already here is left alone, so merging
 twice changes nothing.
 
@@ -48,14 +49,16 @@ ROLLOUTS = TABLES["rollouts"]
 JUDGE_CONFIGS = TABLES["judge_configs"]
 JUDGMENTS = TABLES["judgments"]
 JUDGE_CACHE = TABLES["judge_cache"]
+READOUTS = TABLES["readouts"]
 
 ROLLOUT_KEY = ["experiment_id", "patch_layer", "source_word", "target_word", "sample_index"]
 JUDGMENT_KEY = ["rollout_id", "grader", "judge_config_id"]
 JUDGE_CONFIG_KEY = ["model", "reasoning", "template_version", "backend", "verdict_mode"]
 VECTOR_KEY = ["model", "layer", "word", "recipe"]
 STAGE_RUN_KEY = ["stage", "host", "pid", "started_at"]
+READOUT_KEY = ["experiment_id", "patch_layer", "source_word", "target_word", "question"]
 REPORTED = ["sweeps", "experiments", "stage_runs", "concept_vectors", "judge_configs",
-            "rollouts", "judgments", "judge_cache", "labels"]
+            "rollouts", "readouts", "judgments", "judge_cache", "labels"]
 
 
 @dataclass
@@ -244,6 +247,7 @@ def _merge_one(target: Store, source: Store, size: int,
     config_ids = target.transact(lambda s: _merge_judge_configs(s, source, result))
     here = _rollouts_here(target, set(experiment_ids.values()))
     _copy_rollouts(target, source, experiment_ids, run_ids, here, size, result, progress)
+    _copy_readouts(target, source, experiment_ids, run_ids, size, result, progress)
     _copy_judgments(target, source, experiment_ids, here, config_ids, run_ids, size, result,
                     progress)
     for step in steps:
@@ -391,6 +395,23 @@ def _copy_rollouts(target: Store, source: Store, experiment_ids: dict[int, int],
         result.copied["rollouts"] += len(new)
         if progress:
             progress("rollouts", len(new))
+
+
+def _copy_readouts(target: Store, source: Store, experiment_ids: dict[int, int],
+                   run_ids: dict[int, int], size: int, result: MergeResult,
+                   progress: Callable[[str, int], None] | None) -> None:
+    """Every source first-token readout whose key is not here (a readout is deterministic, so
+    a key already here keeps its row)."""
+    for rows in chunks(source, select(READOUTS), READOUTS.c.id, size):
+        values = [_values(r, READOUTS, experiment_id=experiment_ids[r["experiment_id"]],
+                          stage_run_id=run_ids.get(r["stage_run_id"]))
+                  for r in rows if r["experiment_id"] in experiment_ids]
+        if not values:
+            continue
+        n = target.transact(_inserter(READOUTS, READOUT_KEY, values))
+        result.copied["readouts"] += n
+        if progress:
+            progress("readouts", n)
 
 
 def _copy_judgments(target: Store, source: Store, experiment_ids: dict[int, int],

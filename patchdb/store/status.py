@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from patchdb.experiments import BASELINE_LAYER, baseline_targets, experiment_keys
+from patchdb.controls import RANDOM_VECTOR, RANDOM_VECTOR_LAYER
+from patchdb.experiments import BASELINE_LAYER, NO_STEERING, baseline_targets, experiment_keys
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.models import Experiment, JudgeBatch, Judgment, Rollout, StageRun
 from patchdb.store.runs import effective_status
@@ -162,14 +163,21 @@ def sweep_status(store: Store, sweep_name: str | None,
         result.prompt_hash = prompt_hash(sweep.prompt_text)
         result.temperature, result.top_k, result.top_p = sweep.temperature, sweep.top_k, sweep.top_p
         # the baselines come first, as patch layer -1 (BASELINE_LAYER)
-        layers = sorted(set(config.layers) | {BASELINE_LAYER} | {layer for _, layer in counts})
+        # then the random-vector control, as patch layer -2 (RANDOM_VECTOR_LAYER)
+        controls = {RANDOM_VECTOR_LAYER} if RANDOM_VECTOR in config.controls else set()
+        layers = sorted(set(config.layers) | {BASELINE_LAYER} | controls
+                        | {layer for _, layer in counts}, key=lambda x: (x >= 0, -x if x < 0 else x))
         for exp in experiments:
             words = (config.positive_words, config.negative_words)
             n_keys = len(experiment_keys(experiment_def(exp), *words))
-            n_targets = len(baseline_targets(experiment_def(exp), *words))
+            targets = baseline_targets(experiment_def(exp), *words)
+            n_words = len([t for t in targets if t != NO_STEERING])
             for layer in layers:
                 expected = (n_keys * config.samples if layer in config.layers
-                            else n_targets * config.samples if layer == BASELINE_LAYER else 0)
+                            else len(targets) * config.samples if layer == BASELINE_LAYER
+                            else n_words * config.samples if layer in controls else 0)
+                if layer in controls and not expected and not counts.get((exp.id, layer)):
+                    continue  # no target word: no random vector (steered_to_unsteered)
                 judged, unparsed, errors = tallies.get((exp.id, layer), (0, 0, 0))
                 cut_plain, cut_failed = cut.get((exp.id, layer), (0, 0))
                 result.layers.append(
