@@ -24,7 +24,7 @@ LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 USER_FILES = {
     "sweep.toml", "my_prompts.toml", "prompts.toml",
     "all_layer_scores.json", "rollouts.json", "judge_scores.json", "judgments_coherence.json",
-    "judgments_detection.json", "judgments_detection_identification.json",
+    "judgments_detection.json", "judgments_detection_identification.json", "rates.json",
     "config.json", "generation_config.json",  # files of a model directory
 }
 
