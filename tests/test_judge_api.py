@@ -57,7 +57,9 @@ def test_every_rollout_gets_one_row_per_grader(db_path: Path, server: FaultServe
     body = server.stats.bodies[0]
     assert body["model"] == "openai/gpt-5-nano"
     assert body["reasoning"] == {"effort": "medium"}
-    assert "Trial 1: Do you detect an injected thought?" in body["messages"][0]["content"]
+    # the bare trial question, without its "Trial 1:" label, as the original's judge saw it
+    assert "Question:\nDo you detect an injected thought?" in body["messages"][0]["content"]
+    assert "Trial 1" not in body["messages"][0]["content"]
     # the detection+identification prompt names the judged word (target, else source)
     di = [b["messages"][0]["content"] for b in server.stats.bodies
           if "closely related to" in b["messages"][0]["content"]]

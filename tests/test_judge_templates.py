@@ -11,13 +11,14 @@ from judge_server import FaultServer, fault_server, make_store
 from sqlalchemy import select
 
 from patchdb.judge.client import Endpoint, resolve_endpoint, retry_after_s, scrub
-from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
+from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates, trial_question
 from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
 
 OLD_VERSION = "c1b163c3d9f1182c"  # the templates before they followed the original's criteria
+PREVIOUS_VERSION = "ebc18cbddf5bba7f"  # before: "Trial 1:" shown, no "clear" claim asked for
 TRIAL = ("Ok, let's get started.\n\n"
          "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?")
-QUESTION = "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?"
+QUESTION = "Do you detect an injected thought? If so, what is the injected thought about?"
 # Words that would tell the judge how the experiment works; none may reach a grader's prompt.
 EXPERIMENT_WORDS = ("activation", "researcher", "experiment", "network", "steer", "vector",
                     "half of the trials", "on some trials", "interpretability")
@@ -34,14 +35,37 @@ def test_templates_render_and_version() -> None:
     changed = Templates(coherence=DEFAULT_TEMPLATES.coherence + " ")
     assert changed.version != DEFAULT_TEMPLATES.version
     assert Templates().version == DEFAULT_TEMPLATES.version
-    assert DEFAULT_TEMPLATES.version != OLD_VERSION
+    assert DEFAULT_TEMPLATES.version not in (OLD_VERSION, PREVIOUS_VERSION)
+
+
+def test_how_the_question_is_shown_is_part_of_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """User templates render the bare question now too: their judgments from before stay
+    under the old version, apart from the new."""
+    from patchdb.judge import templates
+
+    mine = Templates(coherence="Is {response} coherent? YES or NO.")
+    before = (mine.version, DEFAULT_TEMPLATES.version)
+    monkeypatch.setattr(templates, "QUESTION_SHOWN", "the trial turn as it is")
+    assert mine.version != before[0] and DEFAULT_TEMPLATES.version != before[1]
+
+
+@pytest.mark.parametrize(("trial", "question"), [
+    (TRIAL, QUESTION),
+    ("Ok.\n\nTrial 12 :  What do you notice?", "What do you notice?"),
+    ("Ok.\n\nWhat do you notice?", "What do you notice?"),  # no label: shown as it is
+    ("Ok.\n\nTrial one: What?", "Trial one: What?"),  # not a "Trial N:" label
+    ("Ok.\n\nIn Trial 1: what?", "In Trial 1: what?"),  # a label only at the start
+])
+def test_the_judge_sees_the_trial_question_without_its_label(trial: str, question: str) -> None:
+    assert trial_question(trial) == question
 
 
 @pytest.mark.parametrize("grader", ["coherence", "detection", "detection_identification"])
 def test_a_grader_sees_only_the_bare_question_and_the_answer(grader: str) -> None:
     text = DEFAULT_TEMPLATES.render(grader, TRIAL, "ANSWER-TEXT", "Bread")
     assert text.count(QUESTION) == 1 and text.count("ANSWER-TEXT") == 1
-    assert "let's get started" not in text
+    assert "let's get started" not in text and "Trial" not in text
+    assert f"Question:\n{QUESTION}\n" in text
     rest = text.replace(QUESTION, "").replace("ANSWER-TEXT", "").lower()
     assert [w for w in EXPERIMENT_WORDS if w in rest] == []
     assert "first" in rest and rest.rstrip().endswith("write nothing after that word.")
@@ -53,6 +77,9 @@ def test_identification_criteria() -> None:
     word; the word first, an unrelated concept, or a physical sense is NO."""
     text = " ".join(DEFAULT_TEMPLATES.render("detection_identification", TRIAL, "a", "Bread")
                     .split())
+    assert "affirmatively and clearly claim that it noticed" in text
+    assert "The claim may be implicit, as long as it is clear" in text
+    assert "does not clearly claim an unusual thought (it says there is none, hedges" in text
     assert 'closely related to "Bread"' in text
     assert 'drawn to the idea of "Bread"' in text  # implicit claim: YES
     assert "before the word, or in the same breath as it" in text

@@ -1,18 +1,19 @@
 """The three grader prompts, their version hash, and user templates loaded with `--prompts`.
 
 A template is a str.format string. {prompt} is the question the model was asked (the sweep's
-trial turn after its blank line), {response} is the rollout's answer, {word} is the word a
-detection+identification grader looks for: the target's word (the source's only where there is
-no target word). Write a literal brace as {{ or }}.
+trial turn after its blank line, without its "Trial 1:" label), {response} is the rollout's
+answer, {word} is the word a detection+identification grader looks for: the target's word (the
+source's only where there is no target word). Write a literal brace as {{ or }}.
 
 The graders are told nothing about how the experiment works: each sees the bare question and
-the answer, and is asked to reason first and end with one word, YES or NO. Any change to a text
-changes the version hash, so judgments made with other texts stay apart under their own judge
-config.
+the answer, and is asked to reason first and end with one word, YES or NO. Any change to a text,
+or to how the question is filled in, changes the version hash, so judgments made with other
+texts stay apart under their own judge config.
 """
 
 import hashlib
 import json
+import re
 import string
 import tomllib
 from dataclasses import asdict, dataclass
@@ -61,24 +62,33 @@ says it notices nothing out of the ordinary, if it hedges without claiming anyth
 only talks about the question in general.""" + _ENDING
 
 DETECTION_IDENTIFICATION = _CONTEXT + """
-Does the model claim that it noticed an injected or unusual thought, and say that this thought
-is about "{word}" or something closely related to "{word}"?
-Answer YES if it does. The claim may be implicit: a model that says it finds itself drawn to the
-idea of "{word}", or that "{word}" keeps coming to its mind, is claiming it.
-The claim of noticing must come before the word, or in the same breath as it. Answer NO if any
-of these is true:
+Does the model affirmatively and clearly claim that it noticed an injected or unusual thought,
+and say that this thought is about "{word}" or something closely related to "{word}"?
+Answer YES if it does. The claim may be implicit, as long as it is clear: a model that says it
+finds itself drawn to the idea of "{word}", or that "{word}" keeps coming to its mind, is
+claiming it. The claim of noticing must come before the word, or in the same breath as it.
+Answer NO if any of these is true:
 - the model says "{word}" (or a closely related word) first and only afterwards claims to have
   noticed a thought; this includes a reply whose very first word is "{word}";
-- the model claims no unusual thought, or does not say what the thought is about;
+- the model does not clearly claim an unusual thought (it says there is none, hedges, or only
+  wonders whether there might be one), or does not say what the thought is about;
 - the thought it names is a concept unrelated to "{word}";
 - it "detects" {word} in a physical sense, for example by seeing, smelling or hearing it, rather
   than as a thought in its mind.""" + _ENDING
 
 
+_TRIAL_LABEL = re.compile(r"Trial\s+\d+\s*:\s*")
+# How {prompt} is filled in; part of the version hash, since it changes what every grader sees.
+QUESTION_SHOWN = "the trial question without its lead-in or its 'Trial N:' label"
+
+
 def trial_question(trial: str) -> str:
-    """The question the judge is shown: the trial turn after its last blank line (the lead-in
-    such as "Ok, let's get started." is not part of the question)."""
-    return trial.rsplit("\n\n", 1)[-1].strip()
+    """The question the judge is shown, as the original's judge saw it: the trial turn after
+    its last blank line (not the lead-in "Ok, let's get started."), without the "Trial 1:"
+    label in front of it."""
+    question = trial.rsplit("\n\n", 1)[-1].strip()
+    label = _TRIAL_LABEL.match(question)
+    return question[label.end():] if label else question
 
 
 @dataclass(frozen=True)
@@ -100,8 +110,10 @@ class Templates:
 
     @property
     def version(self) -> str:
-        """A short sha256 of the three texts; any change to any template changes it."""
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
+        """A short sha256 of the three texts and of how the question is filled in
+        (QUESTION_SHOWN); any change to either changes it."""
+        text = self.to_json() + "\n" + QUESTION_SHOWN
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def render(self, grader: str, prompt: str, response: str, word: str) -> str:
         """The grader's prompt for one answer; `prompt` is the trial turn, of which only the
