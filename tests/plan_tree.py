@@ -26,7 +26,8 @@ JUDGED_LAYERS = (40, 41)
 SAMPLES = 4
 NEGATIVE = ["Dust", "Milk"]
 POSITIVE = ["Bread", "Trees"]
-PAIR_KEYS = ["Dust_to_Bread", "Dust_to_Trees", "Milk_to_Bread", "Milk_to_Trees"]
+# The original scripts write failure_to_success target first: each target word's sources together.
+PAIR_KEYS = ["Dust_to_Bread", "Milk_to_Bread", "Dust_to_Trees", "Milk_to_Trees"]
 SINGLE_KEYS = ["Bread", "Trees"]
 ODD_ANSWERS = [
     "I notice an injected thought about bread \u2014 warm loaves.",
@@ -104,27 +105,32 @@ def answers(key: str, layer: int) -> list[str]:
 
 
 def write_plan_tree(root: Path, naming: str = "plan") -> Path:
-    """Write the tree under root (one folder per experiment) and return root."""
+    """Write the tree under root (one folder per experiment) and return root; every file
+    lists its keys in the order of PAIR_KEYS or SINGLE_KEYS."""
     for experiment, keys in (("failure_to_success", PAIR_KEYS),
                              ("unsteered_to_steered", SINGLE_KEYS)):
         folder = root / experiment
         pairs = experiment == "failure_to_success"
+
+        def ordered(data: dict[str, Any], keys: list[str] = keys) -> dict[str, Any]:
+            return {key: data[key] for key in keys}
+
         for layer in LAYERS:
             dump(folder / f"layer_{layer}" / "rollouts.json",
                  {key: answers(key, layer) for key in keys})
             if layer not in JUDGED_LAYERS:
                 continue
             layer_dir = folder / f"layer_{layer}"
-            dump(layer_dir / "judgments_coherence.json", COHERENCE[experiment][layer])
+            dump(layer_dir / "judgments_coherence.json", ordered(COHERENCE[experiment][layer]))
             scored_name = "judgments_detection.json"
             if pairs and naming in ("split", "both"):
                 scored_name = "judgments_detection_identification.json"
-            dump(layer_dir / scored_name, SCORED[experiment][layer])
+            dump(layer_dir / scored_name, ordered(SCORED[experiment][layer]))
             if pairs and naming == "both":
-                dump(layer_dir / "judgments_detection.json", PLAIN_DETECTION[layer])
-            dump(layer_dir / "judge_scores.json", RATES[experiment][layer])
+                dump(layer_dir / "judgments_detection.json", ordered(PLAIN_DETECTION[layer]))
+            dump(layer_dir / "judge_scores.json", ordered(RATES[experiment][layer]))
         dump(folder / "all_layer_scores.json",
-             {str(layer): RATES[experiment][layer] for layer in JUDGED_LAYERS})
+             {str(layer): ordered(RATES[experiment][layer]) for layer in JUDGED_LAYERS})
     return root
 
 

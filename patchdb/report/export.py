@@ -14,9 +14,12 @@ verdicts (imported from a tree of the later naming) is the later naming written 
 (judgments_detection.json plain, judgments_detection_identification.json beside it), so that
 importing the export reads every file as the grader it came from.
 
-A key whose samples were never scored keeps its place with rate null (the old scripts had no
-rate for it either; null keeps "nothing scored" apart from 0). A judgments file is written for
-each grader with at least one judgment at that layer; null is an unparsed (or missing) verdict.
+Keys come in the order the original scripts wrote them: failure_to_success target first
+(every source of the first target word, then the next target word), the others source first.
+A key whose samples were never scored keeps its place with rate null, where the original
+scripts wrote 0.0: null keeps "nothing scored" apart from a measured 0. A judgments file is
+written for each grader with at least one judgment at that layer; null is an unparsed (or
+missing) verdict.
 A layer with no judgment at all gets rollouts.json only and no entry in all_layer_scores.json,
 as when the old judge script had not reached it.
 Files are written like `json.dump(data, f, indent=4)`: ASCII with \\u escapes, no trailing newline.
@@ -117,6 +120,17 @@ def layer_scores(rates: ExperimentRates) -> dict[int, dict[str, float | None]]:
     return result
 
 
+def original_key_order(exp: ExperimentDef, positive: list[str],
+                       negative: list[str]) -> list[tuple[str, str]]:
+    """The experiment's keys in the order the original scripts wrote them: a pair experiment
+    whose target words are the positive ones (failure_to_success) target first, e.g.
+    Dust_to_Bread, Milk_to_Bread, Dust_to_Trees; every other experiment source first."""
+    keys = experiment_keys(exp, positive, negative)
+    if exp.pairs and exp.target == "positive":
+        return sorted(keys, key=lambda key: positive.index(key[1]))  # stable: sources in order
+    return keys
+
+
 def file_names(exp: ExperimentDef, graders: set[str]) -> dict[str, str]:
     """{grader: <name> of its judgments_<name>.json} for the graders judged at one layer: the
     plan's names, which the importer's `file_grader` reads back to the same graders."""
@@ -157,7 +171,7 @@ def export_experiment(
     exp = EXPERIMENTS[experiment.name]
     folder = inside(out_dir, out_dir / experiment.name)
     words = (config.positive_words, config.negative_words)
-    rank = {key_label(exp, *key): i for i, key in enumerate(experiment_keys(exp, *words))}
+    rank = {key_label(exp, *key): i for i, key in enumerate(original_key_order(exp, *words))}
     rank |= {key_label(at_layer(exp, BASELINE_LAYER), "", t): i
              for i, t in enumerate(baseline_targets(exp, *words))}
     scores = layer_scores(rates)

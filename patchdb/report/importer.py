@@ -216,6 +216,8 @@ def _read_layer(exp: ExperimentDef, folder: Path, layer: int,
         for key, rate in _read_scores(path, _load(path)).items():
             parsed = parse_key(exp, path, key)
             expected = _expected_rate(exp, data, parsed) if parsed in rollouts else None
+            if expected is None and rate == 0.0:
+                continue  # nothing scorable: the original scripts wrote 0.0, patchdb null
             if (rate is None) != (expected is None) or (
                     rate is not None and expected is not None
                     and not math.isclose(rate, expected, abs_tol=1e-9)):
