@@ -118,8 +118,12 @@ def test_undefined_numbers_are_null(tmp_path: Path) -> None:
     tree = write_sweep(tmp_path / "one", {"unsteered_to_steered": {
         40: {"Bread": (3, 4)}, 41: {"Bread": (0, 4)}}})
     import_sweep(db, tree, "one")
-    result = run_cli("report", "--db", str(db), "--out", str(tmp_path / "r"), "--json", "--ci")
+    result = run_cli("report", "--db", str(db), "--out", str(tmp_path / "r"), "--json", "--ci",
+                     "--html")
     assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert page.count('<span class="band">n/a</span>') == 2  # the Mean column, both layers
+    assert "the 95% band of a mean line (n/a: 1 word)" in page
     text = (tmp_path / "r" / "rates.json").read_text()
     assert "NaN" not in text
     rows = rows_of(json.loads(text), kind="line")
