@@ -130,11 +130,23 @@ def _t_quantile(p: float, df: float) -> float:
         return _normal_quantile(p)
     lo, hi = 0.0, 1.0
     while _t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(100):  # bisection: 2^-100 of the bracket, far below float resolution
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+        lo, hi = hi, hi * 2.0
+    log_scale = (math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
+                 - 0.5 * math.log(df * math.pi))
+    t = (lo + hi) / 2
+    for _ in range(200):  # Newton's method, kept inside the bracket by bisection
+        error = _t_cdf(t, df) - p
+        if error < 0:
+            lo = t
+        else:
+            hi = t
+        density = math.exp(log_scale - (df + 1) / 2 * math.log1p(t * t / df))
+        step = t - error / density
+        t_next = step if lo < step < hi else (lo + hi) / 2
+        if abs(t_next - t) <= 1e-13 * max(1.0, t) or hi - lo <= 1e-13 * max(1.0, t):
+            return t_next
+        t = t_next
+    return t
 
 
 def t_quantile(p: float, df: float) -> float:
