@@ -24,7 +24,12 @@ from layer_sims import (
 )
 
 from patchdb.report.clusters import WordRates
-from patchdb.report.layer_findings import finding_lines, shade_layers
+from patchdb.report.layer_findings import (
+    finding_lines,
+    format_cell_p,
+    layer_test_block,
+    shade_layers,
+)
 from patchdb.report.layer_test import (
     Cluster,
     LayerTest,
@@ -356,3 +361,35 @@ def test_one_shared_baseline_needs_its_own_variance() -> None:
         d = paired_differences(word_rates(successes[i], control[i]))
         ignored += bool(decide_layers(d, LAYERS, 0.0, seed=i).flagged)
     assert ignored > 0.15 * SWEEPS
+
+
+@pytest.mark.parametrize(("p", "shown"), [
+    (1.0, "1"), (0.996, "1"), (0.35, ".35"), (0.0449, ".04"), (0.004, ".004"), (0.0004, "<.001"),
+    (float("nan"), "-")])
+def test_p_cells(p: float, shown: str) -> None:
+    assert format_cell_p(p) == shown
+
+
+def test_the_printed_block_carries_the_differences_and_the_bh_p_values() -> None:
+    """Two words at two layers: word t0 6/64 then 40/64 against 20/64; t1 20/64 twice against
+    20/64. Differences in points: (6-20)/64 and (20-20)/64 -> mean -10.9 -> -11; (40-20)/64
+    and 0 -> +15.6 -> +16. Four Fisher tests, BH over the four."""
+    k = np.array([[[6, 40], [20, 20]]], dtype=np.int64)
+    words = rates_of(k, np.array([20, 20]), (40, 41))
+    test, table = layer_test(words), word_p_values(words)
+    raw = [fisher_by_fractions(6, 64, 20, 64), fisher_by_fractions(40, 64, 20, 64), 1.0, 1.0]
+    order = sorted(range(4), key=lambda i: raw[i])
+    adjusted = [0.0] * 4
+    running = 1.0
+    for rank in range(4, 0, -1):  # step-up, by hand
+        i = order[rank - 1]
+        running = min(running, raw[i] * 4 / rank)
+        adjusted[i] = running
+    assert table.adjusted.ravel().tolist() == pytest.approx(adjusted, rel=1e-9)
+    block = layer_test_block(test, table).splitlines()
+    assert block[2].split() == ["diff", "-11", "+16"]
+    assert block[3] == "Layer test: n/a: 2 words; a sign-flip test needs at least 6 words a " \
+        "side to reach p < 0.05"
+    assert "over the 4 cells of this table" in block[4]
+    assert block[6].split() == ["t0", format_cell_p(adjusted[0]), format_cell_p(adjusted[1])]
+    assert block[7].split() == ["t1", "1", "1"]

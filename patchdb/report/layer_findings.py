@@ -3,9 +3,14 @@ layers that differ (patchdb.report.layer_test computes them)."""
 
 from __future__ import annotations
 
+import math
+from html import escape
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from patchdb.report.layer_test import LayerTest, runs, span
+from patchdb.report.word_tests import WordPValues
 
 if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
     from matplotlib.axes import Axes
@@ -14,6 +19,9 @@ SHADE_COLOUR = "#f2b705"
 SHADE_ALPHA = 0.2
 SHADE_LABEL = "layers that differ from baseline (cluster permutation test)"
 REFERENCE = "the unpatched baseline"
+GAP = "-"
+P_NOTE = ("BH-adjusted p of each word against its own baseline (Fisher's exact test over its "
+          "samples; Benjamini-Hochberg over the {n} cells of this table; {gap} = no test)")
 
 
 def format_p(p: float) -> str:
@@ -63,3 +71,67 @@ def shade_layers(ax: Axes, test: LayerTest) -> list[Any]:
                                 alpha=SHADE_ALPHA, linewidth=0, zorder=0,
                                 label=SHADE_LABEL if i == 0 else "_nolegend_"))
     return spans
+
+
+def format_cell_p(p: float) -> str:
+    """A p-value in at most 5 characters: '1', '.35', '.004', '<.001'; GAP for no test."""
+    if math.isnan(p):
+        return GAP
+    if p >= 0.995:
+        return "1"
+    if p >= 0.01:
+        return f"{p:.2f}".lstrip("0")
+    return f"{p:.3f}".lstrip("0") if p >= 0.001 else "<.001"
+
+
+def _points(value: float) -> str:
+    """A difference in percentage points with its sign: '+7', '-27', '0'."""
+    if math.isnan(value):
+        return GAP
+    points = round(100 * value)
+    return f"{points:+d}" if points else "0"
+
+
+def layer_test_block(test: LayerTest, p_values: WordPValues) -> str:
+    """What `patchdb report` prints under an experiment's rate table: the difference to the
+    baselines per layer with its simultaneous band, the findings, and the per-word p-values."""
+    layers = test.layers
+    names = list(p_values.words)
+    width = max(len("  upper"), *(len(w) for w in names))
+    cell = max(5, *(len(str(layer)) for layer in layers))
+    header = " ".join([f"{'':<{width}}", *(f"{layer:>{cell}}" for layer in layers)])
+    lines = ["Where the difference is decided: rate minus its target's unpatched rate, in "
+             "percentage points (mean over keys)", header]
+    rows = [("diff", test.difference)]
+    if not test.why_not:
+        rows += [("  lower", test.lower), ("  upper", test.upper)]
+    for label, values in rows:
+        lines.append(" ".join([f"{label:<{width}}",
+                               *(f"{_points(float(v)):>{cell}}" for v in values)]))
+    if not test.why_not:
+        lines.append(f"lower, upper: the simultaneous 95% band over all layers (max-t over "
+                     f"{test.design}; docs/statistics.md)")
+    lines += finding_lines(test)
+    tested = int((~np.isnan(p_values.adjusted)).sum())
+    lines += [P_NOTE.format(n=tested, gap=GAP), header]
+    for name, row in zip(names, p_values.adjusted, strict=True):
+        lines.append(" ".join([f"{name:<{width}}",
+                               *(f"{format_cell_p(float(p)):>{cell}}" for p in row)]))
+    return "\n".join(lines)
+
+
+def layer_test_html(test: LayerTest, p_values: WordPValues) -> str:
+    """The findings as notes and the BH-adjusted p-values as a table (rows: patch layers)."""
+    out = ['<div class="layer-test"><h3>Where the difference is decided</h3>']
+    out += [f'<p class="note finding">{escape(line)}</p>' for line in finding_lines(test)]
+    tested = int((~np.isnan(p_values.adjusted)).sum())
+    head = "".join(f"<th>{escape(w)}</th>" for w in p_values.words)
+    out.append(f'<table class="rates p-values"><caption>{escape(P_NOTE.format(n=tested, gap="blank"))}'
+               f"</caption><thead><tr><th>Layer</th>{head}</tr></thead><tbody>")
+    for i, layer in enumerate(p_values.layers):
+        cells = "".join(
+            f"<td>{'' if math.isnan(p) else escape(format_cell_p(float(p)))}</td>"
+            for p in p_values.adjusted[:, i])
+        out.append(f"<tr><th>{layer}</th>{cells}</tr>")
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
