@@ -24,8 +24,10 @@ shape of `WordRates`: a side with one entry is not a factor.
   target-word effects separately (the two-way ANOVA row and column deviations, all layers of a
   word together, each scaled by sqrt(k/(k-1)) for the degree of freedom the centring took):
   its variance is sigma_s^2/S + sigma_t^2/T + 2 sigma_e^2/(ST), the mean's own plus one
-  interaction term, a little conservative. The statistic is the mean over its two-way ANOVA
-  standard error (the one patchdb.report.clusters draws bands with).
+  interaction term, a little conservative. The statistic is the mean over Clark's min-F'
+  standard error (the source words' and the target words' standard errors added in squares),
+  which errs wide by the same term. docs/statistics.md gives the simulated rates, and those of
+  flipping one word factor only (which over-flags).
 
 Clusters are runs of layers whose statistic exceeds the two-sided 95% t threshold with one
 sign, contiguous in the real layer numbers (layers 20 and 28 are two runs); a cluster's mass is
