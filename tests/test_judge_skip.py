@@ -119,11 +119,14 @@ def test_nothing_pending_needs_no_backend(db_path: Path, monkeypatch: pytest.Mon
 
 def test_follow_waits_for_a_running_generate(db_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """--follow with nothing pending yet still starts while a generate run can add rollouts."""
+    """--follow with nothing pending yet still starts while a generate run can add rollouts,
+    and, before generate has written any rollout, waits --follow-wait for one to start."""
     make_store(db_path, last=0, **SMALL)
     refuse_backends(monkeypatch)
-    idle = run_cli("judge", "--db", db_path, "--follow")
+    idle = run_cli("judge", "--db", db_path, "--follow", "--follow-wait", "0")
     assert idle.exit_code == 0 and "nothing to judge" in idle.output
+    with pytest.raises(AssertionError, match="backend was built"):
+        run_cli("judge", "--db", db_path, "--follow")  # waits for a generate to start
     store = open_store(str(db_path))
     try:
         sweep_id = rows(db_path, "SELECT id FROM sweeps")[0][0]

@@ -52,6 +52,9 @@ def render_summary(s: JudgeSummary) -> str:
         line += "\nStopped at --limit; run again to judge the rest."
     elif s.stopped == "max_cost":
         line += "\nStopped at --max-cost; run again to judge the rest."
+    elif s.stopped == "no_generate":
+        line += ("\nNo generate run of the sweep started within --follow-wait; stopped "
+                 "following.")
     return line
 
 
@@ -96,7 +99,12 @@ def render_summary(s: JudgeSummary) -> str:
 @click.option("--cache/--no-cache", default=False, envvar="PATCHDB_JUDGE_CACHE",
               help="Answer identical requests from the judge_cache table.")
 @click.option("--follow", is_flag=True, envvar="PATCHDB_JUDGE_FOLLOW",
-              help="Keep judging new rollouts while a generate run of the sweep is running.")
+              help="Keep judging new rollouts while a generate run of the sweep is running; "
+                   "started before generate has written anything, wait for it.")
+@click.option("--follow-wait", "follow_wait_s", type=click.FloatRange(min=0), default=600.0,
+              show_default=True, envvar="PATCHDB_JUDGE_FOLLOW_WAIT",
+              help="With --follow, started before generate has written any rollout of the "
+                   "scope: seconds to wait for a generate run of the sweep to start.")
 @click.option("--dry-run", is_flag=True,
               help="Print what this command would send now, what waits for generate, and the "
                    "estimated cost; then exit without judging.")
@@ -114,6 +122,8 @@ def render_summary(s: JudgeSummary) -> str:
               envvar="PATCHDB_JUDGE_POLL", show_default=True, hidden=True)
 @click.option("--write-batch", type=click.IntRange(min=1), default=200, show_default=True,
               envvar="PATCHDB_JUDGE_WRITE_BATCH", hidden=True)
+@click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True, envvar="PATCHDB_JUDGE_LEASE", hidden=True)
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
               help="Seconds Ctrl-C waits for calls in flight.")

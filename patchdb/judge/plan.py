@@ -75,25 +75,64 @@ def make_scope(
     )
 
 
-def _needs(mode: str, row: tuple[bool | None, str | None] | None) -> bool:
-    if mode == "overwrite":
-        return True
+Key = tuple[int, str]  # (rollout id, grader) under one judge config
+Stored = tuple[bool | None, str | None, int | None]  # a judgment's verdict, error, stage run
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """The judge runs whose judgments a run counts as this round's: itself (`run_id`), the
+    judge runs that were running when it started (`peers`) and every run started since. A key
+    one of them wrote is not judged again, whatever the mode, so workers that retry or
+    overwrite side by side pay each call once and a --follow run never redoes its own keys."""
+
+    run_id: int
+    peers: frozenset[int] = frozenset()
+
+    def wrote(self, stage_run_id: int | None) -> bool:
+        return stage_run_id is not None and (stage_run_id >= self.run_id
+                                             or stage_run_id in self.peers)
+
+
+def needs(mode: str, row: Stored | None, fresh: Fresh | None = None) -> bool:
+    """Whether a key with this stored judgment (None: none yet) is pending in `mode`."""
     if mode == "only_missing":
         return row is None
+    if row is not None and fresh is not None and fresh.wrote(row[2]):
+        return False
+    if mode == "overwrite":
+        return True
     if row is None:
         return False
-    verdict, error = row
+    verdict, error, _run = row
     if mode == "retry_unparsed":
         return verdict is None and error is None
     return error is not None
 
 
+def stored_states(session: Session, config_id: int | None,
+                  rollout_ids: Sequence[int]) -> dict[Key, Stored]:
+    """The stored judgments of these rollouts under one judge config, by key."""
+    stored: dict[Key, Stored] = {}
+    if config_id is None:
+        return stored
+    for start in range(0, len(rollout_ids), 900):
+        for rid, grader, verdict, error, run in session.execute(
+            select(Judgment.rollout_id, Judgment.grader, Judgment.verdict, Judgment.error,
+                   Judgment.stage_run_id).where(
+                Judgment.judge_config_id == config_id,
+                Judgment.rollout_id.in_(list(rollout_ids[start:start + 900])))
+        ):
+            stored[(rid, grader)] = (verdict, error, run)
+    return stored
+
+
 def pending_page(
     session: Session, scope: Scope, config_id: int | None, mode: str, after_id: int,
-    skip: set[tuple[int, str]] | None = None, page: int = PAGE_ROLLOUTS,
+    fresh: Fresh | None = None, page: int = PAGE_ROLLOUTS,
 ) -> tuple[list[Call], int | None]:
     """Pending calls among the next `page` rollouts with id > after_id, and the last rollout
-    id looked at (None once no rollouts are left). Calls in `skip` are left out."""
+    id looked at (None once no rollouts are left). Keys `fresh` wrote are not pending."""
     query = (
         select(Rollout.id, Rollout.experiment_id, Rollout.source_word, Rollout.target_word)
         .where(Rollout.experiment_id.in_(list(scope.graders)), Rollout.id > after_id)
@@ -104,19 +143,11 @@ def pending_page(
     if not rollouts:
         return [], None
     ids = [r.id for r in rollouts]
-    stored: dict[tuple[int, str], tuple[bool | None, str | None]] = {}
-    if config_id is not None:
-        for rid, grader, verdict, error in session.execute(
-            select(Judgment.rollout_id, Judgment.grader, Judgment.verdict, Judgment.error).where(
-                Judgment.judge_config_id == config_id, Judgment.rollout_id.in_(ids)
-            )
-        ):
-            stored[(rid, grader)] = (verdict, error)
+    stored = stored_states(session, config_id, ids)
     wanted: list[tuple[int, str, str]] = []
     for r in rollouts:
         for grader in scope.graders[r.experiment_id]:
-            key = (r.id, grader)
-            if (skip is None or key not in skip) and _needs(mode, stored.get(key)):
+            if needs(mode, stored.get((r.id, grader)), fresh):
                 wanted.append((r.id, grader, judged_word(r.source_word, r.target_word)))
     answers: dict[int, str] = {}
     need_ids = sorted({rid for rid, _, _ in wanted})

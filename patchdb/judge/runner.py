@@ -1,11 +1,14 @@
-"""The asynchronous engine of a judge run: a producer, `concurrency` workers and a writer.
+"""The asynchronous engine of a judge run: a producer, `concurrency` call slots and a writer.
 
-The producer pages through pending calls (plan.py) in a thread, renders the grader prompts and
-answers cache hits; workers keep the calls in flight; finished results go to the writer thread
-(writer.py). Ctrl-C stops taking work, waits `grace_s` for calls in flight, and keeps what
-finished; a fatal API error stops at once. No call starts while a batch of results is still
-unwritten, and a failed write stops the run at once: a store that cannot take the results never
-lets the run spend more than one batch (plus the calls in flight) on replies it cannot keep.
+The producer pages through the pending keys and claims a few at a time under a lease
+(claims.py, leases.py), so any number of runs on one store split the keys and pay each call
+once; it answers cache hits; the slots keep the calls in flight; finished results go to the
+writer thread (writer.py). A slot makes its next call only once its last reply is committed, so
+a kill re-pays at most the calls in flight, and a failed write stops the run at once. Without
+--follow the run ends once no key in its scope is pending or held by another live run; with it,
+once a generate run of the sweep has ended (or none started within --follow-wait while rollouts
+were still missing). Ctrl-C stops taking work, waits `grace_s` for calls in flight, keeps what
+finished and lets the unsent keys go; a fatal API error stops at once.
 """
 
 import asyncio
@@ -13,25 +16,26 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
 from patchdb.errors import StoreError
 from patchdb.faults import fault_point
 from patchdb.judge import cache as judge_cache
+from patchdb.judge.claims import Work, WorkSource
 from patchdb.judge.client import FatalJudgeError, Reply
+from patchdb.judge.leases import running_judge_runs
 from patchdb.judge.logprobs import LOGPROBS, verdict_of
-from patchdb.judge.plan import Call, Scope, count_pending, pending_page
+from patchdb.judge.plan import Fresh, Scope, count_pending
+from patchdb.judge.producer import Producer
 from patchdb.judge.settings import JudgeOptions, Resolved
 from patchdb.judge.templates import Templates
 from patchdb.judge.verdict import last_word_verdict
 from patchdb.judge.writer import JudgmentWriter, Row
-from patchdb.store.models import StageRun
-from patchdb.store.runs import is_running
 from patchdb.store.store import Store, describe_db_error
 
 
@@ -62,7 +66,9 @@ class JudgeSummary:
     reasoning_tokens: int = 0
     cost: float = 0.0
     elapsed_s: float = 0.0
-    stopped: str | None = None  # "limit", "max_cost", "interrupted" or "write_failed"
+    # "limit", "max_cost", "interrupted", "write_failed" or "no_generate" (--follow waited
+    # --follow-wait seconds for a generate run to start)
+    stopped: str | None = None
     nothing_pending: bool = False  # nothing to judge: no backend was loaded, no call made
     sweep_name: str = ""
     calls_in_scope: int = 0  # set when nothing_pending: every call the scope holds
@@ -80,118 +86,26 @@ class JudgeInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
-@dataclass
-class _Work:
-    call: Call
-    prompt: str
-    request_hash: str | None
-    cached: str | None
-
-
-def generate_running(store: Store, sweep_id: int) -> bool:
-    """Whether the latest generate stage run of the sweep is still running."""
-    with store.read() as session:
-        run_id = session.scalar(
-            select(StageRun.id).where(StageRun.stage == "generate", StageRun.sweep_id == sweep_id)
-            .order_by(StageRun.id.desc()).limit(1)
-        )
-    return run_id is not None and is_running(store, run_id)
-
-
 class Runner:
     """One asynchronous judge run: producer, workers, writer."""
 
     def __init__(
         self, store: Store, sweep_id: int, question: str, scope: Scope, resolved: Resolved,
         templates: Templates, options: JudgeOptions, backend: Backend, config_id: int,
-        stage_run_id: int,
+        stage_run_id: int, awaited: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store, self.sweep_id, self.question = store, sweep_id, question
         self.scope, self.resolved, self.templates = scope, resolved, templates
         self.options, self.backend = options, backend
+        self.awaited = awaited  # --follow: calls whose rollouts generate has not written yet
         self.summary = JudgeSummary(judge_config_id=config_id, stage_run_id=stage_run_id)
         self.fatal: FatalJudgeError | None = None
-        self.handed_out = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._last_postfix = 0.0
-
-    # --- producing work ---------------------------------------------------------------------
-
-    def _page(self, after_id: int, skip: set[tuple[int, str]] | None) -> tuple[
-        list[_Work], int | None
-    ]:
-        """Runs in a thread: the next page of pending calls, rendered and cache-checked."""
-        with self.store.read() as session:
-            calls, last = pending_page(session, self.scope, self.summary.judge_config_id,
-                                       self.options.mode, after_id, skip)
-            work = []
-            for call in calls:
-                prompt = self.templates.render(call.grader, self.question, call.answer, call.word)
-                digest = None
-                if self.options.cache:
-                    digest = judge_cache.request_hash(
-                        self.resolved.backend, self.resolved.model, self.resolved.reasoning, prompt,
-                        self.resolved.verdict,
-                    )
-                work.append(_Work(call, prompt, digest, None))
-            if self.options.cache and work:
-                hits = judge_cache.lookup(session, [w.request_hash or "" for w in work])
-                for w in work:
-                    w.cached = hits.get(w.request_hash or "")
-        return work, last
-
-    async def _produce(self, queue: asyncio.Queue[_Work | None], n_workers: int) -> None:
-        follow = self.options.follow
-        skip: set[tuple[int, str]] | None = set() if follow else None
-        try:
-            while not self.stop.is_set():
-                gen_running = follow and await asyncio.to_thread(
-                    generate_running, self.store, self.sweep_id)
-                found, after = 0, 0
-                while not self.stop.is_set():
-                    work, last = await asyncio.to_thread(self._page, after, skip)
-                    if last is None:
-                        break
-                    after = last
-                    found += len(work)
-                    if await self._feed(queue, work, skip):
-                        break
-                if not follow or self.stop.is_set() or (found == 0 and not gen_running):
-                    break
-                if found and self.bar is not None and self.pass_no > 0:
-                    self.bar.total = (self.bar.total or 0) + found
-                    self.bar.refresh()
-                self.pass_no += 1
-                if found == 0:
-                    try:
-                        await asyncio.wait_for(self.stop.wait(), self.options.poll_s)
-                    except TimeoutError:
-                        pass
-        finally:
-            for _ in range(n_workers):
-                await queue.put(None)
-
-    async def _feed(self, queue: asyncio.Queue[_Work | None], work: list[_Work],
-                    skip: set[tuple[int, str]] | None) -> bool:
-        """Queue a page of work; True once the limit is reached or the run is stopping."""
-        for w in work:
-            if self.stop.is_set():
-                return True
-            if self.options.limit is not None and self.handed_out >= self.options.limit:
-                self.summary.stopped = self.summary.stopped or "limit"
-                self.stop.set()
-                return True
-            self.handed_out += 1
-            if skip is not None:
-                skip.add((w.call.rollout_id, w.call.grader))
-            if w.cached is not None:
-                self._record(w, judge_cache.cached_reply(w.cached))
-            else:
-                await queue.put(w)
-        return False
 
     # --- doing work -------------------------------------------------------------------------
 
-    async def _work(self, queue: asyncio.Queue[_Work | None], slot: int) -> None:
+    async def _work(self, queue: asyncio.Queue[Work | None], slot: int) -> None:
         batch_size = self.backend.batch_size
         while True:
             item = await queue.get()
@@ -206,7 +120,7 @@ class Runner:
                     queue.put_nowait(None)
                     break
                 batch.append(nxt)
-            if not await self._room_to_write():
+            if self.writer.error is not None:
                 continue  # the store refused a write: make no call whose reply cannot be kept
             try:
                 replies = await self.backend.judge([w.prompt for w in batch], slot)
@@ -216,21 +130,27 @@ class Runner:
                 self.stop.set()
                 self.fatal_event.set()
                 continue
+            number = 0
             for w, reply in zip(batch, replies, strict=True):
-                self._record(w, reply)
+                number = self._record(w, reply)
+            await self._stored(number)
 
-    async def _room_to_write(self) -> bool:
-        """Wait while a whole batch of results is unwritten; False once a write has failed."""
-        writer = self.writer
-        while writer.error is None and writer.backlog >= writer.batch:
-            self._written.clear()
-            writer.flush_soon()
-            await self._written.wait()
-        return writer.error is None
+    async def _stored(self, number: int) -> None:
+        """Wait until the writer has committed row `number` (or has failed): a slot makes its
+        next call only once its last reply is stored, so a kill re-pays only calls in flight."""
+        if self.writer.written >= number or self.writer.error is not None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((number, done))
+        await done
 
     def _on_written(self) -> None:
         """On the loop, after each commit or failure of the writer thread."""
-        self._written.set()
+        writer = self.writer
+        while self._waiting and (writer.error is not None or self._waiting[0][0] <= writer.written):
+            _number, done = self._waiting.popleft()
+            if not done.done():
+                done.set_result(None)
         if self.writer.error is not None and self.summary.stopped != "write_failed":
             self.summary.stopped = "write_failed"
             self.stop.set()
@@ -242,7 +162,7 @@ class Runner:
         return StoreError(f"writing judgments failed, so the judge stopped ({cause}); "
                           f"{self.writer.written} judgments were saved; run again to resume")
 
-    def _record(self, w: _Work, reply: Reply) -> None:
+    def _record(self, w: Work, reply: Reply) -> int:
         if self.resolved.verdict == LOGPROBS:  # read after the reasoning, finished or cut off
             finished = reply.error is None and reply.p_yes is not None
             verdict = verdict_of(reply.p_yes) if finished else None
@@ -269,7 +189,7 @@ class Runner:
         cache = None
         if w.request_hash is not None and finished and not reply.cached:
             cache = (w.request_hash, judge_cache.reply_json(reply))
-        self.writer.put(Row({
+        number = self.writer.put(Row({
             "rollout_id": w.call.rollout_id, "grader": w.call.grader,
             "judge_config_id": s.judge_config_id, "verdict": verdict, "raw_reply": reply.text,
             "p_yes": reply.p_yes, "cut_off": reply.finish_reason == "length",
@@ -289,6 +209,14 @@ class Runner:
             if now - self._last_postfix > 0.5:
                 self._last_postfix = now
                 self.bar.set_postfix_str(self._postfix(), refresh=False)
+        return number
+
+    def _record_cached(self, w: Work) -> None:
+        self._record(w, judge_cache.cached_reply(w.cached or ""))
+
+    def _stopping(self, reason: str) -> None:
+        self.summary.stopped = self.summary.stopped or reason
+        self.stop.set()
 
     def _postfix(self) -> str:
         """The bar's running totals, the same figures the summary line ends with."""
@@ -320,7 +248,6 @@ class Runner:
         started = time.monotonic()
         self.stop = asyncio.Event()
         self.fatal_event = asyncio.Event()
-        self.pass_no = 0
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGINT, self._on_sigint)
@@ -330,26 +257,40 @@ class Runner:
             total = min(total, self.options.limit)
         self.bar: Any = tqdm(total=total, desc="judge", unit="call", dynamic_ncols=True, leave=True,
                              disable=not self.options.progress or None)
-        self._written = asyncio.Event()
+        run_id = self.summary.stage_run_id
+        fresh = Fresh(run_id, await asyncio.to_thread(self._peers))
+        self.source = WorkSource(self.store, self.scope, self.summary.judge_config_id,
+                                 self.options.mode, fresh, self.options.lease_s, self.templates,
+                                 self.question, self.resolved, self.options.cache)
         self.writer = JudgmentWriter(
             self.store, replace=self.options.mode != "only_missing",
             batch=self.options.write_batch,
-            notify=lambda: loop.call_soon_threadsafe(self._on_written))
+            notify=lambda: loop.call_soon_threadsafe(self._on_written), lease_holder=run_id)
         n_workers = self.resolved.concurrency if self.backend.batch_size == 1 else 1
-        queue: asyncio.Queue[_Work | None] = asyncio.Queue(
+        # a claim a few rounds of calls deep: the slots never wait for one, and a peer finds
+        # few keys held when it looks
+        producer = Producer(self.source, self.store, self.sweep_id, self.options, self.stop,
+                            self._record_cached, self._stopping, self.bar, self.awaited,
+                            claim_size=max(16, 4 * n_workers * self.backend.batch_size))
+        queue: asyncio.Queue[Work | None] = asyncio.Queue(
             maxsize=2 * n_workers * self.backend.batch_size)
-        tasks = [asyncio.create_task(self._produce(queue, n_workers))]
+        tasks = [asyncio.create_task(producer.run(queue, n_workers))]
         tasks += [asyncio.create_task(self._work(queue, slot)) for slot in range(n_workers)]
         everything = asyncio.gather(*tasks)
+        renewer = asyncio.create_task(self._renew())
         try:
             await self._wait(everything)
         finally:
+            renewer.cancel()
             await self.backend.close()
             try:
                 await asyncio.to_thread(self.writer.close)  # Ctrl-C here still only sets a flag
             except (StoreError, DatabaseError) as exc:  # anything else is a bug: show it whole
                 raise self._write_failure(exc) from None
             finally:
+                await asyncio.to_thread(self._let_go)
+                if producer.no_generate and self.summary.stopped is None:
+                    self.summary.stopped = "no_generate"
                 self.bar.set_postfix_str(self._postfix(), refresh=False)  # not a stale 0.5 s old one
                 self.bar.close()
                 self.summary.elapsed_s = time.monotonic() - started
@@ -382,6 +323,27 @@ class Runner:
             exc = everything.exception()
             if exc is not None and not isinstance(exc, asyncio.CancelledError):
                 raise exc
+
+    async def _renew(self) -> None:
+        """Keep this run's leases alive while it works."""
+        while True:
+            await asyncio.sleep(self.options.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.source.renew)
+            except (StoreError, DatabaseError):
+                pass  # the writer reports a failing store; a lease not renewed just expires
+
+    def _let_go(self) -> None:
+        """Release the keys this run claimed and did not write (stopped early, or a failed
+        write); if the store refuses, they come free when the run is seen to have ended."""
+        try:
+            self.source.release()
+        except (StoreError, DatabaseError):
+            pass
+
+    def _peers(self) -> frozenset[int]:
+        with self.store.read() as session:
+            return running_judge_runs(session)
 
     def _count(self) -> int:
         with self.store.read() as session:

@@ -30,11 +30,13 @@ class JudgeOptions:
     max_cost: float | None = None
     cache: bool = False
     follow: bool = False
+    follow_wait_s: float = 600.0  # --follow: how long to wait for a generate run to start
     prompts: str | None = None
     backoff_base_s: float = 1.0
     poll_s: float = 2.0
     grace_s: float = 10.0
-    write_batch: int = 200  # results per store transaction; also how far calls may run ahead
+    write_batch: int = 200  # at most this many results per store transaction
+    lease_s: float = 60.0  # how long a claimed key stays this run's without a renewal
     hf_batch_size: int | None = None  # None: the sweep's [judge] batch_size
     hf_max_new_tokens: int | None = None  # None: the sweep's [judge] max_new_tokens
     hf_dtype: str = "float32"

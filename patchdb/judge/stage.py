@@ -2,7 +2,8 @@
 
 Nothing but the store records progress: what is pending is a query (plan.py), every result is
 written under the unique key (rollout, grader, judge config), so a run killed at any point is
-resumed by running it again. The asynchronous engine is in runner.py.
+resumed by running it again. Any number of runs may work on one store at once: they claim keys
+under leases (leases.py) and each call is paid once. The asynchronous engine is in runner.py.
 """
 
 import asyncio
@@ -16,12 +17,14 @@ from patchdb.judge.client import ApiJudge, FatalJudgeError, resolve_endpoint
 from patchdb.judge.plan import (
     DryRun,
     Scope,
+    call_table,
     count_pending,
     find_judge_config,
     make_scope,
     plan_dry_run,
 )
-from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner, generate_running
+from patchdb.judge.producer import generate_running
+from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner
 from patchdb.judge.settings import JudgeOptions, Resolved, resolve
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
 from patchdb.store.dialect import dialect_insert
@@ -102,19 +105,37 @@ def count_calls(store: Store, scope: Scope, stored: Resolved, templates: Templat
         return config_id, count_pending(session, scope, config_id, mode)
 
 
+def calls_awaiting_generate(store: Store, config: SweepConfig, sweep: Any,
+                            options: JudgeOptions) -> int:
+    """The calls of the run's scope while generate has written none of its rollouts yet, else
+    0: a --follow run waits for a generate that has not started writing, not for rollouts a
+    finished generate left out (other layers, no baselines)."""
+    with store.read() as session:
+        experiments = get_experiments(session, sweep, options.experiments)
+        rows = call_table(session, config, experiments, options.layers, options.graders, None)
+    calls = sum(row.calls for row in rows)
+    return calls if sum(row.awaiting_generate for row in rows) == calls else 0
+
+
 def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> JudgeSummary:
     """Judge what the mode says is pending; returns what was done.
 
-    Pending work is counted first: when there is none (and no generate run is feeding a
-    --follow run), no backend is built, no model is loaded and, as for a generate run with
-    nothing to generate, no stage_runs row is added; the summary says nothing_pending.
+    Pending work is counted first: when there is none (and a --follow run has no generate
+    run to wait for: none is running and no rollout of its scope is missing), no backend is
+    built, no model is loaded and, as for a generate run with nothing to generate, no
+    stage_runs row is added; the summary says nothing_pending.
     Raises FatalJudgeError (bad key, no credit, unreachable API) after saving what finished,
     and JudgeInterrupted on Ctrl-C after saving what finished.
     """
     sweep, config, scope, resolved, templates = prepare(store, sweep_name, options)
     stored = stored_settings(resolved)
     config_id, pending = count_calls(store, scope, stored, templates, options.mode)
-    if not pending and not (options.follow and generate_running(store, sweep.id)):
+
+    def awaited() -> int:
+        return calls_awaiting_generate(store, config, sweep, options)
+
+    if not pending and not (options.follow and (generate_running(store, sweep.id)
+                                                or (options.follow_wait_s > 0 and awaited()))):
         in_scope = count_calls(store, scope, stored, templates, "overwrite")[1]
         return JudgeSummary(judge_config_id=config_id or 0, stage_run_id=0,
                             nothing_pending=True, sweep_name=sweep.name,
@@ -130,7 +151,7 @@ def run_judge(store: Store, sweep_name: str | None, options: JudgeOptions) -> Ju
     config_id = ensure_judge_config(store, stored, templates)
     with stage_run(store, "judge", options.arguments(), sweep.id) as run:
         runner = Runner(store, sweep.id, config.prompt_trial, scope, stored, templates,
-                         options, backend, config_id, run.id)
+                        options, backend, config_id, run.id, awaited)
         summary = asyncio.run(runner.run())
         if summary.stopped == "interrupted":
             raise JudgeInterrupted(summary)

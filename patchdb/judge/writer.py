@@ -1,9 +1,14 @@
-"""Writing judgments in batches from a thread of their own, so the store never slows the calls.
+"""Writing judgments from a thread of their own, so the store never slows the calls.
 
-Results are queued; the writer thread commits them every `flush_s` seconds or every `batch`
-results, one store.transact per batch. The unique key (rollout, grader, judge config) makes
-every write idempotent: `only_missing` inserts with ON CONFLICT DO NOTHING (a concurrent run
-that got there first wins), the other modes replace the row.
+Results are queued; the writer thread commits whatever is queued as soon as it is (a group
+commit: while one transaction commits the next results gather, so busy runs write many rows a
+transaction and quiet ones write at once), at most `batch` rows a transaction. Rows are
+committed in the order they were put, so `written` says which are stored: the run lets a call
+slot start its next call only once its last reply is, and a kill loses at most the replies in
+flight. The transaction that writes a key's judgment also drops the lease the run held on it
+(leases.py). The unique key (rollout, grader, judge config) makes every write idempotent:
+`only_missing` inserts with ON CONFLICT DO NOTHING (a judgment another run stored meanwhile
+stays), the other modes replace the row.
 
 A failed write is final: the writer keeps what it committed, drops nothing silently (the rows
 it could not write stay counted in `backlog`), calls `notify` so the run stops at once, and
@@ -19,6 +24,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from patchdb.faults import fault_point
+from patchdb.judge.leases import release_keys
 from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import JudgeCacheEntry, Judgment, utcnow
 from patchdb.store.store import Store
@@ -38,23 +44,24 @@ class Row:
 
 
 class JudgmentWriter:
-    """A thread that writes queued judgment rows in batched transactions.
+    """A thread that commits queued judgment rows as they come, many to a transaction.
 
-    `put` only appends to a deque and wakes the thread once a batch is full: waking a thread
-    per result would make the event loop wait for the GIL on every call.
+    `put` appends to a deque and wakes the thread only when it sleeps: a busy writer finds
+    the next rows queued when its commit returns, with no wake-up per result.
     """
 
     def __init__(
-        self, store: Store, replace: bool, batch: int = 200, flush_s: float = 0.5,
-        notify: Callable[[], object] | None = None,
+        self, store: Store, replace: bool, batch: int = 200,
+        notify: Callable[[], object] | None = None, lease_holder: int | None = None,
     ) -> None:
         self.store = store
         self.replace = replace
         self.batch = batch
-        self.flush_s = flush_s
         self.notify = notify  # called from the writer thread after every commit or failure
-        self.written = 0
+        self.lease_holder = lease_holder  # the stage run whose leases the written keys drop
+        self.written = 0  # rows committed; rows are committed in the order they were put
         self.error: BaseException | None = None
+        self._put = 0
         self._writing = 0  # rows taken from the queue whose transaction has not committed
         self._rows: deque[Row] = deque()
         self._wake = threading.Event()
@@ -62,19 +69,18 @@ class JudgmentWriter:
         self._thread = threading.Thread(target=self._run, name="patchdb-judge-writer", daemon=True)
         self._thread.start()
 
-    def put(self, row: Row) -> None:
+    def put(self, row: Row) -> int:
+        """Queue a row; its number, so `written >= number` once it is committed."""
         self._rows.append(row)
-        if len(self._rows) >= self.batch and not self._wake.is_set():
+        self._put += 1
+        if not self._wake.is_set():
             self._wake.set()
+        return self._put
 
     @property
     def backlog(self) -> int:
         """Rows handed over and not yet committed (after a failure: never committed)."""
         return len(self._rows) + self._writing
-
-    def flush_soon(self) -> None:
-        """Ask the thread to write what is queued now rather than at the next tick."""
-        self._wake.set()
 
     def close(self) -> None:
         """Write everything queued so far and stop; re-raises a write error."""
@@ -86,11 +92,11 @@ class JudgmentWriter:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.flush_s)
+            self._wake.wait()
             self._wake.clear()
             closing = self._closing
             while self._rows and self.error is None:
-                take = min(len(self._rows), 5 * self.batch)
+                take = min(len(self._rows), self.batch)
                 self._writing = take
                 rows = [self._rows.popleft() for _ in range(take)]
                 self._flush(rows)
@@ -130,3 +136,8 @@ class JudgmentWriter:
                 ),
                 cache,
             )
+        if self.lease_holder is not None:
+            for config_id in {v["judge_config_id"] for v in values}:
+                release_keys(session, self.lease_holder, config_id,
+                             [(v["rollout_id"], v["grader"]) for v in values
+                              if v["judge_config_id"] == config_id])
