@@ -279,8 +279,9 @@ def test_an_error_body_echoing_the_key_is_scrubbed(db_path: Path, server: BatchS
     assert server.state.calls["upload"] == 4  # the client's own retries of a 500, then it stops
     for path in db_path.parent.glob(db_path.name + "*"):
         assert SENTINEL.encode() not in path.read_bytes(), path
-    # the batch stays recorded, not uploaded; the next run uploads it
-    assert rows(db_path, "SELECT state, input_file_id FROM judge_batches") == [("preparing", None)]
+    # nothing was uploaded, so the batch is gone and holds no key; the next run sends them
+    assert rows(db_path, "SELECT count(*) FROM judge_batches") == [(0,)]
+    assert rows(db_path, "SELECT count(*) FROM judge_batch_keys") == [(0,)]
     server.state.echo_key_on_upload = False
     assert batch(db_path).exit_code == 0
     assert one_row_per_key(db_path) and billed_once(server.state)
@@ -395,6 +396,7 @@ def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> N
     from patchdb.judge.templates import DEFAULT_TEMPLATES
     from patchdb.store import open_store
     from patchdb.store.models import JudgeConfig, Judgment
+    from patchdb.store.runs import stage_run
 
     make_store(store_db)
     store = open_store(store_db)
@@ -406,19 +408,22 @@ def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> N
             return int(row.id)
 
         config_id = store.transact(config)
-        ctx = BatchContext(store, None, config_id, 1, 0, DEFAULT_TEMPLATES,  # type: ignore[arg-type]
-                           "q", "m", "low", "http://x/v1", Prices(), lambda _: None)
-        ctx.stage_run_id = None  # type: ignore[assignment]
-        first = [Call(r, "coherence", "a", "w") for r in (1, 2, 3)]
-        second = [Call(r, "coherence", "a", "w") for r in (2, 3, 4, 5)]
-        one, kept_one = ctx.record(first)
-        two, kept_two = ctx.record(second)
-        again, kept_again = ctx.record(first)
-        store.transact(lambda s: s.execute(insert(Judgment), [  # judged meanwhile, live
-            {"rollout_id": 6, "grader": "coherence", "judge_config_id": config_id,
-             "verdict": True, "attempts": 1}]))
-        judged, kept_judged = ctx.record([Call(6, "coherence", "a", "w")])
-        redo, kept_redo = ctx.record([Call(6, "coherence", "a", "w")], "overwrite")
+        with stage_run(store, "judge", {}) as run:  # a running run: its batches hold keys
+            ctx = BatchContext(store, None, config_id, 1, run.id,  # type: ignore[arg-type]
+                               DEFAULT_TEMPLATES, "q", "m", "low", "http://x/v1", Prices(),
+                               lambda _: None)
+            first = [Call(r, "coherence", "a", "w") for r in (1, 2, 3)]
+            second = [Call(r, "coherence", "a", "w") for r in (2, 3, 4, 5)]
+            one, kept_one = ctx.record(first)
+            two, kept_two = ctx.record(second)
+            again, kept_again = ctx.record(first)
+            store.transact(lambda s: s.execute(insert(Judgment), [  # judged meanwhile, live
+                {"rollout_id": 6, "grader": "coherence", "judge_config_id": config_id,
+                 "verdict": True, "attempts": 1}]))
+            judged, kept_judged = ctx.record([Call(6, "coherence", "a", "w")])
+            redo, kept_redo = ctx.record([Call(6, "coherence", "a", "w")], "overwrite")
+        # that run ended before uploading any of them: its batches hold no key any more
+        after, kept_after = ctx.record(second)
     finally:
         store.close()
     assert (one, [c.rollout_id for c in kept_one]) == (1, [1, 2, 3])
@@ -426,3 +431,4 @@ def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> N
     assert (again, kept_again) == (None, [])
     assert (judged, kept_judged) == (None, [])  # looking for missing keys: no longer missing
     assert (redo, [c.rollout_id for c in kept_redo]) == (3, [6])
+    assert (after, [c.rollout_id for c in kept_after]) == (4, [2, 3, 4, 5])

@@ -87,6 +87,9 @@ def judge_batch(store: Store, sweep: str | None, options: JudgeOptions, dry_run:
                         max_bytes=batch["batch_max_bytes"], poll_s=batch["batch_poll"],
                         price_in=batch["price_in"], price_out=batch["price_out"],
                         discount=batch["batch_discount"])
+    if opts.collect_only and opts.cancel:
+        raise click.ClickException("--collect and --cancel do not go together: --cancel "
+                                   "cancels the live batches and collects what they finished")
     if options.max_cost is not None and opts.no_wait:
         raise click.BadParameter("--max-cost is checked as batches end, so it needs waiting "
                                  "(drop --no-wait)", param_hint="--max-cost")

@@ -1,22 +1,24 @@
 """The life of one judge batch in the store: record, upload, create, follow, collect.
 
 Each step is written to judge_batches as soon as it happened, so a process killed anywhere
-leaves a row the next run can take up: a batch row with no input file is uploaded again (the
-request lines are rebuilt from its keys); one with an input file but no provider batch id is
-first looked for among the provider's batches by that file, and only created when none is
-found, so a batch is never started twice; one with a provider id is looked up and, once it
-ended, collected. Collecting writes the judgments in chunks under their unique key and marks
-the batch collected last, so a collection cut short is simply run again.
+leaves a row the next run can take up. A batch with no input file id holds no key once its run
+stopped: an upload that fails drops the batch at once, and a batch a killed run left unsent is
+dropped by the next run at any URL (batch_plan.stranded), its keys sent again in a new batch.
+One with an input file but no provider batch id is first looked for among the provider's
+batches by that file, and only created when none is found, so a batch is never started twice;
+one with a provider id is looked up and, once it ended, collected. A batch another running run
+is sending is left to it. Collecting writes the judgments in chunks under their unique key and
+marks the batch collected last, so a collection cut short is simply run again.
 """
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 
-from patchdb.experiments import judged_word
 from patchdb.faults import fault_point
 from patchdb.judge.batch_client import BatchApi, BatchInfo
 from patchdb.judge.batch_collect import NO_RESULT, Prices, error_values, read_results, write_rows
@@ -26,10 +28,12 @@ from patchdb.judge.batch_plan import (
     judged_keys,
     live_keys,
     reasoning_options,
+    stranded,
 )
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import Templates
-from patchdb.store.models import JudgeBatch, JudgeBatchKey, Rollout, utcnow
+from patchdb.store.models import JudgeBatch, JudgeBatchKey, utcnow
+from patchdb.store.runs import is_running
 from patchdb.store.store import Store
 
 WRITE_CHUNK = 1000  # judgments per transaction while collecting
@@ -112,25 +116,20 @@ class BatchContext:
 
         return self.store.transact(add)
 
-    def rebuild(self, batch_id: int) -> bytes:
-        """The input file of a recorded batch, rendered again from its keys."""
-        with self.store.read() as session:
-            rows = session.execute(
-                select(JudgeBatchKey.rollout_id, JudgeBatchKey.grader, Rollout.answer,
-                       Rollout.source_word, Rollout.target_word)
-                .join(Rollout, Rollout.id == JudgeBatchKey.rollout_id)
-                .where(JudgeBatchKey.batch_id == batch_id).order_by(JudgeBatchKey.id)).all()
-        return b"".join(self.line(Call(r.rollout_id, r.grader, r.answer,
-                                       judged_word(r.source_word, r.target_word))) for r in rows)
-
     def send(self, batch: JudgeBatch, data: bytes | None = None) -> None:
-        """Finish submitting a recorded batch: upload its file and create it, or adopt the
-        batch a killed run created on the same file."""
+        """Finish submitting a recorded batch: upload its file (`data`) and create it, or adopt
+        the batch a killed run created on the same file. An upload that fails drops the batch,
+        so its keys are free at once: no batch can run on a file that was never recorded."""
         found: BatchInfo | None = None
         file_id = batch.input_file_id
         if file_id is None:
-            file_id = self.api.upload(data if data is not None else self.rebuild(batch.id),
-                                      f"patchdb-batch-{batch.id}.jsonl")
+            assert data is not None, "a batch with no input file is sent by the run that made it"
+            try:
+                file_id = self.api.upload(data, f"patchdb-batch-{batch.id}.jsonl")
+            except BaseException:
+                with contextlib.suppress(Exception):  # else the next run drops it (stranded)
+                    self.drop(batch.id)
+                raise
             fault_point("judge.batch_uploaded")
             self._set(batch.id, input_file_id=file_id, state="uploaded")
         else:
@@ -142,6 +141,35 @@ class BatchContext:
         self._set(batch.id, provider_batch_id=found.id, state=found.status,
                   submitted_at=utcnow())
         self.echo(f"Batch #{batch.id} submitted as {found.id}: {batch.requests:,} requests.")
+
+    def drop(self, batch_id: int) -> None:
+        """Delete a batch that never reached the provider, and with it the keys it held."""
+        def remove(session: Any) -> None:
+            if session.scalar(select(JudgeBatch.id).where(
+                    JudgeBatch.id == batch_id, JudgeBatch.provider_batch_id.is_(None))) is None:
+                return  # created after all, or dropped by another run
+            session.execute(delete(JudgeBatchKey).where(JudgeBatchKey.batch_id == batch_id))
+            session.execute(delete(JudgeBatch).where(JudgeBatch.id == batch_id))
+
+        self.store.transact(remove)
+
+    def drop_stranded(self) -> None:
+        """Drop this sweep's batches of this judge config, sent to any URL, that a run which
+        stopped left without an input file id (batch_plan.stranded)."""
+        with self.store.read() as session:
+            ids = stranded(session, self.config_id, self.sweep_id)
+            rows = [session.get(JudgeBatch, i) for i in ids]
+            found = [(b.id, b.base_url, b.requests) for b in rows if b is not None]
+        for batch_id, base_url, requests in found:
+            self.drop(batch_id)
+            self.echo(f"Batch #{batch_id} was never uploaded to {base_url} (its run stopped "
+                      f"first): dropped, its {requests:,} requests are free to send again.")
+
+    def sent_by_another_run(self, batch: JudgeBatch) -> bool:
+        """Whether another run that is still running is submitting this batch."""
+        run_id = batch.stage_run_id
+        return run_id is not None and run_id != self.stage_run_id and is_running(self.store,
+                                                                                 run_id)
 
     # --- following and collecting -----------------------------------------------------------
 
@@ -164,11 +192,15 @@ class BatchContext:
                 JudgeBatch.sweep_id == self.sweep_id, JudgeBatch.base_url != self.base_url))))
 
     def advance(self, submit: bool = True) -> int:
-        """Take every live batch of this judge config one step: finish its submission (when
-        `submit`), look it up, collect it once it ended. Returns how many stay live."""
+        """Take every live batch of this judge config one step: finish the submission a
+        stopped run left half done (when `submit`), look it up, collect it once it ended.
+        Returns how many stay live, not counting those another running run is still sending."""
+        self.drop_stranded()
         left = 0
         for batch in self.live():
             if batch.provider_batch_id is None:
+                if batch.input_file_id is None or self.sent_by_another_run(batch):
+                    continue  # that run finishes it
                 if not submit:
                     left += 1
                     continue
@@ -197,11 +229,30 @@ class BatchContext:
         return batch
 
     def cancel(self) -> None:
+        """Cancel this API's live batches. A batch with no input file calls no API (a stopped
+        run's was dropped already; one a running run is sending is left to it); one uploaded
+        by a run that stopped before recording its batch is looked for by that file, then
+        cancelled, or dropped when the provider has no batch on it."""
         for batch in self.live():
-            if batch.provider_batch_id is not None:
-                info = self.api.cancel(batch.provider_batch_id)
-                self._set(batch.id, state=info.status)
-                self.echo(f"Batch #{batch.id} ({info.id}): {info.status}.")
+            provider_id = batch.provider_batch_id
+            if provider_id is None:
+                if batch.input_file_id is None or self.sent_by_another_run(batch):
+                    self.echo(f"Batch #{batch.id} is being sent by stage run "
+                              f"#{batch.stage_run_id}; left to it.")
+                    continue
+                found = self.api.find(batch.input_file_id)
+                if found is None:
+                    self.drop(batch.id)
+                    self.echo(f"Batch #{batch.id} was never created at {batch.base_url}: "
+                              f"dropped, its {batch.requests:,} requests are free to send "
+                              "again.")
+                    continue
+                self._set(batch.id, provider_batch_id=found.id, state=found.status,
+                          submitted_at=utcnow())
+                provider_id = found.id
+            info = self.api.cancel(provider_id)
+            self._set(batch.id, state=info.status)
+            self.echo(f"Batch #{batch.id} ({info.id}): {info.status}.")
 
     def collect(self, batch: JudgeBatch, info: BatchInfo) -> None:
         """Write an ended batch's results as judgments, then mark it collected."""

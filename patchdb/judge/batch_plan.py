@@ -3,7 +3,9 @@
 A request's custom_id names its key, "patchdb-r<rollout id>-<grader>-c<judge config id>", so
 replies are matched to keys by it and never by their order in the output file. A batch is live
 until its results were written (judge_batches.collected_at); the keys of live batches are left
-out of everything a run submits, whatever the mode.
+out of everything a run submits, whatever the mode. The one exception is a batch that has no
+input file id while the run that recorded it is no longer running (`stranded`): nothing of it
+reached a provider, so it holds no key.
 """
 
 import json
@@ -18,7 +20,8 @@ from patchdb.errors import JudgeError
 from patchdb.judge.plan import Call, Scope, in_scope, pending_page
 from patchdb.judge.providers import OPENAI, provider_of
 from patchdb.judge.templates import Templates
-from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout
+from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout, StageRun
+from patchdb.store.runs import effective_status
 from patchdb.store.store import Store
 
 ENDPOINT = "/v1/chat/completions"
@@ -69,16 +72,37 @@ def call_line(templates: Templates, question: str, model: str, options: dict[str
     return request_line(custom_id(call.rollout_id, call.grader, config_id), model, prompt, options)
 
 
+def stranded(session: Session, config_id: int | None, sweep_id: int | None = None) -> list[int]:
+    """Ids of this judge config's live batches (of one sweep, or all) that have no input file
+    id and whose run is no longer running (it failed, was killed or its host went away):
+    nothing of theirs reached a provider, so they hold no key and can be dropped. A batch
+    whose run is still running keeps its keys: that run is uploading it."""
+    if config_id is None:
+        return []
+    query = (select(JudgeBatch.id, StageRun)
+             .outerjoin(StageRun, StageRun.id == JudgeBatch.stage_run_id)
+             .where(JudgeBatch.judge_config_id == config_id, JudgeBatch.collected_at.is_(None),
+                    JudgeBatch.input_file_id.is_(None)).order_by(JudgeBatch.id))
+    if sweep_id is not None:
+        query = query.where(JudgeBatch.sweep_id == sweep_id)
+    return [int(batch_id) for batch_id, run in session.execute(query)
+            if run is None or effective_status(run) != "running"]
+
+
 def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> set[Key]:
-    """Keys among these rollouts that a live batch of this judge config holds."""
+    """Keys among these rollouts that a live batch of this judge config holds (a stranded
+    batch holds none)."""
+    free = stranded(session, config_id)
     held: set[Key] = set()
     for start in range(0, len(rollout_ids), 900):
         chunk = list(rollout_ids[start:start + 900])
-        held.update((rid, grader) for rid, grader in session.execute(
-            select(JudgeBatchKey.rollout_id, JudgeBatchKey.grader)
-            .join(JudgeBatch, JudgeBatch.id == JudgeBatchKey.batch_id)
-            .where(JudgeBatchKey.judge_config_id == config_id,
-                   JudgeBatchKey.rollout_id.in_(chunk), JudgeBatch.collected_at.is_(None))))
+        query = (select(JudgeBatchKey.rollout_id, JudgeBatchKey.grader)
+                 .join(JudgeBatch, JudgeBatch.id == JudgeBatchKey.batch_id)
+                 .where(JudgeBatchKey.judge_config_id == config_id,
+                        JudgeBatchKey.rollout_id.in_(chunk), JudgeBatch.collected_at.is_(None)))
+        if free:
+            query = query.where(JudgeBatch.id.not_in(free))
+        held.update((rid, grader) for rid, grader in session.execute(query))
     return held
 
 
@@ -120,6 +144,7 @@ def count_held(session: Session, scope: Scope, config_id: int | None, mode: str)
     leaves them out); counted in SQL for --dry-run."""
     if config_id is None:
         return 0
+    free = stranded(session, config_id)
     total = 0
     for exp_id, graders in scope.graders.items():
         row = and_(Judgment.rollout_id == JudgeBatchKey.rollout_id,
@@ -133,6 +158,8 @@ def count_held(session: Session, scope: Scope, config_id: int | None, mode: str)
                    Rollout.experiment_id == exp_id, JudgeBatchKey.grader.in_(graders))
         )
         query = in_scope(query, scope)
+        if free:
+            query = query.where(JudgeBatch.id.not_in(free))
         if mode == "only_missing":
             query = query.where(~exists().where(row))
         elif mode == "retry_unparsed":

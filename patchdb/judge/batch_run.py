@@ -108,18 +108,20 @@ def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
                                config.prompt_trial, resolved.model, resolved.reasoning,
                                redact_text(endpoint.base_url),
                                Prices(batch.price_in, batch.price_out, batch.discount), echo)
+            ctx.drop_stranded()
             for url in ctx.live_elsewhere():
                 echo(f"Live batches of this judge config were sent to {url}; their keys stay "
                      "held until a run with that --base-url collects them.")
+            submit = not (batch.collect_only or batch.cancel)
             if batch.cancel:
                 ctx.cancel()
-            live = ctx.advance(submit=not (batch.collect_only or batch.cancel))
-            if not (batch.collect_only or batch.cancel):
+            live = ctx.advance(submit=submit)
+            if submit:
                 live = _submit(ctx, scope, options, batch)
             while live and not batch.no_wait and not batch.collect_only:
                 fault_point("judge.batch_poll")
                 time.sleep(batch.poll_s)
-                live = ctx.advance()
+                live = ctx.advance(submit=submit)
             ctx.summary.live = live
     finally:
         api.close()
