@@ -280,7 +280,7 @@ def test_plot_draws_each_baseline_dashed_and_the_false_positive_rate(judged: Pat
     dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
     assert [tuple(line.get_ydata()) for line in dotted] == [(0.25, 0.25)]
     assert {"Unpatched", "False pos. 25% (Wilson, 4 samples)"} <= {
-        t.get_text() for t in ax.get_legend().get_texts()}
+        " ".join(t.get_text().split()) for t in ax.get_legend().get_texts()}
 
     table = by_name["failure_to_success"].table.splitlines()
     assert table[1].split()[:3] == ["word", "base", "|"]

@@ -205,7 +205,7 @@ def test_compare_places_each_sweep_on_its_own_layers(layered: Path, tmp_path: Pa
         assert [r["layer"] for r in rows] == layers
         assert [r["rate"] for r in rows] == pytest.approx([0.35 / 3, 0.6])
         assert rows[0]["lower"] == pytest.approx(over_words([0.10, 0.0, 0.25], 100)[0])
-    legend_texts = [t.get_text() for legend in ax.get_children()
+    legend_texts = [" ".join(t.get_text().split()) for legend in ax.get_children()
                     if type(legend).__name__ == "Legend" for t in legend.get_texts()]
     assert "95% band: Wilson-t over 3 words" in legend_texts
 

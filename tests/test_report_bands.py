@@ -66,6 +66,11 @@ def rates(db: Path, tmp_path: Path) -> dict[str, ExperimentRates]:
     return {e.name: e.rates for e in report.experiments}
 
 
+def legend(ax: Axes) -> list[str]:
+    """The legend's entries, each on one line (long ones are wrapped in the figure)."""
+    return [" ".join(t.get_text().split()) for t in ax.get_legend().get_texts()]
+
+
 def band_at(ax: Axes, index: int, layer: float) -> tuple[float, float]:
     """The lowest and highest y of the index-th band where it meets x = layer."""
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -84,7 +89,7 @@ def test_the_band_is_drawn_around_the_mean_line(rates: dict[str, ExperimentRates
     assert band_at(ax, 0, 40) == pytest.approx(at_40, abs=1e-9)
     assert band_at(ax, 0, 41) == pytest.approx(at_41, abs=1e-9)
     assert at_40[0] < 0.35 / 3 < at_40[1] < 0.6  # around the line, well below 1 - 0.117
-    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    texts = legend(ax)
     assert texts[-1] == "95% band: Wilson-t over 3 words"
     assert "False pos. 29% (Wilson, 100 samples)" in texts
 
@@ -94,7 +99,7 @@ def test_pair_lines_get_their_band_over_source_words(rates: dict[str, Experiment
     ax = sweep_figure(rates["failure_to_success"], "t", ci=True).axes[0]
     assert band_at(ax, 0, 40) == pytest.approx(over_words([0.2, 0.1, 0.0], 100), abs=1e-9)
     assert band_at(ax, 2, 41) == pytest.approx(wilson(1.0, 300, T2), abs=1e-9)  # all agree
-    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == \
+    assert legend(ax)[-1] == \
         "95% band: Wilson-t over 3 sources"
 
 
@@ -123,7 +128,7 @@ def test_net_band_is_the_band_of_the_difference(rates: dict[str, ExperimentRates
         p = sum(words) / 3
         expected = newcombe(p, over_words(words, 100), FALSE_POSITIVE, control)
         assert band_at(ax, 0, layer) == pytest.approx(expected, abs=1e-9)
-    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    texts = legend(ax)
     assert texts[-1] == "95% band: Wilson-t over 3 sources minus false positives (Newcombe)"
 
 
@@ -131,7 +136,7 @@ def test_samples_method_draws_the_wilson_band_over_samples(
         rates: dict[str, ExperimentRates]) -> None:
     ax = sweep_figure(rates["unsteered_to_steered"], "t", ci=True, ci_method="samples").axes[0]
     assert band_at(ax, 0, 41) == pytest.approx(wilson(0.6, 300), abs=1e-9)
-    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == \
+    assert legend(ax)[-1] == \
         "95% band: Wilson over samples"
 
 

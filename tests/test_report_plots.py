@@ -35,7 +35,7 @@ def rates(tmp_path: Path, db_path: Path) -> dict[str, ExperimentRates]:
 def legend_texts(fig: Figure) -> list[str]:
     legend = fig.axes[0].get_legend()
     assert legend is not None
-    return [t.get_text() for t in legend.get_texts()]
+    return [" ".join(t.get_text().split()) for t in legend.get_texts()]  # wrapped on one line
 
 
 def test_pair_plot(rates: dict[str, ExperimentRates]) -> None:

@@ -40,7 +40,7 @@ def control_label(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) ->
     if rates.control is None:
         return None
     c = control_interval(rates.control, ci_method)
-    return f"False pos. {c.estimate:.0%} (Wilson, {c.n_samples} samples)"
+    return f"False pos. {c.estimate:.0%}\n(Wilson, {c.n_samples} samples)"  # a narrow legend
 
 
 def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],

@@ -6,6 +6,7 @@ Missing rates are NaN, which matplotlib draws as a gap.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,13 @@ def _band(ax: Axes, layers: list[int], rates: ExperimentRates, line: Line, colou
                         linewidth=0)
 
 
+LEGEND_WIDTH = 30  # characters per line of a long legend entry
+
+
 def band_label(bands: list[Band]) -> str:
-    """The legend entry of a plot's bands: '95% band: Wilson-t over 8 words'."""
-    return f"95% band: {legend_method(bands)}"
+    """The legend entry of a plot's bands, '95% band: Wilson-t over 8 words', on as many
+    lines of LEGEND_WIDTH characters as it needs (the legend sits in a narrow margin)."""
+    return textwrap.fill(f"95% band: {legend_method(bands)}", LEGEND_WIDTH)
 
 
 def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool = False,
@@ -114,7 +119,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
                   fontsize="small")
     # Fixed margins with room for the legend on the right: tight_layout costs a full text
     # layout. A long legend entry (a band's method) gets a wider margin.
-    widest = max((len(label) for label in labels), default=0)
+    widest = max((len(part) for label in labels for part in label.split("\n")), default=0)
     fig.subplots_adjust(left=0.08, right=max(0.55, 0.84 - 0.0065 * max(0, widest - 16)),
                         bottom=0.1, top=0.93)
     return fig
