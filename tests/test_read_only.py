@@ -200,3 +200,26 @@ def test_a_read_only_store_with_changes_left_in_its_wal_is_refused(folder: Path,
         f"Error: {db} is read-only here and its write-ahead log store.sqlite-wal holds changes "
         "not yet in the file; open it once where it can be written (any patchdb command), "
         "then read it here")
+
+
+def test_a_read_only_store_that_a_writer_has_open_is_read_with_its_wal(
+        read_only_store: Path, tmp_path: Path) -> None:
+    """Another process with write access keeps the store open and has committed a change that
+    is still only in the write-ahead log: the reader sees it (through the writer's -shm index),
+    where opening the file as immutable would have read it without the change."""
+    for path in (read_only_store, read_only_store.parent):  # the writer may write
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    writer = sqlite3.connect(read_only_store, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("PRAGMA foreign_keys = ON")
+        writer.execute("DELETE FROM rollouts WHERE patch_layer = 3")  # 4 rollouts, 16 judgments
+        lock(read_only_store.parent)  # the reader may not
+        assert read_only_store.with_name("store.sqlite-wal").stat().st_size > 0
+        status = patchdb("status", "--db", read_only_store, cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        rows = {line.split()[1]: line.split()[2:4] for line in status.stdout.splitlines()
+                if line.startswith("steered_to_unsteered")}
+        assert rows["2"] == ["4/4", "8/8"] and rows["3"] == ["0/4", "0/8"]
+    finally:
+        writer.close()

@@ -4,8 +4,9 @@ SQLite runs in WAL mode with foreign keys on and a busy timeout. Write transacti
 BEGIN IMMEDIATE, so two writers queue on the lock instead of failing on an upgrade.
 
 A SQLite file this process cannot write (read-only media, or no write permission on the file or
-on its folder) is opened read-only and immutable: a WAL reader must otherwise create the -shm
-index beside the file, which it cannot do there, and so could not even read.
+on its folder) is opened read-only. A WAL reader needs the -shm index beside the file: where it
+exists (a writer has the store open) it is read as it is; where it does not, this process could
+not create it, so the file is opened immutable, which needs none.
 """
 
 import os
@@ -98,16 +99,20 @@ def sqlite_read_only(path: Path) -> bool:
 
 
 def _read_only_connect(path: Path) -> Any:
-    """A connection factory for a store that cannot be written here. `immutable` tells SQLite
-    nobody changes the file, so it needs no -shm index and takes no locks; that is only right
-    when no committed change waits in the write-ahead log, so such a store is refused."""
-    wal = path.with_name(path.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
+    """A connection factory for a store that cannot be written here: `mode=ro` with its -shm
+    index where one exists, else `immutable`, which tells SQLite that nobody changes the file,
+    so it needs no index. That is only right when no committed change waits in the
+    write-ahead log, so such a store (a log but no index) is refused."""
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    if shm.exists():
+        uri = f"file:{quote(str(path))}?mode=ro"
+    elif wal.exists() and wal.stat().st_size > 0:
         raise StoreError(
             f"{path} is read-only here and its write-ahead log {wal.name} holds changes not yet "
             "in the file; open it once where it can be written (any patchdb command), then "
             "read it here")
-    uri = f"file:{quote(str(path))}?mode=ro&immutable=1"
+    else:
+        uri = f"file:{quote(str(path))}?mode=ro&immutable=1"
     return lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
                                    check_same_thread=False)
 
