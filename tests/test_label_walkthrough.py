@@ -15,11 +15,13 @@ import pytest
 from conftest import run_cli
 from sqlalchemy import select
 
-from patchdb.judge.templates import DEFAULT_TEMPLATES
 from patchdb.label.labels import set_label
 from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# The grader texts demo_labels_judge.json was judged with (before the identification grader
+# asked for a clear claim and "Trial 1:" left the judge's question); docs/labels.md says so.
+FIXTURE_TEMPLATES = "ebc18cbddf5bba7f"
 DOC = (Path(__file__).parent.parent / "docs" / "labels.md").read_text(encoding="utf-8")
 LABELS = json.loads((FIXTURES / "demo_labels.json").read_text())
 JUDGE = json.loads((FIXTURES / "demo_labels_judge.json").read_text())["rollouts"]
@@ -51,7 +53,7 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     def fill(session) -> None:  # type: ignore[no-untyped-def]
         judge = JudgeConfig(model="smollm2-135m", reasoning="none", backend="hf",
-                            template_version=DEFAULT_TEMPLATES.version, verdict_mode="logprobs")
+                            template_version=FIXTURE_TEMPLATES, verdict_mode="logprobs")
         session.add(judge)
         session.flush()
         experiments = {e.name: e.id for e in session.scalars(select(Experiment))}
