@@ -10,7 +10,7 @@ CPU seconds the workers used together (on a busy machine, what they could not ge
 wall time).
 
 Usage: python scripts/bench_judge_workers.py --workers 1,2,4 [--db postgresql://host/db]
-       [--calls 2000] [--latency 0.1] [--concurrency 4]
+       [--calls 2000] [--latency 0.1] [--concurrency 4] [--json scripts/results/NAME.json]
 
 Without --db each run's store is a SQLite file in a temporary folder. With a PostgreSQL URL,
 each run gets a fresh database on that server, named after the URL's with a random suffix
@@ -136,7 +136,11 @@ def run_workers(db: str, n_workers: int, latency_s: float, concurrency: int) -> 
             raise SystemExit(f"a judge worker exited {p.returncode}:\n{out}{err}")
     each = [int(m.group(1).replace(",", "")) if (m := re.search(r"Judged ([\d,]+) calls", out))
             else -1 for out, _err in outputs]
-    return {"sent": sent.value, "judged": judged(db), "each": each, "wall": wall, "cpu": cpu}
+    # each worker's own time from its first claim to its exit (its summary line)
+    runs = [float(m.group(1)) if (m := re.search(r"calls in ([\d.]+)s", out)) else 0.0
+            for out, _err in outputs]
+    return {"sent": sent.value, "judged": judged(db), "each": each, "wall": wall, "cpu": cpu,
+            "worker_s": runs}
 
 
 def _children_cpu() -> float:
@@ -154,14 +158,16 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--json", type=Path, help="also write the rows and the settings here")
     args = ap.parse_args()
     counts = [int(x) for x in args.workers.split(",")]
     where = "PostgreSQL" if args.db else "SQLite"
     print(f"{where} store, {args.calls:,} calls, server latency {args.latency * 1000:.0f} ms, "
           f"--concurrency {args.concurrency} per worker, {os.cpu_count()} CPUs")
     print(f"{'workers':>7} {'calls sent':>10} {'judgments':>9} {'sent/judged':>11} "
-          f"{'wall s':>7} {'vs first':>8} {'worker CPU s':>12}  calls per worker")
-    first = None
+          f"{'wall s':>7} {'vs first':>8} {'worker CPU s':>12}  calls (s) per worker")
+    first, rows = None, []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for run, n_workers in enumerate(counts):
             with fresh_store(args.db, Path(tmp), run) as db:
@@ -169,10 +175,19 @@ def main() -> None:
                 assert 2 * rollouts == args.calls
                 got = run_workers(db, n_workers, args.latency, args.concurrency)
             first = first or got["wall"]
+            rows.append({"workers": n_workers, **got, "wall_vs_first": got["wall"] / first})
             print(f"{n_workers:>7} {got['sent']:>10,} {got['judged']:>9,} "
                   f"{got['sent'] / max(1, got['judged']):>11.3f} {got['wall']:>7.1f} "
                   f"{got['wall'] / first:>8.2f} {got['cpu']:>12.1f}  "
-                  f"{' '.join(str(c) for c in got['each'])}")
+                  f"{' '.join(f'{c} ({t:.1f})' for c, t in zip(got['each'], got['worker_s'], strict=True))}")
+    load = (load_before, os.getloadavg())
+    print(f"load average (1, 5, 15 min) before: {load[0][0]:.1f} {load[0][1]:.1f} "
+          f"{load[0][2]:.1f}; after: {load[1][0]:.1f} {load[1][1]:.1f} {load[1][2]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "store": where, "calls": args.calls, "latency_s": args.latency,
+            "concurrency": args.concurrency, "cpus": os.cpu_count(), "load_average": load,
+            "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

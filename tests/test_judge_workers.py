@@ -235,9 +235,9 @@ def test_a_live_worker_leaves_the_keys_of_a_live_batch_alone(tmp_path: Path,
     env = judge_env(server)
     finish([start(judge_cmd(db, "--limit", "1"), env)])  # makes the judge config
     ((config_id,),) = query(db, "SELECT id FROM judge_configs")
-    execute(db, """INSERT INTO judge_batches (judge_config_id, base_url, state, requests,
-        created_at) VALUES (:c, 'http://batch.example/v1', 'in_progress', 10, '2026-01-01')""",
-            {"c": config_id})
+    execute(db, """INSERT INTO judge_batches (judge_config_id, base_url, input_file_id,
+        provider_batch_id, state, requests, created_at) VALUES (:c, 'http://batch.example/v1',
+        'file-1', 'batch-1', 'in_progress', 10, '2026-01-01')""", {"c": config_id})
     execute(db, """INSERT INTO judge_batch_keys (batch_id, rollout_id, grader, judge_config_id)
         SELECT 1, r.id, g.grader, :c FROM rollouts r JOIN experiments e ON e.id = r.experiment_id
         JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'

@@ -66,6 +66,7 @@ class JudgmentWriter:
         self._rows: deque[Row] = deque()
         self._wake = threading.Event()
         self._closing = False
+        self._statement: Any = None
         self._thread = threading.Thread(target=self._run, name="patchdb-judge-writer", daemon=True)
         self._thread.start()
 
@@ -115,18 +116,24 @@ class JudgmentWriter:
         if self.notify is not None:
             self.notify()
 
+    def _insert(self, session: Session) -> Any:
+        """The INSERT of judgment rows, built once: plain SQL on the table, no ORM objects."""
+        if self._statement is None:
+            stmt = dialect_insert(session, Judgment.__table__)
+            keys = ["rollout_id", "grader", "judge_config_id"]
+            if self.replace:
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=keys, set_={c: stmt.excluded[c] for c in _UPDATED}
+                )
+            else:
+                stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+            self._statement = stmt
+        return self._statement
+
     def _write(self, session: Session, rows: list[Row]) -> None:
         now = utcnow()
         values = [{**r.values, "created_at": now} for r in rows]
-        stmt = dialect_insert(session, Judgment)
-        keys = ["rollout_id", "grader", "judge_config_id"]
-        if self.replace:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=keys, set_={c: stmt.excluded[c] for c in _UPDATED}
-            )
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
-        session.execute(stmt, values)
+        session.connection().execute(self._insert(session), values)
         cache = [{"request_hash": h, "reply_json": j, "created_at": now}
                  for h, j in {r.cache for r in rows if r.cache is not None}]
         if cache:
