@@ -35,6 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("patchdb.cli.sweep_cmd:sweep", "Run generate, judge and report in order."),
     "label": ("patchdb.cli.label_cmd:label",
               "Label answers YES or NO by hand, one grader question at a time"),
+    "verify": ("patchdb.cli.verify_cmd:verify",
+               "Check that steering, patching, batching, the fast decode and the first-token "
+               "readout do what docs/science.md says"),
     "calibrate": ("patchdb.cli.calibrate_cmd:calibrate",
                   "Measure each judge config against the human labels of `patchdb label`"),
 }

@@ -6,6 +6,7 @@ patch layer and source values; after the prefill its KV cache row is copied to e
 samples, which then decode with their own seeds. Rows that reach EOS are dropped from the batch.
 """
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class Engine:
         self.share_prefix = share_prefix and fast_attention
         self.shrink_rows = shrink_rows
         self._decoder: GraphedDecoder | None = None
+        self._prefix_cache: DynamicCache | None = None  # readout_logits' shared prompt prefix
         self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
     @property
@@ -156,24 +158,68 @@ class Engine:
             logits, _ = self._prefill(units, keep_cache=False)
         return logits
 
-    def _prefill(
-        self, units: list[TargetUnit], keep_cache: bool = True
-    ) -> tuple[torch.Tensor, DynamicCache | None]:
-        """One row per unit over the prompt, patched; the caller holds the steering hook."""
-        n = len(units)
+    @torch.inference_mode()
+    def forced_logits(self, unit: TargetUnit, tokens: list[int]) -> torch.Tensor:
+        """Logits at every position of the prompt followed by `tokens`, in one forward with no
+        cache: steered from the injection start on (generated tokens too) and patched over the
+        prompt as the unit's own run would be. `patchdb verify` reads margins off it."""
+        ids = torch.tensor([self.prompt_ids + list(tokens)], device=self.device)
         n_patch = self.prompt_len - self.injection_start
-        ids = torch.tensor([self.prompt_ids], device=self.device).expand(n, -1)
+        values = torch.zeros(1, n_patch, self.hidden_size, device=self.device, dtype=self.dtype)
+        if unit.patch_layer is not None and unit.patch_values is not None:
+            values[0] = unit.patch_values.to(device=self.device, dtype=self.dtype)
+        layer = unit.patch_layer if unit.patch_layer is not None else -1
+        patch = Patch(torch.tensor([layer], device=self.device), values, self.injection_start)
+        steer_state = Steering(self._steer_rows([unit.steer]), self.injection_start)
+        with steering(self.layer_map, self.steer_layer, steer_state), patching(self.layer_map, patch):
+            out = self.model(input_ids=ids, use_cache=False)
+        return out.logits[0].to(self.device).float()
+
+    @torch.inference_mode()
+    def readout_logits(self, units: list[TargetUnit]) -> torch.Tensor:
+        """What prefill_logits gives (to float rounding), for the readout pass: the prompt
+        before the injection start, which no steering or patch reaches, is run once and its KV
+        cache shared, so each row computes only the positions from the injection start on."""
+        if self.injection_start == 0 or self.spans_devices:
+            return self.prefill_logits(units)
+        if self._prefix_cache is None:
+            ids = torch.tensor([self.prompt_ids[: self.injection_start]], device=self.device)
+            self._prefix_cache = DynamicCache(config=self.model.config)
+            self._forward(ids, self._prefix_cache, last_only=True)
+        cache = copy.deepcopy(self._prefix_cache)
+        cache.batch_repeat_interleave(len(units))
+        ids = torch.tensor([self.prompt_ids[self.injection_start:]], device=self.device)
+        steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
+        steer_state.offset = self.injection_start
+        layers, values = self._patch_rows(units)
+        with steering(self.layer_map, self.steer_layer, steer_state), patching(
+            self.layer_map, Patch(layers, values, 0)  # positions counted from the suffix
+        ):
+            return self._forward(ids.expand(len(units), -1), cache, last_only=True)
+
+    def _patch_rows(self, units: list[TargetUnit]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's patch layer (-1: none) and source values over injection_start..end."""
+        n_patch = self.prompt_len - self.injection_start
         layers = torch.tensor(
             [u.patch_layer if u.patch_layer is not None else -1 for u in units],
             device=self.device,
             dtype=torch.int64,
         )
-        values = torch.zeros(n, n_patch, self.hidden_size, device=self.device, dtype=self.dtype)
+        values = torch.zeros(len(units), n_patch, self.hidden_size, device=self.device,
+                             dtype=self.dtype)
         for i, u in enumerate(units):
             if u.patch_layer is not None:
                 if u.patch_values is None or u.patch_values.shape[0] != n_patch:
                     raise ValueError(f"unit {i} needs patch values over {n_patch} positions")
                 values[i] = u.patch_values.to(device=self.device, dtype=self.dtype)
+        return layers, values
+
+    def _prefill(
+        self, units: list[TargetUnit], keep_cache: bool = True
+    ) -> tuple[torch.Tensor, DynamicCache | None]:
+        """One row per unit over the prompt, patched; the caller holds the steering hook."""
+        ids = torch.tensor([self.prompt_ids], device=self.device).expand(len(units), -1)
+        layers, values = self._patch_rows(units)
         cache = DynamicCache(config=self.model.config) if keep_cache else None
         with patching(self.layer_map, Patch(layers, values, self.injection_start)):
             logits = self._forward(ids, cache, last_only=True)
@@ -227,6 +273,10 @@ class Engine:
             self._graph_ok[max_len] = graph_supported(self.model, self.device, max_len,
                                                       require_cuda=self.graph_replay)
         return self._graph_ok[max_len]
+
+    def decodes_static(self, max_len: int) -> bool:
+        """Whether sequences of max_len decode through the static-cache decoder here."""
+        return self._static_decode(max_len)
 
     def shared_prefix_len(self, max_len: int) -> int:
         """Prompt positions kept once for all rows when sequences of max_len decode: the

@@ -30,17 +30,22 @@ FREE_FRACTION = 0.8
 
 def readout_rows(engine: Engine) -> int:
     """Prefill rows per readout batch: 64 on the CPU; on a GPU as many as free memory holds
-    (per row: the layer activations over the prompt, eager attention scores, the logits)."""
+    (per row: the KV cache of the prompt, the layer activations over it, eager attention
+    scores, the logits)."""
     if engine.device.type != "cuda":
         return CPU_READOUT_ROWS
     config = engine.model.config.get_text_config()
     hidden = engine.hidden_size
     inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    n_layers = len(engine.layer_map.layers)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     n = engine.prompt_len + 16  # an unrelated question's prompt may be a little longer
     element = next(engine.model.parameters()).element_size()
-    per_row = n * (6 * hidden + 4 * inter) * element + heads * n * n * 4 + vocab * 12
+    per_row = (n * (6 * hidden + 4 * inter + 2 * n_layers * kv_heads * head_dim) * element
+               + heads * n * n * 4 + vocab * 12)
     free, _ = torch.cuda.mem_get_info(engine.device)
     free += torch.cuda.memory_reserved(engine.device) - torch.cuda.memory_allocated(engine.device)
     return max(1, min(MAX_READOUT_ROWS, int(FREE_FRACTION * free) // per_row))
@@ -132,7 +137,7 @@ def run_readouts(
                 questions = {question: _engines(ctx, question)}  # one question's runs at a time
             q = questions[question]
             units = [_target(r, q, ctx, layers) for r in batch]
-            values = ctx.reader.read(q.engine.prefill_logits(units))
+            values = ctx.reader.read(q.engine.readout_logits(units))
             found: dict[ReadoutUnit, ReadoutValues] = dict(zip(batch, values, strict=True))
             with ctx.writing():
                 written += _write(store, found, ctx.run_id)
