@@ -9,12 +9,16 @@
   the mean P(yes) with none (docs/science.md).
 """
 
+from patchdb.experiments import RANDOM_VECTOR_LAYER
+
+__all__ = ["CONTROLS", "RANDOM_VECTOR", "RANDOM_VECTOR_LAYER", "TRIAL_QUESTION", "UNRELATED",
+           "UNRELATED_QUESTIONS", "question_label", "unrelated_questions"]
+
 RANDOM_VECTOR = "random_vector"
 UNRELATED_QUESTIONS = "unrelated_questions"
 CONTROLS = (RANDOM_VECTOR, UNRELATED_QUESTIONS)
 
-# Random-vector rollouts: no decoder layer has this index, and baselines use -1.
-RANDOM_VECTOR_LAYER = -2
+# Random-vector rollouts sit at RANDOM_VECTOR_LAYER (patchdb.experiments; baselines use -1).
 # The readout of the sweep's own trial question is stored with this question text.
 TRIAL_QUESTION = ""
 

@@ -17,6 +17,9 @@ NO_STEERING_LABEL = "(none)"
 # source word NO_STEERING; layer_rates leaves it out and baseline_rates shows it.
 BASELINE_LAYER = -1
 BASELINE_FOLDER = "baseline"  # the JSON layout's folder for them, beside the layer_<L> folders
+# The random-vector control (patchdb.controls): unpatched like a baseline, at this patch layer.
+RANDOM_VECTOR_LAYER = -2
+RANDOM_VECTOR_FOLDER = "random_vector"
 GRADERS: tuple[Grader, ...] = ("coherence", "detection", "detection_identification")
 
 
@@ -70,13 +73,18 @@ def baseline_targets(exp: ExperimentDef, positive: list[str], negative: list[str
 
 
 def at_layer(exp: ExperimentDef, patch_layer: int) -> ExperimentDef:
-    """The experiment as its rows at this patch layer are keyed: its baselines by target."""
-    return replace(exp, baseline=True) if patch_layer == BASELINE_LAYER else exp
+    """The experiment as its rows at this patch layer are keyed: its baselines (and the
+    random-vector control, also unpatched) by target."""
+    unpatched = patch_layer in (BASELINE_LAYER, RANDOM_VECTOR_LAYER)
+    return replace(exp, baseline=True) if unpatched else exp
 
 
 def layer_folder(patch_layer: int) -> str:
-    """The JSON layout's folder for a patch layer: layer_<L>, or BASELINE_FOLDER."""
-    return BASELINE_FOLDER if patch_layer == BASELINE_LAYER else f"layer_{patch_layer}"
+    """The JSON layout's folder for a patch layer: layer_<L>, BASELINE_FOLDER or
+    RANDOM_VECTOR_FOLDER."""
+    if patch_layer == BASELINE_LAYER:
+        return BASELINE_FOLDER
+    return RANDOM_VECTOR_FOLDER if patch_layer == RANDOM_VECTOR_LAYER else f"layer_{patch_layer}"
 
 
 def key_label(exp: ExperimentDef, source: str, target: str) -> str:
