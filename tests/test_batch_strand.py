@@ -178,3 +178,39 @@ def test_collect_with_cancel_is_refused(db_path: Path, right: BatchServer) -> No
     assert both.output == ("Error: --collect and --cancel do not go together: --cancel "
                            "cancels the live batches and collects what they finished\n")
     assert file_digest(db_path) == before and not right.state.calls
+
+
+def test_a_batch_leaves_the_keys_of_a_live_judge_worker_alone(db_path: Path,
+                                                              right: BatchServer) -> None:
+    """A key a live worker has claimed (a judge_leases row of a running run) is not put into a
+    batch: the batch records its keys under the lock workers claim under, checking leases."""
+    from patchdb.store import open_store
+    from patchdb.store.runs import stage_run
+
+    make_store(db_path)
+    first = batch(db_path, right.base_url, "--limit", "2")  # makes the judge config
+    assert "Submitted 1 batch(es) of 2 calls; collected 1" in first.output, first.output
+    ((config_id,),) = query(db_path, "SELECT id FROM judge_configs")
+    store = open_store(str(db_path))
+    try:
+        with stage_run(store, "judge", {}, sweep_id=1) as worker:  # running, this pid
+            execute(db_path, """INSERT INTO judge_leases (rollout_id, grader, judge_config_id,
+                stage_run_id, claimed_at, expires_at)
+                SELECT r.id, g.grader, :c, :run, :now, :later FROM rollouts r
+                JOIN experiments e ON e.id = r.experiment_id
+                JOIN (SELECT 'coherence' AS grader UNION SELECT 'detection'
+                      UNION SELECT 'detection_identification') g
+                  ON g.grader IN ('coherence', e.detection_grader)
+                WHERE r.id BETWEEN 20 AND 24""",
+                    {"c": config_id, "run": worker.id, "now": utcnow(),
+                     "later": utcnow() + timedelta(hours=1)})
+            rest = batch(db_path, right.base_url)
+    finally:
+        store.close()
+    assert rest.exit_code == 0, rest.output
+    assert f"Submitted 1 batch(es) of {N_CALLS - 2 - 10} calls" in rest.output, rest.output
+    assert query(db_path, """SELECT count(*) FROM judge_batch_keys
+                             WHERE rollout_id BETWEEN 20 AND 24""") == [(0,)]
+    assert query(db_path, "SELECT count(*) FROM judgments WHERE rollout_id BETWEEN 20 AND 24"
+                 ) == [(0,)]
+    assert len(right.state.billed) == N_CALLS - 10

@@ -18,9 +18,7 @@ from judge_server import COST_PER_CALL, FaultServer, fault_server, make_store
 from pg import execute, query
 from tiny_models import save_tiny_llama
 
-from patchdb.judge.batch_jobs import BATCH_LOCK
 from patchdb.judge.leases import (
-    KEYS_LOCK,
     claim,
     claimable_page,
     db_now,
@@ -293,10 +291,6 @@ def test_only_missing_keeps_a_judgment_another_run_stored_meanwhile(
 
 
 # --- the lease rules, on a store ----------------------------------------------------------
-
-
-def test_the_claim_lock_is_the_one_batches_record_keys_under() -> None:
-    assert KEYS_LOCK == BATCH_LOCK  # so a claim and a batch never take one key both
 
 
 def _run(store: Any, stage: str = "judge") -> Any:

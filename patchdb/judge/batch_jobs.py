@@ -30,6 +30,7 @@ from patchdb.judge.batch_plan import (
     reasoning_options,
     stranded,
 )
+from patchdb.judge.leases import KEYS_LOCK, db_now, live_leases
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, utcnow
@@ -37,7 +38,6 @@ from patchdb.store.runs import is_running
 from patchdb.store.store import Store
 
 WRITE_CHUNK = 1000  # judgments per transaction while collecting
-BATCH_LOCK = 18_000_000  # + judge config id: PostgreSQL's advisory lock around recording keys
 
 
 @dataclass
@@ -90,15 +90,17 @@ class BatchContext:
         int | None, list[Call]
     ]:
         """Write the batch row and its keys before anything leaves this machine: the id and
-        the calls it holds, leaving out keys another run put into a live batch meanwhile
-        (and, looking for missing ones, keys judged meanwhile), checked in the same write
-        transaction; None when none is left."""
+        the calls it holds, leaving out keys another run put into a live batch or a live
+        judge worker claimed meanwhile (and, looking for missing ones, keys judged
+        meanwhile), checked in the same write transaction under the lock workers claim
+        under; None when none is left."""
         def add(session: Any) -> tuple[int | None, list[Call]]:
             if session.get_bind().dialect.name == "postgresql":  # SQLite writers queue anyway
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                {"key": BATCH_LOCK + self.config_id})
+                                {"key": KEYS_LOCK + self.config_id})
             rollout_ids = sorted({c.rollout_id for c in calls})
             held = live_keys(session, self.config_id, rollout_ids)
+            held |= set(live_leases(session, self.config_id, rollout_ids, db_now(session)))
             if mode == "only_missing":
                 held |= judged_keys(session, self.config_id, rollout_ids)
             kept = [c for c in calls if (c.rollout_id, c.grader) not in held]
