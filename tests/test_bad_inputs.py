@@ -128,6 +128,9 @@ def test_a_layer_outside_the_model_is_refused_before_writing(empty_store: Path) 
     (["--layers", "2-3:0"], "step in '2-3:0' must be at least 1", 2),
     (["--graders", "vibes"], "vibes", 2),
     (["--sweep", "nope"], "no sweep named 'nope'", 1),
+    (["--max-cost", "nan"], "'nan' is not a finite number", 2),  # NaN was no limit at all
+    (["--price-in", "inf", "--price-out", "1", "--dry-run"], "'inf' is not a finite number", 2),
+    (["--timeout", "nan"], "'nan' is not a finite number", 2),
 ])
 def test_judge_refuses_bad_options(full_store: Path, args: list[str], fragment: str, code: int,
                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,14 @@ import click
 from patchdb.cli.judge_batch import BATCH_ONLY, judge_batch
 from patchdb.cli.judge_plan import render_plan
 from patchdb.cli.multi import run_per_sweep
-from patchdb.cli.options import db_option, experiments_option, layers_option, split_list, sweep_option
+from patchdb.cli.options import (
+    FiniteRange,
+    db_option,
+    experiments_option,
+    layers_option,
+    split_list,
+    sweep_option,
+)
 from patchdb.config import REASONING_EFFORTS, VERDICT_MODES
 from patchdb.experiments import GRADERS
 from patchdb.judge.settings import BACKENDS, JudgeOptions
@@ -90,41 +97,41 @@ def render_summary(s: JudgeSummary) -> str:
               help="Calls in flight (default: the sweep config's, 512).")
 @click.option("--max-attempts", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_MAX_ATTEMPTS",
               help="Attempts per call before its error is stored (default 3).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.01), default=120.0,
+@click.option("--timeout", "timeout_s", type=FiniteRange(min=0.01), default=120.0,
               show_default=True, envvar="PATCHDB_JUDGE_TIMEOUT", help="Seconds per call attempt.")
 @click.option("--limit", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_LIMIT",
               help="Judge at most N calls.")
-@click.option("--max-cost", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_MAX_COST",
+@click.option("--max-cost", type=FiniteRange(min=0), envvar="PATCHDB_JUDGE_MAX_COST",
               help="Stop once the cost of this run reaches USD.")
 @click.option("--cache/--no-cache", default=False, envvar="PATCHDB_JUDGE_CACHE",
               help="Answer identical requests from the judge_cache table.")
 @click.option("--follow", is_flag=True, envvar="PATCHDB_JUDGE_FOLLOW",
               help="Keep judging new rollouts while a generate run of the sweep is running; "
                    "started before generate has written anything, wait for it.")
-@click.option("--follow-wait", "follow_wait_s", type=click.FloatRange(min=0), default=600.0,
+@click.option("--follow-wait", "follow_wait_s", type=FiniteRange(min=0), default=600.0,
               show_default=True, envvar="PATCHDB_JUDGE_FOLLOW_WAIT",
               help="With --follow, started before generate has written any rollout of the "
                    "scope: seconds to wait for a generate run of the sweep to start.")
 @click.option("--dry-run", is_flag=True,
               help="Print what this command would send now, what waits for generate, and the "
                    "estimated cost; then exit without judging.")
-@click.option("--price-in", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_IN",
+@click.option("--price-in", type=FiniteRange(min=0), envvar="PATCHDB_JUDGE_PRICE_IN",
               help="With --dry-run: USD per million prompt tokens, times the average tokens of "
                    "this judge config's stored calls (default: their recorded cost). With "
                    "--batch: the live price that prices batch replies carrying no cost.")
-@click.option("--price-out", type=click.FloatRange(min=0), envvar="PATCHDB_JUDGE_PRICE_OUT",
+@click.option("--price-out", type=FiniteRange(min=0), envvar="PATCHDB_JUDGE_PRICE_OUT",
               help="With --dry-run: USD per million completion (incl. reasoning) tokens.")
 @click.option("--prompts", type=click.Path(dir_okay=False), envvar="PATCHDB_JUDGE_PROMPTS",
               help="TOML/JSON file of grader templates with {prompt}, {response}, {word}.")
-@click.option("--backoff", "backoff_base_s", type=click.FloatRange(min=0), default=1.0,
+@click.option("--backoff", "backoff_base_s", type=FiniteRange(min=0), default=1.0,
               envvar="PATCHDB_JUDGE_BACKOFF", show_default=True, hidden=True)
-@click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=2.0,
+@click.option("--poll", "poll_s", type=FiniteRange(min=0.01), default=2.0,
               envvar="PATCHDB_JUDGE_POLL", show_default=True, hidden=True)
 @click.option("--write-batch", type=click.IntRange(min=1), default=200, show_default=True,
               envvar="PATCHDB_JUDGE_WRITE_BATCH", hidden=True)
-@click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=60.0,
+@click.option("--lease", "lease_s", type=FiniteRange(min=0.1), default=60.0,
               show_default=True, envvar="PATCHDB_JUDGE_LEASE", hidden=True)
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0,
+@click.option("--grace", "grace_s", type=FiniteRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
               help="Seconds Ctrl-C waits for calls in flight.")
 @click.option("--judge-batch-size", "hf_batch_size", type=click.IntRange(min=1),
@@ -161,9 +168,9 @@ def render_summary(s: JudgeSummary) -> str:
 @click.option("--batch-max-bytes", type=click.IntRange(min=1), default=200_000_000,
               show_default=True, envvar="PATCHDB_JUDGE_BATCH_MAX_BYTES",
               help="Bytes per batch input file (OpenAI's limit is 200 MB).")
-@click.option("--batch-poll", type=click.FloatRange(min=0.01), default=30.0, show_default=True,
+@click.option("--batch-poll", type=FiniteRange(min=0.01), default=30.0, show_default=True,
               envvar="PATCHDB_JUDGE_BATCH_POLL", help="Seconds between looks at live batches.")
-@click.option("--batch-discount", type=click.FloatRange(min=0, max=1), default=0.5,
+@click.option("--batch-discount", type=FiniteRange(min=0, max=1), default=0.5,
               show_default=True, envvar="PATCHDB_JUDGE_BATCH_DISCOUNT",
               help="Batch price as a share of the live price: prices replies that carry no "
                    "cost of their own, and the --dry-run batch estimate.")

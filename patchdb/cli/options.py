@@ -1,5 +1,6 @@
 """Option sets shared by several commands, as decorators. Every option has an env variable."""
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -9,6 +10,17 @@ from patchdb.errors import RangeError
 from patchdb.ranges import parse_range
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinity (NaN passes every range check: with it
+    `--max-cost nan` was no limit at all)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def db_option(fn: F) -> F:
