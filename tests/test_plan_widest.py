@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,49 @@ def test_the_next_label_goes_to_a_cell_whose_band_is_undefined(db: str) -> None:
     assert balanced.exit_code == 0, balanced.output
 
 
-def test_the_page_refuses_the_widest_plan(db: str) -> None:
-    result = run_cli("label", "--db", db, "--plan", "widest")
-    assert result.exit_code == 2
-    assert "--plan widest goes with --next" in result.output
+def test_the_page_follows_the_widest_plan(db: str) -> None:
+    """The labeling page, served with --plan widest, shows first the answer `label --next
+    --plan widest` names, and served with the balanced plan the balanced one: with
+    failure_to_success layer 4 half labeled too, the two plans want different answers."""
+    from label_client import Tab
+
+    from patchdb.label.server import make_server
+    from patchdb.label.sessions import Labeling
+
+    def first_on_the_page(plan: str) -> int:
+        store = open_store(db)
+        server = make_server(Labeling(store, None, ["detection_identification"], "ada", 100,
+                                      None, plan=plan))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            item = Tab(server).next()
+            assert item is not None
+            return int(item["rollout_id"])
+        finally:
+            server.shutdown()
+            server.server_close()
+            store.close()
+
+    def half(session) -> None:  # type: ignore[no-untyped-def]
+        for rid in session.scalars(select(Rollout.id).join(Experiment).where(
+                Experiment.name == "failure_to_success", Rollout.patch_layer == 4)):
+            if rid % 2 == 0:
+                set_label(session, rid, "coherence", "ada", True)
+                set_label(session, rid, "detection_identification", "ada", True)
+
+    store = open_store(db)
+    store.transact(half)
+    store.close()
+    asked = {}
+    for plan in ("widest", "balanced"):
+        result = run_cli("label", "--db", db, "--labeler", "ada", "--next", "--json",
+                         "--grader", "detection_identification", "--plan", plan)
+        assert result.exit_code == 0, result.output
+        asked[plan] = json.loads(result.output)["item"]["rollout_id"]
+    assert asked["widest"] != asked["balanced"]
+    assert first_on_the_page("widest") == asked["widest"]
+    assert first_on_the_page("balanced") == asked["balanced"]
 
 
 def test_fewer_labels_make_a_wider_band() -> None:

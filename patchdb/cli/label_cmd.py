@@ -29,9 +29,10 @@ from patchdb.store.sweeps import get_sweep
                    "judged the most samples; env PATCHDB_JUDGE_CONFIG).")
 @click.option("--plan", type=click.Choice(PLANS), default="balanced", show_default=True,
               envvar="PATCHDB_LABEL_PLAN",
-              help="With --next: 'balanced' spreads labels over experiments and layers and the "
-                   "judge's YES and NO; 'widest' sends the next one where the corrected band "
-                   "(report --corrected) is widest (env PATCHDB_LABEL_PLAN).")
+              help="What comes next (page and --next): 'balanced' spreads labels over "
+                   "experiments and layers and the judge's YES and NO; 'widest' sends the next "
+                   "one where the corrected band (report --corrected) is widest (env "
+                   "PATCHDB_LABEL_PLAN).")
 @click.option("--next", "show_next", is_flag=True, help="Print the next answer to label and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --next: print it as JSON.")
 @click.option("--set", "set_rollout", type=int, metavar="ROLLOUT",
@@ -98,10 +99,7 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
         return
     from patchdb.label.server import serve
 
-    if plan != "balanced":
-        raise click.UsageError("--plan widest goes with --next (the page follows the balanced "
-                               "plan)")
-    serve(db, sweep, chosen, who, target, judge_config, port, announce=click.echo)
+    serve(db, sweep, chosen, who, target, judge_config, port, announce=click.echo, plan=plan)
 
 
 def _progress_line(progress: list[Progress]) -> str:

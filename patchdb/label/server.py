@@ -247,11 +247,12 @@ def server_url(server: LabelServer) -> str:
 
 
 def serve(db: str, sweep: str | None, graders: list[str], labeler: str, target: int,
-          judge_config: int | None, port: int, announce: Callable[[str], None]) -> None:
+          judge_config: int | None, port: int, announce: Callable[[str], None],
+          plan: str = "balanced") -> None:
     """Serve the labeling page until Ctrl-C; the URL (with its token) is announced first."""
     store = open_store(db)
     try:
-        labeling = Labeling(store, sweep, graders, labeler, target, judge_config)
+        labeling = Labeling(store, sweep, graders, labeler, target, judge_config, plan=plan)
         labeling.check()  # refuse a bad sweep or judge config before printing a URL
         server = make_server(labeling, port)
         announce(f"Labeling page for {labeler}: {server_url(server)}  (Ctrl-C stops; every "

@@ -77,9 +77,10 @@ class Labeling:
 
     def __init__(self, store: Store, sweep: str | None, graders: list[str], labeler: str,
                  target: int, judge_config: int | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, plan: str = "balanced") -> None:
         self.store, self.sweep, self.graders = store, sweep, graders
         self.labeler, self.target, self.judge_config = labeler, target, judge_config
+        self.plan = plan  # "balanced", or "widest": where the corrected band is widest
         self.clock = clock
         self.lock = threading.Lock()
         self.sessions: OrderedDict[str, PageSession] = OrderedDict()
@@ -90,7 +91,7 @@ class Labeling:
         with self.store.read() as session:
             item, progress = plan_next(session, get_sweep(session, self.sweep), self.graders,
                                        self.labeler, self.target, self.judge_config, skipped,
-                                       self.candidates)
+                                       self.candidates, plan=self.plan)
         return item, [vars(p) for p in progress]
 
     def check(self) -> None:
