@@ -1,6 +1,7 @@
 """Corrected rates from a store: Rogan-Gladen by hand, the refusals, and `report --corrected`
 (PPI++ by default) on a labeled store. The PPI simulations are in test_ppi.py."""
 
+import json
 import math
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_report_corrected_ppi_is_the_labeled_truth_where_every_rollout_is_labele
 
     store.transact(relabel)
     store.close()
-    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected",
+    result = run_cli("report", "--db", db, "--out", tmp_path / "out", "--corrected", "--json",
                      "--experiments", "failure_to_success,success_to_failure")
     assert result.exit_code == 0, result.output
     assert ("Correction for the detection_identification experiments (judge config #1): PPI++ "
@@ -165,6 +166,17 @@ def test_report_corrected_ppi_is_the_labeled_truth_where_every_rollout_is_labele
     assert rows_of(result.output) == {
         "Bread": ["3: 50 -> 50", "4: 50 -> 50"], "Trees": ["3: 50 -> 75", "4: 50 -> 50"],
         "Dust": ["3: 50 -> 50", "4: 50 -> 0"], "Milk": ["3: 50 -> 50", "4: 50 -> 0"]}
+    # rates.json carries the same corrected rates, beside the raw ones
+    rows = json.loads((tmp_path / "out" / "rates.json").read_text())["rows"]
+    corrected = {(r["line"], r["layer"]): (r["rate"], r["corrected_rate"])
+                 for r in rows if r["kind"] == "line"}
+    assert corrected == {("Bread", 3): (0.5, 0.5), ("Trees", 3): (0.5, 0.75),
+                         ("Bread", 4): (0.5, 0.5), ("Trees", 4): (0.5, 0.5),
+                         ("Dust", 3): (0.5, 0.5), ("Milk", 3): (0.5, 0.5),
+                         ("Dust", 4): (0.5, 0.0), ("Milk", 4): (0.5, 0.0)}
+    assert {r["corrected_method"] for r in rows if r["kind"] == "line"} == {
+        "PPI++, bootstrap over words and labels, Wilson-t"}
+    assert json.loads((tmp_path / "out" / "rates.json").read_text())["corrected"] is True
 
 
 def test_report_corrected_refuses_without_labels_in_one_line(db: str, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from patchdb.report import build_report, write_report_json
 from patchdb.report.bands import CI_METHODS, DEFAULT_CI_METHOD
 from patchdb.report.export import safe_component
 from patchdb.report.plots import FORMATS
+from patchdb.report.rates_json import Corrected
 from patchdb.store import open_store
 
 
@@ -96,14 +97,17 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
                               judge_config, net=net, ci_method=ci_method)
         from patchdb.report.corrected_plot import corrected_report
 
-        corrected_lines = corrected_report(store, result, fmt, correction) if corrected else []
+        corrected_bands: Corrected = {}
+        corrected_lines = corrected_report(store, result, fmt, correction,
+                                           collect=corrected_bands) if corrected else []
         html_path = None
         if html:
             from patchdb.report.html import write_html_report
 
             html_path = write_html_report(store, result.sweep, result.out_dir,
                                           judge_config_id=judge_config, ci_method=ci_method)
-        json_path = write_report_json(result) if rates_json else None
+        json_path = write_report_json(result, corrected_bands if corrected else None) \
+            if rates_json else None
     finally:
         store.close()
     click.echo(f"Sweep {result.sweep}: rates from {result.judge.why}.")

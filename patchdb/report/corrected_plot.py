@@ -26,6 +26,7 @@ from patchdb.report.corrected import (
 from patchdb.report.export import inside
 from patchdb.report.plots import PAIR_YLABEL, SINGLE_YLABEL, save_figure
 from patchdb.report.ppi import LineBands, StrataCounts, power_tuning, ppi_lines
+from patchdb.report.rates_json import Corrected
 from patchdb.store import Store
 from patchdb.store.sweeps import get_experiments, get_sweep
 
@@ -149,9 +150,10 @@ def correct(counts: dict[str, StrataCounts], correction: str, lam: float,
     return out
 
 
-def corrected_report(store: Store, report: Report, fmt: str,
-                     correction: str = "ppi") -> list[str]:
-    """Correct every experiment of a built report; return the lines `report` prints.
+def corrected_report(store: Store, report: Report, fmt: str, correction: str = "ppi",
+                     collect: Corrected | None = None) -> list[str]:
+    """Correct every experiment of a built report; return the lines `report` prints, and put
+    each experiment's (method, bands per bold line and layer) into `collect` (for rates.json).
     Refuses (CalibrationError) where the labels cannot support a correction."""
     if report.judge.id is None:
         raise CalibrationError("cannot correct: the sweep has no judgments yet")
@@ -185,6 +187,8 @@ def corrected_report(store: Store, report: Report, fmt: str,
         ", bootstrap over words and labels, Wilson-t"
     for exp in report.experiments:
         bands = aligned(exp.rates, counts.get(exp.name), lines.get(exp.name, []))
+        if collect is not None:
+            collect[exp.name] = (method, bands)
         title = f"{exp.name} (sweep {report.sweep}), corrected for judge errors"
         path = exp.plot.with_name(f"sweep_plot_corrected.{fmt}")
         save_figure(corrected_figure(exp.rates, bands, title, method),

@@ -43,9 +43,14 @@ FORMAT = "patchdb-rates/1"
 class CorrectedPoint(Protocol):
     """What a corrected rate at one layer gives (patchdb.report.corrected's Band has it)."""
 
-    estimate: float
-    lower: float
-    upper: float
+    @property
+    def estimate(self) -> float: ...
+
+    @property
+    def lower(self) -> float: ...
+
+    @property
+    def upper(self) -> float: ...
 
 
 # experiment -> (method, per bold line in the order of ExperimentRates.groups, per layer)
