@@ -171,6 +171,7 @@ def test_readout_only_prefills_every_unit_and_writes_no_rollouts(tmp_path: Path,
     assert [(stage, status) for stage, status, _ in runs] == [("generate", "finished")]
     assert '"readout_only": true' in runs[0][2]
 
+    assert "First-token readouts: 22/22 present" in run_cli("status", "--db", db).output
     digest = file_digest(Path(db))
     again = run_cli("generate", "--db", db, "--quiet", "--readout-only")
     assert again.exit_code == 0, again.output
@@ -198,3 +199,4 @@ def test_readout_only_narrows_like_generate(tmp_path: Path, model_dir: Path) -> 
                      "--no-baselines", "--experiments", "failure_to_success")
     assert result.exit_code == 0, result.output
     assert set(readouts(db)) == {("failure_to_success", 3, "Dust", t, "") for t in ("Bread", "Trees")}
+    assert "First-token readouts: 2/22 present" in run_cli("status", "--db", db).output

@@ -45,6 +45,8 @@ def render(status: SweepStatus) -> str:
                  f"{t['judged']:>7}/{t['judgments_expected']:<7} {t['unparsed']:>8} "
                  f"{t['cut_off']:>7} {t['errors']:>6}")
     lines.append("")
+    lines.append(f"First-token readouts: {status.readouts_present}/{status.readouts_expected} "
+                 "present (`patchdb generate --readout-only` fills them)")
     lines.append(f"Judgments counted: {status.judge_choice}")
     lines.append(f"Judge cost so far: ${status.judge_cost:.4f} "
                  f"({status.judge_configs} judge config(s))")

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
 from patchdb.errors import UnknownNameError
-from patchdb.experiments import BASELINE_LAYER, GRADERS, judged_word
+from patchdb.experiments import BASELINE_LAYER, GRADERS, RANDOM_VECTOR_LAYER, judged_word
 from patchdb.store.baselines import baseline_units
 from patchdb.store.models import Experiment, JudgeConfig, Judgment, Rollout
+from patchdb.store.readouts import random_vector_units
 from patchdb.store.sweeps import expected_units
 
 MODES = ("only_missing", "retry_unparsed", "retry_errors", "overwrite")
@@ -51,12 +52,13 @@ Q = TypeVar("Q", bound=Select)
 
 
 def in_scope(query: Q, scope: Scope) -> Q:
-    """Narrow a query over rollouts to the scope's patch layers and baselines."""
+    """Narrow a query over rollouts to the scope's patch layers and baselines (with the
+    random-vector control's rollouts: unpatched units, kept in like the baselines)."""
     if scope.layers is not None:
-        extra = (BASELINE_LAYER,) if scope.baselines else ()
+        extra = (BASELINE_LAYER, RANDOM_VECTOR_LAYER) if scope.baselines else ()
         return query.where(Rollout.patch_layer.in_(scope.layers + extra))
     if not scope.baselines:
-        return query.where(Rollout.patch_layer != BASELINE_LAYER)
+        return query.where(Rollout.patch_layer >= 0)
     return query
 
 
@@ -239,7 +241,9 @@ def call_table(
             (exp.name, expected_units(config, [exp], list(chosen) if chosen else None),
              Scope({exp.id: exp_graders}, chosen, baselines=False)),
             ("  baseline", baseline_units(config, [exp]),
-             Scope({exp.id: exp_graders}, (), baselines=True)),
+             Scope({exp.id: exp_graders}, (BASELINE_LAYER,), baselines=False)),
+            ("  random vector", random_vector_units(config, [exp]),
+             Scope({exp.id: exp_graders}, (RANDOM_VECTOR_LAYER,), baselines=False)),
         ):
             if units:
                 table.append(_plan_row(session, name, units, config.samples, scope, config_id,

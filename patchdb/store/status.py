@@ -10,11 +10,13 @@ from sqlalchemy.orm import Session
 
 from patchdb.controls import RANDOM_VECTOR, RANDOM_VECTOR_LAYER
 from patchdb.experiments import BASELINE_LAYER, NO_STEERING, baseline_targets, experiment_keys
+from patchdb.store.baselines import baseline_units
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.models import Experiment, JudgeBatch, Judgment, Rollout, StageRun
+from patchdb.store.readouts import expected_readouts, present_readouts, random_vector_units
 from patchdb.store.runs import effective_status
 from patchdb.store.store import Store
-from patchdb.store.sweeps import experiment_def, get_sweep, sweep_config
+from patchdb.store.sweeps import expected_units, experiment_def, get_sweep, sweep_config
 
 GRADERS_PER_ROLLOUT = 2  # coherence + the experiment's detection grader
 
@@ -61,6 +63,8 @@ class SweepStatus:
     batches_live: int = 0  # judge batches submitted and not yet collected (judge --batch)
     batch_requests_live: int = 0
     batches_collected: int = 0
+    readouts_expected: int = 0  # first-token readouts (patchdb.store.readouts)
+    readouts_present: int = 0
 
     def totals(self) -> dict[str, int]:
         keys = ("rollouts_expected", "rollouts_present", "judgments_expected", "judged",
@@ -185,6 +189,12 @@ def sweep_status(store: Store, sweep_name: str | None,
                                 expected * GRADERS_PER_ROLLOUT, judged, unparsed - cut_plain,
                                 errors - cut_failed, cut_plain + cut_failed)
                 )
+        units = (baseline_units(config, list(experiments))
+                 + random_vector_units(config, list(experiments))
+                 + expected_units(config, list(experiments)))
+        wanted = {r.key for r in expected_readouts(config, list(experiments), units)}
+        result.readouts_expected = len(wanted)
+        result.readouts_present = len(wanted & present_readouts(session, exp_ids))
         for live, n, requests in session.execute(
             select(JudgeBatch.collected_at.is_(None), func.count(), func.sum(JudgeBatch.requests))
             .where(JudgeBatch.sweep_id == sweep.id).group_by(JudgeBatch.collected_at.is_(None))
