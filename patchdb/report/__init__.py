@@ -7,6 +7,8 @@ from pathlib import Path
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method
 from patchdb.report.export import export_experiment, inside, safe_component
+from patchdb.report.layer_findings import decide, layer_test_block
+from patchdb.report.layer_test import LayerTest
 from patchdb.report.plots import FORMATS, save_figure, sweep_figure
 from patchdb.report.rates_json import Corrected, sweep_rows, write_rates_json
 from patchdb.report.tables import experiment_table
@@ -23,6 +25,7 @@ class ExperimentReport:
     table: str
     rates: ExperimentRates
     exported: list[Path] = field(default_factory=list)
+    layer_test: LayerTest | None = None  # where the rate differs from its baselines
 
 
 @dataclass
@@ -69,10 +72,15 @@ def build_report(
         reports: list[ExperimentReport] = []
         for experiment, rates in zip(rows, all_rates, strict=True):
             title = f"{experiment.name} (sweep {sweep.name}, steer layer {config.steer_layer})"
-            figure = sweep_figure(rates, title, ci=ci, net=net, ci_method=ci_method)
+            decided = decide(rates)  # the layer test (patchdb.report.layer_test)
+            figure = sweep_figure(rates, title, ci=ci, net=net, ci_method=ci_method,
+                                  decided=decided[0] if decided else None)
             plot = save_figure(figure, inside(base, base / experiment.name / f"sweep_plot.{fmt}"))
-            report = ExperimentReport(experiment.name, plot,
-                                      experiment_table(rates, ci, ci_method), rates)
+            table = experiment_table(rates, ci, ci_method)
+            if decided:
+                table += "\n" + layer_test_block(*decided)
+            report = ExperimentReport(experiment.name, plot, table, rates,
+                                      layer_test=decided[0] if decided else None)
             if export_json:
                 report.exported = export_experiment(session, experiment, config, rates,
                                                      judge.id, base)

@@ -23,6 +23,8 @@ from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method, legend_method, line_band
 from patchdb.report.calibration_html import calibration_section
 from patchdb.report.html_assets import CSS, JS
+from patchdb.report.layer_findings import decide, layer_test_html
+from patchdb.report.layer_test import LayerTest
 from patchdb.report.plots import sweep_figure
 from patchdb.report.tables import control_line, row_baseline_band, unpatched
 from patchdb.store import Experiment, Rollout, Store, utcnow
@@ -87,10 +89,12 @@ def write_html_report(
         "rollouts": rollouts,
     }
     title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
-    plots = {r.name: figure_png(r, title.format(r.name), ci_method) for r in rates
-             if any_scored(r)}
+    decided = {r.name: d for r in rates if (d := decide(r))}  # each experiment's layer test
+    plots = {r.name: figure_png(r, title.format(r.name), ci_method,
+                                decided[r.name][0] if r.name in decided else None)
+             for r in rates if any_scored(r)}
     page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key,
-                       ci_method)
+                       ci_method, {name: layer_test_html(*d) for name, d in decided.items()})
     page = page.replace('<section id="browser">', calibration + '<section id="browser">', 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
@@ -179,12 +183,12 @@ def any_scored(rates: ExperimentRates) -> bool:
 
 
 def figure_png(rates: ExperimentRates, title: str,
-               ci_method: str = DEFAULT_CI_METHOD) -> bytes:
-    """The report's sweep plot of one experiment with its 95% bands (patchdb.report.plots)
-    as PNG bytes."""
+               ci_method: str = DEFAULT_CI_METHOD, decided: LayerTest | None = None) -> bytes:
+    """The report's sweep plot of one experiment with its 95% bands and the layers its layer
+    test flags shaded (patchdb.report.plots) as PNG bytes."""
     buffer = io.BytesIO()
-    sweep_figure(rates, title, ci=True, ci_method=ci_method).savefig(buffer, format="png",
-                                                                    dpi=90)
+    sweep_figure(rates, title, ci=True, ci_method=ci_method, decided=decided).savefig(
+        buffer, format="png", dpi=90)
     return buffer.getvalue()
 
 
@@ -253,8 +257,10 @@ def render_page(
     total: int,
     cap: int,
     ci_method: str = DEFAULT_CI_METHOD,
+    layer_tests: dict[str, str] | None = None,
 ) -> str:
-    """The whole page as one string; every piece of store text passes through escape()."""
+    """The whole page as one string; every piece of store text passes through escape().
+    `layer_tests`: each experiment's layer test as HTML (patchdb.report.layer_findings)."""
     generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "<!DOCTYPE html>",
@@ -286,7 +292,8 @@ def render_page(
         gaps = (f'<p class="note missing">Not all scored: {escape(r.missing)}</p>'
                 if r.missing else "")
         out.append(f'<div class="table-wrap"><h3>Rate per patch layer and {what}</h3>'
-                   f"{rate_table(r, ci_method)}{gaps}</div></div></section>")
+                   f"{rate_table(r, ci_method)}{gaps}"
+                   f"{(layer_tests or {}).get(r.name, '')}</div></div></section>")
     n_embedded = len(browser["rollouts"])
     if n_embedded == total:
         cap_note = f"All {total:,} rollouts are embedded."

@@ -4,24 +4,39 @@ layers that differ (patchdb.report.layer_test computes them)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from html import escape
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from patchdb.report.layer_test import LayerTest, runs, span
-from patchdb.report.word_tests import WordPValues
+from patchdb.report.clusters import word_rates
+from patchdb.report.layer_test import LayerTest, layer_test, runs, span
+from patchdb.report.word_tests import WordPValues, word_p_values
 
 if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
     from matplotlib.axes import Axes
 
+    from patchdb.report.aggregate import ExperimentRates
+
 SHADE_COLOUR = "#f2b705"
 SHADE_ALPHA = 0.2
-SHADE_LABEL = "layers that differ from baseline (cluster permutation test)"
+# The legend sits in a narrow margin: the label is wrapped as the plots wrap a band's method.
+SHADE_LABEL = textwrap.fill("layers that differ from the baseline (cluster permutation test)",
+                            30)
 REFERENCE = "the unpatched baseline"
 GAP = "-"
 P_NOTE = ("BH-adjusted p of each word against its own baseline (Fisher's exact test over its "
           "samples; Benjamini-Hochberg over the {n} cells of this table; {gap} = no test)")
+
+
+def decide(rates: ExperimentRates) -> tuple[LayerTest, WordPValues] | None:
+    """One experiment's layer test and per-word p-values, as the report shows them; None
+    where nothing is scored yet."""
+    if not any(n for line in rates.keys for n in line.n_scored):
+        return None
+    words = word_rates(rates)
+    return layer_test(words), word_p_values(words)
 
 
 def format_p(p: float) -> str:

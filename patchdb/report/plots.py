@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, legend_method
 from patchdb.report.baseline_plot import draw_references, group_band, shift_of
+from patchdb.report.layer_findings import shade_layers
+from patchdb.report.layer_test import LayerTest
 
 PAIR_YLABEL = "Coherent & Detect+Identify Rate"
 SINGLE_YLABEL = "Coherent & Detect Rate"
@@ -57,12 +59,13 @@ def band_label(bands: list[Band]) -> str:
 
 
 def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool = False,
-                 ci_method: str = DEFAULT_CI_METHOD) -> Figure:
+                 ci_method: str = DEFAULT_CI_METHOD, decided: LayerTest | None = None) -> Figure:
     """Draw one experiment's sweep plot; `ci` adds 95% bands around the bold lines (over
     words by default, `ci_method` "samples" for the Wilson bands over samples; the legend
     names the method; patchdb.report.bands); the baselines are dashed lines and the
     false-positive rate a grey band; `net` draws every rate minus the false-positive rate
-    (patchdb.report.baselines)."""
+    (patchdb.report.baselines); `decided` shades the layers its layer test flags
+    (patchdb.report.layer_findings)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -110,6 +113,8 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    if decided is not None:
+        shade_layers(ax, decided)
     handles, labels = ax.get_legend_handles_labels()
     if ci and bands:
         labels.append(band_label(bands))
