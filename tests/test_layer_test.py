@@ -393,3 +393,13 @@ def test_the_printed_block_carries_the_differences_and_the_bh_p_values() -> None
     assert "over the 4 cells of this table" in block[4]
     assert block[6].split() == ["t0", format_cell_p(adjusted[0]), format_cell_p(adjusted[1])]
     assert block[7].split() == ["t1", "1", "1"]
+
+
+def test_one_steered_word_against_the_control_is_its_own_row() -> None:
+    """steered_to_unsteered narrowed to one word (`--words Bread`): the row is Bread, not the
+    unsteered target's empty name."""
+    words = WordRates("hand", ("Bread",), ("",), (40,), np.array([[[10]]], dtype=np.int64),
+                      np.full((1, 1, 1), 64, np.int64), np.array([2]), np.array([64]))
+    table = word_p_values(words)
+    assert table.words == ("Bread",)
+    assert float(table.p[0, 0]) == pytest.approx(fisher_by_fractions(10, 64, 2, 64), rel=1e-9)

@@ -27,7 +27,7 @@ SHADE_LABEL = textwrap.fill("layers that differ from the baseline (cluster permu
 REFERENCE = "the unpatched baseline"
 GAP = "-"
 P_NOTE = ("BH-adjusted p of each word against its own baseline (Fisher's exact test over its "
-          "samples; Benjamini-Hochberg over the {n} cells of this table; {gap} = no test)")
+          "samples; Benjamini-Hochberg over the {n} of this table; {gap} = no test)")
 
 
 def decide(rates: ExperimentRates) -> tuple[LayerTest, WordPValues] | None:
@@ -107,6 +107,10 @@ def _points(value: float) -> str:
     return f"{points:+d}" if points else "0"
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
 def layer_test_block(test: LayerTest, p_values: WordPValues) -> str:
     """What `patchdb report` prints under an experiment's rate table: the difference to the
     baselines per layer with its simultaneous band, the findings, and the per-word p-values."""
@@ -128,7 +132,7 @@ def layer_test_block(test: LayerTest, p_values: WordPValues) -> str:
                      f"{test.design}; docs/statistics.md)")
     lines += finding_lines(test)
     tested = int((~np.isnan(p_values.adjusted)).sum())
-    lines += [P_NOTE.format(n=tested, gap=GAP), header]
+    lines += [P_NOTE.format(n=_cells(tested), gap=GAP), header]
     for name, row in zip(names, p_values.adjusted, strict=True):
         lines.append(" ".join([f"{name:<{width}}",
                                *(f"{format_cell_p(float(p)):>{cell}}" for p in row)]))
@@ -141,7 +145,8 @@ def layer_test_html(test: LayerTest, p_values: WordPValues) -> str:
     out += [f'<p class="note finding">{escape(line)}</p>' for line in finding_lines(test)]
     tested = int((~np.isnan(p_values.adjusted)).sum())
     head = "".join(f"<th>{escape(w)}</th>" for w in p_values.words)
-    out.append(f'<table class="rates p-values"><caption>{escape(P_NOTE.format(n=tested, gap="blank"))}'
+    note = P_NOTE.format(n=_cells(tested), gap="blank")
+    out.append(f'<table class="rates p-values"><caption>{escape(note)}'
                f"</caption><thead><tr><th>Layer</th>{head}</tr></thead><tbody>")
     for i, layer in enumerate(p_values.layers):
         cells = "".join(

@@ -69,8 +69,7 @@ def benjamini_hochberg(p: Floats) -> Floats:
 def word_p_values(words: WordRates) -> WordPValues:
     """The per-word table's p-values: rows are the target words (pooled over sources), or the
     source words where the target is unsteered."""
-    by_target = len(words.targets) > 1 or len(words.sources) == 1
-    if by_target:
+    if words.targets != ("",):
         names, k, n = words.targets, words.successes.sum(0), words.n_scored.sum(0)
         base_k, base_n = words.baseline_successes, words.baseline_n
     else:
