@@ -25,6 +25,7 @@ USER_FILES = {
     "sweep.toml", "my_prompts.toml", "prompts.toml",
     "all_layer_scores.json", "rollouts.json", "judge_scores.json", "judgments_coherence.json",
     "judgments_detection.json", "judgments_detection_identification.json", "rates.json",
+    "readouts.json", "all_layer_readouts.json",
     "config.json", "generation_config.json",  # files of a model directory
 }
 

@@ -136,3 +136,71 @@ def test_the_exported_file_and_the_plot(store_path: Path, tmp_path: Path) -> Non
     figure.savefig(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(readout_figure(ers["steered_to_unsteered"], "s").axes) == 1
+
+
+def test_report_draws_prints_and_writes_the_readouts(store_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    result = run_cli("report", "--db", store_path, "--out", out, "--json", "--html",
+                     "--export-json")
+    assert result.exit_code == 0, result.output
+    assert f"Readout plot: {out / 'failure_to_success' / 'readout_plot.png'}" in result.output
+    assert "Bread           0.20  0.40   0.10" in result.output  # the readout table
+    png = (out / "steered_to_unsteered" / "readout_plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    document = json.loads((out / "readouts.json").read_text())
+    assert document["format"] == "patchdb-readouts/1"
+    assert document["experiments"]["steered_to_unsteered"]["lines"][0]["p_yes"] == \
+        pytest.approx([0.6, 0.9])
+    exported = json.loads((out / "failure_to_success" / "all_layer_readouts.json").read_text())
+    assert exported["baseline"]["Bread"]["p_yes"] == 0.1
+    page = (out / "report.html").read_text()
+    assert '<section id="readouts"><h2>First-token readout</h2>' in page
+    assert page.count('alt="first-token P(yes) against patch layer') == 2
+
+
+def test_net_against_the_random_vector(tmp_path: Path) -> None:
+    from word_store import import_sweep, write_sweep
+
+    root = write_sweep(tmp_path / "tree", {
+        "failure_to_success": {40: {"Dust_to_Bread": (6, 10), "Dust_to_Trees": (2, 10)}},
+        "steered_to_unsteered": {40: {"Bread": (5, 10)}},
+    }, {"failure_to_success": {"Bread": (3, 10), "Trees": (1, 10)},
+        "steered_to_unsteered": {"(none)": (1, 10)}})
+    # the random-vector rollouts in their own folder: 2 + 4 of 20 claim detection
+    for key, k in (("Bread", 2), ("Trees", 4)):
+        folder = root / "failure_to_success" / "random_vector"
+        folder.mkdir(exist_ok=True)
+        for name, values in (("rollouts", [f"a{i}" for i in range(10)]),
+                             ("judgments_coherence", [True] * 10),
+                             ("judgments_detection_identification", [True] * k + [False] * (10 - k))):
+            path = folder / f"{name}.json"
+            data = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**data, key: values}))
+    db = tmp_path / "w.sqlite"
+    import_sweep(db, root, "w")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM rollouts WHERE patch_layer = -2").fetchone() \
+            == (20,)
+        assert '"controls": ["random_vector"]' in conn.execute(
+            "SELECT config_json FROM sweeps").fetchone()[0]
+
+    def net_rates(*extra: str) -> dict[tuple[str, str], tuple[float, str]]:
+        out = tmp_path / ("out" + "".join(extra))
+        result = run_cli("report", "--db", db, "--out", out, "--net", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        rows = json.loads((out / "rates.json").read_text())["rows"]
+        return {(r["experiment"], r["line"]): (r["net_rate"], r["net_method"])
+                for r in rows if r["kind"] == "line"}
+
+    against = net_rates("--against", "random_vector")
+    # rate minus the pooled random-vector rate 6/20; steered_to_unsteered keeps the control
+    assert against[("failure_to_success", "Bread")][0] == pytest.approx(0.6 - 0.3)
+    assert against[("failure_to_success", "Trees")][0] == pytest.approx(0.2 - 0.3)
+    assert against[("failure_to_success", "Bread")][1].endswith("minus random vector (Newcombe)")
+    assert against[("steered_to_unsteered", "Mean")][0] == pytest.approx(0.5 - 0.1)
+    control = net_rates()
+    assert control[("failure_to_success", "Bread")][0] == pytest.approx(0.6 - 0.1)
+    assert control[("failure_to_success", "Bread")][1].endswith("minus false positives (Newcombe)")
+    printed = run_cli("report", "--db", db, "--out", tmp_path / "p", "--net", "--against",
+                      "random_vector").output
+    assert "Random vector (each target word's norm, no patch; its words pooled): 30%" in printed

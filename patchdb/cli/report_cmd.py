@@ -39,9 +39,15 @@ from patchdb.store import open_store
 @click.option("--net", is_flag=True, envvar="PATCHDB_REPORT_NET",
               help="Plot each rate minus the false-positive rate of the no-injection control "
                    "(bands: Newcombe's interval of the difference; env PATCHDB_REPORT_NET).")
+@click.option("--against", type=click.Choice(["control", "random_vector"]), default="control",
+              show_default=True, envvar="PATCHDB_REPORT_AGAINST",
+              help="What --net subtracts: the no-injection control's false positives, or each "
+                   "experiment's random-vector rate (the claims any push of that size causes; "
+                   "needs [sweep] controls = [\"random_vector\"]; env PATCHDB_REPORT_AGAINST).")
 @click.option("--json", "rates_json", is_flag=True, envvar="PATCHDB_REPORT_JSON",
               help="Also write rates.json beside the plots: every drawn rate with its 95% band, "
-                   "method and counts (docs/schema.md; env PATCHDB_REPORT_JSON).")
+                   "method and counts, and readouts.json with the first-token readouts "
+                   "(docs/schema.md; env PATCHDB_REPORT_JSON).")
 @judge_config_option
 @click.option("--html", is_flag=True, envvar="PATCHDB_REPORT_HTML",
               help="Also write an HTML report and print its path (env PATCHDB_REPORT_HTML).")
@@ -60,7 +66,8 @@ from patchdb.store import open_store
                    "one line style per sweep, their differences in settings printed above it.")
 @click.argument("compared", nargs=-1)
 def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: Path | None,
-           export_json: bool, fmt: str, ci: bool, ci_method: str, net: bool, rates_json: bool,
+           export_json: bool, fmt: str, ci: bool, ci_method: str, net: bool, against: str,
+           rates_json: bool,
            judge_config: int | None, html: bool, corrected: bool, correction: str, compare: bool,
            compared: tuple[str, ...]) -> None:
     """Plot rate against patch layer for each experiment, print a rate table per experiment,
@@ -79,6 +86,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
       patchdb report --compare 'demo-dose-*'
       patchdb report --compare demo@judge=1 demo@judge=2
     """
+    if against != "control" and not net:
+        raise click.UsageError("--against says what --net subtracts; give --net with it")
     if compare or compared:
         from patchdb.cli.compare_cli import report_compare
 
@@ -94,7 +103,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
     store = open_store(db)
     try:
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
-                              judge_config, net=net, ci_method=ci_method)
+                              judge_config, net=net, ci_method=ci_method, against=against)
         from patchdb.report.corrected_plot import corrected_report
 
         corrected_bands: Corrected = {}
@@ -115,6 +124,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
         click.echo("")
         click.echo(exp.table)
         click.echo(f"Plot: {exp.plot}")
+        if exp.readout_plot is not None:
+            click.echo(f"Readout plot: {exp.readout_plot}")
         if exp.exported:
             click.echo(f"JSON: {len(exp.exported)} files under {exp.plot.parent}")
     if html_path is not None:

@@ -4,6 +4,8 @@ layout users' scripts read (`export`), and the import of that layer (`importer`)
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from patchdb.controls import RANDOM_VECTOR
+from patchdb.report.against import net_against_random_vector
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method
 from patchdb.report.export import export_experiment, inside, safe_component
@@ -11,6 +13,9 @@ from patchdb.report.layer_findings import decide, layer_test_block
 from patchdb.report.layer_test import LayerTest
 from patchdb.report.plots import FORMATS, save_figure, sweep_figure
 from patchdb.report.rates_json import Corrected, sweep_rows, write_rates_json
+from patchdb.report.readout_export import export_readouts, write_readouts_json
+from patchdb.report.readout_plot import readout_figure
+from patchdb.report.readouts import ExperimentReadouts, readout_table, sweep_readouts
 from patchdb.report.tables import experiment_table
 from patchdb.store import Store
 from patchdb.store.sweeps import get_experiments, get_sweep, sweep_config
@@ -26,6 +31,8 @@ class ExperimentReport:
     rates: ExperimentRates
     exported: list[Path] = field(default_factory=list)
     layer_test: LayerTest | None = None  # where the rate differs from its baselines
+    readouts: ExperimentReadouts | None = None  # first-token readouts, where there are any
+    readout_plot: Path | None = None
 
 
 @dataclass
@@ -54,6 +61,7 @@ def build_report(
     judge_config_id: int | None = None,
     net: bool = False,
     ci_method: str = DEFAULT_CI_METHOD,
+    against: str = "control",
 ) -> Report:
     """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/;
     `net` plots every rate minus the false-positive rate (patchdb.report.baselines); bands
@@ -68,9 +76,12 @@ def build_report(
         rows = get_experiments(session, sweep, experiments)
         judge, all_rates = sweep_rates(session, sweep, config, [e.name for e in rows],
                                        judge_config_id)
+        if net and against == RANDOM_VECTOR:  # patchdb.report.against
+            net_against_random_vector(session, sweep.name, config, judge.id, all_rates)
+        readouts = sweep_readouts(session, sweep.name, config, [e.name for e in rows])
         base = out_dir if out_dir is not None else default_out_dir(sweep.name)
         reports: list[ExperimentReport] = []
-        for experiment, rates in zip(rows, all_rates, strict=True):
+        for experiment, rates, er in zip(rows, all_rates, readouts, strict=True):
             title = f"{experiment.name} (sweep {sweep.name}, steer layer {config.steer_layer})"
             decided = decide(rates)  # the layer test (patchdb.report.layer_test)
             figure = sweep_figure(rates, title, ci=ci, net=net, ci_method=ci_method,
@@ -81,9 +92,15 @@ def build_report(
                 table += "\n" + layer_test_block(*decided)
             report = ExperimentReport(experiment.name, plot, table, rates,
                                       layer_test=decided[0] if decided else None)
+            if not er.empty:  # the readout plot beside the sweep plot, its table under the rates
+                report.readouts = er
+                report.readout_plot = save_figure(readout_figure(er, title), inside(
+                    base, base / experiment.name / f"readout_plot.{fmt}"))
+                report.table += "\n\n" + readout_table(er)
             if export_json:
                 report.exported = export_experiment(session, experiment, config, rates,
                                                      judge.id, base)
+                report.exported += export_readouts(er, base)
             reports.append(report)
     return Report(sweep.name, base, judge, reports, ci_method, net)
 
@@ -94,5 +111,6 @@ def write_report_json(report: Report, corrected: Corrected | None = None) -> Pat
     where `corrected` gives them."""
     rows = sweep_rows(report.sweep, report.judge.id, [e.rates for e in report.experiments],
                       report.ci_method, report.net, corrected)
+    write_readouts_json(report.out_dir, [e.readouts for e in report.experiments if e.readouts])
     return write_rates_json(report.out_dir, rows, report.ci_method, report.net,
                             corrected is not None)

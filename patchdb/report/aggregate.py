@@ -26,16 +26,18 @@ __all__ = ["ExperimentRates", "JudgeChoice", "Line", "choose_judge_config",
 
 # Every rate of the sweep, for every judge config (NULL: rollouts no config has judged yet).
 # This is the one pass over the judgments; everything after it works on these few rows.
-# Patch layer -1 holds the baselines (patchdb.report.baselines reads them from their own view).
+# Patch layer -1 holds the baselines (patchdb.report.baselines reads them from their own view),
+# -2 the random-vector control (control_rates): neither is a patch layer.
 RATES_SQL = """
 SELECT experiment, patch_layer, source_word, target_word, judge_config_id,
        COUNT(*) AS n, COUNT(score) AS n_scored, SUM(score) AS successes
 FROM sample_scores
-WHERE sweep = :sweep AND experiment IN :experiments AND patch_layer <> -1
+WHERE sweep = :sweep AND experiment IN :experiments AND patch_layer >= 0
 GROUP BY experiment, patch_layer, source_word, target_word, judge_config_id
 """
 
 MEAN_LABEL = "Mean"
+FALSE_POSITIVES = "false positives"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class ExperimentRates:
     missing: str = ""  # why rates are missing, with numbers and the command that fills them
     baselines: dict[str, Baseline] = field(default_factory=dict)  # by target word, unpatched
     control: Baseline | None = None  # the no-injection control: the false-positive rate
+    # what --net subtracts: the control's false positives, or (report --against random_vector)
+    # the random-vector control's rate, which then stands in `control`
+    reference: str = FALSE_POSITIVES
 
 
 def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> list[Row[Any]]:

@@ -96,7 +96,8 @@ def net_line_band(rates: ExperimentRates, group: Line, control: Baseline,
     band = line_band(rates, group, method)
     c = control_interval(control, method)
     lower, upper = newcombe(band.estimate, band.lower, band.upper, c.estimate, c.lower, c.upper)
-    return Band(band.estimate - c.estimate, lower, upper, band.method + NET_SUFFIX,
+    suffix = NET_SUFFIX.replace("false positives", rates.reference)
+    return Band(band.estimate - c.estimate, lower, upper, band.method + suffix,
                 band.n_samples, band.n_words, band.word_axis)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from patchdb.experiments import NO_STEERING
-from patchdb.report.aggregate import ExperimentRates, Line
+from patchdb.report.aggregate import FALSE_POSITIVES, ExperimentRates, Line
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, control_interval, line_band, net_line_band
 from patchdb.report.baselines import require_control
 
@@ -40,7 +40,8 @@ def control_label(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) ->
     if rates.control is None:
         return None
     c = control_interval(rates.control, ci_method)
-    return f"False pos. {c.estimate:.0%}\n(Wilson, {c.n_samples} samples)"  # a narrow legend
+    name = "False pos." if rates.reference == FALSE_POSITIVES else "Random vec."
+    return f"{name} {c.estimate:.0%}\n(Wilson, {c.n_samples} samples)"  # a narrow legend
 
 
 def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],

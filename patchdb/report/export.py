@@ -206,7 +206,7 @@ def export_experiment(
             written.append(write_json(layer_dir / f"judgments_{name}.json",
                                       ordered(verdicts[judged])))
         if any(verdicts.values()):
-            if layer != BASELINE_LAYER:
+            if layer >= 0:  # not a baseline or a control (their own folders only)
                 judged_layers.append(layer)
             written.append(write_json(layer_dir / "judge_scores.json",
                                       ordered(scores.get(layer, {}))))

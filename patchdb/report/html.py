@@ -26,9 +26,12 @@ from patchdb.report.html_assets import CSS, JS
 from patchdb.report.layer_findings import decide, layer_test_html
 from patchdb.report.layer_test import LayerTest
 from patchdb.report.plots import sweep_figure
+from patchdb.report.readout_html import readout_section
+from patchdb.report.readouts import sweep_readouts
 from patchdb.report.tables import control_line, row_baseline_band, unpatched
 from patchdb.store import Experiment, Rollout, Store, utcnow
 from patchdb.store.baselines import baseline_units
+from patchdb.store.readouts import random_vector_units
 from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
 
 REPORT_FILE = "report.html"
@@ -60,12 +63,14 @@ def write_html_report(
         config = sweep_config(sweep)
         experiments = get_experiments(session, sweep)
         expected = len(baseline_units(config, experiments)
+                       + random_vector_units(config, experiments)
                        + expected_units(config, experiments)) * config.samples
         names = [e.name for e in experiments]
         judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
         total = count_rollouts(session, sweep.id)
         rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
         calibration = calibration_section(session, sweep)
+        readouts = sweep_readouts(session, sweep.name, config, names)
     facts = [
         ("Model", config.model + (f" @ {config.model_revision}" if config.model_revision else "")),
         ("Injection", f"layer {config.steer_layer}, strength {config.strength:g}"),
@@ -95,7 +100,9 @@ def write_html_report(
              for r in rates if any_scored(r)}
     page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key,
                        ci_method, {name: layer_test_html(*d) for name, d in decided.items()})
-    page = page.replace('<section id="browser">', calibration + '<section id="browser">', 1)
+    readout = readout_section(readouts, title)
+    page = page.replace('<section id="browser">', calibration + readout + '<section id="browser">',
+                        1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
     partial = path.with_name(path.name + ".partial")

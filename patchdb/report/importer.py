@@ -21,6 +21,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig, validate
+from patchdb.controls import RANDOM_VECTOR
 from patchdb.errors import ConfigError, ImportFormatError
 from patchdb.experiments import (
     BASELINE_FOLDER,
@@ -29,6 +30,8 @@ from patchdb.experiments import (
     GRADERS,
     NO_STEERING,
     NO_STEERING_LABEL,
+    RANDOM_VECTOR_FOLDER,
+    RANDOM_VECTOR_LAYER,
     ExperimentDef,
     at_layer,
 )
@@ -43,6 +46,8 @@ IMPORT_JUDGE = {"model": "imported", "reasoning": "none", "template_version": "i
                 "backend": "import"}
 DEFAULT_STEER_LAYER = SweepConfig().steer_layer
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
+# The folders of unpatched units beside the layer_<L> ones, and the patch layer each stands for.
+UNPATCHED_FOLDERS = {BASELINE_FOLDER: BASELINE_LAYER, RANDOM_VECTOR_FOLDER: RANDOM_VECTOR_LAYER}
 _JUDGMENTS_FILE = re.compile(r"^judgments_(.+)\.json$")
 
 Key = tuple[str, str]
@@ -232,15 +237,16 @@ def _read_experiment(folder: Path, mismatches: list[Path]) -> ExperimentData:
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
-        if child.is_dir() and child.name == BASELINE_FOLDER:
-            layer = _read_layer(at_layer(exp, BASELINE_LAYER), child, BASELINE_LAYER, mismatches)
+        if child.is_dir() and child.name in UNPATCHED_FOLDERS:
+            where = UNPATCHED_FOLDERS[child.name]
+            layer = _read_layer(at_layer(exp, where), child, where, mismatches)
             if layer is not None:
                 data.layers.append(layer)
         elif child.is_dir():
             match = _LAYER_DIR.match(child.name)
             if match is None:
-                raise ImportFormatError(f"{child}: expected a folder named layer_<number> "
-                                        f"or {BASELINE_FOLDER}")
+                raise ImportFormatError(f"{child}: expected a folder named layer_<number>, "
+                                        f"{BASELINE_FOLDER} or {RANDOM_VECTOR_FOLDER}")
             layer = _read_layer(exp, child, int(match.group(1)), mismatches)
             if layer is not None:
                 data.layers.append(layer)
@@ -260,11 +266,14 @@ def infer_config(experiments: list[ExperimentData], name: str, model: str,
     negative: dict[str, None] = {}
     layers: set[int] = set()
     samples = 0
+    controls: dict[str, None] = {}
     for data in experiments:
         exp = EXPERIMENTS[data.name]
         for layer in data.layers:
-            if layer.layer != BASELINE_LAYER:
+            if layer.layer >= 0:  # not a baseline or a control
                 layers.add(layer.layer)
+            if layer.layer == RANDOM_VECTOR_LAYER:
+                controls[RANDOM_VECTOR] = None
             for (source, target), answers in layer.rollouts.items():
                 samples = max(samples, len(answers))
                 for word, side in ((source, exp.source), (target, exp.target)):
@@ -281,7 +290,7 @@ def infer_config(experiments: list[ExperimentData], name: str, model: str,
     config = SweepConfig(
         name=name, model=model, steer_layer=steer_layer, patch_layers=format_range(sorted(layers)),
         samples=max(samples, 1), positive_words=list(positive), negative_words=list(negative),
-        experiments=[d.name for d in experiments])
+        experiments=[d.name for d in experiments], controls=list(controls))
     return validate(config)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
-from patchdb.experiments import BASELINE_LAYER, EXPERIMENTS, experiment_keys
+from patchdb.experiments import EXPERIMENTS, experiment_keys
 from patchdb.store.models import Experiment, Sweep
 from patchdb.store.status import GRADERS_PER_ROLLOUT, judgment_counts, rollout_counts
 
@@ -59,8 +59,8 @@ def missing_reasons(session: Session, sweep: Sweep, config: SweepConfig,
     verdicts = judgment_counts(session, ids, judge_config_id)
     reasons: dict[str, str] = {}
     # the baselines (patch layer -1) are not among the rates this explains
-    rollouts = {k: n for k, n in rollouts.items() if k[1] != BASELINE_LAYER}
-    verdicts = {k: v for k, v in verdicts.items() if k[1] != BASELINE_LAYER}
+    rollouts = {k: n for k, n in rollouts.items() if k[1] >= 0}  # not baselines or controls
+    verdicts = {k: v for k, v in verdicts.items() if k[1] >= 0}
     for exp_id, name in rows:
         n_keys = len(experiment_keys(EXPERIMENTS[name], config.positive_words,
                                      config.negative_words))

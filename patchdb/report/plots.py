@@ -105,7 +105,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
         ax.set_ylabel(SINGLE_YLABEL)
     draw_references(ax, rates, colour_of, shift, ci_method)
     if net:
-        ax.set_ylabel(f"{ax.get_ylabel()} minus false positives")
+        ax.set_ylabel(f"{ax.get_ylabel()} minus {rates.reference}")
     ax.set_xlabel("Patch layer")
     ax.set_ylim(-shift, 1 - shift)
     if layers:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from patchdb.experiments import NO_STEERING, NO_STEERING_LABEL
-from patchdb.report.aggregate import ExperimentRates
+from patchdb.report.aggregate import FALSE_POSITIVES, ExperimentRates
 from patchdb.report.bands import (
     Interval,
     baseline_interval,
@@ -115,7 +115,7 @@ def experiment_rows(rates: ExperimentRates, ci_method: str, net: bool = False,
                                     c.estimate, c.lower, c.upper)
             row.update(net_rate=_number(interval.estimate - c.estimate),
                        net_lower=_number(lower), net_upper=_number(upper),
-                       net_method=f"{interval.method} minus false positives (Newcombe)")
+                       net_method=f"{interval.method} minus {rates.reference} (Newcombe)")
         rows.append(row)
     mean = baseline_mean_interval(rates, ci_method)
     if mean is not None and mean.n_words > 1:
@@ -128,7 +128,7 @@ def experiment_rows(rates: ExperimentRates, ci_method: str, net: bool = False,
 def control_row(rates: Iterable[ExperimentRates], ci_method: str) -> dict[str, Any] | None:
     """The no-injection control's row (one per sweep), if any experiment has it scored."""
     for r in rates:
-        if r.control is not None:
+        if r.control is not None and r.reference == FALSE_POSITIVES:
             return {"experiment": CONTROL_EXPERIMENT, "kind": "control",
                     "line": NO_STEERING_LABEL, "target_word": NO_STEERING, "layer": None,
                     **_interval_fields(control_interval(r.control, ci_method)), "n_words": 0}

@@ -4,14 +4,17 @@
 "entropy", "yes_bias"} (null where absent) and keys are written as in the scores file. Scripts
 written for the original layout ignore it."""
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from patchdb.experiments import BASELINE_FOLDER, NO_STEERING_LABEL
 from patchdb.report.export import inside, write_json
-from patchdb.report.readouts import ExperimentReadouts
+from patchdb.report.readouts import ExperimentReadouts, readouts_json
 
 READOUTS_FILE = "all_layer_readouts.json"
+REPORT_READOUTS_FILE = "readouts.json"  # report --json, beside rates.json
 
 
 def readout_layers(er: ExperimentReadouts) -> dict[str, dict[str, Any]]:
@@ -35,3 +38,17 @@ def export_readouts(er: ExperimentReadouts, base: Path) -> list[Path]:
     if er.empty:
         return []
     return [write_json(inside(base, base / er.name / READOUTS_FILE), readout_layers(er))]
+
+
+def write_readouts_json(out_dir: Path, readouts: list[ExperimentReadouts]) -> Path | None:
+    """`report --json`'s readouts.json beside rates.json: every readout the report shows
+    (patchdb.report.readouts.readouts_json), or nothing when the sweep has none."""
+    if not readouts:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_READOUTS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    document = {"format": "patchdb-readouts/1", "experiments": readouts_json(readouts)}
+    tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

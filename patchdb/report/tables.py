@@ -2,7 +2,7 @@
 
 import math
 
-from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates, Line
+from patchdb.report.aggregate import FALSE_POSITIVES, MEAN_LABEL, ExperimentRates, Line
 from patchdb.report.bands import (
     DEFAULT_CI_METHOD,
     Band,
@@ -54,7 +54,9 @@ def control_line(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> 
     if c is None:
         return None
     band = control_interval(c, ci_method)
-    return (f"False positives (no injection, no patch): {_percent(c.rate)}% "
+    what = ("False positives (no injection, no patch)" if rates.reference == FALSE_POSITIVES
+            else "Random vector (each target word's norm, no patch; its words pooled)")
+    return (f"{what}: {_percent(c.rate)}% "
             f"({c.successes}/{c.n_scored}; 95% band {_percent(band.lower)}-"
             f"{_percent(band.upper)}%: {band.method})")
 
