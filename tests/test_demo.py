@@ -28,11 +28,14 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     first = _run(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "demo.sqlite")
-    # Keys with Bread: 3 failure_to_success + 3 success_to_failure + 1 + 1 single-word, and the
-    # baselines (no patch, patch layer -1) of Bread in its two experiments and the control.
-    assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 11
+    # Keys with Bread: 3 failure_to_success + 3 success_to_failure + 1 + 1 single-word, the
+    # baselines (no patch, patch layer -1) of Bread in its two experiments and the control, and
+    # the random-vector control (patch layer -2) of Bread in the same two experiments.
+    assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 13
     assert db.execute("SELECT patch_layer, count(*) FROM rollouts GROUP BY 1 ORDER BY 1"
-                      ).fetchall() == [(-1, 3), (20, 8)]
+                      ).fetchall() == [(-2, 2), (-1, 3), (20, 8)]
+    # one first-token readout per unit (each has one sample here)
+    assert db.execute("SELECT count(*) FROM readouts").fetchone()[0] == 13
     # Every rollout has its coherence judgment and its experiment's detection judgment.
     per_rollout = db.execute(
         "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "
@@ -41,12 +44,13 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     # the demo's judge reads verdicts as logprobs, so (almost) every verdict parses
     parsed, total, with_p = db.execute("SELECT count(verdict), count(*), count(p_yes) "
                                        "FROM judgments").fetchone()
-    assert total == 22 and parsed >= 0.9 * total and with_p == parsed
+    assert total == 26 and parsed >= 0.9 * total and with_p == parsed
     assert db.execute("SELECT verdict_mode FROM judge_configs").fetchall() == [("logprobs",)]
     report = tmp_path / "patchdb_report" / "demo"
     for exp in ("failure_to_success", "success_to_failure", "steered_to_unsteered",
                 "unsteered_to_steered"):
         assert (report / exp / "sweep_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (report / exp / "readout_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((report / exp / "layer_20" / "rollouts.json").read_text())
         rates = json.loads((report / exp / "all_layer_scores.json").read_text())["20"]
         assert rates and all(isinstance(r, int | float) and 0 <= r <= 1 for r in rates.values())
