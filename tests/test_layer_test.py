@@ -183,6 +183,18 @@ def test_three_words_say_why_and_do_not_crash() -> None:
     assert finding_lines(test) == [f"Layer test: {test.why_not}"]
 
 
+def test_no_scored_baseline_says_so() -> None:
+    """Eight words with rates but no unpatched baseline scored (generate --no-baselines): the
+    test says what is missing, not '0 sources x 0 targets'."""
+    k = counts([[[0.5, 0.25]] * 8]).transpose(1, 0, 2).reshape(1, 8, 2)
+    words = WordRates("hand", ("",), tuple(f"t{i}" for i in range(8)), (40, 41), k,
+                      np.full(k.shape, 64, np.int64), np.zeros(8, np.int64),
+                      np.zeros(8, np.int64))
+    test = layer_test(words)
+    assert test.why_not == "n/a: no word has both a scored rate and a scored unpatched baseline"
+    assert test.flagged == ()
+
+
 def test_the_shared_baseline_adds_its_own_variance() -> None:
     """steered_to_unsteered: every word against the one control, here 2 of 64; its variance at
     the Agresti-Coull rate (2+2)/(64+4) over 68 samples joins the words' s^2/W."""

@@ -116,7 +116,8 @@ def test_read_commands_work_on_a_read_only_store(read_only_store: Path, tmp_path
 
     report = patchdb("report", "--db", read_only_store, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    rows = {line.split()[0]: line.split()[1:3] for line in report.stdout.splitlines()
+    table = report.stdout.split("Where the difference is decided")[0]  # the rate table
+    rows = {line.split()[0]: line.split()[1:3] for line in table.splitlines()
             if line.split()[:1] in (["Bread"], ["Trees"], ["Mean"])}
     assert rows == {"Bread": ["100", "100"], "Trees": ["0", "0"], "Mean": ["50", "50"]}
     assert (tmp_path / "patchdb_report" / "small" / "steered_to_unsteered" /

@@ -280,7 +280,9 @@ def layer_test(words: WordRates, *, flips: int = FLIPS, seed: int = SEED,
         design = f"{n_s} sources x {n_t} targets"
         short = min(n_s, n_t) < MIN_WORDS
     why = ""
-    if short:
+    if n_s == 0 or n_t == 0:
+        why = "n/a: no word has both a scored rate and a scored unpatched baseline"
+    elif short:
         why = (f"n/a: {design}; a sign-flip test needs at least {MIN_WORDS} words a side to "
                f"reach p < {alpha:g}")
     elif not np.isfinite(d).all((0, 1)).any():
