@@ -202,7 +202,8 @@ def test_nothing_generated_says_run_generate(tmp_path: Path, db_path: Path) -> N
 
 
 def test_sweep_ends_with_the_rate_table(tmp_path: Path, db_path: Path) -> None:
-    """A complete store: sweep generates and judges nothing, then prints the table and paths."""
+    """A store with every rollout and judgment: sweep samples and judges nothing (it fills in
+    the first-token readouts, which never sample), then prints the table and paths."""
     from patchdb.judge.templates import DEFAULT_TEMPLATES
 
     ids = make_sweep(tmp_path, db_path)
@@ -221,6 +222,10 @@ def test_sweep_ends_with_the_rate_table(tmp_path: Path, db_path: Path) -> None:
                                 "- = nothing scored)")
     assert [line.split()[:3] for line in lines[first + 5:first + 8]] == [
         ["Bread", "50", "50"], ["Trees", "100", "50"], ["Mean", "75", "50"]]
-    assert lines[first + 8] == ""
+    # no word has an unpatched baseline here: the layer test says so in one line
+    assert lines[first + 8] == ("Layer test: n/a: no word has both a scored rate and a scored "
+                                "unpatched baseline")
+    assert lines[first + 9] == ""
+    assert any(line.endswith("generate: 0 new rollouts, 4 first-token readouts") for line in lines)
     assert "  out/steered_to_unsteered/sweep_plot.png" in lines
     assert "HTML:   out/report.html" in lines

@@ -43,7 +43,8 @@ def test_upgrade_from_empty_reaches_head_without_drift(pg_url: str) -> None:
         views = set(inspect(conn).get_view_names())
     assert {"sweeps", "experiments", "concept_vectors", "rollouts", "judge_configs", "judgments",
             "stage_runs", "judge_cache"} <= tables
-    assert views == {"sample_scores", "layer_rates", "rollouts_readable", "baseline_rates"}
+    assert views == {"sample_scores", "layer_rates", "rollouts_readable", "baseline_rates",
+                     "readouts_readable", "control_rates", "yes_bias"}
     store.close()
 
 

@@ -68,7 +68,9 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
     gen = result.generated
     if gen is not None:
         click.echo(f"generate: {gen.rollouts_written} new rollouts"
-                   + (f" ({gen.tokens_per_second:.1f} tok/s)" if gen.rollouts_written else ""))
+                   + (f" ({gen.tokens_per_second:.1f} tok/s)" if gen.rollouts_written else "")
+                   + (f", {gen.readouts_written} first-token readouts" if gen.readouts_written
+                      else ""))
     j = result.judged
     if j is not None and not j.nothing_pending:
         click.echo(f"judge: {j.calls} judgments ({j.yes} yes, {j.no} no, {j.unparsed} unparsed, "

@@ -453,9 +453,10 @@ def run_generate(
             store.transact(
                 lambda s: _store_prompt(s, plan.sweep_id, prompt.text, prompt.injection_start)
             )
-            store.transact(
-                lambda s: record_sampling(s, plan.sweep_id, sampling.top_k, sampling.top_p)
-            )
+            if plan.pending:  # the readout pass never samples: only rollouts bind top_k/top_p
+                store.transact(
+                    lambda s: record_sampling(s, plan.sweep_id, sampling.top_k, sampling.top_p)
+                )
             units = [p.unit for p in plan.pending] + [r.unit for r in plan.readouts]
             words = sorted(
                 ({u.source_word for u in units} | {u.target_word for u in units}) - {NO_STEERING}

@@ -113,7 +113,11 @@ def _cells(n: int) -> str:
 
 def layer_test_block(test: LayerTest, p_values: WordPValues) -> str:
     """What `patchdb report` prints under an experiment's rate table: the difference to the
-    baselines per layer with its simultaneous band, the findings, and the per-word p-values."""
+    baselines per layer with its simultaneous band, the findings, and the per-word p-values;
+    only the line saying why where no word has a baseline to differ from."""
+    tested = int((~np.isnan(p_values.adjusted)).sum())
+    if test.why_not and not tested and np.isnan(np.asarray(test.difference, float)).all():
+        return "\n".join(finding_lines(test))
     layers = test.layers
     names = list(p_values.words)
     width = max(len("  upper"), *(len(w) for w in names))
@@ -131,7 +135,6 @@ def layer_test_block(test: LayerTest, p_values: WordPValues) -> str:
         lines.append(f"lower, upper: the simultaneous 95% band over all layers (max-t over "
                      f"{test.design}; docs/statistics.md)")
     lines += finding_lines(test)
-    tested = int((~np.isnan(p_values.adjusted)).sum())
     lines += [P_NOTE.format(n=_cells(tested), gap=GAP), header]
     for name, row in zip(names, p_values.adjusted, strict=True):
         lines.append(" ".join([f"{name:<{width}}",
@@ -144,6 +147,8 @@ def layer_test_html(test: LayerTest, p_values: WordPValues) -> str:
     out = ['<div class="layer-test"><h3>Where the difference is decided</h3>']
     out += [f'<p class="note finding">{escape(line)}</p>' for line in finding_lines(test)]
     tested = int((~np.isnan(p_values.adjusted)).sum())
+    if test.why_not and not tested:
+        return "\n".join([*out, "</div>"])
     head = "".join(f"<th>{escape(w)}</th>" for w in p_values.words)
     note = P_NOTE.format(n=_cells(tested), gap="blank")
     out.append(f'<table class="rates p-values"><caption>{escape(note)}'
