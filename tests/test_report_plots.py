@@ -51,7 +51,7 @@ def test_pair_plot(rates: dict[str, ExperimentRates]) -> None:
     colour = {b.get_label(): b.get_color() for b in bold}
     assert [f.get_color() for f in faint] == [colour[t] for _ in NEGATIVE for t in POSITIVE]
     assert all(b.get_linewidth() > f.get_linewidth() for b in bold for f in faint)
-    assert ax.get_ylim() == (0.0, 1.0)
+    assert ax.get_ylim() == pytest.approx((-0.04, 1.04))  # 0 and 1 with a margin
     assert ax.get_ylabel() == "Coherent & Detect+Identify Rate"
     assert ax.get_xlabel() == "Patch layer"
     low, high = ax.get_xlim()
@@ -66,7 +66,7 @@ def test_single_word_plot(rates: dict[str, ExperimentRates]) -> None:
     assert [line.get_alpha() for line in lines] == [0.5] * len(SINGLE) + [None]
     assert lines[-1].get_color() == "black"
     assert legend_texts(fig) == [*SINGLE, "Mean"]
-    assert ax.get_ylim() == (0.0, 1.0)
+    assert ax.get_ylim() == pytest.approx((-0.04, 1.04))  # 0 and 1 with a margin
     assert ax.get_ylabel() == "Coherent & Detect Rate"
 
 

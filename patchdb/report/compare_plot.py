@@ -4,7 +4,8 @@ A word keeps its colour across sweeps (as in the sweep plot); each sweep has its
 and marker, and the settings in which the sweeps differ are printed above the plot. A sweep's
 baselines are thin lines in its style: each word's unpatched rate in the word's colour, the
 false-positive rate of its no-injection control in grey. With `ci` each member's bold lines get
-their own 95% bands (patchdb.report.bands), at that member's own patch layers.
+their own 95% bands (patchdb.report.bands), at that member's own patch layers; lines and bands
+join only a member's adjacent layers (patchdb.report.layer_runs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from patchdb.report.aggregate import MEAN_LABEL, ExperimentRates
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, line_band
 from patchdb.report.baseline_plot import CONTROL_COLOUR
 from patchdb.report.compare import Comparison, describe, rows_of, shared_layers
+from patchdb.report.layer_runs import fill_by_layer, plot_by_layer, rate_axis
 from patchdb.report.plots import BOLD_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, _colours, band_label
 
 # Matplotlib's dash patterns for the names in compare.LINE_STYLES, in the same order.
@@ -29,7 +31,6 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 REFERENCE_WIDTH = 1.0  # the baselines: thin lines across the plot
 REFERENCE_ALPHA = 0.6
 BAND_ALPHA = 0.12  # lighter than a sweep plot's: several members' bands overlap
-Y_MARGIN = 0.03
 
 
 def line_label(word: str, member: str) -> str:
@@ -85,16 +86,16 @@ def compare_figure(comparison: Comparison, experiment: str, ci: bool = False,
         for line in rows_of(rates) if rates is not None else []:
             mean = line.label == MEAN_LABEL
             colour = "black" if mean else colour_of[line.label]
-            ax.plot(rates.layers, line.rates,  # type: ignore[union-attr]
-                    color=colour, linestyle=style,
-                    marker=marker, markersize=4, linewidth=BOLD_WIDTH if mean else 1.8,
-                    label=line_label(line.label, m.label))
+            plot_by_layer(ax, rates.layers, line.rates,  # type: ignore[union-attr]
+                          color=colour, linestyle=style, marker=marker, markersize=4,
+                          linewidth=BOLD_WIDTH if mean else 1.8,
+                          label=line_label(line.label, m.label))
             if ci and rates is not None and any(line is g for g in rates.groups):
                 band = line_band(rates, line, ci_method)
                 bands.append(band)
                 if drawn(band):
-                    ax.fill_between(rates.layers, band.lower, band.upper, color=colour,
-                                    alpha=BAND_ALPHA, linewidth=0)
+                    fill_by_layer(ax, rates.layers, band.lower, band.upper, color=colour,
+                                  alpha=BAND_ALPHA, linewidth=0)
         if rates is not None:
             _references(ax, rates, colour_of, style, m.label)
     if any(line.label == MEAN_LABEL for m in comparison.members if experiment in m.rates
@@ -112,10 +113,7 @@ def compare_figure(comparison: Comparison, experiment: str, ci: bool = False,
     layers = shared_layers(comparison, experiment)
     ax.set_xlabel("Patch layer")
     ax.set_ylabel(PAIR_YLABEL if EXPERIMENTS[experiment].pairs else SINGLE_YLABEL)
-    # rates span 0 to 1; a small margin keeps lines that sit at 0 or 1 (common when several
-    # sweeps agree) visible instead of hidden under the frame
-    ax.set_ylim(-Y_MARGIN, 1 + Y_MARGIN)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    rate_axis(ax)  # 0 and 1 with a margin: lines at 0 or 1 (common when sweeps agree) show
     if layers:
         ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

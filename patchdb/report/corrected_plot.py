@@ -24,6 +24,7 @@ from patchdb.report.corrected import (
     strata_counts,
 )
 from patchdb.report.export import inside
+from patchdb.report.layer_runs import fill_by_layer, plot_by_layer, rate_axis
 from patchdb.report.plots import PAIR_YLABEL, SINGLE_YLABEL, save_figure
 from patchdb.report.ppi import LineBands, StrataCounts, power_tuning, ppi_lines
 from patchdb.report.rates_json import Corrected
@@ -83,12 +84,12 @@ def corrected_figure(rates: ExperimentRates, bands: list[list[Band]], title: str
     palette = colormaps["tab10"]
     for i, (group, line_bands) in enumerate(zip(rates.groups, bands, strict=True)):
         colour = "black" if not rates.pairs else palette(i % 10)
-        ax.plot(layers, group.rates, color=colour, linestyle="--", linewidth=1, alpha=0.6,
-                label="_nolegend_")
-        ax.plot(layers, [b.estimate for b in line_bands], color=colour, linewidth=2.5,
-                marker="o", markersize=3, label=group.label)
-        ax.fill_between(layers, [b.lower for b in line_bands], [b.upper for b in line_bands],
-                        color=colour, alpha=0.2, linewidth=0)
+        plot_by_layer(ax, layers, group.rates, color=colour, linestyle="--", linewidth=1,
+                      alpha=0.6, markersize=2, label="_nolegend_")
+        plot_by_layer(ax, layers, [b.estimate for b in line_bands], color=colour,
+                      linewidth=2.5, label=group.label)
+        fill_by_layer(ax, layers, [b.lower for b in line_bands], [b.upper for b in line_bands],
+                      color=colour, alpha=0.2, linewidth=0)
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1))
     labels.append("raw (judge as is)")
@@ -97,7 +98,7 @@ def corrected_figure(rates: ExperimentRates, bands: list[list[Band]], title: str
     ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.set_ylabel((PAIR_YLABEL if rates.pairs else SINGLE_YLABEL) + ", corrected")
     ax.set_xlabel("Patch layer")
-    ax.set_ylim(0, 1)
+    rate_axis(ax)
     if layers:
         ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     ax.set_title(title)

@@ -1,7 +1,8 @@
 """The sweep plot (docs/science.md, "Plots"): rate against patch layer, one per experiment.
 
 Figures are built with the object API on the Agg canvas (no pyplot state, no display needed).
-Missing rates are NaN, which matplotlib draws as a gap.
+Missing rates are NaN, which matplotlib draws as a gap; every layer gets a marker, and lines
+and bands join only adjacent layers (patchdb.report.layer_runs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, legend_method
 from patchdb.report.baseline_plot import draw_references, group_band, shift_of
 from patchdb.report.layer_findings import shade_layers
+from patchdb.report.layer_runs import fill_by_layer, plot_by_layer, rate_axis
 from patchdb.report.layer_test import LayerTest
 
 PAIR_YLABEL = "Coherent & Detect+Identify Rate"
@@ -45,8 +47,8 @@ def _band(ax: Axes, layers: list[int], rates: ExperimentRates, line: Line, colou
     band = group_band(rates, line, net, ci_method)
     bands.append(band)
     if drawn(band):
-        ax.fill_between(layers, band.lower, band.upper, color=colour, alpha=BAND_ALPHA,
-                        linewidth=0)
+        fill_by_layer(ax, layers, band.lower, band.upper, color=colour, alpha=BAND_ALPHA,
+                      linewidth=0)
 
 
 LEGEND_WIDTH = 30  # characters per line of a long legend entry
@@ -81,13 +83,13 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
         colour_of = dict(zip([g.target_word for g in rates.groups],
                              _colours(len(rates.groups)), strict=True))
         for line in rates.keys:
-            ax.plot(layers, [r - shift for r in line.rates],
-                    color=colour_of.get(line.target_word, "grey"),
-                    alpha=PAIR_ALPHA, linewidth=1, label="_nolegend_")
+            plot_by_layer(ax, layers, [r - shift for r in line.rates],
+                          color=colour_of.get(line.target_word, "grey"), alpha=PAIR_ALPHA,
+                          linewidth=1, markersize=2, label="_nolegend_")
         for group in rates.groups:
             colour = colour_of[group.target_word]
-            ax.plot(layers, [r - shift for r in group.rates], color=colour, linewidth=BOLD_WIDTH,
-                    marker="o", markersize=3, label=group.label)
+            plot_by_layer(ax, layers, [r - shift for r in group.rates], color=colour,
+                          linewidth=BOLD_WIDTH, label=group.label)
             if ci:
                 _band(ax, layers, rates, group, colour, net, ci_method, bands)
         ax.set_ylabel(PAIR_YLABEL)
@@ -95,11 +97,11 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
         colour_of = dict(zip([line.target_word for line in rates.keys],
                              _colours(len(rates.keys)), strict=True))
         for line, colour in zip(rates.keys, _colours(len(rates.keys)), strict=True):
-            ax.plot(layers, [r - shift for r in line.rates], color=colour, alpha=SINGLE_ALPHA,
-                    linewidth=1.5, label=line.label)
+            plot_by_layer(ax, layers, [r - shift for r in line.rates], color=colour,
+                          alpha=SINGLE_ALPHA, linewidth=1.5, label=line.label)
         for group in rates.groups:
-            ax.plot(layers, [r - shift for r in group.rates], color="black",
-                    linewidth=BOLD_WIDTH, marker="o", markersize=3, label=group.label)
+            plot_by_layer(ax, layers, [r - shift for r in group.rates], color="black",
+                          linewidth=BOLD_WIDTH, label=group.label)
             if ci:
                 _band(ax, layers, rates, group, "black", net, ci_method, bands)
         ax.set_ylabel(SINGLE_YLABEL)
@@ -107,7 +109,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
     if net:
         ax.set_ylabel(f"{ax.get_ylabel()} minus {rates.reference}")
     ax.set_xlabel("Patch layer")
-    ax.set_ylim(-shift, 1 - shift)
+    rate_axis(ax, shift)  # 0 and 1 (less the shift) with a margin, so 100% is not the frame
     if layers:
         ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

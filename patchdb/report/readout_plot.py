@@ -3,7 +3,8 @@ layer, laid out as the rate plot (faint keys and bold target-word lines for the 
 experiments; a line per word and a bold black mean for the single-word ones), each target
 condition's unpatched P(yes) dashed in its colour, the random-vector control's dash-dotted and
 the no-injection P(yes) grey and dotted. Where the unrelated questions were asked, a second
-panel draws the yes-bias index the same way around 0.
+panel draws the yes-bias index the same way around 0. Lines join only adjacent patch layers
+(patchdb.report.layer_runs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+from patchdb.report.layer_runs import plot_by_layer, rate_axis
 from patchdb.report.readouts import ExperimentReadouts
 
 PAIR_ALPHA = 0.15
@@ -36,20 +38,22 @@ def _panel(ax: Axes, er: ExperimentReadouts, measure: str, legend: bool) -> None
         colour_of = dict(zip([g.target_word for g in er.groups], _colours(len(er.groups)),
                              strict=True))
         for line in er.keys:
-            ax.plot(layers, line.values(measure), color=colour_of.get(line.target_word, "grey"),
-                    alpha=PAIR_ALPHA, linewidth=1, label="_nolegend_")
+            plot_by_layer(ax, layers, line.values(measure),
+                          color=colour_of.get(line.target_word, "grey"), alpha=PAIR_ALPHA,
+                          linewidth=1, markersize=2, label="_nolegend_")
         for g in er.groups:
-            ax.plot(layers, g.values(measure), color=colour_of[g.target_word],
-                    linewidth=BOLD_WIDTH, marker="o", markersize=3, label=g.label)
+            plot_by_layer(ax, layers, g.values(measure), color=colour_of[g.target_word],
+                          linewidth=BOLD_WIDTH, label=g.label)
     else:
         colour_of = dict(zip([k.target_word or k.source_word for k in er.keys],
                              _colours(len(er.keys)), strict=True))
         for k in er.keys:
-            ax.plot(layers, k.values(measure), color=colour_of[k.target_word or k.source_word],
-                    alpha=SINGLE_ALPHA, linewidth=1.5, label=k.label)
+            plot_by_layer(ax, layers, k.values(measure),
+                          color=colour_of[k.target_word or k.source_word], alpha=SINGLE_ALPHA,
+                          linewidth=1.5, label=k.label)
         for g in er.groups:
-            ax.plot(layers, g.values(measure), color="black", linewidth=BOLD_WIDTH, marker="o",
-                    markersize=3, label=g.label)
+            plot_by_layer(ax, layers, g.values(measure), color="black", linewidth=BOLD_WIDTH,
+                          label=g.label)
     span = (layers[0] - 0.5, layers[-1] + 0.5) if layers else (0.0, 1.0)
     first = {"base": True, "random": True}
     for word, point in er.baselines.items():
@@ -88,7 +92,7 @@ def readout_figure(er: ExperimentReadouts, title: str) -> Figure:
     for i, (ax, measure) in enumerate(zip(axes, panels, strict=True)):
         _panel(ax, er, measure, legend=i == 0)
         if measure == "p_yes":
-            ax.set_ylim(0, 1)
+            rate_axis(ax)  # 0 and 1 with a margin
     axes[-1].set_xlabel("Patch layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(title)
