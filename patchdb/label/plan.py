@@ -205,7 +205,10 @@ def plan_next(session: Session, sweep: Sweep, graders: list[str], labeler: str,
                 and chosen not in partners:
             still_open = [c for c in candidates if c[0] not in labeled and c[0] not in skip
                           and c[2] >= 0]
-            chosen = pick_widest(session, sweep, grader, judge, still_open, _order) or chosen
+            # As in the balanced plan: unparsed answers only when no parsed one is left.
+            parsed = [c for c in still_open if c[3] is not None]
+            chosen = pick_widest(session, sweep, grader, judge, parsed or still_open,
+                                 _order) or chosen
         if chosen is not None:
             return _item(session, sweep, chosen, grader, judge), progress
     return None, progress
