@@ -11,6 +11,7 @@ from patchdb.report.bands import DEFAULT_CI_METHOD, check_method
 from patchdb.report.export import export_experiment, inside, safe_component
 from patchdb.report.layer_findings import decide, layer_test_block
 from patchdb.report.layer_test import LayerTest
+from patchdb.report.net import net_plot_name, net_table
 from patchdb.report.plots import FORMATS, save_figure, sweep_figure
 from patchdb.report.rates_json import Corrected, sweep_rows, write_rates_json
 from patchdb.report.readout_export import export_readouts, write_readouts_json
@@ -64,7 +65,9 @@ def build_report(
     against: str = "control",
 ) -> Report:
     """Aggregate, plot (and optionally export) each experiment under out_dir/<experiment>/;
-    `net` plots every rate minus the false-positive rate (patchdb.report.baselines); bands
+    `net` plots every rate minus the false-positive rate (patchdb.report.baselines), or minus
+    the random-vector rate `against` it, into its own file with its own table
+    (patchdb.report.net); bands
     (with `ci`, and in the tables) are over words, or over samples with `ci_method`
     "samples" (patchdb.report.bands)."""
     if fmt not in FORMATS:
@@ -86,10 +89,14 @@ def build_report(
             decided = decide(rates)  # the layer test (patchdb.report.layer_test)
             figure = sweep_figure(rates, title, ci=ci, net=net, ci_method=ci_method,
                                   decided=decided[0] if decided else None)
-            plot = save_figure(figure, inside(base, base / experiment.name / f"sweep_plot.{fmt}"))
+            # --net draws under its own name and leaves sweep_plot.<fmt> as it is
+            name = net_plot_name(against, fmt) if net else f"sweep_plot.{fmt}"
+            plot = save_figure(figure, inside(base, base / experiment.name / name))
             table = experiment_table(rates, ci, ci_method)
             if decided:
                 table += "\n" + layer_test_block(*decided)
+            if net:  # what the net plot draws, under the rates as they are
+                table += "\n\n" + net_table(rates, ci_method)
             report = ExperimentReport(experiment.name, plot, table, rates,
                                       layer_test=decided[0] if decided else None)
             if not er.empty:  # the readout plot beside the sweep plot, its table under the rates

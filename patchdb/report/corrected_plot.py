@@ -85,7 +85,7 @@ def corrected_figure(rates: ExperimentRates, bands: list[list[Band]], title: str
     for i, (group, line_bands) in enumerate(zip(rates.groups, bands, strict=True)):
         colour = "black" if not rates.pairs else palette(i % 10)
         plot_by_layer(ax, layers, group.rates, color=colour, linestyle="--", linewidth=1,
-                      alpha=0.6, markersize=2, label="_nolegend_")
+                      alpha=0.6, markersize=3, label="_nolegend_")
         plot_by_layer(ax, layers, [b.estimate for b in line_bands], color=colour,
                       linewidth=2.5, label=group.label)
         fill_by_layer(ax, layers, [b.lower for b in line_bands], [b.upper for b in line_bands],

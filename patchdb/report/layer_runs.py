@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
     Values = Sequence[float] | NDArray[np.float64]
 
 MARKER = "o"
-MARKER_SIZE = 3
+MARKER_SIZE = 5  # a lone layer is only its marker: big enough to see
 LONE_HALF_WIDTH = 0.15  # half the width of a lone layer's band, in layers
 RATE_MARGIN = 0.04  # below 0 and above 1 on a rate axis
 TICK_STEP = 0.2

@@ -85,7 +85,7 @@ def sweep_figure(rates: ExperimentRates, title: str, ci: bool = False, net: bool
         for line in rates.keys:
             plot_by_layer(ax, layers, [r - shift for r in line.rates],
                           color=colour_of.get(line.target_word, "grey"), alpha=PAIR_ALPHA,
-                          linewidth=1, markersize=2, label="_nolegend_")
+                          linewidth=1, markersize=3, label="_nolegend_")
         for group in rates.groups:
             colour = colour_of[group.target_word]
             plot_by_layer(ax, layers, [r - shift for r in group.rates], color=colour,

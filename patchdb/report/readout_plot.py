@@ -40,7 +40,7 @@ def _panel(ax: Axes, er: ExperimentReadouts, measure: str, legend: bool) -> None
         for line in er.keys:
             plot_by_layer(ax, layers, line.values(measure),
                           color=colour_of.get(line.target_word, "grey"), alpha=PAIR_ALPHA,
-                          linewidth=1, markersize=2, label="_nolegend_")
+                          linewidth=1, markersize=3, label="_nolegend_")
         for g in er.groups:
             plot_by_layer(ax, layers, g.values(measure), color=colour_of[g.target_word],
                           linewidth=BOLD_WIDTH, label=g.label)
