@@ -348,9 +348,13 @@ def test_html_page_has_the_unpatched_row(judged: Path, tmp_path: Path) -> None:
     page = (tmp_path / "r" / "report.html").read_text()
     # each target's unpatched rate is one condition: its Wilson band over its 4 samples
     bread, trees = _wilson(3, 4), _wilson(2, 4)
+    def percent(x: float) -> str:  # the terminal's form: whole percent
+        return f"{round(100 * x)}"
+
     assert ('<tr class="baseline"><th title="the same target condition with no patch">'
-            f'unpatched</th><td>0.75<span class="band">{bread[0]:.2f}-{bread[1]:.2f}</span></td>'
-            f'<td>0.50<span class="band">{trees[0]:.2f}-{trees[1]:.2f}</span></td></tr>') in page
+            f'unpatched</th><td>75<span class="band">{percent(bread[0])}-{percent(bread[1])}'
+            f'</span></td><td>50<span class="band">{percent(trees[0])}-{percent(trees[1])}'
+            '</span></td></tr>') in page
     assert ("False positives (no injection, no patch): 25% (1/4; 95% band 5-70%: Wilson over "
             "its samples, one condition)") in page
 

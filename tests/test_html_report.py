@@ -1,4 +1,5 @@
-"""The HTML report: what the page holds, and what a user sees in headless Chromium after filtering.
+"""The HTML report: what report.html and its rollout pages hold, and what a user sees in headless
+Chromium after following a rate cell to its rollouts and filtering them.
 
 The Chromium tests drive Debian's `chromium` over the DevTools protocol with a small WebSocket
 client written here (no selenium or playwright), and with `--dump-dom` for a filter in the URL.
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -118,6 +120,7 @@ def page(store: Store, tmp_path: Path) -> Path:
 
 
 def embedded(path: Path) -> dict[str, Any]:
+    """The data a rollout page carries."""
     html = path.read_text(encoding="utf-8")
     match = re.search(r'<script type="application/json" id="rollout-data">(.*?)</script>', html, re.S)
     assert match is not None
@@ -125,18 +128,59 @@ def embedded(path: Path) -> dict[str, Any]:
     return data
 
 
-def test_page_is_self_contained_and_escapes_store_text(page: Path) -> None:
+def linked_pages(page: Path) -> list[Path]:
+    """The rollout pages report.html links to from its Rollouts section, in order."""
+    section = page.read_text("utf-8").split('<section id="browser">')[1].split("</section>")[0]
+    return [page.parent / href for href in re.findall(r'<a href="([^"#]+)">', section)]
+
+
+def stored_answers(db: Path) -> dict[int, str]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT id, answer FROM rollouts"))
+
+
+def test_main_page_is_self_contained_and_links_the_rollout_pages(page: Path,
+                                                                   db_path: Path) -> None:
     html = page.read_text(encoding="utf-8")
     assert page.name == REPORT_FILE
     assert html.count('src="data:image/png;base64,') == 4  # one plot per experiment
-    assert not re.search(r'(src|href)="(?!data:|#)', html), "nothing may load from elsewhere"
-    assert html.count("</script>") == 2  # the data tag and the code tag; none from an answer
-    assert "<b>Bread</b>" not in html
+    # nothing loads from elsewhere; links go only to its own rollout pages or its own anchors
+    assert not re.search(r'src="(?!data:)', html)
+    assert set(re.findall(r'href="([^"#]*)', html)) - {""} == {
+        f"rollouts/{e}/layer_{layer}.html" for e in EXPERIMENTS for layer in (3, 4)}
+    assert "<script" not in html  # no rollouts inlined, no code
+    assert not any(answer in html for answer in stored_answers(db_path).values())
     assert "judge config #1 (openai: judge-a" in html  # the config with the most judgments
     assert "judgments from 2 judge configs" in html
-    assert "All 48 rollouts are embedded." in html
-    data = embedded(page)
-    nasty = [r for r in data["rollouts"] if r["answer"] == NASTY]
+    assert "All 48 rollouts are in the rollout pages, one page per experiment and layer." in html
+    pages = linked_pages(page)
+    order = re.findall(r'<section id="rates-([^"]+)">', html)  # the sweep's experiments
+    assert sorted(order) == sorted(EXPERIMENTS)
+    assert [p.relative_to(page.parent).as_posix() for p in pages] == [
+        f"rollouts/{e}/layer_{layer}.html" for e in order for layer in (3, 4)]
+    # a cell holds the number of rollouts on its page: 2 samples of each key
+    row = html.split("<th>failure_to_success</th>")[-1].split("</tr>")[0]
+    assert re.findall(r">(\d+)</a>", row) == ["8", "8"]
+
+
+def test_rollout_pages_hold_every_rollout_exactly_once(page: Path, db_path: Path) -> None:
+    answers = stored_answers(db_path)
+    assert len(answers) == 48
+    seen: list[int] = []
+    for path in linked_pages(page):
+        data = embedded(path)
+        experiment, layer = path.parent.name, int(path.stem.removeprefix("layer_"))
+        assert {(r["experiment"], r["layer"]) for r in data["rollouts"]} == {(experiment, layer)}
+        for r in data["rollouts"]:
+            assert r["answer"] == answers[r["id"]]
+            seen.append(r["id"])
+        html = path.read_text(encoding="utf-8")
+        assert html.count("</script>") == 2  # the data tag and the code tag; none from an answer
+        assert '<a href="../../report.html">' in html
+    assert sorted(seen) == sorted(answers)  # every rollout, none twice
+    nasty_page = page.parent / "rollouts" / "failure_to_success" / "layer_3.html"
+    assert "<b>Bread</b>" not in nasty_page.read_text(encoding="utf-8")
+    nasty = [r for r in embedded(nasty_page)["rollouts"] if r["answer"] == NASTY]
     assert len(nasty) == 1 and nasty[0]["key"] == "Dust_to_Bread"
     assert nasty[0]["judgments"]["coherence"]["reply"] == f"Reasoning about coherence of <{NASTY}>. YES"
 
@@ -161,14 +205,14 @@ def band_cells(html: str, experiment: str) -> list[list[str]]:
 def test_rate_tables_carry_the_bands_over_words(page: Path) -> None:
     """failure_to_success: at layer 3 both sources of each target score 2/2; at layer 4
     Bread's score 1/2 and Trees' 0/2. Two sources that agree: the band is Wilson's at all 4
-    samples of the line, with Student's t on 1 df (2 sources) for z."""
+    samples of the line, with Student's t on 1 df (2 sources) for z. In whole percent."""
     html = page.read_text(encoding="utf-8")
     t1 = math.tan(math.pi * 0.475)  # Student's t, 97.5%, 1 df
 
     def band(p: float, n: float) -> str:
         centre = (p + t1 * t1 / (2 * n)) / (1 + t1 * t1 / n)
         half = t1 / (1 + t1 * t1 / n) * math.sqrt(p * (1 - p) / n + t1 * t1 / (4 * n * n))
-        return f"{max(0.0, centre - half):.2f}-{min(1.0, centre + half):.2f}"
+        return f"{round(100 * max(0.0, centre - half))}-{round(100 * min(1.0, centre + half))}"
 
     assert band_cells(html, "failure_to_success") == [[band(1.0, 4)] * 2,
                                                       [band(0.5, 4), band(0.0, 4)]]
@@ -176,26 +220,53 @@ def test_rate_tables_carry_the_bands_over_words(page: Path) -> None:
     assert "(Wilson-t over 2 words)" in html
 
 
-def test_rate_tables_follow_the_judgments(page: Path) -> None:
+def test_rate_tables_show_percent_like_the_terminal(page: Path) -> None:
     html = page.read_text(encoding="utf-8")
     # Layer 3: everything coherent and detected. Layer 4: sample 1 incoherent, only Bread detected.
     assert rate_cells(html, "failure_to_success") == [
-        ["Layer", "Bread", "Trees"], ["3", "1.00", "1.00"], ["4", "0.50", "0.00"]]
+        ["Layer", "Bread", "Trees"], ["3", "100", "100"], ["4", "50", "0"]]
     # Bread at layer 4: sample 1's detection is unparsed, so only sample 0 (a success) counts.
     # Trees at layer 3: sample 1's coherence call failed, so only sample 0 counts.
     assert rate_cells(html, "steered_to_unsteered") == [
-        ["Layer", "Bread", "Trees", "Mean"], ["3", "1.00", "1.00", "1.00"],
-        ["4", "1.00", "0.00", "0.50"]]
+        ["Layer", "Bread", "Trees", "Mean"], ["3", "100", "100", "100"],
+        ["4", "100", "0", "50"]]
     assert rate_cells(html, "unsteered_to_steered")[1:] == [
-        ["3", "1.00", "1.00", "1.00"], ["4", "0.50", "0.00", "0.25"]]
+        ["3", "100", "100", "100"], ["4", "50", "0", "25"]]
+    assert "<h3>Rate (%) per patch layer and steered word</h3>" in html
 
 
-def test_browser_embeds_at_most_the_cap_per_key(store: Store, tmp_path: Path) -> None:
+def test_rate_cells_link_to_their_words_rollouts(page: Path) -> None:
+    html = page.read_text(encoding="utf-8")
+    section = html.split('<section id="rates-failure_to_success">')[1].split("</section>")[0]
+    links = re.findall(r'<a href="([^"]+)">', section.split('<table class="rates">')[1])
+    assert links == ["rollouts/failure_to_success/layer_3.html#word=Bread",
+                     "rollouts/failure_to_success/layer_3.html#word=Trees",
+                     "rollouts/failure_to_success/layer_4.html#word=Bread",
+                     "rollouts/failure_to_success/layer_4.html#word=Trees"]
+    assert all((page.parent / link.split("#")[0]).exists() for link in links)
+
+
+def test_rollout_pages_hold_at_most_the_cap_per_key(store: Store, tmp_path: Path) -> None:
     path = write_html_report(store, "tiny", tmp_path / "capped", samples_per_key=1)
-    data = embedded(path)
-    assert len(data["rollouts"]) == 24
-    assert {r["sample"] for r in data["rollouts"]} == {0}
-    assert "This page embeds 24 of the 48 rollouts: at most 1 samples" in path.read_text("utf-8")
+    rollouts = [r for p in linked_pages(path) for r in embedded(p)["rollouts"]]
+    assert len(rollouts) == 24
+    assert {r["sample"] for r in rollouts} == {0}
+    assert "The rollout pages hold 24 of the 48 rollouts: at most 1 samples" in path.read_text(
+        "utf-8")
+    layer = (tmp_path / "capped" / "rollouts" / "steered_to_unsteered" / "layer_4.html")
+    assert ("This page holds 2 of the 4 rollouts of this experiment at this layer"
+            in layer.read_text("utf-8"))
+
+
+def test_a_second_report_removes_pages_of_layers_gone_from_the_store(
+        store: Store, page: Path) -> None:
+    stale = page.parent / "rollouts" / "failure_to_success" / "layer_9.html"
+    stale.write_text("from an earlier report")
+    kept = page.parent / "rollouts" / "notes.txt"
+    kept.write_text("the user's own file")
+    write_html_report(store, None, page.parent)
+    assert not stale.exists() and kept.exists()
+    assert len(linked_pages(page)) == 8
 
 
 def test_report_command_writes_the_page_next_to_the_plots(store: Store, db_path: Path,
@@ -204,7 +275,8 @@ def test_report_command_writes_the_page_next_to_the_plots(store: Store, db_path:
     assert result.exit_code == 0, result.output
     page = tmp_path / "out" / REPORT_FILE
     assert f"HTML report: {page}" in result.output
-    assert len(embedded(page)["rollouts"]) == 48
+    assert sum(len(embedded(p)["rollouts"]) for p in linked_pages(page)) == 48
+    assert rate_cells(page.read_text("utf-8"), "failure_to_success")[2] == ["4", "50", "0"]
 
 
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:
@@ -215,7 +287,9 @@ def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None
     html = write_html_report(store, None, tmp_path / "out").read_text("utf-8")
     store.close()
     assert ('<p class="note missing">No rates: no rollouts yet: run `patchdb generate`</p>'
-            in html and "All 0 rollouts are embedded." in html)
+            in html and "All 0 rollouts are in the rollout pages" in html)
+    assert not (tmp_path / "out" / "rollouts").exists() or not any(
+        (tmp_path / "out" / "rollouts").rglob("*.html"))
 
 
 # --- headless Chromium -------------------------------------------------------------------------
@@ -349,34 +423,54 @@ def wait_for(tools: DevTools, condition: str, timeout_s: float = 10) -> None:
         time.sleep(0.05)
 
 
+def wait_across_pages(tools: DevTools, condition: str, timeout_s: float = 60) -> None:
+    """Wait for `condition` while a link loads another page (its evaluation fails meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if tools.js(condition):
+                return
+        except AssertionError:  # the old page's context went away mid-evaluation
+            pass
+        assert time.monotonic() < deadline, f"never true: {condition}"
+        time.sleep(0.05)
+
+
+ON_PAGE = ("location.pathname.endsWith({path!r}) && document.readyState === 'complete' && "
+           "document.querySelectorAll('#rows .rollout').length === {n}")
+
+
 @needs_chromium
-def test_filtering_in_chromium_shows_the_matching_rollouts(page: Path, tmp_path: Path) -> None:
+def test_a_rate_cell_opens_its_rollouts_and_filters_work_in_chromium(page: Path,
+                                                                     tmp_path: Path) -> None:
     with browser(page.as_uri()) as tools:
-        assert len(tools.js(VISIBLE_ROWS)) == 48
         assert tools.js("document.title") == "patchdb report: tiny"
-        choose(tools, "experiment", "failure_to_success")
-        choose(tools, "layer", "4")
-        assert len(tools.js(VISIBLE_ROWS)) == 8
+        # A rate cell takes the researcher to the page of its layer, filtered to its word.
+        tools.js("document.querySelector('#rates-failure_to_success a[href="
+                 "\"rollouts/failure_to_success/layer_4.html#word=Bread\"]').click()")
+        wait_across_pages(tools, ON_PAGE.format(path="failure_to_success/layer_4.html", n=4))
+        assert {r["key"] for r in tools.js(VISIBLE_ROWS)} == {"Dust_to_Bread", "Milk_to_Bread"}
+        assert {r["layer"] for r in tools.js(VISIBLE_ROWS)} == {"layer 4"}
+        assert tools.js("document.getElementById('f-word').value") == "Bread"
+        choose(tools, "word", "")
+        assert len(tools.js(VISIBLE_ROWS)) == 8  # 4 keys x 2 samples at this layer
         choose(tools, "verdict", "score:pass")
         rows = tools.js(VISIBLE_ROWS)
-        assert [(r["key"], r["layer"]) for r in rows] == [
-            ("Dust_to_Bread", "layer 4"), ("Milk_to_Bread", "layer 4")]
+        assert [r["key"] for r in rows] == ["Dust_to_Bread", "Milk_to_Bread"]
         assert rows[0]["verdicts"] == ["coherence YES", "detection_identification YES"]
         assert tools.js("document.getElementById('match-count').textContent") == (
-            "2 of 48 embedded rollouts match.")
-        assert "experiment=failure_to_success" in tools.js("location.hash")
-        choose(tools, "verdict", "")
-        choose(tools, "layer", "3")
+            "2 of 8 rollouts on this page match.")
+        assert "verdict=score%3Apass" in tools.js("location.hash")
+        # The page's own links lead to the experiment's other layers.
+        tools.js("Array.from(document.querySelectorAll('a')).find("
+                 "a => a.textContent === 'layer 3').click()")
+        wait_across_pages(tools, ON_PAGE.format(path="failure_to_success/layer_3.html", n=8))
         choose(tools, "key", "Dust_to_Bread")
         rows = tools.js(VISIBLE_ROWS)
         assert [r["answer"] for r in rows][0] == NASTY and rows[0]["markup"] == 0
-        assert tools.js("document.title") == "patchdb report: tiny"  # the answer's script never ran
-        # A rate cell takes the researcher to the rollouts behind it.
-        tools.js("document.querySelector('#rates-failure_to_success a[href="
-                 "\"#experiment=failure_to_success&layer=4&word=Bread\"]').click()")
-        wait_for(tools, "document.querySelectorAll('#rows .rollout').length === 4")
-        assert {r["key"] for r in tools.js(VISIBLE_ROWS)} == {"Dust_to_Bread", "Milk_to_Bread"}
-        assert tools.js("document.getElementById('f-key').value") == ""
+        # the answer's script never ran
+        assert tools.js("document.title") == ("patchdb rollouts: tiny, failure_to_success, "
+                                              "layer 3")
         shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
     (tmp_path / "report.png").write_bytes(shot)
     pixels = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=float)
@@ -385,7 +479,8 @@ def test_filtering_in_chromium_shows_the_matching_rollouts(page: Path, tmp_path:
 
 @needs_chromium
 def test_a_filter_in_the_url_hash_applies_on_load(page: Path) -> None:
-    url = page.as_uri() + "#experiment=steered_to_unsteered&layer=4&verdict=detection:unparsed"
+    layer = page.parent / "rollouts" / "steered_to_unsteered" / "layer_4.html"
+    url = layer.as_uri() + "#verdict=detection:unparsed"
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run([*chromium_args(profile), "--dump-dom", url], capture_output=True,
                              text=True, timeout=120, check=True).stdout

@@ -198,7 +198,7 @@ def test_compare_places_each_sweep_on_its_own_layers(layered: Path, tmp_path: Pa
     assert late.split()[-3:] == ["-", "12", "60"]
     assert result.html is not None
     page = result.html.read_text(encoding="utf-8")
-    for sweep, cells in (("early", ["0.12", "0.60", ""]), ("late", ["", "0.12", "0.60"])):
+    for sweep, cells in (("early", ["12", "60", ""]), ("late", ["", "12", "60"])):  # in %
         row = page.split(f"<th>Mean</th><th>{sweep}</th>")[1].split("</tr>")[0]
         found = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>.*?</td>", row)]
         assert found[1:] == cells  # after the unpatched column

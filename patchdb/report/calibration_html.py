@@ -3,10 +3,11 @@ has human labels (no section otherwise)."""
 
 from html import escape
 
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from patchdb.report.calibration import calibrate_judges, describe
-from patchdb.store.models import Sweep
+from patchdb.store.models import Experiment, Label, Rollout, Sweep
 
 
 def _rate(value: float | None, ci: list[float | None]) -> str:
@@ -19,8 +20,17 @@ def _num(value: float | None) -> str:
     return "<td></td>" if value is None else f"<td>{value:.2f}</td>"
 
 
+def has_labels(session: Session, sweep: Sweep) -> bool:
+    """Whether anyone has labeled an answer of the sweep."""
+    return bool(session.scalar(select(exists().where(
+        Label.rollout_id == Rollout.id, Rollout.experiment_id == Experiment.id,
+        Experiment.sweep_id == sweep.id))))
+
+
 def calibration_section(session: Session, sweep: Sweep) -> str:
     """The section's HTML, or "" when no labeled answer has a judgment."""
+    if not has_labels(session, sweep):  # spares reading every verdict of a sweep with no labels
+        return ""
     rows = calibrate_judges(session, sweep)
     if not rows:
         return ""

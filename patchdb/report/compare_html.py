@@ -10,6 +10,7 @@ from pathlib import Path
 
 from patchdb.report.bands import DEFAULT_CI_METHOD
 from patchdb.report.compare import Comparison, describe, member_settings, rows_of, shared_layers
+from patchdb.report.html import percent
 from patchdb.report.html_assets import CSS
 from patchdb.report.tables import control_line, unpatched
 from patchdb.store import utcnow
@@ -18,7 +19,8 @@ COMPARE_FILE = "compare.html"
 
 
 def _table(comparison: Comparison, experiment: str, ci_method: str = DEFAULT_CI_METHOD) -> str:
-    """Rows: word then sweep; columns: the shared patch layers; blank where nothing is scored."""
+    """Rows: word then sweep; columns: the shared patch layers; rates in whole percent, as the
+    terminal prints them; blank where nothing is scored."""
     layers = shared_layers(comparison, experiment)
     members = [m for m in comparison.members if experiment in m.rates]
     with_base = any(m.rates[experiment].baselines for m in members)
@@ -34,7 +36,7 @@ def _table(comparison: Comparison, experiment: str, ci_method: str = DEFAULT_CI_
                 at.get(layer, math.nan) for layer in layers]
             cells = ["<td></td>" if math.isnan(rate) else
                      f'<td style="background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})">'
-                     f"{rate:.2f}</td>" for rate in values]
+                     f"{percent(rate)}</td>" for rate in values]
             rows.setdefault(line.label, []).append(
                 f"<th>{escape(line.label)}</th><th>{escape(m.label)}</th>{''.join(cells)}")
     out += [f"<tr>{row}</tr>" for entries in rows.values() for row in entries]
@@ -87,7 +89,7 @@ def write_compare_html(comparison: Comparison, figures: dict[str, bytes], out_di
             png = base64.b64encode(figures[experiment]).decode("ascii")
             out.append(f'<div class="result"><figure><img alt="comparison of rate against patch '
                        f'layer, {escape(experiment)}" src="data:image/png;base64,{png}"></figure>')
-            out.append(f'<div class="table-wrap"><h3>Rate per patch layer</h3>'
+            out.append(f'<div class="table-wrap"><h3>Rate (%) per patch layer</h3>'
                        f"{_table(comparison, experiment, ci_method)}</div></div>")
         else:
             out.append('<p class="note missing">No rates in any compared sweep yet.</p>')

@@ -1,41 +1,54 @@
-"""The HTML report: one self-contained page per sweep (plots, rate tables, a rollout browser).
+"""The HTML report: a static folder per sweep, report.html with the plots, rate tables and
+findings, and one small page of rollouts per experiment and patch layer that it links to
+(patchdb.report.rollout_pages).
 
-The page works from a file:// URL with no server and no network: CSS and JS are inline, plots
-are base64 PNG data URIs, and the rollouts are JSON in a `<script type="application/json">` tag.
-A big sweep is capped to a few samples per key and layer; the page says how many it holds.
+Every page works from a file:// URL with no server and no network: CSS and JS are inline, plots
+are base64 PNG data URIs, and a rollout page carries its rollouts as JSON in a
+`<script type="application/json">` tag. Rollout pages hold a few samples per key and layer;
+each says how many of its layer's rollouts it holds.
 """
 
-import base64
-import io
-import json
 import math
 import os
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
-
-from patchdb.experiments import EXPERIMENTS, GRADERS, at_layer, key_label
+from patchdb.experiments import EXPERIMENTS, GRADERS
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method, legend_method, line_band
 from patchdb.report.calibration_html import calibration_section
-from patchdb.report.html_assets import CSS, JS
+from patchdb.report.html_assets import CSS, png_data_uri
 from patchdb.report.layer_findings import decide, layer_test_html
 from patchdb.report.layer_test import LayerTest
 from patchdb.report.plots import sweep_figure
 from patchdb.report.readout_html import readout_section
 from patchdb.report.readouts import sweep_readouts
+from patchdb.report.rollout_pages import (
+    RolloutPage,
+    browser_rollouts,
+    layer_name,
+    page_path,
+    rollout_counts,
+    write_rollout_pages,
+)
 from patchdb.report.tables import control_line, row_baseline_band, unpatched
-from patchdb.store import Experiment, Rollout, Store, utcnow
+from patchdb.store import Store, utcnow
 from patchdb.store.baselines import baseline_units
 from patchdb.store.readouts import random_vector_units
 from patchdb.store.sweeps import expected_units, get_experiments, get_sweep, sweep_config
 
+if TYPE_CHECKING:
+    from patchdb.report import Report
+
 REPORT_FILE = "report.html"
 DEFAULT_SAMPLES_PER_KEY = 3
+
+
+def percent(rate: float) -> str:
+    """A rate as the terminal's tables print it: whole percent, no sign (patchdb.report.tables)."""
+    return f"{round(100 * rate)}"
 
 
 def write_html_report(
@@ -46,14 +59,18 @@ def write_html_report(
     samples_per_key: int = DEFAULT_SAMPLES_PER_KEY,
     judge_config_id: int | None = None,
     ci_method: str = DEFAULT_CI_METHOD,
+    report: "Report | None" = None,
 ) -> Path:
-    """Write `<out_dir>/report.html` for the sweep and return its path.
+    """Write `<out_dir>/report.html` and its rollout pages for the sweep; return its path.
 
-    The rollout browser embeds at most `samples_per_key` samples (lowest sample index first) of
-    every key at every patch layer; rates and plots always cover every rollout. The verdicts
-    shown are those of `judge_config_id`, by default the judge config that judged most samples.
-    Plots and tables carry each bold line's 95% band (over words, or over samples with
-    `ci_method` "samples"; patchdb.report.bands).
+    The rollout pages (`<out_dir>/rollouts/<experiment>/<layer>.html`) hold at most
+    `samples_per_key` samples (lowest sample index first) of every key at every patch layer;
+    rates and plots always cover every rollout. The verdicts shown are those of
+    `judge_config_id`, by default the judge config that judged most samples. Plots and tables
+    carry each bold line's 95% band (over words, or over samples with `ci_method` "samples";
+    patchdb.report.bands). `report`: the same sweep's `build_report` result, whose rates are
+    used rather than counted again when they are the plain rates of every experiment under the
+    same judge config.
     """
     if samples_per_key < 1:
         raise ValueError("samples_per_key must be >= 1")
@@ -66,8 +83,12 @@ def write_html_report(
                        + random_vector_units(config, experiments)
                        + expected_units(config, experiments)) * config.samples
         names = [e.name for e in experiments]
-        judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
-        total = count_rollouts(session, sweep.id)
+        if report is not None and reusable(report, sweep.name, names, judge_config_id):
+            judge, rates = report.judge, [e.rates for e in report.experiments]
+        else:
+            judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
+        counts = rollout_counts(session, sweep.id)
+        total = sum(counts.values())
         rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
         calibration = calibration_section(session, sweep)
         readouts = sweep_readouts(session, sweep.name, config, names)
@@ -82,28 +103,19 @@ def write_html_report(
         ("Rollouts", f"{total:,} of {expected:,} expected"),
         ("Judge", judge.why),
     ]
-    graders = graders_of([e.name for e in experiments])
-    browser = {
-        "experiments": [e.name for e in experiments],
-        # Imported or merged rollouts may sit outside the config; keep them reachable.
-        "layers": sorted(set(config.layers) | {r["layer"] for r in rollouts}),
-        "words": list(dict.fromkeys(config.positive_words + config.negative_words + sorted(
-            {w for r in rollouts for w in (r["source"], r["target"]) if w}))),
-        "graders": [g for g in GRADERS if any(g in gs for gs in graders.values())],
-        "rollout_graders": graders,
-        "rollouts": rollouts,
-    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pages = write_rollout_pages(out_dir, sweep.name, rollouts, counts, graders_of(names),
+                                samples_per_key)
     title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
     decided = {r.name: d for r in rates if (d := decide(r))}  # each experiment's layer test
     plots = {r.name: figure_png(r, title.format(r.name), ci_method,
                                 decided[r.name][0] if r.name in decided else None)
              for r in rates if any_scored(r)}
-    page = render_page(sweep.name, facts, judge, rates, plots, browser, total, samples_per_key,
+    page = render_page(sweep.name, facts, judge, rates, plots, pages, total, samples_per_key,
                        ci_method, {name: layer_test_html(*d) for name, d in decided.items()})
     readout = readout_section(readouts, title)
     page = page.replace('<section id="browser">', calibration + readout + '<section id="browser">',
                         1)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
     partial = path.with_name(path.name + ".partial")
     partial.write_text(page, encoding="utf-8", errors="replace")  # a lone surrogate becomes "?"
@@ -111,70 +123,13 @@ def write_html_report(
     return path
 
 
-# The first `cap` samples (by sample index) of every key at every layer. Numbering reads only the
-# rollouts' unique index; the score comes from sample_scores one rollout at a time, because
-# joining the whole view would materialise it.
-PICKED_CTE = """
-WITH numbered AS (
-    SELECT r.id, ROW_NUMBER() OVER (PARTITION BY r.experiment_id, r.patch_layer, r.source_word,
-                                                 r.target_word ORDER BY r.sample_index) AS nth
-    FROM rollouts r
-    WHERE r.experiment_id IN (SELECT id FROM experiments WHERE sweep_id = :sweep_id)
-), picked AS (SELECT id FROM numbered WHERE nth <= :cap)
-"""
-PICKED_ROLLOUTS_SQL = PICKED_CTE + """
-SELECT r.id, e.name AS experiment, r.patch_layer, r.source_word, r.target_word, r.sample_index,
-       r.answer, r.n_tokens, r.finish_reason,
-       (SELECT ss.score FROM sample_scores ss
-        WHERE ss.rollout_id = r.id AND ss.judge_config_id = :judge) AS score
-FROM picked p
-JOIN rollouts r ON r.id = p.id
-JOIN experiments e ON e.id = r.experiment_id
-ORDER BY e.id, r.patch_layer, r.source_word, r.target_word, r.sample_index
-"""
-PICKED_JUDGMENTS_SQL = PICKED_CTE + """
-SELECT j.rollout_id, j.grader, j.verdict, j.raw_reply, j.error
-FROM picked p JOIN judgments j ON j.rollout_id = p.id
-WHERE j.judge_config_id = :judge
-"""
-
-
-def count_rollouts(session: Session, sweep_id: int) -> int:
-    return session.scalar(
-        select(func.count(Rollout.id))
-        .join(Experiment, Experiment.id == Rollout.experiment_id)
-        .where(Experiment.sweep_id == sweep_id)
-    ) or 0
-
-
-def browser_rollouts(
-    session: Session, sweep_id: int, judge_id: int | None, cap: int
-) -> list[dict[str, Any]]:
-    """At most `cap` rollouts per key and layer, each with its verdicts and judge replies."""
-    params = {"sweep_id": sweep_id, "judge": judge_id, "cap": cap}
-    rows: dict[int, dict[str, Any]] = {}
-    for r in session.execute(text(PICKED_ROLLOUTS_SQL), params):
-        rows[r.id] = {
-            "id": r.id,
-            "experiment": r.experiment,
-            "layer": r.patch_layer,
-            "key": key_label(at_layer(EXPERIMENTS[r.experiment], r.patch_layer), r.source_word,
-                             r.target_word),
-            "source": r.source_word,
-            "target": r.target_word,
-            "sample": r.sample_index,
-            "answer": r.answer,
-            "n_tokens": r.n_tokens,
-            "finish_reason": r.finish_reason,
-            "score": None if r.score is None else int(r.score),
-            "judgments": {},
-        }
-    for j in session.execute(text(PICKED_JUDGMENTS_SQL), params):
-        verdict = None if j.verdict is None else bool(j.verdict)
-        rows[j.rollout_id]["judgments"][j.grader] = {
-            "verdict": verdict, "reply": j.raw_reply, "error": j.error,
-        }
-    return list(rows.values())
+def reusable(report: "Report", sweep: str, experiments: list[str],
+             judge_config_id: int | None) -> bool:
+    """Whether `build_report`'s rates are the ones this page draws: the same sweep, every
+    experiment in order, no --net, the same judge config (asked for, or chosen the same way)."""
+    return (report.sweep == sweep and not report.net
+            and [e.name for e in report.experiments] == experiments
+            and (judge_config_id is None or report.judge.id == judge_config_id))
 
 
 def graders_of(experiments: list[str]) -> dict[str, list[str]]:
@@ -190,31 +145,24 @@ def any_scored(rates: ExperimentRates) -> bool:
 
 
 def figure_png(rates: ExperimentRates, title: str,
-               ci_method: str = DEFAULT_CI_METHOD, decided: LayerTest | None = None) -> bytes:
+               ci_method: str = DEFAULT_CI_METHOD, decided: LayerTest | None = None) -> str:
     """The report's sweep plot of one experiment with its 95% bands and the layers its layer
-    test flags shaded (patchdb.report.plots) as PNG bytes."""
-    buffer = io.BytesIO()
-    sweep_figure(rates, title, ci=True, ci_method=ci_method, decided=decided).savefig(
-        buffer, format="png", dpi=90)
-    return buffer.getvalue()
-
-
-def json_for_script(value: Any) -> str:
-    """JSON that cannot end its <script> tag early: '<', '>' and '&' become \\u escapes."""
-    dumped = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return dumped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    test flags shaded (patchdb.report.plots) as a PNG data URI."""
+    return png_data_uri(sweep_figure(rates, title, ci=True, ci_method=ci_method,
+                                     decided=decided))
 
 
 def _band_text(lower: float, upper: float) -> str:
     if math.isnan(lower) or math.isnan(upper):
         return '<span class="band">n/a</span>'
-    return f'<span class="band">{lower:.2f}-{upper:.2f}</span>'
+    return f'<span class="band">{percent(lower)}-{percent(upper)}</span>'
 
 
 def rate_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str:
     """Rows are patch layers; columns are the target words (pairs: mean over source words) or
-    the steered words and their mean. A cell is blank where nothing was scored; a bold line's
-    cell also holds its 95% band, named below the table."""
+    the steered words and their mean; rates in whole percent, as the terminal prints them. A
+    cell is blank where nothing was scored, and links to its rollouts' page (filtered to its
+    word); a bold line's cell also holds its 95% band, named below the table."""
     columns = rates.groups if rates.pairs else rates.keys + rates.groups
     bands = {id(g): line_band(rates, g, ci_method) for g in rates.groups}
     head = "".join(f"<th>{escape(c.label)}</th>" for c in columns)
@@ -228,12 +176,12 @@ def rate_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> st
                 continue
             shade = f"background: rgba(31, 122, 58, {0.08 + 0.6 * rate:.2f})"
             word = column.target_word or column.source_word
-            query = {"experiment": rates.name, "layer": layer, **({"word": word} if word else {})}
-            link = escape("#" + urlencode(query))
+            link = escape(page_path(rates.name, layer)
+                          + (f"#{urlencode({'word': word})}" if word else ""))
             band = bands.get(id(column))
             extra = "" if band is None else _band_text(band.lower[i], band.upper[i])
             cells.append(f'<td title="{column.n_scored[i]} samples scored; click for the '
-                         f'rollouts" style="{shade}"><a href="{link}">{rate:.2f}</a>{extra}</td>')
+                         f'rollouts" style="{shade}"><a href="{link}">{percent(rate)}</a>{extra}</td>')
         lines.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     if rates.baselines:  # the same target conditions with no patch
         cells = []
@@ -241,7 +189,7 @@ def rate_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> st
             b = unpatched(rates, column)
             ref = row_baseline_band(rates, column, ci_method) if id(column) in bands else None
             extra = "" if ref is None else _band_text(ref.lower, ref.upper)
-            cells.append(f"<td>{'' if math.isnan(b) else f'{b:.2f}'}{extra}</td>")
+            cells.append(f"<td>{'' if math.isnan(b) else percent(b)}{extra}</td>")
         lines.append(f'<tr class="baseline"><th title="the same target condition with no '
                      f'patch">unpatched</th>{"".join(cells)}</tr>')
     lines.append("</tbody></table>")
@@ -259,15 +207,16 @@ def render_page(
     facts: list[tuple[str, str]],
     judge: JudgeChoice,
     rates: list[ExperimentRates],
-    plots: dict[str, bytes],
-    browser: dict[str, Any],
+    plots: dict[str, str],
+    pages: list[RolloutPage],
     total: int,
     cap: int,
     ci_method: str = DEFAULT_CI_METHOD,
     layer_tests: dict[str, str] | None = None,
 ) -> str:
     """The whole page as one string; every piece of store text passes through escape().
-    `layer_tests`: each experiment's layer test as HTML (patchdb.report.layer_findings)."""
+    `pages`: the rollout pages it links to; `layer_tests`: each experiment's layer test as HTML
+    (patchdb.report.layer_findings)."""
     generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "<!DOCTYPE html>",
@@ -292,39 +241,46 @@ def render_page(
             why = escape(r.missing or "nothing scored yet")
             out.append(f'<p class="note missing">No rates: {why}</p></section>')
             continue
-        png = base64.b64encode(plots[r.name]).decode("ascii")
-        out.append(f'<div class="result"><figure><img alt="rate against patch layer, {escape(r.name)}" '
-                   f'src="data:image/png;base64,{png}"></figure>')
+        out.append(f'<div class="result"><figure><img alt="rate against patch layer, '
+                   f'{escape(r.name)}" src="{plots[r.name]}"></figure>')
         what = "target word, averaged over source words" if r.pairs else "steered word"
         gaps = (f'<p class="note missing">Not all scored: {escape(r.missing)}</p>'
                 if r.missing else "")
-        out.append(f'<div class="table-wrap"><h3>Rate per patch layer and {what}</h3>'
+        out.append(f'<div class="table-wrap"><h3>Rate (%) per patch layer and {what}</h3>'
                    f"{rate_table(r, ci_method)}{gaps}"
                    f"{(layer_tests or {}).get(r.name, '')}</div></div></section>")
-    n_embedded = len(browser["rollouts"])
-    if n_embedded == total:
-        cap_note = f"All {total:,} rollouts are embedded."
+    out += [pages_index(pages, total, cap, [r.name for r in rates]), "</body></html>"]
+    return "\n".join(out)
+
+
+def pages_index(pages: list[RolloutPage], total: int, cap: int, order: list[str]) -> str:
+    """The Rollouts section: what the rollout pages hold, and a table of links to them (rows:
+    experiments, in `order`; columns: patch layers, the unpatched ones first; a cell: how many
+    rollouts its page holds)."""
+    shown = sum(p.shown for p in pages)
+    if shown == total:
+        note = f"All {total:,} rollouts are in the rollout pages, one page per experiment and layer."
     else:
-        cap_note = (f"This page embeds {n_embedded:,} of the {total:,} rollouts: at most {cap} "
-                    "samples (lowest sample index first) of each key at each patch layer. "
-                    "Rates and plots above use every rollout; query the store for the rest "
-                    "(view rollouts_readable).")
-    out += [
-        '<section id="browser"><h2>Rollouts</h2>',
-        f'<p class="note" id="cap-note">{escape(cap_note)}</p>',
-        '<noscript><p class="note">The rollout browser needs JavaScript.</p></noscript>',
-        '<div id="filters">',
-        *(f'<label>{label}<select id="f-{name}"><option value="">all</option></select></label>'
-          for name, label in (("experiment", "Experiment"), ("layer", "Patch layer"),
-                              ("key", "Key"), ("word", "Word"), ("verdict", "Verdict"))),
-        '<label>Answer contains<input id="f-text" type="search"></label>',
-        '<label class="inline"><input id="f-open" type="checkbox">expand judge replies</label>',
-        '<button id="clear" type="button">Clear filters</button>',
-        "</div>",
-        '<p id="match-count"></p><div id="rows"></div>',
-        '<button id="more" type="button" hidden>Show more</button></section>',
-        f'<script type="application/json" id="rollout-data">{json_for_script(browser)}</script>',
-        f"<script>{JS}</script>",
-        "</body></html>",
-    ]
+        note = (f"The rollout pages hold {shown:,} of the {total:,} rollouts: at most {cap} "
+                "samples (lowest sample index first) of each key at each patch layer, one page "
+                "per experiment and layer. Rates and plots above use every rollout; query the "
+                "store for the rest (view rollouts_readable).")
+    out = ['<section id="browser"><h2>Rollouts</h2>', f'<p class="note" id="cap-note">{note}</p>']
+    if pages:
+        layers = sorted({p.layer for p in pages})
+        at = {(p.experiment, p.layer): p for p in pages}
+        head = "".join(f"<th>{escape(layer_name(layer).removesuffix(' (no patch)'))}</th>"
+                       for layer in layers)
+        out.append('<div class="table-wrap"><table class="rates pages"><thead><tr>'
+                   f"<th>Experiment</th>{head}</tr></thead><tbody>")
+        for experiment in dict.fromkeys([*order, *(p.experiment for p in pages)]):
+            if not any(e == experiment for e, _ in at):
+                continue
+            cells = "".join(
+                "<td></td>" if (page := at.get((experiment, layer))) is None else
+                f'<td title="{page.shown:,} of the {page.total:,} rollouts here">'
+                f'<a href="{escape(page.path)}">{page.shown:,}</a></td>' for layer in layers)
+            out.append(f"<tr><th>{escape(experiment)}</th>{cells}</tr>")
+        out.append("</tbody></table></div>")
+    out.append("</section>")
     return "\n".join(out)

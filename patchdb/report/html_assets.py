@@ -1,10 +1,39 @@
-"""The CSS and JavaScript inlined into the HTML report, so the page needs no server and no network.
+"""The CSS and JavaScript inlined into the HTML report's pages, so they need no server and no
+network.
 
-The rollout browser reads its data from `<script type="application/json" id="rollout-data">` and
-renders every piece of text with `textContent`, never `innerHTML`, so answers and judge replies
-show as the literal text they are. Filters live in the URL hash
-(`#experiment=...&layer=...&key=...&verdict=...&text=...`), so a filtered view can be bookmarked.
+A rollout page (patchdb.report.rollout_pages: one experiment at one patch layer) reads its data
+from `<script type="application/json" id="rollout-data">` and renders every piece of text with
+`textContent`, never `innerHTML`, so answers and judge replies show as the literal text they
+are. Filters live in the URL hash (`#key=...&word=...&verdict=...&text=...`), so a filtered view
+can be bookmarked, and a rate cell of report.html links straight to its word's rollouts.
 """
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+    from matplotlib.figure import Figure
+
+PLOT_DPI = 90
+
+
+def png_data_uri(fig: "Figure", dpi: int = PLOT_DPI) -> str:
+    """The figure as a `data:` URI of a PNG with a 256-colour palette: on these plots of thin,
+    faint lines the palette shows no difference, and the image is about a third of the size of
+    full colour and quicker to encode (the report page embeds one per experiment)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())  # type: ignore[attr-defined]
+    image = Image.fromarray(pixels[..., :3]).quantize(256, method=Image.Quantize.FASTOCTREE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
 
 CSS = """
 :root { --fg: #1d2329; --muted: #5d6873; --line: #d9dee3; --bg: #ffffff; --panel: #f5f7f9;
@@ -31,6 +60,7 @@ table.rates th { background: var(--panel); }
 table.rates td a { color: inherit; text-decoration: none; display: block; }
 table.rates td a:hover { text-decoration: underline; }
 table.rates .band { display: block; font-size: 11px; color: var(--muted); }
+table.pages td { text-align: right; }
 #filters { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: end; background: var(--panel);
            padding: 10px; border: 1px solid var(--line); position: sticky; top: 0; z-index: 1; }
 #filters label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }
@@ -62,7 +92,7 @@ JS = r"""
   var data = JSON.parse(document.getElementById("rollout-data").textContent);
   var PAGE = 200;
   var shown = PAGE;
-  var fields = ["experiment", "layer", "key", "word", "verdict", "text"];
+  var fields = ["key", "word", "verdict", "text"];
   var el = function (id) { return document.getElementById(id); };
 
   function node(tag, cls, text) {
@@ -71,9 +101,6 @@ JS = r"""
     if (text !== undefined && text !== null) { n.textContent = String(text); }
     return n;
   }
-
-  // patch layer -1 holds the baselines (each target condition with no patch)
-  function layerName(layer) { return layer === -1 ? "baseline (no patch)" : "layer " + layer; }
 
   function fillSelect(select, values, labelOf) {
     var keep = select.value;
@@ -113,8 +140,6 @@ JS = r"""
   function readHash() {
     var params = new URLSearchParams(location.hash.replace(/^#/, ""));
     fields.forEach(function (f) { el("f-" + f).value = params.get(f) || ""; });
-    refreshKeys();
-    fields.forEach(function (f) { el("f-" + f).value = params.get(f) || ""; });
   }
 
   function writeHash() {
@@ -124,21 +149,12 @@ JS = r"""
     history.replaceState(null, "", hash ? "#" + hash : location.pathname + location.search);
   }
 
-  function refreshKeys() {
-    var exp = el("f-experiment").value;
-    var keys = {};
-    data.rollouts.forEach(function (r) { if (!exp || r.experiment === exp) { keys[r.key] = true; } });
-    fillSelect(el("f-key"), Object.keys(keys).sort());
-  }
-
   function current() {
     var f = {};
     fields.forEach(function (name) { f[name] = el("f-" + name).value; });
     var text = f.text.toLowerCase();
     return data.rollouts.filter(function (r) {
-      return (!f.experiment || r.experiment === f.experiment) &&
-        (!f.layer || String(r.layer) === f.layer) &&
-        (!f.key || r.key === f.key) &&
+      return (!f.key || r.key === f.key) &&
         (!f.word || r.source === f.word || r.target === f.word) &&
         matchesVerdict(r, f.verdict) &&
         (!text || r.answer.toLowerCase().indexOf(text) >= 0);
@@ -150,7 +166,7 @@ JS = r"""
     card.setAttribute("data-rollout-id", String(r.id));
     var meta = node("div", "meta");
     meta.appendChild(node("span", "experiment", r.experiment));
-    meta.appendChild(node("span", "layer", layerName(r.layer)));
+    meta.appendChild(node("span", "layer", data.layer_name));
     meta.appendChild(node("span", "key", r.key));
     meta.appendChild(node("span", null, "sample " + r.sample));
     meta.appendChild(node("span", null, (r.n_tokens === null ? "?" : r.n_tokens) + " tokens, " +
@@ -159,9 +175,11 @@ JS = r"""
     meta.appendChild(node("span", "badge score " + score[0], score[1]));
     card.appendChild(meta);
     card.appendChild(node("div", "answer", r.answer));
-    data.graders.forEach(function (g) {
+    // the experiment's graders, then any other grader that judged this answer
+    data.graders.concat(Object.keys(r.judgments).filter(function (g) {
+      return data.graders.indexOf(g) < 0;
+    })).forEach(function (g) {
       var j = r.judgments[g];
-      if (!j && data.rollout_graders[r.experiment].indexOf(g) < 0) { return; }
       var box = node("details", "grader");
       box.setAttribute("data-grader", g);
       box.open = el("f-open").checked;
@@ -188,12 +206,13 @@ JS = r"""
     list.textContent = "";
     rows.slice(0, shown).forEach(function (r) { list.appendChild(renderRollout(r)); });
     el("match-count").textContent = rows.length + " of " + data.rollouts.length +
-      " embedded rollouts match" + (rows.length > shown ? "; showing the first " + shown : "") + ".";
+      " rollouts on this page match" + (rows.length > shown ? "; showing the first " + shown : "") + ".";
     el("more").hidden = rows.length <= shown;
   }
 
-  fillSelect(el("f-experiment"), data.experiments);
-  fillSelect(el("f-layer"), data.layers, function (v) { return v === -1 ? "baseline" : v; });
+  var keys = {};
+  data.rollouts.forEach(function (r) { keys[r.key] = true; });
+  fillSelect(el("f-key"), Object.keys(keys).sort());
   fillSelect(el("f-word"), data.words);
   var verdicts = ["score:pass", "score:fail", "score:unscored"];
   data.graders.forEach(function (g) {
@@ -208,7 +227,6 @@ JS = r"""
 
   fields.forEach(function (f) {
     el("f-" + f).addEventListener(f === "text" ? "input" : "change", function () {
-      if (f === "experiment") { refreshKeys(); }
       shown = PAGE;
       writeHash();
       render();
@@ -218,19 +236,15 @@ JS = r"""
   el("more").addEventListener("click", function () { shown += PAGE; render(); });
   el("clear").addEventListener("click", function () {
     fields.forEach(function (f) { el("f-" + f).value = ""; });
-    refreshKeys();
     shown = PAGE;
     writeHash();
     render();
   });
-  // A rate cell links to "#experiment=...&layer=...&word=...": filter, then show the rollouts.
-  // Plain anchors (#rates-...) have no "=" and leave the filters alone.
+  // A new filter in the URL hash (a bookmark, or an edited address) applies at once.
   window.addEventListener("hashchange", function () {
-    if (location.hash.indexOf("=") < 0) { return; }
     shown = PAGE;
     readHash();
     render();
-    el("browser").scrollIntoView();
   });
 }());
 """

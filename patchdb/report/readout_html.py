@@ -1,10 +1,9 @@
 """The readouts' section of the HTML page: per experiment, the readout plot (P(yes) by patch
 layer, and the yes-bias index where the unrelated questions were asked) and its table."""
 
-import base64
-import io
 from html import escape
 
+from patchdb.report.html_assets import png_data_uri
 from patchdb.report.readout_plot import readout_figure
 from patchdb.report.readouts import ExperimentReadouts, readout_table
 
@@ -19,11 +18,9 @@ def readout_section(readouts: list[ExperimentReadouts], title: str) -> str:
            "prefill, from the model's own distribution: no sampling, no judge "
            "(docs/science.md).</p>"]
     for er in shown:
-        buffer = io.BytesIO()
-        readout_figure(er, title.format(er.name)).savefig(buffer, format="png", dpi=90)
-        png = base64.b64encode(buffer.getvalue()).decode("ascii")
+        png = png_data_uri(readout_figure(er, title.format(er.name)))
         out.append(f'<div class="result"><figure><img alt="first-token P(yes) against patch '
-                   f'layer, {escape(er.name)}" src="data:image/png;base64,{png}"></figure>'
+                   f'layer, {escape(er.name)}" src="{png}"></figure>'
                    f'<div class="table-wrap"><pre>{escape(readout_table(er))}</pre></div></div>')
     out.append("</section>")
     return "".join(out)
