@@ -44,3 +44,11 @@ class LabelError(PatchdbError):
 class CalibrationError(PatchdbError):
     """The labels cannot support a calibration or a corrected rate (too few, judge no better
     than chance)."""
+
+
+class SweepNotEmptyError(PatchdbError):
+    """`patchdb sweeps rm` was asked to remove a sweep that holds results or is being run."""
+
+
+class ReportFolderError(PatchdbError):
+    """The report folder holds another store's report of a sweep with the same name."""

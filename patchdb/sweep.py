@@ -20,6 +20,7 @@ from patchdb.errors import JudgeError
 from patchdb.judge.settings import JudgeOptions
 from patchdb.judge.stage import JudgeInterrupted, JudgeSummary, run_judge
 from patchdb.report import Report, build_report
+from patchdb.report.folder_owner import claim_report_folder
 from patchdb.store import Store
 from patchdb.store.sweeps import register_sweep
 
@@ -120,10 +121,12 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
         result.judged = run_judge(store, config.name, _judge_options(options))
     except JudgeInterrupted:
         raise SweepInterrupted("judge") from None
-    result.report = build_report(store, config.name, options.experiments, options.out_dir,
+    out_dir = claim_report_folder(store, config.name, options.out_dir)  # not another store's
+    result.report = build_report(store, config.name, options.experiments, out_dir,
                                  export_json=options.export_json)
     if options.html:
         from patchdb.report.html import write_html_report
 
-        result.html_path = write_html_report(store, config.name, result.report.out_dir)
+        result.html_path = write_html_report(store, config.name, result.report.out_dir,
+                                             report=result.report)
     return result

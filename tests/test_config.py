@@ -175,11 +175,13 @@ def test_init_refuses_new_science_naming_the_key_and_both_values(tmp_path: Path)
     assert result.exit_code == 1
     assert result.output == (
         "Error: sweep 'mini' already exists with a different config (strength 4.0 in the store, "
-        "8.0 in this config); choose another name\n")
+        "8.0 in this config); it holds no results: remove it with `patchdb sweeps rm mini` and "
+        "run init again, or choose another name\n")
     result = _init(tmp_path, db, MINI.replace("samples = 2", "samples = 3\ntop_k = 64"), "c.toml")
     assert result.output == (
         "Error: sweep 'mini' already exists with a different config (samples 2 in the store, "
-        "3 in this config; top_k None in the store, 64 in this config); choose another name\n")
+        "3 in this config; top_k None in the store, 64 in this config); it holds no results: "
+        "remove it with `patchdb sweeps rm mini` and run init again, or choose another name\n")
     assert file_digest(db) == before
 
 

@@ -248,10 +248,10 @@ def test_refusals_are_one_line_and_change_nothing(db_path: Path, server: BatchSe
     logprobs = run_cli("judge", "--db", db_path, "--batch", "--verdict", "logprobs")
     assert logprobs.exit_code == 1 and logprobs.output.startswith("Error: --batch reads verdicts")
     alone = run_cli("judge", "--db", db_path, "--no-wait")
-    assert alone.exit_code == 2 and "--no-wait, --collect and --cancel go with --batch" in \
+    assert alone.exit_code == 1 and "--no-wait, --collect and --cancel go with --batch" in \
         alone.output
     cost = run_cli("judge", "--db", db_path, "--batch", "--no-wait", "--max-cost", "1")
-    assert cost.exit_code == 2 and "needs waiting" in cost.output
+    assert cost.exit_code == 1 and "needs waiting" in cost.output
     tiny = run_cli("judge", "--db", db_path, "--batch", "--batch-max-bytes", "200")
     assert tiny.exit_code == 1 and len(tiny.output.splitlines()) == 1
     assert tiny.output.startswith("Error: one request is ") and "200-byte" in tiny.output

@@ -145,7 +145,7 @@ def test_dry_run_default_sweep_totals_473088(db_path: Path) -> None:
     before = file_digest(db_path)
     result = run_cli("judge", "--db", db_path, "--dry-run")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.output.splitlines()[1:]  # under the "Judge: ..." line
     assert lines[2].split() == ["failure_to_success", "80", "64", "21", "2", "215,040", "0",
                                 "0", "215,040"]  # calls, judged, send now, awaiting generate
     # Each experiment's patch-layer row, then its unpatched baseline (one unit per target
@@ -172,12 +172,12 @@ def test_dry_run_narrowed(db_path: Path) -> None:
     result = run_cli("judge", "--db", db_path, "--dry-run", "--layers", "40-41",
                      "--experiments", "steered_to_unsteered", "--graders", "coherence")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.output.splitlines()[1:]  # under the "Judge: ..." line
     assert lines[2].split()[-4:] == ["1,024", "0", "0", "1,024"]  # 8 keys x 64 x 2 layers
     assert lines[3].split() == ["baseline", "1", "64", "1", "1", "64", "0", "0", "64"]
     assert lines[5].split() == ["total", "1,088", "0", "0", "1,088"]
     bad = run_cli("judge", "--db", db_path, "--dry-run", "--graders", "honesty")
-    assert bad.exit_code == 2 and "unknown grader 'honesty'" in bad.output
+    assert bad.exit_code == 1 and "unknown grader 'honesty'" in bad.output
 
 
 # --- through the real judge path, against the loopback server ----------------------------------

@@ -328,7 +328,7 @@ def test_merging_a_store_into_itself_or_a_missing_one(tmp_path: Path) -> None:
 
 def test_merge_has_an_example() -> None:
     assert "Example:" in run_cli("merge", "--help").output
-    assert run_cli("merge").exit_code == 2
+    assert run_cli("merge").exit_code == 1
 
 
 def test_a_stage_run_merged_while_running_learns_how_it_ended(tmp_path: Path) -> None:

@@ -177,6 +177,6 @@ def test_table_prints_the_bands_and_names_the_method(db: Path) -> None:
 
 def test_a_bad_ci_method_is_one_line(db: Path) -> None:
     result = run_cli("report", "--db", str(db), "--ci-method", "bootstrap")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "Invalid value for '--ci-method': 'bootstrap' is not one of 'words', 'samples'" \
         in result.output

@@ -129,7 +129,7 @@ def test_a_server_without_logprobs_stops_the_run(db_path: Path, server: FaultSer
 def test_an_unknown_verdict_mode_is_refused(db_path: Path) -> None:
     make_store(db_path)
     result = run_cli("judge", "--db", db_path, "--verdict", "tea-leaves")
-    assert result.exit_code == 2 and "'tea-leaves' is not one of 'last-word', 'logprobs'" in (
+    assert result.exit_code == 1 and "'tea-leaves' is not one of 'last-word', 'logprobs'" in (
         result.output)
     bad = db_path.parent / "bad.toml"
     bad.write_text('[sweep]\nname = "x"\n[judge]\nverdict = "maybe"\n')

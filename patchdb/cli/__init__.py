@@ -40,7 +40,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "readout do what docs/science.md says"),
     "calibrate": ("patchdb.cli.calibrate_cmd:calibrate",
                   "Measure each judge config against the human labels of `patchdb label`"),
+    "sweeps": ("patchdb.cli.sweeps_cmd:sweeps", "List the store's sweeps, or remove an empty one."),
 }
+
+
+def one_line(exc: click.UsageError) -> click.ClickException:
+    """A usage error (unknown option, bad value, missing argument) as one `Error: ...` line with
+    exit code 1, like every other mistake, instead of click's usage block and exit code 2."""
+    names, ctx = [], exc.ctx
+    while ctx is not None and ctx.parent is not None:  # the root is `patchdb`, however started
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    where = " ".join(["patchdb", *reversed(names)])
+    return click.ClickException(f"{exc.format_message()} (see {where} --help)")
 
 
 class PatchdbGroup(click.Group):
@@ -66,9 +78,22 @@ class PatchdbGroup(click.Group):
         assert isinstance(command, click.Command)
         return command
 
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `patchdb` alone prints the help
+        except click.UsageError as exc:
+            raise one_line(exc) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `patchdb db` alone prints its help
+        except click.UsageError as exc:
+            raise one_line(exc) from None
         except PatchdbError as exc:
             from patchdb.redact import redact_text
 

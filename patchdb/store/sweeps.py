@@ -10,6 +10,7 @@ from patchdb.config import SweepConfig, config_from_json, science_differences
 from patchdb.errors import ConfigError, UnknownNameError
 from patchdb.experiments import EXPERIMENTS, ExperimentDef, experiment_keys
 from patchdb.store.models import Experiment, Rollout, Sweep
+from patchdb.store.sweep_removal import results_held
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,13 @@ def register_sweep(session: Session, config: SweepConfig) -> tuple[Sweep, bool]:
             sweep_config(existing), config, "in the store", "in this config"
         )
         if differ is not None:
+            way_out = "choose another name"
+            if not results_held(session, existing.id):  # nothing lost by removing it
+                way_out = (f"it holds no results: remove it with `patchdb sweeps rm "
+                           f"{config.name}` and run init again, or {way_out}")
             raise ConfigError(
                 f"sweep {config.name!r} already exists with a different config ({differ}); "
-                "choose another name"
+                f"{way_out}"
             )
         return existing, False
     sweep = Sweep(
