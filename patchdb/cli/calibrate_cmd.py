@@ -7,9 +7,6 @@ import click
 
 from patchdb.cli.options import db_option, sweep_option
 from patchdb.errors import CalibrationError
-from patchdb.report.calibration import agreement, calibrate_judges, describe
-from patchdb.store import open_store
-from patchdb.store.sweeps import get_sweep
 
 
 def _rate(value: float | None, ci: list[float | None]) -> str:
@@ -46,6 +43,10 @@ def calibrate(db: str, sweep: str | None, judge_config: int | None, against: int
     """
     if against is not None and judge_config is None:
         raise click.UsageError("--against needs --judge-config (the first of the two)")
+    from patchdb.report.calibration import agreement, calibrate_judges, describe  # --help: fast
+    from patchdb.store import open_store
+    from patchdb.store.sweeps import get_sweep
+
     store = open_store(db)
     try:
         with store.read() as session:

@@ -17,7 +17,6 @@ from patchdb.cli.options import (
 )
 from patchdb.config import DTYPES
 from patchdb.errors import ConfigError
-from patchdb.store import open_store
 
 if TYPE_CHECKING:
     from patchdb.generate.stage import GenerateResult
@@ -142,6 +141,8 @@ def generate(
         share_prefix=share_prefix, baselines=not no_baselines, readout_only=readout_only,
     )
     options = rank_options(options)
+    from patchdb.store import open_store  # here, not above: --help stays fast
+
     store = open_store(db)
     try:
         result = run_generate(store, options, progress=not quiet)

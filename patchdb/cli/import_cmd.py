@@ -5,8 +5,6 @@ from pathlib import Path
 import click
 
 from patchdb.cli.options import db_option
-from patchdb.report.importer import import_tree, read_tree
-from patchdb.store import open_store
 
 
 @click.command("import-json")
@@ -34,6 +32,9 @@ def import_json(folder: Path, db: str, sweep_name: str | None, model: str,
       patchdb import-json patching_layer_sweep --db runs.sqlite --model google/gemma-3-27b-it
       patchdb report --db runs.sqlite --sweep patching_layer_sweep
     """
+    from patchdb.report.importer import import_tree, read_tree  # here: --help stays fast
+    from patchdb.store import open_store
+
     plan = read_tree(folder, sweep_name, model, steer_layer)
     store = open_store(db, create=True)
     try:

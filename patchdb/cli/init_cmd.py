@@ -4,8 +4,6 @@ import click
 
 from patchdb.cli.options import db_option
 from patchdb.configs import config_option_help, resolve_series
-from patchdb.store import open_store
-from patchdb.store.sweeps import register_sweeps
 
 
 @click.command()
@@ -32,6 +30,9 @@ def init(config_path: str | None, db: str) -> None:
       patchdb init --config sweep.toml --db runs.sqlite
       patchdb init --config demo --db demo.sqlite
     """
+    from patchdb.store import open_store  # here, not above: --help stays fast
+    from patchdb.store.sweeps import register_sweeps
+
     series = resolve_series(config_path)
     store = open_store(db, create=True)
     try:

@@ -1,14 +1,17 @@
 """`patchdb merge`: copy other stores' rows into this one, matched by natural keys."""
 
+from typing import TYPE_CHECKING
+
 import click
 
 from patchdb.cli.options import db_option
-from patchdb.label.transfer import copy_labels
-from patchdb.store import Store, open_store
-from patchdb.store.merge import MergeResult, merge_stores
+
+if TYPE_CHECKING:  # the store is imported when the command runs: --help stays fast
+    from patchdb.store import Store
+    from patchdb.store.merge import MergeResult
 
 
-def render(result: MergeResult, into: str) -> str:
+def render(result: "MergeResult", into: str) -> str:
     lines = [f"Merged {result.source} into {into}: {result.total} new rows"]
     for table, n in result.copied.items():
         lines.append(f"  {table:<16} {n:>9}")
@@ -34,6 +37,10 @@ def merge(others: tuple[str, ...], db: str) -> None:
       patchdb merge gpu-box.sqlite --db laptop.sqlite
       patchdb merge laptop.sqlite --db postgresql://db.lab/patchdb
     """
+    from patchdb.label.transfer import copy_labels
+    from patchdb.store import open_store
+    from patchdb.store.merge import merge_stores
+
     sources: list[Store] = []
     target: Store | None = None
     try:

@@ -5,14 +5,14 @@ from typing import Any
 
 import click
 
-from patchdb.store import open_store
-from patchdb.store.sweeps import sweep_names
-
 
 def matching_sweeps(db: str, sweep: str | None) -> list[str | None]:
     """What --sweep names in the store at `db`: several sweeps for a glob, else [sweep]."""
     if sweep is None:
         return [None]
+    from patchdb.store import open_store  # here, not above: --help stays fast
+    from patchdb.store.sweeps import sweep_names
+
     store = open_store(db)
     try:
         with store.read() as session:

@@ -1,20 +1,22 @@
 """`patchdb status`: what is expected, what is present, what is running."""
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from patchdb.cli.options import db_option, judge_config_option, sweep_option
 from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.experiments import BASELINE_LAYER
-from patchdb.store import open_store
-from patchdb.store.status import SweepStatus, sweep_status
+
+if TYPE_CHECKING:  # the store is imported when the command runs: --help stays fast
+    from patchdb.store.status import SweepStatus
 
 # the rows of units with no patch: the baselines and the random-vector control
 UNPATCHED_LABELS: dict[int, str] = {BASELINE_LAYER: "base", RANDOM_VECTOR_LAYER: "rand"}
 
 
-def sampling_line(status: SweepStatus) -> str:
+def sampling_line(status: "SweepStatus") -> str:
     """How the sweep's tokens are drawn, as recorded by its first generate run."""
     if status.temperature == 0:
         return "greedy (temperature 0)"
@@ -24,7 +26,7 @@ def sampling_line(status: SweepStatus) -> str:
     return f"temperature {status.temperature:g}, top_k {status.top_k}, top_p {status.top_p:g}"
 
 
-def render(status: SweepStatus) -> str:
+def render(status: "SweepStatus") -> str:
     prompt = (f"sha256 {status.prompt_hash}" if status.prompt_hash
               else "not rendered yet (generate stores it)")
     lines = [f"Sweep {status.sweep} (model {status.model})", f"Prompt: {prompt}",
@@ -78,6 +80,9 @@ def status(db: str, sweep: str | None, judge_config: int | None, as_json: bool) 
       patchdb status --db runs.sqlite
       patchdb status --json | jq .totals
     """
+    from patchdb.store import open_store
+    from patchdb.store.status import sweep_status
+
     store = open_store(db)
     try:
         result = sweep_status(store, sweep, judge_config)

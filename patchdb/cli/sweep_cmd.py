@@ -12,10 +12,7 @@ from patchdb.cli.options import (
     layers_option,
     narrowing_options,
 )
-from patchdb.cli.sweep_series import run_series, series_member
 from patchdb.configs import config_option_help, resolve_series
-from patchdb.store import open_store
-from patchdb.sweep import SweepInterrupted, SweepOptions, run_sweep
 
 
 @click.command()
@@ -47,6 +44,10 @@ def sweep(config_name: str | None, db: str, experiments: list[str] | None,
     A config with a list for strength or steer_layer (a dose series) runs each of its sweeps
     in turn, then draws them together (`report --compare`) in ./patchdb_report/<name>.
     """
+    from patchdb.cli.sweep_series import run_series, series_member  # here: --help stays fast
+    from patchdb.store import open_store
+    from patchdb.sweep import SweepInterrupted, SweepOptions, run_sweep
+
     series = resolve_series(config_name)
     config = series_member(series)
     if config is None:  # a dose series: each of its sweeps in turn, then the comparison

@@ -6,7 +6,6 @@ import click
 
 from patchdb.cli.options import db_option, list_callback, sweep_option
 from patchdb.config import DTYPES
-from patchdb.store import open_store
 
 
 @click.command()
@@ -53,6 +52,7 @@ def vectors(
       patchdb vectors --import my_vectors.pt --layer 38
     """
     from patchdb.generate.vectors import RECIPE, run_vectors
+    from patchdb.store import open_store  # here, not above: --help stays fast
 
     store = open_store(db)
     try:

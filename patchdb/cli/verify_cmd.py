@@ -6,7 +6,6 @@ import click
 
 from patchdb.cli.options import db_option, device_option, sweep_option
 from patchdb.config import DTYPES
-from patchdb.store import open_store
 
 
 @click.command()
@@ -44,6 +43,8 @@ def verify(db: str, sweep: str | None, device: str | None, dtype: str | None, mo
     on_gpu = (device or default_device()).startswith("cuda")
     options = VerifyOptions(sweep=sweep, device=device, dtype=dtype, model=model, tokens=tokens,
                             compile=on_gpu if compile_ is None else compile_)
+    from patchdb.store import open_store  # here, not above: --help stays fast
+
     store = open_store(db)
     try:
         result = run_verify(store, options)
