@@ -21,7 +21,8 @@ from patchdb.store import open_store
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               envvar="PATCHDB_REPORT_OUT",
               help="Folder that gets one sub-folder per experiment "
-                   "(default: ./patchdb_report/<sweep>; env PATCHDB_REPORT_OUT).")
+                   "(default: ./patchdb_report/<sweep>; a folder holding another store's "
+                   "report is refused; env PATCHDB_REPORT_OUT).")
 @click.option("--export-json", is_flag=True, envvar="PATCHDB_EXPORT_JSON",
               help="Also write the JSON layout users' scripts read (rollouts, judgments, "
                    "scores; env PATCHDB_EXPORT_JSON).")
@@ -102,6 +103,10 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
         return
     store = open_store(db)
     try:
+        from patchdb.report.folder_owner import claim_report_folder
+
+        # refuse a folder holding another store's report of a sweep with the same name
+        out_dir = claim_report_folder(store, sweep, out_dir)
         result = build_report(store, sweep, experiments, out_dir, fmt, ci, export_json,
                               judge_config, net=net, ci_method=ci_method, against=against)
         from patchdb.report.corrected_plot import corrected_report
@@ -114,8 +119,7 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
             from patchdb.report.html import write_html_report
 
             html_path = write_html_report(store, result.sweep, result.out_dir,
-                                          judge_config_id=judge_config, ci_method=ci_method,
-                                          report=result)
+                                          judge_config_id=judge_config, ci_method=ci_method)
         json_path = write_report_json(result, corrected_bands if corrected else None) \
             if rates_json else None
     finally:
