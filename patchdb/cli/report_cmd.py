@@ -119,7 +119,8 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
             from patchdb.report.html import write_html_report
 
             html_path = write_html_report(store, result.sweep, result.out_dir,
-                                          judge_config_id=judge_config, ci_method=ci_method)
+                                          judge_config_id=judge_config, ci_method=ci_method,
+                                          report=result)
         json_path = write_report_json(result, corrected_bands if corrected else None) \
             if rates_json else None
     finally:
