@@ -39,12 +39,15 @@ from patchdb.store import open_store
                    "for comparison (env PATCHDB_REPORT_CI_METHOD).")
 @click.option("--net", is_flag=True, envvar="PATCHDB_REPORT_NET",
               help="Plot each rate minus the false-positive rate of the no-injection control "
-                   "(bands: Newcombe's interval of the difference; env PATCHDB_REPORT_NET).")
+                   "into sweep_plot_net.<format> (sweep_plot is left as it is) and print that "
+                   "net table under each rate table (bands: Newcombe's interval of the "
+                   "difference; env PATCHDB_REPORT_NET).")
 @click.option("--against", type=click.Choice(["control", "random_vector"]), default="control",
               show_default=True, envvar="PATCHDB_REPORT_AGAINST",
               help="What --net subtracts: the no-injection control's false positives, or each "
                    "experiment's random-vector rate (the claims any push of that size causes; "
-                   "needs [sweep] controls = [\"random_vector\"]; env PATCHDB_REPORT_AGAINST).")
+                   "drawn into sweep_plot_net_random_vector.<format>; needs [sweep] controls = "
+                   "[\"random_vector\"]; env PATCHDB_REPORT_AGAINST).")
 @click.option("--json", "rates_json", is_flag=True, envvar="PATCHDB_REPORT_JSON",
               help="Also write rates.json beside the plots: every drawn rate with its 95% band, "
                    "method and counts, and readouts.json with the first-token readouts "
