@@ -15,6 +15,7 @@ import cProfile
 import os
 import pstats
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ from patchdb.store import open_store  # noqa: E402
 
 
 def report_cli(db: Path, out: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of `patchdb report --html` in a new process."""
+    """Wall and CPU seconds of `patchdb report --html` in a new process (into an empty folder)."""
+    shutil.rmtree(out, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "patchdb", "report", "--db", str(db), "--html",

@@ -185,6 +185,32 @@ def test_rollout_pages_hold_every_rollout_exactly_once(page: Path, db_path: Path
     assert nasty[0]["judgments"]["coherence"]["reply"] == f"Reasoning about coherence of <{NASTY}>. YES"
 
 
+def test_rollout_pages_on_each_backend(store_db: str, tmp_path: Path) -> None:
+    """The pages' query (a window over the rollouts, the judgments joined) on SQLite and
+    PostgreSQL: every rollout on one page, with its verdicts."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    assert run_cli("init", "--config", str(config), "--db", store_db).exit_code == 0
+    store = open_store(store_db)
+    try:
+        store.transact(fill)
+        with store.read() as session:
+            answers = {rid: answer for rid, answer in session.execute(
+                select(Rollout.id, Rollout.answer))}
+        page = write_html_report(store, None, tmp_path / "report")
+    finally:
+        store.close()
+    rows = [r for p in linked_pages(page) for r in embedded(p)["rollouts"]]
+    assert sorted(r["id"] for r in rows) == sorted(answers)
+    assert all(r["answer"] == answers[r["id"]] for r in rows)
+    unparsed = [r for r in rows if r["experiment"] == "steered_to_unsteered" and r["layer"] == 4
+                and r["source"] == "Bread" and r["sample"] == 1]
+    assert unparsed[0]["judgments"]["detection"] == {"verdict": None,
+                                                     "reply": "Hard to say. MAYBE", "error": None}
+    assert unparsed[0]["score"] is None
+    assert rate_cells(page.read_text("utf-8"), "failure_to_success")[2] == ["4", "50", "0"]
+
+
 def rate_cells(html: str, experiment: str) -> list[list[str]]:
     """The rate table of one experiment as rows of cell texts (header row first)."""
     section = html.split(f'<section id="rates-{experiment}">')[1].split("</section>")[0]
@@ -277,6 +303,21 @@ def test_report_command_writes_the_page_next_to_the_plots(store: Store, db_path:
     assert f"HTML report: {page}" in result.output
     assert sum(len(embedded(p)["rollouts"]) for p in linked_pages(page)) == 48
     assert rate_cells(page.read_text("utf-8"), "failure_to_success")[2] == ["4", "50", "0"]
+
+
+@pytest.mark.parametrize("options", [["--ci"], ["--experiments", "steered_to_unsteered"],
+                                     ["--judge-config", "1"]])
+def test_report_html_with_other_options_shows_the_plain_rates(store: Store, db_path: Path,
+                                                              tmp_path: Path,
+                                                              options: list[str]) -> None:
+    """The page reuses the command's rates only where they are the plain ones of every
+    experiment under the same judge config; a narrowed command's page counts its own."""
+    result = run_cli("report", "--db", str(db_path), "--out", str(tmp_path / "out"), "--html",
+                     *options)
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "out" / REPORT_FILE).read_text("utf-8")
+    assert rate_cells(html, "failure_to_success")[1:] == [["3", "100", "100"], ["4", "50", "0"]]
+    assert rate_cells(html, "steered_to_unsteered")[2] == ["4", "100", "0", "50"]
 
 
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:

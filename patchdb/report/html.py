@@ -10,9 +10,10 @@ each says how many of its layer's rollouts it holds.
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from patchdb.experiments import EXPERIMENTS, GRADERS
@@ -89,7 +90,6 @@ def write_html_report(
             judge, rates = sweep_rates(session, sweep, config, names, judge_config_id)
         counts = rollout_counts(session, sweep.id)
         total = sum(counts.values())
-        rollouts = browser_rollouts(session, sweep.id, judge.id, samples_per_key)
         calibration = calibration_section(session, sweep)
         readouts = sweep_readouts(session, sweep.name, config, names)
     facts = [
@@ -103,14 +103,21 @@ def write_html_report(
         ("Rollouts", f"{total:,} of {expected:,} expected"),
         ("Judge", judge.why),
     ]
+    title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
+    decided = {r.name: d for r in rates if (d := decide(r))}  # each experiment's layer test
+    # The rollouts' query runs in a thread beside the drawing: the database works without
+    # holding the GIL, so on two cores the query costs no time of its own.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        picked = (pool.submit(read_rollouts, store, sweep.id, judge.id, samples_per_key)
+                  if shared_across_threads(store) else None)
+        plots = {r.name: figure_png(r, title.format(r.name), ci_method,
+                                    decided[r.name][0] if r.name in decided else None)
+                 for r in rates if any_scored(r)}
+        rollouts = (picked.result() if picked is not None else
+                    read_rollouts(store, sweep.id, judge.id, samples_per_key))
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = write_rollout_pages(out_dir, sweep.name, rollouts, counts, graders_of(names),
                                 samples_per_key)
-    title = f"{{}} (sweep {sweep.name}, steer layer {config.steer_layer})"
-    decided = {r.name: d for r in rates if (d := decide(r))}  # each experiment's layer test
-    plots = {r.name: figure_png(r, title.format(r.name), ci_method,
-                                decided[r.name][0] if r.name in decided else None)
-             for r in rates if any_scored(r)}
     page = render_page(sweep.name, facts, judge, rates, plots, pages, total, samples_per_key,
                        ci_method, {name: layer_test_html(*d) for name, d in decided.items()})
     readout = readout_section(readouts, title)
@@ -121,6 +128,19 @@ def write_html_report(
     partial.write_text(page, encoding="utf-8", errors="replace")  # a lone surrogate becomes "?"
     os.replace(partial, path)
     return path
+
+
+def read_rollouts(store: Store, sweep_id: int, judge_id: int | None,
+                  cap: int) -> list[dict[str, Any]]:
+    """The rollout pages' rollouts, read in a session of their own (for a thread)."""
+    with store.read() as session:
+        return browser_rollouts(session, sweep_id, judge_id, cap)
+
+
+def shared_across_threads(store: Store) -> bool:
+    """False for an in-memory SQLite store, where each thread would open a database of its own."""
+    url = store.engine.url
+    return url.get_backend_name() != "sqlite" or url.database not in (None, "", ":memory:")
 
 
 def reusable(report: "Report", sweep: str, experiments: list[str],
