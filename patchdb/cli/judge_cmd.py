@@ -87,12 +87,14 @@ def render_summary(s: JudgeSummary) -> str:
               help="Reasoning effort sent to the judge (default: the sweep config's).")
 @click.option("--base-url", envvar="PATCHDB_JUDGE_BASE_URL",
               help="Any OpenAI-compatible API (default: OpenRouter with OPENROUTER_API_KEY, "
-                   "else OpenAI with OPENAI_API_KEY). OPENAI_API_KEY goes only to "
+                   "else OpenAI with OPENAI_API_KEY); it selects the API judge even where the "
+                   "sweep's config names the in-process one. OPENAI_API_KEY goes only to "
                    "https://api.openai.com and OPENROUTER_API_KEY only to https://openrouter.ai "
                    "(that host exactly); any other URL gets PATCHDB_JUDGE_API_KEY or no key.")
 @click.option("--judge-backend", "backend", type=click.Choice(BACKENDS),
               envvar="PATCHDB_JUDGE_BACKEND", help="openai (any compatible API) or hf "
-              "(a transformers model in this process).")
+              "(a transformers model in this process). Default: openai with --base-url, "
+              "else the sweep's [judge] backend.")
 @click.option("--concurrency", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_CONCURRENCY",
               help="Calls in flight (default: the sweep config's, 512).")
 @click.option("--max-attempts", type=click.IntRange(min=1), envvar="PATCHDB_JUDGE_MAX_ATTEMPTS",
@@ -113,8 +115,8 @@ def render_summary(s: JudgeSummary) -> str:
               help="With --follow, started before generate has written any rollout of the "
                    "scope: seconds to wait for a generate run of the sweep to start.")
 @click.option("--dry-run", is_flag=True,
-              help="Print what this command would send now, what waits for generate, and the "
-                   "estimated cost; then exit without judging.")
+              help="Print which judge would run, what this command would send now, what "
+                   "waits for generate, and the estimated cost; then exit without judging.")
 @click.option("--price-in", type=FiniteRange(min=0), envvar="PATCHDB_JUDGE_PRICE_IN",
               help="With --dry-run: USD per million prompt tokens, times the average tokens of "
                    "this judge config's stored calls (default: their recorded cost). With "
@@ -133,7 +135,8 @@ def render_summary(s: JudgeSummary) -> str:
               show_default=True, envvar="PATCHDB_JUDGE_LEASE", hidden=True)
 @click.option("--grace", "grace_s", type=FiniteRange(min=0), default=10.0,
               envvar="PATCHDB_JUDGE_GRACE", show_default=True,
-              help="Seconds Ctrl-C waits for calls in flight.")
+              help="Seconds Ctrl-C waits for calls in flight; then the in-process judge "
+                   "stops its batch at the next token, keeping the replies that ended.")
 @click.option("--judge-batch-size", "hf_batch_size", type=click.IntRange(min=1),
               envvar="PATCHDB_JUDGE_BATCH_SIZE",
               help="Prompts per forward pass with --judge-backend hf (default: the sweep's "
@@ -175,7 +178,8 @@ def render_summary(s: JudgeSummary) -> str:
               help="Batch price as a share of the live price: prices replies that carry no "
                    "cost of their own, and the --dry-run batch estimate.")
 @click.option("--progress/--no-progress", default=True, envvar="PATCHDB_JUDGE_PROGRESS",
-              help="Show a progress bar on a terminal.")
+              help="Show progress: a bar on a terminal, else a line at each 5% of the calls "
+                   "and at least every 30 s.")
 def judge(db: str, sweep: str | None, dry_run: bool, price_in: float | None,
           price_out: float | None, **kwargs: Any) -> None:
     """Judge rollouts: coherence for every answer, plus detection or detection+identification

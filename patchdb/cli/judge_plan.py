@@ -36,4 +36,4 @@ def render_plan(dry: DryRun, mode: str, limit: int | None = None) -> str:
             lines.append(f"The calls that wait for generate: about ${later.usd:,.4f} more.")
         elif awaiting:
             lines.append(f"The calls that wait for generate: cost unknown: {later.basis}.")
-    return "\n".join(lines)
+    return "\n".join(([dry.judge] if dry.judge else []) + lines)

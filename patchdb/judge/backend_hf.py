@@ -7,12 +7,19 @@ off at max_new_tokens is not retried: it is stored with its raw text and marked 
 With verdict="logprobs" the reasoning (up to max_new_tokens) is followed by one batched
 forward pass over the verdict conversation (logprobs.py), whose next-token distribution gives
 P(YES): a verdict is read from every reply, finished or cut off.
+
+`abort()` (Ctrl-C, from the run's loop) stops the batch in flight at its next decode step: a
+reply that already ended (its end token, or all max_new_tokens) is returned as usual, one still
+being written comes back as None and is judged on the next run. So a Ctrl-C keeps every finished
+reply and no decoding outlives the run.
 """
 
 import asyncio
+import threading
 import time
 from typing import Any
 
+from patchdb.faults import fault_point
 from patchdb.judge.client import Reply
 from patchdb.judge.logprobs import LOGPROBS, answer_token_ids, verdict_messages
 
@@ -44,9 +51,32 @@ class HfJudge:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.verdict = verdict
         self.answer_ids = answer_token_ids(self.tokenizer) if verdict == LOGPROBS else None
+        self.steps = 0  # decode steps run, over all batches
+        self._abort = threading.Event()
 
-    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]:
+    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply | None]:
         return await asyncio.to_thread(self.generate, prompts)
+
+    def abort(self) -> None:
+        """Stop the batch in flight at its next decode step, and every later one at once."""
+        self._abort.set()
+
+    def _stopping(self) -> Any:
+        """A stopping criterion that ends every row once abort() was called, checked after each
+        decode step (fault point judge.hf_step)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        judge = self
+
+        class Aborted(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                judge.steps += 1
+                fault_point("judge.hf_step")
+                return torch.full((input_ids.shape[0],), judge._abort.is_set(),
+                                  dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([Aborted()])
 
     def _as_text(self, prompt: str) -> str:
         return self._chat([{"role": "user", "content": prompt}])
@@ -83,10 +113,12 @@ class HfJudge:
                             - torch.logsumexp(logits[:, self.answer_ids[False]], dim=1))
         return torch.sigmoid((log_odds[0] + log_odds[1]) / 2).tolist()
 
-    def generate(self, prompts: list[str]) -> list[Reply]:
-        """Greedy replies for a batch of prompts."""
+    def generate(self, prompts: list[str]) -> list[Reply | None]:
+        """Greedy replies for a batch of prompts; None for a reply abort() stopped midway."""
         import torch
 
+        if self._abort.is_set():
+            return [None] * len(prompts)
         started = time.monotonic()
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         enc = self.tokenizer(
@@ -98,13 +130,17 @@ class HfJudge:
         with torch.no_grad():
             out = self.model.generate(
                 **enc, do_sample=False, max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stopping(),
             )
+        fault_point("judge.hf_generated")
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
-        replies = []
+        replies: list[Reply | None] = []
         for tokens, n_prompt in zip(new, prompt_lengths, strict=True):
             stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+            if stop_at is None and len(tokens) < self.max_new_tokens:
+                replies.append(None)  # abort() stopped it midway: not a reply, not cut off
+                continue
             kept = tokens if stop_at is None else tokens[:stop_at]
             replies.append(Reply(
                 text=self.tokenizer.decode(kept, skip_special_tokens=True),
@@ -114,14 +150,16 @@ class HfJudge:
                 completion_tokens=len(kept),
                 cost=0.0,
             ))
-        if self.answer_ids is not None:
-            for reply, p in zip(replies, self.p_yes(prompts, [r.text or "" for r in replies]),
-                                strict=True):
+        done = [(p, r) for p, r in zip(prompts, replies, strict=True) if r is not None]
+        if self.answer_ids is not None and done:
+            for (_, reply), p in zip(done, self.p_yes([p for p, _ in done],
+                                                      [r.text or "" for _, r in done]),
+                                     strict=True):
                 reply.p_yes = p
         latency = (time.monotonic() - started) / max(1, len(prompts))
-        for reply in replies:
+        for _, reply in done:
             reply.latency_s = latency
-        self.succeeded += len(replies)
+        self.succeeded += len(done)
         return replies
 
     async def close(self) -> None:

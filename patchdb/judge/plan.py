@@ -330,6 +330,7 @@ class DryRun:
     send_now: int
     cost: CostEstimate
     cost_awaiting: CostEstimate  # of the calls whose rollouts generate has not written yet
+    judge: str = ""  # which judge would run: the backend, its host or "in-process", the model
 
 
 def plan_dry_run(session: Session, config: SweepConfig, experiments: Sequence[Experiment],

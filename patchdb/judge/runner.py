@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from patchdb.judge.leases import running_judge_runs
 from patchdb.judge.logprobs import LOGPROBS, verdict_of
 from patchdb.judge.plan import Fresh, Scope, count_pending
 from patchdb.judge.producer import Producer
+from patchdb.judge.progress import judge_progress
 from patchdb.judge.settings import JudgeOptions, Resolved
 from patchdb.judge.templates import Templates
 from patchdb.judge.verdict import last_word_verdict
@@ -40,9 +41,12 @@ from patchdb.store.store import Store, describe_db_error
 
 
 class Backend(Protocol):
+    """A judge: `judge` answers a batch of prompts in order. A backend that can stop a batch
+    midway (the in-process one) has `abort()`; its replies unfinished then are None."""
+
     batch_size: int
 
-    async def judge(self, prompts: list[str], slot: int = 0) -> list[Reply]: ...
+    async def judge(self, prompts: list[str], slot: int = 0) -> Sequence[Reply | None]: ...
 
     async def close(self) -> None: ...
 
@@ -102,6 +106,7 @@ class Runner:
         self.fatal: FatalJudgeError | None = None
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._last_postfix = 0.0
+        self._in_flight = 0  # batches handed to the backend whose replies are not recorded
 
     # --- doing work -------------------------------------------------------------------------
 
@@ -122,17 +127,24 @@ class Runner:
                 batch.append(nxt)
             if self.writer.error is not None:
                 continue  # the store refused a write: make no call whose reply cannot be kept
+            self._in_flight += 1
+            self._idle.clear()
+            number = 0
             try:
                 replies = await self.backend.judge([w.prompt for w in batch], slot)
+                for w, reply in zip(batch, replies, strict=True):
+                    if reply is not None:  # None: stopped before it finished; its key goes free
+                        number = self._record(w, reply)
             except FatalJudgeError as exc:
                 if self.fatal is None:
                     self.fatal = exc
                 self.stop.set()
                 self.fatal_event.set()
                 continue
-            number = 0
-            for w, reply in zip(batch, replies, strict=True):
-                number = self._record(w, reply)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
             await self._stored(number)
 
     async def _stored(self, number: int) -> None:
@@ -243,11 +255,11 @@ class Runner:
         self.stop.set()
 
     async def run(self) -> JudgeSummary:
-        from tqdm import tqdm
-
         started = time.monotonic()
         self.stop = asyncio.Event()
         self.fatal_event = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             loop.add_signal_handler(signal.SIGINT, self._on_sigint)
@@ -255,8 +267,7 @@ class Runner:
         self.summary.pending_at_start = total
         if self.options.limit is not None:
             total = min(total, self.options.limit)
-        self.bar: Any = tqdm(total=total, desc="judge", unit="call", dynamic_ncols=True, leave=True,
-                             disable=not self.options.progress or None)
+        self.bar: Any = judge_progress(total, self.options.progress, lambda: self.summary.cost)
         run_id = self.summary.stage_run_id
         fresh = Fresh(run_id, await asyncio.to_thread(self._peers))
         self.source = WorkSource(self.store, self.scope, self.summary.judge_config_id,
@@ -310,6 +321,13 @@ class Runner:
             await asyncio.wait({everything, hard}, timeout=limit,
                                return_when=asyncio.FIRST_COMPLETED)
             hard.cancel()
+            abort = getattr(self.backend, "abort", None)
+            if not everything.done() and abort is not None:
+                # an in-process judge stops its batch at the next decode step and hands back
+                # the replies that finished: wait for them rather than drop them, and so that
+                # no generation thread outlives the run
+                abort()
+                await self._idle.wait()
             if not everything.done():
                 everything.cancel()
                 try:

@@ -25,7 +25,7 @@ from patchdb.judge.plan import (
 )
 from patchdb.judge.producer import generate_running
 from patchdb.judge.runner import Backend, JudgeInterrupted, JudgeSummary, Runner
-from patchdb.judge.settings import JudgeOptions, Resolved, resolve
+from patchdb.judge.settings import JudgeOptions, Resolved, describe_judge, resolve
 from patchdb.judge.templates import DEFAULT_TEMPLATES, Templates, load_templates
 from patchdb.store.dialect import dialect_insert
 from patchdb.store.models import JudgeConfig, utcnow
@@ -90,7 +90,7 @@ def stored_settings(resolved: Resolved) -> Resolved:
     (hub id, resolved path or alias), which is found without loading the model."""
     if resolved.backend != "hf":
         return resolved
-    from patchdb.generate.loading import model_id_for
+    from patchdb.generate.model_spec import model_id_for
 
     return replace(resolved, model=model_id_for(resolved.model), base_url=None, max_attempts=1)
 
@@ -170,8 +170,9 @@ def dry_run_table(store: Store, sweep_name: str | None, options: JudgeOptions,
         experiments = get_experiments(session, sweep, options.experiments)
         config_id = find_judge_config(session, stored.model, stored.reasoning,
                                       templates.version, stored.backend, stored.verdict)
-        return plan_dry_run(session, config, experiments, options.layers, options.graders,
-                            config_id, options.mode, options.limit, price_in, price_out)
+        dry = plan_dry_run(session, config, experiments, options.layers, options.graders,
+                           config_id, options.mode, options.limit, price_in, price_out)
+    return replace(dry, judge=describe_judge(stored))
 
 
 __all__ = ["JudgeInterrupted", "JudgeSummary", "dry_run_table", "run_judge"]
