@@ -183,9 +183,10 @@ print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'sqlalchemy', 'n
 LIGHT = [["init", "--help"], ["status", "--help"], ["db", "--help"], ["db", "check", "--help"],
          ["generate", "--help"], ["vectors", "--help"], ["verify", "--help"], ["merge", "--help"],
          ["import-json", "--help"], ["calibrate", "--help"], ["sweep", "--help"],
-         ["sweeps", "--help"], ["sweeps", "rm", "--help"]]
-# their option choices live in modules that read the store (sqlalchemy, numpy), never torch
-REST = [["judge", "--help"], ["report", "--help"], ["label", "--help"]]
+         ["sweeps", "--help"], ["sweeps", "rm", "--help"], ["report", "--help"],
+         ["label", "--help"]]
+# its option choices live in modules that read the store (sqlalchemy), never torch
+REST = [["judge", "--help"]]
 
 
 def _imported_by_help(commands: list[list[str]], cwd: Path) -> str:

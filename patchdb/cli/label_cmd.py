@@ -1,16 +1,16 @@
 """`patchdb label`: human YES/NO labels, from a local web page or from scripts."""
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
+from patchdb.choices import DEFAULT_LABEL_TARGET, LABEL_PLANS
 from patchdb.cli.options import db_option, sweep_option
 from patchdb.experiments import GRADERS
-from patchdb.label.labels import default_labeler, set_label
-from patchdb.label.plan import DEFAULT_TARGET, Progress, check_graders, plan_next
-from patchdb.label.widest import PLANS
-from patchdb.store import open_store
-from patchdb.store.sweeps import get_sweep
+
+if TYPE_CHECKING:  # the store is imported when the command runs: --help stays fast
+    from patchdb.label.plan import Progress
 
 
 @click.command()
@@ -22,12 +22,12 @@ from patchdb.store.sweeps import get_sweep
                    "env PATCHDB_LABEL_GRADER).")
 @click.option("--labeler", envvar="PATCHDB_LABELER",
               help="Who labels (default: the OS user name; env PATCHDB_LABELER).")
-@click.option("--target", type=click.IntRange(min=1), default=DEFAULT_TARGET, show_default=True,
+@click.option("--target", type=click.IntRange(min=1), default=DEFAULT_LABEL_TARGET, show_default=True,
               envvar="PATCHDB_LABEL_TARGET", help="Labels wanted per grader (env PATCHDB_LABEL_TARGET).")
 @click.option("--judge-config", "judge_config", type=int, envvar="PATCHDB_JUDGE_CONFIG",
               help="Judge config whose YES/NO verdicts the plan balances (default: the one that "
                    "judged the most samples; env PATCHDB_JUDGE_CONFIG).")
-@click.option("--plan", type=click.Choice(PLANS), default="balanced", show_default=True,
+@click.option("--plan", type=click.Choice(LABEL_PLANS), default="balanced", show_default=True,
               envvar="PATCHDB_LABEL_PLAN",
               help="What comes next (page and --next): 'balanced' spreads labels over "
                    "experiments and layers and the judge's YES and NO; 'widest' sends the next "
@@ -57,6 +57,11 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
       patchdb label --next --grader coherence --json
       patchdb label --set 17 --grader coherence --yes --note "clear and on topic"
     """
+    from patchdb.label.labels import default_labeler, set_label
+    from patchdb.label.plan import check_graders, plan_next
+    from patchdb.store import open_store
+    from patchdb.store.sweeps import get_sweep
+
     who = labeler or default_labeler()
     if yes and no:
         raise click.ClickException("--yes and --no exclude each other; give one")
@@ -102,5 +107,5 @@ def label(db: str, sweep: str | None, graders: tuple[str, ...], labeler: str | N
     serve(db, sweep, chosen, who, target, judge_config, port, announce=click.echo, plan=plan)
 
 
-def _progress_line(progress: list[Progress]) -> str:
+def _progress_line(progress: "list[Progress]") -> str:
     return ", ".join(f"{p.grader} {p.labeled}/{p.target}" for p in progress)

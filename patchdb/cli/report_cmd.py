@@ -4,14 +4,11 @@ from pathlib import Path
 
 import click
 
+from patchdb.choices import CI_METHODS, DEFAULT_CI_METHOD, FORMATS
 from patchdb.cli.multi import run_per_sweep
 from patchdb.cli.options import db_option, experiments_option, judge_config_option, sweep_option
-from patchdb.report import build_report, write_report_json
-from patchdb.report.bands import CI_METHODS, DEFAULT_CI_METHOD
-from patchdb.report.export import safe_component
-from patchdb.report.plots import FORMATS
-from patchdb.report.rates_json import Corrected
-from patchdb.store import open_store
+
+# the report stage and the store are imported inside report(): --help stays fast
 
 
 @click.command()
@@ -90,6 +87,11 @@ def report(db: str, sweep: str | None, experiments: list[str] | None, out_dir: P
       patchdb report --compare 'demo-dose-*'
       patchdb report --compare demo@judge=1 demo@judge=2
     """
+    from patchdb.report import build_report, write_report_json
+    from patchdb.report.export import safe_component
+    from patchdb.report.rates_json import Corrected
+    from patchdb.store import open_store
+
     if against != "control" and not net:
         raise click.UsageError("--against says what --net subtracts; give --net with it")
     if compare or compared:

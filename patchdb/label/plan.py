@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
+from patchdb.choices import DEFAULT_LABEL_TARGET
 from patchdb.errors import UnknownNameError
 from patchdb.experiments import GRADERS, NO_STEERING_LABEL, judged_word
 from patchdb.judge.templates import DEFAULT_TEMPLATES, trial_question
@@ -26,7 +27,7 @@ from patchdb.report.aggregate import choose_judge_config
 from patchdb.store.models import Experiment, Judgment, Label, Rollout, Sweep
 from patchdb.store.sweeps import sweep_config
 
-DEFAULT_TARGET = 100
+DEFAULT_TARGET = DEFAULT_LABEL_TARGET
 # Among graders equally far from their target, a detection grader picks first (balanced on its
 # verdicts) and coherence then labels the same rollouts.
 LEAD_ORDER = ("detection_identification", "detection", "coherence")

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
+from patchdb.choices import LABEL_PLANS
 from patchdb.report.corrected import strata_counts
 from patchdb.report.ppi import MIN_LABELS, NO, YES, StrataCounts, power_tuning, ppi_lines
 from patchdb.store.models import Sweep
 
-PLANS = ("balanced", "widest")
+PLANS = LABEL_PLANS
 DRAWS = 200  # enough to rank cells; the report's bands use 2000
 FIXABLE = ("n/a: a verdict stratum has no labeled score", "n/a: labels in too few words",
            f"n/a: under {MIN_LABELS} labels in a verdict stratum")

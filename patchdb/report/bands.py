@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from patchdb.choices import CI_METHODS, DEFAULT_CI_METHOD  # there for the CLI's --help
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.baselines import Baseline, newcombe
 from patchdb.report.clusters import band_method, one_way_band
 from patchdb.report.stats import effective_n, mean_rate_band, wilson_interval
 
-CI_METHODS = ("words", "samples")
-DEFAULT_CI_METHOD = "words"
 SAMPLES_METHOD = "Wilson over samples"
 ONE_CONDITION = "Wilson over its samples, one condition"
 NET_SUFFIX = " minus false positives (Newcombe)"

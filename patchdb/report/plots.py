@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn, so `report --
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+from patchdb.choices import FORMATS as FORMATS  # defined there for the CLI's --help
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, drawn, legend_method
 from patchdb.report.baseline_plot import draw_references, group_band, shift_of
@@ -27,7 +28,6 @@ SINGLE_YLABEL = "Coherent & Detect Rate"
 PAIR_ALPHA = 0.15
 SINGLE_ALPHA = 0.5
 BOLD_WIDTH = 2.5
-FORMATS = ("png", "svg", "pdf")
 
 
 def _colours(n: int) -> list[tuple[float, float, float, float]]:
