@@ -289,9 +289,11 @@ def pages_index(pages: list[RolloutPage], total: int, cap: int, order: list[str]
     if pages:
         layers = sorted({p.layer for p in pages})
         at = {(p.experiment, p.layer): p for p in pages}
-        head = "".join(f"<th>{escape(layer_name(layer).removesuffix(' (no patch)'))}</th>"
+        head = "".join(f"<th>{layer}</th>" if layer >= 0 else
+                       f"<th>{escape(layer_name(layer).removesuffix(' (no patch)'))}</th>"
                        for layer in layers)
-        out.append('<div class="table-wrap"><table class="rates pages"><thead><tr>'
+        out.append('<div class="table-wrap"><table class="rates pages"><caption>Rollouts on '
+                   "each page; a column per patch layer</caption><thead><tr>"
                    f"<th>Experiment</th>{head}</tr></thead><tbody>")
         for experiment in dict.fromkeys([*order, *(p.experiment for p in pages)]):
             if not any(e == experiment for e, _ in at):

@@ -60,7 +60,9 @@ table.rates th { background: var(--panel); }
 table.rates td a { color: inherit; text-decoration: none; display: block; }
 table.rates td a:hover { text-decoration: underline; }
 table.rates .band { display: block; font-size: 11px; color: var(--muted); }
-table.pages td { text-align: right; }
+table.pages caption { text-align: left; color: var(--muted); margin-bottom: 4px; }
+table.pages td a { color: #1a5fb4; text-decoration: underline; }
+.layers a, .layers strong { white-space: nowrap; }
 #filters { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: end; background: var(--panel);
            padding: 10px; border: 1px solid var(--line); position: sticky; top: 0; z-index: 1; }
 #filters label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }

@@ -145,7 +145,7 @@ def _page(sweep: str, experiment: str, layer: int, rollouts: list[dict[str, Any]
         f"<style>{CSS}</style></head><body>",
         '<p><a href="../../report.html">Back to the report</a></p>',
         f"<h1>{escape(experiment)}, {here}</h1>",
-        f'<p class="muted">Sweep {escape(sweep)}. Layers: {links}</p>',
+        f'<p class="muted layers">Sweep {escape(sweep)}. Layers: {links}</p>',
         f'<section id="browser"><p class="note" id="cap-note">{escape(note)}</p>',
         '<noscript><p class="note">The rollout filters need JavaScript.</p></noscript>',
         '<div id="filters">',
