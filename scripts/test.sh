@@ -71,4 +71,8 @@ if [ ${#SKIPPED[@]} -gt 0 ]; then warn_skipped; fi
 
 .venv/bin/ruff check patchdb tests scripts migrations
 .venv/bin/mypy patchdb
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# One test process per core (pytest-xdist; PATCHDB_TEST_WORKERS=1 runs them in this process),
+# tests handed out as workers come free, so one long test does not leave a core idle.
+WORKERS=${PATCHDB_TEST_WORKERS:-auto}
+if [ "$WORKERS" = 1 ]; then PARALLEL=(); else PARALLEL=(-n "$WORKERS" --dist worksteal); fi
+.venv/bin/python -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "$@"

@@ -18,10 +18,23 @@ from patchdb.cli import cli
 pytest_plugins = ["pg"]  # PostgreSQL fixtures: pg_url, store_db (tests/pg.py)
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in parallel, one process per core (scripts/test.sh: pytest -n auto): one torch
+    # thread per process, or two processes' thread pools fight over the same cores.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the patchdb processes tests start
+
+
 @pytest.fixture(scope="session")
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for the whole session: the GGUF is dequantised once, not per test."""
-    return tmp_path_factory.mktemp("patchdb-cache")
+    """One model cache for the whole run: the GGUF is dequantised once, not per test. Parallel
+    workers share it (the run's temporary root); the cache is written atomically, so two workers
+    that both miss it at the start each write a copy and one rename wins."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = root / "patchdb-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture(autouse=True)
