@@ -131,6 +131,27 @@ def test_abort_stops_an_hf_judge_before_its_next_batch(tiny_model: Path) -> None
     assert judge.steps == steps  # no decode step ran
 
 
+def test_abort_between_verdict_chunks_keeps_the_chunks_read(tiny_model: Path) -> None:
+    """Logprobs mode reads P(YES) 4 replies a pass: aborted before the verdict pass of 6
+    finished replies, the first 4 are read (the same values as unaborted), the last 2 are
+    None (judged by the next run)."""
+    from patchdb.judge.backend_hf import P_YES_CHUNK, HfJudge
+
+    assert P_YES_CHUNK == 4
+    judge = HfJudge(str(tiny_model), batch_size=6, max_new_tokens=4, verdict="logprobs")
+    prompts = [f"Is {n} even? Answer YES or NO." for n in range(6)]
+    replies = judge.generate(prompts)
+    assert all(r is not None and r.p_yes is not None for r in replies)
+    read = [r.p_yes for r in replies if r is not None]
+    for r in replies:
+        assert r is not None
+        r.p_yes = None
+    judge.abort()
+    judge._read_p_yes(prompts, replies)
+    assert [r is None for r in replies] == [False] * 4 + [True] * 2
+    assert [r.p_yes for r in replies[:4] if r is not None] == read[:4]
+
+
 def test_base_url_selects_the_api_judge(db_path: Path) -> None:
     """The sweep's config names an in-process judge whose model is not on this machine:
     --base-url judges through the API anyway."""

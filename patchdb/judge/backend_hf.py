@@ -10,8 +10,11 @@ P(YES): a verdict is read from every reply, finished or cut off.
 
 `abort()` (Ctrl-C, from the run's loop) stops the batch in flight at its next decode step: a
 reply that already ended (its end token, or all max_new_tokens) is returned as usual, one still
-being written comes back as None and is judged on the next run. So a Ctrl-C keeps every finished
-reply and no decoding outlives the run.
+being written comes back as None and is judged on the next run. The verdict pass runs
+P_YES_CHUNK replies at a time and stops between chunks too (after the first); a reply whose
+P(YES) was not read is None as well. So a Ctrl-C keeps every finished reply and no decoding
+outlives the run; what it cannot cut short is one forward pass (the batch's prefill, or one
+verdict chunk).
 """
 
 import asyncio
@@ -25,6 +28,7 @@ from patchdb.judge.logprobs import LOGPROBS, answer_token_ids, verdict_messages
 
 HF_MAX_NEW_TOKENS = 96
 HF_BATCH = 8
+P_YES_CHUNK = 4  # replies per verdict pass: the longest wait a Ctrl-C has there
 
 
 class HfJudge:
@@ -150,17 +154,30 @@ class HfJudge:
                 completion_tokens=len(kept),
                 cost=0.0,
             ))
-        done = [(p, r) for p, r in zip(prompts, replies, strict=True) if r is not None]
-        if self.answer_ids is not None and done:
-            for (_, reply), p in zip(done, self.p_yes([p for p, _ in done],
-                                                      [r.text or "" for _, r in done]),
-                                     strict=True):
-                reply.p_yes = p
+        if self.answer_ids is not None:
+            self._read_p_yes(prompts, replies)
+        done = [r for r in replies if r is not None]
         latency = (time.monotonic() - started) / max(1, len(prompts))
-        for _, reply in done:
+        for reply in done:
             reply.latency_s = latency
         self.succeeded += len(done)
         return replies
+
+    def _read_p_yes(self, prompts: list[str], replies: list[Reply | None]) -> None:
+        """Set each finished reply's P(YES), P_YES_CHUNK replies a pass; after abort(), the
+        replies of the chunks not yet read become None (the verdict is part of the judgment)."""
+        done = [i for i, r in enumerate(replies) if r is not None]
+        for start in range(0, len(done), P_YES_CHUNK):
+            chunk = done[start:start + P_YES_CHUNK]
+            if start and self._abort.is_set():  # the first chunk is read: its replies ended
+                for i in chunk:
+                    replies[i] = None
+                continue
+            texts = [(replies[i] or Reply()).text or "" for i in chunk]
+            for i, p in zip(chunk, self.p_yes([prompts[i] for i in chunk], texts), strict=True):
+                reply = replies[i]
+                assert reply is not None
+                reply.p_yes = p
 
     async def close(self) -> None:
         return None
