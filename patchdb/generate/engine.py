@@ -229,10 +229,12 @@ class Engine:
     def generate(
         self, units: list[TargetUnit], max_new_tokens: int, sampling: Sampling | float,
         on_prefill: Callable[[torch.Tensor], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[list[Completion]]:
         """Generate every sample of every unit; returns completions per unit, in seed order.
         A bare float for `sampling` is a temperature over the full softmax. `on_prefill` gets
-        the prefill's last-position logits, one row per unit (the first-token readout)."""
+        the prefill's last-position logits, one row per unit (the first-token readout);
+        `on_step`, after each decode step, how many rows drew a token in it (progress)."""
         how = as_sampling(sampling)
         counts = [len(u.seeds) for u in units]
         if not units or sum(counts) == 0:
@@ -254,11 +256,12 @@ class Engine:
                 cache.batch_select_indices(self._cache_index(expand))
                 steer_state.vectors = steer_state.vectors[expand]
                 tokens = self._decode(logits[expand], cache, steer_state, seeds, max_new_tokens,
-                                      how)
+                                      how, on_step)
         if decoder is not None:
             decoder.load(cache, expand, steer_state.vectors[expand], self.prompt_len)
             del cache
-            tokens = self._decode_graphed(decoder, logits[expand], seeds, max_new_tokens, how)
+            tokens = self._decode_graphed(decoder, logits[expand], seeds, max_new_tokens, how,
+                                          on_step)
         return self._completions(tokens.cpu(), counts)
 
     def _cache_index(self, index: torch.Tensor) -> torch.Tensor:
@@ -306,7 +309,8 @@ class Engine:
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
-                        max_new_tokens: int, sampling: Sampling) -> torch.Tensor:
+                        max_new_tokens: int, sampling: Sampling,
+                        on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """The decode loop on a static cache: the loop ends when every row has reached EOS, and
         once the rows still decoding fit a smaller captured row count they move there."""
         n_rows = len(seeds)
@@ -314,9 +318,12 @@ class Engine:
         eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
         active = torch.arange(n_rows, device=self.device)  # original row of each current row
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        live = n_rows  # rows not done at the start of the step
         for step in range(max_new_tokens):
             next_tokens = choose_tokens(logits, seeds, step, sampling)
             tokens[active, step] = torch.where(done, -1, next_tokens)
+            if on_step is not None:
+                on_step(live)
             done = done | torch.isin(next_tokens, eos)
             if step == max_new_tokens - 1:
                 break
@@ -339,6 +346,7 @@ class Engine:
         seeds: torch.Tensor,
         max_new_tokens: int,
         sampling: Sampling,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """The decode loop: [rows, max_new_tokens] token ids, -1 after a row's EOS."""
         n_rows = len(seeds)
@@ -346,14 +354,18 @@ class Engine:
         eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
         active = torch.arange(n_rows, device=self.device)  # original row of each current row
         done = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        live = n_rows  # rows not done at the start of the step
         for step in range(max_new_tokens):
             fault_point("generate.decode_step")
             next_tokens = choose_tokens(logits, seeds, step, sampling)
             tokens[active, step] = torch.where(done, -1, next_tokens)
+            if on_step is not None:
+                on_step(live)
             done = done | torch.isin(next_tokens, eos)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             n_done = int(done.sum())
+            live = len(done) - n_done
             if n_done and n_done >= COMPACT_FRACTION * len(done):
                 keep = (~done).nonzero().squeeze(1)
                 cache.batch_select_indices(self._cache_index(keep))

@@ -498,28 +498,36 @@ def _run_batches(
     progress: bool,
     sampling: Sampling,
 ) -> None:
+    """Decode and write the pending units batch by batch. The bar counts token budgets (rows
+    x max_new_tokens): it advances with every decode step, and a batch's rows that stopped
+    early (or units another process wrote) count in full, so its ETA holds from the start."""
     done: dict[int, dict[int, Completion]] = {}
-    bar = tqdm(total=len(plan.pending), unit="unit", desc="generate", disable=not progress)
+    budget = plan.max_new_tokens
+    bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
+               desc="generate", disable=not progress)
     started = time.perf_counter()
     try:
         for planned in plan_batches(plan.pending, batch_rows):
             batch = _still_missing(store, plan, planned, done)
             skipped = {p.unit_index for p in planned} - {p.unit_index for p in batch}
             result.units_skipped += len(skipped)
-            bar.update(len(skipped))
+            bar.update(budget * sum(len(p.samples) for p in planned if p.unit_index in skipped))
             if not batch:
                 continue
             units = [_target_unit(piece, plan, sources, readout) for piece in batch]
             read = PrefillReadouts(readout.reader)
             fault_point("generate.batch_started")
-            outputs = engine.generate(units, plan.max_new_tokens, sampling, on_prefill=read)
+            drawn = bar.n
+            outputs = engine.generate(units, budget, sampling, on_prefill=read,
+                                      on_step=bar.update)
+            bar.update(budget * sum(len(p.samples) for p in batch) - (bar.n - drawn))
             fault_point("generate.batch_decoded")
             with stopper.writing():
                 prefilled = [ReadoutUnit(plan.pending[p.unit_index].unit) for p in batch]
                 result.readouts_written += keep_readouts(store, prefilled, read.values, run_id)
-                _keep_batch(store, plan, batch, outputs, done, decode, run_id, result, bar)
+                _keep_batch(store, plan, batch, outputs, done, decode, run_id, result)
             result.seconds = time.perf_counter() - started
-            bar.set_postfix_str(f"{result.tokens_per_second:.1f} tok/s")
+            bar.set_postfix_str(f"{result.units_written} units written")
             if stopper.requested:
                 break
     finally:
@@ -536,7 +544,6 @@ def _keep_batch(
     decode: Callable[[list[int]], str],
     run_id: int,
     result: GenerateResult,
-    bar: Any,
 ) -> None:
     """File a decoded batch's completions; write every unit that now has all its samples."""
     for piece, completions in zip(batch, outputs, strict=True):
@@ -553,7 +560,6 @@ def _keep_batch(
             else:  # another process wrote all of it after this one decoded it
                 result.units_skipped += 1
             result.rollouts_written += written
-            bar.update(1)
             fault_point("generate.unit_written")
 
 
