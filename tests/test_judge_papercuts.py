@@ -18,9 +18,9 @@ from conftest import file_digest, run_cli
 from judge_server import fault_server, make_store
 from tiny_models import save_tiny_llama
 
-FIRST = ("Ctrl-C: no new calls; waiting up to {grace} s for the calls in flight, and what "
-         "finished is saved. Press Ctrl-C again to stop now.")
-SECOND = "Ctrl-C again: stopping now; what finished is saved."
+FIRST = ("Ctrl-C: no new batches; the batch in flight gets up to {grace} s, then stops at its "
+         "next token; every finished reply is saved. Press Ctrl-C again to stop now.")
+SECOND = "Ctrl-C again: stopping the batch at its next token; every finished reply is saved."
 SAVED = "Interrupted; what finished is saved. Run again to resume."
 
 

@@ -243,14 +243,20 @@ class Runner:
         Each says so at once."""
         from tqdm import tqdm
 
+        in_process = hasattr(self.backend, "abort")  # its batch stops at the next token
         if self.stop.is_set() and self.summary.stopped == "interrupted":
             if not self.fatal_event.is_set():
-                tqdm.write("Ctrl-C again: stopping now; what finished is saved.", file=sys.stderr)
+                tqdm.write("Ctrl-C again: stopping the batch at its next token; every finished "
+                           "reply is saved." if in_process else
+                           "Ctrl-C again: stopping now; what finished is saved.", file=sys.stderr)
             self.fatal_event.set()  # a second Ctrl-C: stop waiting for calls in flight
             return
-        tqdm.write(f"Ctrl-C: no new calls; waiting up to {self.options.grace_s:g} s for the calls "
-                   "in flight, and what finished is saved. Press Ctrl-C again to stop now.",
-                   file=sys.stderr)
+        grace = f"{self.options.grace_s:g} s"
+        tqdm.write(f"Ctrl-C: no new batches; the batch in flight gets up to {grace}, then stops "
+                   "at its next token; every finished reply is saved. Press Ctrl-C again to "
+                   "stop now." if in_process else
+                   f"Ctrl-C: no new calls; waiting up to {grace} for the calls in flight, and "
+                   "what finished is saved. Press Ctrl-C again to stop now.", file=sys.stderr)
         self.summary.stopped = "interrupted"
         self.stop.set()
 
