@@ -8,7 +8,8 @@ Ctrl-Cs at passes 2 and 4). Unset, a fault point costs one dict lookup.
 `judge --batch` passes judge.batch_uploaded and judge.batch_created (right after each call,
 before the store records it), judge.batch_collected_file (after each file download),
 judge.batch_collect_chunk (after each chunk of judgments is written) and judge.batch_poll
-(before each wait for live batches).
+(before each wait for live batches). The in-process judge passes judge.hf_step (after each
+decode step) and judge.hf_generated (after a batch's replies are decoded, before their verdicts).
 """
 
 import os
