@@ -336,8 +336,10 @@ def test_a_word_that_looks_like_sql_is_stored_as_a_word(tmp_path: Path) -> None:
         assert conn.execute("SELECT name FROM sweeps").fetchall() == [(HOSTILE,)]
     assert len(keys) == 8  # one key per experiment at one layer, and their 4 baselines; 1 sample
     assert (HOSTILE_2, HOSTILE) in keys and (HOSTILE, "") in keys
+    # the experiments' folders (named by the config, not the hostile words) and the folder's
+    # owner marker; nothing named after a word
     assert sorted(p.name for p in Path("out").iterdir()) == sorted(
-        ["failure_to_success", "success_to_failure", "steered_to_unsteered",
+        [".patchdb-report", "failure_to_success", "success_to_failure", "steered_to_unsteered",
          "unsteered_to_steered"])
 
 
