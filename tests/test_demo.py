@@ -34,8 +34,12 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 13
     assert db.execute("SELECT patch_layer, count(*) FROM rollouts GROUP BY 1 ORDER BY 1"
                       ).fetchall() == [(-2, 2), (-1, 3), (20, 8)]
-    # one first-token readout per unit (each has one sample here)
-    assert db.execute("SELECT count(*) FROM readouts").fetchone()[0] == 13
+    # one first-token readout per unit (each has one sample here), and the 20 unrelated
+    # questions at each of the 13 units and at the no-injection arm of the three experiments
+    # whose baselines do not hold it
+    assert db.execute("SELECT count(*) FROM readouts WHERE question = ''").fetchone()[0] == 13
+    assert db.execute("SELECT count(*) FROM readouts").fetchone()[0] == 13 + 20 * (13 + 3)
+    assert db.execute("SELECT count(*) FROM yes_bias").fetchone()[0] == 13 + 3
     # Every rollout has its coherence judgment and its experiment's detection judgment.
     per_rollout = db.execute(
         "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "
