@@ -189,3 +189,15 @@ def test_rate_axis_shows_zero_and_one_with_a_margin(db: Path, tmp_path: Path) ->
     # --net draws rate minus the false-positive rate 2/10: the axis is [-0.2, 0.8] with margin
     low, high = sweep_figure(rates, "t", net=True).axes[0].get_ylim()
     assert -0.3 < low < -0.2 and 0.8 < high < 0.9
+
+
+def test_the_corrected_legend_fits_in_the_figure(db: Path, tmp_path: Path) -> None:
+    """The band's method is a long legend entry: it must be wrapped, not cut off at the edge."""
+    rates = _rates(db, "gappy", tmp_path)["failure_to_success"]
+    bands = [[Band(0.5, 0.3, 0.7) for _ in rates.layers] for _ in rates.groups]
+    method = "PPI++, bootstrap over words and labels (2,000 draws), Wilson-t"
+    fig = corrected_figure(rates, bands, "t", method)
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    legend = fig.axes[0].get_legend()
+    box, frame = legend.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1, (box, frame)

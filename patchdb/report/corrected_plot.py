@@ -4,6 +4,7 @@ PPI++ per layer (patchdb.report.ppi) or, with `--correction rogan-gladen`, Rogan
 (patchdb.report.corrected)."""
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 from matplotlib import colormaps
@@ -25,7 +26,7 @@ from patchdb.report.corrected import (
 )
 from patchdb.report.export import inside
 from patchdb.report.layer_runs import fill_by_layer, plot_by_layer, rate_axis
-from patchdb.report.plots import PAIR_YLABEL, SINGLE_YLABEL, save_figure
+from patchdb.report.plots import LEGEND_WIDTH, PAIR_YLABEL, SINGLE_YLABEL, save_figure
 from patchdb.report.ppi import LineBands, StrataCounts, power_tuning, ppi_lines
 from patchdb.report.rates_json import Corrected
 from patchdb.store import Store
@@ -94,7 +95,7 @@ def corrected_figure(rates: ExperimentRates, bands: list[list[Band]], title: str
     handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1))
     labels.append("raw (judge as is)")
     handles.append(Patch(color="grey", alpha=0.2, linewidth=0))
-    labels.append(f"95% band: {method}")
+    labels.append(textwrap.fill(f"95% band: {method}", LEGEND_WIDTH))  # fits the margin
     ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.set_ylabel((PAIR_YLABEL if rates.pairs else SINGLE_YLABEL) + ", corrected")
     ax.set_xlabel("Patch layer")
