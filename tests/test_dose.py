@@ -131,8 +131,9 @@ def test_init_registers_the_series_once(db_path: Path) -> None:
                                                 samples=3), "--db", db_path)
     assert refused.exit_code == 1
     assert refused.output == ("Error: sweep 'd-strength2' already exists with a different "
-                              "config (samples 1 in the store, 3 in this config); choose "
-                              "another name\n")
+                              "config (samples 1 in the store, 3 in this config); it holds no "
+                              "results: remove it with `patchdb sweeps rm d-strength2` and run "
+                              "init again, or choose another name\n")
     assert file_digest(db_path) == before
 
 
