@@ -10,8 +10,13 @@ import torch
 from click.testing import CliRunner, Result
 
 if not torch.cuda.is_available():
-    # Triton kernels run in Triton's interpreter on the CPU (set before any kernel is defined).
+    # The decode-attention kernel is defined for Triton's interpreter on the CPU (the variable is
+    # read when a kernel is defined, so it is set before the import below). Only tests marked
+    # `triton` run it: interpreted, it is hundreds of times slower than the SDPA path a CPU run
+    # of patchdb takes, and every other test (and every patchdb process a test starts) runs as
+    # a user's CPU run does (_isolate clears the variable).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import patchdb.generate.triton_decode  # noqa: F401
 
 from patchdb.cli import cli
 
@@ -38,11 +43,15 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache_dir: Path) -> Iterator[None]:
-    """No test sees the user's keys, store or caches (the model cache is the session's own)."""
+def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache_dir: Path,
+             request: pytest.FixtureRequest) -> Iterator[None]:
+    """No test sees the user's keys, store or caches (the model cache is the session's own);
+    Triton's interpreter only for tests marked `triton` (see the top of this file)."""
     for var in list(os.environ):
         if var.startswith("PATCHDB_") or var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY"):
             monkeypatch.delenv(var, raising=False)
+    if request.node.get_closest_marker("triton") is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("PATCHDB_CACHE_DIR", str(shared_cache_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)

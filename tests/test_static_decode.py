@@ -10,6 +10,8 @@ from patchdb.generate import triton_decode
 from patchdb.generate.engine import Engine, TargetUnit, eos_ids
 from patchdb.generate.layers import find_layers
 
+pytestmark = pytest.mark.triton  # the kernel, interpreted on the CPU (conftest.py)
+
 
 def engines(**static: bool) -> tuple[Engine, Engine]:
     model = lively_llama(seed=4)

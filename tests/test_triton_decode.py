@@ -7,7 +7,8 @@ import torch
 from patchdb.generate import triton_decode
 from patchdb.generate.attention import cache_length, decode_attention
 
-pytestmark = pytest.mark.skipif(triton_decode.triton is None, reason="Triton is not installed")
+pytestmark = [pytest.mark.skipif(triton_decode.triton is None, reason="Triton is not installed"),
+              pytest.mark.triton]
 
 
 class Heads(torch.nn.Module):
