@@ -109,7 +109,7 @@ def verdict_by_regex(reply: str | None) -> bool | None:
     words = re.findall(r"\S+", reply)
     if words and letters(words[-1]) in ("yes", "no"):
         return letters(words[-1]) == "yes"
-    match = re.search(r"(yes|no)$", letters(reply[-10:]))
+    match = re.search(r"(yes|no)$", letters(re.sub(r"\s+\Z", "", reply)[-10:]))
     return None if match is None else match.group(1) == "yes"
 
 
