@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from patchdb.report.clusters import WordRates, t_quantile
+from patchdb.report.layer_runs import layer_runs
 
 Floats = NDArray[np.float64]
 
@@ -104,14 +105,10 @@ def paired_differences(words: WordRates) -> Floats:
 
 
 def runs(layers: tuple[int, ...] | list[int]) -> list[list[int]]:
-    """Layers split into runs of consecutive layer numbers: [20, 28] -> [[20], [28]]."""
-    out: list[list[int]] = []
-    for layer in sorted(layers):
-        if out and layer == out[-1][-1] + 1:
-            out[-1].append(layer)
-        else:
-            out.append([layer])
-    return out
+    """Layers split into runs of consecutive layer numbers: [20, 28] -> [[20], [28]] (the runs
+    the plots join: layer_runs)."""
+    ordered = sorted(layers)
+    return [[ordered[i] for i in run] for run in layer_runs(ordered)]
 
 
 def span(layers: tuple[int, ...] | list[int]) -> str:
