@@ -3,15 +3,11 @@
 (the no-injection control's false positives, or with `--against random_vector` the experiment's
 random-vector rate) per patch layer, with the 95% band of that difference and its method."""
 
-import math
-
 from patchdb.controls import RANDOM_VECTOR
 from patchdb.report.aggregate import ExperimentRates
 from patchdb.report.bands import DEFAULT_CI_METHOD, Band, legend_method, net_line_band
 from patchdb.report.baselines import require_control
-from patchdb.report.tables import control_line
-
-GAP = "-"
+from patchdb.report.tables import GAP, control_line, percent
 
 
 def net_plot_name(against: str, fmt: str) -> str:
@@ -19,10 +15,6 @@ def net_plot_name(against: str, fmt: str) -> str:
     against the random vector; the plain sweep_plot.png is left as it is."""
     suffix = f"_{RANDOM_VECTOR}" if against == RANDOM_VECTOR else ""
     return f"sweep_plot_net{suffix}.{fmt}"
-
-
-def _percent(value: float) -> str:
-    return GAP if math.isnan(value) else f"{round(100 * value)}"
 
 
 def net_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str:
@@ -46,14 +38,14 @@ def net_table(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> str
     bands: list[Band] = []
     for row in rows:
         lines.append(" ".join([f"{row.label:<{width}}",
-                               *(f"{_percent(rate - control.rate):>{cell}}"
+                               *(f"{percent(rate - control.rate):>{cell}}"
                                  for rate in row.rates)]))
         if any(row is g for g in rates.groups):
             band = net_line_band(rates, row, control, ci_method)
             bands.append(band)
             for end, values in (("lower", band.lower), ("upper", band.upper)):
                 lines.append(" ".join([f"{'  ' + end:<{width}}",
-                                       *(f"{_percent(float(v)):>{cell}}" for v in values)]))
+                                       *(f"{percent(float(v)):>{cell}}" for v in values)]))
     lines.append(f"lower, upper: the 95% band of the difference ({legend_method(bands)}; "
                  "docs/statistics.md)")
     subtracted = control_line(rates, ci_method)

@@ -17,7 +17,8 @@ from patchdb.report.bands import (
 GAP = "-"
 
 
-def _percent(value: float) -> str:
+def percent(value: float) -> str:
+    """A rate as the rate tables print it: whole percent, GAP where nothing is scored."""
     return GAP if math.isnan(value) else f"{round(100 * value)}"
 
 
@@ -35,7 +36,7 @@ def best_and_worst(line: Line, layers: list[int]) -> tuple[int | None, int | Non
 def _extreme(line: Line, layers: list[int], layer: int | None) -> str:
     if layer is None:
         return GAP
-    return f"{layer} ({_percent(line.rates[layers.index(layer)])}%)"
+    return f"{layer} ({percent(line.rates[layers.index(layer)])}%)"
 
 
 def unpatched(rates: ExperimentRates, row: Line) -> float:
@@ -56,9 +57,9 @@ def control_line(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> 
     band = control_interval(c, ci_method)
     what = ("False positives (no injection, no patch)" if rates.reference == FALSE_POSITIVES
             else "Random vector (each target word's norm, no patch; its words pooled)")
-    return (f"{what}: {_percent(c.rate)}% "
-            f"({c.successes}/{c.n_scored}; 95% band {_percent(band.lower)}-"
-            f"{_percent(band.upper)}%: {band.method})")
+    return (f"{what}: {percent(c.rate)}% "
+            f"({c.successes}/{c.n_scored}; 95% band {percent(band.lower)}-"
+            f"{percent(band.upper)}%: {band.method})")
 
 
 def row_baseline_band(rates: ExperimentRates, row: Line,
@@ -92,11 +93,11 @@ def experiment_table(rates: ExperimentRates, ci: bool = False,
     bands: list[Band] = []
     for row in rows:
         best, worst = best_and_worst(row, layers)
-        base = [f"{_percent(unpatched(rates, row)):>4} |"] if rates.baselines else []
+        base = [f"{percent(unpatched(rates, row)):>4} |"] if rates.baselines else []
         lines.append(" ".join([
             f"{row.label:<{word_width}}",
             *base,
-            *(f"{_percent(rate):>{cell}}" for rate in row.rates),
+            *(f"{percent(rate):>{cell}}" for rate in row.rates),
             f" {_extreme(row, layers, best):<10}",
             _extreme(row, layers, worst),
         ]))
@@ -108,8 +109,8 @@ def experiment_table(rates: ExperimentRates, ci: bool = False,
                 ref = getattr(base_band, end) if base_band is not None else math.nan
                 lines.append(" ".join([
                     f"{'  ' + end:<{word_width}}",
-                    *([f"{_percent(ref):>4} |"] if rates.baselines else []),
-                    *(f"{_percent(float(v)):>{cell}}" for v in values)]))
+                    *([f"{percent(ref):>4} |"] if rates.baselines else []),
+                    *(f"{percent(float(v)):>{cell}}" for v in values)]))
     if rates.baselines:
         lines.append("base: the same target condition with no patch")
     if bands:
