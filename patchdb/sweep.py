@@ -89,7 +89,7 @@ def _stop_follower(follower: subprocess.Popen[bytes]) -> None:
 def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> SweepResult:
     """Register the sweep, then generate, judge and report whatever is missing. Ctrl-C in a
     stage raises SweepInterrupted after that stage has saved what finished; no later stage runs."""
-    from patchdb.generate.stage import GenerateOptions, run_generate
+    from patchdb.generate.stage import GenerateOptions, plan_generate, run_generate
 
     store.transact(lambda s: register_sweep(s, config))
     result = SweepResult()
@@ -99,7 +99,9 @@ def run_sweep(store: Store, config: SweepConfig, options: SweepOptions) -> Sweep
         batch_size=options.batch_size, device=options.device, baselines=options.baselines,
     )
     follower = None
-    if config.judge.backend != "hf":
+    # a judge beside generate only where generate will write rollouts (a run that only fills
+    # in first-token readouts gives it nothing to judge; the judge below runs either way)
+    if config.judge.backend != "hf" and plan_generate(store, gen_options).pending:
         follower = _start_follower(store.url, config.name, options)
     try:
         result.generated = run_generate(store, gen_options, progress=options.progress)
