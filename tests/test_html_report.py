@@ -412,7 +412,8 @@ FILE_LOADED = "location.protocol === 'file:' && document.readyState === 'complet
 def browser(url: str, loaded: str = FILE_LOADED) -> Iterator[DevTools]:
     """Chromium showing `url`, driven over its DevTools port, handed over once the JavaScript
     condition `loaded` holds; killed afterwards."""
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it is removed
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([*chromium_args(profile), "--remote-debugging-port=0", url],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -522,7 +523,8 @@ def test_a_rate_cell_opens_its_rollouts_and_filters_work_in_chromium(page: Path,
 def test_a_filter_in_the_url_hash_applies_on_load(page: Path) -> None:
     layer = page.parent / "rollouts" / "steered_to_unsteered" / "layer_4.html"
     url = layer.as_uri() + "#verdict=detection:unparsed"
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it is removed
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         dom = subprocess.run([*chromium_args(profile), "--dump-dom", url], capture_output=True,
                              text=True, timeout=120, check=True).stdout
     rows = re.findall(r'<article class="rollout" data-rollout-id="(\d+)">(.*?)</article>', dom)
