@@ -186,7 +186,7 @@ def test_rollout_pages_hold_every_rollout_exactly_once(page: Path, db_path: Path
 
 
 def test_rollout_pages_on_each_backend(store_db: str, tmp_path: Path) -> None:
-    """The pages' query (a window over the rollouts, the judgments joined) on SQLite and
+    """The pages' query (each key's first samples, the judgments joined) on SQLite and
     PostgreSQL: every rollout on one page, with its verdicts."""
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
@@ -282,6 +282,36 @@ def test_rollout_pages_hold_at_most_the_cap_per_key(store: Store, tmp_path: Path
     layer = (tmp_path / "capped" / "rollouts" / "steered_to_unsteered" / "layer_4.html")
     assert ("This page holds 2 of the 4 rollouts of this experiment at this layer"
             in layer.read_text("utf-8"))
+
+
+def test_the_cap_takes_the_lowest_sample_indices_where_some_are_missing(
+        store_db: str, tmp_path: Path) -> None:
+    """A key whose samples are 9, 4, 7 and 1 (stored in that order, the rest never generated)
+    shows 1 and 4 under a cap of 2, a key with one sample shows it, on SQLite and PostgreSQL."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    assert run_cli("init", "--config", str(config), "--db", store_db).exit_code == 0
+    store = open_store(store_db)
+
+    def gaps(session: Session) -> None:
+        exp = session.scalars(select(Experiment).where(
+            Experiment.name == "steered_to_unsteered")).one()
+        for layer, word, sample in [(3, "Bread", 9), (3, "Bread", 4), (3, "Bread", 7),
+                                    (3, "Bread", 1), (3, "Trees", 5), (4, "Bread", 0),
+                                    (4, "Bread", 2), (4, "Bread", 3)]:
+            session.add(Rollout(experiment_id=exp.id, patch_layer=layer, source_word=word,
+                                target_word="", sample_index=sample, answer=f"{word} #{sample}",
+                                n_tokens=3, finish_reason="stop", seed=sample))
+
+    try:
+        store.transact(gaps)
+        path = write_html_report(store, "tiny", tmp_path / "capped", samples_per_key=2)
+    finally:
+        store.close()
+    shown = sorted((r["layer"], r["source"], r["sample"])
+                   for p in linked_pages(path) for r in embedded(p)["rollouts"])
+    assert shown == [(3, "Bread", 1), (3, "Bread", 4), (3, "Trees", 5), (4, "Bread", 0),
+                     (4, "Bread", 2)]
 
 
 def test_a_second_report_removes_pages_of_layers_gone_from_the_store(

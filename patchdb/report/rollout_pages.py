@@ -25,26 +25,36 @@ from patchdb.store import Experiment, Rollout
 PAGES_DIR = "rollouts"
 
 # The first `cap` samples (by sample index) of every key at every layer, each with the chosen
-# judge's judgments (one row per judgment). Numbering reads only the rollouts' unique index; the
+# judge's judgments (one row per judgment). Each key's cut-off (its `cap`-th lowest sample index)
+# is a short walk of the rollouts' unique index, and the rollouts up to it are a range of that
+# index: no numbering of every rollout of the sweep (a window over them took twice as long). The
 # score comes from sample_scores one rollout at a time, because joining the whole view would
 # materialise it.
 PICKED_ROLLOUTS_SQL = """
-WITH numbered AS (
-    SELECT r.id, ROW_NUMBER() OVER (PARTITION BY r.experiment_id, r.patch_layer, r.source_word,
-                                                 r.target_word ORDER BY r.sample_index) AS nth
-    FROM rollouts r
-    WHERE r.experiment_id IN (SELECT id FROM experiments WHERE sweep_id = :sweep_id)
+WITH keys AS (
+    SELECT DISTINCT experiment_id, patch_layer, source_word, target_word
+    FROM rollouts
+    WHERE experiment_id IN (SELECT id FROM experiments WHERE sweep_id = :sweep_id)
+), cut AS (
+    SELECT k.experiment_id, k.patch_layer, k.source_word, k.target_word,
+           (SELECT MAX(f.sample_index) FROM (
+                SELECT r2.sample_index FROM rollouts r2
+                WHERE r2.experiment_id = k.experiment_id AND r2.patch_layer = k.patch_layer
+                  AND r2.source_word = k.source_word AND r2.target_word = k.target_word
+                ORDER BY r2.sample_index LIMIT :cap) f) AS last_index
+    FROM keys k
 )
 SELECT r.id, e.name AS experiment, r.patch_layer, r.source_word, r.target_word, r.sample_index,
        r.answer, r.n_tokens, r.finish_reason,
        (SELECT ss.score FROM sample_scores ss
         WHERE ss.rollout_id = r.id AND ss.judge_config_id = :judge) AS score,
        j.grader, j.verdict, j.raw_reply, j.error
-FROM numbered n
-JOIN rollouts r ON r.id = n.id
+FROM cut
+JOIN rollouts r ON r.experiment_id = cut.experiment_id AND r.patch_layer = cut.patch_layer
+               AND r.source_word = cut.source_word AND r.target_word = cut.target_word
+               AND r.sample_index <= cut.last_index
 JOIN experiments e ON e.id = r.experiment_id
 LEFT JOIN judgments j ON j.rollout_id = r.id AND j.judge_config_id = :judge
-WHERE n.nth <= :cap
 ORDER BY e.id, r.patch_layer, r.source_word, r.target_word, r.sample_index, j.grader
 """
 
