@@ -229,3 +229,41 @@ def test_sweep_ends_with_the_rate_table(tmp_path: Path, db_path: Path) -> None:
     assert any(line.endswith("generate: 0 new rollouts, 4 first-token readouts") for line in lines)
     assert "  out/steered_to_unsteered/sweep_plot.png" in lines
     assert "HTML:   out/report.html" in lines
+
+
+def test_the_choice_counts_the_unpatched_baselines_too(tmp_path: Path, db_path: Path) -> None:
+    """Config #1 scores 3 patched samples and 4 baseline ones (7 in all), config #2 6 patched
+    ones: #1 has the most scored samples of the sweep, so report (whose one pass over the
+    scores also makes its rates) and status both read #1, and #1's rates are what report
+    prints. Counting only the patch layers would pick #2."""
+    ids = make_sweep(tmp_path, db_path)
+    store = open_store(str(db_path))
+
+    def baselines(s: Session) -> list[int]:
+        exp = s.query(Experiment).filter_by(name="steered_to_unsteered").one()
+        rows = [Rollout(experiment_id=exp.id, patch_layer=-1, source_word="", target_word="",
+                        sample_index=sample, answer=f"no injection {sample}")
+                for sample in range(4)]  # the no-injection control
+        s.add_all(rows)
+        s.flush()
+        return [int(r.id) for r in rows]
+
+    try:
+        unpatched = store.transact(baselines)
+    finally:
+        store.close()
+    first = {rid: (True, False) for rid in unpatched}  # 4 scored, none a success
+    first.update({ids[("Bread", 20, 0)]: (True, True), ids[("Bread", 20, 1)]: (True, True),
+                  ids[("Trees", 20, 0)]: (True, False)})
+    add_judge(db_path, "baseline-heavy", first)
+    add_judge(db_path, "openai/gpt-5-nano", {ids[k]: v for k, v in WORKING.items()})
+    why = ("judge config #1 (openai: baseline-heavy, reasoning medium, templates v1): 7 scored "
+           "samples, the most of 2 judge configs (#2 has 6; choose with --judge-config)")
+    report = run_cli("report", "--db", db_path, "--out", "out")
+    assert report.exit_code == 0, report.output
+    lines = report.output.splitlines()
+    assert lines[0] == f"Sweep choice: rates from {why}."
+    # #1 at layer 20: Bread 2 of 2, Trees 0 of 1; nothing of #1 at layer 21
+    assert [line.split("|")[1].split()[:2] for line in lines[5:8]] == [
+        ["100", "-"], ["0", "-"], ["50", "-"]]
+    assert json.loads(run_cli("status", "--db", db_path, "--json").output)["judge_choice"] == why

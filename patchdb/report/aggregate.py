@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, bindparam, text
+from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from patchdb.config import SweepConfig
@@ -25,14 +25,16 @@ __all__ = ["ExperimentRates", "JudgeChoice", "Line", "choose_judge_config",
            "describe_judge_config", "experiment_rates", "sweep_rates"]
 
 # Every rate of the sweep, for every judge config (NULL: rollouts no config has judged yet).
-# This is the one pass over the judgments; everything after it works on these few rows.
-# Patch layer -1 holds the baselines (patchdb.report.baselines reads them from their own view),
-# -2 the random-vector control (control_rates): neither is a patch layer.
+# This is the one pass over the judgments; everything after it works on these few rows: the
+# judge-config choice adds up their scored samples (every experiment and layer of the sweep, as
+# the rule counts them), the rates take the asked experiments' patch layers. Patch layer -1
+# holds the baselines (patchdb.report.baselines reads them from their own view), -2 the
+# random-vector control (control_rates): neither is a patch layer.
 RATES_SQL = """
 SELECT experiment, patch_layer, source_word, target_word, judge_config_id,
        COUNT(*) AS n, COUNT(score) AS n_scored, SUM(score) AS successes
 FROM sample_scores
-WHERE sweep = :sweep AND experiment IN :experiments AND patch_layer >= 0
+WHERE sweep = :sweep
 GROUP BY experiment, patch_layer, source_word, target_word, judge_config_id
 """
 
@@ -80,11 +82,9 @@ class ExperimentRates:
     reference: str = FALSE_POSITIVES
 
 
-def _rate_rows(session: Session, sweep: Sweep, experiment_names: list[str]) -> list[Row[Any]]:
-    return list(session.execute(
-        text(RATES_SQL).bindparams(bindparam("experiments", expanding=True)),
-        {"sweep": sweep.name, "experiments": experiment_names},
-    ))
+def _rate_rows(session: Session, sweep: Sweep) -> list[Row[Any]]:
+    """RATES_SQL's rows: every experiment and layer of the sweep."""
+    return list(session.execute(text(RATES_SQL), {"sweep": sweep.name}))
 
 
 def sweep_rates(
@@ -95,8 +95,10 @@ def sweep_rates(
     judge_config_id: int | None = None,
 ) -> tuple[JudgeChoice, list[ExperimentRates]]:
     """Choose the judge config and arrange every rate, from one pass over `sample_scores`."""
-    judge = choose_judge_config(session, sweep, judge_config_id)
-    return judge, experiment_rates(session, sweep, config, experiment_names, judge.id)
+    rows = _rate_rows(session, sweep)
+    judge = choose_judge_config(session, sweep, judge_config_id,
+                                ((row.judge_config_id, row.n_scored) for row in rows))
+    return judge, _experiment_rates(session, sweep, config, experiment_names, judge.id, rows)
 
 
 def experiment_rates(
@@ -108,8 +110,16 @@ def experiment_rates(
 ) -> list[ExperimentRates]:
     """Per experiment: the key lines, the bold group lines and why rates are missing, for one
     judge config."""
-    result = _arrange(_rate_rows(session, sweep, experiment_names), config, experiment_names,
-                      judge_config_id)
+    return _experiment_rates(session, sweep, config, experiment_names, judge_config_id,
+                             _rate_rows(session, sweep))
+
+
+def _experiment_rates(session: Session, sweep: Sweep, config: SweepConfig,
+                      experiment_names: list[str], judge_config_id: int | None,
+                      rows: list[Row[Any]]) -> list[ExperimentRates]:
+    asked = set(experiment_names)
+    result = _arrange([row for row in rows if row.experiment in asked and row.patch_layer >= 0],
+                      config, experiment_names, judge_config_id)
     reasons = missing_reasons(session, sweep, config, experiment_names, judge_config_id)
     baselines = read_baselines(session, sweep.name, judge_config_id)
     for rates in result:

@@ -7,6 +7,7 @@ replies and errors count for nothing, so a broken judge run with many rows never
 working one. `--judge-config` overrides the rule.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, text
@@ -55,8 +56,11 @@ def describe_judge_config(config: JudgeConfig) -> str:
             f"reasoning {config.reasoning}, templates {config.template_version})")
 
 
-def scored_per_config(session: Session, sweep: Sweep) -> dict[int, int]:
-    """Scored samples per judge config that has any judgment of the sweep (0 where none parsed)."""
+def scored_per_config(session: Session, sweep: Sweep,
+                      counted: Iterable[tuple[int | None, int]] | None = None) -> dict[int, int]:
+    """Scored samples per judge config that has any judgment of the sweep (0 where none parsed).
+    `counted`: (judge config id, scored samples) rows the caller already counted over the whole
+    sweep's `sample_scores`, added up per config instead of counting again (the report's pass)."""
     judged = session.scalars(
         select(Judgment.judge_config_id).distinct()
         .join(Rollout, Rollout.id == Judgment.rollout_id)
@@ -64,14 +68,19 @@ def scored_per_config(session: Session, sweep: Sweep) -> dict[int, int]:
         .where(Experiment.sweep_id == sweep.id)
     )
     counts = {int(cid): 0 for cid in judged}
-    for cid, scored in session.execute(text(SCORED_SQL), {"sweep": sweep.name}):
-        counts[int(cid)] = int(scored)
+    rows = (session.execute(text(SCORED_SQL), {"sweep": sweep.name}) if counted is None
+            else counted)
+    for cid, scored in rows:
+        if cid is not None:
+            counts[int(cid)] = counts.get(int(cid), 0) + int(scored)
     return counts
 
 
-def choose_judge_config(session: Session, sweep: Sweep, requested: int | None) -> JudgeChoice:
-    """The requested judge config, else the one with the most scored samples (newest on ties)."""
-    scored = scored_per_config(session, sweep)
+def choose_judge_config(session: Session, sweep: Sweep, requested: int | None,
+                        counted: Iterable[tuple[int | None, int]] | None = None) -> JudgeChoice:
+    """The requested judge config, else the one with the most scored samples (newest on ties);
+    `counted` as scored_per_config takes it."""
+    scored = scored_per_config(session, sweep, counted)
     if requested is not None and requested not in scored:
         raise UnknownNameError(
             f"judge config {requested} has no judgments in sweep {sweep.name!r} "
