@@ -93,28 +93,30 @@ def browser_rollouts(
     """At most `cap` rollouts per key and layer, each with its verdicts and judge replies."""
     params = {"sweep_id": sweep_id, "judge": judge_id, "cap": cap}
     rows: dict[int, dict[str, Any]] = {}
-    for r in session.execute(text(PICKED_ROLLOUTS_SQL), params):
-        row = rows.get(r.id)
+    # rows unpacked by position, all fetched at once: attribute lookups on each Row, fetched
+    # one at a time, were most of this loop
+    for (rid, experiment, layer, source, target, sample, answer, n_tokens, finish_reason, score,
+         grader, verdict, reply, error) in session.execute(text(PICKED_ROLLOUTS_SQL),
+                                                          params).all():
+        row = rows.get(rid)
         if row is None:
-            row = rows[r.id] = {
-                "id": r.id,
-                "experiment": r.experiment,
-                "layer": r.patch_layer,
-                "key": key_label(at_layer(EXPERIMENTS[r.experiment], r.patch_layer),
-                                 r.source_word, r.target_word),
-                "source": r.source_word,
-                "target": r.target_word,
-                "sample": r.sample_index,
-                "answer": r.answer,
-                "n_tokens": r.n_tokens,
-                "finish_reason": r.finish_reason,
-                "score": None if r.score is None else int(r.score),
+            row = rows[rid] = {
+                "id": rid,
+                "experiment": experiment,
+                "layer": layer,
+                "key": key_label(at_layer(EXPERIMENTS[experiment], layer), source, target),
+                "source": source,
+                "target": target,
+                "sample": sample,
+                "answer": answer,
+                "n_tokens": n_tokens,
+                "finish_reason": finish_reason,
+                "score": None if score is None else int(score),
                 "judgments": {},
             }
-        if r.grader is not None:
-            verdict = None if r.verdict is None else bool(r.verdict)
-            row["judgments"][r.grader] = {"verdict": verdict, "reply": r.raw_reply,
-                                          "error": r.error}
+        if grader is not None:
+            row["judgments"][grader] = {"verdict": None if verdict is None else bool(verdict),
+                                        "reply": reply, "error": error}
     return list(rows.values())
 
 
