@@ -326,15 +326,23 @@ experiments = ["failure_to_success"]
 def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: str,
               batch_size: int | None, workdir: Path, compile_decode: bool | None = False,
               share_prefix: bool = True, stop_at: Any = None,
-              shrink_rows: bool = True, words: list[str] | None = None) -> dict[str, Any]:
+              shrink_rows: bool = True, words: list[str] | None = None,
+              refill: bool = True) -> dict[str, Any]:
     """One run of the generate stage on a fresh store; compile_decode None: the stage's own
     choice. `stop_at` (seeds -> answer lengths) forces EOS at those lengths; `shrink_rows` off:
-    finished rows stay in the step. Per-batch times are kept to tell set-up from the steady rate."""
+    finished rows stay in the step (fixed batches); `refill` off: fixed batches instead of
+    continuous batching. Per-batch times (fixed batches) or the time spent compiling and
+    capturing graphs (continuous batching) tell set-up from the steady rate."""
     import dataclasses
     import functools
 
     import patchdb.generate.engine as engine_mod
+    import patchdb.generate.graphed as graphed_mod
     import patchdb.generate.stage as stage_mod
+    try:
+        import patchdb.generate.refill as refill_mod
+    except ImportError:  # a checkout from before continuous batching
+        refill_mod = None
     from patchdb.config import config_from_dict
     from patchdb.generate.loading import LoadedModel
     from patchdb.store import open_store
@@ -353,10 +361,23 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     stage_mod.eos_ids = lambda *a, **k: [STOP_TOKEN] if stop_at is not None else []
     choose = engine_mod.choose_tokens
     if stop_at is not None:
-        def forced(logits: torch.Tensor, seeds: torch.Tensor, step: int, how: Any) -> torch.Tensor:
-            drawn = choose(logits, seeds, step, how)
+        def forced(logits: torch.Tensor, seeds: torch.Tensor, step: Any, how: Any) -> torch.Tensor:
+            drawn = choose(logits, seeds, step, how)  # step: one int, or one per row (refill)
             return torch.where(stop_at(seeds) == step, STOP_TOKEN, drawn)
         engine_mod.choose_tokens = forced
+        if refill_mod is not None:
+            refill_mod.choose_tokens = forced  # type: ignore[assignment]
+    capture = graphed_mod.GraphedDecoder._capture
+    captured: list[float] = []
+
+    def timed_capture(self: Any, rows: Any) -> None:
+        sync(device)
+        t0 = time.perf_counter()
+        capture(self, rows)
+        sync(device)
+        captured.append(time.perf_counter() - t0)
+
+    graphed_mod.GraphedDecoder._capture = timed_capture  # type: ignore[method-assign]
     engine_cls = engine_mod.Engine
     stage_mod.Engine = functools.partial(engine_cls, shrink_rows=shrink_rows)  # type: ignore[misc]
     generate = engine_cls.generate
@@ -371,8 +392,25 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         return out
 
     engine_cls.generate = timed  # type: ignore[method-assign]
+    run_s = [0.0]
+    stats: list[dict[str, int]] = []
+    stream = refill_mod.Refill.run if refill_mod is not None else None
+    if refill_mod is not None:
+
+        def timed_run(self: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                stream(self)
+            finally:
+                sync(device)
+                run_s[0] += time.perf_counter() - t0
+                stats.append({"refills": self.refills, "rows": self.decoder.rows})
+
+        refill_mod.Refill.run = timed_run  # type: ignore[method-assign]
     extra = {"baselines": False} if "baselines" in {
         f.name for f in dataclasses.fields(stage_mod.GenerateOptions)} else {}
+    if "refill" in {f.name for f in dataclasses.fields(stage_mod.GenerateOptions)}:
+        extra["refill"] = refill
     options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode,
                                         share_prefix=share_prefix, words=words, **extra)
     sync(device)
@@ -384,8 +422,13 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         result = stage_mod.run_generate(store, options, progress=False, load=lambda *a, **k: loaded)
     finally:
         engine_mod.choose_tokens = choose
+        if refill_mod is not None:
+            refill_mod.choose_tokens = choose  # type: ignore[assignment]
         stage_mod.Engine = engine_cls  # type: ignore[misc]
         engine_cls.generate = generate  # type: ignore[method-assign]
+        graphed_mod.GraphedDecoder._capture = capture  # type: ignore[method-assign]
+        if refill_mod is not None:
+            refill_mod.Refill.run = stream  # type: ignore[method-assign]
     sync(device)
     wall = time.perf_counter() - t
     with store.read() as s:
@@ -393,17 +436,24 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
 
         from patchdb.store import Rollout
         n_rows = s.scalar(select(func.count()).select_from(Rollout))
+        answers = {(r.experiment_id, r.patch_layer, r.source_word, r.target_word, r.sample_index):
+                   (r.answer, r.n_tokens, r.finish_reason) for r in s.scalars(select(Rollout))}
     cuda = device.startswith("cuda")
     times = sorted(b[0] for b in batches)
-    # Set-up: vectors, source runs, compiling and capturing, less what a plain batch takes.
-    setup = wall - sum(b[0] for b in batches) + (batches[0][0] - times[len(times) // 2]
-                                                  if len(batches) > 1 else 0.0)
+    if batches:
+        # Set-up: vectors, source runs, compiling and capturing, less what a plain batch takes.
+        setup = wall - sum(b[0] for b in batches) + (batches[0][0] - times[len(times) // 2]
+                                                      if len(batches) > 1 else 0.0)
+    else:  # continuous batching: everything but the decode loop, plus compiling and capturing
+        setup = wall - run_s[0] + sum(captured)
     return {"wall_s": wall, "tokens": result.tokens, "rollouts": n_rows,
             "batch_size": result.batch_size, "units": result.units_written,
             "tok_s": result.tokens / wall, "setup_s": setup,
             "tok_s_steady": result.tokens / max(wall - setup, 1e-9),
             "batches": [round(b[0], 3) for b in batches], "batch_rows": [b[1] for b in batches],
             "compile": compile_decode, "shrink_rows": shrink_rows, "early_stop": stop_at is not None,
+            "refill": bool(refill and not batches), "refill_stats": stats, "capture_s": sum(captured),
+            "_answers": answers,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0,
             "card_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else 0}
@@ -549,12 +599,15 @@ max_new_tokens = {new_tokens}
     return text, steer, steer + 2
 
 
-FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, shrink rows)
-    "defaults": (None, False, True),
-    "compile-off": (False, False, True),
-    "compile-on": (True, False, True),
-    "stop-shrink": (True, True, True),
-    "stop-keep": (True, True, False),
+FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, shrink rows,
+    #                         continuous batching)
+    "defaults": (None, False, True, True),
+    "compile-off": (False, False, True, True),
+    "compile-on": (True, False, True, True),
+    "fixed": (None, False, True, False),
+    "stop-refill": (True, True, True, True),
+    "stop-shrink": (True, True, True, False),
+    "stop-keep": (True, True, False, False),
 }
 
 
@@ -586,13 +639,15 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                                          "wall_s": wall, "tok_s": tokens / wall}
         args.out.write_text(json.dumps(results, indent=2))
     runs: dict[str, Any] = {}
+    answers: dict[str, dict[Any, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
-            compile_decode, stop, shrink = FULL_LAYER_RUNS[name]
+            compile_decode, stop, shrink, refill = FULL_LAYER_RUNS[name]
             stop_at = answer_lengths(args.new_tokens) if stop else None
             r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device, args.batch_size,
                           Path(tmp), compile_decode, True, stop_at, shrink,
-                          args.stop_words if stop else None)
+                          args.stop_words if stop else None, refill)
+            answers[name] = r.pop("_answers")
             runs[name] = r
             print(f"[{name}] {r['rollouts']} rollouts, {r['tokens']} tokens in {r['wall_s']:.1f} s: "
                   f"{r['tok_s']:.0f} tok/s ({r['tok_s_steady']:.0f} after {r['setup_s']:.1f} s set-up) "
@@ -600,8 +655,24 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                   f"{r['card_gib']:.1f} GiB; batches {r['batches']}", flush=True)
             results["full_layer"]["runs"] = runs
             args.out.write_text(json.dumps(results, indent=2))
+    results["full_layer"]["differing_rows"] = differing_rows(answers)
     summarize_full_layer(results, model, flops)
     args.out.write_text(json.dumps(results, indent=2))
+
+
+def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
+    """Rollouts that differ, key by key, between runs of the same work that batch rows
+    differently (continuous batching against fixed batches). In bf16 they may differ where two
+    tokens are near-tied, as the step's kernels round differently at other row counts."""
+    out: dict[str, Any] = {}
+    for a, b in (("stop-refill", "stop-shrink"), ("stop-refill", "stop-keep"),
+                 ("defaults", "fixed"), ("stop-shrink", "stop-keep")):
+        if a in answers and b in answers:
+            keys = answers[a].keys() & answers[b].keys()
+            differ = sum(answers[a][k] != answers[b][k] for k in keys)
+            out[f"{a} vs {b}"] = {"rows": len(keys), "differ": differ}
+            print(f"{a} vs {b}: {differ} of {len(keys)} rollouts differ", flush=True)
+    return out
 
 
 def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> None:
@@ -626,6 +697,12 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
               f"{r['tok_s_steady']:.0f} | {r['setup_s']:.1f} | {r['projected_full_sweep_min']:.1f} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
+    for stopped in ("stop-refill", "stop-shrink", "stop-keep"):
+        if stopped in runs and "defaults" in runs:
+            ratio = runs[stopped]["tok_s_steady"] / runs["defaults"]["tok_s_steady"]
+            runs[stopped]["of_uniform_rate"] = ratio
+            print(f"{stopped}: useful steady tok/s {ratio:.0%} of the uniform-length rate "
+                  f"(defaults, {runs['defaults']['batch_size']} rows)")
     if loop:
         out["loop_full_sweep_h"] = full_tokens / loop["tok_s"] / 3600
         print(f"| per-key loop ({loop['units']} units) | 64 | {loop['units'] * 64} | "
@@ -658,10 +735,10 @@ def main() -> None:
                         help="only time the sampler (no model is built)")
     parser.add_argument("--full-layer", action="store_true",
                         help="the headline run: the default sweep's units on one patch layer")
-    parser.add_argument("--runs", default="compile-off,defaults,stop-shrink,stop-keep",
+    parser.add_argument("--runs", default="defaults,stop-refill,stop-shrink,compile-off",
                         help=f"--full-layer runs, in order, from {', '.join(FULL_LAYER_RUNS)}")
-    parser.add_argument("--stop-words", nargs="+", default=["Bread", "Dust"],
-                        help="the early-stop runs' words (fewer units than a full layer)")
+    parser.add_argument("--stop-words", nargs="*", default=None,
+                        help="the early-stop runs' words (default: all, the full layer)")
     parser.add_argument("--reference-units", type=int, default=3,
                         help="--full-layer: units of the per-key loop to time (0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))

@@ -363,10 +363,20 @@ def test_answers_that_end_early_are_written_through_the_static_decoder(
     static = functools.partial(Recording, graph_replay=False, fast_attention=False)
     monkeypatch.setattr(stage, "Engine", static)
     static_db = init_store(tmp_path, model_dir, "static.sqlite", **overrides)
-    result = run_cli("generate", "--db", static_db, "--quiet")
+    result = run_cli("generate", "--db", static_db, "--quiet", "--no-refill")
     assert result.exit_code == 0, result.output
     assert last_rows and last_rows[-1] < ALL_ROLLOUTS  # the last steps ran at fewer rows
     want = rollouts(eager_db)
     assert rollouts(static_db) == want and len(want) == ALL_ROLLOUTS
+    # Continuous batching (the default on the static decoder): 12 rows a step, refilled as
+    # answers end, every unit written as it finishes; the same rollouts.
+    last_rows.clear()
+    streamed_db = init_store(tmp_path, model_dir, "streamed.sqlite", **overrides)
+    result = run_cli("generate", "--db", streamed_db, "--quiet", "--batch-size", "12")
+    assert result.exit_code == 0, result.output
+    assert not last_rows, "the fixed-batch path ran instead of continuous batching"
+    assert rollouts(streamed_db) == want
+    readouts = "SELECT COUNT(*) FROM readouts"
+    assert query(streamed_db, readouts) == query(eager_db, readouts) != [(0,)]
     ends = {n for _answer, n, reason, _seed in want.values() if reason == "stop"}
     assert len(ends) >= 2 and max(ends) < 8, "answers must end early, at different lengths"

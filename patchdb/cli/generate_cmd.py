@@ -72,6 +72,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="On GPUs, torch.compile the decoder layers before capturing the decode step: "
                    "about 1.25x faster steps for seconds of compiling (H200, Gemma-3-27B "
                    "shape). Default: on when at least 300,000 decode tokens are pending.")
+@click.option("--refill/--no-refill", default=True, show_default=True, envvar="PATCHDB_REFILL",
+              help="On GPUs, a row whose answer ends takes the next sample at once (continuous "
+                   "batching), so the step keeps its full batch while answers end at different "
+                   "lengths; --no-refill decodes fixed batches. Answers are the same either way.")
 @click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
               help="Skip the baselines (each target condition generated with no patch; the "
                    "unsteered one is the no-injection control).")
@@ -97,6 +101,7 @@ def generate(
     gpus_per_model: int,
     share_prefix: bool,
     compile_: bool | None,
+    refill: bool,
     no_baselines: bool,
     readout_only: bool,
     quiet: bool,
@@ -105,7 +110,8 @@ def generate(
 
     Each unit (one key at one patch layer, all its samples) is committed in one transaction,
     so a crash loses at most the units in flight and running again fills exactly what is
-    missing. Ctrl-C stops after the current batch (exit 130); a second Ctrl-C stops now.
+    missing. Ctrl-C starts no new unit and stops once those in progress are written (exit 130);
+    a second Ctrl-C stops now.
 
     \b
     Example:
@@ -139,6 +145,7 @@ def generate(
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         shard=shard, model=model, compile=compile_, gpus_per_model=gpus_per_model,
         share_prefix=share_prefix, baselines=not no_baselines, readout_only=readout_only,
+        refill=refill,
     )
     options = rank_options(options)
     from patchdb.store import open_store  # here, not above: --help stays fast

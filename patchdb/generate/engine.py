@@ -182,6 +182,20 @@ class Engine:
         cache shared, so each row computes only the positions from the injection start on."""
         if self.injection_start == 0 or self.spans_devices:
             return self.prefill_logits(units)
+        return self.prefill_from_prefix(units)[0]
+
+    @torch.inference_mode()
+    def prefill_from_prefix(self, units: list[TargetUnit]) -> tuple[torch.Tensor, DynamicCache]:
+        """The prefill of `units` (last-position logits [units, vocab] in float32, and the KV
+        cache over the whole prompt) with the prompt before the injection start run once for
+        all units and copied: each row computes only the positions from the injection start
+        on. The same as the full prefill, to float rounding."""
+        if self.injection_start == 0 or self.spans_devices:
+            steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
+            with steering(self.layer_map, self.steer_layer, steer_state):
+                logits, full = self._prefill(units)
+            assert full is not None
+            return logits, full
         if self._prefix_cache is None:
             ids = torch.tensor([self.prompt_ids[: self.injection_start]], device=self.device)
             self._prefix_cache = DynamicCache(config=self.model.config)
@@ -195,7 +209,7 @@ class Engine:
         with steering(self.layer_map, self.steer_layer, steer_state), patching(
             self.layer_map, Patch(layers, values, 0)  # positions counted from the suffix
         ):
-            return self._forward(ids.expand(len(units), -1), cache, last_only=True)
+            return self._forward(ids.expand(len(units), -1), cache, last_only=True), cache
 
     def _patch_rows(self, units: list[TargetUnit]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's patch layer (-1: none) and source values over injection_start..end."""
@@ -335,7 +349,9 @@ class Engine:
                 decoder.keep_rows(keep)
                 active, seeds, next_tokens = active[keep], seeds[keep], next_tokens[keep]
                 done = done[keep]
-            logits = decoder.step(next_tokens, step)
+            if step:
+                decoder.advance()
+            logits = decoder.step(next_tokens)
         return tokens
 
     def _decode(

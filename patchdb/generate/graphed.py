@@ -6,34 +6,37 @@ allocated once for `rows` rows and prompt + new tokens, the decode step (one tok
 the steering hook active) is captured once in a CUDA graph, and each step is a replay.
 
 Nothing inside the graph depends on Python state that changes between steps: token ids,
-positions and the attention mask live in static tensors updated in place before each replay,
-the steering vectors are a static buffer, and the cache's own length counter is a tensor. Patching
+positions, each row's cache slot and length and the attention mask live in static tensors
+updated in place before each replay, and the steering vectors are a static buffer. Patching
 never runs here: it touches the prefill only.
 
-Rows that finish stop costing work: once the rows still decoding fit a smaller row count (half,
-a quarter, an eighth), they are copied to the front of the buffers and the step replays a graph
-captured at that count. A row's tokens do not depend on the rows beside it, so this changes no
+Every row keeps its own count of tokens drawn, so rows need not be at the same step: a row
+that finishes can take a new sample (`admit`, continuous batching: refill.py) while the others
+go on. Row r's new key and value go to its own slot (its prompt's slots, then one per token
+drawn), and attention reads each row's own length. Rows that finish with nothing left to take
+stop costing work: once the rows still decoding fit a smaller row count (half, a quarter, an
+eighth), they are copied to the front of the buffers and the step replays a graph captured at
+that count. A row's tokens do not depend on the rows beside it, so none of this changes an
 answer.
 """
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, DynamicCache, StaticCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache, StaticCache
 
 from patchdb.generate.attention import (
     Prefixes,
     cache_length,
-    decode_attention,
     decode_attention_for,
     shared_prefix,
     uses_sdpa,
 )
+from patchdb.generate.compiled import compiled_layers, update_in_attention
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
 
@@ -64,88 +67,46 @@ def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda
     return all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in layers)
 
 
-@contextmanager
-def compiled_layers(layer_map: LayerMap) -> Iterator[None]:
-    """Run each decoder layer's forward through torch.compile while the block runs (hooks on
-    the layer stay outside the compiled code). Identical layers share one compiled program."""
-    import torch._dynamo
-
-    limit = torch._dynamo.config.cache_size_limit
-    torch._dynamo.config.cache_size_limit = max(limit, 4 * len(layer_map.layers))
-    layers: list[Any] = list(layer_map.layers)
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=None)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-        torch._dynamo.config.cache_size_limit = limit
-
-
-
-
 def row_buckets(rows: int) -> list[int]:
     """The row counts a decoder shrinks to as its rows finish, largest first: all of them,
     then halves down to an eighth (each its own graph, captured the first time it is needed)."""
     return sorted({-(-rows // d) for d in (1, 2, 4, 8)}, reverse=True)
 
 
-def _pass_through(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return key_states, value_states
+class _RowWrites:
+    """`cache.update` for a step whose rows sit at different lengths: row r's new key and value
+    (one token) go to its own slot, slots[r], of every layer's static cache."""
 
+    def __init__(self, cache: Any, slots: torch.Tensor) -> None:
+        self.cache = cache
+        self.slots = slots
 
-_UPDATE: list[Any] = [None]  # the real cache update while update_in_attention runs
-
-
-@torch.compiler.disable
-def _update_then_attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                        value: torch.Tensor, attention_mask: torch.Tensor | None,
-                        **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """A layer's cache update, run here outside compiled code, then patchdb's decode attention."""
-    keys, values = _UPDATE[0](key, value, int(getattr(module, "layer_idx", 0)))
-    return decode_attention(module, query, keys, values, attention_mask, **kwargs)
-
-
-DEFERRED = "patchdb_decode_update_in_attention"
-AttentionInterface.register(DEFERRED, _update_then_attend)
-AttentionMaskInterface.register(DEFERRED, sdpa_mask)
-
-
-@contextmanager
-def update_in_attention(model: Any, cache: Any) -> Iterator[None]:
-    """While the block runs, a layer's call to `cache.update` hands back its inputs and the
-    attention updates the cache instead (use inside decode_attention_for). The update is the one
-    step that reads the layer's index, so a compiled layer that ran it was specialised to one
-    layer: a recompile per decoder layer (40-60 s for a 62-layer model). Without it every layer
-    of one kind runs the same compiled program."""
-    config = model.config
-    current = config._attn_implementation
-    previous = _UPDATE[0]
-    _UPDATE[0] = cache.update
-    cache.update = _pass_through
-    config._attn_implementation = DEFERRED
-    try:
-        yield
-    finally:
-        config._attn_implementation = current
-        del cache.update  # the class's own method again
-        _UPDATE[0] = previous
+    def __call__(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.cache.layers[layer_idx]
+        at = self.slots.view(-1, 1, 1, 1)
+        layer.keys.scatter_(2, at.expand(-1, key_states.shape[1], 1, key_states.shape[3]),
+                            key_states)
+        layer.values.scatter_(2, at.expand(-1, value_states.shape[1], 1, value_states.shape[3]),
+                              value_states)
+        return layer.keys, layer.values
 
 
 class _Rows:
     """The decoder's buffers cut to their first `rows` rows (views of the full-size ones), and
     the CUDA graph of a step at that row count, captured on first use."""
 
-    def __init__(self, rows: int, cache: Any, tokens: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, steer: Steering) -> None:
+    def __init__(self, rows: int, cache: Any, owner: "GraphedDecoder") -> None:
         self.rows = rows
         self.cache = cache
-        self.tokens = tokens[:rows]
-        self.positions = positions[:rows]
-        self.mask = mask[:rows]
-        self.steer = Steering(steer.vectors[:rows], steer.start)
+        self.tokens = owner.tokens[:rows]
+        self.positions = owner.positions[:rows]
+        self.mask = owner.mask[:rows]
+        self.lengths = owner.lengths[:rows]
+        self.slots = owner.slots[:rows]
+        self.drawn = owner.drawn[:rows]
+        self.steer = Steering(owner.steer.vectors[:rows], owner.steer.start)
+        cache.update = _RowWrites(cache, self.slots)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -188,7 +149,11 @@ class GraphedDecoder:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(rows, 1, 1, own, dtype=torch.bool, device=self.device)
-        self.length = torch.zeros((), dtype=torch.int32, device=self.device)  # valid cache length
+        # Per row: tokens drawn so far (the one fed to the next step included), the cache slot
+        # that step writes, and the cache length attention reads (always at least 1).
+        self.drawn = torch.ones(rows, dtype=torch.long, device=self.device)
+        self.slots = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.lengths = torch.ones(rows, dtype=torch.int32, device=self.device)
         self.sizes = row_buckets(rows) if shrink else [rows]
         self._by_rows: dict[int, _Rows] = {}
         self.current = self._rows(rows)
@@ -210,12 +175,13 @@ class GraphedDecoder:
         return self.prompt_len - self.prefix_len
 
     def _rows(self, rows: int) -> _Rows:
-        """The buffers for the first `rows` rows; a cut cache shares the full one's storage and
-        length counters (its layers are copies whose tensors are views)."""
+        """The buffers for the first `rows` rows; a cut cache shares the full one's storage
+        (its layers are copies whose tensors are views)."""
         if rows not in self._by_rows:
             cache = self.cache
             if rows != self.rows:
                 cache = copy.copy(self.cache)
+                vars(cache).pop("update", None)  # the full cache's row writes: not ours
                 layers: list[Any] = []
                 full_layers: list[Any] = list(self.cache.layers)  # transformers' layers, untyped
                 for full in full_layers:
@@ -225,24 +191,57 @@ class GraphedDecoder:
                         layer.batch_size = rows
                     layers.append(layer)
                 cache.layers = layers
-            self._by_rows[rows] = _Rows(rows, cache, self.tokens, self.positions, self.mask,
-                                        self.steer)
+            self._by_rows[rows] = _Rows(rows, cache, self)
         return self._by_rows[rows]
 
     def _forward(self, rows: _Rows) -> Any:
         return self.model(input_ids=rows.tokens, position_ids=rows.positions,
                           attention_mask=rows.mask, use_cache=True, **{self.cache_kw: rows.cache})
 
-    def _set_length(self, length: int) -> None:
-        for rows in self._by_rows.values():
-            layers: list[Any] = list(rows.cache.layers)  # transformers' cache layers, untyped
-            for layer in layers:
-                layer.cumulative_length.fill_(length)
-                if hasattr(layer, "cumulative_length_int"):
-                    layer.cumulative_length_int = length
-
     def _smallest_fitting(self, n: int) -> int:
         return min(size for size in self.sizes if size >= n)
+
+    def admit(self, rows: torch.Tensor, prompt_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              units: torch.Tensor, vectors: torch.Tensor, prompt_len: int) -> None:
+        """Start new samples in rows `rows` (indexes into the full buffers): row rows[i] takes
+        unit units[i]'s prompt KV (`prompt_kv`: per layer, keys and values over the prompt
+        positions after the shared prefix, one row per unit) and steering vector vectors[i],
+        with one token drawn (from the prefill's logits, by the caller) and none fed yet."""
+        self.prompt_len = prompt_len
+        own = self.prompt_slots
+        layers: list[Any] = list(self.cache.layers)  # transformers' layers, untyped
+        for static_layer, (keys, values) in zip(layers, prompt_kv, strict=True):
+            if keys.shape[2] != own:
+                raise ValueError(f"prompt KV over {keys.shape[2]} positions, expected {own}")
+            if not static_layer.is_initialized:  # sized from these, for all rows
+                # (cut caches are made after this: their layers are views of these tensors)
+                assert list(self._by_rows) == [self.rows]
+                static_layer.lazy_initialization(keys[:1].expand(self.rows, -1, -1, -1),
+                                                 values[:1].expand(self.rows, -1, -1, -1))
+            static_layer.keys[:, :, :own].index_copy_(0, rows, keys.index_select(0, units))
+            static_layer.values[:, :, :own].index_copy_(0, rows, values.index_select(0, units))
+        self.steer.vectors.index_copy_(0, rows, vectors)
+        self.mask.index_fill_(0, rows, False)
+        self.mask[..., :own].index_fill_(0, rows, True)
+        self.drawn.index_fill_(0, rows, 1)
+
+    def set_prefix(self, prefill: DynamicCache) -> None:
+        """Keep the shared prefix's keys and values once (from any unit's prefill: every unit
+        has this prefix, for nothing is steered or patched before the injection start)."""
+        shared = self.prefix_len
+        if not shared or self.prefixes:
+            return
+        layers: list[Any] = list(prefill.layers)
+        for index, dyn_layer in enumerate(layers):
+            self.prefixes[index] = (dyn_layer.keys[0, :, :shared].clone(),
+                                    dyn_layer.values[0, :, :shared].clone())
+
+    def prompt_kv(self, prefill: DynamicCache,
+                  prompt_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, a prefill's keys and values over the prompt after the shared prefix."""
+        layers: list[Any] = list(prefill.layers)
+        return [(layer.keys[:, :, self.prefix_len:prompt_len],
+                 layer.values[:, :, self.prefix_len:prompt_len]) for layer in layers]
 
     def load(self, prefill: DynamicCache, expand: torch.Tensor, vectors: torch.Tensor,
              prompt_len: int) -> None:
@@ -251,27 +250,19 @@ class GraphedDecoder:
         n = expand.shape[0]
         if n > self.rows:
             raise ValueError(f"{n} rows do not fit a decoder of {self.rows}")
-        self.prompt_len = prompt_len
-        shared, own = self.prefix_len, self.prompt_slots
-        pairs: list[tuple[Any, Any]] = list(zip(self.cache.layers, prefill.layers, strict=True))
-        for index, (static_layer, dyn_layer) in enumerate(pairs):
-            keys = dyn_layer.keys[:, :, shared:prompt_len].index_select(0, expand)
-            values = dyn_layer.values[:, :, shared:prompt_len].index_select(0, expand)
-            if not static_layer.is_initialized:  # sized from these, for all rows
-                static_layer.lazy_initialization(keys[:1].expand(self.rows, -1, -1, -1),
-                                                 values[:1].expand(self.rows, -1, -1, -1))
-            static_layer.keys[:n, :, :own].copy_(keys)
-            static_layer.values[:n, :, :own].copy_(values)
-            if shared and index not in self.prefixes:
-                # Every unit of every batch has this prefix (one prompt, nothing steered or
-                # patched before the injection start): keep the first unit's, once.
-                self.prefixes[index] = (dyn_layer.keys[0, :, :shared].clone(),
-                                        dyn_layer.values[0, :, :shared].clone())
+        self.set_prefix(prefill)
+        rows = torch.arange(n, device=self.device)
+        self.admit(rows, self.prompt_kv(prefill, prompt_len), expand, vectors, prompt_len)
         self.current = self._rows(self._smallest_fitting(n))
-        self._set_length(own)
-        self.steer.vectors[:n].copy_(vectors)
-        self.mask.zero_()
-        self.mask[..., :own] = True
+
+    def advance(self, live: torch.Tensor | None = None) -> None:
+        """Count one more token drawn in every current row, or in the rows where `live` (one
+        bool per current row) holds."""
+        drawn = self.current.drawn
+        if live is None:
+            drawn += 1
+        else:
+            drawn += live
 
     def shrinks_to(self, live: int) -> bool:
         """Whether `live` rows fit a smaller row count than the step runs at now."""
@@ -285,7 +276,8 @@ class GraphedDecoder:
         for layer in layers:
             layer.keys[:n] = layer.keys.index_select(0, keep)
             layer.values[:n] = layer.values.index_select(0, keep)
-        self.steer.vectors[:n] = self.steer.vectors.index_select(0, keep)
+        for buffer in (self.steer.vectors, self.mask, self.drawn):
+            buffer[:n] = buffer.index_select(0, keep)
         self.current = self._rows(self._smallest_fitting(n))
 
     @contextmanager
@@ -296,7 +288,7 @@ class GraphedDecoder:
             stack.enter_context(steering(self.layer_map, self.steer_layer, rows.steer))
             if self.fast_attention:
                 routed = stack.enter_context(decode_attention_for(self.model))
-                stack.enter_context(cache_length(self.length))
+                stack.enter_context(cache_length(rows.lengths))
                 if routed and self.compile_layers:
                     stack.enter_context(update_in_attention(self.model, rows.cache))
             if self.prefix_len:
@@ -305,42 +297,40 @@ class GraphedDecoder:
                 stack.enter_context(compiled_layers(self.layer_map))
             yield
 
-    def _capture(self, rows: _Rows, slot: int) -> None:
+    def _capture(self, rows: _Rows) -> None:
         """Capture a step at this row count. The warm-up runs compute the real step (same
-        inputs), so the KV they write at `slot` is the one the replay writes there again."""
+        inputs), so the KV they write at each row's slot is the one the replay writes there
+        again."""
         with self._step_context(rows):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._set_length(slot)
                     self._forward(rows)
             torch.cuda.current_stream().wait_stream(side)
-            self._set_length(slot)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self._forward(rows)
         rows.logits = out.logits
         rows.graph = graph
         self.captures += 1
-        self._set_length(slot)
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """Feed one token per row (decode step `step`, 0-based); returns float logits [n, vocab]."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (each row's last token drawn, at the position its count of
+        tokens drawn gives); returns float logits [n, vocab]."""
         n = tokens.shape[0]
         rows = self.current
-        position = self.prompt_len + step
         rows.tokens[:n, 0].copy_(tokens)
-        slot = position - self.prefix_len  # where the step's KV goes in the rows' own cache
-        self.positions.fill_(position)
-        self.mask[..., slot] = True
-        self.length.fill_(slot + 1)
+        torch.add(rows.drawn, self.prompt_len - 1, out=rows.positions[:, 0])
+        torch.add(rows.drawn, self.prompt_slots - 1, out=rows.slots)
+        rows.slots.clamp_(max=self.mask.shape[-1] - 1)  # a row past its last step writes nothing read
+        rows.lengths.copy_(rows.slots + 1)
+        rows.mask.scatter_(3, rows.slots.view(-1, 1, 1, 1), True)
         if not self.replay:
-            self._set_length(slot)
             with self._step_context(rows):
                 return self._forward(rows).logits[:n, -1].float()
         if rows.graph is None:
-            self._capture(rows, slot)
+            self._capture(rows)
         assert rows.graph is not None and rows.logits is not None
         rows.graph.replay()
         return rows.logits[:n, -1].float()

@@ -45,11 +45,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in (0, 1) per row that depends only on (seed, step)."""
+def row_uniforms(seeds: torch.Tensor, step: "int | torch.Tensor") -> torch.Tensor:
+    """One uniform in (0, 1) per row that depends only on (seed, step); `step` is one int for
+    every row or one int64 per row (rows at different steps, as with continuous batching)."""
     lo = seeds & _M32
     hi = (seeds >> 32) & _M32
-    h = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(seeds, (step * _WEYL) & _M32))))
+    if isinstance(step, torch.Tensor):
+        counter = (step.to(torch.int64) * _WEYL) & _M32
+    else:
+        counter = torch.full_like(seeds, (step * _WEYL) & _M32)
+    h = _mix32(lo ^ _mix32(hi ^ _mix32(counter)))
     # 24 high bits give a float32-exact uniform.
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
@@ -169,7 +174,8 @@ def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def choose_tokens(
-    logits: torch.Tensor, seeds: torch.Tensor, step: int, sampling: "Sampling | float"
+    logits: torch.Tensor, seeds: torch.Tensor, step: "int | torch.Tensor",
+    sampling: "Sampling | float",
 ) -> torch.Tensor:
     """The next token of each row: argmax for temperature 0, else inverse-CDF sampling with the
     row's own uniform from softmax(logits / temperature) cut by top-k, then top-p. Every

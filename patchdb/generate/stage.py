@@ -91,6 +91,7 @@ class GenerateOptions:
     gpus_per_model: int = 1  # >1: one model copy spread over this many cards (device_map="auto")
     baselines: bool = True  # also every target condition with no patch (patch_layer -1)
     readout_only: bool = False  # prefill every unit for its first-token readout; no rollouts
+    refill: bool = True  # static decoder (GPU): finished rows take the next sample (refill.py)
 
 
 # Compiling the decode step compiles one program per kind of decoder layer (GraphedDecoder's
@@ -471,9 +472,12 @@ def run_generate(
             readout = ReadoutContext(engine, loaded.tokenizer, config.prompt_intro,
                                      config.prompt_trial, scaled, random_scaled, reader, run.id,
                                      lambda: stopper.requested, stopper.writing)
+            streams = options.refill and engine.decodes_static(
+                len(prompt.input_ids) + plan.max_new_tokens)
             if plan.pending:
-                _run_batches(store, plan, engine, sources, readout, batch_rows, decode, run.id,
-                             result, stopper, progress, sampling)
+                (_run_stream if streams else _run_batches)(
+                    store, plan, engine, sources, readout, batch_rows, decode, run.id, result,
+                    stopper, progress, sampling)
             if not stopper.requested:
                 result.readouts_written += missing_readouts(store, plan.readouts, readout,
                                                             progress)
@@ -533,6 +537,78 @@ def _run_batches(
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()
+
+
+def _run_stream(
+    store: Store,
+    plan: GeneratePlan,
+    engine: Engine,
+    sources: _Sources,
+    readout: ReadoutContext,
+    batch_rows: int,
+    decode: Callable[[list[int]], str],
+    run_id: int,
+    result: GenerateResult,
+    stopper: _StopAfterBatch,
+    progress: bool,
+    sampling: Sampling,
+) -> None:
+    """Decode the pending units with continuous batching (refill.py) and write each unit, with
+    its first-token readout, as soon as its samples are done. Units another process wrote are
+    dropped as they come up (checked STREAM_CHECK units at a time); after Ctrl-C no new unit
+    starts and those in progress are finished and written. The bar counts token budgets, as
+    _run_batches' does."""
+    from patchdb.generate.refill import generate_stream
+
+    budget = plan.max_new_tokens
+    bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
+               desc="generate", disable=not progress)
+    read: dict[int, Any] = {}
+    started = time.perf_counter()
+
+    def feed() -> Iterator[tuple[int, TargetUnit]]:
+        for first in range(0, len(plan.pending), STREAM_CHECK):
+            pieces = [Piece(i, plan.pending[i].samples)
+                      for i in range(first, min(first + STREAM_CHECK, len(plan.pending)))]
+            if stopper.requested:
+                return
+            batch = _still_missing(store, plan, pieces, {})
+            kept = {p.unit_index for p in batch}
+            for piece in pieces:
+                if piece.unit_index not in kept:
+                    result.units_skipped += 1
+                    bar.update(budget * len(piece.samples))
+            for piece in batch:
+                if stopper.requested:
+                    return
+                fault_point("generate.batch_started")
+                yield piece.unit_index, _target_unit(piece, plan, sources, readout)
+
+    def on_prefill(keys: list[int], logits: torch.Tensor) -> None:
+        read.update(zip(keys, readout.reader.read(logits), strict=True))
+
+    def on_unit(index: int, completions: list[Completion]) -> None:
+        pending = plan.pending[index]
+        drawn = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in completions)
+        fault_point("generate.batch_decoded")
+        with stopper.writing():
+            result.readouts_written += keep_readouts(
+                store, [ReadoutUnit(pending.unit)], [read.pop(index)], run_id)
+            _keep_batch(store, plan, [Piece(index, pending.samples)], [completions], {}, decode,
+                        run_id, result)
+        bar.update(budget * len(completions) - drawn)
+        result.seconds = time.perf_counter() - started
+        bar.set_postfix_str(f"{result.units_written} units written", refresh=False)
+
+    try:
+        generate_stream(engine, feed(), budget, sampling, batch_rows, on_unit,
+                        on_prefill=on_prefill, on_step=bar.update)
+    finally:
+        result.seconds = time.perf_counter() - started
+        bar.close()
+
+
+STREAM_CHECK = 16  # units checked against the store at a time while streaming
 
 
 def _keep_batch(

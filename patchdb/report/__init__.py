@@ -9,6 +9,7 @@ from patchdb.report.against import net_against_random_vector
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method
 from patchdb.report.export import export_experiment, inside, safe_component
+from patchdb.report.gc_pause import without_cyclic_gc
 from patchdb.report.layer_findings import decide, layer_test_block
 from patchdb.report.layer_test import LayerTest
 from patchdb.report.net import net_plot_name, net_table
@@ -49,6 +50,7 @@ class Report:
 def default_out_dir(sweep_name: str) -> Path:
     """./patchdb_report/<sweep>/, the sweep name made safe as a folder name."""
     return DEFAULT_REPORT_DIR / safe_component(sweep_name)
+
 
 
 def build_report(

@@ -20,6 +20,7 @@ from patchdb.experiments import EXPERIMENTS, GRADERS
 from patchdb.report.aggregate import ExperimentRates, JudgeChoice, sweep_rates
 from patchdb.report.bands import DEFAULT_CI_METHOD, check_method, legend_method, line_band
 from patchdb.report.calibration_html import calibration_section
+from patchdb.report.gc_pause import without_cyclic_gc
 from patchdb.report.html_assets import CSS, png_data_uri
 from patchdb.report.layer_findings import decide, layer_test_html
 from patchdb.report.layer_test import LayerTest
@@ -50,6 +51,7 @@ DEFAULT_SAMPLES_PER_KEY = 3
 def percent(rate: float) -> str:
     """A rate as the terminal's tables print it: whole percent, no sign (patchdb.report.tables)."""
     return f"{round(100 * rate)}"
+
 
 
 def write_html_report(

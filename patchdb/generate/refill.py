@@ -1,0 +1,275 @@
+"""Continuous batching on the static decoder: a row whose answer ends takes the next sample.
+
+Answers end at different lengths (most of a real model's are far shorter than the cap), and a
+batch decoded in lockstep either keeps finished rows in the step, computing nothing useful, or
+moves to smaller captured graphs and leaves the card half idle. Here the decoder keeps its full
+row count while work remains: finished rows are harvested and refilled with the next samples
+(of the same unit or the next ones), each row at its own step. Units are prefilled ahead in
+chunks (the prompt before the injection start run once and copied), and only each unit's own
+prompt KV is kept until its samples have rows.
+
+A row's tokens depend on its unit (prompt KV and steering vector) and its seed only: its
+uniforms come from (seed, its own step), and attention reads only its own cache. So refilling
+changes no answer; tests compare every row with the eager decode.
+"""
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patchdb.generate.engine import Completion, Engine, TargetUnit
+from patchdb.generate.graphed import GraphedDecoder
+from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
+
+# Harvest and refill once at least this fraction of the rows has finished (each refill costs a
+# few small copies per layer; waiting longer leaves more rows idle).
+REFILL_FRACTION = 1 / 32
+# Prefill ahead at least this fraction of the rows' worth of samples at a time.
+PREFILL_FRACTION = 1 / 2
+PREFILL_MOST_UNITS = 16  # units in one prefill forward (its activations and KV are transient)
+
+
+@dataclass
+class _Unit:
+    key: Any
+    completions: list[Completion | None]
+    left: int
+
+
+@dataclass
+class _Chunk:
+    """Prefilled units whose samples wait for rows: each unit's prompt KV after the shared
+    prefix (per layer), last-position logits and steering vector."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    vectors: torch.Tensor
+    units: list[_Unit]
+    queue: deque[tuple[int, int, int]] = field(default_factory=deque)  # unit, sample, seed
+
+
+def parse_row(ids: list[int], eos: set[int]) -> Completion:
+    """A row's drawn tokens (-1 after the last) as a completion, EOS left out."""
+    out: list[int] = []
+    for tok in ids:
+        if tok < 0:
+            break
+        if tok in eos:
+            return Completion(out, "stop")
+        out.append(tok)
+    return Completion(out, "length")
+
+
+class Refill:
+    """Decodes every sample of every unit the feed yields on one static decoder, refilling
+    rows as they finish. `on_prefill(keys, logits)` gets each chunk's prefill logits (the
+    first-token readouts); `on_step(n)` how many rows drew a token; `on_unit(key, completions)`
+    each unit once all its samples are done, in seed order (called while the next step runs)."""
+
+    def __init__(self, engine: Engine, decoder: GraphedDecoder,
+                 feed: Iterator[tuple[Any, TargetUnit]], max_new_tokens: int, sampling: Sampling,
+                 on_unit: Callable[[Any, list[Completion]], None],
+                 on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.engine = engine
+        self.decoder = decoder
+        self.feed = feed
+        self.max_new = max_new_tokens
+        self.how = sampling
+        self.on_unit = on_unit
+        self.on_prefill = on_prefill
+        self.on_step = on_step
+        rows, device = decoder.rows, engine.device
+        self.device = device
+        self.tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.last = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.live = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.owner: list[tuple[_Unit, int] | None] = [None] * rows
+        self.eos_list = engine.eos_token_ids or [-1]
+        self.eos = torch.tensor(self.eos_list, device=device)
+        self.chunks: deque[_Chunk] = deque()
+        self.fed_all = False
+        self.done_units: list[_Unit] = []
+        self.refills = 0  # admissions after the first (for benchmarks and tests)
+
+    # -- work coming in ---------------------------------------------------------------------
+
+    def _queued(self) -> int:
+        return sum(len(c.queue) for c in self.chunks)
+
+    def _more_work(self) -> bool:
+        return bool(self._queued()) or not self.fed_all
+
+    def _pull(self, need: int) -> None:
+        """Prefill units from the feed until `need` samples wait (or the feed is done)."""
+        target = max(need, int(self.decoder.rows * PREFILL_FRACTION))
+        while self._queued() < need and not self.fed_all:
+            taken: list[tuple[Any, TargetUnit]] = []
+            rows = self._queued()
+            while rows < target and len(taken) < PREFILL_MOST_UNITS:
+                item = next(self.feed, None)
+                if item is None:
+                    self.fed_all = True
+                    break
+                if item[1].seeds:
+                    taken.append(item)
+                    rows += len(item[1].seeds)
+            if taken:
+                self._prefill(taken)
+
+    def _prefill(self, taken: list[tuple[Any, TargetUnit]]) -> None:
+        units = [u for _, u in taken]
+        logits, cache = self.engine.prefill_from_prefix(units)
+        if self.on_prefill is not None:
+            self.on_prefill([k for k, _ in taken], logits)
+        decoder = self.decoder
+        decoder.set_prefix(cache)
+        kv = [(k.clone(), v.clone()) for k, v in decoder.prompt_kv(cache, self.engine.prompt_len)]
+        del cache
+        vectors = self.engine._steer_rows([u.steer for u in units])
+        chunk = _Chunk(kv, logits, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
+                                             for k, u in taken])
+        for i, (_, unit) in enumerate(taken):
+            chunk.queue.extend((i, s, seed) for s, seed in enumerate(unit.seeds))
+        self.chunks.append(chunk)
+
+    # -- rows -------------------------------------------------------------------------------
+
+    def _admit(self, free: list[int]) -> int:
+        """Start waiting samples in rows `free` (as many as wait); returns how many started.
+        Each draws its first token from its unit's prefill logits."""
+        self._pull(len(free))
+        started = 0
+        while free and self.chunks:
+            chunk = self.chunks[0]
+            n = min(len(free), len(chunk.queue))
+            picks = [chunk.queue.popleft() for _ in range(n)]
+            rows, free = free[:n], free[n:]
+            at = torch.tensor(rows, device=self.device)
+            units = torch.tensor([p[0] for p in picks], device=self.device)
+            seeds = torch.tensor([p[2] for p in picks], dtype=torch.int64, device=self.device)
+            self.decoder.admit(at, chunk.kv, units, chunk.vectors.index_select(0, units),
+                               self.engine.prompt_len)
+            first = choose_tokens(chunk.logits.index_select(0, units), seeds, 0, self.how)
+            self.tokens.index_fill_(0, at, -1)
+            self.tokens[:, 0].index_copy_(0, at, first)
+            self.seeds.index_copy_(0, at, seeds)
+            self.last.index_copy_(0, at, first)
+            ended = torch.isin(first, self.eos) | (self.max_new <= 1)
+            self.live.index_copy_(0, at, ~ended)
+            for row, (unit, sample, _) in zip(rows, picks, strict=True):
+                self.owner[row] = (chunk.units[unit], sample)
+            started += n
+            if not chunk.queue:
+                self.chunks.popleft()
+        if started and self.on_step is not None:
+            self.on_step(started)
+        return started
+
+    def _harvest(self, rows: int) -> list[int]:
+        """File the answers of the finished rows among the first `rows`; returns those rows,
+        now free."""
+        live = self.live[:rows].tolist()
+        done = [r for r in range(rows) if self.owner[r] is not None and not live[r]]
+        if not done:
+            return []
+        eos = set(self.eos_list)
+        drawn = self.tokens.index_select(0, torch.tensor(done, device=self.device)).tolist()
+        for row, ids in zip(done, drawn, strict=True):
+            owner = self.owner[row]
+            assert owner is not None
+            unit, sample = owner
+            unit.completions[sample] = parse_row(ids, eos)
+            unit.left -= 1
+            if unit.left == 0:
+                self.done_units.append(unit)
+            self.owner[row] = None
+        return done
+
+    def _flush(self) -> None:
+        """Hand finished units to on_unit (while the step just launched runs)."""
+        done, self.done_units = self.done_units, []
+        for unit in done:
+            completions = [c for c in unit.completions if c is not None]
+            assert len(completions) == len(unit.completions)
+            self.on_unit(unit.key, completions)
+
+    def _shrink(self, rows: int) -> None:
+        """Nothing left to start: move the live rows (all finished ones harvested) to the front
+        and step at the fewest rows that hold them."""
+        keep = self.live[:rows].nonzero().squeeze(1)
+        self.decoder.keep_rows(keep)
+        n = keep.shape[0]
+        for buffer in (self.tokens, self.seeds, self.last, self.live):
+            buffer[:n] = buffer.index_select(0, keep)
+        owners = [self.owner[i] for i in keep.tolist()]
+        self.owner[:rows] = owners + [None] * (rows - n)
+
+    def run(self) -> None:
+        decoder = self.decoder
+        self._admit(list(range(decoder.rows)))
+        threshold = max(1, int(decoder.rows * REFILL_FRACTION))
+        while True:
+            rows = decoder.current.rows
+            live = int(self.live[:rows].sum())  # the one sync a step
+            finished = sum(o is not None for o in self.owner[:rows]) - live
+            more = self._more_work()
+            refill = more and rows == decoder.rows and (live == 0 or rows - live >= threshold)
+            shrink = not more and decoder.shrinks_to(live)
+            if finished and (refill or shrink or live == 0):
+                self._harvest(rows)
+            if refill:
+                empty = [r for r in range(rows) if self.owner[r] is None]
+                if self._admit(empty):
+                    self.refills += 1
+                    continue  # count again: a sample may have ended on its first token
+            if live == 0:
+                if self._more_work():
+                    continue
+                self._flush()
+                return
+            if shrink:
+                self._shrink(rows)
+                rows = decoder.current.rows
+            logits = decoder.step(self.last[:rows])
+            self._flush()
+            self._draw(logits, rows, live)
+
+    def _draw(self, logits: torch.Tensor, rows: int, live_count: int) -> None:
+        """Each live row draws its next token at its own step; rows that reach EOS or the cap
+        stop being live."""
+        drawn = self.decoder.current.drawn  # per row, tokens drawn so far: this one's index
+        live = self.live[:rows]
+        picked = choose_tokens(logits, self.seeds[:rows], drawn, self.how)
+        at = drawn.clamp(max=self.max_new - 1)[:, None]
+        tokens = self.tokens[:rows]
+        tokens.scatter_(1, at, torch.where(live, picked, tokens.gather(1, at).squeeze(1))[:, None])
+        self.last[:rows] = torch.where(live, picked, self.last[:rows])
+        self.decoder.advance(live)  # in place: `drawn` now counts this token
+        ended = torch.isin(picked, self.eos) | (drawn >= self.max_new)
+        self.live[:rows] = live & ~ended
+        if self.on_step is not None:
+            self.on_step(live_count)
+
+
+def generate_stream(engine: Engine, feed: Iterator[tuple[Any, TargetUnit]], max_new_tokens: int,
+                    sampling: Sampling | float, rows: int,
+                    on_unit: Callable[[Any, list[Completion]], None],
+                    on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
+                    on_step: Callable[[int], None] | None = None) -> Refill:
+    """Decode every sample the feed yields (key, unit) on `rows` static-decoder rows with
+    continuous batching; each unit goes to on_unit as soon as its samples are done. Needs the
+    static decoder (engine.decodes_static); returns the finished Refill (its counters)."""
+    max_len = engine.prompt_len + max_new_tokens
+    with torch.inference_mode():
+        decoder = engine._graphed_decoder(rows, max_len)
+        if decoder is None:
+            raise ValueError("continuous batching needs the static decoder")
+        refill = Refill(engine, decoder, feed, max_new_tokens, as_sampling(sampling), on_unit,
+                        on_prefill, on_step)
+        refill.run()
+    return refill

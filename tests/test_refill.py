@@ -1,0 +1,192 @@
+"""Continuous batching (refill.py): rows that finish take the next sample, each row at its own
+step, and every answer stays the eager decode's, key by key. On the CPU the static decoder runs
+its steps without graph replay; a float32 tiny model, greedy and seeded sampling."""
+
+from typing import Any
+
+import pytest
+import torch
+from test_engine import PROMPT, STEER_LAYER, lively_llama, vector
+from tiny_models import tiny_tokenizer
+
+from patchdb.generate.engine import Completion, Engine, TargetUnit
+from patchdb.generate.layers import find_layers
+from patchdb.generate.refill import generate_stream, parse_row
+from patchdb.generate.sampling import Sampling
+
+N_NEW = 12
+
+
+def make(model: Any, eos: list[int], **kwargs: Any) -> Engine:
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    start = ids.index(tok("\n")["input_ids"][0], 10)
+    return Engine(model, find_layers(model), ids, start, STEER_LAYER, eos, **kwargs)
+
+
+def work(engine: Engine) -> list[TargetUnit]:
+    """Patched, steered-only and plain units of different sizes (one larger than the rows)."""
+    source = engine.source_run(vector(11), [2, 3])
+    return [TargetUnit(vector(12), 3, source[3], list(range(9))),
+            TargetUnit(None, None, None, list(range(20, 26))),
+            TargetUnit(vector(13), None, None, list(range(40, 44))),
+            TargetUnit(vector(14), 2, source[2], list(range(60, 67))),
+            TargetUnit(vector(15), 3, source[3], [80])]
+
+
+def as_lists(units: list[list[Completion]]) -> list[list[tuple[list[int], str]]]:
+    return [[(c.token_ids, c.finish_reason) for c in unit] for unit in units]
+
+
+def eager(model: Any, eos: list[int], todo: list[TargetUnit], how: Any) -> list[Any]:
+    return as_lists(make(model, eos, use_graphs=False).generate(todo, N_NEW, how))
+
+
+def streamed(engine: Engine, todo: list[TargetUnit], how: Any, rows: int,
+             max_new: int = N_NEW) -> tuple[list[Any], Any, list[int]]:
+    got: dict[int, list[Completion]] = {}
+    order: list[int] = []
+
+    def on_unit(key: int, completions: list[Completion]) -> None:
+        assert key not in got, f"unit {key} handed over twice"
+        got[key] = completions
+        order.append(key)
+
+    refill = generate_stream(engine, iter(enumerate(todo)), max_new, how, rows, on_unit)
+    assert sorted(got) == list(range(len(todo)))
+    return as_lists([got[i] for i in range(len(todo))]), refill, order
+
+
+def stop_tokens(model: Any, todo: list[TargetUnit], how: Any) -> list[int]:
+    """Tokens that many rows emit early, called EOS so that rows end at many different steps."""
+    rows = [ids for unit in eager(model, [], todo, how) for ids, _ in unit]
+    return sorted({row[2] for row in rows[:8]} | {row[5] for row in rows[9:20]})
+
+
+SAMPLINGS = [0.0, 1.0, Sampling(0.7, top_k=20, top_p=0.9)]
+
+
+@pytest.mark.parametrize("how", SAMPLINGS, ids=["greedy", "t1", "t0.7-k20-p0.9"])
+@pytest.mark.parametrize("fast_attention", [False, True], ids=["hf-attention", "decode-attention"])
+def test_refilled_rows_give_the_eager_answers_key_by_key(how: Any, fast_attention: bool) -> None:
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = stop_tokens(model, todo, how)
+    want = eager(model, stop, todo, how)
+    ends = [len(ids) for unit in want for ids, reason in unit if reason == "stop"]
+    assert len(ends) >= 10 and min(ends) < max(ends), "rows must end at different steps"
+    static = make(model, stop, graph_replay=False, fast_attention=fast_attention,
+                  share_prefix=fast_attention)
+    got, refill, _ = streamed(static, todo, how, rows=5)
+    assert got == want
+    # 27 samples through 5 rows: rows were refilled many times, each row at its own step
+    assert refill.refills >= 5
+    assert static._decoder is not None and static._decoder.rows == 5
+
+
+def test_units_are_handed_over_as_they_finish_not_at_the_end() -> None:
+    """A unit goes to on_unit once its last sample ends, while others still decode: the first
+    unit handed over is not the last one fed, and a small unit fed late can finish early."""
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = stop_tokens(model, todo, 1.0)
+    static = make(model, stop, graph_replay=False)
+    seen_steps: list[int] = []
+    handed: list[tuple[int, int]] = []  # (unit, steps drawn before it was handed over)
+
+    def on_unit(key: int, completions: list[Completion]) -> None:
+        handed.append((key, len(seen_steps)))
+
+    generate_stream(static, iter(enumerate(todo)), N_NEW, 1.0, 5, on_unit,
+                    on_step=seen_steps.append)
+    assert sorted(k for k, _ in handed) == [0, 1, 2, 3, 4]
+    assert handed[0][1] < len(seen_steps), "the first unit waited for the whole run"
+    # progress counts every drawn token: the answers' tokens plus their EOS
+    want = eager(model, stop, todo, 1.0)
+    assert sum(seen_steps) == sum(len(ids) + (r == "stop") for u in want for ids, r in u)
+
+
+def test_one_token_answers_and_answers_that_end_at_once() -> None:
+    """max_new_tokens 1, and an EOS that every row draws first: samples end on admission and
+    their rows are refilled before any step."""
+    model = lively_llama(seed=4)
+    base = make(model, [], use_graphs=False)
+    todo = work(base)
+    first = eager(model, [], todo, 0.0)
+    firsts = sorted({unit[0][0][0] for unit in first})
+    static = make(model, [], graph_replay=False)
+    got, _, _ = streamed(static, todo, 0.0, rows=4, max_new=1)
+    assert got == as_lists(make(model, [], use_graphs=False).generate(todo, 1, 0.0))
+    at_once = make(model, firsts, graph_replay=False)
+    got, _, _ = streamed(at_once, todo, 0.0, rows=4)
+    assert got == [[([], "stop")] * len(u.seeds) for u in todo]
+
+
+def test_parse_row_stops_at_eos_or_the_first_gap() -> None:
+    assert parse_row([5, 6, 2, 7], {2}) == Completion([5, 6], "stop")
+    assert parse_row([5, 6, -1, -1], {2}) == Completion([5, 6], "length")
+    assert parse_row([5, 6, 7], set()) == Completion([5, 6, 7], "length")
+
+
+@pytest.mark.triton
+def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
+    """The Triton decode kernel (interpreted on the CPU) reads each row's own length: rows at
+    different steps give the eager answers."""
+    from patchdb.generate import triton_decode
+
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))[:3]
+    stop = stop_tokens(model, todo, 1.0)
+    want = eager(model, stop, todo, 1.0)
+    static = make(model, stop, graph_replay=False, share_prefix=True)
+    calls: list[int] = []
+    real = triton_decode.decode_attention_triton
+
+    def counting(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 length: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(length.dim())
+        return real(query, key, value, length, *args, **kwargs)
+
+    triton_decode.decode_attention_triton = counting
+    try:
+        got, refill, _ = streamed(static, todo, 1.0, rows=4)
+    finally:
+        triton_decode.decode_attention_triton = real
+    assert got == want
+    assert calls and set(calls) == {1}, "the kernel must run, with one length per row"
+    assert refill.refills >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("how", [0.0, Sampling(1.0, top_k=40, top_p=0.9)], ids=["greedy", "sampled"])
+def test_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool, how: Any) -> None:
+    """On a GPU, float32: rows refilled inside captured graphs (plain and compiled, Triton
+    decode attention, shared prefix) give the eager decode's answers key by key."""
+    from test_engine import start_from_offsets
+    from test_gpu import STEER_LAYER as GPU_STEER
+    from test_gpu import real_shape_model
+    from test_gpu import units as gpu_units
+
+    model = real_shape_model("cuda")
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+
+    def build(eos: list[int], **kwargs: Any) -> Engine:
+        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      eos, **kwargs)
+
+    with torch.inference_mode():
+        free = build([], use_graphs=False)
+        todo = gpu_units(free) * 3  # 18 samples through 4 rows
+        rows = [c.token_ids for unit in free.generate(todo, 16, how) for c in unit]
+        stop = sorted({rows[0][3], rows[4][5], rows[7][2]})
+        want = as_lists(build(stop, use_graphs=False).generate(todo, 16, how))
+        ends = [len(t) for unit in want for t, reason in unit if reason == "stop"]
+        assert len(ends) >= 5 and min(ends) < max(ends), "rows must end at different steps"
+        fast = build(stop, compile_decode=compiled, share_prefix=True)
+        got, refill, _ = streamed(fast, todo, how, rows=4, max_new=16)
+    assert got == want
+    assert refill.refills >= 3
+    assert fast._decoder is not None and fast._decoder.captures >= 1
