@@ -6,6 +6,7 @@ client written here (no selenium or playwright), and with `--dump-dom` for a fil
 """
 
 import base64
+import gc
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -31,6 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from patchdb.experiments import EXPERIMENTS, experiment_keys, judged_word
+from patchdb.report import build_report
 from patchdb.report.html import REPORT_FILE, write_html_report
 from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, Store, open_store
 
@@ -348,6 +351,45 @@ def test_report_html_with_other_options_shows_the_plain_rates(store: Store, db_p
     html = (tmp_path / "out" / REPORT_FILE).read_text("utf-8")
     assert rate_cells(html, "failure_to_success")[1:] == [["3", "100", "100"], ["4", "50", "0"]]
     assert rate_cells(html, "steered_to_unsteered")[2] == ["4", "100", "0", "50"]
+
+
+def test_the_report_runs_without_the_cyclic_collector_and_turns_it_back_on(
+        store: Store, tmp_path: Path) -> None:
+    """What `report --html` runs (build_report, then write_html_report with its rates) sets off
+    no collection of the cyclic garbage collector inside either function (patchdb.report.gc_pause),
+    and the collector is on again after each, also after an error; a caller who had it off
+    finds it off."""
+    bodies = {getattr(f, "__wrapped__", f).__code__ for f in (build_report, write_html_report)}
+    inside: list[int] = []  # generations collected while either function's body was running
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        frame = sys._getframe(0).f_back
+        while phase == "start" and frame is not None:
+            if frame.f_code in bodies:
+                inside.append(info["generation"])
+                return
+            frame = frame.f_back
+
+    gc.callbacks.append(seen)
+    try:
+        report = build_report(store, None, out_dir=tmp_path / "out")
+        on_after_report = gc.isenabled()
+        page = write_html_report(store, None, tmp_path / "out", report=report)
+        on_after_page = gc.isenabled()
+        with pytest.raises(ValueError, match="samples_per_key"):
+            write_html_report(store, None, tmp_path / "bad", samples_per_key=0)
+        on_after_error = gc.isenabled()
+        gc.disable()
+        try:
+            write_html_report(store, None, tmp_path / "again")
+            off_after = not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        gc.callbacks.remove(seen)
+    assert page.exists() and len(report.experiments) == 4
+    assert inside == []
+    assert on_after_report and on_after_page and on_after_error and off_after
 
 
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:

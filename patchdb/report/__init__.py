@@ -52,7 +52,7 @@ def default_out_dir(sweep_name: str) -> Path:
     return DEFAULT_REPORT_DIR / safe_component(sweep_name)
 
 
-
+@without_cyclic_gc  # patchdb.report.gc_pause: many objects that live till the end
 def build_report(
     store: Store,
     sweep_name: str | None = None,

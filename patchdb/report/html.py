@@ -53,7 +53,7 @@ def percent(rate: float) -> str:
     return f"{round(100 * rate)}"
 
 
-
+@without_cyclic_gc  # patchdb.report.gc_pause: many objects that live till the end
 def write_html_report(
     store: Store,
     sweep_name: str | None,
