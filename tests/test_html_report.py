@@ -33,9 +33,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from patchdb.experiments import EXPERIMENTS, experiment_keys, judged_word
+from patchdb.label.labels import set_label
 from patchdb.report import build_report
+from patchdb.report.calibration_html import has_labels
 from patchdb.report.html import REPORT_FILE, write_html_report
 from patchdb.store import Experiment, JudgeConfig, Judgment, Rollout, Store, open_store
+from patchdb.store.models import Sweep
+from patchdb.store.sweeps import get_sweep
 
 CONFIG = """
 [sweep]
@@ -390,6 +394,35 @@ def test_the_report_runs_without_the_cyclic_collector_and_turns_it_back_on(
     assert page.exists() and len(report.experiments) == 4
     assert inside == []
     assert on_after_report and on_after_page and on_after_error and off_after
+
+
+def test_a_label_in_another_sweep_gives_no_calibration_section(store_db: str,
+                                                                tmp_path: Path) -> None:
+    """has_labels looks from the labels to their sweep: a label on sweep "other" is found for
+    "other" and not for "tiny", on SQLite and PostgreSQL."""
+    for name in ("tiny", "other"):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(CONFIG.replace('name = "tiny"', f'name = "{name}"'))
+        assert run_cli("init", "--config", str(config), "--db", store_db).exit_code == 0
+    store = open_store(store_db)
+
+    def one_label(session: Session) -> None:
+        exp = session.scalars(select(Experiment).join(Sweep).where(Sweep.name == "other")).first()
+        assert exp is not None
+        rollout = Rollout(experiment_id=exp.id, patch_layer=3, source_word="Bread",
+                          target_word="", sample_index=0, answer="labeled", n_tokens=1)
+        session.add(rollout)
+        session.flush()
+        set_label(session, rollout.id, "coherence", "ada", True)
+
+    try:
+        store.transact(one_label)
+        with store.read() as session:
+            found = {name: has_labels(session, get_sweep(session, name))
+                     for name in ("tiny", "other")}
+    finally:
+        store.close()
+    assert found == {"tiny": False, "other": True}
 
 
 def test_unjudged_sweep_still_gets_a_page(tmp_path: Path, db_path: Path) -> None:

@@ -3,11 +3,11 @@ has human labels (no section otherwise)."""
 
 from html import escape
 
-from sqlalchemy import exists, select
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from patchdb.report.calibration import calibrate_judges, describe
-from patchdb.store.models import Experiment, Label, Rollout, Sweep
+from patchdb.store.models import Sweep
 
 
 def _rate(value: float | None, ci: list[float | None]) -> str:
@@ -20,11 +20,18 @@ def _num(value: float | None) -> str:
     return "<td></td>" if value is None else f"<td>{value:.2f}</td>"
 
 
+# Labels first: SQLite keeps a CROSS JOIN's order, and a plain join started from the sweep's
+# rollouts (every one of them, 0.03 s at full size) to find that a store has no labels.
+HAS_LABELS_SQL = """
+SELECT 1 FROM labels l CROSS JOIN rollouts r CROSS JOIN experiments e
+WHERE r.id = l.rollout_id AND e.id = r.experiment_id AND e.sweep_id = :sweep
+LIMIT 1
+"""
+
+
 def has_labels(session: Session, sweep: Sweep) -> bool:
     """Whether anyone has labeled an answer of the sweep."""
-    return bool(session.scalar(select(exists().where(
-        Label.rollout_id == Rollout.id, Rollout.experiment_id == Experiment.id,
-        Experiment.sweep_id == sweep.id))))
+    return session.execute(text(HAS_LABELS_SQL), {"sweep": sweep.id}).first() is not None
 
 
 def calibration_section(session: Session, sweep: Sweep) -> str:
