@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then lint, type-check and run the whole test suite.
 #
+# `bash scripts/test.sh --fast` runs the fast set instead: every test but the end-to-end runs on
+# SmolLM2 (`slow`), the tests that need PostgreSQL (`postgres`) or Chromium (`browser`), and,
+# where there is no GPU, the decode kernel's own tests in Triton's CPU interpreter (`triton`:
+# several minutes of CPU; run them with -m triton when the kernel changes). It neither installs
+# Chromium nor starts PostgreSQL. CI (.ci/run) runs everything. Any other arguments go to pytest
+# (e.g. a test file, or -k).
+#
 # Chromium (the HTML report test) and PostgreSQL (the store tests on a second backend) come from
 # Debian's packages when missing and this runs as root; a failed install fails this command.
 # Where they cannot be installed, the tests that need them are skipped and this script says so,
@@ -10,6 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+FAST=""
+if [ "${1:-}" = "--fast" ]; then FAST=1; shift; fi
 SKIPPED=()
 say() { echo "test: $*" >&2; }
 warn_skipped() {
@@ -22,7 +31,7 @@ can_install() { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; }
 
 bash scripts/setup.sh
 
-if ! command -v chromium >/dev/null 2>&1; then
+if [ -z "$FAST" ] && ! command -v chromium >/dev/null 2>&1; then
   if can_install; then
     say "installing chromium from Debian's packages"
     if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); then
@@ -52,7 +61,9 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [ -z "${PATCHDB_TEST_POSTGRES_URL:-}" ]; then
+if [ -n "$FAST" ]; then
+  say "the fast set: leaving out the SmolLM2 runs, the PostgreSQL and Chromium tests and the interpreted kernel"
+elif [ -z "${PATCHDB_TEST_POSTGRES_URL:-}" ]; then
   if bash scripts/start_postgres.sh running; then
     say "using the PostgreSQL server that is already running (left running afterwards)"
     PATCHDB_TEST_POSTGRES_URL=$(bash scripts/start_postgres.sh)  # prints its URL, starts nothing
@@ -75,4 +86,12 @@ if [ ${#SKIPPED[@]} -gt 0 ]; then warn_skipped; fi
 # tests handed out as workers come free, so one long test does not leave a core idle.
 WORKERS=${PATCHDB_TEST_WORKERS:-auto}
 if [ "$WORKERS" = 1 ]; then PARALLEL=(); else PARALLEL=(-n "$WORKERS" --dist worksteal); fi
-.venv/bin/python -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "$@"
+SELECT=()
+if [ -n "$FAST" ]; then
+  LEAVE_OUT="slow or postgres or browser"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    LEAVE_OUT="$LEAVE_OUT or triton"  # interpreted on the CPU: hundreds of times slower
+  fi
+  SELECT=(-m "not ($LEAVE_OUT)")
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "${SELECT[@]}" "$@"

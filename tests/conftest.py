@@ -30,6 +30,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the patchdb processes tests start
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need PostgreSQL (`postgres`) or Chromium (`browser`) from what they
+    use, so that none can miss its marker: the fast set (`scripts/test.sh --fast`) leaves them
+    out with the SmolLM2 runs (`slow`, marked by hand). PostgreSQL: the pg fixtures, or
+    store_db's postgresql case; Chromium: the skip that every Chromium test carries."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "pg_admin_url" in names or params.get("store_db") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+        if any("chromium" in str(m.kwargs.get("reason", "")).lower()
+               for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture(scope="session")
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One model cache for the whole run: the GGUF is dequantised once, not per test. Parallel
