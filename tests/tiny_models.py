@@ -3,6 +3,9 @@
 Nothing is downloaded: the tokenizer is SmolLM2's, saved under tests/fixtures/tokenizer.
 """
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,8 +43,23 @@ def tiny_llama(n_layers: int = 6, hidden: int = 64, seed: int = 0) -> LlamaForCa
     return model
 
 
+# (n_layers, hidden, seed) -> a saved model directory and the torch RNG state its build left
+_SAVED: dict[tuple[int, int, int], tuple[Path, torch.Tensor]] = {}
+
+
 def save_tiny_llama(path: Path, n_layers: int = 6, hidden: int = 64, seed: int = 0) -> Path:
-    """Write a tiny Llama plus the fixture tokenizer as a local model directory."""
-    tiny_llama(n_layers, hidden, seed).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    """Write a tiny Llama plus the fixture tokenizer as a local model directory.
+
+    The model is a function of its arguments, so each process builds and saves it once (about
+    2 s) and copies those files afterwards; the torch RNG is left as a fresh build leaves it."""
+    key = (n_layers, hidden, seed)
+    if key not in _SAVED or not _SAVED[key][0].is_dir():
+        built = Path(tempfile.mkdtemp(prefix="patchdb-tiny-llama-"))
+        atexit.register(shutil.rmtree, built, ignore_errors=True)
+        tiny_llama(n_layers, hidden, seed).save_pretrained(built)
+        tiny_tokenizer().save_pretrained(built)
+        _SAVED[key] = (built, torch.get_rng_state())
+    built, rng = _SAVED[key]
+    shutil.copytree(built, path, dirs_exist_ok=True)
+    torch.set_rng_state(rng)
     return path
