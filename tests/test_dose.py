@@ -230,18 +230,24 @@ def test_sweep_runs_the_series_then_compares_it(db_path: Path) -> None:
 @pytest.mark.slow
 def test_the_packaged_dose_series_runs_offline(tmp_path: Path) -> None:
     """`patchdb sweep --config demo-dose` at its smallest: both strengths, their baselines,
-    judged in process by the demo's model, then compared (docs/compare.md)."""
+    judged in process by the demo's model, then compared (docs/compare.md). One experiment is
+    enough here: the demo's run (test_demo.py) takes all four through the same stages on the
+    same model, and test_sweep_runs_the_series_then_compares_it all of them through a series."""
     import subprocess
     import sys
 
     args = ["sweep", "--config", "demo-dose", "--db", "demo.sqlite", "--layers", "20",
-            "--words", "Bread", "--samples", "1", "--max-new-tokens", "8"]
+            "--words", "Bread", "--samples", "1", "--max-new-tokens", "8",
+            "--experiments", "failure_to_success"]
     run = subprocess.run([sys.executable, "-m", "patchdb", *args], cwd=tmp_path,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     db = tmp_path / "demo.sqlite"
-    # keys with Bread: 2 + 2 pairs and 1 + 1 single-word keys, one sample, one layer
-    assert patched_rollouts(db) == [("demo-dose-strength4", 6), ("demo-dose-strength8", 6)]
+    # keys of failure_to_success with Bread: Dust_to_Bread and Milk_to_Bread, one sample, one
+    # layer; each rollout (baselines too) has its coherence and its detection judgment
+    assert patched_rollouts(db) == [("demo-dose-strength4", 2), ("demo-dose-strength8", 2)]
+    assert rows(db, "SELECT count(*) FROM rollouts r WHERE (SELECT count(*) FROM judgments j "
+                    "WHERE j.rollout_id = r.id) <> 2") == [(0,)]
     baselines = rows(db, "SELECT s.name, count(*) FROM rollouts r JOIN experiments e ON "
                          "e.id = r.experiment_id JOIN sweeps s ON s.id = e.sweep_id "
                          "WHERE r.patch_layer = -1 GROUP BY s.name ORDER BY s.name")
@@ -249,6 +255,6 @@ def test_the_packaged_dose_series_runs_offline(tmp_path: Path) -> None:
                                                          "demo-dose-strength8"]
     assert "Differences: strength 4 vs 8." in run.stdout
     page = (tmp_path / "patchdb_report" / "demo-dose" / "compare.html").read_text()
-    assert page.count('<img alt="comparison of rate against patch layer') == 4
+    assert page.count('<img alt="comparison of rate against patch layer') == 1
     for name in ("demo-dose-strength4", "demo-dose-strength8"):
         assert (tmp_path / "patchdb_report" / name / "report.html").exists()
