@@ -6,6 +6,7 @@ from pathlib import Path
 
 from conftest import run_cli
 from sqlalchemy.orm import Session
+from tiny_models import save_tiny_llama
 
 from patchdb.store import JudgeConfig, Judgment, Rollout, open_store
 from patchdb.store.models import Experiment
@@ -33,10 +34,10 @@ WORKING = {
 WORKING_DESC = "judge config #2 (openai: openai/gpt-5-nano, reasoning medium, templates v1)"
 
 
-def make_sweep(tmp_path: Path, db: Path) -> dict[tuple[str, int, int], int]:
+def make_sweep(tmp_path: Path, db: Path, model: str = "smollm2-135m") -> dict[tuple[str, int, int], int]:
     """The sweep with all 8 rollouts and no judgments; returns rollout ids by key."""
     config = tmp_path / "sweep.toml"
-    config.write_text(CONFIG, encoding="utf-8")
+    config.write_text(CONFIG.replace('"smollm2-135m"', f'"{model}"'), encoding="utf-8")
     assert run_cli("init", "--config", config, "--db", db).exit_code == 0
     store = open_store(str(db))
 
@@ -206,7 +207,9 @@ def test_sweep_ends_with_the_rate_table(tmp_path: Path, db_path: Path) -> None:
     the first-token readouts, which never sample), then prints the table and paths."""
     from patchdb.judge.templates import DEFAULT_TEMPLATES
 
-    ids = make_sweep(tmp_path, db_path)
+    # a tiny model with the sweep's layers: the readouts need a model, not SmolLM2
+    save_tiny_llama(tmp_path / "m", n_layers=22)
+    ids = make_sweep(tmp_path, db_path, model=str(tmp_path / "m"))
     verdicts = {ids[k]: v for k, v in WORKING.items()}
     verdicts[ids[("Trees", 21, 0)]] = (True, False)
     verdicts[ids[("Trees", 21, 1)]] = (True, True)
