@@ -43,7 +43,7 @@ def eager(model: Any, eos: list[int], todo: list[TargetUnit], how: Any) -> list[
 
 
 def streamed(engine: Engine, todo: list[TargetUnit], how: Any, rows: int,
-             max_new: int = N_NEW) -> tuple[list[Any], Any, list[int]]:
+             max_new: int = N_NEW, unit_slots: int = 0) -> tuple[list[Any], Any, list[int]]:
     got: dict[int, list[Completion]] = {}
     order: list[int] = []
 
@@ -52,7 +52,8 @@ def streamed(engine: Engine, todo: list[TargetUnit], how: Any, rows: int,
         got[key] = completions
         order.append(key)
 
-    refill = generate_stream(engine, iter(enumerate(todo)), max_new, how, rows, on_unit)
+    refill = generate_stream(engine, iter(enumerate(todo)), max_new, how, rows, on_unit,
+                             unit_slots=unit_slots)
     assert sorted(got) == list(range(len(todo)))
     return as_lists([got[i] for i in range(len(todo))]), refill, order
 
@@ -82,6 +83,16 @@ def test_refilled_rows_give_the_eager_answers_key_by_key(how: Any, fast_attentio
     # 27 samples through 5 rows: rows were refilled many times, each row at its own step
     assert refill.refills >= 5
     assert static._decoder is not None and static._decoder.rows == 5
+    if fast_attention:
+        # Each unit's prompt kept once, in 2 unit slots (a third unit waits for a free one),
+        # not in each row: the rows' own cache holds only the tokens they draw.
+        got, refill, _ = streamed(static, todo, how, rows=8, unit_slots=2)
+        assert got == want
+        decoder = static._decoder
+        assert decoder.unit_slots == 2 and decoder.prompt_slots == 0
+        assert decoder.mask.shape[-1] == N_NEW  # a row's cache: its drawn tokens only
+        # a wait means both slots held different units' prompts at once; all came back
+        assert refill.slot_waits > 0 and sorted(refill.free_slots) == [0, 1]
 
 
 def test_units_are_handed_over_as_they_finish_not_at_the_end() -> None:
@@ -139,22 +150,26 @@ def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
     stop = stop_tokens(model, todo, 1.0)
     want = eager(model, stop, todo, 1.0)
     static = make(model, stop, graph_replay=False, share_prefix=True)
-    calls: list[int] = []
+    calls: list[tuple[int, bool]] = []
     real = triton_decode.decode_attention_triton
 
     def counting(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  length: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(length.dim())
+        calls.append((length.dim(), kwargs.get("units") is not None))
         return real(query, key, value, length, *args, **kwargs)
 
     triton_decode.decode_attention_triton = counting
     try:
         got, refill, _ = streamed(static, todo, 1.0, rows=4)
+        assert got == want
+        assert calls and set(calls) == {(1, False)}, "the kernel must run, a length per row"
+        assert refill.refills >= 2
+        calls.clear()
+        got, refill, _ = streamed(static, todo, 1.0, rows=4, unit_slots=2)
+        assert got == want
+        assert calls and set(calls) == {(1, True)}, "the kernel must read the unit prompts"
     finally:
         triton_decode.decode_attention_triton = real
-    assert got == want
-    assert calls and set(calls) == {1}, "the kernel must run, with one length per row"
-    assert refill.refills >= 2
 
 
 @pytest.mark.gpu
@@ -181,12 +196,30 @@ def test_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool, how: 
         free = build([], use_graphs=False)
         todo = gpu_units(free) * 3  # 18 samples through 4 rows
         rows = [c.token_ids for unit in free.generate(todo, 16, how) for c in unit]
-        stop = sorted({rows[0][3], rows[4][5], rows[7][2]})
-        want = as_lists(build(stop, use_graphs=False).generate(todo, 16, how))
-        ends = [len(t) for unit in want for t, reason in unit if reason == "stop"]
-        assert len(ends) >= 5 and min(ends) < max(ends), "rows must end at different steps"
+        stop, want = varied_stops(rows, lambda eos: as_lists(
+            build(eos, use_graphs=False).generate(todo, 16, how)))
         fast = build(stop, compile_decode=compiled, share_prefix=True)
         got, refill, _ = streamed(fast, todo, how, rows=4, max_new=16)
+        assert got == want
+        assert refill.refills >= 3
+        got, refill, _ = streamed(fast, todo, how, rows=4, max_new=16, unit_slots=3)
     assert got == want
-    assert refill.refills >= 3
     assert fast._decoder is not None and fast._decoder.captures >= 1
+
+
+def varied_stops(rows: list[list[int]], answers: Any) -> tuple[list[int], list[Any]]:
+    """EOS tokens, taken from the free-running answers, that end at least five rows at more
+    than one step (a random-init model repeats tokens, so a fixed pick can end every row at
+    once); returns them and the eager answers under them."""
+    stop: list[int] = []
+    for position in (3, 5, 2, 7, 4, 9):
+        for row in rows:
+            if row[position] in stop:
+                continue
+            want = answers(sorted([*stop, row[position]]))
+            ends = [len(t) for unit in want for t, reason in unit if reason == "stop"]
+            if len(set(ends)) > 1:
+                stop.append(row[position])
+                if len(ends) >= 5:
+                    return sorted(stop), want
+    raise AssertionError("no EOS choice ends rows at different steps")

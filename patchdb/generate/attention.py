@@ -28,6 +28,10 @@ NAME = "patchdb_decode"
 _LENGTH: list[torch.Tensor | None] = [None]
 Prefixes = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> keys, values [kv, P, d]
 _PREFIX: list[Prefixes | None] = [None]
+# layer index -> keys, values [n_units, kv, U, d] (each unit's prompt after the shared prefix),
+# and each row's unit
+UnitTable = tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+_UNITS: list[UnitTable | None] = [None]
 
 
 @contextmanager
@@ -44,6 +48,12 @@ def shared_prefix(prefixes: Prefixes) -> AbstractContextManager[None]:
     """While the block runs, every row's decode attention first attends to these keys and values
     (the prompt before the injection start, identical in every row), then to its own cache."""
     return _holding(_PREFIX, prefixes)
+
+
+def unit_prompts(table: UnitTable) -> AbstractContextManager[None]:
+    """While the block runs, every row's decode attention attends, after the shared prefix, to
+    its unit's prompt (kept once per unit, not in the row's cache), then to its own cache."""
+    return _holding(_UNITS, table)
 
 
 def cache_length(length: torch.Tensor) -> AbstractContextManager[None]:
@@ -67,10 +77,13 @@ def decode_attention(
     [b, 1, 1, length] (boolean, True to attend, or additive). Returns [b, 1, heads, d]."""
     batch, heads, q_len, dim = query.shape
     table = _PREFIX[0]
-    prefix = table[int(getattr(module, "layer_idx", -1))] if table is not None else None
+    layer = int(getattr(module, "layer_idx", -1))
+    prefix = table[layer] if table is not None else None
+    units = _UNITS[0]
+    unit_kv = units[0][layer] if units is not None else None
     mask_ok = attention_mask is None or attention_mask.shape[1] == 1
     if q_len != 1 or kwargs.get("softcap") is not None or not mask_ok:
-        if prefix is not None:
+        if prefix is not None or unit_kv is not None:
             raise RuntimeError("a shared prefix needs one query token and a plain mask")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -83,9 +96,16 @@ def decode_attention(
         # a sliding-window layer's window (positions counted from the shared prefix's first);
         # the mask says the same on the SDPA path
         window = kwargs.get("sliding_window")
+        prompts = (triton_decode.UnitPrompts(unit_kv[0], unit_kv[1], units[1][:batch])
+                   if unit_kv is not None and units is not None else None)
         out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix,
-                                                    window=window)
+                                                    window=window, units=prompts)
     else:
+        if unit_kv is not None and units is not None:  # each row's unit prompt joins its keys
+            of_row = units[1][:batch].long()
+            key, value, attention_mask = _join_prefix(
+                (unit_kv[0].index_select(0, of_row), unit_kv[1].index_select(0, of_row)),
+                key, value, attention_mask, per_row=True)
         if prefix is not None:  # without the kernel the prefix joins every row's keys
             key, value, attention_mask = _join_prefix(prefix, key, value, attention_mask)
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -95,11 +115,14 @@ def decode_attention(
 
 def _join_prefix(
     prefix: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | None, per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    batch, length = key.shape[0], prefix[0].shape[1]
-    key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
+    """Keys and values every row attends to first ([kv, P, d], or one [b, kv, P, d] per row),
+    put before the rows' own, with the mask widened to match."""
+    batch, length = key.shape[0], prefix[0].shape[-2]
+    keys, values = prefix if per_row else (p.expand(batch, -1, -1, -1) for p in prefix)
+    key = torch.cat([keys, key], dim=2)
+    value = torch.cat([values, value], dim=2)
     if mask is not None:
         seen = (torch.ones if mask.dtype == torch.bool else torch.zeros)(
             mask.shape[0], 1, 1, length, dtype=mask.dtype, device=mask.device)

@@ -304,13 +304,18 @@ class Engine:
             return self.injection_start
         return 0
 
-    def _graphed_decoder(self, rows: int, max_len: int) -> GraphedDecoder | None:
-        """The CUDA-graph decoder for this many rows (reused while it is big enough), or None
-        where graphs do not apply (see _static_decode)."""
+    def _graphed_decoder(self, rows: int, max_len: int, unit_slots: int = 0) -> GraphedDecoder | None:
+        """The CUDA-graph decoder for this many rows (reused while it is big enough, with the
+        same unit slots), or None where graphs do not apply (see _static_decode). With
+        `unit_slots` (continuous batching, patchdb's decode attention only) each unit's prompt
+        is kept once in one of that many slots instead of in every row."""
         if not self._static_decode(max_len):
             return None
+        if not self.fast_attention:
+            unit_slots = 0
         current = self._decoder
-        if current is not None and current.max_len == max_len and rows <= current.rows:
+        if (current is not None and current.max_len == max_len and rows <= current.rows
+                and current.unit_slots == unit_slots):
             return current
         self._decoder = None
         if self.device.type == "cuda":
@@ -319,7 +324,9 @@ class Engine:
                                        self.injection_start, max(rows, self.graph_rows),
                                        max_len, self._cache_kw, self.fast_attention,
                                        self.compile_decode, self.graph_replay,
-                                       self.shared_prefix_len(max_len), self.shrink_rows)
+                                       self.shared_prefix_len(max_len), self.shrink_rows,
+                                       unit_slots,
+                                       self.prompt_len - self.shared_prefix_len(max_len))
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,
@@ -460,12 +467,14 @@ MAX_BATCH_ROWS = 4096
 
 def auto_batch_size(
     model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int,
-    shared_prefix: int = 0,
+    shared_prefix: int = 0, samples: int = 0,
 ) -> int:
     """The most decode rows that fit free device memory (64 on the CPU).
 
     Per row: the KV cache for prompt plus new tokens (less a prefix kept once for all rows),
     plus the logits and the sampler's float32 probabilities and CDF over the vocabulary.
+    With `samples` (continuous batching with unit slots, refill.py) the prompt after the prefix
+    is kept once per unit, in unit_slots_for(rows, samples) slots, not in every row.
     FREE_FRACTION of free memory is used.
     """
     if device.type != "cuda":
@@ -478,8 +487,16 @@ def auto_batch_size(
     head_dim = int(getattr(config, "head_dim", None) or hidden // max(n_heads, 1))
     vocab = int(getattr(config, "vocab_size", 0))
     element = next(model.parameters()).element_size()
-    kv_bytes = 2 * n_layers * n_kv * head_dim * element * (prompt_len - shared_prefix + max_new_tokens)
-    per_row = kv_bytes + vocab * (4 + 8 + 4 + 4) + hidden * element * prompt_len
+    token_bytes = 2 * n_layers * n_kv * head_dim * element
+    own_prompt = prompt_len - shared_prefix
+    fixed = 0
+    if samples:  # unit slots: 4 per rows/samples units, plus 8 (unit_slots_for)
+        per_row_prompt = token_bytes * own_prompt * 4 / samples
+        fixed = token_bytes * own_prompt * 12  # 8 slots, and a unit's rounding up
+    else:
+        per_row_prompt = token_bytes * own_prompt
+    per_row = int(token_bytes * max_new_tokens + per_row_prompt + vocab * (4 + 8 + 4 + 4)
+                  + hidden * element * prompt_len)
     free = 0
     # A model spread over cards keeps each layer's cache on that layer's card.
     cards = {p.device for p in model.parameters() if p.device.type == "cuda"} or {device}
@@ -487,4 +504,4 @@ def auto_batch_size(
         free += torch.cuda.mem_get_info(card)[0]
         # Memory this process's allocator holds but does not use is free for us too.
         free += torch.cuda.memory_reserved(card) - torch.cuda.memory_allocated(card)
-    return max(1, min(MAX_BATCH_ROWS, int(FREE_FRACTION * free) // max(per_row, 1)))
+    return max(1, min(MAX_BATCH_ROWS, int(FREE_FRACTION * free - fixed) // max(per_row, 1)))

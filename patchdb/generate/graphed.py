@@ -34,6 +34,7 @@ from patchdb.generate.attention import (
     cache_length,
     decode_attention_for,
     shared_prefix,
+    unit_prompts,
     uses_sdpa,
 )
 from patchdb.generate.compiled import compiled_layers, update_in_attention
@@ -105,6 +106,7 @@ class _Rows:
         self.lengths = owner.lengths[:rows]
         self.slots = owner.slots[:rows]
         self.drawn = owner.drawn[:rows]
+        self.unit_of_row = owner.unit_of_row[:rows]
         self.steer = Steering(owner.steer.vectors[:rows], owner.steer.start)
         cache.update = _RowWrites(cache, self.slots)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -117,7 +119,8 @@ class GraphedDecoder:
     def __init__(self, model: Any, layer_map: LayerMap, steer_layer: int,
                  injection_start: int, rows: int, max_len: int, cache_kw: str,
                  fast_attention: bool = True, compile_layers: bool = False,
-                 replay: bool = True, prefix_len: int = 0, shrink: bool = True) -> None:
+                 replay: bool = True, prefix_len: int = 0, shrink: bool = True,
+                 unit_slots: int = 0, unit_prompt_len: int = 0) -> None:
         """`fast_attention`: capture with patchdb's decode attention (attention.py);
         `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels);
         `replay` off: run each step eagerly, same cache and attention, no graph (works on the
@@ -125,9 +128,11 @@ class GraphedDecoder:
         `prefix_len` > 0 (needs fast_attention): the first prefix_len prompt positions, the same
         in every row, are kept once and shared; the rows' cache holds only what follows;
         `shrink`: move the rows still decoding into a smaller row count (row_buckets) as
-        others finish."""
-        if prefix_len and not fast_attention:
-            raise ValueError("a shared prefix needs patchdb's decode attention")
+        others finish; `unit_slots` > 0 (needs fast_attention): the prompt after the shared
+        prefix (`unit_prompt_len` positions) is kept once per unit in that many unit slots
+        (store_units), not in every row, so rows hold only the tokens they draw."""
+        if (prefix_len or unit_slots) and not fast_attention:
+            raise ValueError("a shared prefix or unit prompts need patchdb's decode attention")
         self.replay = replay
         self.prefix_len = prefix_len
         self.prefixes: Prefixes = {}
@@ -144,7 +149,10 @@ class GraphedDecoder:
         hidden = int(model.get_input_embeddings().weight.shape[1])
         self.steer = Steering(torch.zeros(rows, hidden, device=self.device, dtype=param.dtype),
                               injection_start)
-        own = max_len - prefix_len  # cache slots a row needs for itself
+        self.unit_slots = unit_slots
+        self.unit_prompt_len = unit_prompt_len if unit_slots else 0
+        self.unit_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> [U, kv, P, d]
+        own = max_len - prefix_len - self.unit_prompt_len  # cache slots a row needs for itself
         self.cache = StaticCache(config=model.config, max_cache_len=own)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
@@ -154,6 +162,7 @@ class GraphedDecoder:
         self.drawn = torch.ones(rows, dtype=torch.long, device=self.device)
         self.slots = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.lengths = torch.ones(rows, dtype=torch.int32, device=self.device)
+        self.unit_of_row = torch.zeros(rows, dtype=torch.int32, device=self.device)
         self.sizes = row_buckets(rows) if shrink else [rows]
         self._by_rows: dict[int, _Rows] = {}
         self.current = self._rows(rows)
@@ -171,8 +180,9 @@ class GraphedDecoder:
 
     @property
     def prompt_slots(self) -> int:
-        """Cache slots each row's prompt fills: the prompt less the shared prefix."""
-        return self.prompt_len - self.prefix_len
+        """Cache slots each row's prompt fills: the prompt less the shared prefix, or none
+        where the unit keeps it."""
+        return 0 if self.unit_slots else self.prompt_len - self.prefix_len
 
     def _rows(self, rows: int) -> _Rows:
         """The buffers for the first `rows` rows; a cut cache shares the full one's storage
@@ -201,25 +211,53 @@ class GraphedDecoder:
     def _smallest_fitting(self, n: int) -> int:
         return min(size for size in self.sizes if size >= n)
 
+    def store_units(self, slots: torch.Tensor,
+                    prompt_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    units: torch.Tensor) -> None:
+        """Keep unit units[i]'s prompt KV (per layer, over the prompt after the shared prefix)
+        in unit slot slots[i] (needs unit_slots)."""
+        for index, (keys, values) in enumerate(prompt_kv):
+            if keys.shape[2] != self.unit_prompt_len:
+                raise ValueError(f"unit prompt over {keys.shape[2]} positions, expected "
+                                 f"{self.unit_prompt_len}")
+            if index not in self.unit_kv:
+                self.unit_kv[index] = (keys.new_zeros(self.unit_slots, *keys.shape[1:]),
+                                       values.new_zeros(self.unit_slots, *values.shape[1:]))
+            held_keys, held_values = self.unit_kv[index]
+            held_keys.index_copy_(0, slots, keys.index_select(0, units))
+            held_values.index_copy_(0, slots, values.index_select(0, units))
+
     def admit(self, rows: torch.Tensor, prompt_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              units: torch.Tensor, vectors: torch.Tensor, prompt_len: int) -> None:
+              units: torch.Tensor, vectors: torch.Tensor, prompt_len: int,
+              slots: torch.Tensor | None = None) -> None:
         """Start new samples in rows `rows` (indexes into the full buffers): row rows[i] takes
         unit units[i]'s prompt KV (`prompt_kv`: per layer, keys and values over the prompt
-        positions after the shared prefix, one row per unit) and steering vector vectors[i],
-        with one token drawn (from the prefill's logits, by the caller) and none fed yet."""
+        positions after the shared prefix, one row per unit; with unit slots, the unit's
+        prompt is read from slot slots[i] instead, stored there by store_units) and steering
+        vector vectors[i], with one token drawn (from the prefill's logits, by the caller) and
+        none fed yet."""
         self.prompt_len = prompt_len
         own = self.prompt_slots
+        if self.unit_slots:
+            if slots is None:
+                raise ValueError("a decoder with unit slots needs each row's slot")
+            self.unit_of_row.index_copy_(0, rows, slots.to(torch.int32))
         layers: list[Any] = list(self.cache.layers)  # transformers' layers, untyped
         for static_layer, (keys, values) in zip(layers, prompt_kv, strict=True):
-            if keys.shape[2] != own:
-                raise ValueError(f"prompt KV over {keys.shape[2]} positions, expected {own}")
+            if keys.shape[2] != prompt_len - self.prefix_len:
+                raise ValueError(f"prompt KV over {keys.shape[2]} positions, expected "
+                                 f"{prompt_len - self.prefix_len}")
+            if self.unit_slots:
+                keys, values = keys[:, :, :0], values[:, :, :0]
             if not static_layer.is_initialized:  # sized from these, for all rows
                 # (cut caches are made after this: their layers are views of these tensors)
                 assert list(self._by_rows) == [self.rows]
                 static_layer.lazy_initialization(keys[:1].expand(self.rows, -1, -1, -1),
                                                  values[:1].expand(self.rows, -1, -1, -1))
-            static_layer.keys[:, :, :own].index_copy_(0, rows, keys.index_select(0, units))
-            static_layer.values[:, :, :own].index_copy_(0, rows, values.index_select(0, units))
+            if own:
+                static_layer.keys[:, :, :own].index_copy_(0, rows, keys.index_select(0, units))
+                static_layer.values[:, :, :own].index_copy_(0, rows,
+                                                            values.index_select(0, units))
         self.steer.vectors.index_copy_(0, rows, vectors)
         self.mask.index_fill_(0, rows, False)
         self.mask[..., :own].index_fill_(0, rows, True)
@@ -250,6 +288,8 @@ class GraphedDecoder:
         n = expand.shape[0]
         if n > self.rows:
             raise ValueError(f"{n} rows do not fit a decoder of {self.rows}")
+        if self.unit_slots:
+            raise ValueError("fixed batches load each row's prompt; this decoder has unit slots")
         self.set_prefix(prefill)
         rows = torch.arange(n, device=self.device)
         self.admit(rows, self.prompt_kv(prefill, prompt_len), expand, vectors, prompt_len)
@@ -276,7 +316,7 @@ class GraphedDecoder:
         for layer in layers:
             layer.keys[:n] = layer.keys.index_select(0, keep)
             layer.values[:n] = layer.values.index_select(0, keep)
-        for buffer in (self.steer.vectors, self.mask, self.drawn):
+        for buffer in (self.steer.vectors, self.mask, self.drawn, self.unit_of_row):
             buffer[:n] = buffer.index_select(0, keep)
         self.current = self._rows(self._smallest_fitting(n))
 
@@ -293,6 +333,8 @@ class GraphedDecoder:
                     stack.enter_context(update_in_attention(self.model, rows.cache))
             if self.prefix_len:
                 stack.enter_context(shared_prefix(self.prefixes))
+            if self.unit_slots:
+                stack.enter_context(unit_prompts((self.unit_kv, rows.unit_of_row)))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
             yield

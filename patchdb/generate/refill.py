@@ -26,9 +26,9 @@ from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 
 # Harvest and refill once at least this fraction of the rows has finished (each refill costs a
 # few small copies per layer; waiting longer leaves more rows idle).
-REFILL_FRACTION = 1 / 32
+REFILL_FRACTION = 1 / 16
 # Prefill ahead at least this fraction of the rows' worth of samples at a time.
-PREFILL_FRACTION = 1 / 2
+PREFILL_FRACTION = 1.0
 PREFILL_MOST_UNITS = 16  # units in one prefill forward (its activations and KV are transient)
 
 
@@ -37,6 +37,7 @@ class _Unit:
     key: Any
     completions: list[Completion | None]
     left: int
+    slot: int | None = None  # the decoder's unit slot holding its prompt, while it has rows
 
 
 @dataclass
@@ -94,7 +95,9 @@ class Refill:
         self.chunks: deque[_Chunk] = deque()
         self.fed_all = False
         self.done_units: list[_Unit] = []
+        self.free_slots = list(range(decoder.unit_slots))[::-1]
         self.refills = 0  # admissions after the first (for benchmarks and tests)
+        self.slot_waits = 0  # admissions cut short for want of a free unit slot
 
     # -- work coming in ---------------------------------------------------------------------
 
@@ -146,14 +149,19 @@ class Refill:
         started = 0
         while free and self.chunks:
             chunk = self.chunks[0]
-            n = min(len(free), len(chunk.queue))
-            picks = [chunk.queue.popleft() for _ in range(n)]
+            picks, waiting = self._take(chunk, len(free))
+            if not picks:
+                self.slot_waits += waiting
+                break
+            n = len(picks)
             rows, free = free[:n], free[n:]
             at = torch.tensor(rows, device=self.device)
             units = torch.tensor([p[0] for p in picks], device=self.device)
             seeds = torch.tensor([p[2] for p in picks], dtype=torch.int64, device=self.device)
+            slots = (torch.tensor([chunk.units[p[0]].slot for p in picks], device=self.device)
+                     if self.decoder.unit_slots else None)
             self.decoder.admit(at, chunk.kv, units, chunk.vectors.index_select(0, units),
-                               self.engine.prompt_len)
+                               self.engine.prompt_len, slots)
             first = choose_tokens(chunk.logits.index_select(0, units), seeds, 0, self.how)
             self.tokens.index_fill_(0, at, -1)
             self.tokens[:, 0].index_copy_(0, at, first)
@@ -166,9 +174,36 @@ class Refill:
             started += n
             if not chunk.queue:
                 self.chunks.popleft()
+            if waiting:
+                self.slot_waits += 1
+                break
         if started and self.on_step is not None:
             self.on_step(started)
         return started
+
+    def _take(self, chunk: _Chunk, most: int) -> tuple[list[tuple[int, int, int]], bool]:
+        """Up to `most` waiting samples of the chunk, in order; with unit slots, as many as
+        have their unit in a slot or get one now (their prompts are stored). Returns them and
+        whether a sample waits for a free slot."""
+        if not self.decoder.unit_slots:
+            return [chunk.queue.popleft() for _ in range(min(most, len(chunk.queue)))], False
+        picks: list[tuple[int, int, int]] = []
+        stored: list[tuple[int, int]] = []  # slot, unit index in the chunk
+        waiting = False
+        while chunk.queue and len(picks) < most:
+            unit = chunk.units[chunk.queue[0][0]]
+            if unit.slot is None:
+                if not self.free_slots:
+                    waiting = True
+                    break
+                unit.slot = self.free_slots.pop()
+                stored.append((unit.slot, chunk.queue[0][0]))
+            picks.append(chunk.queue.popleft())
+        if stored:
+            self.decoder.store_units(torch.tensor([s for s, _ in stored], device=self.device),
+                                     chunk.kv,
+                                     torch.tensor([u for _, u in stored], device=self.device))
+        return picks, waiting
 
     def _harvest(self, rows: int) -> list[int]:
         """File the answers of the finished rows among the first `rows`; returns those rows,
@@ -187,6 +222,8 @@ class Refill:
             unit.left -= 1
             if unit.left == 0:
                 self.done_units.append(unit)
+                if unit.slot is not None:
+                    self.free_slots.append(unit.slot)
             self.owner[row] = None
         return done
 
@@ -256,17 +293,26 @@ class Refill:
             self.on_step(live_count)
 
 
+def unit_slots_for(rows: int, samples: int) -> int:
+    """Unit slots for `rows` rows of units of `samples` samples: four times the units that fill
+    the rows at once (a unit keeps its slot until its longest answer ends), at most one a row."""
+    return min(rows, 4 * -(-rows // max(samples, 1)) + 8)
+
+
 def generate_stream(engine: Engine, feed: Iterator[tuple[Any, TargetUnit]], max_new_tokens: int,
                     sampling: Sampling | float, rows: int,
                     on_unit: Callable[[Any, list[Completion]], None],
                     on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
-                    on_step: Callable[[int], None] | None = None) -> Refill:
+                    on_step: Callable[[int], None] | None = None,
+                    unit_slots: int = 0) -> Refill:
     """Decode every sample the feed yields (key, unit) on `rows` static-decoder rows with
-    continuous batching; each unit goes to on_unit as soon as its samples are done. Needs the
-    static decoder (engine.decodes_static); returns the finished Refill (its counters)."""
+    continuous batching; each unit goes to on_unit as soon as its samples are done. With
+    `unit_slots`, each unit's prompt is kept once in one of that many slots, not in each of its
+    rows (patchdb's decode attention only). Needs the static decoder (engine.decodes_static);
+    returns the finished Refill (its counters)."""
     max_len = engine.prompt_len + max_new_tokens
     with torch.inference_mode():
-        decoder = engine._graphed_decoder(rows, max_len)
+        decoder = engine._graphed_decoder(rows, max_len, unit_slots)
         if decoder is None:
             raise ValueError("continuous batching needs the static decoder")
         refill = Refill(engine, decoder, feed, max_new_tokens, as_sampling(sampling), on_unit,

@@ -48,6 +48,7 @@ from patchdb.generate.readout_stage import (
     keep_readouts,
     missing_readouts,
 )
+from patchdb.generate.refill import generate_stream, unit_slots_for
 from patchdb.generate.sampling import Sampling, resolve_sampling, rollout_seed
 from patchdb.generate.vectors import ensure_vectors
 from patchdb.store import Rollout, Store, Sweep
@@ -437,10 +438,15 @@ def run_generate(
         config.steer_layer, eos_ids(loaded.model, loaded.tokenizer),
         compile_decode=compile_decode, share_prefix=options.share_prefix,
     )
+    max_len = len(prompt.input_ids) + plan.max_new_tokens
+    streams = options.refill and engine.decodes_static(max_len)
+    # continuous batching keeps each unit's prompt once (unit slots, sized by its samples)
+    unit_samples = (sorted(len(p.samples) for p in plan.pending)[len(plan.pending) // 2]
+                    if streams and plan.pending and engine.fast_attention else 0)
     batch_rows = options.batch_size or even_batch_rows(
         sum(len(p.samples) for p in plan.pending),
         auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
-                        engine.shared_prefix_len(len(prompt.input_ids) + plan.max_new_tokens)),
+                        engine.shared_prefix_len(max_len), unit_samples),
     )
     result.batch_size = batch_rows
     stopper = _StopAfterBatch()
@@ -472,12 +478,13 @@ def run_generate(
             readout = ReadoutContext(engine, loaded.tokenizer, config.prompt_intro,
                                      config.prompt_trial, scaled, random_scaled, reader, run.id,
                                      lambda: stopper.requested, stopper.writing)
-            streams = options.refill and engine.decodes_static(
-                len(prompt.input_ids) + plan.max_new_tokens)
-            if plan.pending:
-                (_run_stream if streams else _run_batches)(
-                    store, plan, engine, sources, readout, batch_rows, decode, run.id, result,
-                    stopper, progress, sampling)
+            if plan.pending and streams:
+                _run_stream(store, plan, engine, sources, readout, batch_rows, decode, run.id,
+                            result, stopper, progress, sampling,
+                            unit_slots_for(batch_rows, unit_samples) if unit_samples else 0)
+            elif plan.pending:
+                _run_batches(store, plan, engine, sources, readout, batch_rows, decode, run.id,
+                             result, stopper, progress, sampling)
             if not stopper.requested:
                 result.readouts_written += missing_readouts(store, plan.readouts, readout,
                                                             progress)
@@ -552,13 +559,13 @@ def _run_stream(
     stopper: _StopAfterBatch,
     progress: bool,
     sampling: Sampling,
+    unit_slots: int,
 ) -> None:
     """Decode the pending units with continuous batching (refill.py) and write each unit, with
     its first-token readout, as soon as its samples are done. Units another process wrote are
     dropped as they come up (checked STREAM_CHECK units at a time); after Ctrl-C no new unit
     starts and those in progress are finished and written. The bar counts token budgets, as
     _run_batches' does."""
-    from patchdb.generate.refill import generate_stream
 
     budget = plan.max_new_tokens
     bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
@@ -602,7 +609,7 @@ def _run_stream(
 
     try:
         generate_stream(engine, feed(), budget, sampling, batch_rows, on_unit,
-                        on_prefill=on_prefill, on_step=bar.update)
+                        on_prefill=on_prefill, on_step=bar.update, unit_slots=unit_slots)
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()

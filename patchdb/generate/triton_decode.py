@@ -33,6 +33,16 @@ NO_WINDOW = 1 << 30
 
 
 @dataclass(frozen=True)
+class UnitPrompts:
+    """Prompt keys and values kept once per unit ([n_units, kv_heads, unit_len, d]) and the
+    unit of each row (int32 or int64 [rows])."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    of_row: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Tuning:
     """Launch shape: `lines` query lines a program holds (rows x padded query heads per KV head,
     at least 16), `block` cache positions per step, and Triton's num_warps / num_stages."""
@@ -78,12 +88,14 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
 
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
-                       batch, prefix_len, window, scale, s_len,
+                       uk_ptr, uv_ptr, unit_ptr,
+                       batch, prefix_len, unit_len, window, scale, s_len, s_unit,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
+                       s_ukb, s_ukh, s_ukl, s_uvb, s_uvh, s_uvl,
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                       RAGGED: tl.constexpr, IEEE: tl.constexpr):
+                       RAGGED: tl.constexpr, UNITS: tl.constexpr, IEEE: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
@@ -98,8 +110,9 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                     mask=ok[:, None], other=0.0)
         lens = tl.load(len_ptr + safe_row * s_len)  # each line's row length
         lens = tl.where(ok, lens, 0)
-        # the first position (prefix positions count first) a line's query sees
-        lowest = prefix_len + lens - window
+        # the first position (prefix positions count first, then the unit's prompt) a line's
+        # query sees
+        lowest = prefix_len + unit_len + lens - window
         best = tl.full([LINES], -1e30, tl.float32)
         total = tl.zeros([LINES], tl.float32)
         acc = tl.zeros([LINES, DIM], tl.float32)
@@ -113,6 +126,25 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             v = tl.load(pv_base + pos[:, None] * s_pvl + d[None, :], mask=inside[:, None], other=0.0)
             seen = ok[:, None] & inside[None, :] & (pos[None, :] >= lowest[:, None])
             best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+        if UNITS:
+            # Each row's unit's prompt (kept once per unit: row r reads unit units[r]'s), the
+            # rows one after another; a block of row r updates only r's lines.
+            ublocks = tl.cdiv(unit_len, BLOCK_L)
+            for step in range(0, ROWS * ublocks):
+                r = step // ublocks
+                start = (step - r * ublocks) * BLOCK_L
+                this_row = tl.minimum(first + r, batch - 1)
+                mine = ok & (local == r)
+                unit = tl.load(unit_ptr + this_row * s_unit)
+                pos = start + offs
+                inside = pos < unit_len
+                k = tl.load(uk_ptr + unit * s_ukb + head * s_ukh + pos[:, None] * s_ukl
+                            + d[None, :], mask=inside[:, None], other=0.0)
+                v = tl.load(uv_ptr + unit * s_uvb + head * s_uvh + pos[:, None] * s_uvl
+                            + d[None, :], mask=inside[:, None], other=0.0)
+                seen = (mine[:, None] & inside[None, :]
+                        & (prefix_len + pos[None, :] >= lowest[:, None]))
+                best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
         # Each row's own cache, the rows one after another in one pipelined loop: a block of
         # row r updates only r's lines.
         longest = tl.max(lens, 0)
@@ -134,7 +166,7 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             v = tl.load(v_ptr + this_row * s_vb + head * s_vh + pos[:, None] * s_vl + d[None, :],
                         mask=inside[:, None], other=0.0)
             seen = (mine[:, None] & inside[None, :]
-                    & (prefix_len + pos[None, :] >= lowest[:, None]))
+                    & (prefix_len + unit_len + pos[None, :] >= lowest[:, None]))
             best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
         out = acc / tl.where(ok, total, 1.0)[:, None]  # lines outside the batch stay unstored
         tl.store(o_ptr + safe_row[:, None] * s_ob + head * s_oh + g[:, None] * s_og + d[None, :],
@@ -162,12 +194,15 @@ def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             length: torch.Tensor, scale: float,
                             prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            window: int | None = None, tuning: Tuning = DEFAULT) -> torch.Tensor:
+                            window: int | None = None, tuning: Tuning = DEFAULT,
+                            units: "UnitPrompts | None" = None) -> torch.Tensor:
     """query [b, kv_heads, groups, d] (query heads packed by the KV head they share); key and
     value [b, kv_heads, max_len, d], of which the first `length` positions count (an int32
     device scalar, or int32 [b], one length a row); `prefix`: keys and values
-    [kv_heads, prefix_len, d] that every row attends to before its own; `window`: a query sees
-    only the last `window` positions up to its own (the prefix's counted first).
+    [kv_heads, prefix_len, d] that every row attends to before its own; `units`: keys and
+    values [n_units, kv_heads, unit_len, d], one prompt per unit, and each row's unit, attended
+    to after the prefix and before the row's own; `window`: a query sees only the last `window`
+    positions up to its own (the prefix's counted first, then the unit's).
     Returns [b, kv_heads, groups, d]."""
     assert triton is not None
     batch, kv_heads, groups, dim = query.shape
@@ -184,19 +219,29 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     grid: Any = (triton.cdiv(batch, rows), kv_heads)
     p_keys, p_values = prefix if prefix is not None else (key[0], value[0])
     prefix_len = prefix[0].shape[1] if prefix is not None else 0
+    if units is not None:
+        u_keys, u_values, of_row = units.keys, units.values, units.of_row
+        if u_keys.stride(-1) != 1 or u_values.stride(-1) != 1 or of_row.shape[0] < batch:
+            raise ValueError("unit prompts need a contiguous last dimension and a unit a row")
+    else:
+        u_keys, u_values, of_row = key, value, length.reshape(-1)
     guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _decode_kernel[grid](
-            query, key, value, p_keys, p_values, out, length,
-            batch, prefix_len, NO_WINDOW if window is None else window, scale,
-            length.stride(0) if length.dim() == 1 else 0,
+            query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
+            batch, prefix_len, u_keys.shape[2] if units is not None else 0,
+            NO_WINDOW if window is None else window, scale,
+            length.stride(0) if length.dim() == 1 else 0, of_row.stride(0),
             query.stride(0), query.stride(1), query.stride(2),
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             p_keys.stride(0), p_keys.stride(1), p_values.stride(0), p_values.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
+            u_keys.stride(0), u_keys.stride(1), u_keys.stride(2),
+            u_values.stride(0), u_values.stride(1), u_values.stride(2),
             GROUPS=groups, G_PAD=g_pad, ROWS=rows, LINES=max(16, rows * g_pad), DIM=dim,
-            BLOCK_L=tuning.block, RAGGED=length.dim() == 1, IEEE=query.dtype == torch.float32,
+            BLOCK_L=tuning.block, RAGGED=length.dim() == 1, UNITS=units is not None,
+            IEEE=query.dtype == torch.float32,
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
     return out
