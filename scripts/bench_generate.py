@@ -403,8 +403,15 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
                 stream(self)
             finally:
                 sync(device)
-                run_s[0] += time.perf_counter() - t0
-                stats.append({"refills": self.refills, "rows": self.decoder.rows})
+                end = time.perf_counter()
+                run_s[0] += end - t0
+                drain = getattr(self, "drain_started", None)
+                stats.append({"refills": self.refills, "rows": self.decoder.rows,
+                              "slot_waits": getattr(self, "slot_waits", 0),
+                              "unit_slots": getattr(self.decoder, "unit_slots", 0),
+                              "drain_s": end - drain if drain else 0.0,
+                              "drain_tokens": (self.drawn - self.drawn_before_drain
+                                               if drain else 0)})
 
         refill_mod.Refill.run = timed_run  # type: ignore[method-assign]
     extra = {"baselines": False} if "baselines" in {
@@ -453,6 +460,10 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
             "batches": [round(b[0], 3) for b in batches], "batch_rows": [b[1] for b in batches],
             "compile": compile_decode, "shrink_rows": shrink_rows, "early_stop": stop_at is not None,
             "refill": bool(refill and not batches), "refill_stats": stats, "capture_s": sum(captured),
+            # the steady rate before the drain at the end (a sweep in one process drains once)
+            "tok_s_before_drain": ((result.tokens - sum(x["drain_tokens"] for x in stats))
+                                   / max(wall - setup - sum(x["drain_s"] for x in stats), 1e-9)
+                                   if stats else None),
             "_answers": answers,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0,

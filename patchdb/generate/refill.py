@@ -13,6 +13,7 @@ uniforms come from (seed, its own step), and attention reads only its own cache.
 changes no answer; tests compare every row with the eager decode.
 """
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,11 @@ class Refill:
         self.free_slots = list(range(decoder.unit_slots))[::-1]
         self.refills = 0  # admissions after the first (for benchmarks and tests)
         self.slot_waits = 0  # admissions cut short for want of a free unit slot
+        # the drain (nothing left to start): when it began (perf_counter) and the tokens drawn
+        # before it, for benchmarks: a sweep in one process drains once, at its very end
+        self.drain_started: float | None = None
+        self.drawn_before_drain = 0
+        self.drawn = 0
 
     # -- work coming in ---------------------------------------------------------------------
 
@@ -177,6 +183,7 @@ class Refill:
             if waiting:
                 self.slot_waits += 1
                 break
+        self.drawn += started
         if started and self.on_step is not None:
             self.on_step(started)
         return started
@@ -255,6 +262,9 @@ class Refill:
             live = int(self.live[:rows].sum())  # the one sync a step
             finished = sum(o is not None for o in self.owner[:rows]) - live
             more = self._more_work()
+            if not more and self.drain_started is None:
+                self.drain_started = time.perf_counter()
+                self.drawn_before_drain = self.drawn
             refill = more and rows == decoder.rows and (live == 0 or rows - live >= threshold)
             shrink = not more and decoder.shrinks_to(live)
             if finished and (refill or shrink or live == 0):
@@ -289,6 +299,7 @@ class Refill:
         self.decoder.advance(live)  # in place: `drawn` now counts this token
         ended = torch.isin(picked, self.eos) | (drawn >= self.max_new)
         self.live[:rows] = live & ~ended
+        self.drawn += live_count
         if self.on_step is not None:
             self.on_step(live_count)
 

@@ -7,6 +7,7 @@ each sample against what is there at that moment, so two processes on one store 
 rollout twice, and a sample another process wrote first is kept as it wrote it.
 """
 
+import gc
 import hashlib
 import signal
 import sys
@@ -492,7 +493,24 @@ def run_generate(
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
+    finally:
+        _release(engine, loaded.device, compile_decode)
     return result
+
+
+def _release(engine: Engine, device: torch.device, compiled: bool) -> None:
+    """Give the run's decoder memory back before the next run in this process (each sweep of
+    `generate --sweep 'glob*'`, a benchmark's variants): compiled programs hold the static
+    cache they were traced on, so they are dropped too."""
+    engine._decoder = None
+    if device.type != "cuda":
+        return
+    if compiled:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _run_batches(
