@@ -117,6 +117,32 @@ def test_units_are_handed_over_as_they_finish_not_at_the_end() -> None:
     assert sum(seen_steps) == sum(len(ids) + (r == "stop") for u in want for ids, r in u)
 
 
+def test_a_stop_starts_no_new_unit_and_finishes_those_started() -> None:
+    """Once stop() is true (Ctrl-C in the stage) no unit that has not started gets a row; the
+    units started finish whole, with the eager answers, and are handed over."""
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = stop_tokens(model, todo, 1.0)
+    want = eager(model, stop, todo, 1.0)
+    static = make(model, stop, graph_replay=False)
+    got: dict[int, list[Completion]] = {}
+    feeds: list[int] = []
+
+    def feed() -> Any:
+        for key, unit in enumerate(todo):
+            feeds.append(key)
+            yield key, unit
+
+    refill = generate_stream(static, feed(), N_NEW, 1.0, 5, got.__setitem__,
+                             stop=lambda: bool(got))
+    assert got, "the first unit finished"
+    assert len(got) < len(todo), "units that had not started ran anyway"
+    for key, completions in got.items():
+        assert as_lists([completions]) == [want[key]]
+    # the units fed but never started (prefilled ahead) were dropped, not decoded
+    assert refill.fed_all and not refill.chunks
+
+
 def test_one_token_answers_and_answers_that_end_at_once() -> None:
     """max_new_tokens 1, and an EOS that every row draws first: samples end on admission and
     their rows are refilled before any step."""

@@ -39,6 +39,7 @@ class _Unit:
     completions: list[Completion | None]
     left: int
     slot: int | None = None  # the decoder's unit slot holding its prompt, while it has rows
+    started: bool = False  # some sample has had a row
 
 
 @dataclass
@@ -75,8 +76,10 @@ class Refill:
                  feed: Iterator[tuple[Any, TargetUnit]], max_new_tokens: int, sampling: Sampling,
                  on_unit: Callable[[Any, list[Completion]], None],
                  on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> None:
         self.engine = engine
+        self.stop = stop
         self.decoder = decoder
         self.feed = feed
         self.max_new = max_new_tokens
@@ -111,7 +114,17 @@ class Refill:
         return sum(len(c.queue) for c in self.chunks)
 
     def _more_work(self) -> bool:
+        if self.stop is not None and self.stop() and not self.fed_all:
+            self._stop_starting()
         return bool(self._queued()) or not self.fed_all
+
+    def _stop_starting(self) -> None:
+        """Asked to stop: no new unit starts. Units already started keep their waiting samples
+        (so that they finish whole and are handed over); the rest are dropped unrun."""
+        self.fed_all = True
+        for chunk in self.chunks:
+            chunk.queue = deque(p for p in chunk.queue if chunk.units[p[0]].started)
+        self.chunks = deque(c for c in self.chunks if c.queue)
 
     def _pull(self, need: int) -> None:
         """Prefill units from the feed until `need` samples wait (or the feed is done)."""
@@ -177,6 +190,7 @@ class Refill:
             self.live.index_copy_(0, at, ~ended)
             for row, (unit, sample, _) in zip(rows, picks, strict=True):
                 self.owner[row] = (chunk.units[unit], sample)
+                chunk.units[unit].started = True
             started += n
             if not chunk.queue:
                 self.chunks.popleft()
@@ -315,11 +329,12 @@ def generate_stream(engine: Engine, feed: Iterator[tuple[Any, TargetUnit]], max_
                     on_unit: Callable[[Any, list[Completion]], None],
                     on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
                     on_step: Callable[[int], None] | None = None,
-                    unit_slots: int = 0) -> Refill:
+                    unit_slots: int = 0, stop: Callable[[], bool] | None = None) -> Refill:
     """Decode every sample the feed yields (key, unit) on `rows` static-decoder rows with
     continuous batching; each unit goes to on_unit as soon as its samples are done. With
     `unit_slots`, each unit's prompt is kept once in one of that many slots, not in each of its
-    rows (patchdb's decode attention only). Needs the static decoder (engine.decodes_static);
+    rows (patchdb's decode attention only). Once `stop()` is true no new unit starts; those
+    started finish and are handed over. Needs the static decoder (engine.decodes_static);
     returns the finished Refill (its counters)."""
     max_len = engine.prompt_len + max_new_tokens
     with torch.inference_mode():
@@ -327,6 +342,6 @@ def generate_stream(engine: Engine, feed: Iterator[tuple[Any, TargetUnit]], max_
         if decoder is None:
             raise ValueError("continuous batching needs the static decoder")
         refill = Refill(engine, decoder, feed, max_new_tokens, as_sampling(sampling), on_unit,
-                        on_prefill, on_step)
+                        on_prefill, on_step, stop)
         refill.run()
     return refill

@@ -627,7 +627,8 @@ def _run_stream(
 
     try:
         generate_stream(engine, feed(), budget, sampling, batch_rows, on_unit,
-                        on_prefill=on_prefill, on_step=bar.update, unit_slots=unit_slots)
+                        on_prefill=on_prefill, on_step=bar.update, unit_slots=unit_slots,
+                        stop=lambda: stopper.requested)
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()
