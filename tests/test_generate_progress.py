@@ -12,7 +12,7 @@ from test_generate_stage import init_store
 from test_graphed_rows import N_NEW, answers, make, units
 from tiny_models import tiny_tokenizer
 
-from patchdb.generate import stage
+from patchdb.generate import decode_loops, stage
 from patchdb.generate.engine import Engine
 
 
@@ -66,7 +66,7 @@ def test_the_bar_advances_with_decode_steps(tmp_path: Path, model_dir: Path,
     starts: list[int] = []
     steps: list[list[tuple[int, int]]] = []
 
-    class Bar(stage.tqdm):  # type: ignore[name-defined,misc]
+    class Bar(decode_loops.tqdm):  # type: ignore[name-defined,misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             bars.append(self)
@@ -98,7 +98,7 @@ def test_the_bar_advances_with_decode_steps(tmp_path: Path, model_dir: Path,
     assert len(tokens_seen) == 16
     stop = sorted({row[1] for row in tokens_seen[:8]} | {row[4] for row in tokens_seen[8:]})
     monkeypatch.setattr(stage, "eos_ids", lambda *a, **k: stop)
-    monkeypatch.setattr(stage, "tqdm", Bar)
+    monkeypatch.setattr(decode_loops, "tqdm", Bar)
     db = init_store(tmp_path, model_dir, **overrides)
     result = run_cli("generate", "--db", db, "--batch-size", "4", "--no-baselines")
     assert result.exit_code == 0, result.output
