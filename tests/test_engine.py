@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama, tiny_tokenizer
 
-from patchdb.generate.engine import Engine, TargetUnit, eos_ids, plan_batches
+from patchdb.generate.batching import plan_batches
+from patchdb.generate.engine import Engine, TargetUnit, eos_ids
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import find_layers
 from patchdb.generate.sampling import choose_tokens, rollout_seed, row_uniforms
@@ -305,7 +306,7 @@ def test_steering_starts_at_the_blank_line_and_covers_every_later_token(engine: 
 
 
 def test_batches_come_out_even() -> None:
-    from patchdb.generate.engine import even_batch_rows
+    from patchdb.generate.batching import even_batch_rows
 
     assert even_batch_rows(11_264, 1_040) == 1_024  # 11 batches of 1,024, not 10 x 1,040 + 864
     assert even_batch_rows(100, 64) == 50

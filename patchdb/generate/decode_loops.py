@@ -20,14 +20,9 @@ from tqdm import tqdm
 from patchdb.errors import ConfigError
 from patchdb.experiments import NO_STEERING
 from patchdb.faults import fault_point
+from patchdb.generate.batching import Piece, plan_batches
 from patchdb.generate.controls import unit_steer
-from patchdb.generate.engine import (
-    Completion,
-    Engine,
-    Piece,
-    TargetUnit,
-    plan_batches,
-)
+from patchdb.generate.engine import Completion, Engine, TargetUnit
 from patchdb.generate.plan import (
     UNPATCHED,
     GeneratePlan,

@@ -8,9 +8,8 @@ samples, which then decode with their own seeds. Rows that reach EOS are dropped
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -419,89 +418,3 @@ class Engine:
             out.append(rows[start : start + c])
             start += c
         return out
-
-
-@dataclass
-class Piece:
-    """Some samples of one pending unit (by index) that go into one batch."""
-
-    unit_index: int
-    samples: list[int]
-
-
-def plan_batches(pending: Sequence[Any], batch_rows: int) -> list[list[Piece]]:
-    """Group units into batches of at most `batch_rows` decode rows, in order. A unit with more
-    samples than that is split over consecutive batches. Items need a `samples` list."""
-    batches: list[list[Piece]] = []
-    current: list[Piece] = []
-    used = 0
-    for index, unit in enumerate(pending):
-        samples = list(unit.samples)
-        while samples:
-            if used == batch_rows:
-                batches.append(current)
-                current, used = [], 0
-            take = samples[: batch_rows - used]
-            samples = samples[len(take) :]
-            current.append(Piece(index, take))
-            used += len(take)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def even_batch_rows(total_rows: int, most: int) -> int:
-    """The fewest rows a batch needs so that `total_rows` still takes as few batches of at most
-    `most` rows: the batches come out even (1,040 rows a batch over 11,264 rows: 1,024), the
-    last is not a small remainder, and a captured step fits every batch."""
-    if total_rows <= 0:
-        return most
-    batches = -(-total_rows // most)
-    return -(-total_rows // batches)
-
-
-CPU_BATCH_ROWS = 64
-FREE_FRACTION = 0.8  # of free GPU memory for the KV cache and sampler; the rest is headroom
-MAX_BATCH_ROWS = 4096
-
-
-def auto_batch_size(
-    model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int,
-    shared_prefix: int = 0, samples: int = 0,
-) -> int:
-    """The most decode rows that fit free device memory (64 on the CPU).
-
-    Per row: the KV cache for prompt plus new tokens (less a prefix kept once for all rows),
-    plus the logits and the sampler's float32 probabilities and CDF over the vocabulary.
-    With `samples` (continuous batching with unit slots, refill.py) the prompt after the prefix
-    is kept once per unit, in unit_slots_for(rows, samples) slots, not in every row.
-    FREE_FRACTION of free memory is used.
-    """
-    if device.type != "cuda":
-        return CPU_BATCH_ROWS
-    config = model.config.get_text_config()
-    n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
-    n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
-    head_dim = int(getattr(config, "head_dim", None) or hidden // max(n_heads, 1))
-    vocab = int(getattr(config, "vocab_size", 0))
-    element = next(model.parameters()).element_size()
-    token_bytes = 2 * n_layers * n_kv * head_dim * element
-    own_prompt = prompt_len - shared_prefix
-    fixed = 0
-    if samples:  # unit slots: 4 per rows/samples units, plus 8 (unit_slots_for)
-        per_row_prompt = token_bytes * own_prompt * 4 / samples
-        fixed = token_bytes * own_prompt * 12  # 8 slots, and a unit's rounding up
-    else:
-        per_row_prompt = token_bytes * own_prompt
-    per_row = int(token_bytes * max_new_tokens + per_row_prompt + vocab * (4 + 8 + 4 + 4)
-                  + hidden * element * prompt_len)
-    free = 0
-    # A model spread over cards keeps each layer's cache on that layer's card.
-    cards = {p.device for p in model.parameters() if p.device.type == "cuda"} or {device}
-    for card in cards:
-        free += torch.cuda.mem_get_info(card)[0]
-        # Memory this process's allocator holds but does not use is free for us too.
-        free += torch.cuda.memory_reserved(card) - torch.cuda.memory_allocated(card)
-    return max(1, min(MAX_BATCH_ROWS, int(FREE_FRACTION * free - fixed) // max(per_row, 1)))

@@ -14,6 +14,7 @@ import torch
 
 from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.experiments import NO_STEERING
+from patchdb.generate.batching import auto_batch_size, even_batch_rows
 from patchdb.generate.controls import ensure_random_vectors
 from patchdb.generate.decode_loops import (
     FIRST_CTRL_C,
@@ -24,12 +25,7 @@ from patchdb.generate.decode_loops import (
     run_stream,
     store_prompt,
 )
-from patchdb.generate.engine import (
-    Engine,
-    auto_batch_size,
-    eos_ids,
-    even_batch_rows,
-)
+from patchdb.generate.engine import Engine, eos_ids
 from patchdb.generate.layers import check_layer_range, find_layers
 from patchdb.generate.loading import LoadedModel, default_device, load_model
 from patchdb.generate.plan import (  # re-exported: the CLI, tests and scripts import them here
