@@ -2,7 +2,8 @@
 # Set up (scripts/setup.sh), then lint, type-check and run the whole test suite.
 #
 # `bash scripts/test.sh --fast` runs the fast set instead: every test but the end-to-end runs on
-# SmolLM2 (`slow`), the tests that need PostgreSQL (`postgres`) or Chromium (`browser`), and,
+# SmolLM2 (`slow`), the tests that need PostgreSQL (`postgres`) or Chromium (`browser`), the
+# kill -9 runs of real processes at seeded fault points (`faults`, tests/test_faults.py), and,
 # where there is no GPU, the decode kernel's own tests in Triton's CPU interpreter (`triton`:
 # several minutes of CPU; run them with -m triton when the kernel changes). It neither installs
 # Chromium nor starts PostgreSQL. CI (.ci/run) runs everything. Any other arguments go to pytest
@@ -88,7 +89,7 @@ WORKERS=${PATCHDB_TEST_WORKERS:-auto}
 if [ "$WORKERS" = 1 ]; then PARALLEL=(); else PARALLEL=(-n "$WORKERS" --dist worksteal); fi
 SELECT=()
 if [ -n "$FAST" ]; then
-  LEAVE_OUT="slow or postgres or browser"
+  LEAVE_OUT="slow or postgres or browser or faults"
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     LEAVE_OUT="$LEAVE_OUT or triton"  # interpreted on the CPU: hundreds of times slower
   fi

@@ -185,17 +185,14 @@ def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
         return real(query, key, value, length, *args, **kwargs)
 
     triton_decode.decode_attention_triton = counting
-    try:
-        got, refill, _ = streamed(static, todo, 1.0, rows=4)
-        assert got == want
-        assert calls and set(calls) == {(1, False)}, "the kernel must run, a length per row"
-        assert refill.refills >= 2
-        calls.clear()
+    try:  # (the kernel is interpreted here, so one run covers ragged rows and unit prompts)
         got, refill, _ = streamed(static, todo, 1.0, rows=4, unit_slots=2)
-        assert got == want
-        assert calls and set(calls) == {(1, True)}, "the kernel must read the unit prompts"
     finally:
         triton_decode.decode_attention_triton = real
+    assert got == want
+    assert calls and set(calls) == {(1, True)}, "the kernel must run, with a length a row and " \
+        "the unit prompts"
+    assert refill.refills >= 2
 
 
 @pytest.mark.gpu
