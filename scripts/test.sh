@@ -83,9 +83,12 @@ if [ ${#SKIPPED[@]} -gt 0 ]; then warn_skipped; fi
 
 .venv/bin/ruff check patchdb tests scripts migrations
 .venv/bin/mypy patchdb
-# One test process per core (pytest-xdist; PATCHDB_TEST_WORKERS=1 runs them in this process),
-# tests handed out as workers come free, so one long test does not leave a core idle.
-WORKERS=${PATCHDB_TEST_WORKERS:-auto}
+# Test processes (pytest-xdist; PATCHDB_TEST_WORKERS=1 runs them in this process), tests handed
+# out as workers come free, so one long test does not leave a core idle.
+# Two workers per core: many tests wait on a patchdb process or a loopback server they started,
+# and a second worker per core fills those waits (on 2 cores: the whole suite 11.8 -> 11.1 min
+# of pytest, the fast set 5.5 -> 4.9 min).
+WORKERS=${PATCHDB_TEST_WORKERS:-$((2 * $(nproc)))}
 if [ "$WORKERS" = 1 ]; then PARALLEL=(); else PARALLEL=(-n "$WORKERS" --dist worksteal); fi
 SELECT=()
 if [ -n "$FAST" ]; then
