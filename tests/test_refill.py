@@ -6,22 +6,16 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine import PROMPT, STEER_LAYER, lively_llama, vector
+from test_engine import PROMPT, lively_llama, vector
+from test_graphed_rows import make
 from tiny_models import tiny_tokenizer
 
-from patchdb.generate.engine import Completion, Engine, TargetUnit
+from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.layers import find_layers
-from patchdb.generate.refill import generate_stream, parse_row
+from patchdb.generate.refill import generate_stream
 from patchdb.generate.sampling import Sampling
 
 N_NEW = 12
-
-
-def make(model: Any, eos: list[int], **kwargs: Any) -> Engine:
-    tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
-    start = ids.index(tok("\n")["input_ids"][0], 10)
-    return Engine(model, find_layers(model), ids, start, STEER_LAYER, eos, **kwargs)
 
 
 def work(engine: Engine) -> list[TargetUnit]:

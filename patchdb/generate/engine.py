@@ -43,6 +43,18 @@ class Completion:
     finish_reason: str
 
 
+def parse_row(ids: list[int], eos: set[int]) -> Completion:
+    """A row's drawn tokens (-1 after the last) as a completion, EOS left out."""
+    out: list[int] = []
+    for tok in ids:
+        if tok < 0:
+            break
+        if tok in eos:
+            return Completion(out, "stop")
+        out.append(tok)
+    return Completion(out, "length")
+
+
 def eos_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
     """Every token id that ends an answer: the generation config's and the tokenizer's."""
     ids: set[int] = set()
@@ -400,18 +412,7 @@ class Engine:
 
     def _completions(self, tokens: torch.Tensor, counts: list[int]) -> list[list[Completion]]:
         eos = set(self.eos_token_ids)
-        rows: list[Completion] = []
-        for row in tokens.tolist():
-            ids: list[int] = []
-            reason = "length"
-            for tok in row:
-                if tok < 0:
-                    break
-                if tok in eos:
-                    reason = "stop"
-                    break
-                ids.append(tok)
-            rows.append(Completion(ids, reason))
+        rows = [parse_row(row, eos) for row in tokens.tolist()]
         out: list[list[Completion]] = []
         start = 0
         for c in counts:

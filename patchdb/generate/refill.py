@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from patchdb.generate.engine import Completion, Engine, TargetUnit
+from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.graphed import GraphedDecoder
 from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 
@@ -52,18 +52,6 @@ class _Chunk:
     vectors: torch.Tensor
     units: list[_Unit]
     queue: deque[tuple[int, int, int]] = field(default_factory=deque)  # unit, sample, seed
-
-
-def parse_row(ids: list[int], eos: set[int]) -> Completion:
-    """A row's drawn tokens (-1 after the last) as a completion, EOS left out."""
-    out: list[int] = []
-    for tok in ids:
-        if tok < 0:
-            break
-        if tok in eos:
-            return Completion(out, "stop")
-        out.append(tok)
-    return Completion(out, "length")
 
 
 class Refill:
@@ -226,13 +214,13 @@ class Refill:
                                      torch.tensor([u for _, u in stored], device=self.device))
         return picks, waiting
 
-    def _harvest(self, rows: int) -> list[int]:
-        """File the answers of the finished rows among the first `rows`; returns those rows,
-        now free."""
+    def _harvest(self, rows: int) -> None:
+        """File the answers of the finished rows among the first `rows`; those rows are free
+        after it."""
         live = self.live[:rows].tolist()
         done = [r for r in range(rows) if self.owner[r] is not None and not live[r]]
         if not done:
-            return []
+            return
         eos = set(self.eos_list)
         drawn = self.tokens.index_select(0, torch.tensor(done, device=self.device)).tolist()
         for row, ids in zip(done, drawn, strict=True):
@@ -246,7 +234,6 @@ class Refill:
                 if unit.slot is not None:
                     self.free_slots.append(unit.slot)
             self.owner[row] = None
-        return done
 
     def _flush(self) -> None:
         """Hand finished units to on_unit (while the step just launched runs)."""
