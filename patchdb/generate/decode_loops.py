@@ -173,27 +173,34 @@ class Sources:
         return self.runs[word][layer]
 
 
-def run_batches(
-    store: Store,
-    plan: GeneratePlan,
-    engine: Engine,
-    sources: Sources,
-    readout: ReadoutContext,
-    batch_rows: int,
-    decode: Callable[[list[int]], str],
-    run_id: int,
-    result: GenerateResult,
-    stopper: StopAfterBatch,
-    progress: bool,
-    sampling: Sampling,
-) -> None:
+@dataclass
+class StageRun:
+    """What the decode loops take from the stage run: the store and plan, the engine and
+    where its source runs, readouts and sampling come from, how answers are decoded to text,
+    the stage_runs row, the result to count into, Ctrl-C, and whether a bar is shown."""
+
+    store: Store
+    plan: GeneratePlan
+    engine: Engine
+    sources: Sources
+    readout: ReadoutContext
+    decode: Callable[[list[int]], str]
+    run_id: int
+    result: GenerateResult
+    stopper: StopAfterBatch
+    progress: bool
+    sampling: Sampling
+
+
+def run_batches(run: StageRun, batch_rows: int) -> None:
     """Decode and write the pending units batch by batch. The bar counts token budgets (rows
     x max_new_tokens): it advances with every decode step, and a batch's rows that stopped
     early (or units another process wrote) count in full, so its ETA holds from the start."""
+    store, plan, engine, result, stopper = run.store, run.plan, run.engine, run.result, run.stopper
     done: dict[int, dict[int, Completion]] = {}
     budget = plan.max_new_tokens
     bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
-               desc="generate", disable=not progress)
+               desc="generate", disable=not run.progress)
     started = time.perf_counter()
     try:
         for planned in plan_batches(plan.pending, batch_rows):
@@ -203,18 +210,19 @@ def run_batches(
             bar.update(budget * sum(len(p.samples) for p in planned if p.unit_index in skipped))
             if not batch:
                 continue
-            units = [target_unit(piece, plan, sources, readout) for piece in batch]
-            read = PrefillReadouts(readout.reader)
+            units = [target_unit(piece, plan, run.sources, run.readout) for piece in batch]
+            read = PrefillReadouts(run.readout.reader)
             fault_point("generate.batch_started")
             drawn = bar.n
-            outputs = engine.generate(units, budget, sampling, on_prefill=read,
+            outputs = engine.generate(units, budget, run.sampling, on_prefill=read,
                                       on_step=bar.update)
             bar.update(budget * sum(len(p.samples) for p in batch) - (bar.n - drawn))
             fault_point("generate.batch_decoded")
             with stopper.writing():
                 prefilled = [ReadoutUnit(plan.pending[p.unit_index].unit) for p in batch]
-                result.readouts_written += keep_readouts(store, prefilled, read.values, run_id)
-                keep_batch(store, plan, batch, outputs, done, decode, run_id, result)
+                result.readouts_written += keep_readouts(store, prefilled, read.values,
+                                                         run.run_id)
+                keep_batch(store, plan, batch, outputs, done, run.decode, run.run_id, result)
             result.seconds = time.perf_counter() - started
             bar.set_postfix_str(f"{result.units_written} units written")
             if stopper.requested:
@@ -224,30 +232,16 @@ def run_batches(
         bar.close()
 
 
-def run_stream(
-    store: Store,
-    plan: GeneratePlan,
-    engine: Engine,
-    sources: Sources,
-    readout: ReadoutContext,
-    batch_rows: int,
-    decode: Callable[[list[int]], str],
-    run_id: int,
-    result: GenerateResult,
-    stopper: StopAfterBatch,
-    progress: bool,
-    sampling: Sampling,
-    unit_slots: int,
-) -> None:
+def run_stream(run: StageRun, batch_rows: int, unit_slots: int) -> None:
     """Decode the pending units with continuous batching (refill.py) and write each unit, with
     its first-token readout, as soon as its samples are done. Units another process wrote are
     dropped as they come up (checked STREAM_CHECK units at a time); after Ctrl-C no new unit
     starts and those in progress are finished and written. The bar counts token budgets, as
     run_batches' does."""
-
+    store, plan, engine, result, stopper = run.store, run.plan, run.engine, run.result, run.stopper
     budget = plan.max_new_tokens
     bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
-               desc="generate", disable=not progress)
+               desc="generate", disable=not run.progress)
     read: dict[int, Any] = {}
     started = time.perf_counter()
 
@@ -267,10 +261,10 @@ def run_stream(
                 if stopper.requested:
                     return
                 fault_point("generate.batch_started")
-                yield piece.unit_index, target_unit(piece, plan, sources, readout)
+                yield piece.unit_index, target_unit(piece, plan, run.sources, run.readout)
 
     def on_prefill(keys: list[int], logits: torch.Tensor) -> None:
-        read.update(zip(keys, readout.reader.read(logits), strict=True))
+        read.update(zip(keys, run.readout.reader.read(logits), strict=True))
 
     def on_unit(index: int, completions: list[Completion]) -> None:
         pending = plan.pending[index]
@@ -278,15 +272,15 @@ def run_stream(
         fault_point("generate.batch_decoded")
         with stopper.writing():
             result.readouts_written += keep_readouts(
-                store, [ReadoutUnit(pending.unit)], [read.pop(index)], run_id)
-            keep_batch(store, plan, [Piece(index, pending.samples)], [completions], {}, decode,
-                        run_id, result)
+                store, [ReadoutUnit(pending.unit)], [read.pop(index)], run.run_id)
+            keep_batch(store, plan, [Piece(index, pending.samples)], [completions], {},
+                       run.decode, run.run_id, result)
         bar.update(budget * len(completions) - drawn)
         result.seconds = time.perf_counter() - started
         bar.set_postfix_str(f"{result.units_written} units written", refresh=False)
 
     try:
-        generate_stream(engine, feed(), budget, sampling, batch_rows, on_unit,
+        generate_stream(engine, feed(), budget, run.sampling, batch_rows, on_unit,
                         on_prefill=on_prefill, on_step=bar.update, unit_slots=unit_slots,
                         stop=lambda: stopper.requested)
     finally:

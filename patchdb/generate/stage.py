@@ -20,6 +20,7 @@ from patchdb.generate.decode_loops import (
     FIRST_CTRL_C,
     SECOND_CTRL_C,
     Sources,
+    StageRun,
     StopAfterBatch,
     run_batches,
     run_stream,
@@ -152,13 +153,13 @@ def run_generate(
             readout = ReadoutContext(engine, loaded.tokenizer, config.prompt_intro,
                                      config.prompt_trial, scaled, random_scaled, reader, run.id,
                                      lambda: stopper.requested, stopper.writing)
+            loop = StageRun(store, plan, engine, sources, readout, decode, run.id, result,
+                            stopper, progress, sampling)
             if plan.pending and streams:
-                run_stream(store, plan, engine, sources, readout, batch_rows, decode, run.id,
-                            result, stopper, progress, sampling,
-                            unit_slots_for(batch_rows, unit_samples) if unit_samples else 0)
+                run_stream(loop, batch_rows,
+                           unit_slots_for(batch_rows, unit_samples) if unit_samples else 0)
             elif plan.pending:
-                run_batches(store, plan, engine, sources, readout, batch_rows, decode, run.id,
-                             result, stopper, progress, sampling)
+                run_batches(loop, batch_rows)
             if not stopper.requested:
                 result.readouts_written += missing_readouts(store, plan.readouts, readout,
                                                             progress)
