@@ -204,3 +204,34 @@ def test_decode_attention_gives_the_kernel_a_sliding_layers_window() -> None:
         by_kernel, _ = decode_attention(module, query, key, value, mask, scaling=0.25,
                                         sliding_window=window)
     torch.testing.assert_close(by_kernel, by_mask, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("of_row,ragged", [
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], False),  # one unit: each program reads its prompt once
+    ([2, 2, 0, 1, 2, 1, 1, 0, 3, 3, 2], True),  # a unit again after another, rows of 2 programs
+    ([3, 1, 0, 2, 4, 1, 3, 3, 0, 0, 4], True),
+])
+def test_rows_read_their_own_units_prompt_between_prefix_and_own_cache(
+    dtype: torch.dtype, of_row: list[int], ragged: bool
+) -> None:
+    batch, max_len, prefix_len, unit_len, n_units = 11, 70, 21, 37, 5
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, 4)
+    g = torch.Generator().manual_seed(6)
+    u_key = (torch.randn(n_units, 2, unit_len, 32, generator=g) * 3).to(DEVICE, dtype)
+    u_value = torch.randn(n_units, 2, unit_len, 32, generator=g).to(DEVICE, dtype)
+    lengths = [1, 70, 33, 2, 64, 65, 17, 40, 9, 31, 70] if ragged else [45] * batch
+    for i, n in enumerate(lengths):
+        key[i, :, n:] = 1e4
+    units = triton_decode.UnitPrompts(u_key, u_value,
+                                      torch.tensor(of_row, dtype=torch.int32, device=DEVICE))
+    length = torch.tensor(lengths if ragged else 45, dtype=torch.int32, device=DEVICE)
+    out = triton_decode.decode_attention_triton(query, key, value, length, 0.2,
+                                                (p_key, p_value), units=units)
+    # the reference: each row's unit prompt joined to its own cache, after the prefix
+    joined_k = torch.cat([u_key[of_row], key], dim=2)
+    joined_v = torch.cat([u_value[of_row], value], dim=2)
+    ref = masked_sdpa(query, joined_k, joined_v, [unit_len + n for n in lengths], 0.2,
+                      (p_key, p_value))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)

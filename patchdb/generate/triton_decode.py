@@ -126,16 +126,22 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             v = tl.load(pv_base + pos[:, None] * s_pvl + d[None, :], mask=inside[:, None], other=0.0)
             seen = ok[:, None] & inside[None, :] & (pos[None, :] >= lowest[:, None])
             best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+        lead = ok & (g == 0)  # each row's first line stands for the row
         if UNITS:
-            # Each row's unit's prompt (kept once per unit: row r reads unit units[r]'s), the
-            # rows one after another; a block of row r updates only r's lines.
+            # Each unit's prompt (kept once per unit), read once for all the program's rows of
+            # that unit: a unit's first row here leads it, and a block of the unit's prompt
+            # updates the lines of every row of the unit.
+            unit_line = tl.load(unit_ptr + safe_row * s_unit, mask=ok, other=-1)
+            earlier = ((unit_line[:, None] == unit_line[None, :])
+                       & (local[None, :] < local[:, None]) & ok[None, :])
+            leads = lead & (tl.sum(earlier.to(tl.int32), 1) == 0)
+            rank = tl.cumsum(leads.to(tl.int32), 0) - 1  # a leading line's place among them
             ublocks = tl.cdiv(unit_len, BLOCK_L)
-            for step in range(0, ROWS * ublocks):
-                r = step // ublocks
-                start = (step - r * ublocks) * BLOCK_L
-                this_row = tl.minimum(first + r, batch - 1)
-                mine = ok & (local == r)
-                unit = tl.load(unit_ptr + this_row * s_unit)
+            for step in range(0, tl.sum(leads.to(tl.int32), 0) * ublocks):
+                j = step // ublocks
+                start = (step - j * ublocks) * BLOCK_L
+                unit = tl.sum(tl.where(leads & (rank == j), unit_line, 0), 0)
+                mine = ok & (unit_line == unit)
                 pos = start + offs
                 inside = pos < unit_len
                 k = tl.load(uk_ptr + unit * s_ukb + head * s_ukh + pos[:, None] * s_ukl
@@ -146,21 +152,31 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                         & (prefix_len + pos[None, :] >= lowest[:, None]))
                 best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
         # Each row's own cache, the rows one after another in one pipelined loop: a block of
-        # row r updates only r's lines.
-        longest = tl.max(lens, 0)
-        blocks = tl.cdiv(longest, BLOCK_L)
-        for step in range(0, ROWS * blocks):
-            r = step // blocks
-            start = (step - r * blocks) * BLOCK_L
-            this_row = first + r
-            mine = ok & (local == r)
+        # row r updates only r's lines. Ragged rows take only their own blocks (the loop runs
+        # over the sum of the rows' block counts, not rows x the longest's).
+        if RAGGED:
+            row_blocks = tl.where(lead, tl.cdiv(lens, BLOCK_L), 0)
+            ends = tl.cumsum(row_blocks, 0)  # blocks up to and including each line's row
+            steps = tl.sum(row_blocks, 0)
+        else:
+            longest = tl.max(lens, 0)
+            steps = ROWS * tl.cdiv(longest, BLOCK_L)
+        for step in range(0, steps):
             if RAGGED:
-                length = tl.max(tl.where(mine, lens, 0), 0)
+                # the row this block is of: rows whose blocks all come before it
+                r = tl.sum((lead & (ends <= step)).to(tl.int32), 0)
+                at_r = lead & (local == r)
+                start = (step - tl.sum(tl.where(at_r, ends - row_blocks, 0), 0)) * BLOCK_L
+                length = tl.sum(tl.where(at_r, lens, 0), 0)
             else:
-                length = tl.where(this_row < batch, longest, 0)
+                blocks = tl.cdiv(longest, BLOCK_L)
+                r = step // blocks
+                start = (step - r * blocks) * BLOCK_L
+                length = tl.where(first + r < batch, longest, 0)
+            this_row = tl.minimum(first + r, batch - 1)
+            mine = ok & (local == r)
             pos = start + offs
             inside = pos < length
-            this_row = tl.minimum(this_row, batch - 1)
             k = tl.load(k_ptr + this_row * s_kb + head * s_kh + pos[:, None] * s_kl + d[None, :],
                         mask=inside[:, None], other=0.0)
             v = tl.load(v_ptr + this_row * s_vb + head * s_vh + pos[:, None] * s_vl + d[None, :],
