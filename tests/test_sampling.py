@@ -145,6 +145,22 @@ def test_bf16_logits_with_ties_sample_within_hf_support() -> None:
         assert bool((scores[rows, picks] >= lowest).all())
 
 
+@pytest.mark.parametrize("how", [Sampling(0.0), Sampling(1.0), Sampling(0.7, 64, 0.95),
+                                 Sampling(1.0, 1), Sampling(1.3, 5), Sampling(1.0, 0, 0.9),
+                                 Sampling(0.8, 300, 1.0)])
+def test_bf16_logits_draw_what_their_float32_widening_draws(how: Sampling) -> None:
+    """The decode step hands the sampler its logits in the model's dtype (no float32 copy of
+    the vocabulary); every draw equals the draw from the same logits widened, ties included."""
+    generator = torch.Generator().manual_seed(4)
+    logits = (torch.randn(32, 4000, generator=generator) * 3).bfloat16()
+    logits[:4, :200] = logits[:4, :1]  # whole rows of ties at the top
+    seeds = torch.arange(32, dtype=torch.int64) * 7919
+    for step in range(40):
+        steps = torch.full((32,), step, dtype=torch.int64) + torch.arange(32) % 3
+        assert torch.equal(choose_tokens(logits, seeds, steps, how),
+                           choose_tokens(logits.float(), seeds, steps, how))
+
+
 def hf_resolved(generation_config: GenerationConfig) -> tuple[int, float]:
     """What HF generate(temperature=1.0, do_sample=True) itself builds from a generation config:
     the top-k and top-p of its own logits processors (0 and 1.0 where it adds none)."""

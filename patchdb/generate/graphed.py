@@ -359,7 +359,8 @@ class GraphedDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (each row's last token drawn, at the position its count of
-        tokens drawn gives); returns float logits [n, vocab]."""
+        tokens drawn gives); returns logits [n, vocab] in the model's dtype: with a graph, a view of
+        its output, overwritten by the next step."""
         n = tokens.shape[0]
         rows = self.current
         rows.tokens[:n, 0].copy_(tokens)
@@ -370,9 +371,9 @@ class GraphedDecoder:
         rows.mask.scatter_(3, rows.slots.view(-1, 1, 1, 1), True)
         if not self.replay:
             with self._step_context(rows):
-                return self._forward(rows).logits[:n, -1].float()
+                return self._forward(rows).logits[:n, -1]
         if rows.graph is None:
             self._capture(rows)
         assert rows.graph is not None and rows.logits is not None
         rows.graph.replay()
-        return rows.logits[:n, -1].float()
+        return rows.logits[:n, -1]

@@ -143,12 +143,14 @@ def _top_k(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tens
     so the selection runs on the raw scores and only the candidates are scaled."""
     vocab = scores.shape[-1]
     k = min(k, vocab)
+    # The selection runs in the scores' own dtype (bfloat16 logits need no float32 copy of the
+    # whole vocabulary): widening is exact and keeps the order, so the candidates are the same.
     values, indices = torch.topk(scores, min(k + TIE_MARGIN, vocab))
     if values.shape[-1] < vocab and bool((values[:, -1] >= values[:, k - 1]).any()):
         # Ties reach past the margin in some row: take every token tied with its k-th score.
         widest = int((scores >= values[:, k - 1:k]).sum(dim=-1).max())
         values, indices = torch.topk(scores, widest)
-    values = values / temperature
+    values = values.float() / temperature
     return _fixed_order(values.masked_fill(values < values[:, k - 1:k], float("-inf")), indices)
 
 
@@ -178,15 +180,16 @@ def choose_tokens(
     sampling: "Sampling | float",
 ) -> torch.Tensor:
     """The next token of each row: argmax for temperature 0, else inverse-CDF sampling with the
-    row's own uniform from softmax(logits / temperature) cut by top-k, then top-p. Every
+    row's own uniform from softmax(logits / temperature) cut by top-k, then top-p; `logits` in
+    any float dtype (the draw is the same as from the same logits widened to float32). Every
     operation is row-wise, so a row's token does not depend on the other rows; one uniform per
     row (not per vocabulary entry) keeps sampling cheap next to a decode step on a 262k
     vocabulary. Top-k runs first (torch.topk), so top-p only sorts the k survivors."""
     how = as_sampling(sampling)
-    scores = logits.float()
     if how.temperature == 0:
-        return scores.argmax(dim=-1)
+        return logits.argmax(dim=-1)  # widening to float32 would change no comparison
     uniforms = row_uniforms(seeds, step)[:, None]
+    scores = logits.float() if how.top_k == 0 else logits
     if not how.cuts:
         cdf = torch.softmax(scores / how.temperature, dim=-1).cumsum_(dim=-1)
         picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).squeeze(-1)
