@@ -41,6 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from phases import PhaseClock, print_report  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # google/gemma-3-27b-it text config
@@ -655,9 +658,20 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
         for name in args.runs.split(","):
             compile_decode, stop, shrink, refill = FULL_LAYER_RUNS[name]
             stop_at = answer_lengths(args.new_tokens) if stop else None
-            r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device, args.batch_size,
-                          Path(tmp), compile_decode, True, stop_at, shrink,
-                          args.stop_words if stop else None, refill)
+            clock = PhaseClock() if args.phases else None
+            if clock is not None:
+                clock.install()
+            try:
+                r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
+                              args.batch_size, Path(tmp), compile_decode, True, stop_at, shrink,
+                              args.stop_words if stop else None, refill)
+            finally:
+                if clock is not None:
+                    clock.uninstall()
+            if clock is not None:
+                r["phases"] = clock.report()
+                without_window(r, r["phases"]["profiler_window_s"])
+                print_report(name, r["phases"])
             answers[name] = r.pop("_answers")
             runs[name] = r
             print(f"[{name}] {r['rollouts']} rollouts, {r['tokens']} tokens in {r['wall_s']:.1f} s: "
@@ -669,6 +683,18 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
     results["full_layer"]["differing_rows"] = differing_rows(answers)
     summarize_full_layer(results, model, flops)
     args.out.write_text(json.dumps(results, indent=2))
+
+
+def without_window(r: dict[str, Any], window_s: float) -> None:
+    """The run's time less the profiler window's (its few steps run slower)."""
+    r["wall_s"] -= window_s
+    r["tok_s"] = r["tokens"] / r["wall_s"]
+    r["tok_s_steady"] = r["tokens"] / max(r["wall_s"] - r["setup_s"], 1e-9)
+    if r.get("tok_s_before_drain"):
+        stats = r["refill_stats"]
+        r["tok_s_before_drain"] = ((r["tokens"] - sum(x["drain_tokens"] for x in stats))
+                                   / max(r["wall_s"] - r["setup_s"]
+                                         - sum(x["drain_s"] for x in stats), 1e-9))
 
 
 def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
@@ -752,6 +778,9 @@ def main() -> None:
                         help="the early-stop runs' words (default: all, the full layer)")
     parser.add_argument("--reference-units", type=int, default=3,
                         help="--full-layer: units of the per-key loop to time (0: none)")
+    parser.add_argument("--phases", action="store_true",
+                        help="--full-layer: time each phase of the decode loop and profile a few "
+                             "steps' kernels (scripts/phases.py)")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     args = parser.parse_args()
     device = args.device

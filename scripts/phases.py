@@ -1,0 +1,170 @@
+"""Where the continuous-batching loop's time goes, for the full-layer bench (bench_generate.py
+--phases): each phase of Refill (prefill, admitting rows, harvesting, handing units over,
+drawing) and the decoder's step, timed on the host and on the GPU's stream, and a profiler
+window of a few steps mid-run that lists the kernels of a step.
+
+CUDA events bracket each call in stream order. For a phase that launches GPU work (the step,
+the draw, a prefill) the pair measures that work; for a phase that runs on the host alone (the
+store write of a finished unit, harvesting) it measures how long the GPU waited for the host,
+because the end event is recorded only when the host is done. The loop's own bookkeeping
+between phases (the one sync a step) is what the phases leave of the run's wall time.
+"""
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# (module attribute path, method, phase name); the refill module and the decoder class are
+# looked up when installed, so a checkout without them is timed without those phases.
+PHASES = [
+    ("patchdb.generate.refill:Refill", "_prefill", "prefill"),
+    ("patchdb.generate.refill:Refill", "_admit", "admit (prefill included)"),
+    ("patchdb.generate.refill:Refill", "_harvest", "harvest"),
+    ("patchdb.generate.refill:Refill", "_flush", "hand units over (store writes)"),
+    ("patchdb.generate.refill:Refill", "_draw", "draw (sampler)"),
+    ("patchdb.generate.refill:Refill", "_shrink", "shrink"),
+    ("patchdb.generate.graphed:GraphedDecoder", "step", "decode step (graph replay)"),
+]
+
+KERNEL_KINDS = [  # first match wins
+    ("attention", re.compile(r"_decode_kernel|flash|fmha|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|splitK|cublas", re.I)),
+    ("sampler", re.compile(r"topk|sort|radix|scan|cumsum|searchsorted|bitonic|softmax", re.I)),
+    ("fused (compiled)", re.compile(r"^triton_", re.I)),
+]
+
+
+def _lookup(path: str) -> Any:
+    module, _, name = path.partition(":")
+    try:
+        mod = __import__(module, fromlist=[name])
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+class PhaseClock:
+    """Install with `install()`, run the stage, then `report()` (after a sync)."""
+
+    def __init__(self, window_at: int = 300, window_steps: int = 3) -> None:
+        self.events: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
+        self.host: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.window_at, self.window_steps = window_at, window_steps
+        self.window_s = 0.0
+        self.kernels: dict[str, float] = {}  # kernel name -> GPU microseconds in the window
+        self._prof: Any = None
+        self._window_t0 = 0.0
+        self._restore: list[tuple[Any, str, Callable[..., Any]]] = []
+        self.run_wall = 0.0
+
+    def install(self) -> None:
+        for path, method, label in PHASES:
+            owner = _lookup(path)
+            if owner is None or not hasattr(owner, method):
+                continue
+            real = getattr(owner, method)
+            self._restore.append((owner, method, real))
+            setattr(owner, method, self._timed(real, label, method == "step"))
+        refill = _lookup("patchdb.generate.refill:Refill")
+        if refill is not None:
+            real_run = refill.run
+            self._restore.append((refill, "run", real_run))
+            clock = self
+
+            def run(self_: Any) -> None:
+                t0 = time.perf_counter()
+                try:
+                    real_run(self_)
+                finally:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    clock.run_wall += time.perf_counter() - t0
+
+            refill.run = run
+
+    def uninstall(self) -> None:
+        for owner, method, real in reversed(self._restore):
+            setattr(owner, method, real)
+        self._restore.clear()
+
+    def _timed(self, real: Callable[..., Any], label: str, is_step: bool) -> Callable[..., Any]:
+        clock = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if is_step:
+                clock._window()
+            cuda = torch.cuda.is_available()
+            start = torch.cuda.Event(enable_timing=True) if cuda else None
+            end = torch.cuda.Event(enable_timing=True) if cuda else None
+            if start is not None:
+                start.record()
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                if end is not None:
+                    end.record()
+                clock.host[label] += time.perf_counter() - t0
+                clock.events[label].append((start, end))
+
+        return timed
+
+    def _window(self) -> None:
+        """Open the profiler before step window_at, close it before step window_at + steps."""
+        self.steps += 1
+        if self.steps == self.window_at:
+            torch.cuda.synchronize()
+            self._window_t0 = time.perf_counter()
+            self._prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
+        elif self.steps == self.window_at + self.window_steps and self._prof is not None:
+            torch.cuda.synchronize()
+            self._prof.__exit__(None, None, None)
+            for avg in self._prof.key_averages():
+                if avg.self_device_time_total > 0 and "cuda" in str(avg.device_type).lower():
+                    self.kernels[avg.key] = avg.self_device_time_total / self.window_steps
+            self._prof = None
+            torch.cuda.synchronize()
+            self.window_s += time.perf_counter() - self._window_t0
+
+    def report(self) -> dict[str, Any]:
+        """Per phase: calls, host seconds, GPU-stream seconds; the kernels of one step by kind
+        and the 20 largest (microseconds a step, from the profiler window)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        phases: dict[str, Any] = {}
+        for label, pairs in self.events.items():
+            gpu = sum(s.elapsed_time(e) for s, e in pairs if s is not None) / 1e3
+            phases[label] = {"calls": len(pairs), "host_s": round(self.host[label], 3),
+                             "gpu_s": round(gpu, 3)}
+        kinds: dict[str, float] = defaultdict(float)
+        for name, us in self.kernels.items():
+            kind = next((k for k, rx in KERNEL_KINDS if rx.search(name)), "other")
+            kinds[kind] += us
+        top = sorted(self.kernels.items(), key=lambda kv: -kv[1])[:20]
+        return {"run_wall_s": round(self.run_wall, 3), "profiler_window_s": round(self.window_s, 3),
+                "steps": self.steps, "phases": phases,
+                "step_kernels_us": {k: round(v, 1) for k, v in sorted(kinds.items())},
+                "step_kernels_total_us": round(sum(self.kernels.values()), 1),
+                "top_kernels_us": [[name[:90], round(us, 1)] for name, us in top]}
+
+
+def print_report(name: str, report: dict[str, Any]) -> None:
+    print(f"[{name}] phases over {report['run_wall_s']:.1f} s of the decode loop "
+          f"({report['steps']} steps; profiler window {report['profiler_window_s']:.1f} s):",
+          flush=True)
+    for label, p in report["phases"].items():
+        print(f"  {label}: {p['calls']} calls, host {p['host_s']:.2f} s, GPU stream "
+              f"{p['gpu_s']:.2f} s", flush=True)
+    if report["step_kernels_us"]:
+        kinds = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in report["step_kernels_us"].items())
+        print(f"  one step's kernels (ms): {kinds}; total "
+              f"{report['step_kernels_total_us'] / 1e3:.2f}", flush=True)
+        for kname, us in report["top_kernels_us"][:12]:
+            print(f"    {us / 1e3:7.3f} ms  {kname}", flush=True)

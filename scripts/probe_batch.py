@@ -1,0 +1,171 @@
+"""What a decode step costs at a given batch, piece by piece, at the Gemma-3-27B shape (no model
+is built): the step's linear layers at nearby row counts (how well a row count fits the matmul
+tiles), the decode attention with unit prompts at uniform and at realistic ragged lengths (this
+checkout's kernel, and another copy of triton_decode.py given with --old-kernel), and the
+sampler on bfloat16 logits against the same logits widened to float32.
+
+    python scripts/probe_batch.py --rows 403 --old-kernel .bench/old_triton_decode.py --out probe.json
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_generate import SHAPES, answer_lengths  # noqa: E402
+
+from patchdb.generate import triton_decode  # noqa: E402
+from patchdb.generate.sampling import Sampling, choose_tokens  # noqa: E402
+
+DEV = "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_ms(fn: Any, n: int = 20) -> float:
+    """The mean over n calls after one warm-up, in milliseconds (CUDA events)."""
+    if not torch.cuda.is_available():  # a smoke run of the script on the CPU
+        import time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def linears(rows_list: list[int], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One layer's seven linears plus the LM head over the full depth, per row count."""
+    h, i = spec["hidden_size"], spec["intermediate_size"]
+    q = spec["num_attention_heads"] * spec["head_dim"]
+    kv = spec["num_key_value_heads"] * spec["head_dim"]
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    weights = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for k, n in shapes]
+    head = torch.randn(spec["vocab_size"], h, device=DEV, dtype=torch.bfloat16)
+    flop_per_row = 2 * (sum(k * n for k, n in shapes) * spec["num_hidden_layers"]
+                        + spec["vocab_size"] * h)
+    out = []
+    for rows in rows_list:
+        layer = 0.0
+        for (k, _), w in zip(shapes, weights, strict=True):
+            x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
+            layer += cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+        x = torch.randn(rows, h, device=DEV, dtype=torch.bfloat16)
+        head_ms = cuda_ms(lambda x=x: torch.nn.functional.linear(x, head), 10)
+        total = layer * spec["num_hidden_layers"] + head_ms
+        out.append({"rows": rows, "ms": round(total, 3), "us_per_row": round(total / rows * 1e3, 2),
+                    "tflops": round(flop_per_row * rows / total / 1e9, 1)})
+        print(f"linears at {rows} rows: {total:.2f} ms a step, {total / rows * 1e3:.1f} us a row, "
+              f"{flop_per_row * rows / total / 1e9:.0f} TFLOP/s", flush=True)
+    return out
+
+
+def live_lengths(rows: int, max_new: int) -> torch.Tensor:
+    """Own-cache lengths of rows in a steady continuous batch under the bench's stop-length
+    model: a row is seen at a uniform point of its life, so longer answers are seen more often."""
+    seeds = torch.arange(rows * 50, dtype=torch.int64)
+    ends = answer_lengths(max_new)(seeds)
+    total = torch.where(ends < 0, max_new, ends + 1).double()
+    pick = torch.multinomial(total, rows, replacement=True, generator=torch.Generator().manual_seed(0))
+    at = (torch.rand(rows, generator=torch.Generator().manual_seed(1)) * total[pick]).long() + 1
+    return at.to(torch.int32)
+
+
+def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
+              kernels: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both kernels at uniform and ragged own lengths, rows of a unit side by side as refill
+    admits them (runs of 64, cut where rows were refilled)."""
+    kvh, groups, dim = 16, 2, 128
+    g = torch.Generator(device=DEV).manual_seed(0)
+    query = torch.randn(rows, kvh, groups, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    key = torch.randn(rows, kvh, max_new, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    value = torch.randn_like(key)
+    prefix = (torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g),
+              torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g))
+    n_units = 4 * -(-rows // 64) + 8
+    u_k = torch.randn(n_units, kvh, unit_len, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    u_v = torch.randn_like(u_k)
+    runs = torch.randint(1, 16, (rows,), generator=torch.Generator().manual_seed(2))
+    of_row, unit, left = [], 0, int(runs[0])
+    for r in range(rows):  # runs of one unit, 1-15 rows long, units cycling through the slots
+        if left == 0:
+            unit, left = (unit + 1) % n_units, int(runs[r])
+        of_row.append(unit)
+        left -= 1
+    out = []
+    cases = {"uniform 50": torch.tensor(50, dtype=torch.int32, device=DEV),
+             "ragged (stop model)": live_lengths(rows, max_new).to(DEV)}
+    for case, length in cases.items():
+        for name, mod in kernels.items():
+            units = mod.UnitPrompts(u_k, u_v, torch.tensor(of_row, dtype=torch.int32, device=DEV))
+            fn = lambda mod=mod, units=units, length=length: mod.decode_attention_triton(  # noqa: E731
+                query, key, value, length, dim**-0.5, prefix, units=units)
+            result = fn().float()
+            ms = cuda_ms(fn, 50)
+            out.append({"case": case, "kernel": name, "us": round(ms * 1e3, 1)})
+            print(f"attention {case}, {name}: {ms * 1e3:.0f} us a layer", flush=True)
+            if name != "this":
+                ref = kernels["this"].decode_attention_triton(query, key, value, length,
+                                                               dim**-0.5, prefix, units=mod.UnitPrompts(
+                                                                   u_k, u_v, units.of_row)).float()
+                out[-1]["max_diff_vs_this"] = float((result - ref).abs().max())
+    return out
+
+
+def sampler(rows: int, vocab: int) -> dict[str, float]:
+    logits = (torch.randn(rows, vocab, device=DEV) * 3).bfloat16()
+    seeds = torch.arange(rows, device=DEV)
+    how = Sampling(1.0, 64, 0.95)
+    bf16 = cuda_ms(lambda: choose_tokens(logits, seeds, 5, how))
+    widened = cuda_ms(lambda: choose_tokens(logits.float(), seeds, 5, how))
+    same = bool(torch.equal(choose_tokens(logits, seeds, 5, how),
+                            choose_tokens(logits.float(), seeds, 5, how)))
+    print(f"sampler at {rows} rows: bf16 {bf16:.2f} ms, widened to float32 first {widened:.2f} ms, "
+          f"same draws {same}", flush=True)
+    return {"bf16_ms": bf16, "float32_ms": widened, "same": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, required=True)
+    parser.add_argument("--prefix", type=int, default=150)
+    parser.add_argument("--unit-len", type=int, default=27)
+    parser.add_argument("--old-kernel", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    spec = SHAPES["gemma3-27b"]
+    kernels: dict[str, Any] = {"this": triton_decode}
+    if args.old_kernel is not None and args.old_kernel.exists():
+        loader = importlib.util.spec_from_file_location("old_triton_decode", args.old_kernel)
+        assert loader is not None and loader.loader is not None
+        old = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(old)
+        kernels["before"] = old
+    r = args.rows
+    near = sorted({r, r // 64 * 64, r // 128 * 128, -(-r // 128) * 128, 256, 384, 512, 640, 768,
+                   1024} - {0})
+    if DEV == "cpu":  # smoke run: a small vocabulary and depth
+        spec = dict(spec, vocab_size=4096, num_hidden_layers=2)
+    results: dict[str, Any] = {"card": torch.cuda.get_device_name(0) if DEV != "cpu" else "cpu", "rows": r,
+               "linears": linears(near, spec),
+               "attention": attention(r, args.prefix, args.unit_len, 100, kernels),
+               "sampler": sampler(r, spec["vocab_size"])}
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
