@@ -240,3 +240,25 @@ def varied_stops(rows: list[list[int]], answers: Any) -> tuple[list[int], list[A
                 if len(ends) >= 5:
                     return sorted(stop), want
     raise AssertionError("no EOS choice ends rows at different steps")
+
+
+def test_units_that_end_together_are_handed_over_one_a_step() -> None:
+    # Rows in step (no EOS): the three one-row units all end at the same step. Writing them all
+    # while one step runs would leave the GPU waiting on the host: one goes per step.
+    model = lively_llama(seed=4)
+    static = make(model, [], graph_replay=False)
+    todo = [TargetUnit(vector(20 + i), None, None, [i]) for i in range(3)]
+    steps = [0]
+    at: list[int] = []
+
+    def on_step(n: int) -> None:
+        steps[0] += 1
+
+    def on_unit(key: int, completions: list[Completion]) -> None:
+        at.append(steps[0])
+
+    generate_stream(static, iter(enumerate(todo + [TargetUnit(vector(30), None, None,
+                                                              list(range(3, 6)))])),
+                    N_NEW, 0.0, 3, on_unit, on_step=on_step)
+    assert len(at) == 4
+    assert at[0] < at[1] < at[2], "the units that ended together went in one step"

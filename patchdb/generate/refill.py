@@ -31,6 +31,9 @@ REFILL_FRACTION = 1 / 16
 # Prefill ahead at least this fraction of the rows' worth of samples at a time.
 PREFILL_FRACTION = 1.0
 PREFILL_MOST_UNITS = 16  # units in one prefill forward (its activations and KV are transient)
+# Finished units handed over (written to the store) while one step runs; the rest wait for the
+# next steps. A unit's write takes less host time than a step of a large model.
+FLUSH_PER_STEP = 1
 
 
 @dataclass
@@ -235,9 +238,12 @@ class Refill:
                     self.free_slots.append(unit.slot)
             self.owner[row] = None
 
-    def _flush(self) -> None:
-        """Hand finished units to on_unit (while the step just launched runs)."""
-        done, self.done_units = self.done_units, []
+    def _flush(self, most: int | None = None) -> None:
+        """Hand finished units to on_unit (while the step just launched runs), at most `most`
+        of them: when many finish at once (rows in step end together), writing them all in one
+        step would leave the GPU waiting for the host."""
+        cut = len(self.done_units) if most is None else most
+        done, self.done_units = self.done_units[:cut], self.done_units[cut:]
         for unit in done:
             completions = [c for c in unit.completions if c is not None]
             assert len(completions) == len(unit.completions)
@@ -284,7 +290,7 @@ class Refill:
                 self._shrink(rows)
                 rows = decoder.current.rows
             logits = decoder.step(self.last[:rows])
-            self._flush()
+            self._flush(FLUSH_PER_STEP)
             self._draw(logits, rows, live)
 
     def _draw(self, logits: torch.Tensor, rows: int, live_count: int) -> None:
