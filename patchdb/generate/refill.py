@@ -291,6 +291,10 @@ class Refill:
                 rows = decoder.current.rows
             logits = decoder.step(self.last[:rows])
             self._flush(FLUSH_PER_STEP)
+            if not self.fed_all and self._queued() < decoder.rows:
+                # Prefill ahead while the step runs: the host launches the prefill's many small
+                # kernels while the GPU is busy, not after a sync with the GPU idle.
+                self._pull(decoder.rows)
             self._draw(logits, rows, live)
 
     def _draw(self, logits: torch.Tensor, rows: int, live_count: int) -> None:
