@@ -364,8 +364,9 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     stage_mod.eos_ids = lambda *a, **k: [STOP_TOKEN] if stop_at is not None else []
     choose = engine_mod.choose_tokens
     if stop_at is not None:
-        def forced(logits: torch.Tensor, seeds: torch.Tensor, step: Any, how: Any) -> torch.Tensor:
-            drawn = choose(logits, seeds, step, how)  # step: one int, or one per row (refill)
+        def forced(logits: torch.Tensor, seeds: torch.Tensor, step: Any, how: Any,
+                   *rest: Any) -> torch.Tensor:
+            drawn = choose(logits, seeds, step, how, *rest)  # step: an int, or one a row
             return torch.where(stop_at(seeds) == step, STOP_TOKEN, drawn)
         engine_mod.choose_tokens = forced
         if refill_mod is not None:

@@ -262,3 +262,33 @@ def test_units_that_end_together_are_handed_over_one_a_step() -> None:
                     N_NEW, 0.0, 3, on_unit, on_step=on_step)
     assert len(at) == 4
     assert at[0] < at[1] < at[2], "the units that ended together went in one step"
+
+
+def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loop's draw does not wait for top-k's tie check; where it fails, the draw is undone
+    # and made again at the next sync. Here every third unchecked draw "fails" and returns
+    # wrong tokens: the answers must still be the eager decode's.
+    import patchdb.generate.refill as refill_mod
+
+    real = refill_mod.choose_tokens
+    calls = [0]
+
+    def failing(logits: Any, seeds: Any, step: Any, how: Any, overflow: Any = None) -> Any:
+        picked = real(logits, seeds, step, how, overflow)
+        if overflow is None or not overflow:
+            return picked
+        calls[0] += 1
+        if calls[0] % 3:
+            return picked
+        overflow[0] = torch.tensor(True)
+        return torch.zeros_like(picked)  # what a draw that missed tied tokens might give
+
+    how = Sampling(0.9, top_k=20, top_p=0.9)
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = stop_tokens(model, todo, how)
+    want = eager(model, stop, todo, how)
+    monkeypatch.setattr(refill_mod, "choose_tokens", failing)
+    got, refill, _ = streamed(make(model, stop, graph_replay=False), todo, how, rows=5)
+    assert refill.redraws >= 5
+    assert got == want

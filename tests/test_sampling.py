@@ -161,6 +161,20 @@ def test_bf16_logits_draw_what_their_float32_widening_draws(how: Sampling) -> No
                            choose_tokens(logits.float(), seeds, steps, how))
 
 
+def test_an_unchecked_draw_flags_ties_past_its_candidates_and_else_draws_the_same() -> None:
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 3000, generator=generator)
+    seeds = torch.arange(6, dtype=torch.int64)
+    how = Sampling(1.0, 64, 0.95)
+    flags: list[torch.Tensor] = []
+    assert torch.equal(choose_tokens(logits, seeds, 2, how, flags), choose_tokens(logits, seeds, 2, how))
+    assert len(flags) == 1 and not bool(flags[0])
+    logits[3, :500] = logits[3].max() + 1  # 500 tokens tied at the top: past 64 + the margin
+    flags.clear()
+    choose_tokens(logits, seeds, 2, how, flags)
+    assert bool(flags[0])
+
+
 def hf_resolved(generation_config: GenerationConfig) -> tuple[int, float]:
     """What HF generate(temperature=1.0, do_sample=True) itself builds from a generation config:
     the top-k and top-p of its own logits processors (0 and 1.0 where it adds none)."""

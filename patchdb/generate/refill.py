@@ -93,6 +93,8 @@ class Refill:
         self.free_slots = list(range(decoder.unit_slots))[::-1]
         self.refills = 0  # admissions after the first (for benchmarks and tests)
         self.slot_waits = 0  # admissions cut short for want of a free unit slot
+        self.redraws = 0  # draws made again after their top-k tie check failed
+        self._redo: tuple[Any, ...] | None = None  # the last draw's check and what undoes it
         # the drain (nothing left to start): when it began (perf_counter) and the tokens drawn
         # before it, for benchmarks: a sweep in one process drains once, at its very end
         self.drain_started: float | None = None
@@ -266,7 +268,7 @@ class Refill:
         threshold = max(1, int(decoder.rows * REFILL_FRACTION))
         while True:
             rows = decoder.current.rows
-            live = int(self.live[:rows].sum())  # the one sync a step
+            live = self._settle(rows)  # the one sync a step
             finished = sum(o is not None for o in self.owner[:rows]) - live
             more = self._more_work()
             if not more and self.drain_started is None:
@@ -297,12 +299,34 @@ class Refill:
                 self._pull(decoder.rows)
             self._draw(logits, rows, live)
 
-    def _draw(self, logits: torch.Tensor, rows: int, live_count: int) -> None:
+    def _settle(self, rows: int) -> int:
+        """The rows live after the last draw (the loop's one sync a step). Where that draw's
+        top-k ties reached past its candidates, the draw is undone and made again exactly
+        (its logits are still the step's: no step has run since)."""
+        redo, self._redo = self._redo, None
+        if redo is None:
+            return int(self.live[:rows].sum())
+        overflow, logits, n, live_count, last, live, drawn = redo
+        count, again = torch.stack((self.live[:rows].sum(), overflow.long())).tolist()
+        if not again:
+            return int(count)
+        self.redraws += 1
+        self.last[:n], self.live[:n] = last, live
+        self.decoder.current.drawn.copy_(drawn)
+        self._draw(logits, n, live_count, again=True)
+        return int(self.live[:rows].sum())
+
+    def _draw(self, logits: torch.Tensor, rows: int, live_count: int, again: bool = False) -> None:
         """Each live row draws its next token at its own step; rows that reach EOS or the cap
-        stop being live."""
+        stop being live. The sampler does not wait for its top-k tie check (_settle reads it
+        with the step's sync); `again`: the exact draw after a check that failed."""
         drawn = self.decoder.current.drawn  # per row, tokens drawn so far: this one's index
         live = self.live[:rows]
-        picked = choose_tokens(logits, self.seeds[:rows], drawn, self.how)
+        overflow: list[torch.Tensor] | None = None if again else []
+        picked = choose_tokens(logits, self.seeds[:rows], drawn, self.how, overflow)
+        if overflow:
+            self._redo = (overflow[0], logits, rows, live_count, self.last[:rows].clone(),
+                          live.clone(), drawn.clone())
         at = drawn.clamp(max=self.max_new - 1)[:, None]
         tokens = self.tokens[:rows]
         tokens.scatter_(1, at, torch.where(live, picked, tokens.gather(1, at).squeeze(1))[:, None])
@@ -310,6 +334,8 @@ class Refill:
         self.decoder.advance(live)  # in place: `drawn` now counts this token
         ended = torch.isin(picked, self.eos) | (drawn >= self.max_new)
         self.live[:rows] = live & ~ended
+        if again:
+            return
         self.drawn += live_count
         if self.on_step is not None:
             self.on_step(live_count)

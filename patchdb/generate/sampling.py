@@ -136,7 +136,8 @@ def resolve_sampling(
 TIE_MARGIN = 64
 
 
-def _top_k(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_k(scores: torch.Tensor, k: int, temperature: float,
+           overflow: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's survivors of temperature then top-k, highest first, as (scaled scores, token
     ids). Like HF's warper, every token tied with the k-th highest scaled score survives; the
     rest of the returned columns are -inf. Dividing by a positive temperature keeps the order,
@@ -146,10 +147,14 @@ def _top_k(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tens
     # The selection runs in the scores' own dtype (bfloat16 logits need no float32 copy of the
     # whole vocabulary): widening is exact and keeps the order, so the candidates are the same.
     values, indices = torch.topk(scores, min(k + TIE_MARGIN, vocab))
-    if values.shape[-1] < vocab and bool((values[:, -1] >= values[:, k - 1]).any()):
-        # Ties reach past the margin in some row: take every token tied with its k-th score.
-        widest = int((scores >= values[:, k - 1:k]).sum(dim=-1).max())
-        values, indices = torch.topk(scores, widest)
+    if values.shape[-1] < vocab:
+        beyond = (values[:, -1] >= values[:, k - 1]).any()
+        if overflow is not None:
+            overflow.append(beyond)  # the caller checks it later, with no sync here
+        elif bool(beyond):
+            # Ties reach past the margin in some row: take every token tied with its k-th score.
+            widest = int((scores >= values[:, k - 1:k]).sum(dim=-1).max())
+            values, indices = torch.topk(scores, widest)
     values = values.float() / temperature
     return _fixed_order(values.masked_fill(values < values[:, k - 1:k], float("-inf")), indices)
 
@@ -177,14 +182,18 @@ def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def choose_tokens(
     logits: torch.Tensor, seeds: torch.Tensor, step: "int | torch.Tensor",
-    sampling: "Sampling | float",
+    sampling: "Sampling | float", overflow: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The next token of each row: argmax for temperature 0, else inverse-CDF sampling with the
     row's own uniform from softmax(logits / temperature) cut by top-k, then top-p; `logits` in
     any float dtype (the draw is the same as from the same logits widened to float32). Every
     operation is row-wise, so a row's token does not depend on the other rows; one uniform per
     row (not per vocabulary entry) keeps sampling cheap next to a decode step on a 262k
-    vocabulary. Top-k runs first (torch.topk), so top-p only sorts the k survivors."""
+    vocabulary. Top-k runs first (torch.topk), so top-p only sorts the k survivors.
+
+    With `overflow` (a list), top-k does not wait for the GPU to check whether ties at the k-th
+    score reach past the candidates it took: it appends that check, a bool tensor, and the
+    caller must draw again without `overflow` where it holds (the draw may miss tied tokens)."""
     how = as_sampling(sampling)
     if how.temperature == 0:
         return logits.argmax(dim=-1)  # widening to float32 would change no comparison
@@ -195,7 +204,7 @@ def choose_tokens(
         picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).squeeze(-1)
         return picks.clamp_(max=scores.shape[-1] - 1)
     if how.top_k > 0:
-        values, indices = _top_k(scores, how.top_k, how.temperature)
+        values, indices = _top_k(scores, how.top_k, how.temperature, overflow)
     else:
         ascending = torch.sort(scores / how.temperature, dim=-1, stable=True)
         values, indices = ascending.values.flip(-1), ascending.indices.flip(-1)
