@@ -27,6 +27,7 @@ PHASES = [
     ("patchdb.generate.refill:Refill", "_flush", "hand units over (store writes)"),
     ("patchdb.generate.refill:Refill", "_draw", "draw (sampler)"),
     ("patchdb.generate.refill:Refill", "_shrink", "shrink"),
+    ("patchdb.generate.refill:Refill", "_wait", "host waits for the last draw"),
     ("patchdb.generate.graphed:GraphedDecoder", "step", "decode step (graph replay)"),
 ]
 

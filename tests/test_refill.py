@@ -269,9 +269,12 @@ def test_units_that_end_together_are_handed_over_one_a_step() -> None:
     assert at[0] < at[1] < at[2], "the units that ended together went in one step"
 
 
-def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The loop's draw does not wait for top-k's tie check; where it fails, the draw is undone
-    # and made again at the next sync. Here every third unchecked draw "fails" and returns
+@pytest.mark.parametrize("fast_attention", [False, True], ids=["hf-attention", "decode-attention"])
+def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.MonkeyPatch,
+                                                             fast_attention: bool) -> None:
+    # The loop's draw does not wait for top-k's tie check, and the next step is launched from
+    # its tokens before the host reads the check; where it fails, the draw is undone, its step
+    # run again and the draw made exactly. Here every third unchecked draw "fails" and returns
     # wrong tokens: the answers must still be the eager decode's.
     import patchdb.generate.refill as refill_mod
 
@@ -294,6 +297,7 @@ def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.
     stop = stop_tokens(model, todo, how)
     want = eager(model, stop, todo, how)
     monkeypatch.setattr(refill_mod, "choose_tokens", failing)
-    got, refill, _ = streamed(make(model, stop, graph_replay=False), todo, how, rows=5)
+    got, refill, _ = streamed(make(model, stop, graph_replay=False, fast_attention=fast_attention,
+                                   share_prefix=fast_attention), todo, how, rows=5)
     assert refill.redraws >= 5
     assert got == want

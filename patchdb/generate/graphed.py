@@ -304,6 +304,13 @@ class GraphedDecoder:
         else:
             drawn += live
 
+    def unmark_step(self) -> None:
+        """Take back what the last step added to the attention mask (the slot each row wrote),
+        before a step from an earlier state runs again: the slot's key and value are rewritten
+        when the rows reach it again, and nothing reads it before."""
+        rows = self.current
+        rows.mask.scatter_(3, rows.slots.view(-1, 1, 1, 1), False)
+
     def shrinks_to(self, live: int) -> bool:
         """Whether `live` rows fit a smaller row count than the step runs at now."""
         return self._smallest_fitting(live) < self.current.rows

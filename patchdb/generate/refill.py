@@ -54,7 +54,9 @@ class _Chunk:
     logits: torch.Tensor
     vectors: torch.Tensor
     units: list[_Unit]
-    queue: deque[tuple[int, int, int]] = field(default_factory=deque)  # unit, sample, seed
+    first: torch.Tensor | None = None  # each sample's first token, in queue order
+    # unit, sample, seed, the sample's place in `first`
+    queue: deque[tuple[int, int, int, int]] = field(default_factory=deque)
 
 
 class Refill:
@@ -94,7 +96,19 @@ class Refill:
         self.refills = 0  # admissions after the first (for benchmarks and tests)
         self.slot_waits = 0  # admissions cut short for want of a free unit slot
         self.redraws = 0  # draws made again after their top-k tie check failed
-        self._redo: tuple[Any, ...] | None = None  # the last draw's check and what undoes it
+        # The host's copy of the last draw's outcome (live rows, tokens, top-k tie check),
+        # copied without a sync and read once the draw is done (_wait): the next step is
+        # launched before the host looks, so the GPU never waits for the host to launch it.
+        pin = device.type == "cuda"
+        self.host_live = torch.zeros(rows, dtype=torch.bool, pin_memory=pin)
+        self.host_tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.int64,
+                                      pin_memory=pin)
+        self.host_overflow = torch.zeros(1, dtype=torch.bool, pin_memory=pin)
+        self.drawn_event = torch.cuda.Event() if pin else None
+        # rows admitted since the step in flight was launched: its logits are not theirs
+        self.fresh = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.undo: tuple[Any, ...] | None = None  # the state before the last draw
+        self.overflow: torch.Tensor | None = None  # the last draw's tie check, to copy
         # the drain (nothing left to start): when it began (perf_counter) and the tokens drawn
         # before it, for benchmarks: a sweep in one process drains once, at its very end
         self.drain_started: float | None = None
@@ -149,7 +163,14 @@ class Refill:
         chunk = _Chunk(kv, logits, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
                                              for k, u in taken])
         for i, (_, unit) in enumerate(taken):
-            chunk.queue.extend((i, s, seed) for s, seed in enumerate(unit.seeds))
+            base = len(chunk.queue)
+            chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
+        # Every sample's first token now (the sampler's tie check may wait for the GPU), so
+        # that admitting rows later needs no sync; a unit at a time, its logits expanded (not
+        # copied) over its samples.
+        chunk.first = torch.cat([
+            choose_tokens(logits[i].expand(len(unit.seeds), -1), self._ix(unit.seeds), 0,
+                          self.how) for i, (_, unit) in enumerate(taken)])
         self.chunks.append(chunk)
 
     # -- rows -------------------------------------------------------------------------------
@@ -167,21 +188,24 @@ class Refill:
                 break
             n = len(picks)
             rows, free = free[:n], free[n:]
-            at = torch.tensor(rows, device=self.device)
-            units = torch.tensor([p[0] for p in picks], device=self.device)
-            seeds = torch.tensor([p[2] for p in picks], dtype=torch.int64, device=self.device)
-            slots = (torch.tensor([chunk.units[p[0]].slot for p in picks], device=self.device)
-                     if self.decoder.unit_slots else None)
+            at = self._ix(rows)
+            units = self._ix([p[0] for p in picks])
+            seeds = self._ix([p[2] for p in picks])
+            held = [chunk.units[p[0]].slot for p in picks]
+            slots = (self._ix([slot for slot in held if slot is not None])
+                     if self.decoder.unit_slots else None)  # with unit slots, each has one
             self.decoder.admit(at, chunk.kv, units, chunk.vectors.index_select(0, units),
                                self.engine.prompt_len, slots)
-            first = choose_tokens(chunk.logits.index_select(0, units), seeds, 0, self.how)
+            assert chunk.first is not None
+            first = chunk.first.index_select(0, self._ix([p[3] for p in picks]))
+            self.fresh.index_fill_(0, at, True)
             self.tokens.index_fill_(0, at, -1)
             self.tokens[:, 0].index_copy_(0, at, first)
             self.seeds.index_copy_(0, at, seeds)
             self.last.index_copy_(0, at, first)
             ended = torch.isin(first, self.eos) | (self.max_new <= 1)
             self.live.index_copy_(0, at, ~ended)
-            for row, (unit, sample, _) in zip(rows, picks, strict=True):
+            for row, (unit, sample, _, _) in zip(rows, picks, strict=True):
                 self.owner[row] = (chunk.units[unit], sample)
                 chunk.units[unit].started = True
             started += n
@@ -195,13 +219,13 @@ class Refill:
             self.on_step(started)
         return started
 
-    def _take(self, chunk: _Chunk, most: int) -> tuple[list[tuple[int, int, int]], bool]:
+    def _take(self, chunk: _Chunk, most: int) -> tuple[list[tuple[int, int, int, int]], bool]:
         """Up to `most` waiting samples of the chunk, in order; with unit slots, as many as
         have their unit in a slot or get one now (their prompts are stored). Returns them and
         whether a sample waits for a free slot."""
         if not self.decoder.unit_slots:
             return [chunk.queue.popleft() for _ in range(min(most, len(chunk.queue)))], False
-        picks: list[tuple[int, int, int]] = []
+        picks: list[tuple[int, int, int, int]] = []
         stored: list[tuple[int, int]] = []  # slot, unit index in the chunk
         waiting = False
         while chunk.queue and len(picks) < most:
@@ -214,20 +238,19 @@ class Refill:
                 stored.append((unit.slot, chunk.queue[0][0]))
             picks.append(chunk.queue.popleft())
         if stored:
-            self.decoder.store_units(torch.tensor([s for s, _ in stored], device=self.device),
-                                     chunk.kv,
-                                     torch.tensor([u for _, u in stored], device=self.device))
+            self.decoder.store_units(self._ix([s for s, _ in stored]), chunk.kv,
+                                     self._ix([u for _, u in stored]))
         return picks, waiting
 
     def _harvest(self, rows: int) -> None:
         """File the answers of the finished rows among the first `rows`; those rows are free
         after it."""
-        live = self.live[:rows].tolist()
+        live = self.host_live[:rows].tolist()
         done = [r for r in range(rows) if self.owner[r] is not None and not live[r]]
         if not done:
             return
         eos = set(self.eos_list)
-        drawn = self.tokens.index_select(0, torch.tensor(done, device=self.device)).tolist()
+        drawn = self.host_tokens[done].tolist()
         for row, ids in zip(done, drawn, strict=True):
             owner = self.owner[row]
             assert owner is not None
@@ -265,10 +288,23 @@ class Refill:
     def run(self) -> None:
         decoder = self.decoder
         self._admit(list(range(decoder.rows)))
+        self._publish(decoder.rows)
         threshold = max(1, int(decoder.rows * REFILL_FRACTION))
         while True:
             rows = decoder.current.rows
-            live = self._settle(rows)  # the one sync a step
+            # The step is launched before the host looks at the last draw (no sync first): the
+            # GPU runs it while the host files answers and refills rows.
+            logits = decoder.step(self.last[:rows])
+            self.fresh.zero_()
+            self._flush(FLUSH_PER_STEP)
+            if not self.fed_all and self._queued() < decoder.rows:
+                # Prefill ahead while the step runs, a set of rows' worth at a time: a
+                # prefill's cost is mostly per call (topping the queue up by a unit or two a
+                # call cost 4x the prefill time in an H100 bench).
+                self._pull(2 * decoder.rows)
+            if self._wait():
+                continue  # the last draw was made again: the step launched from its tokens too
+            live = int(self.host_live[:rows].sum())
             finished = sum(o is not None for o in self.owner[:rows]) - live
             more = self._more_work()
             if not more and self.drain_started is None:
@@ -278,69 +314,96 @@ class Refill:
             shrink = not more and decoder.shrinks_to(live)
             if finished and (refill or shrink or live == 0):
                 self._harvest(rows)
+            started = 0
             if refill:
-                empty = [r for r in range(rows) if self.owner[r] is None]
-                if self._admit(empty):
-                    self.refills += 1
-                    continue  # count again: a sample may have ended on its first token
-            if live == 0:
+                started = self._admit([r for r in range(rows) if self.owner[r] is None])
+                self.refills += bool(started)
+            if live == 0 and not started:
                 if self._more_work():
                     continue
                 self._flush()
                 return
+            self._draw(logits, rows, live, started)
+            self._publish(rows)
             if shrink:
-                self._shrink(rows)
-                rows = decoder.current.rows
-            logits = decoder.step(self.last[:rows])
-            self._flush(FLUSH_PER_STEP)
-            if not self.fed_all and self._queued() < decoder.rows:
-                # Prefill ahead while the step runs (the host launches the prefill's many small
-                # kernels while the GPU is busy, not after a sync with the GPU idle), a set of
-                # rows' worth at a time: a prefill's cost is mostly per call, and topping the
-                # queue up by a unit or two a call cost 4x the prefill time (an H100 bench).
-                self._pull(2 * decoder.rows)
-            self._draw(logits, rows, live)
+                self._shrink_rows(rows)
 
-    def _settle(self, rows: int) -> int:
-        """The rows live after the last draw (the loop's one sync a step). Where that draw's
-        top-k ties reached past its candidates, the draw is undone and made again exactly
-        (its logits are still the step's: no step has run since)."""
-        redo, self._redo = self._redo, None
-        if redo is None:
-            return int(self.live[:rows].sum())
-        overflow, logits, n, live_count, last, live, drawn = redo
-        count, again = torch.stack((self.live[:rows].sum(), overflow.long())).tolist()
-        if not again:
-            return int(count)
+    def _shrink_rows(self, rows: int) -> None:
+        """Nothing left to start and the live rows fit a smaller row count: once the last draw
+        is done, file the rows it finished and move the live ones to the front."""
+        self._wait()
+        self._harvest(rows)
+        self._shrink(rows)
+        self._publish(self.decoder.current.rows)
+
+    def _ix(self, values: list[int]) -> torch.Tensor:
+        """An int64 tensor on the device, copied without waiting for the GPU (from pinned
+        memory: a plain copy to the GPU waits for the work queued before it)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _publish(self, rows: int) -> None:
+        """Copy the last draw's outcome to the host without waiting; _wait reads it."""
+        self.host_live[:rows].copy_(self.live[:rows], non_blocking=True)
+        self.host_tokens[:rows].copy_(self.tokens[:rows], non_blocking=True)
+        if self.overflow is not None:
+            self.host_overflow.copy_(self.overflow.reshape(1), non_blocking=True)
+        else:
+            self.host_overflow.fill_(False)
+        self.overflow = None
+        if self.drawn_event is not None:
+            self.drawn_event.record()
+
+    def _wait(self) -> bool:
+        """Wait for the last draw's outcome (not for the step launched after it). Where its
+        top-k ties reached past the candidates taken, undo it, run its step again (the same
+        inputs: the same logits and cache writes) and draw exactly; returns whether it did."""
+        if self.drawn_event is not None:
+            self.drawn_event.synchronize()
+        undo, self.undo = self.undo, None
+        if undo is None or not bool(self.host_overflow[0]):
+            return False
+        last, live, drawn, fresh_count, rows = undo
         self.redraws += 1
-        self.last[:n], self.live[:n] = last, live
+        self.decoder.unmark_step()  # the step launched from the undone draw's tokens
+        self.last[:rows], self.live[:rows] = last, live
         self.decoder.current.drawn.copy_(drawn)
-        self._draw(logits, n, live_count, again=True)
-        return int(self.live[:rows].sum())
+        logits = self.decoder.step(self.last[:rows])
+        self.fresh.zero_()
+        self._draw(logits, rows, fresh_count, exact=True)
+        self._publish(rows)
+        if self.drawn_event is not None:
+            self.drawn_event.synchronize()
+        return True
 
-    def _draw(self, logits: torch.Tensor, rows: int, live_count: int, again: bool = False) -> None:
-        """Each live row draws its next token at its own step; rows that reach EOS or the cap
-        stop being live. The sampler does not wait for its top-k tie check (_settle reads it
-        with the step's sync); `again`: the exact draw after a check that failed."""
+    def _draw(self, logits: torch.Tensor, rows: int, live_count: int, fresh_count: int = 0,
+              exact: bool = False) -> None:
+        """Each live row draws its next token at its own step, except rows admitted after the
+        step was launched (its logits are not theirs); rows that reach EOS or the cap stop
+        being live. The sampler does not wait for its top-k tie check (_wait reads it);
+        `exact`: the draw made again after a failed check, where every live row was stepped."""
         drawn = self.decoder.current.drawn  # per row, tokens drawn so far: this one's index
         live = self.live[:rows]
-        overflow: list[torch.Tensor] | None = None if again else []
+        drawing = live if exact else live & ~self.fresh[:rows]
+        overflow: list[torch.Tensor] | None = None if exact else []
+        if not exact:
+            self.undo = (self.last[:rows].clone(), live.clone(), drawn.clone(), fresh_count, rows)
         picked = choose_tokens(logits, self.seeds[:rows], drawn, self.how, overflow)
-        if overflow:
-            self._redo = (overflow[0], logits, rows, live_count, self.last[:rows].clone(),
-                          live.clone(), drawn.clone())
+        self.overflow = overflow[0] if overflow else None
         at = drawn.clamp(max=self.max_new - 1)[:, None]
         tokens = self.tokens[:rows]
-        tokens.scatter_(1, at, torch.where(live, picked, tokens.gather(1, at).squeeze(1))[:, None])
-        self.last[:rows] = torch.where(live, picked, self.last[:rows])
-        self.decoder.advance(live)  # in place: `drawn` now counts this token
+        tokens.scatter_(1, at, torch.where(drawing, picked,
+                                           tokens.gather(1, at).squeeze(1))[:, None])
+        self.last[:rows] = torch.where(drawing, picked, self.last[:rows])
+        self.decoder.advance(drawing)  # in place: `drawn` now counts this token
         ended = torch.isin(picked, self.eos) | (drawn >= self.max_new)
-        self.live[:rows] = live & ~ended
-        if again:
-            return
-        self.drawn += live_count
+        self.live[:rows] = live & ~(drawing & ended)
+        count = fresh_count if exact else live_count  # an exact draw adds the fresh rows' tokens
+        self.drawn += count
         if self.on_step is not None:
-            self.on_step(live_count)
+            self.on_step(count)
 
 
 def unit_slots_for(rows: int, samples: int) -> int:
