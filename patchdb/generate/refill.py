@@ -8,6 +8,11 @@ row count while work remains: finished rows are harvested and refilled with the 
 chunks (the prompt before the injection start run once and copied), and only each unit's own
 prompt KV is kept until its samples have rows.
 
+The GPU is never left waiting for the host: each step is launched before the host looks at the
+last draw, whose outcome is copied to pinned memory without a sync and read while the step runs
+(rows admitted meanwhile skip that step's draw). Finished units are written one a step, while
+steps run, and units are prefilled a set of rows' worth ahead.
+
 A row's tokens depend on its unit (prompt KV and steering vector) and its seed only: its
 uniforms come from (seed, its own step), and attention reads only its own cache. So refilling
 changes no answer; tests compare every row with the eager decode.
