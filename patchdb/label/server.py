@@ -65,9 +65,6 @@ class LabelServer(ThreadingHTTPServer):
     the page); a connection dropped mid-reply is the client's business, never a traceback."""
 
     daemon_threads = True
-    # Ctrl-C does not wait for connection threads (a client's idle socket holds one for up to
-    # READ_TIMEOUT_S): every label is committed before its reply, so nothing is lost.
-    block_on_close = False
 
     def __init__(self, port: int, token: str, handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(("127.0.0.1", port), handler)
