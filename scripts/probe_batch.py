@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_generate import SHAPES, answer_lengths  # noqa: E402
+from probe_step import cuda_ms, matmul_ms, step_linears  # noqa: E402
 
 from patchdb.generate import triton_decode  # noqa: E402
 from patchdb.generate.sampling import Sampling, choose_tokens  # noqa: E402
@@ -28,43 +29,13 @@ from patchdb.generate.sampling import Sampling, choose_tokens  # noqa: E402
 DEV = "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def cuda_ms(fn: Any, n: int = 20) -> float:
-    """The mean over n calls after one warm-up, in milliseconds (CUDA events)."""
-    if not torch.cuda.is_available():  # a smoke run of the script on the CPU
-        import time
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
-
-
 def linears(rows_list: list[int], spec: dict[str, Any]) -> list[dict[str, Any]]:
     """One layer's seven linears plus the LM head over the full depth, per row count."""
-    h, i = spec["hidden_size"], spec["intermediate_size"]
-    q = spec["num_attention_heads"] * spec["head_dim"]
-    kv = spec["num_key_value_heads"] * spec["head_dim"]
-    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-    weights = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for k, n in shapes]
-    head = torch.randn(spec["vocab_size"], h, device=DEV, dtype=torch.bfloat16)
-    flop_per_row = 2 * (sum(k * n for k, n in shapes) * spec["num_hidden_layers"]
-                        + spec["vocab_size"] * h)
+    flop_per_row = 2 * (sum(k * n for k, n in step_linears(spec)) * spec["num_hidden_layers"]
+                        + spec["vocab_size"] * spec["hidden_size"])
     out = []
     for rows in rows_list:
-        layer = 0.0
-        for (k, _), w in zip(shapes, weights, strict=True):
-            x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
-            layer += cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-        x = torch.randn(rows, h, device=DEV, dtype=torch.bfloat16)
-        head_ms = cuda_ms(lambda x=x: torch.nn.functional.linear(x, head), 10)
-        total = layer * spec["num_hidden_layers"] + head_ms
+        total = matmul_ms(rows, spec, spec["num_hidden_layers"], DEV, quiet=True)
         out.append({"rows": rows, "ms": round(total, 3), "us_per_row": round(total / rows * 1e3, 2),
                     "tflops": round(flop_per_row * rows / total / 1e9, 1)})
         print(f"linears at {rows} rows: {total:.2f} ms a step, {total / rows * 1e3:.1f} us a row, "

@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_generate import SHAPES, build_model  # noqa: E402
 
 
-def cuda_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
+def cuda_ms(fn: Any, n: int = 20) -> float:
+    """The mean over n calls after one warm-up, in milliseconds (CUDA events); on a machine
+    without CUDA, one call's wall time (a smoke run of a script)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -29,23 +36,28 @@ def cuda_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
     return start.elapsed_time(end) / n
 
 
-def matmul_ms(rows: int, spec: dict, layers: int, dev: str) -> float:  # type: ignore[type-arg]
-    """The decode step's linear layers alone (per layer x layers, plus the LM head)."""
+def step_linears(spec: dict[str, Any]) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's seven linears: q, k, v, o, gate, up, down."""
     h, i = spec["hidden_size"], spec["intermediate_size"]
     q = spec["num_attention_heads"] * spec["head_dim"]
     kv = spec["num_key_value_heads"] * spec["head_dim"]
-    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def matmul_ms(rows: int, spec: dict[str, Any], layers: int, dev: str, quiet: bool = False) -> float:
+    """The decode step's linear layers alone (per layer x layers, plus the LM head)."""
     total = 0.0
-    for k, n in shapes:
+    for k, n in step_linears(spec):
         x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         ms = cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), 20)
         gb = n * k * 2 / 1e9
-        print(f"  linear [{rows}x{k}] x [{k}x{n}]: {ms * 1e3:.0f} us, {gb / ms * 1e3:.0f} GB/s, "
-              f"{2 * rows * n * k / ms / 1e9:.0f} TFLOP/s", flush=True)
+        if not quiet:
+            print(f"  linear [{rows}x{k}] x [{k}x{n}]: {ms * 1e3:.0f} us, {gb / ms * 1e3:.0f} "
+                  f"GB/s, {2 * rows * n * k / ms / 1e9:.0f} TFLOP/s", flush=True)
         total += ms
-    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(spec["vocab_size"], h, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(rows, spec["hidden_size"], device=dev, dtype=torch.bfloat16)
+    w = torch.randn(spec["vocab_size"], spec["hidden_size"], device=dev, dtype=torch.bfloat16)
     head = cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), 10)
     return total * layers + head
 
