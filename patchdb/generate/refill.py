@@ -53,13 +53,12 @@ class _Unit:
 @dataclass
 class _Chunk:
     """Prefilled units whose samples wait for rows: each unit's prompt KV after the shared
-    prefix (per layer), last-position logits and steering vector."""
+    prefix (per layer), each sample's first token and each unit's steering vector."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    logits: torch.Tensor
+    first: torch.Tensor  # each sample's first token (from the prefill's logits), in queue order
     vectors: torch.Tensor
     units: list[_Unit]
-    first: torch.Tensor | None = None  # each sample's first token, in queue order
     # unit, sample, seed, the sample's place in `first`
     queue: deque[tuple[int, int, int, int]] = field(default_factory=deque)
 
@@ -165,17 +164,16 @@ class Refill:
         kv = [(k.clone(), v.clone()) for k, v in decoder.prompt_kv(cache, self.engine.prompt_len)]
         del cache
         vectors = self.engine._steer_rows([u.steer for u in units])
-        chunk = _Chunk(kv, logits, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
-                                             for k, u in taken])
-        for i, (_, unit) in enumerate(taken):
-            base = len(chunk.queue)
-            chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
         # Every sample's first token now (the sampler's tie check may wait for the GPU), so
         # that admitting rows later needs no sync; a unit at a time, its logits expanded (not
         # copied) over its samples.
-        chunk.first = torch.cat([
-            choose_tokens(logits[i].expand(len(unit.seeds), -1), self._ix(unit.seeds), 0,
-                          self.how) for i, (_, unit) in enumerate(taken)])
+        first = torch.cat([choose_tokens(logits[i].expand(len(u.seeds), -1), self._ix(u.seeds),
+                                         0, self.how) for i, u in enumerate(units)])
+        chunk = _Chunk(kv, first, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
+                                            for k, u in taken])
+        for i, unit in enumerate(units):
+            base = len(chunk.queue)
+            chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
         self.chunks.append(chunk)
 
     # -- rows -------------------------------------------------------------------------------
@@ -196,12 +194,13 @@ class Refill:
             at = self._ix(rows)
             units = self._ix([p[0] for p in picks])
             seeds = self._ix([p[2] for p in picks])
-            held = [chunk.units[p[0]].slot for p in picks]
-            slots = (self._ix([slot for slot in held if slot is not None])
-                     if self.decoder.unit_slots else None)  # with unit slots, each has one
+            slots = None
+            if self.decoder.unit_slots:  # with unit slots, every pick's unit holds one (_take)
+                held = [chunk.units[p[0]].slot for p in picks]
+                slots = self._ix([slot for slot in held if slot is not None])
+                assert slots.shape[0] == n
             self.decoder.admit(at, chunk.kv, units, chunk.vectors.index_select(0, units),
                                self.engine.prompt_len, slots)
-            assert chunk.first is not None
             first = chunk.first.index_select(0, self._ix([p[3] for p in picks]))
             self.fresh.index_fill_(0, at, True)
             self.tokens.index_fill_(0, at, -1)
