@@ -224,6 +224,68 @@ def test_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool, how: 
     assert fast._decoder is not None and fast._decoder.captures >= 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop prefills and admits rows while a decode step runs; a sync there (a plain copy
+    from the host, a read of a GPU value) leaves the GPU idle while the host works. With
+    torch's sync debug mode raising inside every prefill (after the first, which builds the
+    shared prefix once) and every admission, the loop still gives the eager answers."""
+    from test_engine import start_from_offsets
+    from test_gpu import STEER_LAYER as GPU_STEER
+    from test_gpu import real_shape_model
+    from test_gpu import units as gpu_units
+
+    import patchdb.generate.refill as refill_mod
+    from patchdb.generate.readout import FirstTokenReader
+
+    model = real_shape_model("cuda")
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    how = Sampling(1.0, top_k=40, top_p=0.9)
+    guarded: list[str] = []
+
+    def no_sync(name: str, real: Any, skip: int) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            guarded.append(name)
+            if guarded.count(name) <= skip:
+                return real(*args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
+
+    with torch.inference_mode():
+        free = Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      [], use_graphs=False)
+        todo = gpu_units(free) * 3
+        want = as_lists(free.generate(todo, 12, how))
+        fast = Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      [], share_prefix=True)
+        reader = FirstTokenReader(tok)
+        readouts: list[Any] = []
+        got: dict[int, list[Completion]] = {}
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError):
+                torch.tensor([1], device="cuda")  # the mode is on: a plain copy raises
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.setattr(refill_mod, "PREFILL_UNITS", 2)
+        monkeypatch.setattr(refill_mod.Refill, "_prefill",
+                            no_sync("prefill", refill_mod.Refill._prefill, 1))
+        monkeypatch.setattr(refill_mod.Refill, "_admit",
+                            no_sync("admit", refill_mod.Refill._admit, 1))
+        generate_stream(fast, iter(enumerate(todo)), 12, how, 4, got.__setitem__,
+                        on_prefill=lambda keys, logits: readouts.append(
+                            reader.start(logits)), unit_slots=3)
+    assert guarded.count("prefill") >= 4 and guarded.count("admit") >= 4
+    assert as_lists([got[i] for i in range(len(todo))]) == want
+    assert sum(len(r.values()) for r in readouts) == len(todo)
+
+
 def varied_stops(rows: list[list[int]], answers: Any) -> tuple[list[int], list[Any]]:
     """EOS tokens, taken from the free-running answers, that end at least five rows at more
     than one step (a random-init model repeats tokens, so a fixed pick can end every row at
@@ -300,4 +362,34 @@ def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.
     got, refill, _ = streamed(make(model, stop, graph_replay=False, fast_attention=fast_attention,
                                    share_prefix=fast_attention), todo, how, rows=5)
     assert refill.redraws >= 5
+    assert got == want
+
+
+def test_first_tokens_whose_tie_check_fails_are_drawn_again_exactly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A prefill draws its samples' first tokens without waiting for top-k's tie check; the
+    # check is read before the chunk's first rows are admitted. Here every check "fails" and
+    # the unchecked draw returns wrong tokens: each chunk must be drawn again exactly, and the
+    # answers must be the eager decode's.
+    import patchdb.generate.refill as refill_mod
+
+    real = refill_mod.choose_first_tokens
+    checks = [0]
+
+    def failing(logits: Any, counts: Any, seeds: Any, how: Any, overflow: Any = None) -> Any:
+        picked = real(logits, counts, seeds, how, overflow)
+        if overflow is None:
+            return picked
+        checks[0] += 1
+        overflow[:] = [torch.tensor(True)]
+        return torch.zeros_like(picked)
+
+    how = Sampling(0.9, top_k=20, top_p=0.9)
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = stop_tokens(model, todo, how)
+    want = eager(model, stop, todo, how)
+    monkeypatch.setattr(refill_mod, "choose_first_tokens", failing)
+    got, refill, _ = streamed(make(model, stop, graph_replay=False), todo, how, rows=5)
+    assert checks[0] >= 1 and refill.redraws == checks[0]
     assert got == want

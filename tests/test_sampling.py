@@ -21,7 +21,14 @@ from transformers.generation.logits_process import (
 )
 
 from patchdb.errors import ModelError
-from patchdb.generate.sampling import Sampling, choose_tokens, resolve_sampling, rollout_seed, row_uniforms
+from patchdb.generate.sampling import (
+    Sampling,
+    choose_first_tokens,
+    choose_tokens,
+    resolve_sampling,
+    rollout_seed,
+    row_uniforms,
+)
 
 # Upper 0.1% points of the chi-square distribution, from a printed table (df: value).
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322,
@@ -159,6 +166,31 @@ def test_bf16_logits_draw_what_their_float32_widening_draws(how: Sampling) -> No
         steps = torch.full((32,), step, dtype=torch.int64) + torch.arange(32) % 3
         assert torch.equal(choose_tokens(logits, seeds, steps, how),
                            choose_tokens(logits.float(), seeds, steps, how))
+
+
+@pytest.mark.parametrize("how", [Sampling(0.0), Sampling(1.0), Sampling(0.7, 64, 0.95),
+                                 Sampling(1.3, 5), Sampling(0.8, 0, 0.9)], ids=str)
+def test_first_tokens_drawn_per_unit_equal_draws_from_logits_expanded_over_samples(
+        how: Sampling) -> None:
+    """A prefill's units share their logits over their samples: drawing first tokens with
+    top-k run once per unit gives each sample the token choose_tokens gives it from its unit's
+    logits repeated, ties included, in bf16 and float32."""
+    generator = torch.Generator().manual_seed(9)
+    logits = (torch.randn(5, 3000, generator=generator) * 3).bfloat16()
+    logits[1, :300] = logits[1].max()  # a unit whose top is all ties (past the candidates)
+    counts = [3, 64, 1, 7, 20]
+    seeds = torch.arange(sum(counts), dtype=torch.int64) * 104729 + 11
+    for scores in (logits, logits.float()):
+        expanded = scores.repeat_interleave(torch.tensor(counts), dim=0)
+        want = choose_tokens(expanded, seeds, 0, how)
+        assert torch.equal(choose_first_tokens(scores, counts, seeds, how), want)
+        overflow: list[torch.Tensor] = []
+        unchecked = choose_first_tokens(scores, counts, seeds, how, overflow)
+        if how.top_k and how.temperature:
+            assert bool(overflow[0]), "unit 1's ties reach past the candidates"
+        clean = [0, 2, 3, 4]
+        rows = torch.cat([torch.arange(sum(counts[:i]), sum(counts[:i + 1])) for i in clean])
+        assert torch.equal(unchecked[rows], want[rows])
 
 
 def test_an_unchecked_draw_flags_ties_past_its_candidates_and_else_draws_the_same() -> None:

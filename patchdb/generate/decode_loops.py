@@ -264,7 +264,13 @@ def run_stream(run: StageRun, batch_rows: int, unit_slots: int) -> None:
                 yield piece.unit_index, target_unit(piece, plan, run.sources, run.readout)
 
     def on_prefill(keys: list[int], logits: torch.Tensor) -> None:
-        read.update(zip(keys, run.readout.reader.read(logits), strict=True))
+        # computed now, read when the unit is written: no wait for the GPU while it decodes
+        pending = run.readout.reader.start(logits)
+        read.update((key, (pending, i)) for i, key in enumerate(keys))
+
+    def readout(index: int) -> Any:
+        values, row = read.pop(index)
+        return values.values()[row]
 
     def on_unit(index: int, completions: list[Completion]) -> None:
         pending = plan.pending[index]
@@ -272,7 +278,7 @@ def run_stream(run: StageRun, batch_rows: int, unit_slots: int) -> None:
         fault_point("generate.batch_decoded")
         with stopper.writing():
             result.readouts_written += keep_readouts(
-                store, [ReadoutUnit(pending.unit)], [read.pop(index)], run.run_id)
+                store, [ReadoutUnit(pending.unit)], [readout(index)], run.run_id)
             keep_batch(store, plan, [Piece(index, pending.samples)], [completions], {},
                        run.decode, run.run_id, result)
         bar.update(budget * len(completions) - drawn)

@@ -20,6 +20,7 @@ from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import LayerMap
 from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
+from patchdb.generate.transfer import to_device
 
 # Compact the batch once at least this fraction of its rows has finished.
 COMPACT_FRACTION = 0.125
@@ -125,6 +126,7 @@ class Engine:
         self.shrink_rows = shrink_rows
         self._decoder: GraphedDecoder | None = None
         self._prefix_cache: DynamicCache | None = None  # readout_logits' shared prompt prefix
+        self._suffix_ids: torch.Tensor | None = None  # the prompt from the injection start on
         self._graph_ok: dict[int, bool] = {}  # graph_supported, by cache length
 
     @property
@@ -180,7 +182,8 @@ class Engine:
         if unit.patch_layer is not None and unit.patch_values is not None:
             values[0] = unit.patch_values.to(device=self.device, dtype=self.dtype)
         layer = unit.patch_layer if unit.patch_layer is not None else -1
-        patch = Patch(torch.tensor([layer], device=self.device), values, self.injection_start)
+        patch = Patch(torch.tensor([layer], device=self.device), values, self.injection_start,
+                      [layer])
         steer_state = Steering(self._steer_rows([unit.steer]), self.injection_start)
         with steering(self.layer_map, self.steer_layer, steer_state), patching(self.layer_map, patch):
             out = self.model(input_ids=ids, use_cache=False)
@@ -211,25 +214,27 @@ class Engine:
             ids = torch.tensor([self.prompt_ids[: self.injection_start]], device=self.device)
             self._prefix_cache = DynamicCache(config=self.model.config)
             self._forward(ids, self._prefix_cache, last_only=True)
+        if self._suffix_ids is None:
+            self._suffix_ids = torch.tensor([self.prompt_ids[self.injection_start:]],
+                                            device=self.device)
+        ids = self._suffix_ids
         cache = copy.deepcopy(self._prefix_cache)
         cache.batch_repeat_interleave(len(units))
-        ids = torch.tensor([self.prompt_ids[self.injection_start:]], device=self.device)
         steer_state = Steering(self._steer_rows([u.steer for u in units]), self.injection_start)
         steer_state.offset = self.injection_start
-        layers, values = self._patch_rows(units)
+        layers, values, wanted = self._patch_rows(units)
         with steering(self.layer_map, self.steer_layer, steer_state), patching(
-            self.layer_map, Patch(layers, values, 0)  # positions counted from the suffix
+            self.layer_map, Patch(layers, values, 0, wanted)  # positions counted from the suffix
         ):
             return self._forward(ids.expand(len(units), -1), cache, last_only=True), cache
 
-    def _patch_rows(self, units: list[TargetUnit]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's patch layer (-1: none) and source values over injection_start..end."""
+    def _patch_rows(self, units: list[TargetUnit]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Each row's patch layer (-1: none) and source values over injection_start..end, and
+        the row's layers as a list. Nothing here waits for the GPU (the refill loop prefills
+        while a decode step runs)."""
         n_patch = self.prompt_len - self.injection_start
-        layers = torch.tensor(
-            [u.patch_layer if u.patch_layer is not None else -1 for u in units],
-            device=self.device,
-            dtype=torch.int64,
-        )
+        wanted = [u.patch_layer if u.patch_layer is not None else -1 for u in units]
+        layers = to_device(wanted, self.device)
         values = torch.zeros(len(units), n_patch, self.hidden_size, device=self.device,
                              dtype=self.dtype)
         for i, u in enumerate(units):
@@ -237,16 +242,16 @@ class Engine:
                 if u.patch_values is None or u.patch_values.shape[0] != n_patch:
                     raise ValueError(f"unit {i} needs patch values over {n_patch} positions")
                 values[i] = u.patch_values.to(device=self.device, dtype=self.dtype)
-        return layers, values
+        return layers, values, wanted
 
     def _prefill(
         self, units: list[TargetUnit], keep_cache: bool = True
     ) -> tuple[torch.Tensor, DynamicCache | None]:
         """One row per unit over the prompt, patched; the caller holds the steering hook."""
         ids = torch.tensor([self.prompt_ids], device=self.device).expand(len(units), -1)
-        layers, values = self._patch_rows(units)
+        layers, values, wanted = self._patch_rows(units)
         cache = DynamicCache(config=self.model.config) if keep_cache else None
-        with patching(self.layer_map, Patch(layers, values, self.injection_start)):
+        with patching(self.layer_map, Patch(layers, values, self.injection_start, wanted)):
             logits = self._forward(ids, cache, last_only=True)
         return logits, cache
 

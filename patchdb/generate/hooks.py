@@ -53,12 +53,17 @@ class Steering:
 class Patch:
     """Replaces the MLP output of each row's patch layer over prompt positions start.. with
     that row's source values. `layers` is [rows] (int64, -1 for no patch); `values` is
-    [rows, n_positions, hidden] in the model's dtype (anything for unpatched rows)."""
+    [rows, n_positions, hidden] in the model's dtype (anything for unpatched rows). `wanted`,
+    the patch layers some row asks for, saves reading `layers` back from the GPU (a sync)."""
 
-    def __init__(self, layers: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    def __init__(self, layers: torch.Tensor, values: torch.Tensor, start: int,
+                 wanted: list[int] | None = None) -> None:
         self.layers = layers
         self.values = values
         self.start = start
+        if wanted is None:
+            wanted = [int(x) for x in layers.tolist()]
+        self.wanted = sorted({x for x in wanted if x >= 0})
 
     def hook_for(self, layer: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -91,10 +96,8 @@ def patching(layer_map: LayerMap, patch: Patch) -> Iterator[Patch]:
     """Patch the MLPs of the layers some row asks for (use around the prefill only).
 
     The hooks go first, so every other hook on the MLP sees the patched output."""
-    wanted = sorted({int(x) for x in patch.layers.tolist() if x >= 0})
-    handles = [
-        layer_map.mlps[i].register_forward_hook(patch.hook_for(i), prepend=True) for i in wanted
-    ]
+    handles = [layer_map.mlps[i].register_forward_hook(patch.hook_for(i), prepend=True)
+               for i in patch.wanted]
     try:
         yield patch
     finally:

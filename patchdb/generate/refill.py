@@ -11,7 +11,7 @@ prompt KV is kept until its samples have rows.
 The GPU is never left waiting for the host: each step is launched before the host looks at the
 last draw, whose outcome is copied to pinned memory without a sync and read while the step runs
 (rows admitted meanwhile skip that step's draw). Finished units are written one a step, while
-steps run, and units are prefilled a set of rows' worth ahead.
+steps run, and units are prefilled ahead, with nothing in a prefill waiting for the GPU.
 
 A row's tokens depend on its unit (prompt KV and steering vector) and its seed only: its
 uniforms come from (seed, its own step), and attention reads only its own cache. So refilling
@@ -28,14 +28,15 @@ import torch
 
 from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.graphed import GraphedDecoder
-from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
+from patchdb.generate.sampling import Sampling, as_sampling, choose_first_tokens, choose_tokens
+from patchdb.generate.transfer import to_device
 
 # Harvest and refill once at least this fraction of the rows has finished (each refill costs a
 # few small copies per layer; waiting longer leaves more rows idle).
 REFILL_FRACTION = 1 / 16
-# Prefill ahead at least this fraction of the rows' worth of samples at a time.
-PREFILL_FRACTION = 1.0
-PREFILL_MOST_UNITS = 16  # units in one prefill forward (its activations and KV are transient)
+# Units in one prefill forward (its activations and KV are transient). A prefill's cost on the
+# host is mostly per call, so each call takes this many while the feed has them.
+PREFILL_UNITS = 16
 # Finished units handed over (written to the store) while one step runs; the rest wait for the
 # next steps. A unit's write takes less host time than a step of a large model.
 FLUSH_PER_STEP = 1
@@ -51,6 +52,18 @@ class _Unit:
 
 
 @dataclass
+class _TieCheck:
+    """The top-k tie check of a chunk's first tokens, on its way to the host (drawn without
+    waiting for it), and what drawing them again exactly takes."""
+
+    flag: torch.Tensor  # one bool; pinned host memory on a GPU
+    event: torch.cuda.Event | None  # recorded after the copy to `flag`
+    logits: torch.Tensor
+    counts: list[int]
+    seeds: torch.Tensor
+
+
+@dataclass
 class _Chunk:
     """Prefilled units whose samples wait for rows: each unit's prompt KV after the shared
     prefix (per layer), each sample's first token and each unit's steering vector."""
@@ -61,6 +74,7 @@ class _Chunk:
     units: list[_Unit]
     # unit, sample, seed, the sample's place in `first`
     queue: deque[tuple[int, int, int, int]] = field(default_factory=deque)
+    tie_check: _TieCheck | None = None  # read before the first tokens are used
 
 
 class Refill:
@@ -95,6 +109,7 @@ class Refill:
         self.eos = torch.tensor(self.eos_list, device=device)
         self.chunks: deque[_Chunk] = deque()
         self.fed_all = False
+        self.stopping = False  # stop() held: no new unit starts
         self.done_units: list[_Unit] = []
         self.free_slots = list(range(decoder.unit_slots))[::-1]
         self.refills = 0  # admissions after the first (for benchmarks and tests)
@@ -125,36 +140,37 @@ class Refill:
         return sum(len(c.queue) for c in self.chunks)
 
     def _more_work(self) -> bool:
-        if self.stop is not None and self.stop() and not self.fed_all:
+        if self.stop is not None and not self.stopping and self.stop():
             self._stop_starting()
         return bool(self._queued()) or not self.fed_all
 
     def _stop_starting(self) -> None:
         """Asked to stop: no new unit starts. Units already started keep their waiting samples
-        (so that they finish whole and are handed over); the rest are dropped unrun."""
-        self.fed_all = True
+        (so that they finish whole and are handed over); the rest are dropped unrun, those
+        already prefilled too."""
+        self.fed_all = self.stopping = True
         for chunk in self.chunks:
             chunk.queue = deque(p for p in chunk.queue if chunk.units[p[0]].started)
         self.chunks = deque(c for c in self.chunks if c.queue)
 
     def _pull(self, need: int) -> None:
-        """Prefill units from the feed until `need` samples wait (or the feed is done)."""
-        target = max(need, int(self.decoder.rows * PREFILL_FRACTION))
+        """Prefill units from the feed, PREFILL_UNITS a call, until `need` samples wait (or the
+        feed is done)."""
         while self._queued() < need and not self.fed_all:
             taken: list[tuple[Any, TargetUnit]] = []
-            rows = self._queued()
-            while rows < target and len(taken) < PREFILL_MOST_UNITS:
+            while len(taken) < PREFILL_UNITS:
                 item = next(self.feed, None)
                 if item is None:
                     self.fed_all = True
                     break
                 if item[1].seeds:
                     taken.append(item)
-                    rows += len(item[1].seeds)
             if taken:
                 self._prefill(taken)
 
     def _prefill(self, taken: list[tuple[Any, TargetUnit]]) -> None:
+        """Prefill units and queue their samples. Nothing here waits for the GPU: it runs while
+        a decode step does (the readouts and the first tokens' tie check reach the host later)."""
         units = [u for _, u in taken]
         logits, cache = self.engine.prefill_from_prefix(units)
         if self.on_prefill is not None:
@@ -164,17 +180,43 @@ class Refill:
         kv = [(k.clone(), v.clone()) for k, v in decoder.prompt_kv(cache, self.engine.prompt_len)]
         del cache
         vectors = self.engine._steer_rows([u.steer for u in units])
-        # Every sample's first token now (the sampler's tie check may wait for the GPU), so
-        # that admitting rows later needs no sync; a unit at a time, its logits expanded (not
-        # copied) over its samples.
-        first = torch.cat([choose_tokens(logits[i].expand(len(u.seeds), -1), self._ix(u.seeds),
-                                         0, self.how) for i, u in enumerate(units)])
+        # Every sample's first token now, so that admitting rows later needs no prefill logits;
+        # top-k runs once per unit, not once per sample.
+        counts = [len(u.seeds) for u in units]
+        seeds = self._ix([seed for u in units for seed in u.seeds])
+        overflow: list[torch.Tensor] = []
+        first = choose_first_tokens(logits, counts, seeds, self.how, overflow)
         chunk = _Chunk(kv, first, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
                                             for k, u in taken])
+        if overflow:
+            chunk.tie_check = _TieCheck(*self._to_host(overflow[0]), logits, counts, seeds)
         for i, unit in enumerate(units):
             base = len(chunk.queue)
             chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
         self.chunks.append(chunk)
+
+    def _to_host(self, flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A one-element bool tensor copied to pinned memory without a sync, and the event
+        after which the copy holds."""
+        if self.device.type != "cuda":
+            return flag.reshape(1), None
+        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        host.copy_(flag.reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _settle(self, chunk: _Chunk) -> None:
+        """Before a chunk's first tokens are used: where top-k ties reached past the candidates
+        taken for some unit, draw them again exactly (rare; that waits for the GPU)."""
+        check, chunk.tie_check = chunk.tie_check, None
+        if check is None:
+            return
+        if check.event is not None:
+            check.event.synchronize()
+        if bool(check.flag[0]):
+            self.redraws += 1
+            chunk.first = choose_first_tokens(check.logits, check.counts, check.seeds, self.how)
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -185,6 +227,7 @@ class Refill:
         started = 0
         while free and self.chunks:
             chunk = self.chunks[0]
+            self._settle(chunk)
             picks, waiting = self._take(chunk, len(free))
             if not picks:
                 self.slot_waits += waiting
@@ -302,9 +345,9 @@ class Refill:
             self.fresh.zero_()
             self._flush(FLUSH_PER_STEP)
             if not self.fed_all and self._queued() < decoder.rows:
-                # Prefill ahead while the step runs, a set of rows' worth at a time: a
-                # prefill's cost is mostly per call (topping the queue up by a unit or two a
-                # call cost 4x the prefill time in an H100 bench).
+                # Prefill ahead while the step runs, PREFILL_UNITS a call: a prefill's cost is
+                # mostly per call (topping the queue up by a unit or two a call cost 4x the
+                # prefill time in an H100 bench).
                 self._pull(2 * decoder.rows)
             if self._wait():
                 continue  # the last draw was made again: the step launched from its tokens too
@@ -341,12 +384,8 @@ class Refill:
         self._publish(self.decoder.current.rows)
 
     def _ix(self, values: list[int]) -> torch.Tensor:
-        """An int64 tensor on the device, copied without waiting for the GPU (from pinned
-        memory: a plain copy to the GPU waits for the work queued before it)."""
-        host = torch.tensor(values, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        """An int64 tensor on the device, copied without waiting for the GPU."""
+        return to_device(values, self.device)
 
     def _publish(self, rows: int) -> None:
         """Copy the last draw's outcome to the host without waiting; _wait reads it."""

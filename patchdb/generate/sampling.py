@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from patchdb.errors import ModelError
+from patchdb.generate.transfer import to_device
 
 SEED_BITS = 62
 _M32 = 0xFFFFFFFF
@@ -203,14 +204,48 @@ def choose_tokens(
         cdf = torch.softmax(scores / how.temperature, dim=-1).cumsum_(dim=-1)
         picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).squeeze(-1)
         return picks.clamp_(max=scores.shape[-1] - 1)
+    values, indices = _candidates(scores, how, overflow)
+    return _pick(values, indices, uniforms, how)
+
+
+def _candidates(scores: torch.Tensor, how: Sampling,
+                overflow: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens that may be drawn, highest scaled score first (-inf past the top-k
+    cut), with their ids; needs a cut (how.cuts)."""
     if how.top_k > 0:
-        values, indices = _top_k(scores, how.top_k, how.temperature, overflow)
-    else:
-        ascending = torch.sort(scores / how.temperature, dim=-1, stable=True)
-        values, indices = ascending.values.flip(-1), ascending.indices.flip(-1)
+        return _top_k(scores, how.top_k, how.temperature, overflow)
+    ascending = torch.sort(scores / how.temperature, dim=-1, stable=True)
+    return ascending.values.flip(-1), ascending.indices.flip(-1)
+
+
+def _pick(values: torch.Tensor, indices: torch.Tensor, uniforms: torch.Tensor,
+          how: Sampling) -> torch.Tensor:
+    """Each row's token: its uniform inverted through the CDF of its candidates after top-p."""
     probs = torch.softmax(values, dim=-1)
     if how.top_p < 1.0:
         probs = probs.masked_fill(_top_p_mask(probs, how.top_p), 0.0)
     cdf = probs.cumsum_(dim=-1)
     picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
     return indices.gather(1, picks).squeeze(-1)
+
+
+def choose_first_tokens(
+    logits: torch.Tensor, counts: list[int], seeds: torch.Tensor, sampling: "Sampling | float",
+    overflow: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """choose_tokens at step 0 for rows that share logits: the first counts[0] seeds draw from
+    logits[0], the next counts[1] from logits[1], and so on (a prefill's units and their
+    samples). The same tokens as choose_tokens on the logits expanded over the rows (every step
+    of the draw is row-wise), but top-k runs once per row of `logits`, not once per draw. Greedy
+    and top-k draws never widen the vocabulary over the rows; other draws go one unit at a time."""
+    how = as_sampling(sampling)
+    if how.temperature != 0 and how.top_k == 0:  # the whole vocabulary is sorted or summed
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return torch.cat([choose_tokens(logits[i].expand(n, -1), seeds[at:at + n], 0, how)
+                          for i, (at, n) in enumerate(zip(starts, counts, strict=True))])
+    owner = to_device([i for i, n in enumerate(counts) for _ in range(n)], logits.device)
+    if how.temperature == 0:
+        return logits.argmax(dim=-1).index_select(0, owner)
+    values, indices = _top_k(logits, how.top_k, how.temperature, overflow)
+    uniforms = row_uniforms(seeds, 0)[:, None]
+    return _pick(values.index_select(0, owner), indices.index_select(0, owner), uniforms, how)

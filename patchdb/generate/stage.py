@@ -144,11 +144,13 @@ def run_generate(
                 ({u.source_word for u in units} | {u.target_word for u in units}) - {NO_STEERING}
             )
             raw = ensure_vectors(store, loaded, config.steer_layer, words)
-            scaled = {w: raw[w].float() * config.strength for w in words}
+            # on the engine's card once: a copy from the host per unit would wait for the GPU
+            scaled = {w: (raw[w].float() * config.strength).to(engine.device) for w in words}
             randoms = sorted({u.target_word for u in units if u.patch_layer == RANDOM_VECTOR_LAYER})
             random_raw = ensure_random_vectors(store, loaded.model_id, config.steer_layer,
                                                {w: raw[w] for w in randoms})
-            random_scaled = {w: v.float() * config.strength for w, v in random_raw.items()}
+            random_scaled = {w: (v.float() * config.strength).to(engine.device)
+                             for w, v in random_raw.items()}
             sources = Sources(engine, patch_layers, scaled)
             readout = ReadoutContext(engine, loaded.tokenizer, config.prompt_intro,
                                      config.prompt_trial, scaled, random_scaled, reader, run.id,
