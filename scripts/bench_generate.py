@@ -373,6 +373,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
             refill_mod.choose_tokens = forced  # type: ignore[assignment]
     capture = graphed_mod.GraphedDecoder._capture
     captured: list[float] = []
+    capture_starts: list[float] = []  # perf_counter at each capture's start
 
     def timed_capture(self: Any, rows: Any) -> None:
         sync(device)
@@ -380,6 +381,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         capture(self, rows)
         sync(device)
         captured.append(time.perf_counter() - t0)
+        capture_starts.append(t0)
 
     graphed_mod.GraphedDecoder._capture = timed_capture  # type: ignore[method-assign]
     engine_cls = engine_mod.Engine
@@ -410,10 +412,15 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
                 end = time.perf_counter()
                 run_s[0] += end - t0
                 drain = getattr(self, "drain_started", None)
+                # the drain's own time: its captures (smaller row counts) are set-up
+                drain_capture = sum(c for c, t in zip(captured, capture_starts, strict=True)
+                                    if drain and t >= drain)
                 stats.append({"refills": self.refills, "rows": self.decoder.rows,
                               "slot_waits": getattr(self, "slot_waits", 0),
                               "unit_slots": getattr(self.decoder, "unit_slots", 0),
-                              "drain_s": end - drain if drain else 0.0,
+                              "redraws": getattr(self, "redraws", 0),
+                              "drain_capture_s": drain_capture,
+                              "drain_s": end - drain - drain_capture if drain else 0.0,
                               "drain_tokens": (self.drawn - self.drawn_before_drain
                                                if drain else 0)})
 
@@ -741,6 +748,12 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
             runs[stopped]["of_uniform_rate"] = ratio
             print(f"{stopped}: useful steady tok/s {ratio:.0%} of the uniform-length rate "
                   f"(defaults, {runs['defaults']['batch_size']} rows)")
+            before, uniform = (runs[stopped].get("tok_s_before_drain"),
+                               runs["defaults"].get("tok_s_before_drain"))
+            if before and uniform:  # a sweep in one process drains once, at its end
+                runs[stopped]["of_uniform_rate_before_drain"] = before / uniform
+                print(f"{stopped}: before the drain {before:.0f} tok/s, {before / uniform:.0%} of "
+                      f"the uniform run's {uniform:.0f} before its drain")
     if loop:
         out["loop_full_sweep_h"] = full_tokens / loop["tok_s"] / 3600
         print(f"| per-key loop ({loop['units']} units) | 64 | {loop['units'] * 64} | "
