@@ -481,6 +481,14 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
             "card_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else 0}
 
 
+def set_drawn(decoder: Any, drawn: int) -> None:
+    """Put every row of a graphed decoder at `drawn` tokens drawn (to time steps at a chosen
+    length): its own prompt and the drawn - 1 tokens fed so far are attended to."""
+    decoder.drawn.fill_(drawn)
+    decoder.mask.fill_(False)
+    decoder.mask[..., :decoder.prompt_slots + drawn - 1] = True
+
+
 @torch.inference_mode()
 def engine_step_time(model: Any, work: Work, device: str, rows: int,
                      compile_decode: bool = False, share_prefix: bool = False,
@@ -521,11 +529,12 @@ def engine_step_time(model: Any, work: Work, device: str, rows: int,
 
     def steps(how: Sampling) -> float:
         tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        decoder._set_length(decoder.prompt_slots)
+        set_drawn(decoder, 1)
         sync(device)
         t = time.perf_counter()
-        for step in range(n):
-            tokens = choose_tokens(decoder.step(tokens, step), seeds, step, how)
+        for _ in range(n):
+            tokens = choose_tokens(decoder.step(tokens), seeds, decoder.current.drawn, how)
+            decoder.advance()
         sync(device)
         return (time.perf_counter() - t) / n
 
@@ -873,6 +882,7 @@ def main() -> None:
         # The same sweep again in a fresh store: what a long sweep runs at once warmed up.
         warm = run_stage(model, tokenizer, args.shape + "-warm", config_text, device, args.batch_size,
                          Path(tmp), args.compile, args.share_prefix)
+    b.pop("_answers")
     b.update(warm_wall_s=warm["wall_s"], tok_s_warm=warm["tokens"] / warm["wall_s"],
              compile_s=max(0.0, b["wall_s"] - warm["wall_s"]))
     rows = b["batch_size"]

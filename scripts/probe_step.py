@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_generate import SHAPES, build_model  # noqa: E402
+from bench_generate import SHAPES, build_model, set_drawn  # noqa: E402
 
 
 def cuda_ms(fn: Any, n: int = 20) -> float:
@@ -106,14 +106,14 @@ def main() -> None:
             torch.cuda.synchronize()
             first = time.perf_counter() - t
             decoder = engine._decoder
-            assert decoder is not None and decoder.graph is not None
-            graph = decoder.graph
-            decoder._set_length(decoder.prompt_len + 40)
+            assert decoder is not None and decoder.current.graph is not None
+            graph = decoder.current.graph
+            set_drawn(decoder, 41)
             replay = cuda_ms(graph.replay, 20)
             full = replay * spec["num_hidden_layers"] / args.layers
             print(f"rows {rows} [{name}]: first generate (capture) {first:.1f} s; replay {replay:.2f} ms "
                   f"for {args.layers} layers (~{full:.1f} ms at full depth)", flush=True)
-            decoder._set_length(decoder.prompt_len + 40)
+            set_drawn(decoder, 41)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     graph.replay()
