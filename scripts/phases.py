@@ -21,7 +21,8 @@ import torch
 # (module attribute path, method, phase name); the refill module and the decoder class are
 # looked up when installed, so a checkout without them is timed without those phases.
 PHASES = [
-    ("patchdb.generate.refill:Refill", "_prefill", "prefill"),
+    ("patchdb.generate.unit_queue:UnitQueue", "prefill", "prefill"),
+    ("patchdb.generate.refill:Refill", "_prefill", "prefill"),  # before unit_queue.py
     ("patchdb.generate.refill:Refill", "_admit", "admit (prefill included)"),
     ("patchdb.generate.refill:Refill", "_harvest", "harvest"),
     ("patchdb.generate.refill:Refill", "_flush", "hand units over (store writes)"),

@@ -86,7 +86,7 @@ def test_refilled_rows_give_the_eager_answers_key_by_key(how: Any, fast_attentio
         assert decoder.unit_slots == 2 and decoder.prompt_slots == 0
         assert decoder.mask.shape[-1] == N_NEW  # a row's cache: its drawn tokens only
         # a wait means both slots held different units' prompts at once; all came back
-        assert refill.slot_waits > 0 and sorted(refill.free_slots) == [0, 1]
+        assert refill.slot_waits > 0 and sorted(refill.queue.free_slots) == [0, 1]
 
 
 def test_units_are_handed_over_as_they_finish_not_at_the_end() -> None:
@@ -134,7 +134,7 @@ def test_a_stop_starts_no_new_unit_and_finishes_those_started() -> None:
     for key, completions in got.items():
         assert as_lists([completions]) == [want[key]]
     # the units fed but never started (prefilled ahead) were dropped, not decoded
-    assert refill.fed_all and not refill.chunks
+    assert refill.queue.fed_all and not refill.queue.chunks
 
 
 def test_one_token_answers_and_answers_that_end_at_once() -> None:
@@ -237,6 +237,7 @@ def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.Monk
     from test_gpu import units as gpu_units
 
     import patchdb.generate.refill as refill_mod
+    import patchdb.generate.unit_queue as queue_mod
     from patchdb.generate.readout import FirstTokenReader
 
     model = real_shape_model("cuda")
@@ -273,9 +274,9 @@ def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.Monk
                 torch.tensor([1], device="cuda")  # the mode is on: a plain copy raises
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        monkeypatch.setattr(refill_mod, "PREFILL_UNITS", 2)
-        monkeypatch.setattr(refill_mod.Refill, "_prefill",
-                            no_sync("prefill", refill_mod.Refill._prefill, 1))
+        monkeypatch.setattr(queue_mod, "PREFILL_UNITS", 2)
+        monkeypatch.setattr(queue_mod.UnitQueue, "prefill",
+                            no_sync("prefill", queue_mod.UnitQueue.prefill, 1))
         monkeypatch.setattr(refill_mod.Refill, "_admit",
                             no_sync("admit", refill_mod.Refill._admit, 1))
         generate_stream(fast, iter(enumerate(todo)), 12, how, 4, got.__setitem__,
@@ -371,9 +372,9 @@ def test_first_tokens_whose_tie_check_fails_are_drawn_again_exactly(
     # check is read before the chunk's first rows are admitted. Here every check "fails" and
     # the unchecked draw returns wrong tokens: each chunk must be drawn again exactly, and the
     # answers must be the eager decode's.
-    import patchdb.generate.refill as refill_mod
+    import patchdb.generate.unit_queue as queue_mod
 
-    real = refill_mod.choose_first_tokens
+    real = queue_mod.choose_first_tokens
     checks = [0]
 
     def failing(logits: Any, counts: Any, seeds: Any, how: Any, overflow: Any = None) -> Any:
@@ -389,7 +390,7 @@ def test_first_tokens_whose_tie_check_fails_are_drawn_again_exactly(
     todo = work(make(model, [], use_graphs=False))
     stop = stop_tokens(model, todo, how)
     want = eager(model, stop, todo, how)
-    monkeypatch.setattr(refill_mod, "choose_first_tokens", failing)
+    monkeypatch.setattr(queue_mod, "choose_first_tokens", failing)
     got, refill, _ = streamed(make(model, stop, graph_replay=False), todo, how, rows=5)
     assert checks[0] >= 1 and refill.redraws == checks[0]
     assert got == want

@@ -19,62 +19,23 @@ changes no answer; tests compare every row with the eager decode.
 """
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.graphed import GraphedDecoder
-from patchdb.generate.sampling import Sampling, as_sampling, choose_first_tokens, choose_tokens
+from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 from patchdb.generate.transfer import to_device
+from patchdb.generate.unit_queue import Unit, UnitQueue
 
 # Harvest and refill once at least this fraction of the rows has finished (each refill costs a
 # few small copies per layer; waiting longer leaves more rows idle).
 REFILL_FRACTION = 1 / 16
-# Units in one prefill forward (its activations and KV are transient). A prefill's cost on the
-# host is mostly per call, so each call takes this many while the feed has them.
-PREFILL_UNITS = 16
 # Finished units handed over (written to the store) while one step runs; the rest wait for the
 # next steps. A unit's write takes less host time than a step of a large model.
 FLUSH_PER_STEP = 1
-
-
-@dataclass
-class _Unit:
-    key: Any
-    completions: list[Completion | None]
-    left: int
-    slot: int | None = None  # the decoder's unit slot holding its prompt, while it has rows
-    started: bool = False  # some sample has had a row
-
-
-@dataclass
-class _TieCheck:
-    """The top-k tie check of a chunk's first tokens, on its way to the host (drawn without
-    waiting for it), and what drawing them again exactly takes."""
-
-    flag: torch.Tensor  # one bool; pinned host memory on a GPU
-    event: torch.cuda.Event | None  # recorded after the copy to `flag`
-    logits: torch.Tensor
-    counts: list[int]
-    seeds: torch.Tensor
-
-
-@dataclass
-class _Chunk:
-    """Prefilled units whose samples wait for rows: each unit's prompt KV after the shared
-    prefix (per layer), each sample's first token and each unit's steering vector."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    first: torch.Tensor  # each sample's first token (from the prefill's logits), in queue order
-    vectors: torch.Tensor
-    units: list[_Unit]
-    # unit, sample, seed, the sample's place in `first`
-    queue: deque[tuple[int, int, int, int]] = field(default_factory=deque)
-    tie_check: _TieCheck | None = None  # read before the first tokens are used
 
 
 class Refill:
@@ -92,11 +53,9 @@ class Refill:
         self.engine = engine
         self.stop = stop
         self.decoder = decoder
-        self.feed = feed
         self.max_new = max_new_tokens
         self.how = sampling
         self.on_unit = on_unit
-        self.on_prefill = on_prefill
         self.on_step = on_step
         rows, device = decoder.rows, engine.device
         self.device = device
@@ -104,17 +63,14 @@ class Refill:
         self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
         self.last = torch.zeros(rows, dtype=torch.int64, device=device)
         self.live = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.owner: list[tuple[_Unit, int] | None] = [None] * rows
+        self.owner: list[tuple[Unit, int] | None] = [None] * rows
         self.eos_list = engine.eos_token_ids or [-1]
         self.eos = torch.tensor(self.eos_list, device=device)
-        self.chunks: deque[_Chunk] = deque()
-        self.fed_all = False
-        self.stopping = False  # stop() held: no new unit starts
-        self.done_units: list[_Unit] = []
-        self.free_slots = list(range(decoder.unit_slots))[::-1]
+        self.queue = UnitQueue(engine, decoder, feed, sampling, on_prefill)
+        self.done_units: list[Unit] = []
         self.refills = 0  # admissions after the first (for benchmarks and tests)
         self.slot_waits = 0  # admissions cut short for want of a free unit slot
-        self.redraws = 0  # draws made again after their top-k tie check failed
+        self.step_redraws = 0  # draws made again after their top-k tie check failed
         # The host's copy of the last draw's outcome (live rows, tokens, top-k tie check),
         # copied without a sync and read once the draw is done (_wait): the next step is
         # launched before the host looks, so the GPU never waits for the host to launch it.
@@ -134,101 +90,28 @@ class Refill:
         self.drawn_before_drain = 0
         self.drawn = 0
 
-    # -- work coming in ---------------------------------------------------------------------
-
-    def _queued(self) -> int:
-        return sum(len(c.queue) for c in self.chunks)
+    @property
+    def redraws(self) -> int:
+        """Draws made again after their top-k tie check failed: steps' and first tokens'."""
+        return self.step_redraws + self.queue.redraws
 
     def _more_work(self) -> bool:
-        if self.stop is not None and not self.stopping and self.stop():
-            self._stop_starting()
-        return bool(self._queued()) or not self.fed_all
-
-    def _stop_starting(self) -> None:
-        """Asked to stop: no new unit starts. Units already started keep their waiting samples
-        (so that they finish whole and are handed over); the rest are dropped unrun, those
-        already prefilled too."""
-        self.fed_all = self.stopping = True
-        for chunk in self.chunks:
-            chunk.queue = deque(p for p in chunk.queue if chunk.units[p[0]].started)
-        self.chunks = deque(c for c in self.chunks if c.queue)
-
-    def _pull(self, need: int) -> None:
-        """Prefill units from the feed, PREFILL_UNITS a call, until `need` samples wait (or the
-        feed is done)."""
-        while self._queued() < need and not self.fed_all:
-            taken: list[tuple[Any, TargetUnit]] = []
-            while len(taken) < PREFILL_UNITS:
-                item = next(self.feed, None)
-                if item is None:
-                    self.fed_all = True
-                    break
-                if item[1].seeds:
-                    taken.append(item)
-            if taken:
-                self._prefill(taken)
-
-    def _prefill(self, taken: list[tuple[Any, TargetUnit]]) -> None:
-        """Prefill units and queue their samples. Nothing here waits for the GPU: it runs while
-        a decode step does (the readouts and the first tokens' tie check reach the host later)."""
-        units = [u for _, u in taken]
-        logits, cache = self.engine.prefill_from_prefix(units)
-        if self.on_prefill is not None:
-            self.on_prefill([k for k, _ in taken], logits)
-        decoder = self.decoder
-        decoder.set_prefix(cache)
-        kv = [(k.clone(), v.clone()) for k, v in decoder.prompt_kv(cache, self.engine.prompt_len)]
-        del cache
-        vectors = self.engine._steer_rows([u.steer for u in units])
-        # Every sample's first token now, so that admitting rows later needs no prefill logits;
-        # top-k runs once per unit, not once per sample.
-        counts = [len(u.seeds) for u in units]
-        seeds = self._ix([seed for u in units for seed in u.seeds])
-        overflow: list[torch.Tensor] = []
-        first = choose_first_tokens(logits, counts, seeds, self.how, overflow)
-        chunk = _Chunk(kv, first, vectors, [_Unit(k, [None] * len(u.seeds), len(u.seeds))
-                                            for k, u in taken])
-        if overflow:
-            chunk.tie_check = _TieCheck(*self._to_host(overflow[0]), logits, counts, seeds)
-        for i, unit in enumerate(units):
-            base = len(chunk.queue)
-            chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
-        self.chunks.append(chunk)
-
-    def _to_host(self, flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A one-element bool tensor copied to pinned memory without a sync, and the event
-        after which the copy holds."""
-        if self.device.type != "cuda":
-            return flag.reshape(1), None
-        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        host.copy_(flag.reshape(1), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
-    def _settle(self, chunk: _Chunk) -> None:
-        """Before a chunk's first tokens are used: where top-k ties reached past the candidates
-        taken for some unit, draw them again exactly (rare; that waits for the GPU)."""
-        check, chunk.tie_check = chunk.tie_check, None
-        if check is None:
-            return
-        if check.event is not None:
-            check.event.synchronize()
-        if bool(check.flag[0]):
-            self.redraws += 1
-            chunk.first = choose_first_tokens(check.logits, check.counts, check.seeds, self.how)
+        if self.stop is not None and not self.queue.stopping and self.stop():
+            self.queue.stop_starting()
+        return bool(self.queue.queued()) or not self.queue.fed_all
 
     # -- rows -------------------------------------------------------------------------------
 
     def _admit(self, free: list[int]) -> int:
         """Start waiting samples in rows `free` (as many as wait); returns how many started.
         Each draws its first token from its unit's prefill logits."""
-        self._pull(len(free))
+        queue = self.queue
+        queue.pull(len(free))
         started = 0
-        while free and self.chunks:
-            chunk = self.chunks[0]
-            self._settle(chunk)
-            picks, waiting = self._take(chunk, len(free))
+        while free and queue.chunks:
+            chunk = queue.chunks[0]
+            queue.settle(chunk)
+            picks, waiting = queue.take(chunk, len(free))
             if not picks:
                 self.slot_waits += waiting
                 break
@@ -257,7 +140,7 @@ class Refill:
                 chunk.units[unit].started = True
             started += n
             if not chunk.queue:
-                self.chunks.popleft()
+                queue.chunks.popleft()
             if waiting:
                 self.slot_waits += 1
                 break
@@ -265,29 +148,6 @@ class Refill:
         if started and self.on_step is not None:
             self.on_step(started)
         return started
-
-    def _take(self, chunk: _Chunk, most: int) -> tuple[list[tuple[int, int, int, int]], bool]:
-        """Up to `most` waiting samples of the chunk, in order; with unit slots, as many as
-        have their unit in a slot or get one now (their prompts are stored). Returns them and
-        whether a sample waits for a free slot."""
-        if not self.decoder.unit_slots:
-            return [chunk.queue.popleft() for _ in range(min(most, len(chunk.queue)))], False
-        picks: list[tuple[int, int, int, int]] = []
-        stored: list[tuple[int, int]] = []  # slot, unit index in the chunk
-        waiting = False
-        while chunk.queue and len(picks) < most:
-            unit = chunk.units[chunk.queue[0][0]]
-            if unit.slot is None:
-                if not self.free_slots:
-                    waiting = True
-                    break
-                unit.slot = self.free_slots.pop()
-                stored.append((unit.slot, chunk.queue[0][0]))
-            picks.append(chunk.queue.popleft())
-        if stored:
-            self.decoder.store_units(self._ix([s for s, _ in stored]), chunk.kv,
-                                     self._ix([u for _, u in stored]))
-        return picks, waiting
 
     def _harvest(self, rows: int) -> None:
         """File the answers of the finished rows among the first `rows`; those rows are free
@@ -307,7 +167,7 @@ class Refill:
             if unit.left == 0:
                 self.done_units.append(unit)
                 if unit.slot is not None:
-                    self.free_slots.append(unit.slot)
+                    self.queue.free_slots.append(unit.slot)
             self.owner[row] = None
 
     def _flush(self, most: int | None = None) -> None:
@@ -344,11 +204,11 @@ class Refill:
             logits = decoder.step(self.last[:rows])
             self.fresh.zero_()
             self._flush(FLUSH_PER_STEP)
-            if not self.fed_all and self._queued() < decoder.rows:
+            if not self.queue.fed_all and self.queue.queued() < decoder.rows:
                 # Prefill ahead while the step runs, PREFILL_UNITS a call: a prefill's cost is
                 # mostly per call (topping the queue up by a unit or two a call cost 4x the
                 # prefill time in an H100 bench).
-                self._pull(2 * decoder.rows)
+                self.queue.pull(2 * decoder.rows)
             if self._wait():
                 continue  # the last draw was made again: the step launched from its tokens too
             live = int(self.host_live[:rows].sum())
@@ -409,7 +269,7 @@ class Refill:
         if undo is None or not bool(self.host_overflow[0]):
             return False
         last, live, drawn, fresh_count, rows = undo
-        self.redraws += 1
+        self.step_redraws += 1
         self.decoder.unmark_step()  # the step launched from the undone draw's tokens
         self.last[:rows], self.live[:rows] = last, live
         self.decoder.current.drawn.copy_(drawn)
