@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from patchdb.errors import JudgeError, ModelError
-from patchdb.generate.transfer import to_device
+from patchdb.generate.transfer import HostCopy, to_device
 from patchdb.judge.logprobs import answer_token_ids
 from patchdb.store.readouts import ReadoutValues
 
@@ -66,21 +66,12 @@ class PendingReadouts:
 
     def __init__(self, table: torch.Tensor, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode
-        self._event: torch.cuda.Event | None = None
+        self._table = HostCopy(table)
         self._values: list[ReadoutValues] | None = None
-        if table.device.type == "cuda":
-            self._host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-            self._host.copy_(table, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = table
 
     def values(self) -> list[ReadoutValues]:
         """One ReadoutValues per row (waits for the copy, not for later GPU work)."""
         if self._values is None:
-            if self._event is not None:
-                self._event.synchronize()
             self._values = [ReadoutValues(y, n, h, self._decode([int(t)]))
-                            for y, n, h, t in self._host.tolist()]
+                            for y, n, h, t in self._table.get().tolist()]
         return self._values

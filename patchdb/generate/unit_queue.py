@@ -18,7 +18,7 @@ import torch
 from patchdb.generate.engine import Completion, Engine, TargetUnit
 from patchdb.generate.graphed import GraphedDecoder
 from patchdb.generate.sampling import Sampling, choose_first_tokens
-from patchdb.generate.transfer import to_device
+from patchdb.generate.transfer import HostCopy, to_device
 
 # Units in one prefill forward (its activations and KV are transient). A prefill's cost on the
 # host is mostly per call, so each call takes this many while the feed has them.
@@ -41,8 +41,7 @@ class TieCheck:
     """The top-k tie check of a chunk's first tokens, on its way to the host (drawn without
     waiting for it), and what drawing them again exactly takes."""
 
-    flag: torch.Tensor  # one bool; pinned host memory on a GPU
-    event: torch.cuda.Event | None  # recorded after the copy to `flag`
+    flag: HostCopy  # one bool: whether ties reached past the candidates in some unit
     logits: torch.Tensor
     counts: list[int]
     seeds: torch.Tensor
@@ -129,22 +128,11 @@ class UnitQueue:
         chunk = Chunk(kv, first, vectors, [Unit(k, [None] * len(u.seeds), len(u.seeds))
                                             for k, u in taken])
         if overflow:
-            chunk.tie_check = TieCheck(*self._to_host(overflow[0]), logits, counts, seeds)
+            chunk.tie_check = TieCheck(HostCopy(overflow[0]), logits, counts, seeds)
         for i, unit in enumerate(units):
             base = len(chunk.queue)
             chunk.queue.extend((i, s, seed, base + s) for s, seed in enumerate(unit.seeds))
         self.chunks.append(chunk)
-
-    def _to_host(self, flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A one-element bool tensor copied to pinned memory without a sync, and the event
-        after which the copy holds."""
-        if self.device.type != "cuda":
-            return flag.reshape(1), None
-        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        host.copy_(flag.reshape(1), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
 
     def settle(self, chunk: Chunk) -> None:
         """Before a chunk's first tokens are used: where top-k ties reached past the candidates
@@ -152,9 +140,7 @@ class UnitQueue:
         check, chunk.tie_check = chunk.tie_check, None
         if check is None:
             return
-        if check.event is not None:
-            check.event.synchronize()
-        if bool(check.flag[0]):
+        if bool(check.flag.get()):
             self.redraws += 1
             chunk.first = choose_first_tokens(check.logits, check.counts, check.seeds, self.how)
 
