@@ -171,22 +171,36 @@ def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
     want = eager(model, stop, todo, 1.0)
     static = make(model, stop, graph_replay=False, share_prefix=True)
     calls: list[tuple[int, bool]] = []
+    orders: list[tuple[list[int], list[int]]] = []  # (order, each row's unit slot)
     real = triton_decode.decode_attention_triton
 
     def counting(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  length: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append((length.dim(), kwargs.get("units") is not None))
+        units = kwargs.get("units")
+        calls.append((length.dim(), units is not None))
+        if units is not None and units.order is not None:
+            orders.append((units.order.tolist(), units.of_row.tolist()))
         return real(query, key, value, length, *args, **kwargs)
 
     triton_decode.decode_attention_triton = counting
     try:  # (the kernel is interpreted here, so one run covers ragged rows and unit prompts)
-        got, refill, _ = streamed(static, todo, 1.0, rows=4, unit_slots=2)
+        got, refill, _ = streamed(static, todo, 1.0, rows=5, unit_slots=3)
     finally:
         triton_decode.decode_attention_triton = real
     assert got == want
     assert calls and set(calls) == {(1, True)}, "the kernel must run, with a length a row and " \
         "the unit prompts"
     assert refill.refills >= 2
+    # Every step gave the kernel a row order, a permutation of its rows; refills scattered
+    # units over the rows, and the order put them back together (at most one run of rows per
+    # unit slot among the rows that hold a sample: free rows go last).
+    assert len(orders) == len(calls)
+    assert all(sorted(order) == list(range(len(order))) for order, _ in orders)
+    assert any(order != sorted(order) for order, _ in orders)
+    for order, slot_of in orders:
+        slots = [slot_of[r] for r in order]
+        runs = [s for i, s in enumerate(slots) if i == 0 or slots[i - 1] != s]
+        assert len(runs) <= 3 + 1, (order, slots)  # three slots, and the free rows' stale
 
 
 @pytest.mark.gpu
@@ -394,3 +408,16 @@ def test_first_tokens_whose_tie_check_fails_are_drawn_again_exactly(
     got, refill, _ = streamed(make(model, stop, graph_replay=False), todo, how, rows=5)
     assert checks[0] >= 1 and refill.redraws == checks[0]
     assert got == want
+
+
+def test_a_row_order_is_a_permutation_of_the_current_rows() -> None:
+    engine = make(lively_llama(seed=4), [], graph_replay=False, share_prefix=True)
+    decoder = engine._graphed_decoder(6, engine.prompt_len + N_NEW, 2)
+    assert decoder is not None
+    assert decoder.row_order.tolist() == list(range(6))
+    decoder.order_rows([5, 0, 4, 1, 3, 2])
+    assert decoder.row_order.tolist() == [5, 0, 4, 1, 3, 2]
+    for bad in ([0, 0, 1, 2, 3, 4], [0, 1, 2], [0, 1, 2, 3, 4, 6]):
+        with pytest.raises(ValueError, match="permutation of the current rows"):
+            decoder.order_rows(bad)
+    assert decoder.row_order.tolist() == [5, 0, 4, 1, 3, 2]

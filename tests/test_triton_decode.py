@@ -235,3 +235,52 @@ def test_rows_read_their_own_units_prompt_between_prefix_and_own_cache(
                       (p_key, p_value))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: bool) -> None:
+    """Programs take rows in a given order (rows of one unit together share a read of its
+    prompt): every row's output is what it is in batch order, exactly, for any permutation."""
+    batch, max_len, prefix_len, unit_len, n_units = 11, 70, 21, 37, 4
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, 4)
+    g = torch.Generator().manual_seed(8)
+    u_key = (torch.randn(n_units, 2, unit_len, 32, generator=g) * 3).to(DEVICE, dtype)
+    u_value = torch.randn(n_units, 2, unit_len, 32, generator=g).to(DEVICE, dtype)
+    of_row = torch.tensor([2, 0, 3, 1, 2, 0, 1, 3, 2, 0, 1], dtype=torch.int32, device=DEVICE)
+    lengths = [1, 70, 33, 2, 64, 65, 17, 40, 9, 31, 70] if ragged else [45] * batch
+    for i, n in enumerate(lengths):
+        key[i, :, n:] = 1e4  # stale entries: read by mistake, they would show
+    length = torch.tensor(lengths if ragged else 45, dtype=torch.int32, device=DEVICE)
+
+    def attend(order: list[int] | None) -> torch.Tensor:
+        ordered = None if order is None else torch.tensor(order, dtype=torch.int32,
+                                                           device=DEVICE)
+        units = triton_decode.UnitPrompts(u_key, u_value, of_row, ordered)
+        return triton_decode.decode_attention_triton(query, key, value, length, 0.2,
+                                                     (p_key, p_value), units=units)
+
+    plain = attend(None)
+    by_unit = sorted(range(batch), key=lambda r: (int(of_row[r]), r))
+    shuffled = torch.randperm(batch, generator=torch.Generator().manual_seed(3)).tolist()
+    assert by_unit != list(range(batch)) and shuffled != list(range(batch))
+    for order in (by_unit, shuffled, list(range(batch))[::-1]):
+        assert torch.equal(attend(order), plain), order
+    # and batch order is right to begin with
+    ref = masked_sdpa(query, torch.cat([u_key[of_row.long()], key], dim=2),
+                      torch.cat([u_value[of_row.long()], value], dim=2),
+                      [unit_len + n for n in lengths], 0.2, (p_key, p_value))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(plain.float(), ref, rtol=tol, atol=tol)
+
+
+def test_a_row_order_needs_an_entry_a_row() -> None:
+    query, key, value, p_key, p_value = gemma_like(5, 2, 16, 4, torch.float32, 2)
+    u = torch.zeros(1, 2, 3, 32, device=DEVICE)
+    of_row = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    short = triton_decode.UnitPrompts(u, u, of_row, torch.arange(4, dtype=torch.int32,
+                                                                 device=DEVICE))
+    with pytest.raises(ValueError, match="one contiguous entry a row"):
+        triton_decode.decode_attention_triton(query, key, value,
+                                              torch.tensor(8, dtype=torch.int32, device=DEVICE),
+                                              0.2, (p_key, p_value), units=short)

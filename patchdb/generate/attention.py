@@ -29,8 +29,9 @@ _LENGTH: list[torch.Tensor | None] = [None]
 Prefixes = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> keys, values [kv, P, d]
 _PREFIX: list[Prefixes | None] = [None]
 # layer index -> keys, values [n_units, kv, U, d] (each unit's prompt after the shared prefix),
-# and each row's unit
-UnitTable = tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+# each row's unit, and the order the kernel takes rows in (None: as they sit)
+UnitTable = tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor,
+                  torch.Tensor | None]
 _UNITS: list[UnitTable | None] = [None]
 
 
@@ -96,7 +97,8 @@ def decode_attention(
         # a sliding-window layer's window (positions counted from the shared prefix's first);
         # the mask says the same on the SDPA path
         window = kwargs.get("sliding_window")
-        prompts = (triton_decode.UnitPrompts(unit_kv[0], unit_kv[1], units[1][:batch])
+        order = units[2][:batch] if units is not None and units[2] is not None else None
+        prompts = (triton_decode.UnitPrompts(unit_kv[0], unit_kv[1], units[1][:batch], order)
                    if unit_kv is not None and units is not None else None)
         out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix,
                                                     window=window, units=prompts)

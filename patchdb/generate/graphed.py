@@ -40,6 +40,7 @@ from patchdb.generate.attention import (
 from patchdb.generate.compiled import compiled_layers, update_in_attention
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
+from patchdb.generate.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class _Rows:
         self.slots = owner.slots[:rows]
         self.drawn = owner.drawn[:rows]
         self.unit_of_row = owner.unit_of_row[:rows]
+        self.order = owner.row_order[:rows]
         self.steer = Steering(owner.steer.vectors[:rows], owner.steer.start)
         cache.update = _RowWrites(cache, self.slots)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -163,6 +165,9 @@ class GraphedDecoder:
         self.slots = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.lengths = torch.ones(rows, dtype=torch.int32, device=self.device)
         self.unit_of_row = torch.zeros(rows, dtype=torch.int32, device=self.device)
+        # The order decode attention takes the rows in (with unit slots): rows of one unit side
+        # by side read its prompt once (order_rows); a permutation of the current rows.
+        self.row_order = torch.arange(rows, dtype=torch.int32, device=self.device)
         self.sizes = row_buckets(rows) if shrink else [rows]
         self._by_rows: dict[int, _Rows] = {}
         self.current = self._rows(rows)
@@ -326,6 +331,16 @@ class GraphedDecoder:
         for buffer in (self.steer.vectors, self.mask, self.drawn, self.unit_of_row):
             buffer[:n] = buffer.index_select(0, keep)
         self.current = self._rows(self._smallest_fitting(n))
+        size = self.current.rows
+        torch.arange(size, dtype=torch.int32, device=self.device, out=self.row_order[:size])
+
+    def order_rows(self, order: Sequence[int]) -> None:
+        """Have decode attention take the current rows in this order (a permutation of
+        range(current rows)): each program reads the prompt of every unit among its rows once,
+        so rows of one unit belong together. Answers do not change; copied without a sync."""
+        if sorted(order) != list(range(self.current.rows)):
+            raise ValueError("a row order is a permutation of the current rows")
+        self.row_order[:len(order)].copy_(to_device(list(order), self.device))
 
     @contextmanager
     def _step_context(self, rows: _Rows) -> Iterator[None]:
@@ -341,7 +356,7 @@ class GraphedDecoder:
             if self.prefix_len:
                 stack.enter_context(shared_prefix(self.prefixes))
             if self.unit_slots:
-                stack.enter_context(unit_prompts((self.unit_kv, rows.unit_of_row)))
+                stack.enter_context(unit_prompts((self.unit_kv, rows.unit_of_row, rows.order)))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
             yield

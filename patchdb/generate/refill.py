@@ -89,6 +89,8 @@ class Refill:
         self.drain_started: float | None = None
         self.drawn_before_drain = 0
         self.drawn = 0
+        self.steps = 0  # decode steps launched (a redrawn step counted once)
+        self.steps_before_drain = 0
 
     @property
     def redraws(self) -> int:
@@ -149,6 +151,22 @@ class Refill:
             self.on_step(started)
         return started
 
+    def _order(self, rows: int) -> None:
+        """Rows of one unit side by side in the order decode attention takes them (each
+        program then reads a unit's prompt once for all its rows of that unit, where refilled
+        rows leave a unit's samples scattered); free rows go last."""
+        if not self.decoder.unit_slots:
+            return
+
+        def unit_first(row: int) -> tuple[int, int, int]:
+            owner = self.owner[row]
+            if owner is None:
+                return (1, 0, row)
+            slot = owner[0].slot
+            return (0, -1 if slot is None else slot, row)
+
+        self.decoder.order_rows(sorted(range(rows), key=unit_first))
+
     def _harvest(self, rows: int) -> None:
         """File the answers of the finished rows among the first `rows`; those rows are free
         after it."""
@@ -191,10 +209,12 @@ class Refill:
             buffer[:n] = buffer.index_select(0, keep)
         owners = [self.owner[i] for i in keep.tolist()]
         self.owner[:rows] = owners + [None] * (rows - n)
+        self._order(self.decoder.current.rows)
 
     def run(self) -> None:
         decoder = self.decoder
         self._admit(list(range(decoder.rows)))
+        self._order(decoder.rows)
         self._publish(decoder.rows)
         threshold = max(1, int(decoder.rows * REFILL_FRACTION))
         while True:
@@ -202,6 +222,7 @@ class Refill:
             # The step is launched before the host looks at the last draw (no sync first): the
             # GPU runs it while the host files answers and refills rows.
             logits = decoder.step(self.last[:rows])
+            self.steps += 1
             self.fresh.zero_()
             self._flush(FLUSH_PER_STEP)
             if not self.queue.fed_all and self.queue.queued() < decoder.rows:
@@ -217,6 +238,7 @@ class Refill:
             if not more and self.drain_started is None:
                 self.drain_started = time.perf_counter()
                 self.drawn_before_drain = self.drawn
+                self.steps_before_drain = self.steps
             refill = more and rows == decoder.rows and (live == 0 or rows - live >= threshold)
             shrink = not more and decoder.shrinks_to(live)
             if finished and (refill or shrink or live == 0):
@@ -225,6 +247,8 @@ class Refill:
             if refill:
                 started = self._admit([r for r in range(rows) if self.owner[r] is None])
                 self.refills += bool(started)
+                if started:
+                    self._order(rows)
             if live == 0 and not started:
                 if self._more_work():
                     continue

@@ -36,12 +36,16 @@ NO_WINDOW = 1 << 30
 
 @dataclass(frozen=True)
 class UnitPrompts:
-    """Prompt keys and values kept once per unit ([n_units, kv_heads, unit_len, d]) and the
-    unit of each row (int32 or int64 [rows])."""
+    """Prompt keys and values kept once per unit ([n_units, kv_heads, unit_len, d]), the unit
+    of each row (int32 or int64 [rows]) and, optionally, the order in which programs take the
+    rows (a permutation of range(rows), int32): rows of one unit side by side in it share one
+    read of the unit's prompt, wherever they sit in the batch (continuous batching scatters a
+    unit's samples over the rows that came free)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     of_row: torch.Tensor
+    order: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -90,22 +94,25 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
 
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
-                       uk_ptr, uv_ptr, unit_ptr,
+                       uk_ptr, uv_ptr, unit_ptr, order_ptr,
                        batch, prefix_len, unit_len, window, scale, s_len, s_unit,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
                        s_ukb, s_ukh, s_ukl, s_uvb, s_uvh, s_uvl,
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                       RAGGED: tl.constexpr, UNITS: tl.constexpr, IEEE: tl.constexpr):
+                       RAGGED: tl.constexpr, UNITS: tl.constexpr, ORDERED: tl.constexpr,
+                       IEEE: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
         local = line // G_PAD  # which of the program's rows a query line belongs to
         g = line % G_PAD
-        row = first + local
-        ok = (g < GROUPS) & (local < ROWS) & (row < batch)
-        safe_row = tl.minimum(row, batch - 1)
+        place = first + local  # the line's place in the order rows are taken in
+        ok = (g < GROUPS) & (local < ROWS) & (place < batch)
+        safe_row = tl.minimum(place, batch - 1)
+        if ORDERED:  # the program's rows are order[first:first + ROWS]
+            safe_row = tl.load(order_ptr + safe_row)
         d = tl.arange(0, DIM)
         offs = tl.arange(0, BLOCK_L)
         q = tl.load(q_ptr + safe_row[:, None] * s_qb + head * s_qh + g[:, None] * s_qg + d[None, :],
@@ -175,8 +182,9 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                 r = step // blocks
                 start = (step - r * blocks) * BLOCK_L
                 length = tl.where(first + r < batch, longest, 0)
-            this_row = tl.minimum(first + r, batch - 1)
             mine = ok & (local == r)
+            # the batch row of the program's r-th row (its lead line's), row 0 past the batch
+            this_row = tl.sum(tl.where(lead & (local == r), safe_row, 0), 0)
             pos = start + offs
             inside = pos < length
             k = tl.load(k_ptr + this_row * s_kb + head * s_kh + pos[:, None] * s_kl + d[None, :],
@@ -237,16 +245,21 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     grid: Any = (triton.cdiv(batch, rows), kv_heads)
     p_keys, p_values = prefix if prefix is not None else (key[0], value[0])
     prefix_len = prefix[0].shape[1] if prefix is not None else 0
+    order = None
     if units is not None:
-        u_keys, u_values, of_row = units.keys, units.values, units.of_row
+        u_keys, u_values, of_row, order = units.keys, units.values, units.of_row, units.order
         if u_keys.stride(-1) != 1 or u_values.stride(-1) != 1 or of_row.shape[0] < batch:
             raise ValueError("unit prompts need a contiguous last dimension and a unit a row")
+        if order is not None and (order.dim() != 1 or order.shape[0] < batch
+                                  or order.stride(0) != 1):
+            raise ValueError("the row order needs one contiguous entry a row")
     else:
         u_keys, u_values, of_row = key, value, length.reshape(-1)
     guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _decode_kernel[grid](
             query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
+            order if order is not None else of_row,
             batch, prefix_len, u_keys.shape[2] if units is not None else 0,
             NO_WINDOW if window is None else window, scale,
             length.stride(0) if length.dim() == 1 else 0, of_row.stride(0),
@@ -259,6 +272,7 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             u_values.stride(0), u_values.stride(1), u_values.stride(2),
             GROUPS=groups, G_PAD=g_pad, ROWS=rows, LINES=max(16, rows * g_pad), DIM=dim,
             BLOCK_L=tuning.block, RAGGED=length.dim() == 1, UNITS=units is not None,
+            ORDERED=order is not None,
             IEEE=query.dtype == torch.float32,
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
