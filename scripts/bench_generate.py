@@ -423,6 +423,16 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
                               "drain_s": end - drain - drain_capture if drain else 0.0,
                               "drain_tokens": (self.drawn - self.drawn_before_drain
                                                if drain else 0)})
+                steps = getattr(self, "steps_before_drain", 0)
+                if drain and steps:
+                    # tokens a step-row before the drain: what idle rows cost; the rest of
+                    # the gap to the uniform rate is time per step
+                    stats[-1]["steps"] = self.steps
+                    stats[-1]["steps_before_drain"] = steps
+                    stats[-1]["row_use_before_drain"] = (self.drawn_before_drain
+                                                         / (steps * self.decoder.rows))
+                    stats[-1]["step_ms_before_drain"] = 1e3 * (drain - t0) / steps
+                stats[-1]["memory_gib"] = decoder_memory(self.decoder)
 
         refill_mod.Refill.run = timed_run  # type: ignore[method-assign]
     extra = {"baselines": False} if "baselines" in {
@@ -435,6 +445,8 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # the weights, and what an earlier run left allocated (the peak's base)
+    at_start = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     t = time.perf_counter()
     try:
         result = stage_mod.run_generate(store, options, progress=False, load=lambda *a, **k: loaded)
@@ -477,8 +489,21 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
                                    if stats else None),
             "_answers": answers,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0,
+            "allocated_at_start_gib": at_start,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0,
             "card_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else 0}
+
+
+def decoder_memory(decoder: Any) -> dict[str, float]:
+    """GiB the decoder holds: the rows' own KV cache, the unit slots' prompts, the shared
+    prefix (the rest of the peak beside the weights is activations, logits and the sampler)."""
+    def gib(tensors: Any) -> float:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2**30
+
+    layers = [layer for layer in decoder.cache.layers if getattr(layer, "is_initialized", False)]
+    return {"rows_kv": gib(t for layer in layers for t in (layer.keys, layer.values)),
+            "unit_slots": gib(t for kv in getattr(decoder, "unit_kv", {}).values() for t in kv),
+            "prefix": gib(t for kv in getattr(decoder, "prefixes", {}).values() for t in kv)}
 
 
 def set_drawn(decoder: Any, drawn: int) -> None:
