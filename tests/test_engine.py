@@ -312,3 +312,17 @@ def test_batches_come_out_even() -> None:
     assert even_batch_rows(100, 64) == 50
     assert even_batch_rows(10, 64) == 10
     assert even_batch_rows(128, 64) == 64
+
+
+def test_rows_fit_free_memory_and_leave_the_card_a_margin() -> None:
+    from patchdb.generate.batching import PEAK_FRACTION, rows_that_fit
+
+    gib, mib = 2**30, 2**20
+    for card, free in ((79 * gib, 28 * gib), (140 * gib, 89 * gib), (79 * gib, 78 * gib)):
+        # the card filled to its margin by what is already held, the rows and the fixed part
+        rows = rows_that_fit(free, card, 53 * mib, fixed=200 * mib)
+        used = (card - free) + rows * 53 * mib + 200 * mib
+        assert used <= PEAK_FRACTION * card < used + 53 * mib, (card, free, rows)
+    # at least one row, at most MAX_BATCH_ROWS
+    assert rows_that_fit(7 * gib, 79 * gib, 53 * mib) == 1
+    assert rows_that_fit(70 * gib, 79 * gib, 1024) == 4096

@@ -121,7 +121,8 @@ def run_generate(
     batch_rows = options.batch_size or even_batch_rows(
         sum(len(p.samples) for p in plan.pending),
         auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
-                        engine.shared_prefix_len(max_len), unit_samples),
+                        engine.shared_prefix_len(max_len), unit_samples,
+                        whole_vocab=sampling.temperature != 0 and sampling.top_k == 0),
     )
     result.batch_size = batch_rows
     stopper = StopAfterBatch()
