@@ -324,5 +324,5 @@ def test_rows_fit_free_memory_and_leave_the_card_a_margin() -> None:
         used = (card - free) + rows * 53 * mib + 200 * mib
         assert used <= PEAK_FRACTION * card < used + 53 * mib, (card, free, rows)
     # at least one row, at most MAX_BATCH_ROWS
-    assert rows_that_fit(7 * gib, 79 * gib, 53 * mib) == 1
+    assert rows_that_fit(6 * gib, 79 * gib, 53 * mib) == 1
     assert rows_that_fit(70 * gib, 79 * gib, 1024) == 4096

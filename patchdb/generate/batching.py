@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from patchdb.generate.unit_queue import PREFILL_UNITS
+
 
 @dataclass
 class Piece:
@@ -50,10 +52,11 @@ def even_batch_rows(total_rows: int, most: int) -> int:
 
 
 CPU_BATCH_ROWS = 64
-# Rows take free GPU memory up to where the estimate would fill this fraction of the card (it
-# runs about 5% over what the rows take: a Gemma-3-27B shape peaked at 90% of an H100 and 82%
-# of an H200 under the old rule, 80% of free memory, which left an H200 a sixth of its rows).
-PEAK_FRACTION = 0.91
+# Rows take free GPU memory up to where the estimate would fill this fraction of the card. The
+# old rule, 80% of free memory, left a Gemma-3-27B shape at 90% of an H100 (389 rows) but 82%
+# of an H200 (1,252 rows, a sixth fewer than fit); the estimate runs about 2% over what a row
+# took in those runs (51 MiB).
+PEAK_FRACTION = 0.92
 MAX_BATCH_ROWS = 4096
 # Bytes a row takes per vocabulary entry at the sampler's peak: the logits (model dtype, at
 # most 4) and, where a draw sorts or sums the whole vocabulary (no top-k), float32 scores,
@@ -94,15 +97,22 @@ def auto_batch_size(
     element = next(model.parameters()).element_size()
     token_bytes = 2 * n_layers * n_kv * head_dim * element
     own_prompt = prompt_len - shared_prefix
-    fixed = 0
-    if samples:  # unit slots: 4 per rows/samples units, plus 8 (unit_slots_for)
-        per_row_prompt = token_bytes * own_prompt * 4 / samples
-        fixed = token_bytes * own_prompt * 12  # 8 slots, and a unit's rounding up
-    else:
+    if samples:
+        # Unit slots: 4 per rows/samples units, plus 8 (unit_slots_for), and the units prefilled
+        # ahead (twice the rows' samples, refill.py), whose prompts wait in their chunks. A
+        # prefill takes PREFILL_UNITS units at a time, whatever the rows.
+        intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+        per_row_prompt = token_bytes * own_prompt * (4 + 2) / samples
+        per_row_prefill = 0
+        fixed = (token_bytes * own_prompt * 12  # 8 slots, and a unit's rounding up
+                 + PREFILL_UNITS * prompt_len * (4 * hidden + 3 * intermediate) * element)
+    else:  # each row's prompt in its own cache, prefilled with its batch
         per_row_prompt = token_bytes * own_prompt
+        per_row_prefill = hidden * element * prompt_len
+        fixed = 0
     vocab_bytes = VOCAB_BYTES_WHOLE if whole_vocab else VOCAB_BYTES_TOP_K
     per_row = int(token_bytes * max_new_tokens + per_row_prompt + vocab * vocab_bytes
-                  + hidden * element * prompt_len)
+                  + per_row_prefill)
     free = total = 0
     # A model spread over cards keeps each layer's cache on that layer's card.
     cards = {p.device for p in model.parameters() if p.device.type == "cuda"} or {device}
