@@ -380,3 +380,19 @@ def test_answers_that_end_early_are_written_through_the_static_decoder(
     assert query(streamed_db, readouts) == query(eager_db, readouts) != [(0,)]
     ends = {n for _answer, n, reason, _seed in want.values() if reason == "stop"}
     assert len(ends) >= 2 and max(ends) < 8, "answers must end early, at different lengths"
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_run_on_a_gpu_gives_its_memory_back_compiled_or_not(compiled: bool) -> None:
+    """The end of every run on a GPU (here its CPU-safe part: emptying an uninitialised CUDA
+    cache does nothing): the decoder is dropped, and an uncompiled run must not fail there (an
+    `import torch._dynamo` inside the function once made `torch` a local name, unbound when
+    nothing was compiled: every uncompiled run on a GPU ended in a traceback)."""
+    from patchdb.generate.stage import _release
+
+    class Held:
+        _decoder: object | None = object()
+
+    engine: Any = Held()
+    _release(engine, torch.device("cuda"), compiled)
+    assert engine._decoder is None

@@ -118,12 +118,12 @@ def run_generate(
     # continuous batching keeps each unit's prompt once (unit slots, sized by its samples)
     unit_samples = (sorted(len(p.samples) for p in plan.pending)[len(plan.pending) // 2]
                     if streams and plan.pending and engine.fast_attention else 0)
-    batch_rows = options.batch_size or even_batch_rows(
-        sum(len(p.samples) for p in plan.pending),
-        auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids), plan.max_new_tokens,
-                        engine.shared_prefix_len(max_len), unit_samples,
-                        whole_vocab=sampling.temperature != 0 and sampling.top_k == 0),
-    )
+    fits = auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids),
+                           plan.max_new_tokens, engine.shared_prefix_len(max_len), unit_samples,
+                           whole_vocab=sampling.temperature != 0 and sampling.top_k == 0)
+    # fixed batches come out even; continuous batching has no batches to even out
+    batch_rows = options.batch_size or (
+        fits if streams else even_batch_rows(sum(len(p.samples) for p in plan.pending), fits))
     result.batch_size = batch_rows
     stopper = StopAfterBatch()
 
@@ -183,8 +183,9 @@ def _release(engine: Engine, device: torch.device, compiled: bool) -> None:
     if device.type != "cuda":
         return
     if compiled:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would bind `torch`
+        # here, a local name, and leave it unbound when nothing was compiled)
 
-        torch._dynamo.reset()
+        dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
