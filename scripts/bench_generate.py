@@ -32,6 +32,7 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from clocks import ClockLog  # noqa: E402
 from phases import PhaseClock, print_report  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -703,13 +705,20 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             clock = PhaseClock() if args.phases else None
             if clock is not None:
                 clock.install()
+            card = torch.device(device).index or 0
             try:
-                r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
-                              args.batch_size, Path(tmp), compile_decode, True, stop_at, shrink,
-                              args.stop_words if stop else None, refill)
+                with ClockLog(card) if device.startswith("cuda") else nullcontext() as log:
+                    r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
+                                  args.batch_size, Path(tmp), compile_decode, True, stop_at,
+                                  shrink, args.stop_words if stop else None, refill)
             finally:
                 if clock is not None:
                     clock.uninstall()
+            if log is not None and (clocks := log.summary()) is not None:
+                r["clocks"] = clocks  # a card at its power cap runs slower on some data
+                print(f"[{name}] SM clock {clocks['sm_mhz_median']:.0f} MHz (median, loaded), "
+                      f"{clocks['power_w_mean']:.0f} W, power-capped "
+                      f"{clocks['power_capped_fraction']:.0%} of the time", flush=True)
             if clock is not None:
                 r["phases"] = clock.report()
                 without_window(r, r["phases"]["profiler_window_s"])
