@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from patchdb.generate import triton_decode
+from patchdb.generate.pages import gather_pages, page_table
 
 NAME = "patchdb_decode"
 _LENGTH: list[torch.Tensor | None] = [None]
@@ -89,6 +90,9 @@ def decode_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
+    pages = page_table()  # key and value are pools of pages (pages.py)
+    if pages is not None:
+        pages = pages[:batch]
     scale = scaling if scaling is not None else dim**-0.5
     # Query heads that share a KV head become that head's "queries": [b, kv_heads, groups, d].
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
@@ -101,8 +105,10 @@ def decode_attention(
         prompts = (triton_decode.UnitPrompts(unit_kv[0], unit_kv[1], units[1][:batch], order)
                    if unit_kv is not None and units is not None else None)
         out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix,
-                                                    window=window, units=prompts)
+                                                    window=window, units=prompts, pages=pages)
     else:
+        if pages is not None:  # each row's pages, in order, as one cache (the mask's width)
+            key, value = gather_pages(key, pages), gather_pages(value, pages)
         if unit_kv is not None and units is not None:  # each row's unit prompt joins its keys
             of_row = units[1][:batch].long()
             key, value, attention_mask = _join_prefix(

@@ -320,18 +320,21 @@ class Engine:
             return self.injection_start
         return 0
 
-    def _graphed_decoder(self, rows: int, max_len: int, unit_slots: int = 0) -> GraphedDecoder | None:
+    def _graphed_decoder(self, rows: int, max_len: int, unit_slots: int = 0,
+                         pages: int = 0) -> GraphedDecoder | None:
         """The CUDA-graph decoder for this many rows (reused while it is big enough, with the
         same unit slots), or None where graphs do not apply (see _static_decode). With
         `unit_slots` (continuous batching, patchdb's decode attention only) each unit's prompt
-        is kept once in one of that many slots instead of in every row."""
+        is kept once in one of that many slots instead of in every row; `pages` (with unit
+        slots): the rows' own KV in a pool of that many pages, handed out by need."""
         if not self._static_decode(max_len):
             return None
         if not self.fast_attention:
             unit_slots = 0
         current = self._decoder
         if (current is not None and current.max_len == max_len and rows <= current.rows
-                and current.unit_slots == unit_slots):
+                and current.unit_slots == unit_slots
+                and (current.pool.pages if current.pool is not None else 0) == pages):
             return current
         self._decoder = None
         if self.device.type == "cuda":
@@ -342,7 +345,8 @@ class Engine:
                                        self.compile_decode, self.graph_replay,
                                        self.shared_prefix_len(max_len), self.shrink_rows,
                                        unit_slots,
-                                       self.prompt_len - self.shared_prefix_len(max_len))
+                                       self.prompt_len - self.shared_prefix_len(max_len),
+                                       pages if unit_slots else 0)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,

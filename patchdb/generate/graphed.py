@@ -40,6 +40,7 @@ from patchdb.generate.attention import (
 from patchdb.generate.compiled import compiled_layers, update_in_attention
 from patchdb.generate.hooks import Steering, steering
 from patchdb.generate.layers import LayerMap
+from patchdb.generate.pages import PAGE, PagedWrites, PagePool, paged_cache, pages_for
 from patchdb.generate.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,14 @@ class _Rows:
         self.unit_of_row = owner.unit_of_row[:rows]
         self.order = owner.row_order[:rows]
         self.steer = Steering(owner.steer.vectors[:rows], owner.steer.start)
-        cache.update = _RowWrites(cache, self.slots)
+        self.table: torch.Tensor | None = None
+        if owner.pool is not None:
+            self.table = owner.pool.table[:rows]
+            self.page = owner.page_ix[:rows]
+            self.offset = owner.page_offset[:rows]
+            cache.update = PagedWrites(owner.kv_pools, self.page, self.offset)
+        else:
+            cache.update = _RowWrites(cache, self.slots)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -122,7 +130,7 @@ class GraphedDecoder:
                  injection_start: int, rows: int, max_len: int, cache_kw: str,
                  fast_attention: bool = True, compile_layers: bool = False,
                  replay: bool = True, prefix_len: int = 0, shrink: bool = True,
-                 unit_slots: int = 0, unit_prompt_len: int = 0) -> None:
+                 unit_slots: int = 0, unit_prompt_len: int = 0, pages: int = 0) -> None:
         """`fast_attention`: capture with patchdb's decode attention (attention.py);
         `compile_layers`: capture torch.compile'd decoder layers (fuses the small kernels);
         `replay` off: run each step eagerly, same cache and attention, no graph (works on the
@@ -132,9 +140,13 @@ class GraphedDecoder:
         `shrink`: move the rows still decoding into a smaller row count (row_buckets) as
         others finish; `unit_slots` > 0 (needs fast_attention): the prompt after the shared
         prefix (`unit_prompt_len` positions) is kept once per unit in that many unit slots
-        (store_units), not in every row, so rows hold only the tokens they draw."""
+        (store_units), not in every row, so rows hold only the tokens they draw; `pages` > 0
+        (needs unit slots): the rows' own keys and values live in a pool of that many pages,
+        handed out by need (pages.py: the caller gives rows their pages through `pool`)."""
         if (prefix_len or unit_slots) and not fast_attention:
             raise ValueError("a shared prefix or unit prompts need patchdb's decode attention")
+        if pages and not unit_slots:
+            raise ValueError("KV pages need unit slots (a row's cache holds only its answer)")
         self.replay = replay
         self.prefix_len = prefix_len
         self.prefixes: Prefixes = {}
@@ -155,6 +167,14 @@ class GraphedDecoder:
         self.unit_prompt_len = unit_prompt_len if unit_slots else 0
         self.unit_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> [U, kv, P, d]
         own = max_len - prefix_len - self.unit_prompt_len  # cache slots a row needs for itself
+        self.pool: PagePool | None = None
+        self.kv_pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> pages
+        if pages:
+            own = pages_for(own) * PAGE
+            self.pool = PagePool(pages, rows, own // PAGE, self.device)
+        # where each row's next key and value go, with pages: pool page and offset
+        self.page_ix = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.page_offset = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.cache = StaticCache(config=model.config, max_cache_len=own)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
@@ -248,13 +268,16 @@ class GraphedDecoder:
                 raise ValueError("a decoder with unit slots needs each row's slot")
             self.unit_of_row.index_copy_(0, rows, slots.to(torch.int32))
         layers: list[Any] = list(self.cache.layers)  # transformers' layers, untyped
-        for static_layer, (keys, values) in zip(layers, prompt_kv, strict=True):
+        for index, (static_layer, (keys, values)) in enumerate(zip(layers, prompt_kv,
+                                                                  strict=True)):
             if keys.shape[2] != prompt_len - self.prefix_len:
                 raise ValueError(f"prompt KV over {keys.shape[2]} positions, expected "
                                  f"{prompt_len - self.prefix_len}")
             if self.unit_slots:
                 keys, values = keys[:, :, :0], values[:, :, :0]
-            if not static_layer.is_initialized:  # sized from these, for all rows
+            if self.pool is not None and index not in self.kv_pools:
+                self._paged_layer(static_layer, index, keys, values)
+            elif not static_layer.is_initialized:  # sized from these, for all rows
                 # (cut caches are made after this: their layers are views of these tensors)
                 assert list(self._by_rows) == [self.rows]
                 static_layer.lazy_initialization(keys[:1].expand(self.rows, -1, -1, -1),
@@ -267,6 +290,23 @@ class GraphedDecoder:
         self.mask.index_fill_(0, rows, False)
         self.mask[..., :own].index_fill_(0, rows, True)
         self.drawn.index_fill_(0, rows, 1)
+
+    def _paged_layer(self, layer: Any, index: int, keys: torch.Tensor,
+                     values: torch.Tensor) -> None:
+        """A paged decoder's layer: its pool of pages, and a static layer whose keys and values
+        are views of one zero position (the model's cache object wants them; nothing reads or
+        writes them: writes go to the pool)."""
+        assert self.pool is not None
+        shape = (self.pool.pages + 1, keys.shape[1], PAGE, keys.shape[3])
+        self.kv_pools[index] = (keys.new_zeros(shape), values.new_zeros(shape))
+        if not layer.is_initialized:
+            length = layer.max_cache_len
+            layer.max_cache_len = 1
+            layer.lazy_initialization(keys[:1, :, :1], values[:1, :, :1])
+            layer.max_cache_len = length
+            layer.keys = layer.keys.expand(self.rows, -1, length, -1)
+            layer.values = layer.values.expand(self.rows, -1, length, -1)
+            layer.batch_size = self.rows
 
     def set_prefix(self, prefill: DynamicCache) -> None:
         """Keep the shared prefix's keys and values once (from any unit's prefill: every unit
@@ -324,15 +364,27 @@ class GraphedDecoder:
         """Keep only rows `keep` (indexes of the current rows, ascending), moved to the front,
         and run the next steps at the fewest rows that hold them."""
         n = keep.shape[0]
-        layers: list[Any] = list(self.cache.layers)
-        for layer in layers:
-            layer.keys[:n] = layer.keys.index_select(0, keep)
-            layer.values[:n] = layer.values.index_select(0, keep)
+        if self.pool is not None:  # the rows' pages move with them: their table rows do
+            self.pool.keep(keep.tolist())
+        else:
+            layers: list[Any] = list(self.cache.layers)
+            for layer in layers:
+                layer.keys[:n] = layer.keys.index_select(0, keep)
+                layer.values[:n] = layer.values.index_select(0, keep)
         for buffer in (self.steer.vectors, self.mask, self.drawn, self.unit_of_row):
             buffer[:n] = buffer.index_select(0, keep)
         self.current = self._rows(self._smallest_fitting(n))
         size = self.current.rows
         torch.arange(size, dtype=torch.int32, device=self.device, out=self.row_order[:size])
+
+    def restart(self) -> None:
+        """Back to the full row count, rows in batch order and every page free (a new stream
+        on a decoder an earlier one left, perhaps shrunk, for continuous batching)."""
+        self.current = self._rows(self.rows)
+        torch.arange(self.rows, dtype=torch.int32, device=self.device, out=self.row_order)
+        if self.pool is not None:
+            self.pool.release([r for r, held in enumerate(self.pool.held) if held])
+            self.pool.sync()
 
     def order_rows(self, order: Sequence[int]) -> None:
         """Have decode attention take the current rows in this order (a permutation of
@@ -357,6 +409,8 @@ class GraphedDecoder:
                 stack.enter_context(shared_prefix(self.prefixes))
             if self.unit_slots:
                 stack.enter_context(unit_prompts((self.unit_kv, rows.unit_of_row, rows.order)))
+            if rows.table is not None:
+                stack.enter_context(paged_cache(rows.table))
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.layer_map))
             yield
@@ -390,6 +444,11 @@ class GraphedDecoder:
         torch.add(rows.drawn, self.prompt_slots - 1, out=rows.slots)
         rows.slots.clamp_(max=self.mask.shape[-1] - 1)  # a row past its last step writes nothing read
         rows.lengths.copy_(rows.slots + 1)
+        if self.pool is not None and rows.table is not None:
+            self.pool.sync()  # pages given since the last step
+            column = torch.div(rows.slots, PAGE, rounding_mode="floor")
+            rows.page.copy_(rows.table.gather(1, column.view(-1, 1)).view(-1))
+            torch.remainder(rows.slots, PAGE, out=rows.offset)
         rows.mask.scatter_(3, rows.slots.view(-1, 1, 1, 1), True)
         if not self.replay:
             with self._step_context(rows):

@@ -26,6 +26,7 @@ import torch
 
 from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.graphed import GraphedDecoder
+from patchdb.generate.pages import PAGE
 from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 from patchdb.generate.transfer import to_device
 from patchdb.generate.unit_queue import Unit, UnitQueue
@@ -36,6 +37,12 @@ REFILL_FRACTION = 1 / 16
 # Finished units handed over (written to the store) while one step runs; the rest wait for the
 # next steps. A unit's write takes less host time than a step of a large model.
 FLUSH_PER_STEP = 1
+# With KV pages, new samples start while the pool keeps this many steps of the running rows'
+# growth free beyond the priority row's reserve (a row takes a page every PAGE steps). The rows
+# were sized for the pages a row holds on average, so the pool fills; a row that finds none
+# free waits a step. In scripts/sim_pages.py (one H100 layer, 724 rows, 4,044 pages) 4 steps
+# keep 95% of step-rows drawing, with about 1% of rows waiting at a time.
+PAGE_HEADROOM_STEPS = 4
 
 
 class Refill:
@@ -57,6 +64,7 @@ class Refill:
         self.how = sampling
         self.on_unit = on_unit
         self.on_step = on_step
+        decoder.restart()
         rows, device = decoder.rows, engine.device
         self.device = device
         self.tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.int64, device=device)
@@ -91,6 +99,16 @@ class Refill:
         self.drawn = 0
         self.steps = 0  # decode steps launched (a redrawn step counted once)
         self.steps_before_drain = 0
+        # KV pages (decoder.pool): per row, an upper bound on the tokens it has drawn (what its
+        # next step's write needs room for), whether the host has seen its answer end, the rows
+        # admitted since the last launch, and the rows that wait for a page at this step
+        self.pool = decoder.pool
+        self.count = [0] * rows
+        self.ended = [True] * rows
+        self.fresh_rows: list[int] = []
+        self.waiting: list[int] = []
+        self.held = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.held_row_steps = 0  # row-steps spent waiting for a page (benchmarks, tests)
 
     @property
     def redraws(self) -> int:
@@ -108,6 +126,8 @@ class Refill:
         """Start waiting samples in rows `free` (as many as wait); returns how many started.
         Each draws its first token from its unit's prefill logits."""
         queue = self.queue
+        if self.pool is not None:
+            free = free[:self._room(len(free))]
         queue.pull(len(free))
         started = 0
         while free and queue.chunks:
@@ -140,6 +160,10 @@ class Refill:
             for row, (unit, sample, _, _) in zip(rows, picks, strict=True):
                 self.owner[row] = (chunk.units[unit], sample)
                 chunk.units[unit].started = True
+                self.count[row], self.ended[row] = 1, False
+            self.fresh_rows.extend(rows)
+            if self.pool is not None:
+                self.pool.start(rows)
             started += n
             if not chunk.queue:
                 queue.chunks.popleft()
@@ -182,11 +206,14 @@ class Refill:
             unit, sample = owner
             unit.completions[sample] = parse_row(ids, eos)
             unit.left -= 1
+            self.count[row], self.ended[row] = 0, True
             if unit.left == 0:
                 self.done_units.append(unit)
                 if unit.slot is not None:
                     self.queue.free_slots.append(unit.slot)
             self.owner[row] = None
+        if self.pool is not None:
+            self.pool.release(done)
 
     def _flush(self, most: int | None = None) -> None:
         """Hand finished units to on_unit (while the step just launched runs), at most `most`
@@ -207,8 +234,13 @@ class Refill:
         n = keep.shape[0]
         for buffer in (self.tokens, self.seeds, self.last, self.live):
             buffer[:n] = buffer.index_select(0, keep)
-        owners = [self.owner[i] for i in keep.tolist()]
+        kept = keep.tolist()
+        owners = [self.owner[i] for i in kept]
         self.owner[:rows] = owners + [None] * (rows - n)
+        self.count[:rows] = [self.count[i] for i in kept] + [0] * (rows - n)
+        self.ended[:rows] = [self.ended[i] for i in kept] + [True] * (rows - n)
+        self.waiting = []
+        self.held.zero_()
         self._order(self.decoder.current.rows)
 
     def run(self) -> None:
@@ -219,11 +251,13 @@ class Refill:
         threshold = max(1, int(decoder.rows * REFILL_FRACTION))
         while True:
             rows = decoder.current.rows
+            self._give_pages(rows)
             # The step is launched before the host looks at the last draw (no sync first): the
             # GPU runs it while the host files answers and refills rows.
             logits = decoder.step(self.last[:rows])
             self.steps += 1
             self.fresh.zero_()
+            self.fresh_rows = []
             self._flush(FLUSH_PER_STEP)
             if not self.queue.fed_all and self.queue.queued() < decoder.rows:
                 # Prefill ahead while the step runs, PREFILL_UNITS a call: a prefill's cost is
@@ -234,6 +268,7 @@ class Refill:
                 continue  # the last draw was made again: the step launched from its tokens too
             live = int(self.host_live[:rows].sum())
             finished = sum(o is not None for o in self.owner[:rows]) - live
+            held = sum(bool(self.host_live[r]) for r in self.waiting)  # live, drawing nothing
             more = self._more_work()
             if not more and self.drain_started is None:
                 self.drain_started = time.perf_counter()
@@ -241,7 +276,8 @@ class Refill:
                 self.steps_before_drain = self.steps
             refill = more and rows == decoder.rows and (live == 0 or rows - live >= threshold)
             shrink = not more and decoder.shrinks_to(live)
-            if finished and (refill or shrink or live == 0):
+            # pages short: file finished answers now, for their pages
+            if finished and (refill or shrink or live == 0 or self.waiting):
                 self._harvest(rows)
             started = 0
             if refill:
@@ -254,7 +290,7 @@ class Refill:
                     continue
                 self._flush()
                 return
-            self._draw(logits, rows, live, started)
+            self._draw(logits, rows, live - held, started)
             self._publish(rows)
             if shrink:
                 self._shrink_rows(rows)
@@ -266,6 +302,42 @@ class Refill:
         self._harvest(rows)
         self._shrink(rows)
         self._publish(self.decoder.current.rows)
+
+    def _room(self, wanted: int) -> int:
+        """New samples the KV pool has room for (a page each): the free pages beyond the
+        priority row's reserve and PAGE_HEADROOM_STEPS steps of the running rows' growth."""
+        pool = self.pool
+        assert pool is not None
+        running = sum(1 for r, owner in enumerate(self.owner)
+                      if owner is not None and not self.ended[r])
+        headroom = running * PAGE_HEADROOM_STEPS // PAGE
+        return pool.admissible(min(wanted, max(0, len(pool.free) - headroom - pool.reserve())))
+
+    def _give_pages(self, rows: int) -> None:
+        """Before a step: each row still running gets the pages its write needs (the furthest
+        along first); a row the pool cannot serve waits out the step, drawing nothing."""
+        pool = self.pool
+        if pool is None:
+            return
+        limit = pool.per_row * PAGE
+        running = [r for r in range(rows) if self.owner[r] is not None and not self.ended[r]]
+        pool.elect(running)
+        need = sorted(((r, min(self.count[r], limit)) for r in running
+                       if self.count[r] > pool.capacity(r)), key=lambda pair: -pair[1])
+        waiting = pool.grow(need) if need else []
+        if waiting != self.waiting:
+            self.held.zero_()
+            if waiting:
+                self.held.index_fill_(0, self._ix(waiting), True)
+        self.waiting = waiting
+        self.held_row_steps += len(waiting)
+
+    def _note_ended(self) -> None:
+        """After a wait: rows whose answers the host has now seen end need no more pages."""
+        live = self.host_live.tolist()
+        for row, owner in enumerate(self.owner):
+            if owner is not None and not live[row]:
+                self.ended[row] = True
 
     def _ix(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the device, copied without waiting for the GPU."""
@@ -289,34 +361,55 @@ class Refill:
         inputs: the same logits and cache writes) and draw exactly; returns whether it did."""
         if self.drawn_event is not None:
             self.drawn_event.synchronize()
+        if self.pool is not None:
+            self._note_ended()
         undo, self.undo = self.undo, None
         if undo is None or not bool(self.host_overflow[0]):
             return False
-        last, live, drawn, fresh_count, rows = undo
+        last, live, drawn, fresh_count, rows, held, fresh_rows = undo
         self.step_redraws += 1
         self.decoder.unmark_step()  # the step launched from the undone draw's tokens
         self.last[:rows], self.live[:rows] = last, live
         self.decoder.current.drawn.copy_(drawn)
         logits = self.decoder.step(self.last[:rows])
         self.fresh.zero_()
-        self._draw(logits, rows, fresh_count, exact=True)
+        self._draw(logits, rows, fresh_count, exact=(held, fresh_rows))
         self._publish(rows)
         if self.drawn_event is not None:
             self.drawn_event.synchronize()
+        if self.pool is not None:
+            self._note_ended()
         return True
 
     def _draw(self, logits: torch.Tensor, rows: int, live_count: int, fresh_count: int = 0,
-              exact: bool = False) -> None:
+              exact: tuple[torch.Tensor, list[int]] | None = None) -> None:
         """Each live row draws its next token at its own step, except rows admitted after the
-        step was launched (its logits are not theirs); rows that reach EOS or the cap stop
-        being live. The sampler does not wait for its top-k tie check (_wait reads it);
-        `exact`: the draw made again after a failed check, where every live row was stepped."""
+        step was launched (its logits are not theirs) and rows that waited for a KV page;
+        rows that reach EOS or the cap stop being live. The sampler does not wait for its
+        top-k tie check (_wait reads it); `exact` (the step's waiting rows and the rows
+        admitted after it): the draw made again after a failed check, where every live row
+        was stepped."""
         drawn = self.decoder.current.drawn  # per row, tokens drawn so far: this one's index
         live = self.live[:rows]
-        drawing = live if exact else live & ~self.fresh[:rows]
-        overflow: list[torch.Tensor] | None = None if exact else []
-        if not exact:
-            self.undo = (self.last[:rows].clone(), live.clone(), drawn.clone(), fresh_count, rows)
+        if exact is not None:
+            held, skipped = exact
+            drawing = live & ~held[:rows]
+        else:
+            drawing = live & ~self.fresh[:rows] & ~self.held[:rows]
+        if self.pool is not None:  # each row's count of tokens drawn, an upper bound
+            if exact is not None:  # the rows the first draw skipped as new
+                counted = [r for r in skipped if r < rows]
+            else:
+                skip = set(self.fresh_rows) | set(self.waiting)
+                counted = [r for r in range(rows) if self.owner[r] is not None
+                           and not self.ended[r] and r not in skip]
+            for row in counted:
+                self.count[row] += 1
+        overflow: list[torch.Tensor] | None = None if exact is not None else []
+        if exact is None:
+            waiting = set(self.waiting)  # new rows on a waiting row's place draw nothing either
+            self.undo = (self.last[:rows].clone(), live.clone(), drawn.clone(), fresh_count, rows,
+                         self.held[:rows].clone(), [r for r in self.fresh_rows if r not in waiting])
         picked = choose_tokens(logits, self.seeds[:rows], drawn, self.how, overflow)
         self.overflow = overflow[0] if overflow else None
         at = drawn.clamp(max=self.max_new - 1)[:, None]
@@ -327,7 +420,8 @@ class Refill:
         self.decoder.advance(drawing)  # in place: `drawn` now counts this token
         ended = torch.isin(picked, self.eos) | (drawn >= self.max_new)
         self.live[:rows] = live & ~(drawing & ended)
-        count = fresh_count if exact else live_count  # an exact draw adds the fresh rows' tokens
+        # an exact draw adds the fresh rows' tokens
+        count = fresh_count if exact is not None else live_count
         self.drawn += count
         if self.on_step is not None:
             self.on_step(count)
@@ -344,16 +438,22 @@ def generate_stream(engine: Engine, feed: Iterator[tuple[Any, TargetUnit]], max_
                     on_unit: Callable[[Any, list[Completion]], None],
                     on_prefill: Callable[[list[Any], torch.Tensor], None] | None = None,
                     on_step: Callable[[int], None] | None = None,
-                    unit_slots: int = 0, stop: Callable[[], bool] | None = None) -> Refill:
+                    unit_slots: int = 0, stop: Callable[[], bool] | None = None,
+                    kv_pages: int = 0) -> Refill:
     """Decode every sample the feed yields (key, unit) on `rows` static-decoder rows with
     continuous batching; each unit goes to on_unit as soon as its samples are done. With
     `unit_slots`, each unit's prompt is kept once in one of that many slots, not in each of its
     rows (patchdb's decode attention only). Once `stop()` is true no new unit starts; those
-    started finish and are handed over. Needs the static decoder (engine.decodes_static);
+    started finish and are handed over. `kv_pages` (with unit slots): the rows' own keys and
+    values in a pool of that many pages of PAGE positions, given by need (pages.py), so that
+    more rows fit where answers end early (new samples start as the pool's free pages allow).
+    Needs the static decoder (engine.decodes_static);
     returns the finished Refill (its counters)."""
+    if kv_pages and not unit_slots:
+        raise ValueError("KV pages need unit slots (a row's cache holds only its answer)")
     max_len = engine.prompt_len + max_new_tokens
     with torch.inference_mode():
-        decoder = engine._graphed_decoder(rows, max_len, unit_slots)
+        decoder = engine._graphed_decoder(rows, max_len, unit_slots, kv_pages)
         if decoder is None:
             raise ValueError("continuous batching needs the static decoder")
         refill = Refill(engine, decoder, feed, max_new_tokens, as_sampling(sampling), on_unit,

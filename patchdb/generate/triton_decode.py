@@ -94,15 +94,15 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
 
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
-                       uk_ptr, uv_ptr, unit_ptr, order_ptr,
+                       uk_ptr, uv_ptr, unit_ptr, order_ptr, table_ptr,
                        batch, prefix_len, unit_len, window, scale, s_len, s_unit,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
-                       s_ukb, s_ukh, s_ukl, s_uvb, s_uvh, s_uvl,
+                       s_ukb, s_ukh, s_ukl, s_uvb, s_uvh, s_uvl, s_tb,
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
                        RAGGED: tl.constexpr, UNITS: tl.constexpr, ORDERED: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       PAGE: tl.constexpr, IEEE: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
@@ -187,10 +187,16 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             this_row = tl.sum(tl.where(lead & (local == r), safe_row, 0), 0)
             pos = start + offs
             inside = pos < length
-            k = tl.load(k_ptr + this_row * s_kb + head * s_kh + pos[:, None] * s_kl + d[None, :],
-                        mask=inside[:, None], other=0.0)
-            v = tl.load(v_ptr + this_row * s_vb + head * s_vh + pos[:, None] * s_vl + d[None, :],
-                        mask=inside[:, None], other=0.0)
+            if PAGE:  # paged: position p is at offset p % PAGE of the row's page p // PAGE
+                page = tl.load(table_ptr + this_row * s_tb + pos // PAGE, mask=inside,
+                               other=0).to(tl.int64)
+                k_at = page[:, None] * s_kb + (pos % PAGE)[:, None] * s_kl
+                v_at = page[:, None] * s_vb + (pos % PAGE)[:, None] * s_vl
+            else:
+                k_at = this_row * s_kb + pos[:, None] * s_kl
+                v_at = this_row * s_vb + pos[:, None] * s_vl
+            k = tl.load(k_ptr + k_at + head * s_kh + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptr + v_at + head * s_vh + d[None, :], mask=inside[:, None], other=0.0)
             seen = (mine[:, None] & inside[None, :]
                     & (prefix_len + unit_len + pos[None, :] >= lowest[:, None]))
             best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
@@ -221,10 +227,13 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
                             length: torch.Tensor, scale: float,
                             prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                             window: int | None = None, tuning: Tuning = DEFAULT,
-                            units: "UnitPrompts | None" = None) -> torch.Tensor:
+                            units: "UnitPrompts | None" = None,
+                            pages: torch.Tensor | None = None) -> torch.Tensor:
     """query [b, kv_heads, groups, d] (query heads packed by the KV head they share); key and
     value [b, kv_heads, max_len, d], of which the first `length` positions count (an int32
-    device scalar, or int32 [b], one length a row); `prefix`: keys and values
+    device scalar, or int32 [b], one length a row); with `pages` (int32 [b, pages a row], a
+    page table, pages.py), key and value are pools of pages [n_pages, kv_heads, page, d] and
+    row r's position p sits at offset p % page of pool page pages[r, p // page]; `prefix`: keys and values
     [kv_heads, prefix_len, d] that every row attends to before its own; `units`: keys and
     values [n_units, kv_heads, unit_len, d], one prompt per unit, and each row's unit, attended
     to after the prefix and before the row's own; `window`: a query sees only the last `window`
@@ -255,11 +264,15 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             raise ValueError("the row order needs one contiguous entry a row")
     else:
         u_keys, u_values, of_row = key, value, length.reshape(-1)
+    if pages is not None and (pages.dim() != 2 or pages.shape[0] < batch
+                              or pages.stride(1) != 1):
+        raise ValueError("a page table has one contiguous row of pages a row")
+    table = pages if pages is not None else length.reshape(-1)
     guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _decode_kernel[grid](
             query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
-            order if order is not None else of_row,
+            order if order is not None else of_row, table,
             batch, prefix_len, u_keys.shape[2] if units is not None else 0,
             NO_WINDOW if window is None else window, scale,
             length.stride(0) if length.dim() == 1 else 0, of_row.stride(0),
@@ -269,10 +282,10 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             p_keys.stride(0), p_keys.stride(1), p_values.stride(0), p_values.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             u_keys.stride(0), u_keys.stride(1), u_keys.stride(2),
-            u_values.stride(0), u_values.stride(1), u_values.stride(2),
+            u_values.stride(0), u_values.stride(1), u_values.stride(2), table.stride(0),
             GROUPS=groups, G_PAD=g_pad, ROWS=rows, LINES=max(16, rows * g_pad), DIM=dim,
             BLOCK_L=tuning.block, RAGGED=length.dim() == 1, UNITS=units is not None,
-            ORDERED=order is not None,
+            ORDERED=order is not None, PAGE=key.shape[2] if pages is not None else 0,
             IEEE=query.dtype == torch.float32,
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
