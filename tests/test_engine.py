@@ -326,3 +326,50 @@ def test_rows_fit_free_memory_and_leave_the_card_a_margin() -> None:
     # at least one row, at most MAX_BATCH_ROWS
     assert rows_that_fit(6 * gib, 79 * gib, 53 * mib) == 1
     assert rows_that_fit(70 * gib, 79 * gib, 1024) == 4096
+
+
+def test_paged_rows_are_sized_for_the_pages_a_row_holds_on_average() -> None:
+    """Paged KV: rows take the pool's pages a row holds on average over time (answers of these
+    lengths one after another, times POOL_MARGIN), the pool the rest of the budget; no paging
+    where it would not give PAGED_GAIN times the rows of a full cache a row."""
+    from patchdb.generate.batching import (
+        PAGED_GAIN,
+        PEAK_FRACTION,
+        POOL_MARGIN,
+        RowCosts,
+        paged_batch,
+        rows_that_fit,
+    )
+    from patchdb.generate.pages import PAGE, pages_for, steady_pages_per_row
+
+    # a row of 2 tokens holds 1 page for both steps; one of 9 holds 1 page for 8, 2 for 1
+    assert steady_pages_per_row({2: 1}) == 1.0
+    assert steady_pages_per_row({PAGE + 1: 1}) == (PAGE + 2) / (PAGE + 1)
+    assert steady_pages_per_row({2: 1, PAGE + 1: 1}) == (2 + PAGE + 2) / (2 + PAGE + 1)
+    gib, mib = 2**30, 2**20
+    costs = RowCosts(token=mib // 2, other=3 * mib, fixed=500 * mib, free=28 * gib,
+                     card=79 * gib)
+    short = {5: 25, 10: 25, 20: 20, 30: 20, 100: 10}
+    got = paged_batch(costs, 100, short)
+    assert got is not None
+    rows, pages = got
+    per_row = steady_pages_per_row(short) * POOL_MARGIN * PAGE * costs.token + costs.other
+    assert rows == rows_that_fit(costs.free, costs.card, int(per_row), costs.fixed)
+    full = rows_that_fit(costs.free, costs.card, 100 * costs.token + costs.other, costs.fixed)
+    assert rows >= PAGED_GAIN * full
+    used = (costs.card - costs.free) + costs.fixed + rows * costs.other + pages * PAGE * costs.token
+    assert used <= PEAK_FRACTION * costs.card < used + PAGE * costs.token
+    assert pages >= rows * steady_pages_per_row(short)
+    # every answer at the cap, a large share at one length, or lengths that hardly spread:
+    # rows would stay in step
+    assert paged_batch(costs, 100, {100: 5}) is None
+    assert paged_batch(costs, 100, {2: 6, 100: 4}) is None
+    assert paged_batch(costs, 100, {80: 1, 90: 1, 99: 1}) is None
+    assert paged_batch(costs, 100, {5: 1, 20: 1, 50: 1, 100: 1}) is not None
+    # the gain: costs beside the KV that dwarf it leave paging too little to win
+    heavy = RowCosts(token=1024, other=3 * gib, fixed=0, free=70 * gib, card=79 * gib)
+    assert paged_batch(heavy, 100, short) is None
+    # a pool never larger than every row at full length
+    huge = RowCosts(token=1, other=1, fixed=0, free=70 * gib, card=79 * gib)
+    rows, pages = paged_batch(huge, 100, {2: 1, 5: 1, 30: 1}) or (0, 0)
+    assert pages == rows * pages_for(100)

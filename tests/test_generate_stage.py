@@ -396,3 +396,21 @@ def test_a_run_on_a_gpu_gives_its_memory_back_compiled_or_not(compiled: bool) ->
     engine: Any = Held()
     _release(engine, torch.device("cuda"), compiled)
     assert engine._decoder is None
+
+
+def test_the_plan_counts_the_stored_answers_lengths(tmp_path: Path, model_dir: Path) -> None:
+    """Paged KV is sized from the lengths of the answers already stored (tokens drawn, the EOS
+    included): the plan reads them from the store, for these experiments only."""
+    from patchdb.generate.stage import GenerateOptions, plan_generate
+    from patchdb.store import open_store
+
+    db = init_store(tmp_path, model_dir)
+    assert plan_generate(open_store(str(db)), GenerateOptions()).answer_lengths == {}
+    assert run_cli("generate", "--db", db, "--quiet").exit_code == 0
+    want: dict[int, int] = {}
+    for n_tokens, reason in query(db, "SELECT n_tokens, finish_reason FROM rollouts"):
+        drawn = n_tokens + (reason == "stop")
+        want[drawn] = want.get(drawn, 0) + 1
+    plan = plan_generate(open_store(str(db)), GenerateOptions(max_new_tokens=5))
+    assert plan.answer_lengths == want and sum(want.values()) == ALL_ROLLOUTS
+    assert not plan.pending

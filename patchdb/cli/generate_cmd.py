@@ -76,6 +76,12 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="On GPUs, a row whose answer ends takes the next sample at once (continuous "
                    "batching), so the step keeps its full batch while answers end at different "
                    "lengths; --no-refill decodes fixed batches. Answers are the same either way.")
+@click.option("--kv-pages/--no-kv-pages", default=True, show_default=True,
+              envvar="PATCHDB_KV_PAGES",
+              help="With --refill, once the store holds answers of the sweep's experiments: "
+                   "keep each row's KV cache by need, in pages, and size the batch for the "
+                   "stored answers' lengths (more rows where answers end early). Answers are "
+                   "the same either way.")
 @click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
               help="Skip the baselines (each target condition generated with no patch; the "
                    "unsteered one is the no-injection control).")
@@ -102,6 +108,7 @@ def generate(
     share_prefix: bool,
     compile_: bool | None,
     refill: bool,
+    kv_pages: bool,
     no_baselines: bool,
     readout_only: bool,
     quiet: bool,
@@ -145,7 +152,7 @@ def generate(
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         shard=shard, model=model, compile=compile_, gpus_per_model=gpus_per_model,
         share_prefix=share_prefix, baselines=not no_baselines, readout_only=readout_only,
-        refill=refill,
+        refill=refill, kv_pages=kv_pages,
     )
     options = rank_options(options)
     from patchdb.store import open_store  # here, not above: --help stays fast
@@ -170,7 +177,8 @@ def generate(
         f"Wrote {result.rollouts_written} rollouts in {result.units_written} units "
         f"({done_before + result.units_written + result.units_skipped}/{plan.expected} units "
         f"present) with "
-        f"{result.model_id}, batch size {result.batch_size}: {result.tokens} tokens in "
+        f"{result.model_id}, batch size {result.batch_size}"
+        f"{f' ({result.kv_pages} KV pages)' if result.kv_pages else ''}: {result.tokens} tokens in "
         f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)."
     )
     if result.units_skipped:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from patchdb.generate.pages import PAGE, pages_for, steady_pages_per_row
 from patchdb.generate.unit_queue import PREFILL_UNITS
 
 
@@ -55,8 +56,10 @@ CPU_BATCH_ROWS = 64
 # Rows take free GPU memory up to where the estimate would fill this fraction of the card. The
 # old rule, 80% of free memory, left a Gemma-3-27B shape at 90% of an H100 (389 rows) but 82%
 # of an H200 (1,252 rows, a sixth fewer than fit); the estimate runs about 2% over what a row
-# took in those runs (51 MiB). At 0.92, 403 rows on an H100 reserved 92.5% of it at the peak.
-PEAK_FRACTION = 0.91
+# took in those runs (51 MiB). At 0.92, 403 rows on an H100 reserved 92.5% of it at the peak;
+# at 0.91, 395 rows reserved 92.3% and 92.6% (uniform and early-ending answers), and paged KV
+# (831 rows) 92.0%.
+PEAK_FRACTION = 0.90
 MAX_BATCH_ROWS = 4096
 # Bytes a row takes per vocabulary entry at the sampler's peak: the logits (model dtype, at
 # most 4) and, where a draw sorts or sums the whole vocabulary (no top-k), float32 scores,
@@ -70,6 +73,18 @@ def rows_that_fit(free: int, card: int, per_row: int, fixed: int = 0) -> int:
     card without filling more than PEAK_FRACTION of it."""
     budget = free - (1 - PEAK_FRACTION) * card - fixed
     return max(1, min(MAX_BATCH_ROWS, int(budget) // max(per_row, 1)))
+
+
+@dataclass
+class RowCosts:
+    """What decode rows take on the card: `token` bytes of KV a position, `other` bytes a row
+    beside its answer's KV, `fixed` bytes once; `free` and `card` bytes of the cards."""
+
+    token: int
+    other: int
+    fixed: int
+    free: int
+    card: int
 
 
 def auto_batch_size(
@@ -87,6 +102,14 @@ def auto_batch_size(
     """
     if device.type != "cuda":
         return CPU_BATCH_ROWS
+    costs = row_costs(model, device, prompt_len, shared_prefix, samples, whole_vocab)
+    return rows_that_fit(costs.free, costs.card, costs.token * max_new_tokens + costs.other,
+                         costs.fixed)
+
+
+def row_costs(model: PreTrainedModel, device: torch.device, prompt_len: int,
+              shared_prefix: int = 0, samples: int = 0, whole_vocab: bool = True) -> RowCosts:
+    """The parts of auto_batch_size's estimate (a CUDA device)."""
     config = model.config.get_text_config()
     n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
@@ -111,8 +134,7 @@ def auto_batch_size(
         per_row_prefill = hidden * element * prompt_len
         fixed = 0
     vocab_bytes = VOCAB_BYTES_WHOLE if whole_vocab else VOCAB_BYTES_TOP_K
-    per_row = int(token_bytes * max_new_tokens + per_row_prompt + vocab * vocab_bytes
-                  + per_row_prefill)
+    other = int(per_row_prompt + vocab * vocab_bytes + per_row_prefill)
     free = total = 0
     # A model spread over cards keeps each layer's cache on that layer's card.
     cards = {p.device for p in model.parameters() if p.device.type == "cuda"} or {device}
@@ -121,4 +143,65 @@ def auto_batch_size(
         # Memory this process's allocator holds but does not use is free for us too.
         free += card_free + torch.cuda.memory_reserved(card) - torch.cuda.memory_allocated(card)
         total += card_total
-    return rows_that_fit(free, total, per_row, int(fixed))
+    return RowCosts(token_bytes, other, int(fixed), free, total)
+
+
+# Paged KV (pages.py) pays where it gives at least this many more rows than a full answer's
+# cache a row; the pool holds this much more than the rows take on average (answers that run
+# long together).
+PAGED_GAIN = 1.15
+POOL_MARGIN = 1.1
+# Rows hold their pages' average only once their answers are out of step. Answers of one
+# length (every one at the cap, as when EOS is never drawn), of nearly one, or a large share at
+# one length keep the rows that start together in step, all long at once, and rows wait for
+# pages: paging needs answers whose lengths spread (coefficient of variation at least
+# MIN_SPREAD) with at most MOST_AT_ONE_LENGTH of them at one length. In scripts/sim_pages.py on
+# one H100 layer's pool, the benchmark's stop lengths (27% at the cap, spread 0.64) keep 95% of
+# step-rows drawing; 60% ending at once and 40% at the cap, 64%; lengths 80-99, 86%.
+MIN_SPREAD = 0.4
+MOST_AT_ONE_LENGTH = 0.3
+
+
+def _capped(lengths: dict[int, int], max_new_tokens: int) -> dict[int, int]:
+    capped: dict[int, int] = {}
+    for n, c in lengths.items():
+        at = min(max(n, 1), max_new_tokens)
+        capped[at] = capped.get(at, 0) + c
+    return capped
+
+
+def paged_batch_allowed(lengths: dict[int, int], max_new_tokens: int) -> bool:
+    """Whether answers of these lengths (tokens drawn -> count) spread enough for paged KV
+    (MIN_SPREAD, MOST_AT_ONE_LENGTH)."""
+    capped = _capped(lengths, max_new_tokens)
+    total = sum(capped.values())
+    if not total or max(capped.values()) > MOST_AT_ONE_LENGTH * total:
+        return False
+    mean = sum(n * c for n, c in capped.items()) / total
+    spread = (sum(c * (n - mean) ** 2 for n, c in capped.items()) / total) ** 0.5 / mean
+    return spread >= MIN_SPREAD
+
+
+def paged_batch(costs: RowCosts, max_new_tokens: int, lengths: dict[int, int]
+                ) -> tuple[int, int] | None:
+    """Rows and KV pages (of PAGE positions) for continuous batching with KV by need, where
+    answers take these lengths (tokens drawn -> count): each row costs its share of the pool
+    (the pages a row holds on average over time, times POOL_MARGIN) beside `other`; None where
+    that gives fewer than PAGED_GAIN times the rows of a full cache a row, or where the
+    lengths do not spread (paged_batch_allowed)."""
+    full = rows_that_fit(costs.free, costs.card, costs.token * max_new_tokens + costs.other,
+                         costs.fixed)
+    if not paged_batch_allowed(lengths, max_new_tokens):
+        return None
+    capped = _capped(lengths, max_new_tokens)
+    per_row = steady_pages_per_row(capped) * POOL_MARGIN
+    if per_row <= 0:
+        return None
+    page_bytes = costs.token * PAGE
+    rows = rows_that_fit(costs.free, costs.card, int(per_row * page_bytes) + costs.other,
+                         costs.fixed)
+    if rows < PAGED_GAIN * full:
+        return None
+    budget = costs.free - (1 - PEAK_FRACTION) * costs.card - costs.fixed - rows * costs.other
+    pages = min(int(budget) // page_bytes, rows * pages_for(max_new_tokens))
+    return rows, max(pages, pages_for(max_new_tokens) + 1)

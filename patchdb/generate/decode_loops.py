@@ -232,12 +232,12 @@ def run_batches(run: StageRun, batch_rows: int) -> None:
         bar.close()
 
 
-def run_stream(run: StageRun, batch_rows: int, unit_slots: int) -> None:
+def run_stream(run: StageRun, batch_rows: int, unit_slots: int, kv_pages: int = 0) -> None:
     """Decode the pending units with continuous batching (refill.py) and write each unit, with
     its first-token readout, as soon as its samples are done. Units another process wrote are
     dropped as they come up (checked STREAM_CHECK units at a time); after Ctrl-C no new unit
     starts and those in progress are finished and written. The bar counts token budgets, as
-    run_batches' does."""
+    run_batches' does. `kv_pages`: the rows' KV by need, in that many pages (pages.py)."""
     store, plan, engine, result, stopper = run.store, run.plan, run.engine, run.result, run.stopper
     budget = plan.max_new_tokens
     bar = tqdm(total=sum(len(p.samples) for p in plan.pending) * budget, unit="tok",
@@ -288,7 +288,7 @@ def run_stream(run: StageRun, batch_rows: int, unit_slots: int) -> None:
     try:
         generate_stream(engine, feed(), budget, run.sampling, batch_rows, on_unit,
                         on_prefill=on_prefill, on_step=bar.update, unit_slots=unit_slots,
-                        stop=lambda: stopper.requested)
+                        stop=lambda: stopper.requested, kv_pages=kv_pages)
     finally:
         result.seconds = time.perf_counter() - started
         bar.close()

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from patchdb.config import DTYPES, SweepConfig
@@ -52,6 +52,7 @@ class GenerateOptions:
     baselines: bool = True  # also every target condition with no patch (patch_layer -1)
     readout_only: bool = False  # prefill every unit for its first-token readout; no rollouts
     refill: bool = True  # static decoder (GPU): finished rows take the next sample (refill.py)
+    kv_pages: bool = True  # with refill: KV by need, sized from the answers already stored
 
 
 # Compiling the decode step compiles one program per kind of decoder layer (GraphedDecoder's
@@ -86,6 +87,8 @@ class GeneratePlan:
     pending: list[PendingUnit]
     readouts_expected: int = 0
     readouts: list[ReadoutUnit] = field(default_factory=list)  # readouts missing
+    # tokens drawn (EOS included) -> answers, over the stored rollouts of these experiments
+    answer_lengths: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class GenerateResult:
     tokens: int = 0
     seconds: float = 0.0
     batch_size: int = 0
+    kv_pages: int = 0  # KV pages of the paged decoder (0: a full answer's cache a row)
     interrupted: bool = False
     stage_run_id: int | None = None
     model_id: str | None = None
@@ -198,6 +202,15 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
         )
         for exp_id, layer, source, target, index in rows:
             present.setdefault((exp_id, layer, source, target), set()).add(index)
+        lengths: dict[int, int] = {}
+        for n_tokens, reason, count in session.execute(
+            select(Rollout.n_tokens, Rollout.finish_reason, func.count())
+            .where(Rollout.experiment_id.in_([e.id for e in experiments]),
+                   Rollout.n_tokens.is_not(None))
+            .group_by(Rollout.n_tokens, Rollout.finish_reason)
+        ):
+            drawn = int(n_tokens or 0) + (reason == "stop")  # the EOS was drawn too
+            lengths[drawn] = lengths.get(drawn, 0) + int(count)
         pending = []
         for u in units:
             have = present.get((u.experiment_id, u.patch_layer, u.source_word, u.target_word), set())
@@ -214,4 +227,5 @@ def plan_generate(store: Store, options: GenerateOptions) -> GeneratePlan:
             pending=pending,
             readouts_expected=len(readouts),
             readouts=[r for r in readouts if r.key not in have_readouts],
+            answer_lengths=lengths,
         )

@@ -8,13 +8,14 @@ rollout twice, and a sample another process wrote first is kept as it wrote it.
 """
 
 import gc
+import logging
 from collections.abc import Callable
 
 import torch
 
 from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.experiments import NO_STEERING
-from patchdb.generate.batching import auto_batch_size, even_batch_rows
+from patchdb.generate.batching import auto_batch_size, even_batch_rows, paged_batch, row_costs
 from patchdb.generate.controls import ensure_random_vectors
 from patchdb.generate.decode_loops import (
     FIRST_CTRL_C,
@@ -56,6 +57,13 @@ from patchdb.store.runs import stage_run
 from patchdb.store.sweeps import (
     record_sampling,
 )
+
+log = logging.getLogger(__name__)
+
+# Continuous batching keeps rows' KV by need (pages.py) once the store holds this many answers
+# of the sweep's experiments: their lengths size the rows and the pool (before that, a row
+# keeps room for a full answer).
+MIN_STORED_ANSWERS = 256
 
 __all__ = ["AUTO_COMPILE_TOKENS", "FIRST_CTRL_C", "SECOND_CTRL_C", "UNPATCHED", "GenerateOptions",
            "GeneratePlan", "GenerateResult", "PendingUnit", "auto_compile", "in_shard",
@@ -121,10 +129,24 @@ def run_generate(
     fits = auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids),
                            plan.max_new_tokens, engine.shared_prefix_len(max_len), unit_samples,
                            whole_vocab=sampling.temperature != 0 and sampling.top_k == 0)
+    kv_pages = 0
+    stored = sum(plan.answer_lengths.values())
+    if (options.kv_pages and streams and unit_samples and options.batch_size is None
+            and loaded.device.type == "cuda" and stored >= MIN_STORED_ANSWERS):
+        # KV by need: rows sized for the lengths of the answers already stored
+        costs = row_costs(loaded.model, loaded.device, len(prompt.input_ids),
+                          engine.shared_prefix_len(max_len), unit_samples,
+                          whole_vocab=sampling.temperature != 0 and sampling.top_k == 0)
+        paged = paged_batch(costs, plan.max_new_tokens, plan.answer_lengths)
+        if paged is not None:
+            log.info("patchdb: KV by need: %d rows (a full cache a row: %d), %d pages, sized "
+                     "from %d stored answers", paged[0], fits, paged[1], stored)
+            fits, kv_pages = paged
     # fixed batches come out even; continuous batching has no batches to even out
     batch_rows = options.batch_size or (
         fits if streams else even_batch_rows(sum(len(p.samples) for p in plan.pending), fits))
     result.batch_size = batch_rows
+    result.kv_pages = kv_pages
     stopper = StopAfterBatch()
 
     def decode(ids: list[int]) -> str:
@@ -160,7 +182,8 @@ def run_generate(
                             stopper, progress, sampling)
             if plan.pending and streams:
                 run_stream(loop, batch_rows,
-                           unit_slots_for(batch_rows, unit_samples) if unit_samples else 0)
+                           unit_slots_for(batch_rows, unit_samples) if unit_samples else 0,
+                           kv_pages)
             elif plan.pending:
                 run_batches(loop, batch_rows)
             if not stopper.requested:
