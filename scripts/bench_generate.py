@@ -224,6 +224,15 @@ def answer_lengths(max_new_tokens: int) -> Any:
     return lengths
 
 
+def length_counts(max_new_tokens: int, n: int = 100_000) -> dict[int, int]:
+    """Tokens drawn (EOS included) -> answers under the early-stop mode, over n seeds: what
+    the store holds after earlier layers of the sweep, and what sizes paged KV (stop-paged)."""
+    stops = answer_lengths(max_new_tokens)(torch.arange(1, n + 1, dtype=torch.int64))
+    drawn = torch.where(stops < 0, max_new_tokens, stops + 1)
+    values, counts = torch.unique(drawn, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
+
+
 # ---------------------------------------------------------------- (a) the reference loop
 
 def reference_loop(model: Any, work: Work, device: str, timing: dict[str, float]) -> int:
@@ -332,12 +341,15 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
               batch_size: int | None, workdir: Path, compile_decode: bool | None = False,
               share_prefix: bool = True, stop_at: Any = None,
               shrink_rows: bool = True, words: list[str] | None = None,
-              refill: bool = True) -> dict[str, Any]:
+              refill: bool = True, stored_lengths: dict[int, int] | None = None
+              ) -> dict[str, Any]:
     """One run of the generate stage on a fresh store; compile_decode None: the stage's own
     choice. `stop_at` (seeds -> answer lengths) forces EOS at those lengths; `shrink_rows` off:
     finished rows stay in the step (fixed batches); `refill` off: fixed batches instead of
     continuous batching. Per-batch times (fixed batches) or the time spent compiling and
-    capturing graphs (continuous batching) tell set-up from the steady rate."""
+    capturing graphs (continuous batching) tell set-up from the steady rate.
+    `stored_lengths`: answer lengths the plan reports as stored (as earlier layers would
+    leave them), so the stage sizes paged KV from them."""
     import dataclasses
     import functools
 
@@ -386,6 +398,13 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         capture_starts.append(t0)
 
     graphed_mod.GraphedDecoder._capture = timed_capture  # type: ignore[method-assign]
+    plan_generate = stage_mod.plan_generate
+    if stored_lengths is not None:
+        def planned(*a: Any, **k: Any) -> Any:
+            plan = plan_generate(*a, **k)
+            plan.answer_lengths = dict(stored_lengths)
+            return plan
+        stage_mod.plan_generate = planned
     engine_cls = engine_mod.Engine
     stage_mod.Engine = functools.partial(engine_cls, shrink_rows=shrink_rows)  # type: ignore[misc]
     generate = engine_cls.generate
@@ -438,6 +457,11 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
                                  if t < drain)
                     stats[-1]["step_ms_before_drain"] = 1e3 * (drain - t0 - set_up) / steps
                 stats[-1]["memory_gib"] = decoder_memory(self.decoder)
+                pool = getattr(self.decoder, "pool", None)
+                if pool is not None:  # KV by need: the pool, its peak and rows' waits
+                    stats[-1]["kv_pages"] = pool.pages
+                    stats[-1]["kv_pages_most_used"] = pool.most_used
+                    stats[-1]["held_row_steps"] = self.held_row_steps
 
         refill_mod.Refill.run = timed_run  # type: ignore[method-assign]
     extra = {"baselines": False} if "baselines" in {
@@ -460,6 +484,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         if refill_mod is not None:
             refill_mod.choose_tokens = choose  # type: ignore[assignment]
         stage_mod.Engine = engine_cls  # type: ignore[misc]
+        stage_mod.plan_generate = plan_generate
         engine_cls.generate = generate  # type: ignore[method-assign]
         graphed_mod.GraphedDecoder._capture = capture  # type: ignore[method-assign]
         if refill_mod is not None:
@@ -483,6 +508,7 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         setup = wall - run_s[0] + sum(captured)
     return {"wall_s": wall, "tokens": result.tokens, "rollouts": n_rows,
             "batch_size": result.batch_size, "units": result.units_written,
+            "kv_pages": getattr(result, "kv_pages", 0),
             "tok_s": result.tokens / wall, "setup_s": setup,
             "tok_s_steady": result.tokens / max(wall - setup, 1e-9),
             "batches": [round(b[0], 3) for b in batches], "batch_rows": [b[1] for b in batches],
@@ -506,7 +532,10 @@ def decoder_memory(decoder: Any) -> dict[str, float]:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2**30
 
     layers = [layer for layer in decoder.cache.layers if getattr(layer, "is_initialized", False)]
-    return {"rows_kv": gib(t for layer in layers for t in (layer.keys, layer.values)),
+    pools = getattr(decoder, "kv_pools", {})
+    rows_kv = (gib(t for kv in pools.values() for t in kv) if pools  # (the static layers: views)
+               else gib(t for layer in layers for t in (layer.keys, layer.values)))
+    return {"rows_kv": rows_kv,
             "unit_slots": gib(t for kv in getattr(decoder, "unit_kv", {}).values() for t in kv),
             "prefix": gib(t for kv in getattr(decoder, "prefixes", {}).values() for t in kv)}
 
@@ -669,6 +698,7 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
     "stop-refill": (True, True, True, True),
     "stop-shrink": (True, True, True, False),
     "stop-keep": (True, True, False, False),
+    "stop-paged": (True, True, True, True),  # KV by need, sized from the stop lengths
 }
 
 
@@ -713,7 +743,9 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                 with ClockLog(card) if device.startswith("cuda") else nullcontext() as log:
                     r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
                                   args.batch_size, Path(tmp), compile_decode, True, stop_at,
-                                  shrink, args.stop_words if stop else None, refill)
+                                  shrink, args.stop_words if stop else None, refill,
+                                  length_counts(args.new_tokens) if name == "stop-paged"
+                                  else None)
             finally:
                 if clock is not None:
                     clock.uninstall()
@@ -758,6 +790,7 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
     kernels round differently at other row counts or fusions."""
     out: dict[str, Any] = {}
     for a, b in (("stop-refill", "stop-shrink"), ("stop-refill", "stop-keep"),
+                 ("stop-paged", "stop-refill"),
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
                  ("defaults", "compile-off")):
         if a in answers and b in answers:
@@ -790,7 +823,7 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
               f"{r['tok_s_steady']:.0f} | {r['setup_s']:.1f} | {r['projected_full_sweep_min']:.1f} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
-    for stopped in ("stop-refill", "stop-shrink", "stop-keep"):
+    for stopped in ("stop-refill", "stop-paged", "stop-shrink", "stop-keep"):
         if stopped in runs and "defaults" in runs:
             ratio = runs[stopped]["tok_s_steady"] / runs["defaults"]["tok_s_steady"]
             runs[stopped]["of_uniform_rate"] = ratio
