@@ -1,7 +1,7 @@
 """How continuous batching with KV by need (pages.py) keeps its rows drawing: a simulation of
 refill.py's paged schedule (no model) with patchdb's own page pool and admission rule.
 
-    python scripts/sim_pages.py                       # one H100 layer as benched: 724 rows
+    python scripts/sim_pages.py                       # one H100 layer as benched: 831 rows
     python scripts/sim_pages.py --lengths uniform     # every answer to the cap, same pool
     python scripts/sim_pages.py --rows 2664 --pages 14886 --samples 236544   # H200, full sweep
 
@@ -77,8 +77,8 @@ def simulate(rows: int, pages: int, todo: list[int], headroom_steps: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=724)
-    parser.add_argument("--pages", type=int, default=4044)
+    parser.add_argument("--rows", type=int, default=831)
+    parser.add_argument("--pages", type=int, default=4642)
     parser.add_argument("--samples", type=int, default=11264)
     parser.add_argument("--lengths", choices=["stop", "uniform", "bimodal"], default="stop")
     parser.add_argument("--headroom-steps", type=int, default=PAGE_HEADROOM_STEPS)
