@@ -232,3 +232,43 @@ def test_paged_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool)
     assert fast._decoder is not None and fast._decoder.captures >= 1
     print(f"paged on the GPU: {refill.held_row_steps} row-steps waited, "
           f"{refill.steps} steps")
+
+
+def test_draws_made_again_after_a_failed_tie_check_keep_paged_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draw whose top-k tie check fails is undone and its step run again after the next
+    step's pages were given: the redraw must skip the rows that waited at that step (and only
+    those), or a row draws from a scratch page or twice at once. Every third unchecked draw
+    "fails" here, with rows waiting for pages: the answers must be the eager decode's."""
+    real = refill_mod.choose_tokens
+    calls = [0]
+
+    def failing(logits: Any, seeds: Any, step: Any, how: Any, overflow: Any = None) -> Any:
+        picked = real(logits, seeds, step, how, overflow)
+        if overflow is None or not overflow:
+            return picked
+        calls[0] += 1
+        if calls[0] % 3:
+            return picked
+        overflow[0] = torch.tensor(True)
+        return torch.zeros_like(picked)
+
+    how = Sampling(0.9, top_k=20, top_p=0.9)
+    model = lively_llama(seed=4)
+    todo = work(make(model, [], use_graphs=False))
+    stop = _stops(model, todo, how)
+    want = as_lists(make(model, stop, use_graphs=False).generate(todo, NEW, how))
+    monkeypatch.setattr(refill_mod, "choose_tokens", failing)
+    monkeypatch.setattr(refill_mod, "PAGE_HEADROOM_STEPS", 0)
+    monkeypatch.setattr(triton_decode, "available", lambda tensor: False)
+    static = make(model, stop, graph_replay=False, fast_attention=True, share_prefix=True)
+    waited = redraws = 0
+    for pages in (6, 9):
+        got: dict[int, Any] = {}
+        refill = generate_stream(static, iter(enumerate(todo)), NEW, how, 8, got.__setitem__,
+                                 unit_slots=3, kv_pages=pages)
+        assert as_lists([got[i] for i in range(len(todo))]) == want, pages
+        assert refill.pool is not None and refill.pool.used == 0
+        waited += refill.held_row_steps
+        redraws += refill.redraws
+    assert waited > 0 and redraws >= 10
