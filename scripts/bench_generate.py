@@ -468,6 +468,8 @@ def run_stage(model: Any, tokenizer: Any, shape: str, config_text: str, device: 
         f.name for f in dataclasses.fields(stage_mod.GenerateOptions)} else {}
     if "refill" in {f.name for f in dataclasses.fields(stage_mod.GenerateOptions)}:
         extra["refill"] = refill
+    if stored_lengths is not None:  # paged KV asked for, whatever the rows
+        extra["kv_pages"] = True
     options = stage_mod.GenerateOptions(device=device, batch_size=batch_size, compile=compile_decode,
                                         share_prefix=share_prefix, words=words, **extra)
     sync(device)

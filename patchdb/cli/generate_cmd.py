@@ -76,12 +76,13 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="On GPUs, a row whose answer ends takes the next sample at once (continuous "
                    "batching), so the step keeps its full batch while answers end at different "
                    "lengths; --no-refill decodes fixed batches. Answers are the same either way.")
-@click.option("--kv-pages/--no-kv-pages", default=True, show_default=True,
-              envvar="PATCHDB_KV_PAGES",
+@click.option("--kv-pages/--no-kv-pages", default=None, envvar="PATCHDB_KV_PAGES",
               help="With --refill, once the store holds answers of the sweep's experiments: "
                    "keep each row's KV cache by need, in pages, and size the batch for the "
                    "stored answers' lengths (more rows where answers end early). Answers are "
-                   "the same either way.")
+                   "the same either way. Default: on where a full cache a row allows under "
+                   "256 rows (a larger batch is bound by its matmuls: on an H100, a 27B "
+                   "model's 831 paged rows ran 1.3% faster than 395).")
 @click.option("--no-baselines", is_flag=True, envvar="PATCHDB_NO_BASELINES",
               help="Skip the baselines (each target condition generated with no patch; the "
                    "unsteered one is the no-injection control).")
@@ -108,7 +109,7 @@ def generate(
     share_prefix: bool,
     compile_: bool | None,
     refill: bool,
-    kv_pages: bool,
+    kv_pages: bool | None,
     no_baselines: bool,
     readout_only: bool,
     quiet: bool,

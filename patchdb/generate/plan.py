@@ -52,7 +52,9 @@ class GenerateOptions:
     baselines: bool = True  # also every target condition with no patch (patch_layer -1)
     readout_only: bool = False  # prefill every unit for its first-token readout; no rollouts
     refill: bool = True  # static decoder (GPU): finished rows take the next sample (refill.py)
-    kv_pages: bool = True  # with refill: KV by need, sized from the answers already stored
+    # with refill: KV by need, sized from the answers already stored; None: where the batch
+    # a full cache a row allows is small (stage.PAGED_BELOW_ROWS)
+    kv_pages: bool | None = None
 
 
 # Compiling the decode step compiles one program per kind of decoder layer (GraphedDecoder's
