@@ -40,9 +40,9 @@ def simulate(rows: int, pages: int, todo: list[int], headroom_steps: int) -> dic
 
     def admit() -> None:
         running = sum(o and not e for o, e in zip(owned, ended, strict=True))
-        room = len(pool.free) - running * headroom_steps // PAGE - pool.reserve()
         free = [r for r in range(rows) if not owned[r]]
-        start = free[:pool.admissible(min(len(free), len(queue), max(0, room)))]
+        start = free[:pool.admissible(min(len(free), len(queue)),
+                                      running * headroom_steps // PAGE)]
         for r in start:
             length[r], count[r], owned[r], ended[r] = queue.pop(), 1, True, False
         pool.start(start)

@@ -87,29 +87,21 @@ class RowCosts:
     card: int
 
 
-def auto_batch_size(
-    model: PreTrainedModel, device: torch.device, prompt_len: int, max_new_tokens: int,
-    shared_prefix: int = 0, samples: int = 0, whole_vocab: bool = True,
-) -> int:
-    """The most decode rows that fit free device memory (64 on the CPU).
-
-    Per row: the KV cache for prompt plus new tokens (less a prefix kept once for all rows),
-    plus the logits and what the sampler takes over the vocabulary (`whole_vocab`: a draw
-    without top-k, over float32 probabilities of every token). With `samples` (continuous
-    batching with unit slots, refill.py) the prompt after the prefix is kept once per unit, in
-    unit_slots_for(rows, samples) slots, not in every row. The rows take what rows_that_fit
-    allows.
-    """
-    if device.type != "cuda":
-        return CPU_BATCH_ROWS
-    costs = row_costs(model, device, prompt_len, shared_prefix, samples, whole_vocab)
+def full_rows(costs: RowCosts, max_new_tokens: int) -> int:
+    """The auto batch with room for a full answer's KV in every row: the most rows of
+    row_costs' estimate that rows_that_fit allows (a CPU run takes CPU_BATCH_ROWS)."""
     return rows_that_fit(costs.free, costs.card, costs.token * max_new_tokens + costs.other,
                          costs.fixed)
 
 
 def row_costs(model: PreTrainedModel, device: torch.device, prompt_len: int,
               shared_prefix: int = 0, samples: int = 0, whole_vocab: bool = True) -> RowCosts:
-    """The parts of auto_batch_size's estimate (a CUDA device)."""
+    """What decode rows take on a CUDA device, and its free memory. Per row: the KV cache per
+    position (`token`; the prompt's, less a prefix kept once for all rows, counts in `other`),
+    plus the logits and what the sampler takes over the vocabulary (`whole_vocab`: a draw
+    without top-k, over float32 probabilities of every token). With `samples` (continuous
+    batching with unit slots, refill.py) the prompt after the prefix is kept once per unit, in
+    unit_slots_for(rows, samples) slots, not in every row."""
     config = model.config.get_text_config()
     n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
@@ -174,7 +166,10 @@ def _capped(lengths: dict[int, int], max_new_tokens: int) -> dict[int, int]:
 def paged_batch_allowed(lengths: dict[int, int], max_new_tokens: int) -> bool:
     """Whether answers of these lengths (tokens drawn -> count) spread enough for paged KV
     (MIN_SPREAD, MOST_AT_ONE_LENGTH)."""
-    capped = _capped(lengths, max_new_tokens)
+    return _spread_enough(_capped(lengths, max_new_tokens))
+
+
+def _spread_enough(capped: dict[int, int]) -> bool:
     total = sum(capped.values())
     if not total or max(capped.values()) > MOST_AT_ONE_LENGTH * total:
         return False
@@ -190,18 +185,14 @@ def paged_batch(costs: RowCosts, max_new_tokens: int, lengths: dict[int, int]
     (the pages a row holds on average over time, times POOL_MARGIN) beside `other`; None where
     that gives fewer than PAGED_GAIN times the rows of a full cache a row, or where the
     lengths do not spread (paged_batch_allowed)."""
-    full = rows_that_fit(costs.free, costs.card, costs.token * max_new_tokens + costs.other,
-                         costs.fixed)
-    if not paged_batch_allowed(lengths, max_new_tokens):
-        return None
     capped = _capped(lengths, max_new_tokens)
-    per_row = steady_pages_per_row(capped) * POOL_MARGIN
-    if per_row <= 0:
+    if not _spread_enough(capped):
         return None
+    per_row = steady_pages_per_row(capped) * POOL_MARGIN
     page_bytes = costs.token * PAGE
     rows = rows_that_fit(costs.free, costs.card, int(per_row * page_bytes) + costs.other,
                          costs.fixed)
-    if rows < PAGED_GAIN * full:
+    if rows < PAGED_GAIN * full_rows(costs, max_new_tokens):
         return None
     budget = costs.free - (1 - PEAK_FRACTION) * costs.card - costs.fixed - rows * costs.other
     pages = min(int(budget) // page_bytes, rows * pages_for(max_new_tokens))

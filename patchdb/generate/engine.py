@@ -331,6 +331,8 @@ class Engine:
             return None
         if not self.fast_attention:
             unit_slots = 0
+        if not unit_slots:
+            pages = 0
         current = self._decoder
         if (current is not None and current.max_len == max_len and rows <= current.rows
                 and current.unit_slots == unit_slots
@@ -346,7 +348,7 @@ class Engine:
                                        self.shared_prefix_len(max_len), self.shrink_rows,
                                        unit_slots,
                                        self.prompt_len - self.shared_prefix_len(max_len),
-                                       pages if unit_slots else 0)
+                                       pages)
         return self._decoder
 
     def _decode_graphed(self, decoder: GraphedDecoder, logits: torch.Tensor, seeds: torch.Tensor,

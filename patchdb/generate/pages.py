@@ -12,9 +12,10 @@ for a page) writes lands where nothing reads it.
 
 The pool can run short when more answers run long than the pool was sized for. A row that
 needs a page then waits: it is stepped (the graph steps every row) but draws nothing, and tries
-again at the next step, so no answer changes. One row, the one furthest along, always gets its
-pages: the pool never lends the last pages it still needs to another row (nor to a new sample),
-so it finishes and frees its pages, and no set of waiting rows can hold each other up.
+again at the next step, so no answer changes. One row, the priority row (the one holding the
+most pages when it is named), always gets its pages: the pool never lends the last pages it may
+still need to another row (nor to a new sample), so it finishes and frees its pages, and no set
+of waiting rows can hold each other up.
 """
 
 from collections.abc import Iterator, Sequence
@@ -80,10 +81,10 @@ class PagePool:
         self.held[row].append(page)
         self.most_used = max(self.most_used, self.used)
 
-    def admissible(self, wanted: int) -> int:
+    def admissible(self, wanted: int, headroom: int = 0) -> int:
         """How many of `wanted` new rows (one page each) may start now: what the pool has
-        beyond the priority row's reserve."""
-        return max(0, min(wanted, len(self.free) - self.reserve()))
+        beyond the priority row's reserve and `headroom` pages."""
+        return max(0, min(wanted, len(self.free) - self.reserve() - headroom))
 
     def start(self, rows: Sequence[int]) -> None:
         """Give each of `rows` (new samples, holding nothing) its first page."""
@@ -120,12 +121,12 @@ class PagePool:
         """Rows `keep` move to the front, in order (the decoder's keep_rows); the others must
         hold no pages."""
         n = len(keep)
-        moved = [self.held[i] for i in keep]
-        rest = [self.held[i] for i in range(len(self.held)) if i not in set(keep)]
-        assert not any(rest), "rows dropped while holding pages"
-        self.held = moved + [[] for _ in range(len(self.held) - n)]
+        place = {row: i for i, row in enumerate(keep)}
+        assert all(not held for row, held in enumerate(self.held) if row not in place), \
+            "rows dropped while holding pages"
+        self.held = [self.held[i] for i in keep] + [[] for _ in range(len(self.held) - n)]
         if self.priority is not None:
-            self.priority = list(keep).index(self.priority) if self.priority in keep else None
+            self.priority = place.get(self.priority)
         self.sync()
         index = to_device(list(keep), self.device)
         self.table[:n] = self.table.index_select(0, index)

@@ -310,8 +310,7 @@ class Refill:
         assert pool is not None
         running = sum(1 for r, owner in enumerate(self.owner)
                       if owner is not None and not self.ended[r])
-        headroom = running * PAGE_HEADROOM_STEPS // PAGE
-        return pool.admissible(min(wanted, max(0, len(pool.free) - headroom - pool.reserve())))
+        return pool.admissible(wanted, running * PAGE_HEADROOM_STEPS // PAGE)
 
     def _give_pages(self, rows: int) -> None:
         """Before a step: each row still running gets the pages its write needs (the furthest

@@ -15,7 +15,13 @@ import torch
 
 from patchdb.controls import RANDOM_VECTOR_LAYER
 from patchdb.experiments import NO_STEERING
-from patchdb.generate.batching import auto_batch_size, even_batch_rows, paged_batch, row_costs
+from patchdb.generate.batching import (
+    CPU_BATCH_ROWS,
+    even_batch_rows,
+    full_rows,
+    paged_batch,
+    row_costs,
+)
 from patchdb.generate.controls import ensure_random_vectors
 from patchdb.generate.decode_loops import (
     FIRST_CTRL_C,
@@ -131,18 +137,17 @@ def run_generate(
     # continuous batching keeps each unit's prompt once (unit slots, sized by its samples)
     unit_samples = (sorted(len(p.samples) for p in plan.pending)[len(plan.pending) // 2]
                     if streams and plan.pending and engine.fast_attention else 0)
-    fits = auto_batch_size(loaded.model, loaded.device, len(prompt.input_ids),
-                           plan.max_new_tokens, engine.shared_prefix_len(max_len), unit_samples,
-                           whole_vocab=sampling.temperature != 0 and sampling.top_k == 0)
+    whole_vocab = sampling.temperature != 0 and sampling.top_k == 0
+    costs = (row_costs(loaded.model, loaded.device, len(prompt.input_ids),
+                       engine.shared_prefix_len(max_len), unit_samples, whole_vocab)
+             if loaded.device.type == "cuda" else None)
+    fits = full_rows(costs, plan.max_new_tokens) if costs is not None else CPU_BATCH_ROWS
     kv_pages = 0
     stored = sum(plan.answer_lengths.values())
     wanted = options.kv_pages if options.kv_pages is not None else fits < PAGED_BELOW_ROWS
     if (wanted and streams and unit_samples and options.batch_size is None
-            and loaded.device.type == "cuda" and stored >= MIN_STORED_ANSWERS):
+            and costs is not None and stored >= MIN_STORED_ANSWERS):
         # KV by need: rows sized for the lengths of the answers already stored
-        costs = row_costs(loaded.model, loaded.device, len(prompt.input_ids),
-                          engine.shared_prefix_len(max_len), unit_samples,
-                          whole_vocab=sampling.temperature != 0 and sampling.top_k == 0)
         paged = paged_batch(costs, plan.max_new_tokens, plan.answer_lengths)
         if paged is not None:
             log.info("patchdb: KV by need: %d rows (a full cache a row: %d), %d pages, sized "
