@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_engine import lively_llama
 from test_graphed_rows import make
-from test_refill import as_lists, work
+from test_refill import as_lists, every_third_check_fails, work
 
 import patchdb.generate.refill as refill_mod
 from patchdb.generate import triton_decode
@@ -194,24 +194,11 @@ def test_paged_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool)
     """On a GPU, float32: paged rows refilled inside captured graphs (plain and compiled, the
     Triton kernel reading pages) give the eager decode's answers key by key, with rows waiting
     for pages."""
-    from test_engine import PROMPT, start_from_offsets
-    from test_gpu import STEER_LAYER as GPU_STEER
     from test_gpu import real_shape_model
     from test_gpu import units as gpu_units
-    from test_refill import varied_stops
-    from tiny_models import tiny_tokenizer
+    from test_refill import gpu_engines, varied_stops
 
-    from patchdb.generate.engine import Engine
-    from patchdb.generate.layers import find_layers
-
-    model = real_shape_model("cuda")
-    tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
-
-    def build(eos: list[int], **kwargs: Any) -> Engine:
-        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      eos, **kwargs)
-
+    build = gpu_engines(real_shape_model("cuda"))
     how = Sampling(1.0, top_k=40, top_p=0.9)
     refill_mod.PAGE_HEADROOM_STEPS, headroom = 0, refill_mod.PAGE_HEADROOM_STEPS
     with torch.inference_mode():
@@ -240,19 +227,7 @@ def test_draws_made_again_after_a_failed_tie_check_keep_paged_answers(
     step's pages were given: the redraw must skip the rows that waited at that step (and only
     those), or a row draws from a scratch page or twice at once. Every third unchecked draw
     "fails" here, with rows waiting for pages: the answers must be the eager decode's."""
-    real = refill_mod.choose_tokens
-    calls = [0]
-
-    def failing(logits: Any, seeds: Any, step: Any, how: Any, overflow: Any = None) -> Any:
-        picked = real(logits, seeds, step, how, overflow)
-        if overflow is None or not overflow:
-            return picked
-        calls[0] += 1
-        if calls[0] % 3:
-            return picked
-        overflow[0] = torch.tensor(True)
-        return torch.zeros_like(picked)
-
+    failing = every_third_check_fails(refill_mod.choose_tokens)
     how = Sampling(0.9, top_k=20, top_p=0.9)
     model = lively_llama(seed=4)
     todo = work(make(model, [], use_graphs=False))

@@ -210,19 +210,10 @@ def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
 def test_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool, how: Any) -> None:
     """On a GPU, float32: rows refilled inside captured graphs (plain and compiled, Triton
     decode attention, shared prefix) give the eager decode's answers key by key."""
-    from test_engine import start_from_offsets
-    from test_gpu import STEER_LAYER as GPU_STEER
     from test_gpu import real_shape_model
     from test_gpu import units as gpu_units
 
-    model = real_shape_model("cuda")
-    tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
-
-    def build(eos: list[int], **kwargs: Any) -> Engine:
-        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      eos, **kwargs)
-
+    build = gpu_engines(real_shape_model("cuda"))
     with torch.inference_mode():
         free = build([], use_graphs=False)
         todo = gpu_units(free) * 3  # 18 samples through 4 rows
@@ -346,16 +337,9 @@ def test_units_that_end_together_are_handed_over_one_a_step() -> None:
     assert at[0] < at[1] < at[2], "the units that ended together went in one step"
 
 
-@pytest.mark.parametrize("fast_attention", [False, True], ids=["hf-attention", "decode-attention"])
-def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.MonkeyPatch,
-                                                             fast_attention: bool) -> None:
-    # The loop's draw does not wait for top-k's tie check, and the next step is launched from
-    # its tokens before the host reads the check; where it fails, the draw is undone, its step
-    # run again and the draw made exactly. Here every third unchecked draw "fails" and returns
-    # wrong tokens: the answers must still be the eager decode's.
-    import patchdb.generate.refill as refill_mod
-
-    real = refill_mod.choose_tokens
+def every_third_check_fails(real: Any) -> Any:
+    """choose_tokens, but every third draw that defers its top-k tie check "fails" it and
+    returns wrong tokens (what a draw that missed tied tokens might give)."""
     calls = [0]
 
     def failing(logits: Any, seeds: Any, step: Any, how: Any, overflow: Any = None) -> Any:
@@ -366,8 +350,37 @@ def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.
         if calls[0] % 3:
             return picked
         overflow[0] = torch.tensor(True)
-        return torch.zeros_like(picked)  # what a draw that missed tied tokens might give
+        return torch.zeros_like(picked)
 
+    return failing
+
+
+def gpu_engines(model: Any) -> Any:
+    """build(eos, **kwargs): an Engine over `model` (the GPU tests' real-shape model) with the
+    tiny tokenizer's prompt and the GPU tests' steer layer."""
+    from test_engine import start_from_offsets
+    from test_gpu import STEER_LAYER as GPU_STEER
+
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+
+    def build(eos: list[int], **kwargs: Any) -> Engine:
+        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      eos, **kwargs)
+
+    return build
+
+
+@pytest.mark.parametrize("fast_attention", [False, True], ids=["hf-attention", "decode-attention"])
+def test_a_draw_whose_tie_check_fails_is_made_again_exactly(monkeypatch: pytest.MonkeyPatch,
+                                                             fast_attention: bool) -> None:
+    # The loop's draw does not wait for top-k's tie check, and the next step is launched from
+    # its tokens before the host reads the check; where it fails, the draw is undone, its step
+    # run again and the draw made exactly. Here every third unchecked draw "fails" and returns
+    # wrong tokens: the answers must still be the eager decode's.
+    import patchdb.generate.refill as refill_mod
+
+    failing = every_third_check_fails(refill_mod.choose_tokens)
     how = Sampling(0.9, top_k=20, top_p=0.9)
     model = lively_llama(seed=4)
     todo = work(make(model, [], use_graphs=False))
