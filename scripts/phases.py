@@ -63,6 +63,7 @@ class PhaseClock:
         self._window_t0 = 0.0
         self._restore: list[tuple[Any, str, Callable[..., Any]]] = []
         self.run_wall = 0.0
+        self.gaps: dict[str, Any] = {}
 
     def install(self) -> None:
         for path, method, label in PHASES:
@@ -131,6 +132,7 @@ class PhaseClock:
             for avg in self._prof.key_averages():
                 if avg.self_device_time_total > 0 and "cuda" in str(avg.device_type).lower():
                     self.kernels[avg.key] = avg.self_device_time_total / self.window_steps
+            self.gaps = gap_report(self._prof.events(), self.window_steps)
             self._prof = None
             torch.cuda.synchronize()
             self.window_s += time.perf_counter() - self._window_t0
@@ -154,7 +156,42 @@ class PhaseClock:
                 "steps": self.steps, "phases": phases,
                 "step_kernels_us": {k: round(v, 1) for k, v in sorted(kinds.items())},
                 "step_kernels_total_us": round(sum(self.kernels.values()), 1),
-                "top_kernels_us": [[name[:90], round(us, 1)] for name, us in top]}
+                "top_kernels_us": [[name[:90], round(us, 1)] for name, us in top],
+                "gaps_per_step": self.gaps}
+
+
+GAP_BUCKETS_US = (5.0, 50.0)  # under 5 us: a kernel launch inside a graph; 50 us and over: the host
+
+
+def gap_report(events: Any, steps: int) -> dict[str, Any]:
+    """Per step, from the profiler window's GPU events: how long the GPU ran something (busy),
+    and its idle time between one event's end and the next one's start, by the gap's length.
+    Small gaps are launch latency between kernels of one graph; long ones, the GPU waiting for
+    the host. The profiler's own overhead shows up here too, so compare runs with each other,
+    not with the step time measured without it."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if "cuda" in str(e.device_type).lower() and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy = 0.0
+    gaps = [0.0] * (len(GAP_BUCKETS_US) + 1)
+    counts = [0] * len(gaps)
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            bucket = sum(s - end >= b for b in GAP_BUCKETS_US)
+            gaps[bucket] += s - end
+            counts[bucket] += 1
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    names = ["under 5 us", "5 to 50 us", "50 us and over"]
+    return {"busy_us": round(busy / steps, 1),
+            "span_us": round((end - spans[0][0]) / steps, 1),
+            "idle_us": {n: round(g / steps, 1) for n, g in zip(names, gaps, strict=True)},
+            "idle_count": {n: round(c / steps, 1) for n, c in zip(names, counts, strict=True)}}
 
 
 def print_report(name: str, report: dict[str, Any]) -> None:
@@ -170,3 +207,9 @@ def print_report(name: str, report: dict[str, Any]) -> None:
               f"{report['step_kernels_total_us'] / 1e3:.2f}", flush=True)
         for kname, us in report["top_kernels_us"][:12]:
             print(f"    {us / 1e3:7.3f} ms  {kname}", flush=True)
+    gaps = report.get("gaps_per_step")
+    if gaps:
+        idle = ", ".join(f"{k} {v / 1e3:.2f} ms ({gaps['idle_count'][k]:.0f})"
+                         for k, v in gaps["idle_us"].items())
+        print(f"  a step on the GPU (profiled): busy {gaps['busy_us'] / 1e3:.2f} ms of "
+              f"{gaps['span_us'] / 1e3:.2f}; idle gaps {idle}", flush=True)

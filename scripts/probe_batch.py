@@ -29,17 +29,20 @@ from patchdb.generate.sampling import Sampling, choose_tokens  # noqa: E402
 DEV = "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def linears(rows_list: list[int], spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """One layer's seven linears plus the LM head over the full depth, per row count."""
+def linears(rows_list: list[int], spec: dict[str, Any], fused: bool = False) -> list[dict[str, Any]]:
+    """One layer's seven linears (four with q/k/v and gate/up each one product when `fused`)
+    plus the LM head over the full depth, per row count."""
     flop_per_row = 2 * (sum(k * n for k, n in step_linears(spec)) * spec["num_hidden_layers"]
                         + spec["vocab_size"] * spec["hidden_size"])
     out = []
     for rows in rows_list:
-        total = matmul_ms(rows, spec, spec["num_hidden_layers"], DEV, quiet=True)
-        out.append({"rows": rows, "ms": round(total, 3), "us_per_row": round(total / rows * 1e3, 2),
+        total = matmul_ms(rows, spec, spec["num_hidden_layers"], DEV, quiet=True, fused=fused)
+        out.append({"rows": rows, "fused": fused, "ms": round(total, 3),
+                    "us_per_row": round(total / rows * 1e3, 2),
                     "tflops": round(flop_per_row * rows / total / 1e9, 1)})
-        print(f"linears at {rows} rows: {total:.2f} ms a step, {total / rows * 1e3:.1f} us a row, "
-              f"{flop_per_row * rows / total / 1e9:.0f} TFLOP/s", flush=True)
+        print(f"linears{' (fused)' if fused else ''} at {rows} rows: {total:.2f} ms a step, "
+              f"{total / rows * 1e3:.1f} us a row, {flop_per_row * rows / total / 1e9:.0f} TFLOP/s",
+              flush=True)
     return out
 
 
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=150)
     parser.add_argument("--unit-len", type=int, default=27)
     parser.add_argument("--old-kernel", type=Path, default=None)
+    parser.add_argument("--near", default="", help="row counts to time the linears at, "
+                        "comma-separated (default: round numbers near --rows)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     spec = SHAPES["gemma3-27b"]
@@ -127,10 +132,12 @@ def main() -> None:
     r = args.rows
     near = sorted({r, r // 64 * 64, r // 128 * 128, -(-r // 128) * 128, 256, 384, 512, 640, 768,
                    1024} - {0})
+    if args.near:
+        near = sorted({int(x) for x in args.near.split(",")})
     if DEV == "cpu":  # smoke run: a small vocabulary and depth
         spec = dict(spec, vocab_size=4096, num_hidden_layers=2)
     results: dict[str, Any] = {"card": torch.cuda.get_device_name(0) if DEV != "cpu" else "cpu", "rows": r,
-               "linears": linears(near, spec),
+               "linears": linears(near, spec) + linears(near, spec, fused=True),
                "attention": attention(r, args.prefix, args.unit_len, 100, kernels),
                "sampler": sampler(r, spec["vocab_size"])}
     if args.out:

@@ -44,10 +44,19 @@ def step_linears(spec: dict[str, Any]) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
-def matmul_ms(rows: int, spec: dict[str, Any], layers: int, dev: str, quiet: bool = False) -> float:
+def fused_linears(spec: dict[str, Any]) -> list[tuple[int, int]]:
+    """The same products as step_linears with q, k, v as one and gate, up as one."""
+    h, i = spec["hidden_size"], spec["intermediate_size"]
+    q = spec["num_attention_heads"] * spec["head_dim"]
+    kv = spec["num_key_value_heads"] * spec["head_dim"]
+    return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+
+
+def matmul_ms(rows: int, spec: dict[str, Any], layers: int, dev: str, quiet: bool = False,
+              fused: bool = False) -> float:
     """The decode step's linear layers alone (per layer x layers, plus the LM head)."""
     total = 0.0
-    for k, n in step_linears(spec):
+    for k, n in (fused_linears(spec) if fused else step_linears(spec)):
         x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         ms = cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), 20)
