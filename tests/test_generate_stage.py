@@ -266,12 +266,25 @@ def test_ctrl_c_stops_after_a_batch_and_a_rerun_completes(tmp_path: Path, model_
 
 def test_two_processes_on_one_store_write_each_rollout_once(tmp_path: Path, model_dir: Path,
                                                             store_db: str) -> None:
+    """Both runs are held after decoding their first batch until the other has got there too,
+    so both find work whatever the machine's load; then they race to the end."""
     db = init_store(tmp_path, model_dir, db=store_db)
     command = [sys.executable, "-m", "patchdb", "generate", "--db", str(db), "--batch-size", "2",
                "--quiet"]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    env = dict(os.environ, PATCHDB_FAULT="generate.batch_decoded:1:STOP")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env))
+            wait_until_stopped(procs[-1].pid)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0], outputs
     n_rows = query(db, "SELECT COUNT(*) FROM rollouts")[0][0]
     by_run = query(db, "SELECT s.status, COUNT(r.id) FROM stage_runs s LEFT JOIN rollouts r "
