@@ -24,6 +24,22 @@ def make(model: Any, eos: list[int], **kwargs: Any) -> Engine:
     return Engine(model, find_layers(model), ids, start, STEER_LAYER, eos, **kwargs)
 
 
+def gpu_engines(model: Any) -> Any:
+    """build(eos, **kwargs): an Engine over `model` (the GPU tests' real-shape model) with the
+    tiny tokenizer's prompt and the GPU tests' steer layer."""
+    from test_engine import start_from_offsets
+    from test_gpu import STEER_LAYER as GPU_STEER
+
+    tok = tiny_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+
+    def build(eos: list[int], **kwargs: Any) -> Engine:
+        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
+                      eos, **kwargs)
+
+    return build
+
+
 def units(engine: Engine) -> list[TargetUnit]:
     source = engine.source_run(vector(11), [3])
     return [TargetUnit(vector(12), 3, source[3], list(range(10))),
@@ -98,19 +114,10 @@ def test_one_compiled_program_serves_every_layer_and_batch() -> None:
 def test_rows_leave_captured_graphs_with_the_eager_greedy_answers(compiled: bool) -> None:
     """On a GPU: rows that finish move into graphs captured at fewer rows (plain and
     compiled), and the greedy answers stay the eager decode's."""
-    from test_engine import start_from_offsets
-    from test_gpu import STEER_LAYER as GPU_STEER
     from test_gpu import real_shape_model
     from test_gpu import units as gpu_units
 
-    model = real_shape_model("cuda")
-    tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
-
-    def build(eos: list[int], **kwargs: Any) -> Engine:
-        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      eos, **kwargs)
-
+    build = gpu_engines(real_shape_model("cuda"))
     with torch.inference_mode():
         free = build([], use_graphs=False)
         todo = gpu_units(free)

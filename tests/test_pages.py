@@ -196,7 +196,8 @@ def test_paged_refill_on_captured_graphs_gives_the_eager_answers(compiled: bool)
     for pages."""
     from test_gpu import real_shape_model
     from test_gpu import units as gpu_units
-    from test_refill import gpu_engines, varied_stops
+    from test_graphed_rows import gpu_engines
+    from test_refill import varied_stops
 
     build = gpu_engines(real_shape_model("cuda"))
     how = Sampling(1.0, top_k=40, top_p=0.9)

@@ -6,12 +6,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine import PROMPT, lively_llama, vector
-from test_graphed_rows import make
+from test_engine import lively_llama, vector
+from test_graphed_rows import gpu_engines, make
 from tiny_models import tiny_tokenizer
 
 from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
-from patchdb.generate.layers import find_layers
 from patchdb.generate.refill import generate_stream
 from patchdb.generate.sampling import Sampling
 
@@ -236,8 +235,6 @@ def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.Monk
     from the host, a read of a GPU value) leaves the GPU idle while the host works. With
     torch's sync debug mode raising inside every prefill (after the first, which builds the
     shared prefix once) and every admission, the loop still gives the eager answers."""
-    from test_engine import start_from_offsets
-    from test_gpu import STEER_LAYER as GPU_STEER
     from test_gpu import real_shape_model
     from test_gpu import units as gpu_units
 
@@ -245,9 +242,8 @@ def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.Monk
     import patchdb.generate.unit_queue as queue_mod
     from patchdb.generate.readout import FirstTokenReader
 
-    model = real_shape_model("cuda")
+    build = gpu_engines(real_shape_model("cuda"))
     tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
     how = Sampling(1.0, top_k=40, top_p=0.9)
     guarded: list[str] = []
 
@@ -264,12 +260,10 @@ def test_prefills_and_admissions_never_wait_for_the_gpu(monkeypatch: pytest.Monk
         return call
 
     with torch.inference_mode():
-        free = Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      [], use_graphs=False)
+        free = build([], use_graphs=False)
         todo = gpu_units(free) * 3
         want = as_lists(free.generate(todo, 12, how))
-        fast = Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      [], share_prefix=True)
+        fast = build([], share_prefix=True)
         reader = FirstTokenReader(tok)
         readouts: list[Any] = []
         got: dict[int, list[Completion]] = {}
@@ -353,22 +347,6 @@ def every_third_check_fails(real: Any) -> Any:
         return torch.zeros_like(picked)
 
     return failing
-
-
-def gpu_engines(model: Any) -> Any:
-    """build(eos, **kwargs): an Engine over `model` (the GPU tests' real-shape model) with the
-    tiny tokenizer's prompt and the GPU tests' steer layer."""
-    from test_engine import start_from_offsets
-    from test_gpu import STEER_LAYER as GPU_STEER
-
-    tok = tiny_tokenizer()
-    ids = tok(PROMPT)["input_ids"]
-
-    def build(eos: list[int], **kwargs: Any) -> Engine:
-        return Engine(model, find_layers(model), ids, start_from_offsets(tok, PROMPT), GPU_STEER,
-                      eos, **kwargs)
-
-    return build
 
 
 @pytest.mark.parametrize("fast_attention", [False, True], ids=["hf-attention", "decode-attention"])
