@@ -284,3 +284,78 @@ def test_a_row_order_needs_an_entry_a_row() -> None:
         triton_decode.decode_attention_triton(query, key, value,
                                               torch.tensor(8, dtype=torch.int32, device=DEVICE),
                                               0.2, (p_key, p_value), units=short)
+
+
+def no_write() -> None:
+    raise AssertionError("the kernel stores the new keys itself")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ordered", [False, True])
+def test_the_kernel_stores_the_steps_keys_before_it_reads_them(dtype: torch.dtype,
+                                                               ordered: bool) -> None:
+    """Handed this step's keys and values (kv_writes.NewKV), the kernel stores each row's at its
+    slot, the last valid position, and reads them there: the cache ends as a scatter leaves it
+    and the output is exactly the kernel's on that cache, rows taken in any order."""
+    from patchdb.generate.kv_writes import NewKV
+
+    batch, max_len, unit_len, n_units = 11, 70, 9, 3
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, 13, dtype, 6)
+    g = torch.Generator().manual_seed(9)
+    new_k = (torch.randn(batch, 2, 1, 32, generator=g) * 3).to(DEVICE, dtype)
+    new_v = torch.randn(batch, 2, 1, 32, generator=g).to(DEVICE, dtype)
+    lengths = [1, 70, 33, 2, 64, 65, 17, 40, 9, 31, 70]
+    slots = torch.tensor(lengths, device=DEVICE) - 1
+    of_row = torch.tensor([2, 0, 1, 1, 2, 0, 1, 0, 2, 0, 1], dtype=torch.int32, device=DEVICE)
+    order = (torch.randperm(batch, generator=torch.Generator().manual_seed(4)).int().to(DEVICE)
+             if ordered else None)
+    units = triton_decode.UnitPrompts(
+        (torch.randn(n_units, 2, unit_len, 32, generator=g) * 3).to(DEVICE, dtype),
+        torch.randn(n_units, 2, unit_len, 32, generator=g).to(DEVICE, dtype), of_row, order)
+    length = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    want_k, want_v = key.clone(), value.clone()
+    rows = torch.arange(batch, device=DEVICE)
+    want_k[rows, :, slots] = new_k[:, :, 0]
+    want_v[rows, :, slots] = new_v[:, :, 0]
+    want = triton_decode.decode_attention_triton(query, want_k, want_v, length, 0.2,
+                                                 (p_key, p_value), units=units)
+    assert not torch.equal(key, want_k)  # the slots held something else before
+    got = triton_decode.decode_attention_triton(
+        query, key, value, length, 0.2, (p_key, p_value), units=units,
+        new=NewKV(0, new_k, new_v, None, slots, no_write))
+    assert torch.equal(key, want_k) and torch.equal(value, want_v)
+    assert torch.equal(got, want)
+
+
+def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page() -> None:
+    """With pages, row r's new key goes to pool page row[r] at offset pos[r] (a row that waits
+    writes to scratch page 0); the rows read them back through the page table."""
+    from patchdb.generate.kv_writes import NewKV
+    from patchdb.generate.pages import PAGE, gather_pages
+
+    g = torch.Generator().manual_seed(5)
+    rows, kv, groups, dim, n_pages = 4, 2, 2, 16, 20
+    pool_k = torch.randn(n_pages + 1, kv, PAGE, dim, generator=g).to(DEVICE)
+    pool_v = torch.randn(n_pages + 1, kv, PAGE, dim, generator=g).to(DEVICE)
+    lengths = torch.tensor([3, 9, 16, 30], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[5, 0, 0, 0], [2, 7, 0, 0], [11, 3, 0, 0], [4, 9, 1, 6]],
+                         dtype=torch.int32, device=DEVICE)
+    pos = (lengths - 1).long()
+    page = table.gather(1, (pos // PAGE).view(-1, 1)).view(-1).long()
+    offset = pos % PAGE
+    query = torch.randn(rows, kv, groups, dim, generator=g).to(DEVICE)
+    new_k = torch.randn(rows, kv, 1, dim, generator=g).to(DEVICE)
+    new_v = torch.randn(rows, kv, 1, dim, generator=g).to(DEVICE)
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    want_k[page, :, offset] = new_k[:, :, 0]
+    want_v[page, :, offset] = new_v[:, :, 0]
+    got = triton_decode.decode_attention_triton(query, pool_k, pool_v, lengths, 0.3,
+                                                pages=table,
+                                                new=NewKV(0, new_k, new_v, page, offset, no_write))
+    assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
+    flat = triton_decode.decode_attention_triton(query, gather_pages(want_k, table),
+                                                 gather_pages(want_v, table), lengths, 0.3)
+    assert torch.equal(got, flat)
+    with pytest.raises(ValueError, match="a page each with pages"):
+        triton_decode.decode_attention_triton(query, pool_k, pool_v, lengths, 0.3, pages=table,
+                                              new=NewKV(0, new_k, new_v, None, offset, no_write))

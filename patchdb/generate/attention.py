@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from patchdb.generate import triton_decode
+from patchdb.generate import kv_writes, triton_decode
 from patchdb.generate.pages import gather_pages, page_table
 
 NAME = "patchdb_decode"
@@ -83,10 +83,13 @@ def decode_attention(
     prefix = table[layer] if table is not None else None
     units = _UNITS[0]
     unit_kv = units[0][layer] if units is not None else None
+    new = kv_writes.take(layer)  # this step's keys and values, where the writer deferred them
     mask_ok = attention_mask is None or attention_mask.shape[1] == 1
     if q_len != 1 or kwargs.get("softcap") is not None or not mask_ok:
         if prefix is not None or unit_kv is not None:
             raise RuntimeError("a shared prefix needs one query token and a plain mask")
+        if new is not None:
+            new.write()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
@@ -105,8 +108,11 @@ def decode_attention(
         prompts = (triton_decode.UnitPrompts(unit_kv[0], unit_kv[1], units[1][:batch], order)
                    if unit_kv is not None and units is not None else None)
         out = triton_decode.decode_attention_triton(packed, key, value, length, scale, prefix,
-                                                    window=window, units=prompts, pages=pages)
+                                                    window=window, units=prompts, pages=pages,
+                                                    new=new)
     else:
+        if new is not None:
+            new.write()
         if pages is not None:  # each row's pages, in order, as one cache (the mask's width)
             key, value = gather_pages(key, pages), gather_pages(value, pages)
         if unit_kv is not None and units is not None:  # each row's unit prompt joins its keys

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
+from patchdb.generate import kv_writes
 from patchdb.generate.attention import (
     Prefixes,
     cache_length,
@@ -39,6 +40,7 @@ from patchdb.generate.attention import (
 )
 from patchdb.generate.compiled import compiled_layers, update_in_attention
 from patchdb.generate.hooks import Steering, steering
+from patchdb.generate.kv_writes import NewKV
 from patchdb.generate.layers import LayerMap
 from patchdb.generate.pages import PAGE, PagedWrites, PagePool, paged_cache, pages_for
 from patchdb.generate.transfer import to_device
@@ -87,11 +89,17 @@ class _RowWrites:
     def __call__(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                  *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.cache.layers[layer_idx]
-        at = self.slots.view(-1, 1, 1, 1)
-        layer.keys.scatter_(2, at.expand(-1, key_states.shape[1], 1, key_states.shape[3]),
-                            key_states)
-        layer.values.scatter_(2, at.expand(-1, value_states.shape[1], 1, value_states.shape[3]),
-                              value_states)
+
+        def write() -> None:
+            at = self.slots.view(-1, 1, 1, 1)
+            layer.keys.scatter_(2, at.expand(-1, key_states.shape[1], 1, key_states.shape[3]),
+                                key_states)
+            layer.values.scatter_(2, at.expand(-1, value_states.shape[1], 1,
+                                               value_states.shape[3]), value_states)
+
+        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, None, self.slots,
+                                     write)):
+            write()
         return layer.keys, layer.values
 
 
@@ -403,6 +411,8 @@ class GraphedDecoder:
             if self.fast_attention:
                 routed = stack.enter_context(decode_attention_for(self.model))
                 stack.enter_context(cache_length(rows.lengths))
+                if routed:  # decode attention stores each layer's new keys and values
+                    stack.enter_context(kv_writes.deferred())
                 if routed and self.compile_layers:
                     stack.enter_context(update_in_attention(self.model, rows.cache))
             if self.prefix_len:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from patchdb.generate import kv_writes
+from patchdb.generate.kv_writes import NewKV
 from patchdb.generate.transfer import to_device
 
 PAGE = 8  # positions a page holds: a 100-token answer takes 13 pages, 104 positions
@@ -159,8 +161,14 @@ class PagedWrites:
     def __call__(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                  *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.pools[layer_idx]
-        keys[self.page, :, self.offset] = key_states[:, :, 0]
-        values[self.page, :, self.offset] = value_states[:, :, 0]
+
+        def write() -> None:
+            keys[self.page, :, self.offset] = key_states[:, :, 0]
+            values[self.page, :, self.offset] = value_states[:, :, 0]
+
+        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, self.page, self.offset,
+                                     write)):
+            write()
         return keys, values
 
 

@@ -11,6 +11,10 @@ layout, one program per row and KV head, read the shared prefix again for every 
 more bytes than the rows' own cache): on an H200 at 1,040 rows, a 150-position prefix and 77 own
 positions, 0.48 ms a layer against 0.20 ms now (docs/performance.md, scripts/probe_decode.py).
 
+Handed the step's new keys and values (kv_writes.NewKV), a program first stores those of its
+rows for its head where they go, then reads them with the rest: the step needs no scatter
+kernels of its own (two a layer).
+
 Lengths are one int32 scalar (every row at the same step) or one per row (ragged rows);
 `window` keeps only the last `window` positions before and at the query, as a sliding-window
 layer does. Triton is optional: it ships with CUDA builds of torch. Without it (or on the CPU)
@@ -24,6 +28,8 @@ from functools import cache
 from typing import Any
 
 import torch
+
+from patchdb.generate.kv_writes import NewKV
 
 try:  # pragma: no cover - depends on the torch build
     import triton
@@ -95,14 +101,16 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
                        uk_ptr, uv_ptr, unit_ptr, order_ptr, table_ptr,
+                       nk_ptr, nv_ptr, wrow_ptr, wpos_ptr,
                        batch, prefix_len, unit_len, window, scale, s_len, s_unit,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
                        s_ukb, s_ukh, s_ukl, s_uvb, s_uvh, s_uvl, s_tb,
+                       s_nkb, s_nkh, s_nvb, s_nvh,
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
                        RAGGED: tl.constexpr, UNITS: tl.constexpr, ORDERED: tl.constexpr,
-                       PAGE: tl.constexpr, IEEE: tl.constexpr):
+                       PAGE: tl.constexpr, WRITE: tl.constexpr, IEEE: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
@@ -117,6 +125,25 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
         offs = tl.arange(0, BLOCK_L)
         q = tl.load(q_ptr + safe_row[:, None] * s_qb + head * s_qh + g[:, None] * s_qg + d[None, :],
                     mask=ok[:, None], other=0.0)
+        lead = ok & (g == 0)  # each row's first line stands for the row
+        if WRITE:
+            # This step's key and value of each of the program's rows (for this head) go to the
+            # row's cache first: its cache row (a pool page with PAGE) and position there. No
+            # other program reads them; the barrier makes them visible to this one's threads.
+            wpos = tl.load(wpos_ptr + safe_row, mask=lead, other=0).to(tl.int64)
+            if PAGE:
+                wrow = tl.load(wrow_ptr + safe_row, mask=lead, other=0).to(tl.int64)
+            else:
+                wrow = safe_row.to(tl.int64)
+            nk = tl.load(nk_ptr + safe_row[:, None].to(tl.int64) * s_nkb + head * s_nkh
+                         + d[None, :], mask=lead[:, None], other=0.0)
+            nv = tl.load(nv_ptr + safe_row[:, None].to(tl.int64) * s_nvb + head * s_nvh
+                         + d[None, :], mask=lead[:, None], other=0.0)
+            tl.store(k_ptr + wrow[:, None] * s_kb + head * s_kh + wpos[:, None] * s_kl + d[None, :],
+                     nk, mask=lead[:, None])
+            tl.store(v_ptr + wrow[:, None] * s_vb + head * s_vh + wpos[:, None] * s_vl + d[None, :],
+                     nv, mask=lead[:, None])
+            tl.debug_barrier()
         lens = tl.load(len_ptr + safe_row * s_len)  # each line's row length
         lens = tl.where(ok, lens, 0)
         # the first position (prefix positions count first, then the unit's prompt) a line's
@@ -135,7 +162,6 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             v = tl.load(pv_base + pos[:, None] * s_pvl + d[None, :], mask=inside[:, None], other=0.0)
             seen = ok[:, None] & inside[None, :] & (pos[None, :] >= lowest[:, None])
             best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
-        lead = ok & (g == 0)  # each row's first line stands for the row
         if UNITS:
             # Each unit's prompt (kept once per unit), read once for all the program's rows of
             # that unit: a unit's first row here leads it, and a block of the unit's prompt
@@ -228,7 +254,8 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
                             prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                             window: int | None = None, tuning: Tuning = DEFAULT,
                             units: "UnitPrompts | None" = None,
-                            pages: torch.Tensor | None = None) -> torch.Tensor:
+                            pages: torch.Tensor | None = None,
+                            new: "NewKV | None" = None) -> torch.Tensor:
     """query [b, kv_heads, groups, d] (query heads packed by the KV head they share); key and
     value [b, kv_heads, max_len, d], of which the first `length` positions count (an int32
     device scalar, or int32 [b], one length a row); with `pages` (int32 [b, pages a row], a
@@ -238,7 +265,9 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     values [n_units, kv_heads, unit_len, d], one prompt per unit, and each row's unit, attended
     to after the prefix and before the row's own; `window`: a query sees only the last `window`
     positions up to its own (the prefix's counted first, then the unit's).
-    Returns [b, kv_heads, groups, d]."""
+    `new`: this step's keys and values, which the kernel stores where they go (row r's at
+    position new.pos[r] of its own cache row, or of pool page new.row[r] with pages) before
+    it reads the cache. Returns [b, kv_heads, groups, d]."""
     assert triton is not None
     batch, kv_heads, groups, dim = query.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -268,11 +297,25 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
                               or pages.stride(1) != 1):
         raise ValueError("a page table has one contiguous row of pages a row")
     table = pages if pages is not None else length.reshape(-1)
+    if new is not None:
+        n_keys, n_values = new.keys, new.values
+        if (n_keys.shape[0] < batch or n_keys.shape[1] != kv_heads or n_keys.shape[-1] != dim
+                or n_keys.stride(-1) != 1 or n_values.shape != n_keys.shape
+                or n_values.stride(-1) != 1 or new.pos.shape[0] < batch
+                or new.pos.stride(0) != 1 or (new.row is None) != (pages is None)
+                or (new.row is not None and (new.row.shape[0] < batch
+                                             or new.row.stride(0) != 1))):
+            raise ValueError("new keys and values need a row each, this cache's heads and a "
+                             "place each (a page each with pages)")
+        w_row = new.row if new.row is not None else new.pos
+    else:
+        n_keys, n_values, w_row = key, value, table
     guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _decode_kernel[grid](
             query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
             order if order is not None else of_row, table,
+            n_keys, n_values, w_row, new.pos if new is not None else w_row,
             batch, prefix_len, u_keys.shape[2] if units is not None else 0,
             NO_WINDOW if window is None else window, scale,
             length.stride(0) if length.dim() == 1 else 0, of_row.stride(0),
@@ -283,9 +326,11 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             out.stride(0), out.stride(1), out.stride(2),
             u_keys.stride(0), u_keys.stride(1), u_keys.stride(2),
             u_values.stride(0), u_values.stride(1), u_values.stride(2), table.stride(0),
+            n_keys.stride(0), n_keys.stride(1), n_values.stride(0), n_values.stride(1),
             GROUPS=groups, G_PAD=g_pad, ROWS=rows, LINES=max(16, rows * g_pad), DIM=dim,
             BLOCK_L=tuning.block, RAGGED=length.dim() == 1, UNITS=units is not None,
             ORDERED=order is not None, PAGE=key.shape[2] if pages is not None else 0,
+            WRITE=new is not None,
             IEEE=query.dtype == torch.float32,
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
