@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -701,6 +702,9 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
     "stop-shrink": (True, True, True, False),
     "stop-keep": (True, True, False, False),
     "stop-paged": (True, True, True, True),  # KV by need, sized from the stop lengths
+    # defaults with each layer's new keys and values scattered into the cache by two kernels,
+    # as before the decode kernel stored them itself (kv_writes.py): the A/B of that change
+    "defaults-scatter": (None, False, True, True),
 }
 
 
@@ -741,8 +745,11 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0
+            scatter = (mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
+                       if name == "defaults-scatter" else nullcontext())
             try:
-                with ClockLog(card) if device.startswith("cuda") else nullcontext() as log:
+                with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
+                        scatter:
                     r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
                                   args.batch_size, Path(tmp), compile_decode, True, stop_at,
                                   shrink, args.stop_words if stop else None, refill,
