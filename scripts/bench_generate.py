@@ -801,7 +801,7 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
     for a, b in (("stop-refill", "stop-shrink"), ("stop-refill", "stop-keep"),
                  ("stop-paged", "stop-refill"),
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
-                 ("defaults", "compile-off")):
+                 ("defaults", "compile-off"), ("defaults", "defaults-scatter")):
         if a in answers and b in answers:
             keys = answers[a].keys() & answers[b].keys()
             differ = sum(answers[a][k] != answers[b][k] for k in keys)
