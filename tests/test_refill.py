@@ -412,3 +412,12 @@ def test_a_row_order_is_a_permutation_of_the_current_rows() -> None:
         with pytest.raises(ValueError, match="permutation of the current rows"):
             decoder.order_rows(bad)
     assert decoder.row_order.tolist() == [5, 0, 4, 1, 3, 2]
+
+
+@pytest.mark.parametrize("unit_slots", [0, 8])
+def test_an_empty_feed_decodes_nothing_and_returns(unit_slots: int) -> None:
+    engine = make(lively_llama(seed=4), [], graph_replay=False)
+    handed: list[Any] = []
+    refill = generate_stream(engine, iter([]), N_NEW, 0.0, 4, lambda *a: handed.append(a),
+                             unit_slots=unit_slots)
+    assert handed == [] and refill.steps == 0 and refill.drawn == 0

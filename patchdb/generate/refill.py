@@ -245,7 +245,8 @@ class Refill:
 
     def run(self) -> None:
         decoder = self.decoder
-        self._admit(list(range(decoder.rows)))
+        if not self._admit(list(range(decoder.rows))) and not self._more_work():
+            return  # an empty feed (or a stop before the first unit): no step to run
         self._order(decoder.rows)
         self._publish(decoder.rows)
         threshold = max(1, int(decoder.rows * REFILL_FRACTION))
