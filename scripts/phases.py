@@ -187,7 +187,8 @@ def gap_report(events: Any, steps: int) -> dict[str, Any]:
         else:
             end = max(end, e)
     busy += end - start
-    names = ["under 5 us", "5 to 50 us", "50 us and over"]
+    low, high = GAP_BUCKETS_US
+    names = [f"under {low:g} us", f"{low:g} to {high:g} us", f"{high:g} us and over"]
     return {"busy_us": round(busy / steps, 1),
             "span_us": round((end - spans[0][0]) / steps, 1),
             "idle_us": {n: round(g / steps, 1) for n, g in zip(names, gaps, strict=True)},

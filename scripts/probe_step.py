@@ -46,10 +46,8 @@ def step_linears(spec: dict[str, Any]) -> list[tuple[int, int]]:
 
 def fused_linears(spec: dict[str, Any]) -> list[tuple[int, int]]:
     """The same products as step_linears with q, k, v as one and gate, up as one."""
-    h, i = spec["hidden_size"], spec["intermediate_size"]
-    q = spec["num_attention_heads"] * spec["head_dim"]
-    kv = spec["num_key_value_heads"] * spec["head_dim"]
-    return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+    (h, q), (_, k), (_, v), o, (_, gate), (_, up), down = step_linears(spec)
+    return [(h, q + k + v), o, (h, gate + up), down]
 
 
 def matmul_ms(rows: int, spec: dict[str, Any], layers: int, dev: str, quiet: bool = False,
