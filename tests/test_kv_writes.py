@@ -9,8 +9,7 @@ from patchdb.generate.kv_writes import NewKV
 
 def new_kv(layer: int, stored: list[int]) -> NewKV:
     t = torch.zeros(2, 1, 1, 4)
-    return NewKV(layer, t, t, None, torch.zeros(2, dtype=torch.long),
-                 lambda: stored.append(layer))
+    return NewKV(layer, t, t, lambda: stored.append(layer))
 
 
 def test_writers_store_their_own_outside_the_block() -> None:

@@ -295,8 +295,9 @@ def no_write() -> None:
 def test_the_kernel_stores_the_steps_keys_before_it_reads_them(dtype: torch.dtype,
                                                                ordered: bool) -> None:
     """Handed this step's keys and values (kv_writes.NewKV), the kernel stores each row's at its
-    slot, the last valid position, and reads them there: the cache ends as a scatter leaves it
-    and the output is exactly the kernel's on that cache, rows taken in any order."""
+    last valid position (its length less one), and reads them there: the cache ends as a
+    scatter leaves it and the output is exactly the kernel's on that cache, rows taken in any
+    order."""
     from patchdb.generate.kv_writes import NewKV
 
     batch, max_len, unit_len, n_units = 11, 70, 9, 3
@@ -322,14 +323,37 @@ def test_the_kernel_stores_the_steps_keys_before_it_reads_them(dtype: torch.dtyp
     assert not torch.equal(key, want_k)  # the slots held something else before
     got = triton_decode.decode_attention_triton(
         query, key, value, length, 0.2, (p_key, p_value), units=units,
-        new=NewKV(0, new_k, new_v, None, slots, no_write))
+        new=NewKV(0, new_k, new_v, no_write))
+    assert torch.equal(key, want_k) and torch.equal(value, want_v)
+    assert torch.equal(got, want)
+
+
+def test_rows_at_one_length_store_the_steps_keys_at_that_position() -> None:
+    """With one length for every row (a scalar), each row's new key goes to that position less
+    one of its own cache."""
+    from patchdb.generate.kv_writes import NewKV
+
+    batch, max_len = 5, 40
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, 7, torch.float32, 3)
+    g = torch.Generator().manual_seed(2)
+    new_k = torch.randn(batch, 2, 1, 32, generator=g).to(DEVICE)
+    new_v = torch.randn(batch, 2, 1, 32, generator=g).to(DEVICE)
+    length = torch.tensor(23, dtype=torch.int32, device=DEVICE)
+    want_k, want_v = key.clone(), value.clone()
+    want_k[:, :, 22] = new_k[:, :, 0]
+    want_v[:, :, 22] = new_v[:, :, 0]
+    want = triton_decode.decode_attention_triton(query, want_k, want_v, length, 0.2,
+                                                 (p_key, p_value))
+    got = triton_decode.decode_attention_triton(query, key, value, length, 0.2, (p_key, p_value),
+                                                new=NewKV(0, new_k, new_v, no_write))
     assert torch.equal(key, want_k) and torch.equal(value, want_v)
     assert torch.equal(got, want)
 
 
 def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page() -> None:
-    """With pages, row r's new key goes to pool page row[r] at offset pos[r] (a row that waits
-    writes to scratch page 0); the rows read them back through the page table."""
+    """With pages, row r's new key goes to its last valid position through the page table: pool
+    page table[r, (length - 1) // PAGE] at offset (length - 1) % PAGE; the rows read them back
+    through the table."""
     from patchdb.generate.kv_writes import NewKV
     from patchdb.generate.pages import PAGE, gather_pages
 
@@ -351,11 +375,11 @@ def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page() -> None:
     want_v[page, :, offset] = new_v[:, :, 0]
     got = triton_decode.decode_attention_triton(query, pool_k, pool_v, lengths, 0.3,
                                                 pages=table,
-                                                new=NewKV(0, new_k, new_v, page, offset, no_write))
+                                                new=NewKV(0, new_k, new_v, no_write))
     assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
     flat = triton_decode.decode_attention_triton(query, gather_pages(want_k, table),
                                                  gather_pages(want_v, table), lengths, 0.3)
     assert torch.equal(got, flat)
-    with pytest.raises(ValueError, match="a page each with pages"):
+    with pytest.raises(ValueError, match="a row each and this cache's heads"):
         triton_decode.decode_attention_triton(query, pool_k, pool_v, lengths, 0.3, pages=table,
-                                              new=NewKV(0, new_k, new_v, None, offset, no_write))
+                                              new=NewKV(0, new_k[:, :1], new_v[:, :1], no_write))

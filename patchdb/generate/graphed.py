@@ -97,8 +97,7 @@ class _RowWrites:
             layer.values.scatter_(2, at.expand(-1, value_states.shape[1], 1,
                                                value_states.shape[3]), value_states)
 
-        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, None, self.slots,
-                                     write)):
+        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, write)):
             write()
         return layer.keys, layer.values
 

@@ -19,15 +19,15 @@ import torch
 
 @dataclass(frozen=True)
 class NewKV:
-    """Layer `layer`'s new keys and values ([b, kv_heads, 1, d]), where they go (row r's at
-    position `pos[r]` of cache row `row[r]`: a pool page with KV pages; with `row` None, of
-    row r itself), and the writer's own store, for attention that does not store them."""
+    """Layer `layer`'s new keys and values ([b, kv_heads, 1, d]) and the writer's own store,
+    for attention that does not store them. They go to each row's last valid position: the
+    length attention reads (attention.cache_length) less one, in the row's own cache or, with
+    KV pages, at that position's page of the page table. The writer's store puts them at the
+    same place, which the decoder keeps in step (graphed.GraphedDecoder.step)."""
 
     layer: int
     keys: torch.Tensor
     values: torch.Tensor
-    row: torch.Tensor | None
-    pos: torch.Tensor
     write: Callable[[], None]
 
 

@@ -166,8 +166,7 @@ class PagedWrites:
             keys[self.page, :, self.offset] = key_states[:, :, 0]
             values[self.page, :, self.offset] = value_states[:, :, 0]
 
-        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, self.page, self.offset,
-                                     write)):
+        if not kv_writes.offer(NewKV(layer_idx, key_states, value_states, write)):
             write()
         return keys, values
 

@@ -12,8 +12,9 @@ more bytes than the rows' own cache): on an H200 at 1,040 rows, a 150-position p
 positions, 0.48 ms a layer against 0.20 ms now (docs/performance.md, scripts/probe_decode.py).
 
 Handed the step's new keys and values (kv_writes.NewKV), a program first stores those of its
-rows for its head where they go, then reads them with the rest: the step needs no scatter
-kernels of its own (two a layer).
+rows for its head at each row's last valid position (found from the lengths and, paged, the
+page table it reads anyway), then reads them with the rest: the step needs no scatter kernels
+of its own (two a layer).
 
 Lengths are one int32 scalar (every row at the same step) or one per row (ragged rows);
 `window` keeps only the last `window` positions before and at the query, as a sliding-window
@@ -101,7 +102,7 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, len_ptr,
                        uk_ptr, uv_ptr, unit_ptr, order_ptr, table_ptr,
-                       nk_ptr, nv_ptr, wrow_ptr, wpos_ptr,
+                       nk_ptr, nv_ptr,
                        batch, prefix_len, unit_len, window, scale, s_len, s_unit,
                        s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                        s_pkh, s_pkl, s_pvh, s_pvl, s_ob, s_oh, s_og,
@@ -128,11 +129,14 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
         lead = ok & (g == 0)  # each row's first line stands for the row
         if WRITE:
             # This step's key and value of each of the program's rows (for this head) go to the
-            # row's cache first: its cache row (a pool page with PAGE) and position there. No
-            # other program reads them; the barrier makes them visible to this one's threads.
-            wpos = tl.load(wpos_ptr + safe_row, mask=lead, other=0).to(tl.int64)
+            # row's last valid position (its length less one) first: in its own cache row, or,
+            # with PAGE, at that position's page of the page table. No other program reads them;
+            # the barrier makes them visible to this one's threads.
+            wpos = (tl.load(len_ptr + safe_row * s_len, mask=lead, other=1) - 1).to(tl.int64)
             if PAGE:
-                wrow = tl.load(wrow_ptr + safe_row, mask=lead, other=0).to(tl.int64)
+                wrow = tl.load(table_ptr + safe_row * s_tb + wpos // PAGE, mask=lead,
+                               other=0).to(tl.int64)
+                wpos = wpos % PAGE
             else:
                 wrow = safe_row.to(tl.int64)
             nk = tl.load(nk_ptr + safe_row[:, None].to(tl.int64) * s_nkb + head * s_nkh
@@ -265,9 +269,9 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     values [n_units, kv_heads, unit_len, d], one prompt per unit, and each row's unit, attended
     to after the prefix and before the row's own; `window`: a query sees only the last `window`
     positions up to its own (the prefix's counted first, then the unit's).
-    `new`: this step's keys and values, which the kernel stores where they go (row r's at
-    position new.pos[r] of its own cache row, or of pool page new.row[r] with pages) before
-    it reads the cache. Returns [b, kv_heads, groups, d]."""
+    `new`: this step's keys and values ([b, kv_heads, 1, d]), which the kernel stores at each
+    row's last valid position (its length less one; with `pages`, through the page table)
+    before it reads the cache. Returns [b, kv_heads, groups, d]."""
     assert triton is not None
     batch, kv_heads, groups, dim = query.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -301,21 +305,16 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         n_keys, n_values = new.keys, new.values
         if (n_keys.shape[0] < batch or n_keys.shape[1] != kv_heads or n_keys.shape[-1] != dim
                 or n_keys.stride(-1) != 1 or n_values.shape != n_keys.shape
-                or n_values.stride(-1) != 1 or new.pos.shape[0] < batch
-                or new.pos.stride(0) != 1 or (new.row is None) != (pages is None)
-                or (new.row is not None and (new.row.shape[0] < batch
-                                             or new.row.stride(0) != 1))):
-            raise ValueError("new keys and values need a row each, this cache's heads and a "
-                             "place each (a page each with pages)")
-        w_row = new.row if new.row is not None else new.pos
+                or n_values.stride(-1) != 1):
+            raise ValueError("new keys and values need a row each and this cache's heads")
     else:
-        n_keys, n_values, w_row = key, value, table
+        n_keys, n_values = key, value
     guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
     with guard:
         _decode_kernel[grid](
             query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
             order if order is not None else of_row, table,
-            n_keys, n_values, w_row, new.pos if new is not None else w_row,
+            n_keys, n_values,
             batch, prefix_len, u_keys.shape[2] if units is not None else 0,
             NO_WINDOW if window is None else window, scale,
             length.stride(0) if length.dim() == 1 else 0, of_row.stride(0),
