@@ -1,6 +1,11 @@
 """The Triton decode-attention kernel against SDPA on the valid part of the cache (on the CPU it
 runs in Triton's interpreter, which conftest.py turns on)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -383,3 +388,20 @@ def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page() -> None:
     with pytest.raises(ValueError, match="a row each and this cache's heads"):
         triton_decode.decode_attention_triton(query, pool_k, pool_v, lengths, 0.3, pages=table,
                                               new=NewKV(0, new_k[:, :1], new_v[:, :1], no_write))
+
+
+def test_the_kernel_compiles_for_an_h100_or_h200(tmp_path: Path) -> None:
+    """Triton's compiler and NVIDIA's ptxas take the variants a decode step launches, for sm_90
+    (scripts/compile_kernel.py, in a fresh compile cache): the interpreter above runs the
+    kernel's arithmetic, but not what the compiler would reject."""
+    nvidia = pytest.importorskip("triton.backends.nvidia")
+    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernel.py"
+    done = subprocess.run([sys.executable, str(script), "--arch", "90"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 variants compiled for sm_90" in done.stdout
+    assert any(tmp_path.iterdir())  # compiled here, not taken from an earlier cache
