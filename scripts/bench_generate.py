@@ -708,6 +708,22 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
 }
 
 
+def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | None]]:
+    """`--runs` as (name, kind, rows): a run is a FULL_LAYER_RUNS kind, or kind@rows for that
+    kind at a fixed batch (an A/B of row counts in one process: `defaults,defaults@384`).
+    Raises ValueError on a name it does not know, before any model is built."""
+    out = []
+    for name in runs.split(","):
+        kind, at, rows = name.partition("@")
+        if kind not in FULL_LAYER_RUNS or (at and not rows.isdigit()) or rows == "0":
+            raise ValueError(f"unknown --full-layer run {name!r}: one of "
+                             f"{', '.join(FULL_LAYER_RUNS)}, optionally @rows")
+        if name in (n for n, _, _ in out):
+            raise ValueError(f"--runs names {name!r} twice")
+        out.append((name, kind, int(rows) if at else batch_size))
+    return out
+
+
 def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str,
                results: dict[str, Any], flops: float) -> None:
     """The headline run: the default sweep's units on one patch layer through the generate
@@ -738,22 +754,22 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
     runs: dict[str, Any] = {}
     answers: dict[str, dict[Any, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs.split(","):
-            compile_decode, stop, shrink, refill = FULL_LAYER_RUNS[name]
+        for name, kind, rows in run_specs(args.runs, args.batch_size):
+            compile_decode, stop, shrink, refill = FULL_LAYER_RUNS[kind]
             stop_at = answer_lengths(args.new_tokens) if stop else None
             clock = PhaseClock() if args.phases else None
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0
             scatter = (mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
-                       if name == "defaults-scatter" else nullcontext())
+                       if kind == "defaults-scatter" else nullcontext())
             try:
                 with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
                         scatter:
-                    r = run_stage(model, tokenizer, f"{args.shape}-{name}", text, device,
-                                  args.batch_size, Path(tmp), compile_decode, True, stop_at,
+                    r = run_stage(model, tokenizer, f"{args.shape}-{name.replace('@', '-at-')}",
+                                  text, device, rows, Path(tmp), compile_decode, True, stop_at,
                                   shrink, args.stop_words if stop else None, refill,
-                                  length_counts(args.new_tokens) if name == "stop-paged"
+                                  length_counts(args.new_tokens) if kind == "stop-paged"
                                   else None)
             finally:
                 if clock is not None:
@@ -801,7 +817,8 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
     for a, b in (("stop-refill", "stop-shrink"), ("stop-refill", "stop-keep"),
                  ("stop-paged", "stop-refill"),
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
-                 ("defaults", "compile-off"), ("defaults", "defaults-scatter")):
+                 ("defaults", "compile-off"), ("defaults", "defaults-scatter"),
+                 *((n.partition("@")[0], n) for n in answers if "@" in n)):
         if a in answers and b in answers:
             keys = answers[a].keys() & answers[b].keys()
             differ = sum(answers[a][k] != answers[b][k] for k in keys)
@@ -877,7 +894,8 @@ def main() -> None:
     parser.add_argument("--full-layer", action="store_true",
                         help="the headline run: the default sweep's units on one patch layer")
     parser.add_argument("--runs", default="defaults,stop-refill,stop-shrink,compile-off",
-                        help=f"--full-layer runs, in order, from {', '.join(FULL_LAYER_RUNS)}")
+                        help=f"--full-layer runs, in order, from {', '.join(FULL_LAYER_RUNS)}; "
+                             "kind@rows runs a kind at that batch (defaults,defaults@384)")
     parser.add_argument("--stop-words", nargs="*", default=None,
                         help="the early-stop runs' words (default: all, the full layer)")
     parser.add_argument("--reference-units", type=int, default=3,
@@ -887,6 +905,11 @@ def main() -> None:
                              "steps' kernels (scripts/phases.py)")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     args = parser.parse_args()
+    if args.full_layer:
+        try:
+            run_specs(args.runs, args.batch_size)
+        except ValueError as exc:
+            parser.error(str(exc))
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
