@@ -127,12 +127,15 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
         q = tl.load(q_ptr + safe_row[:, None] * s_qb + head * s_qh + g[:, None] * s_qg + d[None, :],
                     mask=ok[:, None], other=0.0)
         lead = ok & (g == 0)  # each row's first line stands for the row
+        lens = tl.load(len_ptr + safe_row * s_len)  # each line's row length
+        lens = tl.where(ok, lens, 0)
         if WRITE:
             # This step's key and value of each of the program's rows (for this head) go to the
             # row's last valid position (its length less one) first: in its own cache row, or,
             # with PAGE, at that position's page of the page table. No other program reads them;
-            # the barrier makes them visible to this one's threads.
-            wpos = (tl.load(len_ptr + safe_row * s_len, mask=lead, other=1) - 1).to(tl.int64)
+            # the barrier makes them visible to this one's threads. Only a row's lead line
+            # stores (the masks); other lines, and lines past the batch (length 0), store nothing.
+            wpos = (lens - 1).to(tl.int64)
             if PAGE:
                 wrow = tl.load(table_ptr + safe_row * s_tb + wpos // PAGE, mask=lead,
                                other=0).to(tl.int64)
@@ -148,8 +151,6 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
             tl.store(v_ptr + wrow[:, None] * s_vb + head * s_vh + wpos[:, None] * s_vl + d[None, :],
                      nv, mask=lead[:, None])
             tl.debug_barrier()
-        lens = tl.load(len_ptr + safe_row * s_len)  # each line's row length
-        lens = tl.where(ok, lens, 0)
         # the first position (prefix positions count first, then the unit's prompt) a line's
         # query sees
         lowest = prefix_len + unit_len + lens - window
