@@ -715,7 +715,7 @@ def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | N
     out = []
     for name in runs.split(","):
         kind, at, rows = name.partition("@")
-        if kind not in FULL_LAYER_RUNS or (at and not rows.isdigit()) or rows == "0":
+        if kind not in FULL_LAYER_RUNS or (at and (not rows.isdigit() or int(rows) == 0)):
             raise ValueError(f"unknown --full-layer run {name!r}: one of "
                              f"{', '.join(FULL_LAYER_RUNS)}, optionally @rows")
         if name in (n for n, _, _ in out):
