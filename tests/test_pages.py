@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_engine import lively_llama
 from test_graphed_rows import make
-from test_refill import as_lists, every_third_check_fails, work
+from test_refill import INTERPRETED, as_lists, every_third_check_fails, work
 
 import patchdb.generate.refill as refill_mod
 from patchdb.generate import triton_decode
@@ -124,8 +124,7 @@ def _stops(model: Any, todo: Any, how: Any) -> list[int]:
                   | {r[30] for r in rows[15:20]})
 
 
-TRITON = [pytest.mark.triton,
-          pytest.mark.skipif(triton_decode.triton is None, reason="Triton is not installed")]
+TRITON = [pytest.mark.triton, INTERPRETED]
 
 
 @pytest.mark.parametrize("how,kernel", [

@@ -10,11 +10,18 @@ from test_engine import lively_llama, vector
 from test_graphed_rows import gpu_engines, make
 from tiny_models import tiny_tokenizer
 
+from patchdb.generate import triton_decode
 from patchdb.generate.engine import Completion, Engine, TargetUnit, parse_row
 from patchdb.generate.refill import generate_stream
 from patchdb.generate.sampling import Sampling
 
 N_NEW = 12
+
+# Tests of the kernel on a CPU model: they need Triton's interpreter, which conftest.py turns on
+# only where there is no GPU. On a GPU the gpu tests run the compiled kernel on these paths.
+INTERPRETED = pytest.mark.skipif(
+    not triton_decode.available(torch.zeros(1)),
+    reason="the kernel on CPU tensors needs Triton's interpreter (off where there is a GPU)")
 
 
 def work(engine: Engine) -> list[TargetUnit]:
@@ -159,11 +166,10 @@ def test_parse_row_stops_at_eos_or_the_first_gap() -> None:
 
 
 @pytest.mark.triton
+@INTERPRETED
 def test_refill_through_the_decode_kernel_with_ragged_lengths() -> None:
     """The Triton decode kernel (interpreted on the CPU) reads each row's own length: rows at
     different steps give the eager answers."""
-    from patchdb.generate import triton_decode
-
     model = lively_llama(seed=4)
     todo = work(make(model, [], use_graphs=False))[:3]
     stop = stop_tokens(model, todo, 1.0)
