@@ -827,6 +827,18 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
     return out
 
 
+def one_drain_minutes(r: dict[str, Any], full_tokens: int) -> float | None:
+    """The full sweep projected with one drain, as `patchdb generate` streams every patch
+    layer's units through one refill loop and drains once, at its end: the tokens before the
+    drain at the rate before it, then this run's set-up and drain once. (The full sweep min
+    column repeats the one patch layer's drain for every layer: an upper bound.)"""
+    stats = r.get("refill_stats") or []
+    if not r.get("tok_s_before_drain") or len(stats) != 1 or not stats[0].get("drain_s"):
+        return None
+    before = full_tokens - stats[0]["drain_tokens"]
+    return float((before / r["tok_s_before_drain"] + r["setup_s"] + stats[0]["drain_s"]) / 60)
+
+
 def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> None:
     """Projections for the full default sweep, the speed-up over the loop and the fraction of
     the compute floor (2 FLOPs per weight per token at the measured matmul rate)."""
@@ -836,17 +848,21 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
     floor_s = full_tokens * 2 * sum(p.numel() for p in full_weights(model)) / flops
     out["full_sweep_tokens"], out["compute_floor_min"] = full_tokens, floor_s / 60
     print("\n| run | rows | rollouts | tok/s | steady tok/s | set-up s | full sweep min "
-          "| of floor | x loop | peak GiB (of card) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| one drain | of floor | x loop | peak GiB (of card) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         # A full sweep is one process: set-up once, then the steady rate.
         r["projected_full_sweep_min"] = (full_tokens / r["tok_s_steady"] + r["setup_s"]) / 60
+        one = one_drain_minutes(r, full_tokens)
+        if one is not None:
+            r["projected_full_sweep_min_one_drain"] = one
         r["floor_fraction"] = floor_s / 60 / r["projected_full_sweep_min"]
         if loop:
             r["speedup_over_loop"] = r["tok_s"] / loop["tok_s"]
             r["full_sweep_speedup"] = full_tokens / loop["tok_s"] / 60 / r["projected_full_sweep_min"]
         print(f"| {name} | {r['batch_size']} | {r['rollouts']} | {r['tok_s']:.0f} | "
               f"{r['tok_s_steady']:.0f} | {r['setup_s']:.1f} | {r['projected_full_sweep_min']:.1f} | "
+              f"{'' if one is None else f'{one:.1f}'} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
     for stopped in ("stop-refill", "stop-paged", "stop-shrink", "stop-keep"):
