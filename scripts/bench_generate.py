@@ -784,6 +784,14 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                 without_window(r, r["phases"]["profiler_window_s"])
                 print_report(name, r["phases"])
             answers[name] = r.pop("_answers")
+            r["answer_spread"] = answer_spread(answers[name])
+            if r.get("clocks") and r.get("tok_s_before_drain"):
+                # under a power cap, energy a token sets the rate
+                r["mj_per_token"] = 1e3 * r["clocks"]["power_w_mean"] / r["tok_s_before_drain"]
+            print(f"[{name}] answers: {r['answer_spread']['distinct_fraction']:.0%} distinct within "
+                  f"a unit, {r['answer_spread']['distinct_words_fraction']:.0%} distinct words "
+                  f"within an answer" + (f"; {r['mj_per_token']:.1f} mJ a token"
+                                         if "mj_per_token" in r else ""), flush=True)
             runs[name] = r
             print(f"[{name}] {r['rollouts']} rollouts, {r['tokens']} tokens in {r['wall_s']:.1f} s: "
                   f"{r['tok_s']:.0f} tok/s ({r['tok_s_steady']:.0f} after {r['setup_s']:.1f} s set-up) "
@@ -794,6 +802,21 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
     results["full_layer"]["differing_rows"] = differing_rows(answers)
     summarize_full_layer(results, model, flops)
     args.out.write_text(json.dumps(results, indent=2))
+
+
+def answer_spread(answers: dict[Any, Any]) -> dict[str, float]:
+    """How alike a run's answers are: the fraction of a unit's samples whose text no other
+    sample of the unit has (averaged over units) and the fraction of distinct words within an
+    answer. A random-init model's answers may repeat: rows that hold the same values make the
+    matmuls draw less power, which on a power-capped card moves the clock (compare runs)."""
+    units: dict[Any, list[str]] = {}
+    for key, (text, _, _) in answers.items():
+        units.setdefault(key[:4], []).append(text)
+    distinct = [len(set(texts)) / len(texts) for texts in units.values()]
+    words = [len(set(t.split())) / len(t.split()) for t in
+             (text for text, _, _ in answers.values()) if t.split()]
+    return {"distinct_fraction": sum(distinct) / max(len(distinct), 1),
+            "distinct_words_fraction": sum(words) / max(len(words), 1)}
 
 
 def without_window(r: dict[str, Any], window_s: float) -> None:
