@@ -786,7 +786,8 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             answers[name] = r.pop("_answers")
             r["answer_spread"] = answer_spread(answers[name])
             if r.get("clocks") and r.get("tok_s_before_drain"):
-                # under a power cap, energy a token sets the rate
+                # under a power cap, energy a token sets the rate (the run's mean power, the
+                # rate before the drain: close enough to compare runs)
                 r["mj_per_token"] = 1e3 * r["clocks"]["power_w_mean"] / r["tok_s_before_drain"]
             print(f"[{name}] answers: {r['answer_spread']['distinct_fraction']:.0%} distinct within "
                   f"a unit, {r['answer_spread']['distinct_words_fraction']:.0%} distinct words "
@@ -805,9 +806,9 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
 
 
 def answer_spread(answers: dict[Any, Any]) -> dict[str, float]:
-    """How alike a run's answers are: the fraction of a unit's samples whose text no other
-    sample of the unit has (averaged over units) and the fraction of distinct words within an
-    answer. A random-init model's answers may repeat: rows that hold the same values make the
+    """How alike a run's answers are: a unit's distinct texts over its samples (1.0: no two
+    alike; averaged over units) and an answer's distinct words over its words (averaged over
+    answers). A random-init model's answers may repeat: rows that hold the same values make the
     matmuls draw less power, which on a power-capped card moves the clock (compare runs)."""
     units: dict[Any, list[str]] = {}
     for key, (text, _, _) in answers.items():
