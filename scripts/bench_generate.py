@@ -705,6 +705,8 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
     # defaults with each layer's new keys and values scattered into the cache by two kernels,
     # as before the decode kernel stored them itself (kv_writes.py): the A/B of that change
     "defaults-scatter": (None, False, True, True),
+    # stop-refill refilling once 1/16 of the rows are idle, as before REFILL_FRACTION was 1/64
+    "stop-refill-16": (True, True, True, True),
 }
 
 
@@ -762,7 +764,9 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
                 clock.install()
             card = torch.device(device).index or 0
             scatter = (mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
-                       if kind == "defaults-scatter" else nullcontext())
+                       if kind == "defaults-scatter"
+                       else mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16)
+                       if kind == "stop-refill-16" else nullcontext())
             try:
                 with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
                         scatter:
@@ -842,6 +846,7 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
                  ("stop-paged", "stop-refill"),
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
                  ("defaults", "compile-off"), ("defaults", "defaults-scatter"),
+                 ("stop-refill", "stop-refill-16"),
                  *((n.partition("@")[0], n) for n in answers if "@" in n)):
         if a in answers and b in answers:
             keys = answers[a].keys() & answers[b].keys()
@@ -889,7 +894,7 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
               f"{'' if one is None else f'{one:.1f}'} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
-    for stopped in ("stop-refill", "stop-paged", "stop-shrink", "stop-keep"):
+    for stopped in ("stop-refill", "stop-refill-16", "stop-paged", "stop-shrink", "stop-keep"):
         if stopped in runs and "defaults" in runs:
             ratio = runs[stopped]["tok_s_steady"] / runs["defaults"]["tok_s_steady"]
             runs[stopped]["of_uniform_rate"] = ratio

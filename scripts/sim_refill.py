@@ -6,7 +6,7 @@ refill.py's schedule (no model) on answers of the benchmark's stop-length model.
 
 Each sample draws a length from bench_generate.py's early-stop model (a quarter run to the
 100-token cap, the rest stop after a log-normal number of tokens, median 30). Rows take samples
-in order; once 1/16 of the rows are idle they are refilled (REFILL_FRACTION); when nothing is
+in order; once 1/64 of the rows are idle they are refilled (REFILL_FRACTION); when nothing is
 left to start, the step moves to half, a quarter or an eighth of the rows as they fit (the
 drain). A step's time is modelled as `fixed + per_row * rows` (milliseconds; defaults fitted to
 an H100 with a Gemma-3-27B shape: 322 rows about 46 ms, 403 rows 47.5 ms). It prints the
@@ -42,10 +42,11 @@ def lengths(n: int, seed: int) -> list[int]:
     return out
 
 
-def simulate(rows: int, todo: list[int], fixed_ms: float, per_row_ms: float) -> dict[str, float]:
+def simulate(rows: int, todo: list[int], fixed_ms: float, per_row_ms: float,
+             fraction: float = REFILL_FRACTION) -> dict[str, float]:
     left = [0] * rows  # tokens still to draw per row (0: idle)
     queue = list(reversed(todo))
-    threshold = max(1, int(rows * REFILL_FRACTION))
+    threshold = max(1, int(rows * fraction))
     sizes = row_buckets(rows)
     step_rows = rows
     steps = drain_steps = 0
@@ -97,8 +98,12 @@ def main() -> None:
     parser.add_argument("--fixed-ms", type=float, default=40.0)
     parser.add_argument("--per-row-ms", type=float, default=0.019)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refill-fraction", type=float, default=REFILL_FRACTION,
+                        help="refill once this fraction of the rows is idle (refill.py's: "
+                             f"{REFILL_FRACTION:.4g})")
     args = parser.parse_args()
-    out = simulate(args.rows, lengths(args.samples, args.seed), args.fixed_ms, args.per_row_ms)
+    out = simulate(args.rows, lengths(args.samples, args.seed), args.fixed_ms, args.per_row_ms,
+                   args.refill_fraction)
     print(f"{args.samples} answers through {args.rows} rows: {out['steps']} steps, "
           f"{out['tokens']} tokens")
     print(f"rows drawing a token: {out['occupancy']:.1%} of step-rows "
