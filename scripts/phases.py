@@ -169,30 +169,38 @@ def gap_report(events: Any, steps: int) -> dict[str, Any]:
     Small gaps are launch latency between kernels of one graph; long ones, the GPU waiting for
     the host. The profiler's own overhead shows up here too, so compare runs with each other,
     not with the step time measured without it."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if "cuda" in str(e.device_type).lower() and e.time_range.end > e.time_range.start)
     if not spans:
         return {}
     busy = 0.0
     gaps = [0.0] * (len(GAP_BUCKETS_US) + 1)
     counts = [0] * len(gaps)
-    start, end = spans[0]
-    for s, e in spans[1:]:
+    longest: list[tuple[float, str, str]] = []  # (gap, the event before it, the one after)
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
         if s > end:
             busy += end - start
             bucket = sum(s - end >= b for b in GAP_BUCKETS_US)
             gaps[bucket] += s - end
             counts[bucket] += 1
+            if s - end >= GAP_BUCKETS_US[-1]:
+                longest.append((s - end, last, name))
             start, end = s, e
-        else:
-            end = max(end, e)
+        elif e > end:
+            end = e
+        if e >= end:
+            last = name
     busy += end - start
     low, high = GAP_BUCKETS_US
     names = [f"under {low:g} us", f"{low:g} to {high:g} us", f"{high:g} us and over"]
     return {"busy_us": round(busy / steps, 1),
             "span_us": round((end - spans[0][0]) / steps, 1),
             "idle_us": {n: round(g / steps, 1) for n, g in zip(names, gaps, strict=True)},
-            "idle_count": {n: round(c / steps, 1) for n, c in zip(names, counts, strict=True)}}
+            "idle_count": {n: round(c / steps, 1) for n, c in zip(names, counts, strict=True)},
+            # where the GPU waited longest: what ran before each gap and what ended it
+            "longest_gaps": [[round(g, 1), before[:60], after[:60]]
+                             for g, before, after in sorted(longest, reverse=True)[:6]]}
 
 
 def print_report(name: str, report: dict[str, Any]) -> None:
@@ -214,3 +222,5 @@ def print_report(name: str, report: dict[str, Any]) -> None:
                          for k, v in gaps["idle_us"].items())
         print(f"  a step on the GPU (profiled): busy {gaps['busy_us'] / 1e3:.2f} ms of "
               f"{gaps['span_us'] / 1e3:.2f}; idle gaps {idle}", flush=True)
+        for gap, before, after in gaps.get("longest_gaps", []):
+            print(f"    idle {gap:7.1f} us after {before} before {after}", flush=True)
