@@ -7,8 +7,8 @@ refill.py's paged schedule (no model) with patchdb's own page pool and admission
 
 Each step, running rows take the pages their next write needs (PagePool.grow: the priority row
 first, the others while pages beyond its reserve are free; the rest wait a step), rows that do
-not wait draw a token, and finished rows are filed and refilled once 1/16 of the rows are free
-(or a row waits), new samples starting as refill.py's _room allows (PAGE_HEADROOM_STEPS). It
+not wait draw a token, and finished rows are filed and refilled once REFILL_FRACTION of the rows
+are free (or a row waits), new samples starting as refill.py's _room allows (PAGE_HEADROOM_STEPS). It
 prints the share of step-rows that drew a token before the drain and the rows waiting per step.
 Lengths: bench_generate.py's early-stop model (`stop`), every answer at the cap (`uniform`), or
 `bimodal` (60% end at once, 40% run to the cap).
