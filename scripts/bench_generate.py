@@ -32,7 +32,8 @@ import math
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -707,7 +708,43 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
     "defaults-scatter": (None, False, True, True),
     # stop-refill refilling once 1/16 of the rows are idle, as before REFILL_FRACTION was 1/64
     "stop-refill-16": (True, True, True, True),
+    # defaults and stop-refill with answers whose rows differ (diverse_answers)
+    "defaults-diverse": (None, False, True, True),
+    "stop-refill-diverse": (True, True, True, True),
 }
+
+# A random-init Gemma-3-27B shape feeds every row the same token: the tied embedding dominates
+# the last hidden state, so the token just fed takes 99% of the top-64 mass and top-p keeps it
+# alone (at full width and depth on a CPU: every answer repeats the prompt's last token). The 64
+# rows of a unit are then identical at every step of a uniform run, and a power-capped card
+# clocks higher on such data than on a real model's. Halving the embedding (exact in bf16, and
+# undone exactly) flattens the draw: answers of different tokens, rows that differ.
+DIVERSE_EMBED_SCALE = 0.5
+
+
+@contextmanager
+def diverse_answers(model: Any) -> Iterator[None]:
+    """The model's (tied) embedding scaled by DIVERSE_EMBED_SCALE for the block, then restored."""
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight.mul_(DIVERSE_EMBED_SCALE)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.div_(DIVERSE_EMBED_SCALE)
+
+
+def run_context(kind: str, model: Any) -> Any:
+    """What a run kind changes for its run: the old KV scatter, the old refill threshold, or
+    diverse answers (nothing for the others)."""
+    if kind == "defaults-scatter":
+        return mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
+    if kind == "stop-refill-16":
+        return mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16)
+    if kind.endswith("-diverse"):
+        return diverse_answers(model)
+    return nullcontext()
 
 
 def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | None]]:
@@ -763,13 +800,10 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0
-            scatter = (mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
-                       if kind == "defaults-scatter"
-                       else mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16)
-                       if kind == "stop-refill-16" else nullcontext())
+            changed = run_context(kind, model)
             try:
                 with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
-                        scatter:
+                        changed:
                     r = run_stage(model, tokenizer, f"{args.shape}-{name.replace('@', '-at-')}",
                                   text, device, rows, Path(tmp), compile_decode, True, stop_at,
                                   shrink, args.stop_words if stop else None, refill,
@@ -894,14 +928,16 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
               f"{'' if one is None else f'{one:.1f}'} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
-    for stopped in ("stop-refill", "stop-refill-16", "stop-paged", "stop-shrink", "stop-keep"):
-        if stopped in runs and "defaults" in runs:
-            ratio = runs[stopped]["tok_s_steady"] / runs["defaults"]["tok_s_steady"]
+    for stopped in ("stop-refill", "stop-refill-16", "stop-paged", "stop-shrink", "stop-keep",
+                    "stop-refill-diverse"):
+        base = "defaults-diverse" if stopped.endswith("-diverse") else "defaults"
+        if stopped in runs and base in runs:
+            ratio = runs[stopped]["tok_s_steady"] / runs[base]["tok_s_steady"]
             runs[stopped]["of_uniform_rate"] = ratio
             print(f"{stopped}: useful steady tok/s {ratio:.0%} of the uniform-length rate "
-                  f"(defaults, {runs['defaults']['batch_size']} rows)")
+                  f"({base}, {runs[base]['batch_size']} rows)")
             before, uniform = (runs[stopped].get("tok_s_before_drain"),
-                               runs["defaults"].get("tok_s_before_drain"))
+                               runs[base].get("tok_s_before_drain"))
             if before and uniform:  # a sweep in one process drains once, at its end
                 runs[stopped]["of_uniform_rate_before_drain"] = before / uniform
                 print(f"{stopped}: before the drain {before:.0f} tok/s, {before / uniform:.0%} of "
