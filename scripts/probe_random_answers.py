@@ -11,7 +11,9 @@ whatever the layer's width. The residual's make-up (the embedding of the token j
 62 layers' random contributions), which decides how peaked the next-token draw is, should then
 be about the full model's. On an H100 the full model's answers agreed with this: compiled and
 eager layers (bf16, rounding differently) gave the same 11,264 answers, as only a draw with no
-near-ties does. It prints the probability of the top tokens after the default
+near-ties does. Wider layers keep the answer: with 8 heads and a 1,024-wide MLP the fed token
+has 95% of the top-64 mass, with 16 heads and 2,048 (11 GB, two minutes) 99.8%, and every
+sampled answer repeats it. It prints the probability of the top tokens after the default
 prompt, the share of the top-64 mass that top-p sees on the first, and a few sampled answers
 (top-k 64, top-p 0.95: the bench's settings).
 """
@@ -38,12 +40,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=62)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the embedding by this")
+    parser.add_argument("--heads", type=int, default=1, help="attention heads (the real: 32)")
+    parser.add_argument("--intermediate", type=int, default=64, help="MLP width (the real: 21504)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=12)
     args = parser.parse_args()
-    config = Gemma3TextConfig(vocab_size=262208, hidden_size=5376, intermediate_size=64,
-                              num_hidden_layers=args.layers, num_attention_heads=1,
-                              num_key_value_heads=1, head_dim=128, sliding_window=1024,
+    config = Gemma3TextConfig(vocab_size=262208, hidden_size=5376,
+                              intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                              num_attention_heads=args.heads,
+                              num_key_value_heads=max(1, args.heads // 2), head_dim=128,
+                              sliding_window=1024,
                               max_position_embeddings=4096)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
