@@ -852,8 +852,8 @@ def answer_spread(answers: dict[Any, Any]) -> dict[str, float]:
     for key, (text, _, _) in answers.items():
         units.setdefault(key[:4], []).append(text)
     distinct = [len(set(texts)) / len(texts) for texts in units.values()]
-    words = [len(set(t.split())) / len(t.split()) for t in
-             (text for text, _, _ in answers.values()) if t.split()]
+    split = (text.split() for text, _, _ in answers.values())
+    words = [len(set(w)) / len(w) for w in split if w]
     return {"distinct_fraction": sum(distinct) / max(len(distinct), 1),
             "distinct_words_fraction": sum(words) / max(len(words), 1)}
 
@@ -928,8 +928,7 @@ def summarize_full_layer(results: dict[str, Any], model: Any, flops: float) -> N
               f"{'' if one is None else f'{one:.1f}'} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
-    for stopped in ("stop-refill", "stop-refill-16", "stop-paged", "stop-shrink", "stop-keep",
-                    "stop-refill-diverse"):
+    for stopped in (kind for kind, (_, stop, _, _) in FULL_LAYER_RUNS.items() if stop):
         base = "defaults-diverse" if stopped.endswith("-diverse") else "defaults"
         if stopped in runs and base in runs:
             ratio = runs[stopped]["tok_s_steady"] / runs[base]["tok_s_steady"]
