@@ -973,7 +973,7 @@ def main() -> None:
                         help="only time the sampler (no model is built)")
     parser.add_argument("--full-layer", action="store_true",
                         help="the headline run: the default sweep's units on one patch layer")
-    parser.add_argument("--runs", default="defaults,stop-refill,stop-shrink,compile-off",
+    parser.add_argument("--runs", default="defaults,defaults-diverse,stop-refill-diverse,compile-off",
                         help=f"--full-layer runs, in order, from {', '.join(FULL_LAYER_RUNS)}; "
                              "kind@rows runs a kind at that batch (defaults,defaults@384)")
     parser.add_argument("--stop-words", nargs="*", default=None,
