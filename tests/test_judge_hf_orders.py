@@ -98,3 +98,30 @@ def test_the_local_judge_balances_both_orders(sharp_model: Path) -> None:
         assert p_yes == pytest.approx(expected, abs=1e-5)
         for one in (sigmoid(first), sigmoid(second)):  # one order asked twice gives these
             assert abs(one - expected) > 1e-3
+
+
+def test_the_two_orders_share_one_pass_over_the_conversation(sharp_model: Path) -> None:
+    """The two orders' conversations differ only at their end: the batch's shared part runs
+    once, and each order adds only its own last tokens (a judge that ran both conversations
+    whole would feed the model about twice as many tokens)."""
+    from patchdb.judge.backend_hf import HfJudge
+
+    judge = HfJudge(str(sharp_model), dtype="float32", device="cpu", batch_size=3,
+                    max_new_tokens=4, verdict="logprobs")
+    fed: list[tuple[int, int]] = []  # (rows, positions) of each forward pass
+    real = judge.model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        fed.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    judge.model.forward = counting
+    judge.p_yes([p for p, _ in CASES], [r for _, r in CASES])
+    tok = loaded(sharp_model)[0]
+    whole = max(len(tok(tok.apply_chat_template(
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r},
+         {"role": "user", "content": REQUESTS[0]}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]) for p, r in CASES)  # the longest conversation
+    assert len(fed) == 3, fed  # the shared part, then one pass per order
+    shared, first, second = (positions for _, positions in fed)
+    assert shared + first == whole and first == second < 16, (fed, whole)

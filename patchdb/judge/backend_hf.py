@@ -4,9 +4,10 @@ Prompts are batched with left padding and decoded greedily, so no network and no
 needed (the embedded demo judges this way). Greedy decoding is deterministic, so a reply cut
 off at max_new_tokens is not retried: it is stored with its raw text and marked cut off.
 
-With verdict="logprobs" the reasoning (up to max_new_tokens) is followed by one batched
-forward pass over the verdict conversation (logprobs.py), whose next-token distribution gives
-P(YES): a verdict is read from every reply, finished or cut off.
+With verdict="logprobs" the reasoning (up to max_new_tokens) is followed by the verdict
+conversation (logprobs.py), asked in both orders, whose next-token distribution gives P(YES): a
+verdict is read from every reply, finished or cut off. The two orders' conversations share all
+but their last tokens, so that part runs once and each order adds only its own end.
 
 `abort()` (Ctrl-C, from the run's loop) stops the batch in flight at its next decode step: a
 reply that already ended (its end token, or all max_new_tokens) is returned as usual, one still
@@ -14,7 +15,7 @@ being written comes back as None and is judged on the next run. The verdict pass
 P_YES_CHUNK replies at a time and stops between chunks too (after the first); a reply whose
 P(YES) was not read is None as well. So a Ctrl-C keeps every finished reply and no decoding
 outlives the run; what it cannot cut short is one forward pass (the batch's prefill, or one
-verdict chunk).
+verdict chunk's passes).
 """
 
 import asyncio
@@ -29,6 +30,16 @@ from patchdb.judge.logprobs import LOGPROBS, answer_token_ids, verdict_messages
 HF_MAX_NEW_TOKENS = 96
 HF_BATCH = 8
 P_YES_CHUNK = 4  # replies per verdict pass: the longest wait a Ctrl-C has there
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens the two rows share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class HfJudge:
@@ -95,27 +106,78 @@ class HfJudge:
 
     def p_yes(self, prompts: list[str], reasonings: list[str]) -> list[float]:
         """P(YES) over YES and NO for the first token of the answer to the verdict request,
-        summed over the spellings' tokens, balanced over both orders of the request; one
-        forward pass per order for the batch."""
+        summed over the spellings' tokens, balanced over both orders of the request. The two
+        orders' conversations share all but their last few tokens: the batch runs that shared
+        part once (left-padded, keeping its cache), then each order's rest from a copy of the
+        cache; only the last position's logits are computed."""
+        import copy
+
         import torch
+        from transformers import DynamicCache
 
         assert self.answer_ids is not None
         chat = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = [[self.tokenizer(self._chat(verdict_messages(p, r, order)),
+                               add_special_tokens=not chat)["input_ids"]
+                for p, r in zip(prompts, reasonings, strict=True)] for order in (0, 1)]
+        shared = [min(common_prefix(a, b), len(a) - 1, len(b) - 1)
+                  for a, b in zip(ids[0], ids[1], strict=True)]
+        prefix = self._pad([row[:n] for row, n in zip(ids[0], shared, strict=True)], left=True)
+        mask = prefix["attention_mask"]
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=prefix["input_ids"], attention_mask=mask,
+                       position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True,
+                       **{self._cache_kw: cache}, **self._last_logits_only)
         log_odds = []
         for order in (0, 1):  # both orders of the two words; their log-odds are averaged
-            enc = self.tokenizer(
-                [self._chat(verdict_messages(p, r, order))
-                 for p, r in zip(prompts, reasonings, strict=True)],
-                return_tensors="pt", padding=True, add_special_tokens=not chat,
-            ).to(self.device)
-            mask = enc["attention_mask"]
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
+            rest = self._pad([row[n:] for row, n in zip(ids[order], shared, strict=True)],
+                             left=False)
+            lengths = rest["attention_mask"].sum(dim=1)
+            positions = mask.sum(dim=1, keepdim=True) + torch.arange(
+                rest["input_ids"].shape[1], device=self.device)
             with torch.no_grad():
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=mask,
-                                    position_ids=positions).logits[:, -1, :].float()
-            log_odds.append(torch.logsumexp(logits[:, self.answer_ids[True]], dim=1)
-                            - torch.logsumexp(logits[:, self.answer_ids[False]], dim=1))
+                logits = self.model(
+                    input_ids=rest["input_ids"],
+                    attention_mask=torch.cat([mask, rest["attention_mask"]], dim=1),
+                    position_ids=positions, use_cache=True,
+                    **{self._cache_kw: copy.deepcopy(cache) if order == 0 else cache},
+                ).logits
+            last = logits[torch.arange(logits.shape[0]), lengths - 1].float()
+            log_odds.append(torch.logsumexp(last[:, self.answer_ids[True]], dim=1)
+                            - torch.logsumexp(last[:, self.answer_ids[False]], dim=1))
         return torch.sigmoid((log_odds[0] + log_odds[1]) / 2).tolist()
+
+    @property
+    def _last_logits_only(self) -> dict[str, int]:
+        """The forward argument that computes the logits of the last position only, where the
+        model takes it (a pass whose logits are not read then skips the vocabulary product)."""
+        import inspect
+
+        return ({"logits_to_keep": 1}
+                if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {})
+
+    @property
+    def _cache_kw(self) -> str:
+        """The forward argument a cache goes in (transformers renamed past_key_values)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else (
+            "past_key_values")
+
+    def _pad(self, rows: list[list[int]], left: bool) -> dict[str, Any]:
+        """Token id rows as one padded batch on the device: input_ids and attention_mask."""
+        import torch
+
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, at] = torch.tensor(row, dtype=torch.long)
+            mask[i, at] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def generate(self, prompts: list[str]) -> list[Reply | None]:
         """Greedy replies for a batch of prompts; None for a reply abort() stopped midway."""
