@@ -125,3 +125,32 @@ def test_the_two_orders_share_one_pass_over_the_conversation(sharp_model: Path) 
     assert len(fed) == 3, fed  # the shared part, then one pass per order
     shared, first, second = (positions for _, positions in fed)
     assert shared + first == whole and first == second < 16, (fed, whole)
+
+
+def test_where_the_shared_part_ends_does_not_change_p_yes(
+        sharp_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose shared part ends at different places (each order's rest then has its own
+    length, right-padded) give the P(YES) of each conversation run whole."""
+    from patchdb.judge import backend_hf
+    from patchdb.judge.backend_hf import HfJudge
+
+    real = backend_hf.common_prefix
+    calls = iter(range(len(CASES)))
+    monkeypatch.setattr(backend_hf, "common_prefix", lambda a, b: real(a, b) - 5 * next(calls))
+    judge = HfJudge(str(sharp_model), dtype="float32", device="cpu", batch_size=3,
+                    max_new_tokens=4, verdict="logprobs")
+    fed: list[tuple[int, int]] = []
+    forward = judge.model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        fed.append(tuple(kwargs["attention_mask"].sum(dim=1).tolist()))
+        return forward(*args, **kwargs)
+
+    judge.model.forward = counting
+    got = judge.p_yes([p for p, _ in CASES], [r for _, r in CASES])
+    rest = fed[1]  # the first order's pass: each row's own tokens plus its shared part
+    assert len(set(n - m for n, m in zip(rest, fed[0], strict=True))) == len(CASES), fed
+    for (prompt, reasoning), p_yes in zip(CASES, got, strict=True):
+        first, second = (log_odds_of_one_order(sharp_model, prompt, reasoning, r)
+                         for r in REQUESTS)
+        assert p_yes == pytest.approx(sigmoid((first + second) / 2), abs=1e-5)
