@@ -7,7 +7,6 @@ samples, which then decode with their own seeds. Rows that reach EOS are dropped
 """
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from patchdb.generate.attention import routes_decode_attention
 from patchdb.generate.graphed import GraphedDecoder, graph_supported
 from patchdb.generate.hooks import Patch, Steering, patching, recording, steering
 from patchdb.generate.layers import LayerMap
+from patchdb.generate.loading import forward_arguments
 from patchdb.generate.sampling import Sampling, as_sampling, choose_tokens
 from patchdb.generate.transfer import to_device
 
@@ -114,9 +114,7 @@ class Engine:
         embeddings = model.get_input_embeddings()
         assert isinstance(embeddings.weight, torch.Tensor)
         self.hidden_size = int(embeddings.weight.shape[1])
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self._cache_kw, self._keep_kw = forward_arguments(model)
         self.use_graphs = use_graphs
         self.graph_rows = graph_rows
         self.fast_attention = fast_attention

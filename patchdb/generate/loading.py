@@ -6,6 +6,7 @@ second load reads plain weights instead of dequantising again.
 """
 
 import hashlib
+import inspect
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def forward_arguments(model: Any) -> tuple[str, str | None]:
+    """The names the model's forward takes for a cache (transformers renamed past_key_values
+    to cache) and for computing only the last positions' logits (None where it has none)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values",
+            "logits_to_keep" if "logits_to_keep" in params else None)
 
 
 def _spread_memory(spread: list[int]) -> dict[int, int]:

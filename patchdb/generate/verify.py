@@ -17,7 +17,6 @@ checks 2 and 4 call such a parting a near tie (and pass) only when the reference
 logits at that token differ by less than TIE_FRACTION of the top one.
 """
 
-import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from transformers import DynamicCache
 
 from patchdb.generate.engine import Engine, TargetUnit, eos_ids
 from patchdb.generate.layers import check_layer_range, find_layers
-from patchdb.generate.loading import LoadedModel, default_device, load_model
+from patchdb.generate.loading import LoadedModel, default_device, forward_arguments, load_model
 from patchdb.generate.prompt import render_prompt
 from patchdb.generate.readout import FirstTokenReader
 from patchdb.generate.vectors import (
@@ -229,9 +228,7 @@ def _plain_logits(engine: Engine, vector: torch.Tensor | None, split: bool) -> t
             hidden[:, engine.injection_start - start:] += v  # positions from the injection start
             return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
 
-    # transformers renamed past_key_values to cache; take whichever this model's forward has
-    name = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else (
-        "past_key_values")
+    name = forward_arguments(engine.model)[0]
     cached: dict[str, Any] = {}
     with torch.inference_mode():
         if split:

@@ -50,13 +50,17 @@ class HfJudge:
         batch_size: int = HF_BATCH, max_new_tokens: int = HF_MAX_NEW_TOKENS,
         verdict: str = "last-word",
     ) -> None:
-        from patchdb.generate.loading import default_device, load_model
+        from patchdb.generate.loading import default_device, forward_arguments, load_model
 
         device = device or default_device()
         loaded = load_model(spec, dtype, device)
         self.model: Any = loaded.model
         self.tokenizer: Any = loaded.tokenizer
         self.model_id: str = loaded.model_id
+        # the forward's cache argument; a pass whose logits are not read asks for the last
+        # position's only, where the model can (skipping the vocabulary product elsewhere)
+        self._cache_kw, keep = forward_arguments(self.model)
+        self._last_logits_only = {} if keep is None else {keep: 1}
         self.device = device
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -147,23 +151,6 @@ class HfJudge:
             log_odds.append(torch.logsumexp(last[:, self.answer_ids[True]], dim=1)
                             - torch.logsumexp(last[:, self.answer_ids[False]], dim=1))
         return torch.sigmoid((log_odds[0] + log_odds[1]) / 2).tolist()
-
-    @property
-    def _last_logits_only(self) -> dict[str, int]:
-        """The forward argument that computes the logits of the last position only, where the
-        model takes it (a pass whose logits are not read then skips the vocabulary product)."""
-        import inspect
-
-        return ({"logits_to_keep": 1}
-                if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {})
-
-    @property
-    def _cache_kw(self) -> str:
-        """The forward argument a cache goes in (transformers renamed past_key_values)."""
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else (
-            "past_key_values")
 
     def _pad(self, rows: list[list[int]], left: bool) -> dict[str, Any]:
         """Token id rows as one padded batch on the device: input_ids and attention_mask."""
