@@ -6,7 +6,7 @@ refill.py's schedule (no model) on answers of the benchmark's stop-length model.
 
 Each sample draws a length from bench_generate.py's early-stop model (a quarter run to the
 100-token cap, the rest stop after a log-normal number of tokens, median 30). Rows take samples
-in order; once 1/64 of the rows are idle they are refilled (REFILL_FRACTION); when nothing is
+in order; once REFILL_FRACTION of the rows (refill.py) are idle they are refilled; when nothing is
 left to start, the step moves to half, a quarter or an eighth of the rows as they fit (the
 drain). A step's time is modelled as `fixed + per_row * rows` (milliseconds; defaults fitted to
 an H100 with a Gemma-3-27B shape: 322 rows about 46 ms, 403 rows 47.5 ms). It prints the
