@@ -1,0 +1,161 @@
+"""The full-layer bench's bookkeeping (scripts/full_layer_runs.py, scripts/phases.py): the
+figures quoted in docs/performance.md come from these functions, so their arithmetic is
+checked here on hand-made inputs whose answers are worked out in the comments."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from full_layer_runs import (  # noqa: E402
+    FULL_SWEEP_ROLLOUTS,
+    answer_spread,
+    differing_rows,
+    diverse_answers,
+    one_drain_minutes,
+    run_specs,
+    summarize_full_layer,
+    without_window,
+)
+from phases import PhaseClock, gap_report  # noqa: E402
+
+
+def test_runs_parse_kinds_and_fixed_rows() -> None:
+    assert run_specs("defaults,defaults@384,stop-refill", 400) == [
+        ("defaults", "defaults", 400), ("defaults@384", "defaults", 384),
+        ("stop-refill", "stop-refill", 400)]
+    assert run_specs("compile-off", None) == [("compile-off", "compile-off", None)]
+
+
+@pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
+                                  "defaults,defaults", "defaults@", "@384"])
+def test_runs_reject_what_they_do_not_know(runs: str) -> None:
+    with pytest.raises(ValueError):
+        run_specs(runs, None)
+
+
+def test_answer_spread() -> None:
+    # unit A: 2 distinct of 4 samples; unit B: 1 of 2. Answers: "a b a b" 2/4 distinct words,
+    # "c" 1/1, "a a" 1/2, "d e" 2/2, "x" 1/1, "x" 1/1.
+    unit_a, unit_b = ("e", 40, "w", "t"), ("e", 40, "w", "u")
+    answers = {(*unit_a, 0): ("a b a b", 0, 0), (*unit_a, 1): ("a b a b", 0, 0),
+               (*unit_a, 2): ("c", 0, 0), (*unit_a, 3): ("a a", 0, 0),
+               (*unit_b, 0): ("x", 0, 0), (*unit_b, 1): ("x", 0, 0)}
+    spread = answer_spread(answers)
+    assert spread["distinct_fraction"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    words = [0.5, 0.5, 1.0, 0.5, 1.0, 1.0]
+    assert spread["distinct_words_fraction"] == pytest.approx(sum(words) / len(words))
+
+
+def test_without_window_takes_the_profiled_steps_out() -> None:
+    run = {"wall_s": 110.0, "tokens": 1000, "setup_s": 10.0, "tok_s_before_drain": 1.0,
+           "refill_stats": [{"drain_tokens": 200, "drain_s": 20.0}]}
+    without_window(run, 10.0)
+    assert run["wall_s"] == 100.0
+    assert run["tok_s"] == pytest.approx(10.0)
+    assert run["tok_s_steady"] == pytest.approx(1000 / 90)
+    assert run["tok_s_before_drain"] == pytest.approx(800 / 70)
+
+
+def test_one_drain_projection() -> None:
+    run = {"tok_s_before_drain": 100.0, "setup_s": 30.0,
+           "refill_stats": [{"drain_tokens": 1000, "drain_s": 60.0}]}
+    # (10,000 - 1,000) tokens at 100 a second, then set-up and the drain once: 90 + 30 + 60 s
+    assert one_drain_minutes(run, 10_000) == pytest.approx(3.0)
+    assert one_drain_minutes({**run, "refill_stats": []}, 10_000) is None
+    assert one_drain_minutes({**run, "tok_s_before_drain": None}, 10_000) is None
+
+
+def test_differing_rows_counts_keys_both_runs_hold() -> None:
+    a = {1: "x", 2: "y", 3: "z"}
+    b = {1: "x", 2: "Y", 4: "w"}
+    out = differing_rows({"defaults": a, "compile-off": b, "defaults@384": {1: "q"}})
+    assert out["defaults vs compile-off"] == {"rows": 2, "differ": 1}
+    assert out["defaults vs defaults@384"] == {"rows": 1, "differ": 1}
+    assert "stop-refill vs stop-shrink" not in out
+
+
+def test_diverse_answers_restores_the_embedding_bit_for_bit() -> None:
+    embedding = torch.nn.Embedding(64, 16, dtype=torch.bfloat16)
+    model = SimpleNamespace(get_input_embeddings=lambda: embedding)
+    before = embedding.weight.detach().clone()
+    with diverse_answers(model):
+        assert torch.equal(embedding.weight, before * 0.5)
+    assert torch.equal(embedding.weight, before)
+    with pytest.raises(RuntimeError), diverse_answers(model):
+        raise RuntimeError("a run that fails still restores the weights")
+    assert torch.equal(embedding.weight, before)
+
+
+def _run(tok_s_steady: float, setup_s: float, before: float | None = None) -> dict[str, object]:
+    return {"tok_s_steady": tok_s_steady, "tok_s": tok_s_steady, "setup_s": setup_s,
+            "batch_size": 384, "rollouts": 11264, "peak_reserved_gib": 72.0, "card_gib": 80.0,
+            "tok_s_before_drain": before}
+
+
+def test_summary_projects_the_full_sweep_and_the_early_stop_ratio() -> None:
+    results = {"new_tokens": 100, "full_layer": {"runs": {
+        "defaults": _run(10_000.0, 60.0, 10_400.0),
+        "stop-refill": _run(9_000.0, 60.0, 9_880.0),
+        "defaults-diverse": _run(8_000.0, 60.0),
+        "stop-refill-diverse": _run(7_600.0, 60.0)}}}
+    weights, flops = 27_000_000_000, 1e15
+    summarize_full_layer(results, weights, flops)
+    out = results["full_layer"]
+    tokens = FULL_SWEEP_ROLLOUTS * 100
+    assert out["full_sweep_tokens"] == tokens
+    assert out["compute_floor_min"] == pytest.approx(tokens * 2 * weights / flops / 60)
+    runs = out["runs"]
+    assert runs["defaults"]["projected_full_sweep_min"] == pytest.approx((tokens / 10_000 + 60) / 60)
+    assert runs["stop-refill"]["of_uniform_rate"] == pytest.approx(0.9)
+    assert runs["stop-refill"]["of_uniform_rate_before_drain"] == pytest.approx(0.95)
+    # a -diverse early-stop run is compared with defaults-diverse, not with defaults
+    assert runs["stop-refill-diverse"]["of_uniform_rate"] == pytest.approx(0.95)
+    assert runs["defaults"]["floor_fraction"] == pytest.approx(
+        out["compute_floor_min"] / runs["defaults"]["projected_full_sweep_min"])
+
+
+def _event(start: float, end: float, name: str) -> SimpleNamespace:
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
+                           device_type="DeviceType.CUDA")
+
+
+def test_gap_report_buckets_idle_time_between_kernels() -> None:
+    events = [_event(0, 10, "a"), _event(12, 20, "b"),  # 2 us: a launch inside a graph
+              _event(15, 18, "inside b"),  # overlaps b: no gap
+              _event(40, 50, "c"),  # 20 us
+              _event(150, 160, "graph start"),  # 100 us: a long wait
+              SimpleNamespace(time_range=SimpleNamespace(start=0, end=500), name="host",
+                              device_type="DeviceType.CPU")]  # not the GPU's: left out
+    report = gap_report(events, steps=2)
+    assert report["busy_us"] == pytest.approx((10 + 8 + 10 + 10) / 2)
+    assert report["span_us"] == pytest.approx(160 / 2)
+    assert report["idle_us"] == {"under 5 us": 1.0, "5 to 50 us": 10.0, "50 us and over": 50.0}
+    assert report["idle_count"] == {"under 5 us": 0.5, "5 to 50 us": 0.5, "50 us and over": 0.5}
+    assert report["longest_gaps"] == [[100.0, "c", "graph start"]]
+    assert gap_report([], steps=1) == {}
+
+
+class _Timed:
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, end: object) -> float:
+        return self.ms
+
+
+def test_phase_report_gives_the_median_call_beside_the_sum() -> None:
+    clock = PhaseClock()
+    # the first step compiles and captures (900 ms); the others take about 40 ms
+    for ms in (900.0, 40.0, 41.0, 39.0, 40.5):
+        clock.events["decode step (graph replay)"].append((_Timed(ms), None))
+    clock.host["decode step (graph replay)"] = 0.25
+    phase = clock.report()["phases"]["decode step (graph replay)"]
+    assert phase["calls"] == 5
+    assert phase["gpu_s"] == pytest.approx(1.0605, abs=1e-3)  # rounded to the millisecond
+    assert phase["gpu_ms_median"] == pytest.approx(40.5)
+    assert phase["host_s"] == 0.25
