@@ -41,9 +41,13 @@ DEVICE, DTYPE = "cuda:0", torch.bfloat16
 # probe_decode_h200_2026-12-01_sweep*.json) chose the default: 16 lines, blocks of 32, 2 warps,
 # 3 stages (199 us at 1,040 rows, prefix 150, own 77, against 478 us for the first kernel); 32 or
 # 64 lines and 8 warps were slower, and one loop over the prefix and the rows (tried, then
-# dropped) gained 1-2%.
+# dropped) gained 1-2%. The 8-line shapes (4 rows a program at Gemma's 2 query heads a KV head,
+# the dot's 16 lines half empty) give a batch of an H100's size (`--sweep-rows 381`) twice the
+# programs.
 SWEEP = [Tuning(16, 32, 2, 3), Tuning(16, 32, 4, 3), Tuning(16, 32, 2, 4), Tuning(16, 16, 2, 4),
-         Tuning(16, 64, 4, 2), Tuning(16, 64, 4, 3), Tuning(32, 32, 4, 3), Tuning(16, 128, 8, 2)]
+         Tuning(16, 64, 4, 2), Tuning(16, 64, 4, 3), Tuning(32, 32, 4, 3), Tuning(16, 128, 8, 2),
+         Tuning(16, 64, 2, 3), Tuning(16, 32, 4, 4), Tuning(8, 32, 2, 3), Tuning(8, 64, 2, 3),
+         Tuning(8, 32, 1, 3)]
 
 
 def label(t: Tuning) -> str:
@@ -200,12 +204,13 @@ def probe_attention(args: argparse.Namespace) -> None:
     default = triton_decode.DEFAULT
     tunings = [default]
     if args.sweep:
-        results["sweep"] = [attention_case(1040, 150, own, 127, SWEEP, bandwidth)
+        n = args.sweep_rows
+        results["sweep"] = [attention_case(n, 150, own, 127, SWEEP, bandwidth)
                             for own in (77, 28)]
         timed = sorted((k["ms"], name) for name, k in results["sweep"][0]["kernels"].items()
                        if "ms" in k and k["rel_error"] < 2e-2)
         first = results["sweep"][1]["kernels"]
-        print("sweep (1,040 rows, prefix 150, own 77 / own 28):", flush=True)
+        print(f"sweep ({n:,} rows, prefix 150, own 77 / own 28):", flush=True)
         for ms, name in timed:
             print(f"  {name}: {ms * 1e3:.0f} us / {first[name].get('ms', float('nan')) * 1e3:.0f} us",
                   flush=True)
@@ -219,6 +224,12 @@ def probe_attention(args: argparse.Namespace) -> None:
     for rows, plen, own, cache_len in cases:
         results["cases"].append(attention_case(rows, plen, own, cache_len, tunings, bandwidth))
         torch.cuda.empty_cache()
+    if args.sweep and args.sweep_rows != 1040:  # the batch swept, with the sweep's best
+        for own in (28, 77, 127):
+            results["cases"].append(attention_case(args.sweep_rows, 150, own, 127, tunings,
+                                                   bandwidth))
+        results["cases"].append(attention_case(args.sweep_rows, 150, 127, 127, tunings,
+                                               bandwidth, ragged=True))
     results["cases"].append(attention_case(1040, 150, 127, 127, [default], bandwidth, ragged=True))
     print(f"{'rows':>5} {'prefix':>6} {'own':>4} {'MB':>6}  kernel: ms, GB/s, of copy, rel err",
           flush=True)
@@ -244,6 +255,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--attention", action="store_true", help="time the attention kernel alone")
     parser.add_argument("--sweep", action="store_true", help="with --attention: launch shapes too")
+    parser.add_argument("--sweep-rows", type=int, default=1040,
+                        help="with --sweep: the batch the launch shapes are timed at")
     parser.add_argument("--out", help="with --attention: write the results here (JSON)")
     args = parser.parse_args()
     if args.attention:
