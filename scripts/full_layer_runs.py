@@ -30,8 +30,6 @@ FULL_LAYER_RUNS = {  # name: (compile: None for the stage's choice, early stop, 
     # defaults and stop-refill with answers whose rows differ (diverse_answers)
     "defaults-diverse": (None, False, True, True),
     "stop-refill-diverse": (True, True, True, True),
-    # defaults-diverse with two captures of the step replayed in turn (graphed.GRAPHS_IN_TURN)
-    "defaults-diverse-2g": (None, False, True, True),
 }
 
 # A random-init Gemma-3-27B shape feeds every row the same token: the tied embedding dominates
@@ -65,15 +63,7 @@ def run_context(kind: str, model: Any) -> Any:
         return mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16)
     if kind.endswith("-diverse"):
         return diverse_answers(model)
-    if kind == "defaults-diverse-2g":
-        return _two_graphs(model)
     return nullcontext()
-
-
-@contextmanager
-def _two_graphs(model: Any) -> Iterator[None]:
-    with diverse_answers(model), mock.patch("patchdb.generate.graphed.GRAPHS_IN_TURN", 2):
-        yield
 
 
 def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | None]]:
@@ -129,7 +119,7 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
                  ("stop-paged", "stop-refill"),
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
                  ("defaults", "compile-off"), ("defaults", "defaults-scatter"),
-                 ("stop-refill", "stop-refill-16"), ("defaults-diverse", "defaults-diverse-2g"),
+                 ("stop-refill", "stop-refill-16"),
                  *((n.partition("@")[0], n) for n in answers if "@" in n)):
         if a in answers and b in answers:
             keys = answers[a].keys() & answers[b].keys()

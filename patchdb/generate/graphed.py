@@ -47,12 +47,6 @@ from patchdb.generate.transfer import to_device
 
 log = logging.getLogger(__name__)
 
-# Captures of each row count's step, replayed in turn (1: one graph). With two, a graph is
-# never launched while its own previous launch is still queued on the stream; the captures
-# share one memory pool and the step's inputs, and each has its own logits. An A/B for the
-# idle time an H100 profile showed before each step's graph (scripts/probe_graph_gap.py).
-GRAPHS_IN_TURN = 1
-
 
 def graph_supported(model: Any, device: torch.device, max_len: int, require_cuda: bool = True) -> bool:
     """CUDA only (unless `require_cuda` is off, for the eager static decoder), SDPA attention
@@ -134,8 +128,6 @@ class _Rows:
             cache.update = _RowWrites(cache, self.slots)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self.turns: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []  # replayed in turn
-        self.turn = 0
 
 
 class GraphedDecoder:
@@ -443,14 +435,11 @@ class GraphedDecoder:
                 for _ in range(2):
                     self._forward(rows)
             torch.cuda.current_stream().wait_stream(side)
-            pool = None
-            for _ in range(GRAPHS_IN_TURN):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(rows)
-                pool = graph.pool()
-                rows.turns.append((graph, out.logits))
-        rows.graph, rows.logits = rows.turns[0]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._forward(rows)
+        rows.logits = out.logits
+        rows.graph = graph
         self.captures += 1
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -475,7 +464,6 @@ class GraphedDecoder:
                 return self._forward(rows).logits[:n, -1]
         if rows.graph is None:
             self._capture(rows)
-        graph, logits = rows.turns[rows.turn % len(rows.turns)]
-        rows.turn += 1
-        graph.replay()
-        return logits[:n, -1]
+        assert rows.graph is not None and rows.logits is not None
+        rows.graph.replay()
+        return rows.logits[:n, -1]
