@@ -228,6 +228,9 @@ def probe_attention(args: argparse.Namespace) -> None:
         for own in (28, 77, 127):
             results["cases"].append(attention_case(args.sweep_rows, 150, own, 127, tunings,
                                                    bandwidth))
+        for own in (28, 77):  # no shared prefix: what reading it once a program costs
+            results["cases"].append(attention_case(args.sweep_rows, 0, own, 127, tunings,
+                                                   bandwidth))
         results["cases"].append(attention_case(args.sweep_rows, 150, 127, 127, tunings,
                                                bandwidth, ragged=True))
     results["cases"].append(attention_case(1040, 150, 127, 127, [default], bandwidth, ragged=True))
