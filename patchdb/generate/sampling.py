@@ -136,6 +136,32 @@ def resolve_sampling(
 # bf16 logits) are almost always found without a second pass over the vocabulary.
 TIE_MARGIN = 64
 
+# Top-k in two passes when above 1: each of this many equal slices of the vocabulary gives its
+# best n scores (unsorted), then one sorted top-n runs over those few candidates. The best n of
+# the union are the best n of all, so the scores are those of one torch.topk over the whole
+# vocabulary; where tied scores straddle the n-th place the two may keep different tied tokens,
+# and _top_k masks those places (ties that reach the k-th place go to its exact path). Not the
+# default until a GPU says it is faster: `scripts/bench_generate.py --sampler-only` times it.
+TOPK_SLICES = 0
+
+
+def _topk(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n highest scores of each row, highest first, and their token ids (TOPK_SLICES)."""
+    rows, vocab = scores.shape
+    slices = TOPK_SLICES
+    width = vocab // slices if slices > 1 else 0
+    if width < 2 * n or scores.stride(-1) != 1:
+        return torch.topk(scores, n)
+    main = slices * width
+    values, ids = torch.topk(scores[:, :main].view(rows, slices, width), n, sorted=False)
+    ids = ids + torch.arange(0, main, width, device=scores.device).view(1, slices, 1)
+    values, ids = values.reshape(rows, -1), ids.reshape(rows, -1)
+    if main < vocab:  # the last few entries, beyond the equal slices
+        tail_values, tail_ids = torch.topk(scores[:, main:], min(n, vocab - main), sorted=False)
+        values, ids = torch.cat([values, tail_values], 1), torch.cat([ids, tail_ids + main], 1)
+    values, at = torch.topk(values, n)
+    return values, ids.gather(1, at)
+
 
 def _top_k(scores: torch.Tensor, k: int, temperature: float,
            overflow: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +173,7 @@ def _top_k(scores: torch.Tensor, k: int, temperature: float,
     k = min(k, vocab)
     # The selection runs in the scores' own dtype (bfloat16 logits need no float32 copy of the
     # whole vocabulary): widening is exact and keeps the order, so the candidates are the same.
-    values, indices = torch.topk(scores, min(k + TIE_MARGIN, vocab))
+    values, indices = _topk(scores, min(k + TIE_MARGIN, vocab))
     if values.shape[-1] < vocab:
         beyond = (values[:, -1] >= values[:, k - 1]).any()
         if overflow is not None:

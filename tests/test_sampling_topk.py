@@ -1,0 +1,63 @@
+"""Top-k in two passes (sampling.TOPK_SLICES) against one torch.topk over the vocabulary: the
+same scores, the same candidates once _top_k has cut them, and the same tokens drawn, on bf16
+logits full of ties, with a vocabulary that splits evenly into the slices and one that leaves a
+tail."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from patchdb.generate import sampling
+from patchdb.generate.sampling import Sampling, choose_tokens
+
+
+def tied_logits(rows: int, vocab: int, levels: int, seed: int) -> torch.Tensor:
+    """bf16 logits on a few levels, so every row has long runs of equal scores."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, levels, (rows, vocab), generator=gen).float() / 4
+            + torch.randn(rows, vocab, generator=gen) * 0.01 * (seed % 2)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("vocab", [4096, 4100, 5000])
+@pytest.mark.parametrize("levels", [40, 400, 4000])
+def test_two_passes_find_the_same_scores(vocab: int, levels: int) -> None:
+    scores = tied_logits(16, vocab, levels, seed=vocab + levels)
+    one_values, one_ids = torch.topk(scores, 68)
+    with mock.patch.object(sampling, "TOPK_SLICES", 16):
+        values, ids = sampling._topk(scores, 68)
+    assert torch.equal(values, one_values)
+    # every id is a real token with the score given for it, and no token comes twice
+    assert torch.equal(scores.gather(1, ids), values)
+    assert all(len(set(row.tolist())) == 68 for row in ids)
+
+
+@pytest.mark.parametrize("vocab", [4096, 4100])
+@pytest.mark.parametrize("levels", [40, 4000])
+@pytest.mark.parametrize("k, top_p", [(4, 0.9), (64, 0.95), (8, 1.0)])
+def test_two_passes_draw_the_same_tokens(vocab: int, levels: int, k: int, top_p: float) -> None:
+    logits = tied_logits(32, vocab, levels, seed=levels + k)
+    seeds = torch.arange(32) * 7919
+    how = Sampling(1.0, k, top_p)
+    for step in range(4):
+        one = choose_tokens(logits, seeds, step, how)
+        one_cut = sampling._top_k(logits, k, 1.0)
+        with mock.patch.object(sampling, "TOPK_SLICES", 16):
+            two = choose_tokens(logits, seeds, step, how)
+            two_cut = sampling._top_k(logits, k, 1.0)
+        assert torch.equal(one, two)
+        assert torch.equal(one_cut[0], two_cut[0])
+        kept = torch.isfinite(one_cut[0])
+        assert torch.equal(one_cut[1][kept], two_cut[1][kept])
+
+
+def test_slices_too_narrow_fall_back_to_one_pass() -> None:
+    scores = tied_logits(4, 1000, 40, seed=3)
+    with mock.patch.object(sampling, "TOPK_SLICES", 16), \
+            mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
+        sampling._topk(scores, 68)  # 62 a slice: under twice the 68 asked for
+    assert topk.call_count == 1
+    with mock.patch.object(sampling, "TOPK_SLICES", 4), \
+            mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
+        sampling._topk(scores, 68)  # 250 a slice
+    assert topk.call_count == 2
