@@ -159,3 +159,13 @@ def test_phase_report_gives_the_median_call_beside_the_sum() -> None:
     assert phase["gpu_s"] == pytest.approx(1.0605, abs=1e-3)  # rounded to the millisecond
     assert phase["gpu_ms_median"] == pytest.approx(40.5)
     assert phase["host_s"] == 0.25
+
+
+def test_sampler_bench_times_each_top_k_and_finds_no_token_that_differs() -> None:
+    from sampler_times import sampler_times
+
+    out = sampler_times("cpu", rows=4, vocab=40_000, repeats=1)
+    assert set(out["topk_slices"]) == {"0", "32", "64", "128", "256"}
+    for slices in out["topk_slices"].values():
+        assert slices["tokens"] == 16 and slices["tokens_differ"] == 0
+        assert slices["draw_ms"] > 0 and slices["select_ms"] > 0

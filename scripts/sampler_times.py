@@ -1,0 +1,72 @@
+"""The sampler alone, for bench_generate.py (`--sampler-only`, or before a model bench): random
+logits over a vocabulary on the device, each draw timed over repeated calls."""
+
+import time
+from typing import Any
+from unittest import mock
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def sampler_times(device: str, rows: int, vocab: int, repeats: int = 20) -> dict[str, Any]:
+    """Milliseconds per choose_tokens call on random float32 logits of [rows, vocab] on the
+    device, rounded through bf16 first as the engine's logits are (so top-k ties occur as they
+    do in a real run): the full softmax, top-k 64 then top-p 0.95, and top-p 0.95 alone."""
+    from patchdb.generate.sampling import Sampling, choose_tokens
+
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(device, torch.bfloat16).float()
+    seeds = torch.arange(rows, device=device)
+    out: dict[str, Any] = {"rows": rows, "vocab": vocab, "logits_dtype": "bfloat16 -> float32"}
+    for name, how in (("full_softmax", Sampling(1.0)), ("top_k64_top_p095", Sampling(1.0, 64, 0.95)),
+                      ("top_p095_only", Sampling(1.0, 0, 0.95))):
+        for step in range(3):
+            choose_tokens(logits, seeds, step, how)
+        sync(device)
+        t = time.perf_counter()
+        for step in range(repeats):
+            choose_tokens(logits, seeds, step, how)
+        sync(device)
+        out[f"{name}_ms"] = (time.perf_counter() - t) / repeats * 1e3
+    out.update(topk_slices_times(logits.to(torch.bfloat16), seeds, device, repeats))
+    return out
+
+
+def topk_slices_times(logits: Any, seeds: Any, device: str, repeats: int) -> dict[str, Any]:
+    """On bf16 logits, as the engine draws from them: the top-k 64 / top-p 0.95 draw and its
+    selection alone (the 128 best a row), in one pass and in two (sampling.TOPK_SLICES), with
+    the tokens each two-pass draw gives against the one-pass draw's."""
+    from patchdb.generate import sampling
+
+    how = sampling.Sampling(1.0, 64, 0.95)
+    picks = sampling.TIE_MARGIN + 64
+
+    def timed(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t) / repeats * 1e3
+
+    out: dict[str, Any] = {"topk_slices": {}}
+    want = [sampling.choose_tokens(logits, seeds, step, how) for step in range(4)]
+    for slices in (0, 32, 64, 128, 256):
+        with mock.patch.object(sampling, "TOPK_SLICES", slices):
+            draw = timed(lambda: sampling.choose_tokens(logits, seeds, 0, how))
+            select = timed(lambda: sampling._topk(logits, picks))
+            differ = sum(int((sampling.choose_tokens(logits, seeds, step, how) != w).sum())
+                         for step, w in enumerate(want))
+        out["topk_slices"][str(slices)] = {"draw_ms": draw, "select_ms": select,
+                                           "tokens_differ": differ, "tokens": 4 * len(seeds)}
+        print(f"top-k in {'one pass' if slices < 2 else f'{slices} slices'} (bf16 logits): "
+              f"draw {draw:.2f} ms, selection {select:.2f} ms, {differ} of {4 * len(seeds)} "
+              "tokens differ from one pass", flush=True)
+    return out
