@@ -708,7 +708,9 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
         for name, kind, rows in run_specs(args.runs, args.batch_size):
             compile_decode, stop, shrink, refill = FULL_LAYER_RUNS[kind]
             stop_at = answer_lengths(args.new_tokens) if stop else None
-            clock = PhaseClock() if args.phases else None
+            # the profiled steps mid-answer: uniform answers all end, and rows refill, about
+            # every new_tokens steps, so step 300 could fall on a refill (rows' caches empty)
+            clock = PhaseClock(window_at=int(3.5 * args.new_tokens)) if args.phases else None
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0

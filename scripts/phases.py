@@ -52,7 +52,10 @@ def _lookup(path: str) -> Any:
 class PhaseClock:
     """Install with `install()`, run the stage, then `report()` (after a sync)."""
 
-    def __init__(self, window_at: int = 300, window_steps: int = 3) -> None:
+    def __init__(self, window_at: int = 350, window_steps: int = 3,
+                 activity: Any = None) -> None:
+        # what the profiler records: the GPU's kernels (CPU ops in the CPU tests)
+        self.activity = activity if activity is not None else torch.profiler.ProfilerActivity.CUDA
         self.events: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
         self.host: dict[str, float] = defaultdict(float)
         self.steps = 0
@@ -118,24 +121,41 @@ class PhaseClock:
         return timed
 
     def _window(self) -> None:
-        """Open the profiler before step window_at, close it before step window_at + steps."""
+        """Open the profiler before step window_at and record the window_steps steps after it;
+        close it after them. Step window_at itself is a warm-up the profiler does not keep: the
+        sync before opening empties the GPU's queue, so that step starts only once the host has
+        launched it, an idle gap no other step has (the host is otherwise a step ahead)."""
         self.steps += 1
         if self.steps == self.window_at:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self._window_t0 = time.perf_counter()
             self._prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CUDA])
+                activities=[self.activity],
+                schedule=torch.profiler.schedule(wait=0, warmup=1, active=self.window_steps,
+                                                 repeat=1),
+                on_trace_ready=self._read_window)
             self._prof.__enter__()
-        elif self.steps == self.window_at + self.window_steps and self._prof is not None:
-            torch.cuda.synchronize()
-            self._prof.__exit__(None, None, None)
-            for avg in self._prof.key_averages():
-                if avg.self_device_time_total > 0 and "cuda" in str(avg.device_type).lower():
-                    self.kernels[avg.key] = avg.self_device_time_total / self.window_steps
-            self.gaps = gap_report(self._prof.events(), self.window_steps)
-            self._prof = None
-            torch.cuda.synchronize()
-            self.window_s += time.perf_counter() - self._window_t0
+        elif self._prof is not None:
+            last = self.steps == self.window_at + 1 + self.window_steps
+            if last and torch.cuda.is_available():
+                torch.cuda.synchronize()  # the last recorded step's kernels have all run
+            self._prof.step()
+            if last:
+                self._prof.__exit__(None, None, None)
+                self._prof = None
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.window_s += time.perf_counter() - self._window_t0
+
+    def _read_window(self, prof: Any) -> None:
+        kind = str(self.activity).rpartition(".")[2].lower()
+        for avg in prof.key_averages():
+            total = (avg.self_device_time_total if kind == "cuda"
+                     else getattr(avg, "self_cpu_time_total", 0))
+            if total > 0 and kind in str(avg.device_type).lower():
+                self.kernels[avg.key] = total / self.window_steps
+        self.gaps = gap_report(prof.events(), self.window_steps, kind)
 
     def report(self) -> dict[str, Any]:
         """Per phase: calls, host seconds, GPU-stream seconds; the kernels of one step by kind
@@ -163,17 +183,19 @@ class PhaseClock:
 
 
 GAP_BUCKETS_US = (5.0, 50.0)  # under 5 us: a kernel launch inside a graph; 50 us and over: a wait
-# outside the graph's kernels (the host, or the start of a graph while the host is a step ahead)
+# outside the graph's kernels (the GPU waiting for the host). Before the window had a warm-up
+# step, its first step showed one such gap of 0.2-1.6 ms before the graph: the opening sync had
+# emptied the queue, and the GPU waited for the host to launch the graph.
 
 
-def gap_report(events: Any, steps: int) -> dict[str, Any]:
+def gap_report(events: Any, steps: int, kind: str = "cuda") -> dict[str, Any]:
     """Per step, from the profiler window's GPU events: how long the GPU ran something (busy),
     and its idle time between one event's end and the next one's start, by the gap's length.
     Small gaps are launch latency between kernels of one graph; long ones, the GPU waiting for
     the host. The profiler's own overhead shows up here too, so compare runs with each other,
     not with the step time measured without it."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                   if "cuda" in str(e.device_type).lower() and e.time_range.end > e.time_range.start)
+                   if kind in str(e.device_type).lower() and e.time_range.end > e.time_range.start)
     if not spans:
         return {}
     busy = 0.0

@@ -169,3 +169,21 @@ def test_sampler_bench_times_each_top_k_and_finds_no_token_that_differs() -> Non
     for slices in out["topk_slices"].values():
         assert slices["tokens"] == 16 and slices["tokens_differ"] == 0
         assert slices["draw_ms"] > 0 and slices["select_ms"] > 0
+
+
+def test_the_profiler_window_keeps_only_the_steps_after_its_warm_up() -> None:
+    """Steps 1-2 before the window, step 3 its warm-up (after the sync that opens it: not kept),
+    steps 4-5 recorded, steps 6-7 after it; each step runs an op of its own kind."""
+    clock = PhaseClock(window_at=3, window_steps=2, activity=torch.profiler.ProfilerActivity.CPU)
+    a = torch.randn(32, 32)
+    for step in range(1, 8):
+        clock._window()
+        op = torch.tan if step < 3 else torch.cos if step == 3 else (
+            torch.sin if step <= 5 else torch.exp)
+        for _ in range(step):
+            op(a)
+    names = set(clock.kernels)
+    assert "aten::sin" in names
+    assert not names & {"aten::tan", "aten::cos", "aten::exp"}
+    assert clock._prof is None and clock.window_s > 0
+    assert clock.gaps["busy_us"] > 0
