@@ -43,9 +43,9 @@ DEVICE, DTYPE = "cuda:0", torch.bfloat16
 # 64 lines and 8 warps were slower, and one loop over the prefix and the rows (tried, then
 # dropped) gained 1-2%. The 8-line shapes (4 rows a program at Gemma's 2 query heads a KV head,
 # the dot's 16 lines half empty) give a batch of an H100's size (`--sweep-rows 381`) twice the
-# programs: there 768 programs of 8 rows fill an H100's 132 multiprocessors about 1.5 times
-# over (four programs a multiprocessor at 3 stages of 16 KB), so the last round runs half
-# empty. Two stages fit more programs at once.
+# programs: there 768 programs of 8 rows may fill an H100's 132 multiprocessors about 1.5
+# times over (if a program's 3 stages of 16 KB of keys and values let four share one), so the
+# last round would run half empty. Two stages fit more programs at once. Not yet measured.
 SWEEP = [Tuning(16, 32, 2, 3), Tuning(16, 32, 4, 3), Tuning(16, 32, 2, 4), Tuning(16, 16, 2, 4),
          Tuning(16, 64, 4, 2), Tuning(16, 64, 4, 3), Tuning(32, 32, 4, 3), Tuning(16, 128, 8, 2),
          Tuning(16, 64, 2, 3), Tuning(16, 32, 4, 4), Tuning(8, 32, 2, 3), Tuning(8, 64, 2, 3),
