@@ -7,13 +7,24 @@ compiler rejects. It does not run the kernel; the GPU tests do (scripts/test_gpu
     python scripts/compile_kernel.py             # sm_90 (H100, H200), the step's variants
     python scripts/compile_kernel.py --all       # every combination of the kernel's switches
 
-Prints each variant's PTX size, global stores and barriers; exits 1 with one line if one fails.
+Prints each variant's PTX size, global stores and barriers, and what sets how many programs a
+multiprocessor holds: registers a thread (from the cubin, with NVIDIA's cuobjdump where Triton
+ships it), shared memory, whether the loops' loads are pipelined (cp.async), and the programs
+that fit one sm_90 multiprocessor (65,536 registers, 228 KB of shared memory). Exits 1 with
+one line if one fails. The compile sees the launch's arguments as Triton's launcher specialises
+them (pointers and strides divisible by 16, strides of 1 as constants), so the code is the one
+a card runs: without that, Triton neither vectorises the loads nor pipelines them.
+
+    python scripts/compile_kernel.py --tuning 16,16,2,4   # another launch shape (triton_decode.Tuning)
 """
 
 import argparse
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 POINTERS_I32 = {"len_ptr", "unit_ptr", "order_ptr", "table_ptr"}
+# integer arguments a decode step passes that are not multiples of 16 (the rest are strides of
+# 16-aligned rows, or 0); the launcher makes those equal to 1 constants
+ANY_INT = {"batch", "prefix_len", "unit_len"}
+SM90_REGISTERS, SM90_SHARED, SM90_WARPS = 65_536, 228 * 1024, 64
 SWITCHES = ("RAGGED", "UNITS", "ORDERED", "PAGE", "WRITE")
 # What decode steps launch: bf16 continuous batching (ragged rows, unit prompts in row order),
 # paged and not, storing the step's keys; a fixed batch at one length; and float32 (the GPU
@@ -46,7 +61,8 @@ def variants(every: bool) -> list[tuple[str, dict[str, bool]]]:
     return out
 
 
-def compile_variant(arch: int, dtype: str, switches: dict[str, bool]) -> dict[str, Any]:
+def compile_variant(arch: int, dtype: str, switches: dict[str, bool],
+                    tuning: Any = None) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,14 +70,20 @@ def compile_variant(arch: int, dtype: str, switches: dict[str, bool]) -> dict[st
     from patchdb.generate import triton_decode
     from patchdb.generate.pages import PAGE
 
+    tuning = tuning or triton_decode.DEFAULT
     kernel = triton_decode._decode_kernel
     names = list(kernel.arg_names)
+    rows = max(1, tuning.lines // 2)  # Gemma-3-27B: 2 query heads a KV head
     constants: dict[str, Any] = dict(
-        GROUPS=2, G_PAD=2, ROWS=8, LINES=16, DIM=128, BLOCK_L=triton_decode.DEFAULT.block,
+        GROUPS=2, G_PAD=2, ROWS=rows, LINES=max(16, 2 * rows), DIM=128, BLOCK_L=tuning.block,
         IEEE=dtype == "fp32", **switches)
     constants["PAGE"] = PAGE if switches["PAGE"] else 0
-    signature = {}
-    for name in names:
+    # strides of 1: a length and a unit a row, and (unpaged) the table's stand-in
+    ones = {"s_unit"} | ({"s_len"} if switches["RAGGED"] else set()) | (
+        set() if switches["PAGE"] else {"s_tb"})
+    constants.update(dict.fromkeys(ones, 1))
+    signature, attrs = {}, {}
+    for index, name in enumerate(names):
         if name in constants:
             signature[name] = "constexpr"
         elif name in POINTERS_I32:
@@ -70,21 +92,60 @@ def compile_variant(arch: int, dtype: str, switches: dict[str, bool]) -> dict[st
             signature[name] = "*" + dtype
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
-    source = ASTSource(fn=kernel, signature=signature,
+        if name not in constants and name != "scale" and name not in ANY_INT and not (
+                name == "s_tb" and switches["PAGE"]):  # pages a row: any count
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    tuning = triton_decode.DEFAULT
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": tuning.warps, "num_stages": tuning.stages})
     ptx = compiled.asm["ptx"]
-    return {"ptx_lines": ptx.count("\n"), "stores": ptx.count("st.global"),
-            "barriers": ptx.count("bar.sync"), "cubin_bytes": len(compiled.asm["cubin"])}
+    out = {"ptx_lines": ptx.count("\n"), "stores": ptx.count("st.global"),
+           "barriers": ptx.count("bar.sync"), "cubin_bytes": len(compiled.asm["cubin"]),
+           "shared": int(compiled.metadata.shared), "pipelined": "cp.async" in ptx}
+    out.update(occupancy(compiled.asm["cubin"], out["shared"], tuning.warps))
+    return out
+
+
+def occupancy(cubin: bytes, shared: int, warps: int) -> dict[str, Any]:
+    """Registers a thread and spill stack (cuobjdump, where Triton ships it), and the programs
+    one sm_90 multiprocessor holds: registers go to warps in 256s, each program's shared memory
+    takes 1 KB more."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                               text=True, timeout=60).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        return {}
+    regs, stack = int(found.group(1)), int(found.group(2))
+    per_warp = -(-regs * 32 // 256) * 256
+    programs = min(SM90_REGISTERS // per_warp // warps, SM90_SHARED // (shared + 1024),
+                   SM90_WARPS // warps)
+    return {"registers": regs, "spill_stack": stack, "programs_per_sm": programs}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90)")
     parser.add_argument("--all", action="store_true", help="every combination of the switches")
+    parser.add_argument("--tuning", help="lines,block,warps,stages (default: the kernel's own)")
     args = parser.parse_args()
+    tuning = None
+    if args.tuning:
+        from patchdb.generate.triton_decode import Tuning
+
+        try:
+            tuning = Tuning(*(int(x) for x in args.tuning.split(",")))
+        except (TypeError, ValueError):
+            parser.error("--tuning takes four integers: lines,block,warps,stages")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -94,7 +155,7 @@ def main() -> int:
     for dtype, switches in variants(args.all):
         label = dtype + " " + " ".join(k for k, on in switches.items() if on)
         try:
-            got = compile_variant(args.arch, dtype, switches)
+            got = compile_variant(args.arch, dtype, switches, tuning)
         except Exception as exc:  # noqa: BLE001 - one line, whatever the compiler raised
             lines = [line for line in str(exc).splitlines() if line.strip()]
             where = lines[0].strip() if lines else ""  # the compiler's "at line:column:"
@@ -102,8 +163,12 @@ def main() -> int:
             print(f"Error: sm_{args.arch} {label}: {type(exc).__name__} {where} {why}",
                   file=sys.stderr)
             return 1
+        fit = (f", {got['registers']} registers ({got['spill_stack']} B spill stack), "
+               f"{got['programs_per_sm']} programs a multiprocessor" if "registers" in got else "")
         print(f"sm_{args.arch} {label}: {got['ptx_lines']} PTX lines, {got['stores']} global "
-              f"stores, {got['barriers']} barriers, cubin {got['cubin_bytes']} bytes")
+              f"stores, {got['barriers']} barriers, cubin {got['cubin_bytes']} bytes, shared "
+              f"{got['shared']} B, loads {'pipelined' if got['pipelined'] else 'not pipelined'}"
+              f"{fit}")
         done += 1
     print(f"{done} variants compiled for sm_{args.arch}")
     return 0

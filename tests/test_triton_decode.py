@@ -2,6 +2,7 @@
 runs in Triton's interpreter, which conftest.py turns on)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -405,3 +406,10 @@ def test_the_kernel_compiles_for_an_h100_or_h200(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "4 variants compiled for sm_90" in done.stdout
     assert any(tmp_path.iterdir())  # compiled here, not taken from an earlier cache
+    # compiled as the launcher specialises the arguments, the step's loads are pipelined
+    step = next(line for line in done.stdout.splitlines()
+                if line.startswith("sm_90 bf16 RAGGED UNITS ORDERED WRITE:"))
+    assert "loads pipelined" in step, step
+    if (Path(nvidia.__file__).parent / "bin" / "cuobjdump").exists():
+        assert re.search(r"\d+ registers \(\d+ B spill stack\), \d+ programs a multiprocessor",
+                         step), step
