@@ -132,11 +132,25 @@ def occupancy(cubin: bytes, shared: int, warps: int) -> dict[str, Any]:
     return {"registers": regs, "spill_stack": stack, "programs_per_sm": programs}
 
 
+def programs(rows: int, tuning: Any, sms: int, kv_heads: int = 16) -> int:
+    """Programs a decode step launches (Gemma-3-27B: 16 KV heads, 2 query heads each), with
+    triton_decode's rule: fewer rows a program where there would be under 4 a multiprocessor."""
+    from patchdb.generate import triton_decode
+
+    per = max(1, (tuning or triton_decode.DEFAULT).lines // 2)
+    while per > 1 and -(-rows // per) * kv_heads < 4 * sms:
+        per //= 2
+    return -(-rows // per) * kv_heads
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90)")
     parser.add_argument("--all", action="store_true", help="every combination of the switches")
     parser.add_argument("--tuning", help="lines,block,warps,stages (default: the kernel's own)")
+    parser.add_argument("--rows", type=int, help="also: the programs a step of this many rows "
+                        "launches, in rounds of what the card's multiprocessors hold")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors (H100 SXM, H200: 132)")
     args = parser.parse_args()
     tuning = None
     if args.tuning:
@@ -165,6 +179,10 @@ def main() -> int:
             return 1
         fit = (f", {got['registers']} registers ({got['spill_stack']} B spill stack), "
                f"{got['programs_per_sm']} programs a multiprocessor" if "registers" in got else "")
+        if args.rows and "programs_per_sm" in got:
+            launched = programs(args.rows, tuning, args.sms)
+            fit += (f"; {args.rows} rows: {launched} programs, "
+                    f"{launched / (args.sms * got['programs_per_sm']):.2f} rounds")
         print(f"sm_{args.arch} {label}: {got['ptx_lines']} PTX lines, {got['stores']} global "
               f"stores, {got['barriers']} barriers, cubin {got['cubin_bytes']} bytes, shared "
               f"{got['shared']} B, loads {'pipelined' if got['pipelined'] else 'not pipelined'}"
