@@ -5,6 +5,14 @@ checkout's kernel, and another copy of triton_decode.py given with --old-kernel)
 sampler on bfloat16 logits against the same logits widened to float32.
 
     python scripts/probe_batch.py --rows 403 --old-kernel .bench/old_triton_decode.py --out probe.json
+
+With --tunings it also times this checkout's kernel at each launch shape (triton_decode.Tuning:
+lines,block,warps,stages; `;` between shapes) in the step's own layout: one length a row, unit
+prompts taken in unit order, and the step's new keys stored by the kernel. The switches a step
+uses change the kernel's registers, so its programs a multiprocessor
+(scripts/compile_kernel.py), which probe_decode.py's plain cases do not show.
+
+    python scripts/probe_batch.py --rows 381 --tunings "16,32,2,3;16,16,2,4;8,32,2,2"
 """
 
 import argparse
@@ -24,6 +32,7 @@ from bench_generate import SHAPES, answer_lengths  # noqa: E402
 from probe_step import cuda_ms, matmul_ms, step_linears  # noqa: E402
 
 from patchdb.generate import triton_decode  # noqa: E402
+from patchdb.generate.kv_writes import NewKV  # noqa: E402
 from patchdb.generate.sampling import Sampling, choose_tokens  # noqa: E402
 
 DEV = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -98,6 +107,51 @@ def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
     return out
 
 
+def step_layout(rows: int, prefix_len: int, unit_len: int, max_new: int,
+                tunings: list[Any]) -> list[dict[str, Any]]:
+    """The kernel at each launch shape as a decode step launches it: per-row lengths (all 50,
+    and the stop model's), unit prompts in unit order, and the step's new keys and values
+    stored by the kernel; each shape checked against the first."""
+    kvh, groups, dim = 16, 2, 128
+    g = torch.Generator(device=DEV).manual_seed(0)
+    query = torch.randn(rows, kvh, groups, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    key = torch.randn(rows, kvh, max_new, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    value = torch.randn_like(key)
+    prefix = (torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g),
+              torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g))
+    n_units = -(-rows // 64) + 1
+    u_k = torch.randn(n_units, kvh, unit_len, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+    u_v = torch.randn_like(u_k)
+    of_row = torch.randint(0, n_units, (rows,), generator=torch.Generator().manual_seed(3))
+    units = triton_decode.UnitPrompts(u_k, u_v, of_row.to(DEV, torch.int32),
+                                      torch.argsort(of_row, stable=True).to(DEV, torch.int32))
+    new = NewKV(0, torch.randn(rows, kvh, 1, dim, device=DEV, dtype=torch.bfloat16, generator=g),
+                torch.randn(rows, kvh, 1, dim, device=DEV, dtype=torch.bfloat16, generator=g),
+                lambda: None)
+    out = []
+    cases = {"all 50": torch.full((rows,), 50, dtype=torch.int32, device=DEV),
+             "ragged (stop model)": live_lengths(rows, max_new).to(DEV)}
+    for case, length in cases.items():
+        first = None
+        for tuning in tunings:
+            name = ",".join(str(x) for x in (tuning.lines, tuning.block, tuning.warps,
+                                             tuning.stages))
+
+            def fn(tuning: Any = tuning, length: torch.Tensor = length) -> torch.Tensor:
+                return triton_decode.decode_attention_triton(
+                    query, key, value, length, dim**-0.5, prefix, units=units, new=new,
+                    tuning=tuning)
+
+            result = fn().float()
+            first = result if first is None else first
+            ms = cuda_ms(fn, 50)
+            out.append({"case": case, "tuning": name, "us": round(ms * 1e3, 1),
+                        "max_diff_vs_first": float((result - first).abs().max())})
+            print(f"step layout, {case}, shape {name}: {ms * 1e3:.0f} us a layer "
+                  f"(max diff {out[-1]['max_diff_vs_first']:.1e} against the first)", flush=True)
+    return out
+
+
 def sampler(rows: int, vocab: int) -> dict[str, float]:
     logits = (torch.randn(rows, vocab, device=DEV) * 3).bfloat16()
     seeds = torch.arange(rows, device=DEV)
@@ -119,8 +173,13 @@ def main() -> None:
     parser.add_argument("--old-kernel", type=Path, default=None)
     parser.add_argument("--near", default="", help="row counts to time the linears at, "
                         "comma-separated (default: round numbers near --rows)")
+    parser.add_argument("--tunings", default="",
+                        help="launch shapes to time in the step's layout: lines,block,warps,"
+                        "stages, separated by ';'")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    tunings = [triton_decode.Tuning(*(int(x) for x in t.split(",")))
+               for t in args.tunings.split(";") if t.strip()]
     spec = SHAPES["gemma3-27b"]
     kernels: dict[str, Any] = {"this": triton_decode}
     if args.old_kernel is not None and args.old_kernel.exists():
@@ -140,6 +199,8 @@ def main() -> None:
                "linears": linears(near, spec) + linears(near, spec, fused=True),
                "attention": attention(r, args.prefix, args.unit_len, 100, kernels),
                "sampler": sampler(r, spec["vocab_size"])}
+    if tunings:
+        results["step_layout"] = step_layout(r, args.prefix, args.unit_len, 100, tunings)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
