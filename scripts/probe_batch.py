@@ -66,10 +66,10 @@ def live_lengths(rows: int, max_new: int) -> torch.Tensor:
     return at.to(torch.int32)
 
 
-def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
-              kernels: dict[str, Any]) -> list[dict[str, Any]]:
-    """Both kernels at uniform and ragged own lengths, rows of a unit side by side as refill
-    admits them (runs of 64, cut where rows were refilled)."""
+def attention_inputs(rows: int, prefix_len: int, max_new: int) -> tuple[Any, ...]:
+    """Queries, a cache of max_new positions a row and a shared prefix at the Gemma-3-27B
+    attention shape (16 KV heads, 2 query heads each, head dim 128), with the generator that
+    drew them, for the unit prompts drawn after."""
     kvh, groups, dim = 16, 2, 128
     g = torch.Generator(device=DEV).manual_seed(0)
     query = torch.randn(rows, kvh, groups, dim, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -77,6 +77,15 @@ def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
     value = torch.randn_like(key)
     prefix = (torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g),
               torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g))
+    return g, query, key, value, prefix
+
+
+def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
+              kernels: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both kernels at uniform and ragged own lengths, rows of a unit side by side as refill
+    admits them (runs of 64, cut where rows were refilled)."""
+    kvh, dim = 16, 128
+    g, query, key, value, prefix = attention_inputs(rows, prefix_len, max_new)
     n_units = 4 * -(-rows // 64) + 8
     u_k = torch.randn(n_units, kvh, unit_len, dim, device=DEV, dtype=torch.bfloat16, generator=g)
     u_v = torch.randn_like(u_k)
@@ -112,13 +121,8 @@ def step_layout(rows: int, prefix_len: int, unit_len: int, max_new: int,
     """The kernel at each launch shape as a decode step launches it: per-row lengths (all 50,
     and the stop model's), unit prompts in unit order, and the step's new keys and values
     stored by the kernel; each shape checked against the first."""
-    kvh, groups, dim = 16, 2, 128
-    g = torch.Generator(device=DEV).manual_seed(0)
-    query = torch.randn(rows, kvh, groups, dim, device=DEV, dtype=torch.bfloat16, generator=g)
-    key = torch.randn(rows, kvh, max_new, dim, device=DEV, dtype=torch.bfloat16, generator=g)
-    value = torch.randn_like(key)
-    prefix = (torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g),
-              torch.randn(kvh, prefix_len, dim, device=DEV, dtype=torch.bfloat16, generator=g))
+    kvh, dim = 16, 128
+    g, query, key, value, prefix = attention_inputs(rows, prefix_len, max_new)
     n_units = -(-rows // 64) + 1
     u_k = torch.randn(n_units, kvh, unit_len, dim, device=DEV, dtype=torch.bfloat16, generator=g)
     u_v = torch.randn_like(u_k)
