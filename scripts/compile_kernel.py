@@ -133,13 +133,12 @@ def occupancy(cubin: bytes, shared: int, warps: int) -> dict[str, Any]:
 
 
 def programs(rows: int, tuning: Any, sms: int, kv_heads: int = 16) -> int:
-    """Programs a decode step launches (Gemma-3-27B: 16 KV heads, 2 query heads each), with
-    triton_decode's rule: fewer rows a program where there would be under 4 a multiprocessor."""
+    """Programs a decode step of `rows` rows launches (Gemma-3-27B: 16 KV heads, 2 query heads
+    each), by triton_decode's own rule for the rows a program takes."""
     from patchdb.generate import triton_decode
 
-    per = max(1, (tuning or triton_decode.DEFAULT).lines // 2)
-    while per > 1 and -(-rows // per) * kv_heads < 4 * sms:
-        per //= 2
+    lines = (tuning or triton_decode.DEFAULT).lines
+    per = triton_decode.rows_per_program(rows, kv_heads, lines, 2, sms)
     return -(-rows // per) * kv_heads
 
 

@@ -241,17 +241,21 @@ def _multiprocessors(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
-def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
+def rows_per_program(batch: int, kv_heads: int, lines: int, g_pad: int,
+                     multiprocessors: int) -> int:
     """Rows a program takes: as many as its query lines hold, fewer where that would leave
-    the GPU's multiprocessors with under four programs each."""
-    assert triton is not None
+    the GPU's multiprocessors with under four programs each (none given: no such floor). A
+    launch has cdiv(batch, rows) x kv_heads programs."""
     rows = max(1, lines // g_pad)
-    if query.is_cuda:
-        batch, kv_heads = query.shape[:2]
-        floor = 4 * _multiprocessors(query.device.index or 0)
-        while rows > 1 and triton.cdiv(batch, rows) * kv_heads < floor:
-            rows //= 2
+    while rows > 1 and -(-batch // rows) * kv_heads < 4 * multiprocessors:
+        rows //= 2
     return rows
+
+
+def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
+    batch, kv_heads = query.shape[:2]
+    return rows_per_program(batch, kv_heads, lines, g_pad,
+                            _multiprocessors(query.device.index or 0) if query.is_cuda else 0)
 
 
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
