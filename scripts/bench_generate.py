@@ -55,7 +55,7 @@ from full_layer_runs import (  # noqa: E402
     without_window,
 )
 from phases import PhaseClock, print_report  # noqa: E402
-from sampler_times import sampler_times  # noqa: E402
+from sampler_times import sampler_times, sync  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # google/gemma-3-27b-it text config
@@ -125,11 +125,6 @@ def copy_bandwidth(device: str) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 2 / sorted(times)[len(times) // 2]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @dataclass

@@ -13,6 +13,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def ms_per_call(fn: Any, device: str, repeats: int) -> float:
+    """Milliseconds a call of fn(i), i the call's index, over `repeats` calls after 3."""
+    for i in range(3):
+        fn(i)
+    sync(device)
+    t = time.perf_counter()
+    for i in range(repeats):
+        fn(i)
+    sync(device)
+    return (time.perf_counter() - t) / repeats * 1e3
+
+
 def sampler_times(device: str, rows: int, vocab: int, repeats: int = 20) -> dict[str, Any]:
     """Milliseconds per choose_tokens call on random float32 logits of [rows, vocab] on the
     device, rounded through bf16 first as the engine's logits are (so top-k ties occur as they
@@ -25,14 +37,8 @@ def sampler_times(device: str, rows: int, vocab: int, repeats: int = 20) -> dict
     out: dict[str, Any] = {"rows": rows, "vocab": vocab, "logits_dtype": "bfloat16 -> float32"}
     for name, how in (("full_softmax", Sampling(1.0)), ("top_k64_top_p095", Sampling(1.0, 64, 0.95)),
                       ("top_p095_only", Sampling(1.0, 0, 0.95))):
-        for step in range(3):
-            choose_tokens(logits, seeds, step, how)
-        sync(device)
-        t = time.perf_counter()
-        for step in range(repeats):
-            choose_tokens(logits, seeds, step, how)
-        sync(device)
-        out[f"{name}_ms"] = (time.perf_counter() - t) / repeats * 1e3
+        out[f"{name}_ms"] = ms_per_call(
+            lambda step, how=how: choose_tokens(logits, seeds, step, how), device, repeats)
     out.update(topk_slices_times(logits.to(torch.bfloat16), seeds, device, repeats))
     return out
 
@@ -46,22 +52,13 @@ def topk_slices_times(logits: Any, seeds: Any, device: str, repeats: int) -> dic
     how = sampling.Sampling(1.0, 64, 0.95)
     picks = sampling.TIE_MARGIN + 64
 
-    def timed(fn: Any) -> float:
-        for _ in range(3):
-            fn()
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync(device)
-        return (time.perf_counter() - t) / repeats * 1e3
-
     out: dict[str, Any] = {"topk_slices": {}}
     want = [sampling.choose_tokens(logits, seeds, step, how) for step in range(4)]
     for slices in (0, 32, 64, 128, 256):
         with mock.patch.object(sampling, "TOPK_SLICES", slices):
-            draw = timed(lambda: sampling.choose_tokens(logits, seeds, 0, how))
-            select = timed(lambda: sampling._topk(logits, picks))
+            draw = ms_per_call(lambda _: sampling.choose_tokens(logits, seeds, 0, how), device,
+                               repeats)
+            select = ms_per_call(lambda _: sampling._topk(logits, picks), device, repeats)
             differ = sum(int((sampling.choose_tokens(logits, seeds, step, how) != w).sum())
                          for step, w in enumerate(want))
         out["topk_slices"][str(slices)] = {"draw_ms": draw, "select_ms": select,
