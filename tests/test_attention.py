@@ -71,3 +71,16 @@ def test_a_model_not_on_sdpa_is_left_alone() -> None:
     with decode_attention_for(model) as used:
         assert not used
         assert model.config._attn_implementation == "eager"
+
+
+def test_rows_a_decode_kernel_program_takes() -> None:
+    from patchdb.generate.triton_decode import rows_per_program
+
+    # 16 query lines over 2 query heads a KV head: 8 rows, where 381 rows x 16 KV heads make
+    # 768 programs, at least 4 a multiprocessor on 132
+    assert rows_per_program(381, 16, 16, 2, 132) == 8
+    # 20 rows: 48 programs at 8 rows, under 528; halved until 320 at 1 row
+    assert rows_per_program(20, 16, 16, 2, 132) == 1
+    assert rows_per_program(100, 16, 16, 2, 132) == 2  # 50 x 16 = 800 programs
+    assert rows_per_program(20, 16, 16, 2, 0) == 8  # no multiprocessors given: no floor
+    assert rows_per_program(5, 16, 1, 2, 0) == 1
