@@ -182,8 +182,12 @@ def main() -> None:
                         "stages, separated by ';'")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    tunings = [triton_decode.Tuning(*(int(x) for x in t.split(",")))
-               for t in args.tunings.split(";") if t.strip()]
+    try:
+        tunings = [triton_decode.Tuning(*(int(x) for x in t.split(",")))
+                   for t in args.tunings.split(";") if t.strip()]
+    except (TypeError, ValueError):
+        parser.error("--tunings takes shapes of four integers (lines,block,warps,stages), "
+                     "separated by ';'")
     spec = SHAPES["gemma3-27b"]
     kernels: dict[str, Any] = {"this": triton_decode}
     if args.old_kernel is not None and args.old_kernel.exists():
