@@ -261,7 +261,7 @@ def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             length: torch.Tensor, scale: float,
                             prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            window: int | None = None, tuning: Tuning = DEFAULT,
+                            window: int | None = None, tuning: Tuning | None = None,
                             units: "UnitPrompts | None" = None,
                             pages: torch.Tensor | None = None,
                             new: "NewKV | None" = None) -> torch.Tensor:
@@ -273,11 +273,13 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
     [kv_heads, prefix_len, d] that every row attends to before its own; `units`: keys and
     values [n_units, kv_heads, unit_len, d], one prompt per unit, and each row's unit, attended
     to after the prefix and before the row's own; `window`: a query sees only the last `window`
-    positions up to its own (the prefix's counted first, then the unit's).
+    positions up to its own (the prefix's counted first, then the unit's). `tuning`: the
+    launch shape, DEFAULT (read at the call) where None.
     `new`: this step's keys and values ([b, kv_heads, 1, d]), which the kernel stores at each
     row's last valid position (its length less one; with `pages`, through the page table)
     before it reads the cache. Returns [b, kv_heads, groups, d]."""
     assert triton is not None
+    tuning = DEFAULT if tuning is None else tuning
     batch, kv_heads, groups, dim = query.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("keys and values need a contiguous last dimension")
