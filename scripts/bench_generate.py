@@ -49,6 +49,7 @@ from full_layer_runs import (  # noqa: E402
     FULL_LAYER_RUNS,
     answer_spread,
     differing_rows,
+    experiment_name,
     run_context,
     run_specs,
     summarize_full_layer,
@@ -709,11 +710,11 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0
-            changed = run_context(kind, model)
+            changed = run_context(kind, model, name)
             try:
                 with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
                         changed:
-                    r = run_stage(model, tokenizer, f"{args.shape}-{name.replace('@', '-at-')}",
+                    r = run_stage(model, tokenizer, experiment_name(args.shape, name),
                                   text, device, rows, Path(tmp), compile_decode, True, stop_at,
                                   shrink, args.stop_words if stop else None, refill,
                                   length_counts(args.new_tokens) if kind == "stop-paged"

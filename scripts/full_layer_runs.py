@@ -2,12 +2,16 @@
 kind changes for its run, `--runs` parsing, how alike a run's answers are, the rollouts that
 differ between runs, and the projections of the full default sweep printed at the end."""
 
+import re
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
 
 import torch
+
+from patchdb.generate import sampling, triton_decode
+from patchdb.generate.triton_decode import Tuning
 
 FULL_SWEEP_ROLLOUTS = 236_544  # the default sweep: 21 patch layers x 176 units x 64 samples
 
@@ -54,32 +58,74 @@ def diverse_answers(model: Any) -> Iterator[None]:
             weight.div_(DIVERSE_EMBED_SCALE)
 
 
-def run_context(kind: str, model: Any) -> Any:
-    """What a run kind changes for its run: the old KV scatter, the old refill threshold, or
-    diverse answers (nothing for the others)."""
+def changes(spec: str) -> list[tuple[str, Any]]:
+    """A run name's changes after its kind, `+attn=L-B-W-S` (the decode attention's launch
+    shape, triton_decode.Tuning) and `+topk=N` (sampling.TOPK_SLICES), as (what, value).
+    Raises ValueError on one it does not know or cannot read."""
+    out: list[tuple[str, Any]] = []
+    for part in spec.split("+")[1:]:
+        what, _, value = part.partition("=")
+        try:
+            if what == "attn":
+                numbers = [int(x) for x in value.split("-")]
+                if len(numbers) != 4 or min(numbers) < 1:
+                    raise ValueError
+                out.append((what, Tuning(*numbers)))
+            elif what == "topk":
+                if not value.isdigit():
+                    raise ValueError
+                out.append((what, int(value)))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages "
+                             f"or +topk=slices") from None
+    return out
+
+
+def run_context(kind: str, model: Any, name: str = "") -> Any:
+    """What a run changes for its run: by its kind, the old KV scatter, the old refill
+    threshold, or diverse answers; by its name, the changes `changes` reads."""
+    stack = ExitStack()
     if kind == "defaults-scatter":
-        return mock.patch("patchdb.generate.kv_writes.offer", return_value=False)
-    if kind == "stop-refill-16":
-        return mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16)
-    if kind.endswith("-diverse"):
-        return diverse_answers(model)
-    return nullcontext()
+        stack.enter_context(mock.patch("patchdb.generate.kv_writes.offer", return_value=False))
+    elif kind == "stop-refill-16":
+        stack.enter_context(mock.patch("patchdb.generate.refill.REFILL_FRACTION", 1 / 16))
+    elif kind.endswith("-diverse"):
+        stack.enter_context(diverse_answers(model))
+    for what, value in changes(name.partition("@")[0]):
+        if what == "attn":
+            stack.enter_context(mock.patch.object(triton_decode, "DEFAULT", value))
+        else:
+            stack.enter_context(mock.patch.object(sampling, "TOPK_SLICES", value))
+    return stack
 
 
 def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | None]]:
-    """`--runs` as (name, kind, rows): a run is a FULL_LAYER_RUNS kind, or kind@rows for that
-    kind at a fixed batch (an A/B of row counts in one process: `defaults,defaults@384`).
-    Raises ValueError on a name it does not know, before any model is built."""
+    """`--runs` as (name, kind, rows): a run is a FULL_LAYER_RUNS kind, then any changes
+    (`changes`), then @rows for a fixed batch (an A/B in one process:
+    `defaults,defaults@384,defaults+attn=16-16-2-4`). Raises ValueError on a name it does not
+    know, before any model is built."""
     out = []
     for name in runs.split(","):
-        kind, at, rows = name.partition("@")
+        spec, at, rows = name.partition("@")
+        kind = spec.partition("+")[0]
         if kind not in FULL_LAYER_RUNS or (at and (not rows.isdigit() or int(rows) == 0)):
             raise ValueError(f"unknown --full-layer run {name!r}: one of "
-                             f"{', '.join(FULL_LAYER_RUNS)}, optionally @rows")
+                             f"{', '.join(FULL_LAYER_RUNS)}, optionally +changes and @rows")
+        changes(spec)
         if name in (n for n, _, _ in out):
             raise ValueError(f"--runs names {name!r} twice")
         out.append((name, kind, int(rows) if at else batch_size))
     return out
+
+
+def experiment_name(shape: str, name: str) -> str:
+    """The store's experiment for a run: the shape and the run's name, each character other
+    than a letter, digit or hyphen a hyphen (`defaults+attn=16-16-2-4@384` ->
+    `gemma3-27b-defaults-attn-16-16-2-4-at-384`)."""
+    spec, at, rows = name.partition("@")
+    return re.sub(r"[^A-Za-z0-9-]", "-", f"{shape}-{spec}" + (f"-at-{rows}" if at else ""))
 
 
 def answer_spread(answers: dict[Any, Any]) -> dict[str, float]:

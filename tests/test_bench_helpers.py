@@ -14,14 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from full_layer_runs import (  # noqa: E402
     FULL_SWEEP_ROLLOUTS,
     answer_spread,
+    changes,
     differing_rows,
     diverse_answers,
+    experiment_name,
     one_drain_minutes,
+    run_context,
     run_specs,
     summarize_full_layer,
     without_window,
 )
 from phases import PhaseClock, gap_report  # noqa: E402
+
+from patchdb.generate import sampling, triton_decode  # noqa: E402
+from patchdb.generate.triton_decode import Tuning  # noqa: E402
 
 
 def test_runs_parse_kinds_and_fixed_rows() -> None:
@@ -31,8 +37,31 @@ def test_runs_parse_kinds_and_fixed_rows() -> None:
     assert run_specs("compile-off", None) == [("compile-off", "compile-off", None)]
 
 
+def test_runs_carry_changes_and_name_their_experiments() -> None:
+    runs = "defaults-diverse+attn=16-16-2-4+topk=64@512,defaults-diverse+topk=0"
+    assert run_specs(runs, None) == [
+        ("defaults-diverse+attn=16-16-2-4+topk=64@512", "defaults-diverse", 512),
+        ("defaults-diverse+topk=0", "defaults-diverse", None)]
+    assert changes("defaults+attn=8-32-2-2+topk=32") == [("attn", Tuning(8, 32, 2, 2)),
+                                                         ("topk", 32)]
+    assert changes("defaults") == []
+    assert experiment_name("gemma3-27b", "defaults+attn=16-16-2-4@384") == \
+        "gemma3-27b-defaults-attn-16-16-2-4-at-384"
+    assert experiment_name("s", "compile-off") == "s-compile-off"
+
+
+def test_run_context_sets_and_restores_the_changes() -> None:
+    before_tuning, before_slices = triton_decode.DEFAULT, sampling.TOPK_SLICES
+    with run_context("defaults", None, "defaults+attn=8-16-2-4+topk=64@100"):
+        assert triton_decode.DEFAULT == Tuning(8, 16, 2, 4)
+        assert sampling.TOPK_SLICES == 64
+    assert (triton_decode.DEFAULT, sampling.TOPK_SLICES) == (before_tuning, before_slices)
+
+
 @pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
-                                  "defaults,defaults", "defaults@", "@384"])
+                                  "defaults,defaults", "defaults@", "@384", "defaults+attn=1-2-3",
+                                  "defaults+attn=16-0-2-3", "defaults+topk=x", "defaults+fast",
+                                  "nonsense+topk=4"])
 def test_runs_reject_what_they_do_not_know(runs: str) -> None:
     with pytest.raises(ValueError):
         run_specs(runs, None)
@@ -187,3 +216,27 @@ def test_the_profiler_window_keeps_only_the_steps_after_its_warm_up() -> None:
     assert not names & {"aten::tan", "aten::cos", "aten::exp"}
     assert clock._prof is None and clock.window_s > 0
     assert clock.gaps["busy_us"] > 0
+
+
+def test_pick_changes_takes_only_clear_wins_that_draw_the_same() -> None:
+    from pick_changes import pick_attention, pick_topk
+
+    default = ",".join(str(x) for x in (triton_decode.DEFAULT.lines, triton_decode.DEFAULT.block,
+                                        triton_decode.DEFAULT.warps, triton_decode.DEFAULT.stages))
+    ragged = "ragged (stop model)"
+    batch = {"step_layout": [
+        {"case": "all 50", "tuning": "8,16,2,4", "us": 10.0, "max_diff_vs_first": 0.0},
+        {"case": ragged, "tuning": default, "us": 100.0, "max_diff_vs_first": 0.0},
+        {"case": ragged, "tuning": "16,16,2,4", "us": 90.0, "max_diff_vs_first": 1e-3},
+        {"case": ragged, "tuning": "8,32,2,2", "us": 80.0, "max_diff_vs_first": 0.5}]}
+    # 8,32,2,2 is fastest but its output differs; 16,16,2,4 is 10% faster: taken at a 5% margin
+    assert pick_attention(batch, 0.05) == "+attn=16-16-2-4"
+    assert pick_attention(batch, 0.15) == ""
+    assert pick_attention({"step_layout": []}, 0.05) == ""
+    base = str(sampling.TOPK_SLICES)
+    splits = {base: {"draw_ms": 3.0, "tokens_differ": 0},
+              "9991": {"draw_ms": 1.0, "tokens_differ": 2},
+              "9992": {"draw_ms": 2.0, "tokens_differ": 0}}
+    assert pick_topk({"topk_slices": splits}, 0.05) == "+topk=9992"
+    assert pick_topk({"topk_slices": splits}, 0.5) == ""
+    assert pick_topk({}, 0.05) == ""
