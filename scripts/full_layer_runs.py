@@ -155,6 +155,22 @@ def without_window(r: dict[str, Any], window_s: float) -> None:
                                          - sum(x["drain_s"] for x in stats), 1e-9))
 
 
+def without_changes(name: str) -> str:
+    """A run's name less its changes, its rows kept (`defaults+attn=8-32-2-2@381` ->
+    `defaults@381`): the run it is an A/B against."""
+    spec, at, rows = name.partition("@")
+    return spec.partition("+")[0] + at + rows
+
+
+def uniform_base(name: str) -> str:
+    """The uniform-length run an early-stop run is compared with: defaults, or
+    defaults-diverse for a -diverse kind, with the same changes and rows
+    (`stop-refill-diverse+topk=64@381` -> `defaults-diverse+topk=64@381`)."""
+    kind = name.partition("+")[0].partition("@")[0]
+    base = "defaults-diverse" if kind.endswith("-diverse") else "defaults"
+    return base + name[len(kind):]
+
+
 def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
     """Rollouts that differ, key by key, between runs of the same work that batch rows
     differently (continuous batching against fixed batches) or run other kernels (compiled
@@ -166,7 +182,8 @@ def differing_rows(answers: dict[str, dict[Any, Any]]) -> dict[str, Any]:
                  ("defaults", "fixed"), ("stop-shrink", "stop-keep"),
                  ("defaults", "compile-off"), ("defaults", "defaults-scatter"),
                  ("stop-refill", "stop-refill-16"),
-                 *((n.partition("@")[0], n) for n in answers if "@" in n)):
+                 *((without_changes(n), n) for n in answers if "+" in n),
+                 *((n.partition("@")[0], n) for n in answers if "@" in n and "+" not in n)):
         if a in answers and b in answers:
             keys = answers[a].keys() & answers[b].keys()
             differ = sum(answers[a][k] != answers[b][k] for k in keys)
@@ -214,9 +231,10 @@ def summarize_full_layer(results: dict[str, Any], weights: int, flops: float) ->
               f"{'' if one is None else f'{one:.1f}'} | "
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
-    for stopped in (kind for kind, (_, stop, _, _) in FULL_LAYER_RUNS.items() if stop):
-        base = "defaults-diverse" if stopped.endswith("-diverse") else "defaults"
-        if stopped in runs and base in runs:
+    stops = {kind for kind, (_, stop, _, _) in FULL_LAYER_RUNS.items() if stop}
+    for stopped in (n for n in runs if n.partition("+")[0].partition("@")[0] in stops):
+        base = uniform_base(stopped)
+        if base in runs:
             ratio = runs[stopped]["tok_s_steady"] / runs[base]["tok_s_steady"]
             runs[stopped]["of_uniform_rate"] = ratio
             print(f"{stopped}: useful steady tok/s {ratio:.0%} of the uniform-length rate "

@@ -22,6 +22,8 @@ from full_layer_runs import (  # noqa: E402
     run_context,
     run_specs,
     summarize_full_layer,
+    uniform_base,
+    without_changes,
     without_window,
 )
 from phases import PhaseClock, gap_report  # noqa: E402
@@ -108,6 +110,16 @@ def test_differing_rows_counts_keys_both_runs_hold() -> None:
     assert "stop-refill vs stop-shrink" not in out
 
 
+def test_runs_with_changes_pair_with_the_same_run_without_them() -> None:
+    assert without_changes("defaults+attn=8-32-2-2@381") == "defaults@381"
+    assert without_changes("stop-refill+topk=64") == "stop-refill"
+    assert uniform_base("stop-refill-diverse+topk=64@381") == "defaults-diverse+topk=64@381"
+    assert uniform_base("stop-paged@400") == "defaults@400"
+    out = differing_rows({"defaults@381": {1: "x", 2: "y"},
+                          "defaults+attn=8-32-2-2@381": {1: "x", 2: "z"}})
+    assert out == {"defaults@381 vs defaults+attn=8-32-2-2@381": {"rows": 2, "differ": 1}}
+
+
 def test_diverse_answers_restores_the_embedding_bit_for_bit() -> None:
     embedding = torch.nn.Embedding(64, 16, dtype=torch.bfloat16)
     model = SimpleNamespace(get_input_embeddings=lambda: embedding)
@@ -131,7 +143,10 @@ def test_summary_projects_the_full_sweep_and_the_early_stop_ratio() -> None:
         "defaults": _run(10_000.0, 60.0, 10_400.0),
         "stop-refill": _run(9_000.0, 60.0, 9_880.0),
         "defaults-diverse": _run(8_000.0, 60.0),
-        "stop-refill-diverse": _run(7_600.0, 60.0)}}}
+        "stop-refill-diverse": _run(7_600.0, 60.0),
+        "defaults+topk=8@381": _run(5_000.0, 60.0),
+        "stop-refill+topk=8@381": _run(4_000.0, 60.0),
+        "stop-keep@381": _run(4_000.0, 60.0)}}}
     weights, flops = 27_000_000_000, 1e15
     summarize_full_layer(results, weights, flops)
     out = results["full_layer"]
@@ -144,6 +159,9 @@ def test_summary_projects_the_full_sweep_and_the_early_stop_ratio() -> None:
     assert runs["stop-refill"]["of_uniform_rate_before_drain"] == pytest.approx(0.95)
     # a -diverse early-stop run is compared with defaults-diverse, not with defaults
     assert runs["stop-refill-diverse"]["of_uniform_rate"] == pytest.approx(0.95)
+    # runs with changes or rows pair with the uniform run of the same changes and rows
+    assert runs["stop-refill+topk=8@381"]["of_uniform_rate"] == pytest.approx(0.8)
+    assert "of_uniform_rate" not in runs["stop-keep@381"]  # no defaults@381 ran
     assert runs["defaults"]["floor_fraction"] == pytest.approx(
         out["compute_floor_min"] / runs["defaults"]["projected_full_sweep_min"])
 
