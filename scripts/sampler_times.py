@@ -45,8 +45,9 @@ def sampler_times(device: str, rows: int, vocab: int, repeats: int = 20) -> dict
 
 def topk_slices_times(logits: Any, seeds: Any, device: str, repeats: int) -> dict[str, Any]:
     """On bf16 logits, as the engine draws from them: the top-k 64 / top-p 0.95 draw and its
-    selection alone (the 128 best a row), in one pass and in two (sampling.TOPK_SLICES), with
-    the tokens each two-pass draw gives against the one-pass draw's."""
+    selection alone (the 128 best a row), in one pass and in two (sampling.TOPK_SLICES: the
+    slices with the highest maxima, then their entries), with the tokens each two-pass draw
+    gives against the one-pass draw's."""
     from patchdb.generate import sampling
 
     how = sampling.Sampling(1.0, 64, 0.95)
@@ -54,7 +55,7 @@ def topk_slices_times(logits: Any, seeds: Any, device: str, repeats: int) -> dic
 
     out: dict[str, Any] = {"topk_slices": {}}
     want = [sampling.choose_tokens(logits, seeds, step, how) for step in range(4)]
-    for slices in (0, 32, 64, 128, 256):
+    for slices in (0, 512, 1024, 2048, 4096, 8192):
         with mock.patch.object(sampling, "TOPK_SLICES", slices):
             draw = ms_per_call(lambda _: sampling.choose_tokens(logits, seeds, 0, how), device,
                                repeats)

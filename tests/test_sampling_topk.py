@@ -1,7 +1,7 @@
-"""Top-k in two passes (sampling.TOPK_SLICES) against one torch.topk over the vocabulary: the
-same scores, the same candidates once _top_k has cut them, and the same tokens drawn, on bf16
-logits full of ties, with a vocabulary that splits evenly into the slices and one that leaves a
-tail."""
+"""Top-k in two passes (sampling.TOPK_SLICES: the slices with the highest maxima, then one top-k
+over their entries) against one torch.topk over the vocabulary: the same scores, the same
+candidates once _top_k has cut them, and the same tokens drawn, on bf16 logits full of ties,
+with a vocabulary that splits evenly into the slices and ones that leave a tail."""
 
 from unittest import mock
 
@@ -24,8 +24,10 @@ def tied_logits(rows: int, vocab: int, levels: int, seed: int) -> torch.Tensor:
 def test_two_passes_find_the_same_scores(vocab: int, levels: int) -> None:
     scores = tied_logits(16, vocab, levels, seed=vocab + levels)
     one_values, one_ids = torch.topk(scores, 68)
-    with mock.patch.object(sampling, "TOPK_SLICES", 16):
+    with mock.patch.object(sampling, "TOPK_SLICES", 256), \
+            mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
         values, ids = sampling._topk(scores, 68)
+    assert topk.call_count == 2  # the slices' maxima, then their entries
     assert torch.equal(values, one_values)
     # every id is a real token with the score given for it, and no token comes twice
     assert torch.equal(scores.gather(1, ids), values)
@@ -42,7 +44,7 @@ def test_two_passes_draw_the_same_tokens(vocab: int, levels: int, k: int, top_p:
     for step in range(4):
         one = choose_tokens(logits, seeds, step, how)
         one_cut = sampling._top_k(logits, k, 1.0)
-        with mock.patch.object(sampling, "TOPK_SLICES", 16):
+        with mock.patch.object(sampling, "TOPK_SLICES", 256):
             two = choose_tokens(logits, seeds, step, how)
             two_cut = sampling._top_k(logits, k, 1.0)
         assert torch.equal(one, two)
@@ -51,13 +53,24 @@ def test_two_passes_draw_the_same_tokens(vocab: int, levels: int, k: int, top_p:
         assert torch.equal(one_cut[1][kept], two_cut[1][kept])
 
 
-def test_slices_too_narrow_fall_back_to_one_pass() -> None:
+def test_too_few_slices_fall_back_to_one_pass() -> None:
     scores = tied_logits(4, 1000, 40, seed=3)
-    with mock.patch.object(sampling, "TOPK_SLICES", 16), \
-            mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
-        sampling._topk(scores, 68)  # 62 a slice: under twice the 68 asked for
-    assert topk.call_count == 1
-    with mock.patch.object(sampling, "TOPK_SLICES", 4), \
-            mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
-        sampling._topk(scores, 68)  # 250 a slice
-    assert topk.call_count == 2
+    for slices, calls in ((100, 1), (136, 2), (501, 1)):  # under 2 x 68; enough; under 2 a slice
+        with mock.patch.object(sampling, "TOPK_SLICES", slices), \
+                mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
+            values, _ = sampling._topk(scores, 68)
+        assert topk.call_count == calls, slices
+        assert torch.equal(values, torch.topk(scores, 68).values)
+
+
+def test_the_best_scores_in_one_slice_are_all_found() -> None:
+    # Every one of the 68 best scores sits in slice 3: the other slices' maxima are all lower,
+    # so slice 3 ranks first and the rest of the 68 slices taken add nothing above them.
+    scores = torch.zeros(2, 256 * 16)
+    scores[:, 3 * 16:4 * 16] = torch.arange(16, dtype=torch.float32) + 100
+    scores[:, 200 * 16:200 * 16 + 16] = torch.arange(16, dtype=torch.float32) + 50
+    scores = scores.to(torch.bfloat16)
+    with mock.patch.object(sampling, "TOPK_SLICES", 256):
+        values, ids = sampling._topk(scores, 20)
+    assert torch.equal(values, torch.topk(scores, 20).values)
+    assert ids[0, :16].tolist() == list(range(3 * 16 + 15, 3 * 16 - 1, -1))
