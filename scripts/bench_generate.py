@@ -710,7 +710,7 @@ def full_layer(args: argparse.Namespace, model: Any, tokenizer: Any, device: str
             if clock is not None:
                 clock.install()
             card = torch.device(device).index or 0
-            changed = run_context(kind, model, name)
+            changed = run_context(name, model)
             try:
                 with (ClockLog(card) if device.startswith("cuda") else nullcontext()) as log, \
                         changed:

@@ -83,9 +83,16 @@ def changes(spec: str) -> list[tuple[str, Any]]:
     return out
 
 
-def run_context(kind: str, model: Any, name: str = "") -> Any:
+def run_kind(name: str) -> str:
+    """A run name's kind: what comes before its changes and rows
+    (`stop-refill+topk=64@381` -> `stop-refill`)."""
+    return name.partition("@")[0].partition("+")[0]
+
+
+def run_context(name: str, model: Any) -> Any:
     """What a run changes for its run: by its kind, the old KV scatter, the old refill
     threshold, or diverse answers; by its name, the changes `changes` reads."""
+    kind = run_kind(name)
     stack = ExitStack()
     if kind == "defaults-scatter":
         stack.enter_context(mock.patch("patchdb.generate.kv_writes.offer", return_value=False))
@@ -109,7 +116,7 @@ def run_specs(runs: str, batch_size: int | None) -> list[tuple[str, str, int | N
     out = []
     for name in runs.split(","):
         spec, at, rows = name.partition("@")
-        kind = spec.partition("+")[0]
+        kind = run_kind(name)
         if kind not in FULL_LAYER_RUNS or (at and (not rows.isdigit() or int(rows) == 0)):
             raise ValueError(f"unknown --full-layer run {name!r}: one of "
                              f"{', '.join(FULL_LAYER_RUNS)}, optionally +changes and @rows")
@@ -158,15 +165,15 @@ def without_window(r: dict[str, Any], window_s: float) -> None:
 def without_changes(name: str) -> str:
     """A run's name less its changes, its rows kept (`defaults+attn=8-32-2-2@381` ->
     `defaults@381`): the run it is an A/B against."""
-    spec, at, rows = name.partition("@")
-    return spec.partition("+")[0] + at + rows
+    _, at, rows = name.partition("@")
+    return run_kind(name) + at + rows
 
 
 def uniform_base(name: str) -> str:
     """The uniform-length run an early-stop run is compared with: defaults, or
     defaults-diverse for a -diverse kind, with the same changes and rows
     (`stop-refill-diverse+topk=64@381` -> `defaults-diverse+topk=64@381`)."""
-    kind = name.partition("+")[0].partition("@")[0]
+    kind = run_kind(name)
     base = "defaults-diverse" if kind.endswith("-diverse") else "defaults"
     return base + name[len(kind):]
 
@@ -232,7 +239,7 @@ def summarize_full_layer(results: dict[str, Any], weights: int, flops: float) ->
               f"{r['floor_fraction']:.2f} | {r.get('full_sweep_speedup', float('nan')):.1f} | "
               f"{r['peak_reserved_gib']:.1f} ({r['peak_reserved_gib'] / max(r['card_gib'], 1e-9):.0%}) |")
     stops = {kind for kind, (_, stop, _, _) in FULL_LAYER_RUNS.items() if stop}
-    for stopped in (n for n in runs if n.partition("+")[0].partition("@")[0] in stops):
+    for stopped in (n for n in runs if run_kind(n) in stops):
         base = uniform_base(stopped)
         if base in runs:
             ratio = runs[stopped]["tok_s_steady"] / runs[base]["tok_s_steady"]

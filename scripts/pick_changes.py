@@ -13,18 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from patchdb.generate.sampling import TOPK_SLICES
-from patchdb.generate.triton_decode import DEFAULT
+from patchdb.generate.triton_decode import DEFAULT, Tuning
 
 RAGGED = "ragged (stop model)"
+
+
+def shape_name(tuning: Tuning) -> str:
+    """A launch shape as probe_batch.py writes it: lines,block,warps,stages."""
+    return ",".join(str(x) for x in (tuning.lines, tuning.block, tuning.warps, tuning.stages))
 
 
 def pick_attention(batch: dict[str, Any], margin: float) -> str:
     """`+attn=...` for the fastest shape at realistic lengths, if it beats the default's time
     by `margin` (a fraction) and its output matches the first shape's to bf16 rounding."""
     timed = [r for r in batch.get("step_layout", []) if r["case"] == RAGGED]
-    default = ",".join(str(x) for x in (DEFAULT.lines, DEFAULT.block, DEFAULT.warps,
-                                        DEFAULT.stages))
-    base = next((r["us"] for r in timed if r["tuning"] == default), None)
+    base = next((r["us"] for r in timed if r["tuning"] == shape_name(DEFAULT)), None)
     good = [r for r in timed if r["max_diff_vs_first"] < 1e-2]
     if base is None or not good:
         return ""

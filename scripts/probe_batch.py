@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_generate import SHAPES, answer_lengths  # noqa: E402
+from pick_changes import RAGGED, shape_name  # noqa: E402
 from probe_step import cuda_ms, matmul_ms, step_linears  # noqa: E402
 
 from patchdb.generate import triton_decode  # noqa: E402
@@ -98,7 +99,7 @@ def attention(rows: int, prefix_len: int, unit_len: int, max_new: int,
         left -= 1
     out = []
     cases = {"uniform 50": torch.tensor(50, dtype=torch.int32, device=DEV),
-             "ragged (stop model)": live_lengths(rows, max_new).to(DEV)}
+             RAGGED: live_lengths(rows, max_new).to(DEV)}
     for case, length in cases.items():
         for name, mod in kernels.items():
             units = mod.UnitPrompts(u_k, u_v, torch.tensor(of_row, dtype=torch.int32, device=DEV))
@@ -134,12 +135,11 @@ def step_layout(rows: int, prefix_len: int, unit_len: int, max_new: int,
                 lambda: None)
     out = []
     cases = {"all 50": torch.full((rows,), 50, dtype=torch.int32, device=DEV),
-             "ragged (stop model)": live_lengths(rows, max_new).to(DEV)}
+             RAGGED: live_lengths(rows, max_new).to(DEV)}
     for case, length in cases.items():
         first = None
         for tuning in tunings:
-            name = ",".join(str(x) for x in (tuning.lines, tuning.block, tuning.warps,
-                                             tuning.stages))
+            name = shape_name(tuning)
 
             def fn(tuning: Any = tuning, length: torch.Tensor = length) -> torch.Tensor:
                 return triton_decode.decode_attention_triton(

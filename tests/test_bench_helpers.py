@@ -54,7 +54,7 @@ def test_runs_carry_changes_and_name_their_experiments() -> None:
 
 def test_run_context_sets_and_restores_the_changes() -> None:
     before_tuning, before_slices = triton_decode.DEFAULT, sampling.TOPK_SLICES
-    with run_context("defaults", None, "defaults+attn=8-16-2-4+topk=64@100"):
+    with run_context("defaults+attn=8-16-2-4+topk=64@100", None):
         assert triton_decode.DEFAULT == Tuning(8, 16, 2, 4)
         assert sampling.TOPK_SLICES == 64
     assert (triton_decode.DEFAULT, sampling.TOPK_SLICES) == (before_tuning, before_slices)
@@ -237,10 +237,9 @@ def test_the_profiler_window_keeps_only_the_steps_after_its_warm_up() -> None:
 
 
 def test_pick_changes_takes_only_clear_wins_that_draw_the_same() -> None:
-    from pick_changes import pick_attention, pick_topk
+    from pick_changes import pick_attention, pick_topk, shape_name
 
-    default = ",".join(str(x) for x in (triton_decode.DEFAULT.lines, triton_decode.DEFAULT.block,
-                                        triton_decode.DEFAULT.warps, triton_decode.DEFAULT.stages))
+    default = shape_name(triton_decode.DEFAULT)
     ragged = "ragged (stop model)"
     batch = {"step_layout": [
         {"case": "all 50", "tuning": "8,16,2,4", "us": 10.0, "max_diff_vs_first": 0.0},
