@@ -42,8 +42,9 @@ def test_two_passes_draw_the_same_tokens(vocab: int, levels: int, k: int, top_p:
     seeds = torch.arange(32) * 7919
     how = Sampling(1.0, k, top_p)
     for step in range(4):
-        one = choose_tokens(logits, seeds, step, how)
-        one_cut = sampling._top_k(logits, k, 1.0)
+        with mock.patch.object(sampling, "TOPK_SLICES", 0):
+            one = choose_tokens(logits, seeds, step, how)
+            one_cut = sampling._top_k(logits, k, 1.0)
         with mock.patch.object(sampling, "TOPK_SLICES", 256):
             two = choose_tokens(logits, seeds, step, how)
             two_cut = sampling._top_k(logits, k, 1.0)
@@ -74,3 +75,20 @@ def test_the_best_scores_in_one_slice_are_all_found() -> None:
         values, ids = sampling._topk(scores, 20)
     assert torch.equal(values, torch.topk(scores, 20).values)
     assert ids[0, :16].tolist() == list(range(3 * 16 + 15, 3 * 16 - 1, -1))
+
+
+def test_the_default_split_draws_as_one_pass_at_gemmas_vocabulary() -> None:
+    # The shipped setting, at Gemma 3's vocabulary (262,208: 1,024 slices of 256 and a tail of
+    # 64), takes the two-pass path and draws what one pass draws. Normal logits in bf16 tie in
+    # twos and threes near the top, as a model's do, but not past the tie margin.
+    assert sampling.TOPK_SLICES >= 2 * (64 + sampling.TIE_MARGIN)
+    logits = (torch.randn(6, 262208, generator=torch.Generator().manual_seed(5)) * 4
+              ).to(torch.bfloat16)
+    seeds = torch.arange(6) * 104729
+    how = Sampling(1.0, 64, 0.95)
+    with mock.patch.object(sampling.torch, "topk", wraps=torch.topk) as topk:
+        two = [choose_tokens(logits, seeds, step, how) for step in range(3)]
+    assert topk.call_count == 6  # two a draw: the slices' maxima, then their entries
+    with mock.patch.object(sampling, "TOPK_SLICES", 0):
+        one = [choose_tokens(logits, seeds, step, how) for step in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))

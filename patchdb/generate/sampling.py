@@ -142,10 +142,12 @@ TIE_MARGIN = 64
 # with a higher score), so one sorted top-n runs over those slices' entries (and any tail past
 # the equal slices). The scores are those of one torch.topk over the whole vocabulary; where tied
 # scores straddle the n-th place the two may keep different tied tokens, and _top_k masks those
-# places (ties that reach the k-th place go to its exact path). Not the default until a GPU says
-# it is faster: `scripts/bench_generate.py --sampler-only` times it. (Slices that each gave their
-# own best n, an earlier form, were slower than one pass on an H100: 2.65-4.23 ms against 2.33.)
-TOPK_SLICES = 0
+# places (ties that reach the k-th place go to its exact path). 1,024 slices: on an H100 at 381
+# rows the draw took 1.83 against 2.34 ms in one pass, and in the model (3 runs, A/B/A) the
+# sampler's GPU time a step fell by 0.25 ms with no rollout changed (docs/performance.md). 0
+# turns it off. (Slices that each gave their own best n, an earlier form, were slower than one
+# pass on an H100: 2.65-4.23 ms against 2.33.)
+TOPK_SLICES = 1024
 
 
 def _topk(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
