@@ -76,7 +76,7 @@ def compile_variant(arch: int, dtype: str, switches: dict[str, bool],
     rows = max(1, tuning.lines // 2)  # Gemma-3-27B: 2 query heads a KV head
     constants: dict[str, Any] = dict(
         GROUPS=2, G_PAD=2, ROWS=rows, LINES=max(16, 2 * rows), DIM=128, BLOCK_L=tuning.block,
-        IEEE=dtype == "fp32", **switches)
+        IEEE=dtype == "fp32", OWN=triton_decode.own_width(tuning, rows), **switches)
     constants["PAGE"] = PAGE if switches["PAGE"] else 0
     # strides of 1: a length and a unit a row, and (unpaged) the table's stand-in
     ones = {"s_unit"} | ({"s_len"} if switches["RAGGED"] else set()) | (
@@ -146,7 +146,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90)")
     parser.add_argument("--all", action="store_true", help="every combination of the switches")
-    parser.add_argument("--tuning", help="lines,block,warps,stages (default: the kernel's own)")
+    parser.add_argument("--tuning", help="lines,block,warps,stages[,wide] (default: the kernel's "
+                        "own)")
     parser.add_argument("--rows", type=int, help="also: the programs a step of this many rows "
                         "launches, in rounds of what the card's multiprocessors hold")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors (H100 SXM, H200: 132)")
@@ -158,7 +159,7 @@ def main() -> int:
         try:
             tuning = Tuning(*(int(x) for x in args.tuning.split(",")))
         except (TypeError, ValueError):
-            parser.error("--tuning takes four integers: lines,block,warps,stages")
+            parser.error("--tuning takes four or five integers: lines,block,warps,stages[,wide]")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -178,7 +179,7 @@ def main() -> int:
             return 1
         fit = (f", {got['registers']} registers ({got['spill_stack']} B spill stack), "
                f"{got['programs_per_sm']} programs a multiprocessor" if "registers" in got else "")
-        if args.rows and "programs_per_sm" in got:
+        if args.rows and got.get("programs_per_sm"):
             launched = programs(args.rows, tuning, args.sms)
             fit += (f"; {args.rows} rows: {launched} programs, "
                     f"{launched / (args.sms * got['programs_per_sm']):.2f} rounds")

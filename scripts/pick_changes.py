@@ -19,8 +19,11 @@ RAGGED = "ragged (stop model)"
 
 
 def shape_name(tuning: Tuning) -> str:
-    """A launch shape as probe_batch.py writes it: lines,block,warps,stages."""
-    return ",".join(str(x) for x in (tuning.lines, tuning.block, tuning.warps, tuning.stages))
+    """A launch shape as probe_batch.py writes it: lines,block,warps,stages, and ,1 where the
+    rows' own caches are read side by side (Tuning.wide)."""
+    fields = (tuning.lines, tuning.block, tuning.warps, tuning.stages) + (
+        (tuning.wide,) if tuning.wide else ())
+    return ",".join(str(x) for x in fields)
 
 
 def pick_attention(batch: dict[str, Any], margin: float) -> str:

@@ -7,7 +7,8 @@ sampler on bfloat16 logits against the same logits widened to float32.
     python scripts/probe_batch.py --rows 403 --old-kernel .bench/old_triton_decode.py --out probe.json
 
 With --tunings it also times this checkout's kernel at each launch shape (triton_decode.Tuning:
-lines,block,warps,stages; `;` between shapes) in the step's own layout: one length a row, unit
+lines,block,warps,stages and, for the rows' own caches side by side, ,1; `;` between shapes)
+in the step's own layout: one length a row, unit
 prompts taken in unit order, and the step's new keys stored by the kernel. The switches a step
 uses change the kernel's registers, so its programs a multiprocessor
 (scripts/compile_kernel.py), which probe_decode.py's plain cases do not show.
@@ -179,15 +180,15 @@ def main() -> None:
                         "comma-separated (default: round numbers near --rows)")
     parser.add_argument("--tunings", default="",
                         help="launch shapes to time in the step's layout: lines,block,warps,"
-                        "stages, separated by ';'")
+                        "stages[,wide], separated by ';'")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
         tunings = [triton_decode.Tuning(*(int(x) for x in t.split(",")))
                    for t in args.tunings.split(";") if t.strip()]
     except (TypeError, ValueError):
-        parser.error("--tunings takes shapes of four integers (lines,block,warps,stages), "
-                     "separated by ';'")
+        parser.error("--tunings takes shapes of four or five integers (lines,block,warps,"
+                     "stages[,wide]), separated by ';'")
     spec = SHAPES["gemma3-27b"]
     kernels: dict[str, Any] = {"this": triton_decode}
     if args.old_kernel is not None and args.old_kernel.exists():
