@@ -10,6 +10,9 @@ their own blocks (on an H100, 89 against 136 us a layer for 403 ragged rows). Th
 layout, one program per row and KV head, read the shared prefix again for every row (from L2, but
 more bytes than the rows' own cache): on an H200 at 1,040 rows, a 150-position prefix and 77 own
 positions, 0.48 ms a layer against 0.20 ms now (docs/performance.md, scripts/probe_decode.py).
+A launch shape with `wide` set reads the rows' own caches side by side instead: each step takes
+block / rows positions of every row of the program, so a program runs to its longest row in
+fewer, larger steps (off by default until a GPU shows it pays).
 
 Handed the step's new keys and values (kv_writes.NewKV), a program first stores those of its
 rows for its head at each row's last valid position (found from the lengths and, paged, the
