@@ -153,10 +153,13 @@ def test_rows_of_different_lengths_each_see_only_their_own(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window,ragged", [(1, False), (30, False), (50, True), (90, True)])
+@pytest.mark.parametrize("window,ragged,wide", [
+    (1, False, 0), (30, False, 0), (50, True, 0), (90, True, 0), (30, False, 1), (50, True, 1)])
 def test_a_window_keeps_only_the_last_positions_prefix_included(
-    dtype: torch.dtype, window: int, ragged: bool
+    dtype: torch.dtype, window: int, ragged: bool, wide: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if wide:  # the rows' own caches side by side
+        monkeypatch.setattr(triton_decode, "DEFAULT", triton_decode.Tuning(16, 32, 2, 3, 1))
     batch, max_len, prefix_len = 5, 60, 40
     query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, window)
     lengths = [12, 60, 1, 35, 47] if ragged else [45] * batch
