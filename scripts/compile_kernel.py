@@ -154,12 +154,13 @@ def main() -> int:
     args = parser.parse_args()
     tuning = None
     if args.tuning:
-        from patchdb.generate.triton_decode import Tuning
+        from pick_changes import parse_shape
 
         try:
-            tuning = Tuning(*(int(x) for x in args.tuning.split(",")))
-        except (TypeError, ValueError):
-            parser.error("--tuning takes four or five integers: lines,block,warps,stages[,wide]")
+            tuning = parse_shape(args.tuning)
+        except ValueError:
+            parser.error("--tuning takes lines,block,warps,stages (positive integers) and an "
+                         "optional wide, 0 or 1")
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -9,9 +9,9 @@ from typing import Any
 from unittest import mock
 
 import torch
+from pick_changes import parse_shape
 
 from patchdb.generate import sampling, triton_decode
-from patchdb.generate.triton_decode import Tuning
 
 FULL_SWEEP_ROLLOUTS = 236_544  # the default sweep: 21 patch layers x 176 units x 64 samples
 
@@ -68,11 +68,7 @@ def changes(spec: str) -> list[tuple[str, Any]]:
         what, _, value = part.partition("=")
         try:
             if what == "attn":
-                numbers = [int(x) for x in value.split("-")]
-                if (len(numbers) not in (4, 5) or min(numbers[:4]) < 1
-                        or numbers[4:] not in ([], [0], [1])):
-                    raise ValueError
-                out.append((what, Tuning(*numbers)))
+                out.append((what, parse_shape(value, "-")))
             elif what == "topk":
                 if not value.isdigit():
                     raise ValueError

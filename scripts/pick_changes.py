@@ -26,6 +26,16 @@ def shape_name(tuning: Tuning) -> str:
     return ",".join(str(x) for x in fields)
 
 
+def parse_shape(text: str, sep: str = ",") -> Tuning:
+    """A launch shape written as shape_name writes it (`sep` between the fields): four positive
+    integers lines,block,warps,stages, and an optional fifth, 0 or 1 (Tuning.wide). Raises
+    ValueError on anything else."""
+    numbers = [int(x) for x in text.split(sep)]
+    if len(numbers) not in (4, 5) or min(numbers[:4]) < 1 or numbers[4:] not in ([], [0], [1]):
+        raise ValueError(f"not a launch shape: {text!r}")
+    return Tuning(*numbers)
+
+
 def pick_attention(batch: dict[str, Any], margin: float) -> str:
     """`+attn=...` for the fastest shape at realistic lengths, if it beats the default's time
     by `margin` (a fraction) and its output matches the first shape's to bf16 rounding."""

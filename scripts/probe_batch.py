@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_generate import SHAPES, answer_lengths  # noqa: E402
-from pick_changes import RAGGED, shape_name  # noqa: E402
+from pick_changes import RAGGED, parse_shape, shape_name  # noqa: E402
 from probe_step import cuda_ms, matmul_ms, step_linears  # noqa: E402
 
 from patchdb.generate import triton_decode  # noqa: E402
@@ -184,11 +184,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
-        tunings = [triton_decode.Tuning(*(int(x) for x in t.split(",")))
-                   for t in args.tunings.split(";") if t.strip()]
-    except (TypeError, ValueError):
-        parser.error("--tunings takes shapes of four or five integers (lines,block,warps,"
-                     "stages[,wide]), separated by ';'")
+        tunings = [parse_shape(t) for t in args.tunings.split(";") if t.strip()]
+    except ValueError:
+        parser.error("--tunings takes shapes lines,block,warps,stages (positive integers) "
+                     "and an optional wide, 0 or 1, separated by ';'")
     spec = SHAPES["gemma3-27b"]
     kernels: dict[str, Any] = {"this": triton_decode}
     if args.old_kernel is not None and args.old_kernel.exists():

@@ -240,11 +240,17 @@ def test_the_profiler_window_keeps_only_the_steps_after_its_warm_up() -> None:
 
 
 def test_pick_changes_takes_only_clear_wins_that_draw_the_same() -> None:
-    from pick_changes import pick_attention, pick_topk, shape_name
+    from pick_changes import parse_shape, pick_attention, pick_topk, shape_name
 
     default = shape_name(triton_decode.DEFAULT)
     assert shape_name(Tuning(16, 64, 4, 2)) == "16,64,4,2"
     assert shape_name(Tuning(16, 64, 4, 2, 1)) == "16,64,4,2,1"
+    for tuning in (Tuning(16, 64, 4, 2), Tuning(16, 64, 4, 2, 1)):  # what it writes, it reads
+        assert parse_shape(shape_name(tuning)) == tuning
+    assert parse_shape("8-32-2-2", "-") == Tuning(8, 32, 2, 2)
+    for bad in ("16,32", "16,0,2,3", "16,32,2,3,2", "16,32,2,3,1,1", "a,b,c,d", ""):
+        with pytest.raises(ValueError):
+            parse_shape(bad)
     ragged = "ragged (stop model)"
     batch = {"step_layout": [
         {"case": "all 50", "tuning": "8,16,2,4", "us": 10.0, "max_diff_vs_first": 0.0},
@@ -262,3 +268,18 @@ def test_pick_changes_takes_only_clear_wins_that_draw_the_same() -> None:
     assert pick_topk({"topk_slices": splits}, 0.05) == "+topk=9992"
     assert pick_topk({"topk_slices": splits}, 0.5) == ""
     assert pick_topk({}, 0.05) == ""
+
+
+@pytest.mark.parametrize("script, args", [
+    ("compile_kernel.py", ["--tuning", "16,0,2,3"]),
+    ("probe_batch.py", ["--rows", "8", "--tunings", "16,32,2,3;16,32"]),
+])
+def test_scripts_refuse_a_launch_shape_they_cannot_read(script: str, args: list[str]) -> None:
+    import subprocess
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error: --tuning")
