@@ -158,15 +158,18 @@ def _topk(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.topk(scores, n)
     width = vocab // slices
     main = slices * width
-    highest = scores[:, :main].view(rows, slices, width).amax(dim=-1)
-    picked = torch.topk(highest, n, sorted=False).indices
-    ids = (picked[:, :, None] * width
-           + torch.arange(width, device=scores.device)).reshape(rows, n * width)
-    if main < vocab:  # the last few entries, beyond the equal slices
-        tail = torch.arange(main, vocab, device=scores.device).expand(rows, vocab - main)
-        ids = torch.cat([ids, tail], 1)
-    values, at = torch.topk(scores.gather(1, ids), n)
-    return values, ids.gather(1, at)
+    blocks = scores[:, :main].view(rows, slices, width)
+    picked = torch.topk(blocks.amax(dim=-1), n, sorted=False).indices
+    # The picked slices' entries side by side (the index is a broadcast view: no [rows, n x
+    # width] tensor of token ids is built), then the last few entries beyond the equal slices.
+    taken = blocks.gather(1, picked[:, :, None].expand(rows, n, width)).view(rows, n * width)
+    if main < vocab:
+        taken = torch.cat([taken, scores[:, main:]], 1)
+    values, at = torch.topk(taken, n)
+    ids = picked.gather(1, (at // width).clamp_(max=n - 1)) * width + at % width
+    if main < vocab:
+        ids = torch.where(at >= n * width, at - n * width + main, ids)
+    return values, ids
 
 
 def _top_k(scores: torch.Tensor, k: int, temperature: float,
