@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_generate import SHAPES, answer_lengths  # noqa: E402
+from bench_generate import SHAPES  # noqa: E402
 from pick_changes import RAGGED, parse_shape, shape_name  # noqa: E402
 from probe_step import cuda_ms, matmul_ms, step_linears  # noqa: E402
+from stop_model import answer_lengths  # noqa: E402
 
 from patchdb.generate import triton_decode  # noqa: E402
 from patchdb.generate.kv_writes import NewKV  # noqa: E402

@@ -4,7 +4,7 @@ refill.py's schedule (no model) on answers of the benchmark's stop-length model.
     python scripts/sim_refill.py --rows 403 --samples 11264      # one patch layer, as benched
     python scripts/sim_refill.py --rows 403 --samples 236544     # the full sweep in one process
 
-Each sample draws a length from bench_generate.py's early-stop model (a quarter run to the
+Each sample draws a length from the benchmarks' early-stop model (stop_model.py) (a quarter run to the
 100-token cap, the rest stop after a log-normal number of tokens, median 30). Rows take samples
 in order; once REFILL_FRACTION of the rows (refill.py) are idle they are refilled; when nothing is
 left to start, the step moves to half, a quarter or an eighth of the rows as they fit (the
@@ -22,11 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stop_model import STOP_CAPPED as CAPPED  # noqa: E402
+from stop_model import STOP_MEDIAN as MEDIAN  # noqa: E402
+from stop_model import STOP_SIGMA as SIGMA  # noqa: E402
+
 from patchdb.generate.graphed import row_buckets  # noqa: E402
 from patchdb.generate.refill import REFILL_FRACTION  # noqa: E402
 
 CAP = 100
-CAPPED, MEDIAN, SIGMA = 0.25, 30.0, 0.6  # bench_generate.py's STOP_CAPPED, STOP_MEDIAN, STOP_SIGMA
 
 
 def lengths(n: int, seed: int) -> list[int]:
