@@ -4,8 +4,9 @@ refill.py's schedule (no model) on answers of the benchmark's stop-length model.
     python scripts/sim_refill.py --rows 403 --samples 11264      # one patch layer, as benched
     python scripts/sim_refill.py --rows 403 --samples 236544     # the full sweep in one process
 
-Each sample draws a length from the benchmarks' early-stop model (stop_model.py) (a quarter run to the
-100-token cap, the rest stop after a log-normal number of tokens, median 30). Rows take samples
+Each sample draws a length from the distribution of the benchmarks' early-stop model
+(stop_model.py: a quarter run to the 100-token cap, the rest stop after a log-normal number of
+tokens, median 30), with Python's own generator rather than the seeds. Rows take samples
 in order; once REFILL_FRACTION of the rows (refill.py) are idle they are refilled; when nothing is
 left to start, the step moves to half, a quarter or an eighth of the rows as they fit (the
 drain). A step's time is modelled as `fixed + per_row * rows` (milliseconds; defaults fitted to
