@@ -294,6 +294,34 @@ def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: 
     torch.testing.assert_close(plain.float(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("tuning", [None, WIDE])
+def test_a_row_past_two_to_the_31_elements_is_read_where_it_is(
+        ragged: bool, tuning: triton_decode.Tuning | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache whose row stride fits in 32 bits while a row's offset does not (three rows of
+    2**30 + 128 elements: the third starts past 2**31). Its offset must be computed in 64 bits;
+    in 32 it wraps to a negative address (the interpreter faults, a GPU reads another row).
+    Only the few positions written are touched: the rest of the 6 GiB stays unallocated on the
+    CPU."""
+    if tuning is not None:
+        monkeypatch.setattr(triton_decode, "DEFAULT", tuning)
+    batch, max_len, dim, n = 3, (1 << 23) + 1, 128, 5
+    key = torch.empty(batch, 1, max_len, dim, dtype=torch.float16, device=DEVICE)
+    value = torch.empty_like(key)
+    assert key.stride(0) < 1 << 31 <= 2 * key.stride(0)
+    g = torch.Generator().manual_seed(31)
+    key[:, :, :n] = torch.randn(batch, 1, n, dim, generator=g).to(DEVICE, key.dtype)
+    value[:, :, :n] = torch.randn(batch, 1, n, dim, generator=g).to(DEVICE, key.dtype)
+    query = torch.randn(batch, 1, 2, dim, generator=g).to(DEVICE, key.dtype)
+    lengths = [n, 2, n] if ragged else n
+    length = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = triton_decode.decode_attention_triton(query, key, value, length, 0.1)
+    ref = masked_sdpa(query, key[:, :, :n].contiguous(), value[:, :, :n].contiguous(),
+                      lengths if ragged else [n] * batch, 0.1)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 def test_a_row_order_needs_an_entry_a_row() -> None:
     query, key, value, p_key, p_value = gemma_like(5, 2, 16, 4, torch.float32, 2)
     u = torch.zeros(1, 2, 3, 32, device=DEVICE)

@@ -263,8 +263,8 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                     k_at = page[:, None] * s_kb + (pos % PAGE)[:, None] * s_kl
                     v_at = page[:, None] * s_vb + (pos % PAGE)[:, None] * s_vl
                 else:
-                    k_at = this_row * s_kb + pos[:, None] * s_kl
-                    v_at = this_row * s_vb + pos[:, None] * s_vl
+                    k_at = this_row.to(tl.int64) * s_kb + pos[:, None] * s_kl
+                    v_at = this_row.to(tl.int64) * s_vb + pos[:, None] * s_vl
                 k = tl.load(k_ptr + k_at + head * s_kh + d[None, :], mask=inside[:, None], other=0.0)
                 v = tl.load(v_ptr + v_at + head * s_vh + d[None, :], mask=inside[:, None], other=0.0)
                 seen = (mine[:, None] & inside[None, :]
