@@ -302,8 +302,8 @@ def test_a_row_past_two_to_the_31_elements_is_read_where_it_is(
     """A cache whose row stride fits in 32 bits while a row's offset does not (three rows of
     2**30 + 128 elements: the third starts past 2**31). Its offset must be computed in 64 bits;
     in 32 it wraps to a negative address (the interpreter faults, a GPU reads another row).
-    Only the few positions written are touched: the rest of the 6 GiB stays unallocated on the
-    CPU."""
+    Only the few positions written are touched: the rest of the two 6 GiB tensors stays
+    unallocated on the CPU."""
     if tuning is not None:
         monkeypatch.setattr(triton_decode, "DEFAULT", tuning)
     batch, max_len, dim, n = 3, (1 << 23) + 1, 128, 5
