@@ -76,7 +76,7 @@ def compile_variant(arch: int, dtype: str, switches: dict[str, bool],
     rows = max(1, tuning.lines // 2)  # Gemma-3-27B: 2 query heads a KV head
     constants: dict[str, Any] = dict(
         GROUPS=2, G_PAD=2, ROWS=rows, LINES=max(16, 2 * rows), DIM=128, BLOCK_L=tuning.block,
-        IEEE=dtype == "fp32", OWN=triton_decode.own_width(tuning, rows), **switches)
+        IEEE=dtype == "fp32", **switches)
     constants["PAGE"] = PAGE if switches["PAGE"] else 0
     # strides of 1: a length and a unit a row, and (unpaged) the table's stand-in
     ones = {"s_unit"} | ({"s_len"} if switches["RAGGED"] else set()) | (
@@ -146,8 +146,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90)")
     parser.add_argument("--all", action="store_true", help="every combination of the switches")
-    parser.add_argument("--tuning", help="lines,block,warps,stages[,wide] (default: the kernel's "
-                        "own)")
+    parser.add_argument("--tuning", help="lines,block,warps,stages (default: the kernel's own)")
     parser.add_argument("--rows", type=int, help="also: the programs a step of this many rows "
                         "launches, in rounds of what the card's multiprocessors hold")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors (H100 SXM, H200: 132)")
@@ -159,8 +158,7 @@ def main() -> int:
         try:
             tuning = parse_shape(args.tuning)
         except ValueError:
-            parser.error("--tuning takes lines,block,warps,stages (positive integers) and an "
-                         "optional wide, 0 or 1")
+            parser.error("--tuning takes lines,block,warps,stages (positive integers)")
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -59,9 +59,8 @@ def diverse_answers(model: Any) -> Iterator[None]:
 
 
 def changes(spec: str) -> list[tuple[str, Any]]:
-    """A run name's changes after its kind, `+attn=L-B-W-S[-1]` (the decode attention's launch
-    shape, triton_decode.Tuning; a fifth 1 reads the rows' own caches side by side) and
-    `+topk=N` (sampling.TOPK_SLICES), as (what, value).
+    """A run name's changes after its kind, `+attn=L-B-W-S` (the decode attention's launch
+    shape, triton_decode.Tuning) and `+topk=N` (sampling.TOPK_SLICES), as (what, value).
     Raises ValueError on one it does not know or cannot read."""
     out: list[tuple[str, Any]] = []
     for part in spec.split("+")[1:]:
@@ -76,7 +75,7 @@ def changes(spec: str) -> list[tuple[str, Any]]:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages[-wide] "
+            raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages "
                              f"or +topk=slices") from None
     return out
 

@@ -19,19 +19,15 @@ RAGGED = "ragged (stop model)"
 
 
 def shape_name(tuning: Tuning) -> str:
-    """A launch shape as probe_batch.py writes it: lines,block,warps,stages, and ,1 where the
-    rows' own caches are read side by side (Tuning.wide)."""
-    fields = (tuning.lines, tuning.block, tuning.warps, tuning.stages) + (
-        (tuning.wide,) if tuning.wide else ())
-    return ",".join(str(x) for x in fields)
+    """A launch shape as probe_batch.py writes it: lines,block,warps,stages."""
+    return ",".join(str(x) for x in (tuning.lines, tuning.block, tuning.warps, tuning.stages))
 
 
 def parse_shape(text: str, sep: str = ",") -> Tuning:
     """A launch shape written as shape_name writes it (`sep` between the fields): four positive
-    integers lines,block,warps,stages, and an optional fifth, 0 or 1 (Tuning.wide). Raises
-    ValueError on anything else."""
+    integers lines,block,warps,stages. Raises ValueError on anything else."""
     numbers = [int(x) for x in text.split(sep)]
-    if len(numbers) not in (4, 5) or min(numbers[:4]) < 1 or numbers[4:] not in ([], [0], [1]):
+    if len(numbers) != 4 or min(numbers) < 1:
         raise ValueError(f"not a launch shape: {text!r}")
     return Tuning(*numbers)
 

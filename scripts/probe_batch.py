@@ -7,11 +7,10 @@ sampler on bfloat16 logits against the same logits widened to float32.
     python scripts/probe_batch.py --rows 403 --old-kernel .bench/old_triton_decode.py --out probe.json
 
 With --tunings it also times this checkout's kernel at each launch shape (triton_decode.Tuning:
-lines,block,warps,stages, and a fifth field of 1 to read the rows' own caches side by side; `;`
-between shapes) in the step's own layout: one length a row, unit prompts taken in unit order,
-and the step's new keys stored by the kernel. The switches a step uses change the kernel's
-registers, so its programs a multiprocessor (scripts/compile_kernel.py), which
-probe_decode.py's plain cases do not show.
+lines,block,warps,stages; `;` between shapes) in the step's own layout: one length a row, unit
+prompts taken in unit order, and the step's new keys stored by the kernel. The switches a step
+uses change the kernel's registers, so its programs a multiprocessor
+(scripts/compile_kernel.py), which probe_decode.py's plain cases do not show.
 
     python scripts/probe_batch.py --rows 381 --tunings "16,32,2,3;16,16,2,4;8,32,2,2"
 """
@@ -181,14 +180,14 @@ def main() -> None:
                         "comma-separated (default: round numbers near --rows)")
     parser.add_argument("--tunings", default="",
                         help="launch shapes to time in the step's layout: lines,block,warps,"
-                        "stages[,wide], separated by ';'")
+                        "stages, separated by ';'")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
         tunings = [parse_shape(t) for t in args.tunings.split(";") if t.strip()]
     except ValueError:
-        parser.error("--tunings takes shapes lines,block,warps,stages (positive integers) "
-                     "and an optional wide, 0 or 1, separated by ';'")
+        parser.error("--tunings takes shapes lines,block,warps,stages (positive integers), "
+                     "separated by ';'")
     spec = SHAPES["gemma3-27b"]
     kernels: dict[str, Any] = {"this": triton_decode}
     if args.old_kernel is not None and args.old_kernel.exists():

@@ -47,8 +47,6 @@ def test_runs_carry_changes_and_name_their_experiments() -> None:
     assert changes("defaults+attn=8-32-2-2+topk=32") == [("attn", Tuning(8, 32, 2, 2)),
                                                          ("topk", 32)]
     assert changes("defaults") == []
-    # a fifth field of 1: the rows' own caches side by side
-    assert changes("defaults+attn=16-64-4-2-1") == [("attn", Tuning(16, 64, 4, 2, 1))]
     assert experiment_name("gemma3-27b", "defaults+attn=16-16-2-4@384") == \
         "gemma3-27b-defaults-attn-16-16-2-4-at-384"
     assert experiment_name("s", "compile-off") == "s-compile-off"
@@ -64,8 +62,8 @@ def test_run_context_sets_and_restores_the_changes() -> None:
 
 @pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
                                   "defaults,defaults", "defaults@", "@384", "defaults+attn=1-2-3",
-                                  "defaults+attn=16-0-2-3", "defaults+attn=16-64-4-2-2",
-                                  "defaults+attn=16-64-4-2-1-1", "defaults+topk=x", "defaults+fast",
+                                  "defaults+attn=16-0-2-3", "defaults+attn=16-64-4-2-1",
+                                  "defaults+topk=x", "defaults+fast",
                                   "nonsense+topk=4"])
 def test_runs_reject_what_they_do_not_know(runs: str) -> None:
     with pytest.raises(ValueError):
@@ -244,11 +242,9 @@ def test_pick_changes_takes_only_clear_wins_that_draw_the_same() -> None:
 
     default = shape_name(triton_decode.DEFAULT)
     assert shape_name(Tuning(16, 64, 4, 2)) == "16,64,4,2"
-    assert shape_name(Tuning(16, 64, 4, 2, 1)) == "16,64,4,2,1"
-    for tuning in (Tuning(16, 64, 4, 2), Tuning(16, 64, 4, 2, 1)):  # what it writes, it reads
-        assert parse_shape(shape_name(tuning)) == tuning
+    assert parse_shape(shape_name(Tuning(16, 64, 4, 2))) == Tuning(16, 64, 4, 2)  # reads it back
     assert parse_shape("8-32-2-2", "-") == Tuning(8, 32, 2, 2)
-    for bad in ("16,32", "16,0,2,3", "16,32,2,3,2", "16,32,2,3,1,1", "a,b,c,d", ""):
+    for bad in ("16,32", "16,0,2,3", "16,32,2,3,1", "a,b,c,d", ""):
         with pytest.raises(ValueError):
             parse_shape(bad)
     ragged = "ragged (stop model)"

@@ -153,13 +153,10 @@ def test_rows_of_different_lengths_each_see_only_their_own(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window,ragged,wide", [
-    (1, False, 0), (30, False, 0), (50, True, 0), (90, True, 0), (30, False, 1), (50, True, 1)])
+@pytest.mark.parametrize("window,ragged", [(1, False), (30, False), (50, True), (90, True)])
 def test_a_window_keeps_only_the_last_positions_prefix_included(
-    dtype: torch.dtype, window: int, ragged: bool, wide: int, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, window: int, ragged: bool
 ) -> None:
-    if wide:  # the rows' own caches side by side
-        monkeypatch.setattr(triton_decode, "DEFAULT", triton_decode.Tuning(16, 32, 2, 3, 1))
     batch, max_len, prefix_len = 5, 60, 40
     query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, window)
     lengths = [12, 60, 1, 35, 47] if ragged else [45] * batch
@@ -177,9 +174,6 @@ def test_a_window_keeps_only_the_last_positions_prefix_included(
 @pytest.mark.parametrize("tuning", [
     triton_decode.Tuning(16, 16, 4, 2), triton_decode.Tuning(32, 32, 4, 3),
     triton_decode.Tuning(64, 64, 8, 2), triton_decode.Tuning(16, 128, 2, 1),
-    # the rows' own caches side by side: 2, 8 and 2 positions of each row a step
-    triton_decode.Tuning(16, 16, 2, 3, 1), triton_decode.Tuning(16, 64, 4, 2, 1),
-    triton_decode.Tuning(32, 32, 4, 3, 1),
 ])
 def test_every_launch_shape_gives_the_same_attention(tuning: triton_decode.Tuning) -> None:
     # 19 rows of 2 query heads: 1 to 3 programs, the last partly empty, whatever the shape
@@ -249,19 +243,11 @@ def test_rows_read_their_own_units_prompt_between_prefix_and_own_cache(
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
-WIDE = triton_decode.Tuning(16, 32, 2, 3, 1)  # the rows' own caches side by side, 4 a step
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ragged", [False, True])
-@pytest.mark.parametrize("tuning", [None, WIDE])
-def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: bool,
-                                                    tuning: triton_decode.Tuning | None,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: bool) -> None:
     """Programs take rows in a given order (rows of one unit together share a read of its
     prompt): every row's output is what it is in batch order, exactly, for any permutation."""
-    if tuning is not None:
-        monkeypatch.setattr(triton_decode, "DEFAULT", tuning)
     batch, max_len, prefix_len, unit_len, n_units = 11, 70, 21, 37, 4
     query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, 4)
     g = torch.Generator().manual_seed(8)
@@ -295,17 +281,12 @@ def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: 
 
 
 @pytest.mark.parametrize("ragged", [False, True])
-@pytest.mark.parametrize("tuning", [None, WIDE])
-def test_a_row_past_two_to_the_31_elements_is_read_where_it_is(
-        ragged: bool, tuning: triton_decode.Tuning | None,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_row_past_two_to_the_31_elements_is_read_where_it_is(ragged: bool) -> None:
     """A cache whose row stride fits in 32 bits while a row's offset does not (three rows of
     2**30 + 128 elements: the third starts past 2**31). Its offset must be computed in 64 bits;
     in 32 it wraps to a negative address (the interpreter faults, a GPU reads another row).
     Only the few positions written are touched: the rest of the two 6 GiB tensors stays
     unallocated on the CPU."""
-    if tuning is not None:
-        monkeypatch.setattr(triton_decode, "DEFAULT", tuning)
     batch, max_len, dim, n = 3, (1 << 23) + 1, 128, 5
     key = torch.empty(batch, 1, max_len, dim, dtype=torch.float16, device=DEVICE)
     value = torch.empty_like(key)
@@ -398,14 +379,10 @@ def test_rows_at_one_length_store_the_steps_keys_at_that_position() -> None:
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("tuning", [None, WIDE])
-def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page(
-        tuning: triton_decode.Tuning | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernel_stores_a_paged_steps_keys_in_each_rows_page() -> None:
     """With pages, row r's new key goes to its last valid position through the page table: pool
     page table[r, (length - 1) // PAGE] at offset (length - 1) % PAGE; the rows read them back
     through the table."""
-    if tuning is not None:
-        monkeypatch.setattr(triton_decode, "DEFAULT", tuning)
     from patchdb.generate.kv_writes import NewKV
     from patchdb.generate.pages import PAGE, gather_pages
 

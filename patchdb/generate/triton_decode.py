@@ -10,9 +10,8 @@ their own blocks (on an H100, 89 against 136 us a layer for 403 ragged rows). Th
 layout, one program per row and KV head, read the shared prefix again for every row (from L2, but
 more bytes than the rows' own cache): on an H200 at 1,040 rows, a 150-position prefix and 77 own
 positions, 0.48 ms a layer against 0.20 ms now (docs/performance.md, scripts/probe_decode.py).
-A launch shape with `wide` set reads the rows' own caches side by side instead: each step takes
-block / rows positions of every row of the program, so a program runs to its longest row in
-fewer, larger steps (off by default until a GPU shows it pays).
+(Reading the rows' own caches side by side instead, a few positions of every row a step, ran
+faster outside the model but 7% slower in it on an H100: docs/performance.md.)
 
 Handed the step's new keys and values (kv_writes.NewKV), a program first stores those of its
 rows for its head at each row's last valid position (found from the lengths and, paged, the
@@ -61,15 +60,12 @@ class UnitPrompts:
 @dataclass(frozen=True)
 class Tuning:
     """Launch shape: `lines` query lines a program holds (rows x padded query heads per KV head,
-    at least 16), `block` cache positions per step, and Triton's num_warps / num_stages.
-    `wide` 1: the rows' own caches are read side by side, block / rows positions of every row
-    a step, not one row's block after another (fewer, larger steps)."""
+    at least 16), `block` cache positions per step, and Triton's num_warps / num_stages."""
 
     lines: int = 16
     block: int = 32
     warps: int = 2
     stages: int = 3
-    wide: int = 0
 
 
 DEFAULT = Tuning()  # the fastest at 1,040 rows in two sweeps on an H200 (scripts/probe_decode.py)
@@ -117,8 +113,7 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
                        RAGGED: tl.constexpr, UNITS: tl.constexpr, ORDERED: tl.constexpr,
-                       PAGE: tl.constexpr, WRITE: tl.constexpr, IEEE: tl.constexpr,
-                       OWN: tl.constexpr):
+                       PAGE: tl.constexpr, WRITE: tl.constexpr, IEEE: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
@@ -198,78 +193,46 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                 seen = (mine[:, None] & inside[None, :]
                         & (prefix_len + pos[None, :] >= lowest[:, None]))
                 best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
-        if OWN > 0:
-            # Each row's own cache, the rows side by side: a step reads OWN positions of every
-            # row of the program (ROWS x OWN columns), and a line sees only its own row's
-            # columns. Steps run to the program's longest row; a shorter row's columns past
-            # its length are masked, and masked positions are not read.
-            col = tl.arange(0, ROWS * OWN)
-            col_local = col // OWN
-            col_place = first + col_local
-            col_row = tl.minimum(col_place, batch - 1)
-            if ORDERED:
-                col_row = tl.load(order_ptr + col_row)
-            col_len = tl.load(len_ptr + col_row * s_len)
-            col_len = tl.where(col_place < batch, col_len, 0)
-            for start in range(0, tl.max(lens, 0), OWN):
-                pos = start + col % OWN
-                inside = pos < col_len
-                if PAGE:
-                    page = tl.load(table_ptr + col_row * s_tb + pos // PAGE, mask=inside,
-                                   other=0).to(tl.int64)
-                    k_at = page[:, None] * s_kb + (pos % PAGE)[:, None] * s_kl
-                    v_at = page[:, None] * s_vb + (pos % PAGE)[:, None] * s_vl
-                else:
-                    k_at = col_row.to(tl.int64)[:, None] * s_kb + pos[:, None] * s_kl
-                    v_at = col_row.to(tl.int64)[:, None] * s_vb + pos[:, None] * s_vl
-                k = tl.load(k_ptr + k_at + head * s_kh + d[None, :], mask=inside[:, None],
-                            other=0.0)
-                v = tl.load(v_ptr + v_at + head * s_vh + d[None, :], mask=inside[:, None],
-                            other=0.0)
-                seen = (ok[:, None] & (local[:, None] == col_local[None, :]) & inside[None, :]
-                        & (prefix_len + unit_len + pos[None, :] >= lowest[:, None]))
-                best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+        # Each row's own cache, the rows one after another in one pipelined loop: a block of
+        # row r updates only r's lines. Ragged rows take only their own blocks (the loop runs
+        # over the sum of the rows' block counts, not rows x the longest's).
+        if RAGGED:
+            row_blocks = tl.where(lead, tl.cdiv(lens, BLOCK_L), 0)
+            ends = tl.cumsum(row_blocks, 0)  # blocks up to and including each line's row
+            steps = tl.sum(row_blocks, 0)
         else:
-            # Each row's own cache, the rows one after another in one pipelined loop: a block of
-            # row r updates only r's lines. Ragged rows take only their own blocks (the loop runs
-            # over the sum of the rows' block counts, not rows x the longest's).
+            longest = tl.max(lens, 0)
+            steps = ROWS * tl.cdiv(longest, BLOCK_L)
+        for step in range(0, steps):
             if RAGGED:
-                row_blocks = tl.where(lead, tl.cdiv(lens, BLOCK_L), 0)
-                ends = tl.cumsum(row_blocks, 0)  # blocks up to and including each line's row
-                steps = tl.sum(row_blocks, 0)
+                # the row this block is of: rows whose blocks all come before it
+                r = tl.sum((lead & (ends <= step)).to(tl.int32), 0)
+                at_r = lead & (local == r)
+                start = (step - tl.sum(tl.where(at_r, ends - row_blocks, 0), 0)) * BLOCK_L
+                length = tl.sum(tl.where(at_r, lens, 0), 0)
             else:
-                longest = tl.max(lens, 0)
-                steps = ROWS * tl.cdiv(longest, BLOCK_L)
-            for step in range(0, steps):
-                if RAGGED:
-                    # the row this block is of: rows whose blocks all come before it
-                    r = tl.sum((lead & (ends <= step)).to(tl.int32), 0)
-                    at_r = lead & (local == r)
-                    start = (step - tl.sum(tl.where(at_r, ends - row_blocks, 0), 0)) * BLOCK_L
-                    length = tl.sum(tl.where(at_r, lens, 0), 0)
-                else:
-                    blocks = tl.cdiv(longest, BLOCK_L)
-                    r = step // blocks
-                    start = (step - r * blocks) * BLOCK_L
-                    length = tl.where(first + r < batch, longest, 0)
-                mine = ok & (local == r)
-                # the batch row of the program's r-th row (its lead line's), row 0 past the batch
-                this_row = tl.sum(tl.where(lead & (local == r), safe_row, 0), 0)
-                pos = start + offs
-                inside = pos < length
-                if PAGE:  # paged: position p is at offset p % PAGE of the row's page p // PAGE
-                    page = tl.load(table_ptr + this_row * s_tb + pos // PAGE, mask=inside,
-                                   other=0).to(tl.int64)
-                    k_at = page[:, None] * s_kb + (pos % PAGE)[:, None] * s_kl
-                    v_at = page[:, None] * s_vb + (pos % PAGE)[:, None] * s_vl
-                else:
-                    k_at = this_row.to(tl.int64) * s_kb + pos[:, None] * s_kl
-                    v_at = this_row.to(tl.int64) * s_vb + pos[:, None] * s_vl
-                k = tl.load(k_ptr + k_at + head * s_kh + d[None, :], mask=inside[:, None], other=0.0)
-                v = tl.load(v_ptr + v_at + head * s_vh + d[None, :], mask=inside[:, None], other=0.0)
-                seen = (mine[:, None] & inside[None, :]
-                        & (prefix_len + unit_len + pos[None, :] >= lowest[:, None]))
-                best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
+                blocks = tl.cdiv(longest, BLOCK_L)
+                r = step // blocks
+                start = (step - r * blocks) * BLOCK_L
+                length = tl.where(first + r < batch, longest, 0)
+            mine = ok & (local == r)
+            # the batch row of the program's r-th row (its lead line's), row 0 past the batch
+            this_row = tl.sum(tl.where(lead & (local == r), safe_row, 0), 0)
+            pos = start + offs
+            inside = pos < length
+            if PAGE:  # paged: position p is at offset p % PAGE of the row's page p // PAGE
+                page = tl.load(table_ptr + this_row * s_tb + pos // PAGE, mask=inside,
+                               other=0).to(tl.int64)
+                k_at = page[:, None] * s_kb + (pos % PAGE)[:, None] * s_kl
+                v_at = page[:, None] * s_vb + (pos % PAGE)[:, None] * s_vl
+            else:
+                k_at = this_row.to(tl.int64) * s_kb + pos[:, None] * s_kl
+                v_at = this_row.to(tl.int64) * s_vb + pos[:, None] * s_vl
+            k = tl.load(k_ptr + k_at + head * s_kh + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptr + v_at + head * s_vh + d[None, :], mask=inside[:, None], other=0.0)
+            seen = (mine[:, None] & inside[None, :]
+                    & (prefix_len + unit_len + pos[None, :] >= lowest[:, None]))
+            best, total, acc = _update(q, k, v, seen, scale, best, total, acc, IEEE)
         out = acc / tl.where(ok, total, 1.0)[:, None]  # lines outside the batch stay unstored
         tl.store(o_ptr + safe_row[:, None] * s_ob + head * s_oh + g[:, None] * s_og + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=ok[:, None])
@@ -289,12 +252,6 @@ def rows_per_program(batch: int, kv_heads: int, lines: int, g_pad: int,
     while rows > 1 and -(-batch // rows) * kv_heads < 4 * multiprocessors:
         rows //= 2
     return rows
-
-
-def own_width(tuning: Tuning, rows: int) -> int:
-    """Positions of each row's own cache a step reads side by side (Tuning.wide): the block
-    shared out over the program's rows; 0 where the rows are read one after another."""
-    return max(1, tuning.block // rows) if tuning.wide else 0
 
 
 def _rows_per_program(query: torch.Tensor, lines: int, g_pad: int) -> int:
@@ -383,7 +340,6 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             ORDERED=order is not None, PAGE=key.shape[2] if pages is not None else 0,
             WRITE=new is not None,
             IEEE=query.dtype == torch.float32,
-            OWN=own_width(tuning, rows),
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
     return out
