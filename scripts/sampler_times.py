@@ -53,19 +53,26 @@ def topk_slices_times(logits: Any, seeds: Any, device: str, repeats: int) -> dic
     how = sampling.Sampling(1.0, 64, 0.95)
     picks = sampling.TIE_MARGIN + 64
 
-    out: dict[str, Any] = {"topk_slices": {}}
+    out: dict[str, Any] = {"topk_slices": {}, "topk_slices_torch": {}}
     with mock.patch.object(sampling, "TOPK_SLICES", 0):
         want = [sampling.choose_tokens(logits, seeds, step, how) for step in range(4)]
-    for slices in (0, 512, 1024, 2048, 4096, 8192):
-        with mock.patch.object(sampling, "TOPK_SLICES", slices):
+    # each split with the slice kernels where they run (triton_topk.py), then the shipped split
+    # by PyTorch's amax, gather and cat (sampling.SLICE_KERNELS off)
+    runs = [(n, True) for n in (0, 512, 1024, 2048, 4096, 8192)] + [(sampling.TOPK_SLICES, False)]
+    for slices, kernels in runs:
+        with mock.patch.object(sampling, "TOPK_SLICES", slices), \
+                mock.patch.object(sampling, "SLICE_KERNELS", kernels):
             draw = ms_per_call(lambda _: sampling.choose_tokens(logits, seeds, 0, how), device,
                                repeats)
             select = ms_per_call(lambda _: sampling._topk(logits, picks), device, repeats)
             differ = sum(int((sampling.choose_tokens(logits, seeds, step, how) != w).sum())
                          for step, w in enumerate(want))
-        out["topk_slices"][str(slices)] = {"draw_ms": draw, "select_ms": select,
-                                           "tokens_differ": differ, "tokens": 4 * len(seeds)}
-        print(f"top-k in {'one pass' if slices < 2 else f'{slices} slices'} (bf16 logits): "
-              f"draw {draw:.2f} ms, selection {select:.2f} ms, {differ} of {4 * len(seeds)} "
-              "tokens differ from one pass", flush=True)
+        key = "topk_slices" if kernels else "topk_slices_torch"
+        out[key][str(slices)] = {"draw_ms": draw, "select_ms": select,
+                                 "tokens_differ": differ, "tokens": 4 * len(seeds)}
+        how_split = "one pass" if slices < 2 else f"{slices} slices" + ("" if kernels else
+                                                                       " by PyTorch")
+        print(f"top-k in {how_split} (bf16 logits): draw {draw:.2f} ms, selection "
+              f"{select:.2f} ms, {differ} of {4 * len(seeds)} tokens differ from one pass",
+              flush=True)
     return out

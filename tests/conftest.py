@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     # a user's CPU run does (_isolate clears the variable).
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import patchdb.generate.triton_decode  # noqa: F401
+    import patchdb.generate.triton_topk  # noqa: F401
 
 from patchdb.cli import cli
 

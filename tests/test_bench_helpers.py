@@ -28,7 +28,7 @@ from full_layer_runs import (  # noqa: E402
 )
 from phases import PhaseClock, gap_report  # noqa: E402
 
-from patchdb.generate import sampling, triton_decode  # noqa: E402
+from patchdb.generate import refill, sampling, triton_decode  # noqa: E402
 from patchdb.generate.triton_decode import Tuning  # noqa: E402
 
 
@@ -60,10 +60,24 @@ def test_run_context_sets_and_restores_the_changes() -> None:
     assert (triton_decode.DEFAULT, sampling.TOPK_SLICES) == (before_tuning, before_slices)
 
 
+def test_run_context_switches_the_draw_and_prefill_back_and_restores_them() -> None:
+    assert changes("defaults+draw=torch+prefill=burst") == [("draw", "torch"),
+                                                            ("prefill", "burst")]
+    before = (sampling.SLICE_KERNELS, refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW)
+    assert before == (True, 1, 2)
+    with run_context("defaults+draw=torch+prefill=burst@100", None):
+        assert sampling.SLICE_KERNELS is False
+        assert (refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW) == (None, 1)
+    assert (sampling.SLICE_KERNELS, refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW) == before
+    with run_context("defaults+draw=torch", None):
+        assert sampling.SLICE_KERNELS is False and refill.PREFILLS_PER_STEP == 1
+
+
 @pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
                                   "defaults,defaults", "defaults@", "@384", "defaults+attn=1-2-3",
                                   "defaults+attn=16-0-2-3", "defaults+attn=16-64-4-2-1",
-                                  "defaults+topk=x", "defaults+fast",
+                                  "defaults+topk=x", "defaults+fast", "defaults+draw=triton",
+                                  "defaults+prefill=1", "defaults+draw",
                                   "nonsense+topk=4"])
 def test_runs_reject_what_they_do_not_know(runs: str) -> None:
     with pytest.raises(ValueError):
@@ -214,7 +228,8 @@ def test_sampler_bench_times_each_top_k_and_finds_no_token_that_differs() -> Non
 
     out = sampler_times("cpu", rows=4, vocab=40_000, repeats=1)
     assert set(out["topk_slices"]) == {"0", "512", "1024", "2048", "4096", "8192"}
-    for slices in out["topk_slices"].values():
+    assert set(out["topk_slices_torch"]) == {"1024"}
+    for slices in [*out["topk_slices"].values(), *out["topk_slices_torch"].values()]:
         assert slices["tokens"] == 16 and slices["tokens_differ"] == 0
         assert slices["draw_ms"] > 0 and slices["select_ms"] > 0
 
