@@ -11,7 +11,7 @@ from unittest import mock
 import torch
 from pick_changes import parse_shape
 
-from patchdb.generate import sampling, triton_decode
+from patchdb.generate import refill, sampling, triton_decode
 
 FULL_SWEEP_ROLLOUTS = 236_544  # the default sweep: 21 patch layers x 176 units x 64 samples
 
@@ -58,10 +58,20 @@ def diverse_answers(model: Any) -> Iterator[None]:
             weight.div_(DIVERSE_EMBED_SCALE)
 
 
+# `+name=value` changes that switch one setting back to what it was before a change, for an
+# A/B in one process: the draw's slices by PyTorch, not the Triton kernels (sampling.py); the
+# prefill queue topped up all at once below a row's worth, not one call a step (refill.py).
+SWITCHES = {
+    "draw": {"torch": [(sampling, "SLICE_KERNELS", False)]},
+    "prefill": {"burst": [(refill, "PREFILLS_PER_STEP", None), (refill, "TOP_UP_BELOW", 1)]},
+}
+
+
 def changes(spec: str) -> list[tuple[str, Any]]:
     """A run name's changes after its kind, `+attn=L-B-W-S` (the decode attention's launch
-    shape, triton_decode.Tuning) and `+topk=N` (sampling.TOPK_SLICES), as (what, value).
-    Raises ValueError on one it does not know or cannot read."""
+    shape, triton_decode.Tuning), `+topk=N` (sampling.TOPK_SLICES), `+draw=torch` and
+    `+prefill=burst` (SWITCHES), as (what, value). Raises ValueError on one it does not know
+    or cannot read."""
     out: list[tuple[str, Any]] = []
     for part in spec.split("+")[1:]:
         what, _, value = part.partition("=")
@@ -72,11 +82,13 @@ def changes(spec: str) -> list[tuple[str, Any]]:
                 if not value.isdigit():
                     raise ValueError
                 out.append((what, int(value)))
+            elif value in SWITCHES.get(what, {}):
+                out.append((what, value))
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages "
-                             f"or +topk=slices") from None
+            raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages, "
+                             f"+topk=slices, +draw=torch or +prefill=burst") from None
     return out
 
 
@@ -100,8 +112,11 @@ def run_context(name: str, model: Any) -> Any:
     for what, value in changes(name.partition("@")[0]):
         if what == "attn":
             stack.enter_context(mock.patch.object(triton_decode, "DEFAULT", value))
-        else:
+        elif what == "topk":
             stack.enter_context(mock.patch.object(sampling, "TOPK_SLICES", value))
+        else:
+            for module, name, setting in SWITCHES[what][value]:
+                stack.enter_context(mock.patch.object(module, name, setting))
     return stack
 
 

@@ -427,3 +427,53 @@ def test_an_empty_feed_decodes_nothing_and_returns(unit_slots: int) -> None:
     refill = generate_stream(engine, iter([]), N_NEW, 0.0, 4, lambda *a: handed.append(a),
                              unit_slots=unit_slots)
     assert handed == [] and refill.steps == 0 and refill.drawn == 0
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["spread", "all-at-once"])
+def test_prefills_ahead_are_spread_one_call_a_step(monkeypatch: pytest.MonkeyPatch,
+                                                   burst: bool) -> None:
+    # One unit a prefill call and rows that all end together (no EOS): each refill takes every
+    # row's worth of waiting samples at once, and the queue is topped up again while steps run.
+    # A step makes one prefill call at most; topping up all at once (as before) makes several.
+    import patchdb.generate.refill as refill_mod
+    import patchdb.generate.unit_queue as queue_mod
+    from patchdb.generate.graphed import GraphedDecoder
+
+    monkeypatch.setattr(queue_mod, "PREFILL_UNITS", 1)
+    if burst:
+        monkeypatch.setattr(refill_mod, "PREFILLS_PER_STEP", None)
+        monkeypatch.setattr(refill_mod, "TOP_UP_BELOW", 1)
+    model = lively_llama(seed=4)
+    static = make(model, [], graph_replay=False)
+    todo = [TargetUnit(vector(40 + i), None, None, list(range(10 * i, 10 * i + 2)))
+            for i in range(12)]
+    steps = [0]
+    in_admit = [False]
+    calls: list[int] = []  # the step of each prefill call made outside an admission
+    real_prefill, real_admit, real_step = (queue_mod.UnitQueue.prefill, refill_mod.Refill._admit,
+                                           GraphedDecoder.step)
+
+    def prefill(self: Any, *args: Any) -> Any:
+        if not in_admit[0]:
+            calls.append(steps[0])
+        return real_prefill(self, *args)
+
+    def admit(self: Any, *args: Any) -> Any:
+        in_admit[0] = True
+        try:
+            return real_admit(self, *args)
+        finally:
+            in_admit[0] = False
+
+    def step(self: Any, *args: Any) -> Any:
+        steps[0] += 1
+        return real_step(self, *args)
+
+    monkeypatch.setattr(queue_mod.UnitQueue, "prefill", prefill)
+    monkeypatch.setattr(refill_mod.Refill, "_admit", admit)
+    monkeypatch.setattr(GraphedDecoder, "step", step)
+    got, _, _ = streamed(static, todo, 0.0, rows=4)
+    assert got == eager(model, [], todo, 0.0)
+    most = max(calls.count(s) for s in set(calls))
+    assert len(calls) >= 4
+    assert (most > 1) if burst else (most == 1)

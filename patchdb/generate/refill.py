@@ -39,6 +39,15 @@ from patchdb.generate.unit_queue import Unit, UnitQueue
 # H100 at fixed rows (A B B A in one process), 1/64 measured 99.8% and drew 1.3-4.2% more
 # tokens a second than 1/16 before the drain.
 REFILL_FRACTION = 1 / 64
+# Samples kept prefilled ahead: the queue is topped up to AHEAD_ROWS rows' worth once it holds
+# under TOP_UP_BELOW rows' worth, in at most PREFILLS_PER_STEP prefill calls while one step runs
+# (None: all at once). A call's host time (about 160 ms on an H200's host for 16 units, mostly
+# Python and launches) runs while the step's graph does, and the GPU waits only for what
+# outlasts the step. Topping up all at once below one row's worth (1, 2, None, as before) made
+# two or three calls in one step, and an H200 spent 1.8 s of a 101-s layer in its 11 prefills.
+AHEAD_ROWS = 2
+TOP_UP_BELOW = 2
+PREFILLS_PER_STEP: int | None = 1
 # Finished units handed over (written to the store) while one step runs; the rest wait for the
 # next steps. A unit's write takes less host time than a step of a large model.
 FLUSH_PER_STEP = 1
@@ -266,11 +275,11 @@ class Refill:
             self.fresh.zero_()
             self.fresh_rows = []
             self._flush(FLUSH_PER_STEP)
-            if not self.queue.fed_all and self.queue.queued() < decoder.rows:
-                # Prefill ahead while the step runs, PREFILL_UNITS a call: a prefill's cost is
-                # mostly per call (topping the queue up by a unit or two a call cost 4x the
-                # prefill time in an H100 bench).
-                self.queue.pull(2 * decoder.rows)
+            if not self.queue.fed_all and self.queue.queued() < TOP_UP_BELOW * decoder.rows:
+                # Prefill ahead while the step runs, one call of PREFILL_UNITS at most (a
+                # prefill's cost is mostly per call: topping the queue up by a unit or two a call
+                # cost 4x the prefill time in an H100 bench).
+                self.queue.pull(AHEAD_ROWS * decoder.rows, calls=PREFILLS_PER_STEP)
             if self._wait():
                 continue  # the last draw was made again: the step launched from its tokens too
             live = int(self.host_live[:rows].sum())

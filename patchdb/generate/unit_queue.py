@@ -92,10 +92,11 @@ class UnitQueue:
             chunk.queue = deque(p for p in chunk.queue if chunk.units[p[0]].started)
         self.chunks = deque(c for c in self.chunks if c.queue)
 
-    def pull(self, need: int) -> None:
+    def pull(self, need: int, calls: int | None = None) -> None:
         """Prefill units from the feed, PREFILL_UNITS a call, until `need` samples wait (or the
-        feed is done)."""
-        while self.queued() < need and not self.fed_all:
+        feed is done), in at most `calls` calls (None: as many as that takes)."""
+        while self.queued() < need and not self.fed_all and calls != 0:
+            calls = None if calls is None else calls - 1
             taken: list[tuple[Any, TargetUnit]] = []
             while len(taken) < PREFILL_UNITS:
                 item = next(self.feed, None)
