@@ -78,6 +78,8 @@ def compile_variant(arch: int, dtype: str, switches: dict[str, bool],
         GROUPS=2, G_PAD=2, ROWS=rows, LINES=max(16, 2 * rows), DIM=128, BLOCK_L=tuning.block,
         IEEE=dtype == "fp32", **switches)
     constants["PAGE"] = PAGE if switches["PAGE"] else 0
+    prefix = triton_decode.PREFIX or (tuning.block, tuning.stages)
+    constants.update(BLOCK_P=prefix[0], P_STAGES=prefix[1])
     # strides of 1: a length and a unit a row, and (unpaged) the table's stand-in
     ones = {"s_unit"} | ({"s_len"} if switches["RAGGED"] else set()) | (
         set() if switches["PAGE"] else {"s_tb"})
@@ -150,7 +152,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, help="also: the programs a step of this many rows "
                         "launches, in rounds of what the card's multiprocessors hold")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors (H100 SXM, H200: 132)")
+    parser.add_argument("--prefix", help="block,stages of the shared prefix's loop "
+                        "(triton_decode.PREFIX; default: the tuning's)")
     args = parser.parse_args()
+    if args.prefix:
+        from pick_changes import parse_prefix
+
+        from patchdb.generate import triton_decode
+
+        try:
+            triton_decode.PREFIX = parse_prefix(args.prefix, ",")
+        except ValueError:
+            parser.error("--prefix takes block,stages "
+                         "(a power of two of at least 16, and 1 or more)")
     tuning = None
     if args.tuning:
         from pick_changes import parse_shape

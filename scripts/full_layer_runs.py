@@ -9,7 +9,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from pick_changes import parse_shape
+from pick_changes import parse_prefix, parse_shape
 
 from patchdb.generate import refill, sampling, triton_decode
 
@@ -69,8 +69,9 @@ SWITCHES = {
 
 def changes(spec: str) -> list[tuple[str, Any]]:
     """A run name's changes after its kind, `+attn=L-B-W-S` (the decode attention's launch
-    shape, triton_decode.Tuning), `+topk=N` (sampling.TOPK_SLICES), `+draw=torch` and
-    `+prefill=burst` (SWITCHES), as (what, value). Raises ValueError on one it does not know
+    shape, triton_decode.Tuning), `+topk=N` (sampling.TOPK_SLICES), `+prefix=B-S` (the prefix
+    loop's block and stages, triton_decode.PREFIX), `+draw=torch` and `+prefill=burst`
+    (SWITCHES), as (what, value). Raises ValueError on one it does not know
     or cannot read."""
     out: list[tuple[str, Any]] = []
     for part in spec.split("+")[1:]:
@@ -82,13 +83,16 @@ def changes(spec: str) -> list[tuple[str, Any]]:
                 if not value.isdigit():
                     raise ValueError
                 out.append((what, int(value)))
+            elif what == "prefix":
+                out.append((what, parse_prefix(value, "-")))
             elif value in SWITCHES.get(what, {}):
                 out.append((what, value))
             else:
                 raise ValueError
         except ValueError:
             raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages, "
-                             f"+topk=slices, +draw=torch or +prefill=burst") from None
+                             f"+topk=slices, +prefix=block-stages, +draw=torch or "
+                             f"+prefill=burst") from None
     return out
 
 
@@ -114,6 +118,8 @@ def run_context(name: str, model: Any) -> Any:
             stack.enter_context(mock.patch.object(triton_decode, "DEFAULT", value))
         elif what == "topk":
             stack.enter_context(mock.patch.object(sampling, "TOPK_SLICES", value))
+        elif what == "prefix":
+            stack.enter_context(mock.patch.object(triton_decode, "PREFIX", value))
         else:
             for module, name, setting in SWITCHES[what][value]:
                 stack.enter_context(mock.patch.object(module, name, setting))

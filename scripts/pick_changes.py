@@ -32,6 +32,18 @@ def parse_shape(text: str, sep: str = ",") -> Tuning:
     return Tuning(*numbers)
 
 
+def parse_prefix(text: str, sep: str) -> tuple[int, int]:
+    """`block<sep>stages` of the prefix loop (triton_decode.PREFIX); ValueError if not a power
+    of two of at least 16 and a positive count."""
+    parts = text.split(sep)
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(text)
+    block, stages = int(parts[0]), int(parts[1])
+    if block < 16 or block & (block - 1) or stages < 1:
+        raise ValueError(text)
+    return block, stages
+
+
 def pick_attention(batch: dict[str, Any], margin: float) -> str:
     """`+attn=...` for the fastest shape at realistic lengths, if it beats the default's time
     by `margin` (a fraction) and its output matches the first shape's to bf16 rounding."""

@@ -71,13 +71,18 @@ def test_run_context_switches_the_draw_and_prefill_back_and_restores_them() -> N
     assert (sampling.SLICE_KERNELS, refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW) == before
     with run_context("defaults+draw=torch", None):
         assert sampling.SLICE_KERNELS is False and refill.PREFILLS_PER_STEP == 1
+    assert triton_decode.PREFIX is None
+    with run_context("defaults+prefix=64-2@1464", None):
+        assert triton_decode.PREFIX == (64, 2)
+    assert triton_decode.PREFIX is None
 
 
 @pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
                                   "defaults,defaults", "defaults@", "@384", "defaults+attn=1-2-3",
                                   "defaults+attn=16-0-2-3", "defaults+attn=16-64-4-2-1",
                                   "defaults+topk=x", "defaults+fast", "defaults+draw=triton",
-                                  "defaults+prefill=1", "defaults+draw",
+                                  "defaults+prefill=1", "defaults+draw", "defaults+prefix=24-1",
+                                  "defaults+prefix=64-0", "defaults+prefix=64",
                                   "nonsense+topk=4"])
 def test_runs_reject_what_they_do_not_know(runs: str) -> None:
     with pytest.raises(ValueError):

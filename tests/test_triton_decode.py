@@ -187,6 +187,25 @@ def test_every_launch_shape_gives_the_same_attention(tuning: triton_decode.Tunin
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", [(16, 1), (32, 1), (64, 2), (128, 1)])
+@pytest.mark.parametrize("prefix_len,window", [(147, None), (30, None), (100, 40)])
+def test_the_prefix_loop_gives_the_same_attention_at_any_block(
+    monkeypatch: pytest.MonkeyPatch, prefix: tuple[int, int], prefix_len: int,
+    window: int | None
+) -> None:
+    # The prefix's own block and stages (triton_decode.PREFIX), with the prefix ending inside a
+    # block or not, ragged rows, and a window that starts inside the prefix.
+    monkeypatch.setattr(triton_decode, "PREFIX", prefix)
+    batch, max_len = 9, 40
+    query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, torch.float32, 6)
+    lengths = [(11 * i) % 40 + 1 for i in range(batch)]
+    out = triton_decode.decode_attention_triton(
+        query, key, value, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), 0.2,
+        (p_key, p_value), window=window)
+    ref = masked_sdpa(query, key, value, lengths, 0.2, (p_key, p_value), window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_lengths_must_be_one_or_one_a_row() -> None:
     query, key, value, _, _ = gemma_like(3, 2, 8, 0, torch.float32, 1)
     with pytest.raises(ValueError, match="one length per row"):

@@ -69,6 +69,12 @@ class Tuning:
 
 
 DEFAULT = Tuning()  # the fastest at 1,040 rows in two sweeps on an H200 (scripts/probe_decode.py)
+# The shared prefix's loop: positions a step and pipeline stages, where not the tuning's block
+# and stages (None). Every program reads the prefix (147 positions of the default prompt, from
+# L2): 5 of a program's ~23 steps at 32 positions. Compiled for sm_90, 64 positions in 2 stages
+# keep the default's 184 registers and 5 programs a multiprocessor; 32 unpipelined take 168 and
+# 6 (scripts/compile_kernel.py).
+PREFIX: tuple[int, int] | None = None
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -113,7 +119,8 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr,
                        LINES: tl.constexpr, DIM: tl.constexpr, BLOCK_L: tl.constexpr,
                        RAGGED: tl.constexpr, UNITS: tl.constexpr, ORDERED: tl.constexpr,
-                       PAGE: tl.constexpr, WRITE: tl.constexpr, IEEE: tl.constexpr):
+                       PAGE: tl.constexpr, WRITE: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_P: tl.constexpr, P_STAGES: tl.constexpr):
         first = tl.program_id(0) * ROWS
         head = tl.program_id(1)
         line = tl.arange(0, LINES)
@@ -162,8 +169,9 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
         # The shared prefix: every line of the program against each block, read once for all.
         pk_base = pk_ptr + head * s_pkh
         pv_base = pv_ptr + head * s_pvh
-        for start in range(0, prefix_len, BLOCK_L):
-            pos = start + offs
+        offs_p = tl.arange(0, BLOCK_P)
+        for start in tl.range(0, prefix_len, BLOCK_P, num_stages=P_STAGES):
+            pos = start + offs_p
             inside = pos < prefix_len
             k = tl.load(pk_base + pos[:, None] * s_pkl + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(pv_base + pos[:, None] * s_pvl + d[None, :], mask=inside[:, None], other=0.0)
@@ -340,6 +348,8 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             ORDERED=order is not None, PAGE=key.shape[2] if pages is not None else 0,
             WRITE=new is not None,
             IEEE=query.dtype == torch.float32,
+            BLOCK_P=tuning.block if PREFIX is None else PREFIX[0],
+            P_STAGES=tuning.stages if PREFIX is None else PREFIX[1],
             num_warps=tuning.warps, num_stages=tuning.stages,
         )
     return out
