@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from test_sampling_topk import tied_logits as bf16_tied_logits
 
 from patchdb.generate import sampling, triton_topk
 from patchdb.generate.sampling import Sampling, choose_tokens
@@ -18,11 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def tied_logits(rows: int, vocab: int, levels: int, seed: int,
                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Logits on a few levels (long runs of equal scores in every row), on DEVICE."""
-    gen = torch.Generator().manual_seed(seed)
-    scores = (torch.randint(0, levels, (rows, vocab), generator=gen).float() / 4
-              + torch.randn(rows, vocab, generator=gen) * 0.01 * (seed % 2))
-    return scores.to(dtype).to(DEVICE)
+    """test_sampling_topk's bf16 logits on a few levels, in `dtype` on DEVICE."""
+    return bf16_tied_logits(rows, vocab, levels, seed).to(dtype).to(DEVICE)
 
 
 def padded_maxima(scores: torch.Tensor, width: int) -> torch.Tensor:
