@@ -14,6 +14,7 @@ Triton is optional; `available()` says whether these run (CUDA, or Triton's CPU 
 """
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -82,8 +83,9 @@ def slice_maxima(scores: torch.Tensor, width: int) -> torch.Tensor:
     out = torch.empty(rows, slices, dtype=scores.dtype, device=scores.device)
     per = max(1, MAX_ENTRIES // width)
     grid: Any = (rows, triton.cdiv(slices, per))
-    _slice_max_kernel[grid](scores, out, vocab, slices, scores.stride(0), out.stride(0),
-                            WIDTH=width, SLICES=per, num_warps=4)
+    with _on(scores):
+        _slice_max_kernel[grid](scores, out, vocab, slices, scores.stride(0), out.stride(0),
+                                WIDTH=width, SLICES=per, num_warps=4)
     return out
 
 
@@ -96,9 +98,17 @@ def take_slices(scores: torch.Tensor, picked: torch.Tensor, width: int) -> torch
     picked = picked.contiguous()
     out = torch.empty(rows, n * width, dtype=scores.dtype, device=scores.device)
     grid: Any = (rows, triton.cdiv(n, TAKE_SLICES))
-    _take_slices_kernel[grid](scores, picked, out, vocab, n, scores.stride(0), picked.stride(0),
-                              out.stride(0), WIDTH=width, SLICES=TAKE_SLICES, num_warps=4)
+    with _on(scores):
+        _take_slices_kernel[grid](scores, picked, out, vocab, n, scores.stride(0),
+                                  picked.stride(0), out.stride(0), WIDTH=width,
+                                  SLICES=TAKE_SLICES, num_warps=4)
     return out
+
+
+def _on(tensor: torch.Tensor) -> Any:
+    """Launch on the tensor's card (Triton launches on the current one): the logits of a model
+    spread over cards may sit on another."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 def top_by_slices(scores: torch.Tensor, n: int, slices: int) -> tuple[torch.Tensor, torch.Tensor]:
