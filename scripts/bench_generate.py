@@ -540,8 +540,8 @@ def main() -> None:
                              "kind@rows runs a kind at that batch (defaults,defaults@384); "
                              "kind+attn=L-B-W-S or +topk=N with the decode attention's launch "
                              "shape or the top-k split changed (defaults+attn=8-32-2-2); "
-                             "+draw=torch and +prefill=burst switch the draw's slice kernels "
-                             "and the spread prefills off")
+                             "+draw=triton|torch switches the draw's slice kernels on or off, "
+                             "+prefill=burst the spread prefills off")
     parser.add_argument("--stop-words", nargs="*", default=None,
                         help="the early-stop runs' words (default: all, the full layer)")
     parser.add_argument("--reference-units", type=int, default=3,

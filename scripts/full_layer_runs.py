@@ -58,11 +58,13 @@ def diverse_answers(model: Any) -> Iterator[None]:
             weight.div_(DIVERSE_EMBED_SCALE)
 
 
-# `+name=value` changes that switch one setting back to what it was before a change, for an
-# A/B in one process: the draw's slices by PyTorch, not the Triton kernels (sampling.py); the
-# prefill queue topped up all at once below a row's worth, not one call a step (refill.py).
+# `+name=value` changes that switch one setting for an A/B in one process: the draw's slices by
+# the Triton kernels, not PyTorch (sampling.SLICE_KERNELS, off by default until measured); the
+# prefill queue topped up all at once below a row's worth, as before, not one call a step
+# (refill.py).
 SWITCHES = {
-    "draw": {"torch": [(sampling, "SLICE_KERNELS", False)]},
+    "draw": {"triton": [(sampling, "SLICE_KERNELS", True)],
+             "torch": [(sampling, "SLICE_KERNELS", False)]},
     "prefill": {"burst": [(refill, "PREFILLS_PER_STEP", None), (refill, "TOP_UP_BELOW", 1)]},
 }
 
@@ -70,7 +72,7 @@ SWITCHES = {
 def changes(spec: str) -> list[tuple[str, Any]]:
     """A run name's changes after its kind, `+attn=L-B-W-S` (the decode attention's launch
     shape, triton_decode.Tuning), `+topk=N` (sampling.TOPK_SLICES), `+prefix=B-S` (the prefix
-    loop's block and stages, triton_decode.PREFIX), `+draw=torch` and `+prefill=burst`
+    loop's block and stages, triton_decode.PREFIX), `+draw=triton|torch` and `+prefill=burst`
     (SWITCHES), as (what, value). Raises ValueError on one it does not know
     or cannot read."""
     out: list[tuple[str, Any]] = []
@@ -91,7 +93,7 @@ def changes(spec: str) -> list[tuple[str, Any]]:
                 raise ValueError
         except ValueError:
             raise ValueError(f"unknown run change {part!r}: +attn=lines-block-warps-stages, "
-                             f"+topk=slices, +prefix=block-stages, +draw=torch or "
+                             f"+topk=slices, +prefix=block-stages, +draw=triton|torch or "
                              f"+prefill=burst") from None
     return out
 

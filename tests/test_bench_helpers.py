@@ -61,12 +61,12 @@ def test_run_context_sets_and_restores_the_changes() -> None:
 
 
 def test_run_context_switches_the_draw_and_prefill_back_and_restores_them() -> None:
-    assert changes("defaults+draw=torch+prefill=burst") == [("draw", "torch"),
-                                                            ("prefill", "burst")]
+    assert changes("defaults+draw=triton+prefill=burst") == [("draw", "triton"),
+                                                             ("prefill", "burst")]
     before = (sampling.SLICE_KERNELS, refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW)
-    assert before == (True, 1, 2)
-    with run_context("defaults+draw=torch+prefill=burst@100", None):
-        assert sampling.SLICE_KERNELS is False
+    assert before == (False, 1, 2)
+    with run_context("defaults+draw=triton+prefill=burst@100", None):
+        assert sampling.SLICE_KERNELS is True
         assert (refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW) == (None, 1)
     assert (sampling.SLICE_KERNELS, refill.PREFILLS_PER_STEP, refill.TOP_UP_BELOW) == before
     with run_context("defaults+draw=torch", None):
@@ -80,7 +80,7 @@ def test_run_context_switches_the_draw_and_prefill_back_and_restores_them() -> N
 @pytest.mark.parametrize("runs", ["defaults,nonsense", "defaults@0", "defaults@x",
                                   "defaults,defaults", "defaults@", "@384", "defaults+attn=1-2-3",
                                   "defaults+attn=16-0-2-3", "defaults+attn=16-64-4-2-1",
-                                  "defaults+topk=x", "defaults+fast", "defaults+draw=triton",
+                                  "defaults+topk=x", "defaults+fast", "defaults+draw=cuda",
                                   "defaults+prefill=1", "defaults+draw", "defaults+prefix=24-1",
                                   "defaults+prefix=64-0", "defaults+prefix=64",
                                   "nonsense+topk=4"])

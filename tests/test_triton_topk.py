@@ -14,6 +14,12 @@ from patchdb.generate.sampling import Sampling, choose_tokens
 pytestmark = [pytest.mark.skipif(triton_topk.triton is None, reason="Triton is not installed"),
               pytest.mark.triton]
 
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels are off by default until a GPU has run them (sampling.SLICE_KERNELS)."""
+    monkeypatch.setattr(sampling, "SLICE_KERNELS", True)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -150,8 +150,9 @@ TIE_MARGIN = 64
 # pass on an H100: 2.65-4.23 ms against 2.33.)
 TOPK_SLICES = 1024
 # The slices' maxima and the picked slices' entries by two Triton kernels (triton_topk.py) where
-# they can run, not by PyTorch's amax, gather and cat: the same candidates.
-SLICE_KERNELS = True
+# they can run, not by PyTorch's amax, gather and cat: the same candidates. Off until a GPU has
+# run them (tested in Triton's interpreter and compiled for sm_90 only; docs/performance.md).
+SLICE_KERNELS = False
 
 
 def _topk(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ tail is copied, and a slice's maximum is one masked load and one reduction.
 The entries are the logits' own values, so the candidates (and the tokens drawn) are those of
 one torch.topk over the whole vocabulary, ties at the n-th place aside as in sampling._topk.
 Triton is optional; `available()` says whether these run (CUDA, or Triton's CPU interpreter).
+They are off by default (sampling.SLICE_KERNELS) until a GPU has run and timed them.
 """
 
 import os
