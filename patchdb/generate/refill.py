@@ -43,8 +43,9 @@ REFILL_FRACTION = 1 / 64
 # under TOP_UP_BELOW rows' worth, in at most PREFILLS_PER_STEP prefill calls while one step runs
 # (None: all at once). A call's host time (about 160 ms on an H200's host for 16 units, mostly
 # Python and launches) runs while the step's graph does, and the GPU waits only for what
-# outlasts the step. Topping up all at once below one row's worth (1, 2, None, as before) made
-# two or three calls in one step, and an H200 spent 1.8 s of a 101-s layer in its 11 prefills.
+# outlasts the step. Topping up all at once below one row's worth (TOP_UP_BELOW 1 and
+# PREFILLS_PER_STEP None, as before) made three calls in one step at 1,464 rows, and an H200
+# spent 1.8 s of a 101-s layer in its 11 prefills (docs/performance.md).
 AHEAD_ROWS = 2
 TOP_UP_BELOW = 2
 PREFILLS_PER_STEP: int | None = 1
