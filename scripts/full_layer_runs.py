@@ -58,6 +58,9 @@ def diverse_answers(model: Any) -> Iterator[None]:
             weight.div_(DIVERSE_EMBED_SCALE)
 
 
+# `+name=value` changes whose value (as `changes` reads it) replaces one module setting
+SETTINGS = {"attn": (triton_decode, "DEFAULT"), "topk": (sampling, "TOPK_SLICES"),
+            "prefix": (triton_decode, "PREFIX")}
 # `+name=value` changes that switch one setting for an A/B in one process: the draw's slices by
 # the Triton kernels, not PyTorch (sampling.SLICE_KERNELS, off by default until measured); the
 # prefill queue topped up all at once below a row's worth, as before, not one call a step
@@ -116,15 +119,9 @@ def run_context(name: str, model: Any) -> Any:
     elif kind.endswith("-diverse"):
         stack.enter_context(diverse_answers(model))
     for what, value in changes(name.partition("@")[0]):
-        if what == "attn":
-            stack.enter_context(mock.patch.object(triton_decode, "DEFAULT", value))
-        elif what == "topk":
-            stack.enter_context(mock.patch.object(sampling, "TOPK_SLICES", value))
-        elif what == "prefix":
-            stack.enter_context(mock.patch.object(triton_decode, "PREFIX", value))
-        else:
-            for module, name, setting in SWITCHES[what][value]:
-                stack.enter_context(mock.patch.object(module, name, setting))
+        patches = ([(*SETTINGS[what], value)] if what in SETTINGS else SWITCHES[what][value])
+        for module, setting, to in patches:
+            stack.enter_context(mock.patch.object(module, setting, to))
     return stack
 
 

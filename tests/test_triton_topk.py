@@ -15,12 +15,13 @@ pytestmark = [pytest.mark.skipif(triton_topk.triton is None, reason="Triton is n
               pytest.mark.triton]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels are off by default until a GPU has run them (sampling.SLICE_KERNELS)."""
     monkeypatch.setattr(sampling, "SLICE_KERNELS", True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tied_logits(rows: int, vocab: int, levels: int, seed: int,
