@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from email import policy
 from email.parser import BytesParser
@@ -76,6 +76,10 @@ class BatchState:
     scripts: list[tuple[str, ...]] = field(default_factory=list)  # per created batch, in order
     cost: float | None = None  # put into every reply's usage (None: no cost, as OpenAI does)
     echo_key_on_upload: bool = False  # answer uploads with a 500 that repeats the caller's key
+    fail_creates: int = 0  # answer this many batch creates with a 503, creating nothing
+    # held by each batch list request (a find) before it is answered: a Barrier makes two
+    # finds overlap; a broken or timed-out one lets them through
+    list_gate: threading.Barrier | None = None
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     plans: dict[str, list[str]] = field(default_factory=dict)
@@ -222,6 +226,9 @@ class BatchServer:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 parts = url.path.strip("/").split("/")
+                if parts == ["v1", "batches"] and state.list_gate is not None:
+                    with suppress(threading.BrokenBarrierError):
+                        state.list_gate.wait()
                 with state.lock:
                     state.auth_headers.add(self.headers.get("Authorization", ""))
                     if parts[:2] == ["v1", "files"] and len(parts) == 4:
@@ -262,6 +269,9 @@ class BatchServer:
                         return self._json(self._upload(data))
                     if parts == ["v1", "batches"]:
                         state.calls["create"] += 1
+                        if state.fail_creates > 0:
+                            state.fail_creates -= 1
+                            return self._json({"error": {"message": "overloaded"}}, 503)
                         return self._json(state.create(json.loads(data)))
                     if parts[:2] == ["v1", "batches"] and parts[3:] == ["cancel"]:
                         state.calls["cancel"] += 1

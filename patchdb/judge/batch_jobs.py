@@ -25,13 +25,12 @@ from patchdb.judge.batch_collect import NO_RESULT, Prices, error_values, read_re
 from patchdb.judge.batch_plan import (
     Key,
     call_line,
-    judged_keys,
     live_keys,
     reasoning_options,
     stranded,
 )
 from patchdb.judge.leases import KEYS_LOCK, db_now, live_leases
-from patchdb.judge.plan import Call
+from patchdb.judge.plan import Call, Fresh, needs, stored_states
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, utcnow
 from patchdb.store.runs import is_running
@@ -74,6 +73,8 @@ class BatchContext:
     prices: Prices
     echo: Callable[[str], None]
     summary: BatchSummary = field(default_factory=BatchSummary)
+    # the judge runs running when this one started: keys they wrote are this round's (Fresh)
+    peers: frozenset[int] = frozenset()
 
     def line(self, call: Call) -> bytes:
         return call_line(self.templates, self.question, self.model,
@@ -91,8 +92,9 @@ class BatchContext:
     ]:
         """Write the batch row and its keys before anything leaves this machine: the id and
         the calls it holds, leaving out keys another run put into a live batch or a live
-        judge worker claimed meanwhile (and, looking for missing ones, keys judged
-        meanwhile), checked in the same write transaction under the lock workers claim
+        judge worker claimed meanwhile, and keys no longer pending in `mode` (judged meanwhile,
+        or, retrying or overwriting, judged by a run of this round: plan.needs, the rule
+        workers claim by), checked in the same write transaction under the lock workers claim
         under; None when none is left."""
         def add(session: Any) -> tuple[int | None, list[Call]]:
             if session.get_bind().dialect.name == "postgresql":  # SQLite writers queue anyway
@@ -101,9 +103,10 @@ class BatchContext:
             rollout_ids = sorted({c.rollout_id for c in calls})
             held = live_keys(session, self.config_id, rollout_ids)
             held |= set(live_leases(session, self.config_id, rollout_ids, db_now(session)))
-            if mode == "only_missing":
-                held |= judged_keys(session, self.config_id, rollout_ids)
-            kept = [c for c in calls if (c.rollout_id, c.grader) not in held]
+            stored = stored_states(session, self.config_id, rollout_ids)
+            fresh = Fresh(self.stage_run_id, self.peers)
+            kept = [c for c in calls if (c.rollout_id, c.grader) not in held
+                    and needs(mode, stored.get((c.rollout_id, c.grader)), fresh)]
             if not kept:
                 return None, []
             batch = JudgeBatch(judge_config_id=self.config_id, sweep_id=self.sweep_id,
@@ -167,6 +170,30 @@ class BatchContext:
             self.echo(f"Batch #{batch_id} was never uploaded to {base_url} (its run stopped "
                       f"first): dropped, its {requests:,} requests are free to send again.")
 
+    def take_over(self, batch: JudgeBatch) -> bool:
+        """Become the run that finishes sending a batch a stopped run left half sent (its file
+        uploaded, no provider batch recorded): set the batch's run from the stopped one to this
+        one in one write, only if no other run did so first (or created or dropped it
+        meanwhile). Two runs that both found it stopped would each look for a provider batch
+        on its file, find none, and both create one: every request paid twice. Returns whether
+        this run holds it now."""
+        if batch.stage_run_id == self.stage_run_id:
+            return True
+        holder = batch.stage_run_id
+
+        def swap(session: Any) -> bool:
+            found = session.execute(update(JudgeBatch).where(
+                JudgeBatch.id == batch.id, JudgeBatch.provider_batch_id.is_(None),
+                JudgeBatch.stage_run_id.is_(None) if holder is None
+                else JudgeBatch.stage_run_id == holder,
+            ).values(stage_run_id=self.stage_run_id))
+            return bool(found.rowcount == 1)
+
+        if not self.store.transact(swap):
+            return False
+        batch.stage_run_id = self.stage_run_id
+        return True
+
     def sent_by_another_run(self, batch: JudgeBatch) -> bool:
         """Whether another run that is still running is submitting this batch."""
         run_id = batch.stage_run_id
@@ -206,6 +233,8 @@ class BatchContext:
                 if not submit:
                     left += 1
                     continue
+                if not self.take_over(batch):
+                    continue  # another run took it over first: it finishes it
                 self.send(batch)
                 batch = self.reload(batch.id)
             assert batch.provider_batch_id is not None
@@ -241,6 +270,10 @@ class BatchContext:
                 if batch.input_file_id is None or self.sent_by_another_run(batch):
                     self.echo(f"Batch #{batch.id} is being sent by stage run "
                               f"#{batch.stage_run_id}; left to it.")
+                    continue
+                if not self.take_over(batch):
+                    self.echo(f"Batch #{batch.id} was taken over by another stage run "
+                              "meanwhile; left to it.")
                     continue
                 found = self.api.find(batch.input_file_id)
                 if found is None:

@@ -106,17 +106,6 @@ def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> s
     return held
 
 
-def judged_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> set[Key]:
-    """Keys among these rollouts that have a judgment of this judge config."""
-    found: set[Key] = set()
-    for start in range(0, len(rollout_ids), 900):
-        found.update((rid, grader) for rid, grader in session.execute(
-            select(Judgment.rollout_id, Judgment.grader).where(
-                Judgment.judge_config_id == config_id,
-                Judgment.rollout_id.in_(list(rollout_ids[start:start + 900])))))
-    return found
-
-
 def batch_pending(store: Store, scope: Scope, config_id: int | None, mode: str,
                   limit: int | None = None) -> Iterator[Call]:
     """The calls the mode has pending that no live batch holds, in rollout order, at most

@@ -31,6 +31,7 @@ from patchdb.judge.batch_plan import (
     split,
 )
 from patchdb.judge.client import resolve_endpoint
+from patchdb.judge.leases import running_judge_runs
 from patchdb.judge.plan import CostEstimate, DryRun, estimate_cost, find_judge_config
 from patchdb.judge.providers import OPENROUTER, provider_of
 from patchdb.judge.settings import JudgeOptions
@@ -104,10 +105,13 @@ def run_batch(store: Store, sweep_name: str | None, options: JudgeOptions,
     arguments = {**options.arguments(), "batch": asdict(batch)}
     try:
         with stage_run(store, "judge", arguments, sweep.id) as run:
+            with store.read() as session:
+                peers = running_judge_runs(session)
             ctx = BatchContext(store, api, config_id, sweep.id, run.id, templates,
                                config.prompt_trial, resolved.model, resolved.reasoning,
                                redact_text(endpoint.base_url),
-                               Prices(batch.price_in, batch.price_out, batch.discount), echo)
+                               Prices(batch.price_in, batch.price_out, batch.discount), echo,
+                               peers=peers)
             ctx.drop_stranded()
             for url in ctx.live_elsewhere():
                 echo(f"Live batches of this judge config were sent to {url}; their keys stay "
