@@ -152,7 +152,7 @@ def test_a_killed_workers_keys_come_free_when_its_lease_expires(store_db: str,
     env = judge_env(server, PATCHDB_JUDGE_LEASE="2")
     held = kill_a_worker(store_db, server, env)
     assert held
-    execute(store_db, "UPDATE stage_runs SET host = 'another-machine'", {})
+    execute(store_db, "UPDATE stage_runs SET host = 'another-machine', machine = 'another'", {})
     finish([start(judge_cmd(store_db), env)])
     assert judged(store_db) == 2 * n and duplicates(store_db) == 0
     assert server.stats.requests - 2 * n <= CONCURRENCY

@@ -29,11 +29,11 @@ from patchdb.judge.batch_plan import (
     reasoning_options,
     stranded,
 )
-from patchdb.judge.leases import KEYS_LOCK, db_now, live_leases
+from patchdb.judge.leases import KEYS_LOCK, live_leases
 from patchdb.judge.plan import Call, Fresh, needs, stored_states
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, utcnow
-from patchdb.store.runs import is_running
+from patchdb.store.runs import db_now, is_running
 from patchdb.store.store import Store
 
 WRITE_CHUNK = 1000  # judgments per transaction while collecting

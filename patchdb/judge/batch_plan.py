@@ -21,7 +21,7 @@ from patchdb.judge.plan import Call, Scope, in_scope, pending_page
 from patchdb.judge.providers import OPENAI, provider_of
 from patchdb.judge.templates import Templates
 from patchdb.store.models import JudgeBatch, JudgeBatchKey, Judgment, Rollout, StageRun
-from patchdb.store.runs import effective_status
+from patchdb.store.runs import db_now, effective_status
 from patchdb.store.store import Store
 
 ENDPOINT = "/v1/chat/completions"
@@ -85,8 +85,9 @@ def stranded(session: Session, config_id: int | None, sweep_id: int | None = Non
                     JudgeBatch.input_file_id.is_(None)).order_by(JudgeBatch.id))
     if sweep_id is not None:
         query = query.where(JudgeBatch.sweep_id == sweep_id)
+    now = db_now(session)
     return [int(batch_id) for batch_id, run in session.execute(query)
-            if run is None or effective_status(run) != "running"]
+            if run is None or effective_status(run, now) != "running"]
 
 
 def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> set[Key]:

@@ -8,8 +8,9 @@ BEGIN IMMEDIATE, and on PostgreSQL the advisory lock `judge --batch` takes to re
 two claims (or a claim and a batch) never take the same key; the unique key on judge_leases
 backs that up. The lease row goes in the transaction that writes the key's judgment
 (writer.py), or when the run lets its unsent keys go at the end. A lease is dead once it has
-expired or its run is no longer running (status.effective_status: a dead pid on this host, a
-heartbeat over 60 s old, a finished run), and a dead lease's key may be claimed by anyone.
+expired or its run is no longer running (runs.effective_status: a dead pid on this machine, a
+heartbeat over 60 s old by the database's clock, a finished run), and a dead lease's key may
+be claimed by anyone.
 
 Times come from the database's clock on PostgreSQL (machines' clocks may differ) and from this
 machine's on SQLite (every process is on this machine).
@@ -17,16 +18,16 @@ machine's on SQLite (every process is on this machine).
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, delete, func, select, text, update
+from sqlalchemy import Table, bindparam, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from patchdb.judge.batch_plan import live_keys
 from patchdb.judge.plan import Call, Fresh, Key, Scope, needs, pending_page, stored_states
 from patchdb.store.dialect import dialect_insert
-from patchdb.store.models import JudgeLease, StageRun, utcnow
-from patchdb.store.runs import effective_status
+from patchdb.store.models import JudgeLease, StageRun
+from patchdb.store.runs import db_now, effective_status
 
 KEYS_LOCK = 18_000_000  # + judge config id: the advisory lock judge --batch records keys under
 _PLAIN = {"synchronize_session": False}  # no ORM objects to keep in step: plain SQL, less CPU
@@ -35,15 +36,6 @@ _TABLE: Table = JudgeLease.__table__  # type: ignore[assignment]
 _RELEASE_KEY = delete(_TABLE).where(
     _TABLE.c.stage_run_id == bindparam("holder"), _TABLE.c.judge_config_id == bindparam("config"),
     _TABLE.c.rollout_id == bindparam("rollout"), _TABLE.c.grader == bindparam("grader"))
-
-
-def db_now(session: Session) -> datetime:
-    """Now, timezone-aware UTC: the database's clock on PostgreSQL, this machine's on SQLite."""
-    if session.get_bind().dialect.name == "postgresql":
-        now = session.scalar(select(func.now()))
-        assert now is not None
-        return now.astimezone(UTC)
-    return utcnow()
 
 
 def live_leases(session: Session, config_id: int, rollout_ids: Sequence[int],
@@ -58,7 +50,7 @@ def live_leases(session: Session, config_id: int, rollout_ids: Sequence[int],
     if not found:
         return found
     runs = session.scalars(select(StageRun).where(StageRun.id.in_(set(found.values()))))
-    alive = {run.id for run in runs if effective_status(run) == "running"}
+    alive = {run.id for run in runs if effective_status(run, now) == "running"}
     return {key: run for key, run in found.items() if run in alive}
 
 
@@ -151,4 +143,5 @@ def running_judge_runs(session: Session) -> frozenset[int]:
     """The judge stage runs that are running now (Fresh.peers of a run starting now)."""
     runs = session.scalars(select(StageRun).where(StageRun.stage == "judge",
                                                   StageRun.status == "running"))
-    return frozenset(run.id for run in runs if effective_status(run) == "running")
+    now = db_now(session)
+    return frozenset(run.id for run in runs if effective_status(run, now) == "running")

@@ -98,6 +98,8 @@ class StageRun(Base):
     sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
     arguments: Mapped[str] = mapped_column(Text)
     host: Mapped[str] = mapped_column(String(255))
+    # runs.this_machine(): where `pid` names this run's process (None: unknown, never looked at)
+    machine: Mapped[str | None] = mapped_column(String(100))
     pid: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,5 +1,13 @@
 """stage_runs: every stage invocation is a row with a heartbeat, so `status` can tell a running
-stage from a crashed one (a crashed one stops beating)."""
+stage from a crashed one (a crashed one stops beating).
+
+Whether a run still runs decides who may take over its work (judge leases, half-sent batches),
+so a live run must never look dead from another machine: on PostgreSQL the heartbeat is the
+database's clock, written and read (machines' clocks may differ by more than the 60 s a
+heartbeat may age), and a run's pid is looked at only where it means the same process: on the
+same boot of the same machine, in the same pid namespace (`machine`), not wherever the host name
+matches (cloud images and containers share host names).
+"""
 
 import json
 import logging
@@ -9,10 +17,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session
 
 from patchdb.errors import StoreError
 from patchdb.redact import redact_arguments, redact_text
@@ -22,6 +33,34 @@ from patchdb.store.store import Store, describe_db_error
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 STALE_AFTER = timedelta(seconds=60)
+
+
+def db_now(session: Session) -> datetime:
+    """Now, timezone-aware UTC: the database's clock on PostgreSQL, this machine's on SQLite
+    (every process that opens a SQLite file runs on the machine that holds it)."""
+    if session.get_bind().dialect.name == "postgresql":
+        now = session.scalar(select(func.now()))
+        assert now is not None
+        return now.astimezone(UTC)
+    return utcnow()
+
+
+def _stamp(session: Session) -> Any:
+    """The value a heartbeat is written with: the database's now() on PostgreSQL (evaluated
+    there), this machine's clock on SQLite."""
+    return func.now() if session.get_bind().dialect.name == "postgresql" else utcnow()
+
+
+@cache
+def this_machine() -> str | None:
+    """This process's machine, as far as its pids go: the kernel's boot id and the pid
+    namespace (Linux); None where neither can be read, and then no pid is looked at."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot} {namespace}"[:100]
 
 
 class StageRunHandle:
@@ -36,7 +75,8 @@ class StageRunHandle:
             try:
                 self.store.transact(
                     lambda s: s.execute(
-                        update(StageRun).where(StageRun.id == self.id).values(heartbeat_at=utcnow())
+                        update(StageRun).where(StageRun.id == self.id)
+                        .values(heartbeat_at=_stamp(s))
                     )
                 )
             except (StoreError, DatabaseError) as exc:
@@ -56,7 +96,7 @@ class StageRunHandle:
             lambda s: s.execute(
                 update(StageRun)
                 .where(StageRun.id == self.id)
-                .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
+                .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=_stamp(s))
             )
         )
 
@@ -74,8 +114,10 @@ def stage_run(
             sweep_id=sweep_id,
             arguments=json.dumps(redact_arguments(arguments), sort_keys=True, default=str),
             host=socket.gethostname(),
+            machine=this_machine(),
             pid=os.getpid(),
             status="running",
+            heartbeat_at=_stamp(session),
         )
         session.add(run)
         session.flush()
@@ -100,13 +142,16 @@ def _aware(ts: datetime) -> datetime:
 
 
 def effective_status(run: StageRun, now: datetime | None = None) -> str:
-    """'running' only while the heartbeat is fresh (and, on this host, the pid is alive)."""
+    """'running' only while the heartbeat is fresh against `now` (give db_now: the clock the
+    heartbeat was written with; None: this machine's) and, where the run is on this machine
+    (this_machine), its pid is alive."""
     if run.status != "running":
         return run.status
     now = now or utcnow()
     if now - _aware(run.heartbeat_at) > STALE_AFTER:
         return "crashed"
-    if run.host == socket.gethostname() and not _pid_alive(run.pid):
+    here = this_machine()
+    if here is not None and run.machine == here and not _pid_alive(run.pid):
         return "crashed"
     return "running"
 
@@ -129,4 +174,4 @@ def recent_runs(store: Store, limit: int = 20) -> list[StageRun]:
 def is_running(store: Store, run_id: int) -> bool:
     with store.read() as session:
         run = session.get(StageRun, run_id)
-        return run is not None and effective_status(run) == "running"
+        return run is not None and effective_status(run, db_now(session)) == "running"

@@ -14,7 +14,7 @@ from patchdb.store.baselines import baseline_units
 from patchdb.store.judge_choice import choose_judge_config
 from patchdb.store.models import Experiment, JudgeBatch, Judgment, Rollout, StageRun
 from patchdb.store.readouts import expected_readouts, present_readouts, random_vector_units
-from patchdb.store.runs import effective_status
+from patchdb.store.runs import db_now, effective_status
 from patchdb.store.store import Store
 from patchdb.store.sweeps import expected_units, experiment_def, get_sweep, sweep_config
 
@@ -207,9 +207,10 @@ def sweep_status(store: Store, sweep_name: str | None,
             select(StageRun).where((StageRun.sweep_id == sweep.id) | StageRun.sweep_id.is_(None))
             .order_by(StageRun.id.desc()).limit(10)
         ).all()
+        now = db_now(session)
         for run in runs:
             result.stages.append(StageStatus(
-                run.id, run.stage, effective_status(run), run.host, run.pid,
+                run.id, run.stage, effective_status(run, now), run.host, run.pid,
                 run.started_at.isoformat(), run.heartbeat_at.isoformat(), run.error,
             ))
     return result

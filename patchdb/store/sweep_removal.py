@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from patchdb.errors import SweepNotEmptyError, UnknownNameError
 from patchdb.store.models import Experiment, JudgeBatch, Readout, Rollout, StageRun, Sweep
-from patchdb.store.runs import effective_status
+from patchdb.store.runs import db_now, effective_status
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ def remove_empty_sweep(session: Session, name: str) -> RemovedSweep:
             f"sweep {name!r} holds {' and '.join(held)}; `patchdb sweeps rm` removes only a "
             "sweep with no results (register the new config under another name)")
     runs = session.scalars(select(StageRun).where(StageRun.sweep_id == sweep.id)).all()
-    live = [run for run in runs if effective_status(run) == "running"]
+    now = db_now(session)
+    live = [run for run in runs if effective_status(run, now) == "running"]
     if live:
         run = live[0]
         raise SweepNotEmptyError(
