@@ -16,7 +16,9 @@ SECRET_PARTS = frozenset({
     "credentials", "auth", "bearer", "cookie",
 })
 HIDDEN = "***"
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+# the password runs to the last "@" before the path, query or fragment, as URL parsers read it
+# (an unescaped "@" in a password is taken as part of it)
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s:@]*):[^/?#\s]*@")
 _BEARER = re.compile(r"(\bBearer\s+)[^\s\"',}]+", re.IGNORECASE)
 _QUERY = re.compile(r"([?&])([^=&#\s]+)=([^&#\s\"']*)")
 

@@ -183,6 +183,10 @@ def test_secrets_inside_text_are_hidden() -> None:
         "http://judge:***@127.0.0.1:8000/v1")
     assert redact_text(f"postgresql+psycopg://u:{URL_SECRET}@db/x failed") == (
         "postgresql+psycopg://u:***@db/x failed")
+    # an unescaped "@" in the password: URL parsers take the host after the last one
+    assert redact_text(f"https://user:p@{URL_SECRET}@proxy/v1 and http://h/@x") == (
+        "https://user:***@proxy/v1 and http://h/@x")
+    assert redact_text(f"https://u:{URL_SECRET}@h?q=@x") == "https://u:***@h?q=@x"
     assert redact_text(f"https://h/v1?model=m&api_key={SENTINEL}&n=2") == (
         "https://h/v1?model=m&api_key=***&n=2")
     assert redact_text(f'echo: "Bearer {SENTINEL}"') == 'echo: "Bearer ***"'
