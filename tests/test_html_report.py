@@ -237,8 +237,9 @@ def band_cells(html: str, experiment: str) -> list[list[str]]:
 
 def test_rate_tables_carry_the_bands_over_words(page: Path) -> None:
     """failure_to_success: at layer 3 both sources of each target score 2/2; at layer 4
-    Bread's score 1/2 and Trees' 0/2. Two sources that agree: the band is Wilson's at all 4
-    samples of the line, with Student's t on 1 df (2 sources) for z. In whole percent."""
+    Bread's score 1/2 and Trees' 0/2. Two sources that agree (no spread to estimate): the band
+    is Wilson's at one source's 2 samples, not the line's 4, with Student's t on 1 df (2
+    sources) for z. In whole percent."""
     html = page.read_text(encoding="utf-8")
     t1 = math.tan(math.pi * 0.475)  # Student's t, 97.5%, 1 df
 
@@ -247,8 +248,9 @@ def test_rate_tables_carry_the_bands_over_words(page: Path) -> None:
         half = t1 / (1 + t1 * t1 / n) * math.sqrt(p * (1 - p) / n + t1 * t1 / (4 * n * n))
         return f"{round(100 * max(0.0, centre - half))}-{round(100 * min(1.0, centre + half))}"
 
-    assert band_cells(html, "failure_to_success") == [[band(1.0, 4)] * 2,
-                                                      [band(0.5, 4), band(0.0, 4)]]
+    assert band_cells(html, "failure_to_success") == [[band(1.0, 2)] * 2,
+                                                      [band(0.5, 2), band(0.0, 2)]]
+    assert band(1.0, 2) != band(1.0, 4)
     assert "Small figures: the 95% band of a mean line (Wilson-t over 2 sources)." in html
     assert "(Wilson-t over 2 words)" in html
 

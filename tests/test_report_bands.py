@@ -98,7 +98,9 @@ def test_pair_lines_get_their_band_over_source_words(rates: dict[str, Experiment
     """failure_to_success, one band per target word over its three source words."""
     ax = sweep_figure(rates["failure_to_success"], "t", ci=True).axes[0]
     assert band_at(ax, 0, 40) == pytest.approx(over_words([0.2, 0.1, 0.0], 100), abs=1e-9)
-    assert band_at(ax, 2, 41) == pytest.approx(wilson(1.0, 300, T2), abs=1e-9)  # all agree
+    # all three sources at 100 of 100: no spread between words to estimate, so the band is
+    # one word's (100 samples), not the three words' pooled samples (300)
+    assert band_at(ax, 2, 41) == pytest.approx(wilson(1.0, 100, T2), abs=1e-9)
     assert legend(ax)[-1] == \
         "95% band: Wilson-t over 3 sources"
 

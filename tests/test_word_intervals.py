@@ -103,13 +103,37 @@ def test_unscored_words_are_left_out() -> None:
         wilson_by_formula(0.4, n_eff, 12.706204736174707), abs=1e-9)
 
 
-def test_words_that_agree_fall_back_to_their_samples() -> None:
-    """No spread between words: n_eff is every sample behind the mean, and a mean of 0
-    still gets an upper bound above 0."""
-    lower, upper = wilson_t(np.array([0.0]), np.array([0.0]), np.array([7.0]),
+def test_words_that_agree_get_one_words_band() -> None:
+    """No spread between words (8 words all at 0 of 64): the spread cannot be estimated, so the
+    band is one word's samples' (64), not the pooled 512 samples', with an upper bound above 0;
+    with a spread, the cap stays every sample behind the mean."""
+    band = one_way_band(np.zeros((8, 2)), np.full((8, 2), 64.0))
+    assert (band.lower[0], band.upper[0]) == pytest.approx(wilson_by_formula(0.0, 64, T_975_7))
+    assert band.upper[0] > 0.07  # over 512 samples it was 0.011
+    ones = np.ones((8, 1))
+    assert one_way_band(ones, np.full((8, 1), 64.0)).lower[0] == pytest.approx(
+        wilson_by_formula(1.0, 64, T_975_7)[0])
+    lower, upper = wilson_t(np.array([0.5]), np.array([1e-6]), np.array([7.0]),
                             np.array([512.0]))
-    assert (lower[0], upper[0]) == pytest.approx(wilson_by_formula(0.0, 512, T_975_7))
-    assert upper[0] > 0
+    assert (lower[0], upper[0]) == pytest.approx(wilson_by_formula(0.5, 512, T_975_7))
+
+
+def test_rates_piled_at_zero_are_covered_more_often_than_over_pooled_samples() -> None:
+    """Words from Beta(0.2, 9.8) (mean 0.02: most words never detect, a few sometimes): in
+    about one sweep of nine all 8 words score 0 of 64. Banding those over the pooled samples
+    (upper 0.011) misses the truth every time; one word's band (upper 0.08) holds it."""
+    rng = np.random.default_rng(SEED + 7)
+    truth, hits, pooled = 0.02, [], []
+    for _ in range(SWEEPS):
+        k = key_successes(rng, rng.beta(0.2, 9.8, 8))[:, :3]
+        x = k / SAMPLES
+        band = one_way_band(x, np.full(x.shape, float(SAMPLES)))
+        hits.append(covered(band.lower, band.upper, truth))
+        v = x.var(0, ddof=1) / 8
+        old = wilson_t(x.mean(0), v, np.full(3, 7.0), np.full(3, 8.0 * SAMPLES))
+        pooled.append(covered(*old, truth))
+    assert np.mean(hits) >= 0.85, np.mean(hits)
+    assert np.mean(pooled) < np.mean(hits) - 0.05, (np.mean(pooled), np.mean(hits))
 
 
 def test_two_way_variance_by_hand() -> None:

@@ -16,8 +16,9 @@ API (numpy only; everything is vectorised over the patch layers, the last axis):
   legend prints ("Wilson-t over 8 words").
 - `one_way_band(values, n_samples)`: the mean over words of `values` (W, L), NaN words left out,
   with the Wilson-t band: the words' variance of the mean s^2/W, turned into an effective
-  sample size n_eff = p(1-p) / (s^2/W) (at most the samples behind the mean), and the Wilson
-  score interval at n_eff with the t quantile on W - 1 degrees of freedom in place of z.
+  sample size n_eff = p(1-p) / (s^2/W) (at most the samples behind the mean; where every word
+  has the same rate, s = 0, those of one word: `no_spread_cap`), and the Wilson score interval
+  at n_eff with the t quantile on W - 1 degrees of freedom in place of z.
 - `two_way_band(values, n_samples)`: the mean over (S, T) cells of `values` (S, T, L) with both
   word sets random (crossed): Var = sigma_s^2/S + sigma_t^2/T + sigma_e^2/(ST) from the two-way
   ANOVA mean squares (Owen 2007), negative components set to 0, Satterthwaite degrees of
@@ -237,15 +238,32 @@ def one_way_band(values: Floats, n_samples: Floats | None = None, what: str = "w
         variance = np.where(w > 1, spread / w, np.nan)
     cap = (np.where(present, np.asarray(n_samples, dtype=float), 0.0).sum(0)
            if n_samples is not None else np.full(mean.shape, np.inf))
-    lower, upper = wilson_t(mean, variance, w - 1.0, cap, level)
-    return WordBand(mean, lower, upper, w.astype(np.int64), band_method(int(w.max(initial=0)),
-                                                                      what))
+    lower, upper = wilson_t(mean, variance, w - 1.0, no_spread_cap(cap, variance, w), level)
+    banded = w[w >= 2]
+    fewest = int(banded.min()) if banded.size else None
+    return WordBand(mean, lower, upper, w.astype(np.int64),
+                    band_method(int(w.max(initial=0)), what, fewest))
 
 
-def band_method(n_words: int, what: str = "words") -> str:
-    """The legend's words for a one-way band; 'n/a: 1 word' where there is no spread."""
+def no_spread_cap(cap: Floats, variance: Floats, words: Floats) -> Floats:
+    """The cap on n_eff per layer: the samples behind the mean, except where the words show no
+    spread (variance 0: every word at the same rate, as 8 words all at 0 of 64 are). There the
+    spread between words cannot be estimated, and the samples behind the mean would give the
+    band over samples that words replace; the band is then that of one word's samples (the
+    samples behind the mean over the words): the mean of the words' rates is never above the
+    highest of them, and each is known from its own samples only."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((variance == 0) & (words > 0), cap / np.maximum(words, 1), cap)
+
+
+def band_method(n_words: int, what: str = "words", fewest: int | None = None) -> str:
+    """The legend's words for a one-way band; 'n/a: 1 word' where there is no spread.
+    `fewest`: the fewest words behind a band at any layer (where some layers have fewer words
+    scored than `n_words`): 'Wilson-t over 3 to 4 words'."""
     if n_words < 2:
         return f"n/a: {n_words} {what.rstrip('s') if n_words == 1 else what}"
+    if fewest is not None and 2 <= fewest < n_words:
+        return f"Wilson-t over {fewest} to {n_words} {what}"
     return f"Wilson-t over {n_words} {what}"
 
 
@@ -295,7 +313,8 @@ def two_way_band(values: Floats, n_samples: Floats | None = None,
     variance, df = two_way_variance(np.where(present, x, 0.0))
     cap = (np.where(present, np.asarray(n_samples, dtype=float), 0.0).sum((0, 1))
            if n_samples is not None else np.full(mean.shape, np.inf))
-    lower, upper = wilson_t(np.where(complete, mean, np.nan), variance, df, cap, level)
+    lower, upper = wilson_t(np.where(complete, mean, np.nan), variance, df,
+                            no_spread_cap(cap, variance, count), level)
     return WordBand(mean, lower, upper, np.where(complete, n_s * n_t, 0).astype(np.int64),
                     f"two-way over {n_s} sources x {n_t} targets")
 

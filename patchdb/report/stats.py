@@ -1,4 +1,6 @@
-"""Wilson score intervals, and the 95% band `report --ci` draws around a bold line.
+"""Wilson score intervals, and the band `report --ci-method samples` draws around a bold line
+(kept for comparison: it counts every sample as an independent draw; the default band is over
+words, patchdb.report.clusters).
 
 A bold line is the unweighted mean of its keys' rates (each key counts once, whatever its number
 of scored samples). Its band is the Wilson interval of that mean taken at an effective sample
