@@ -193,7 +193,8 @@ def test_net_against_the_random_vector(tmp_path: Path) -> None:
                 for r in rows if r["kind"] == "line"}
 
     against = net_rates("--against", "random_vector")
-    # rate minus the pooled random-vector rate 6/20; steered_to_unsteered keeps the control
+    # rate minus the mean of the words' random-vector rates (2/10, 4/10); steered_to_unsteered
+    # keeps the control
     assert against[("failure_to_success", "Bread")][0] == pytest.approx(0.6 - 0.3)
     assert against[("failure_to_success", "Trees")][0] == pytest.approx(0.2 - 0.3)
     assert against[("failure_to_success", "Bread")][1].endswith("minus random vector (Newcombe)")
@@ -203,4 +204,6 @@ def test_net_against_the_random_vector(tmp_path: Path) -> None:
     assert control[("failure_to_success", "Bread")][1].endswith("minus false positives (Newcombe)")
     printed = run_cli("report", "--db", db, "--out", tmp_path / "p", "--net", "--against",
                       "random_vector").output
-    assert "Random vector (each target word's norm, no patch; its words pooled): 30%" in printed
+    assert ("Random vector (each target word's own direction at its norm, no patch; the mean "
+            "over 2 words): 30%") in printed
+    assert "Wilson-t over 2 words)" in printed  # its band is over the words, not their samples

@@ -17,11 +17,12 @@ from numpy.polynomial.hermite_e import hermegauss
 from patchdb.report.aggregate import ExperimentRates, Line
 from patchdb.report.bands import (
     SAMPLES_METHOD,
+    baseline_interval,
     baseline_mean_interval,
     line_band,
     net_line_band,
 )
-from patchdb.report.baselines import Baseline
+from patchdb.report.baselines import Baseline, WordsReference
 from patchdb.report.clusters import (
     bootstrap_counts,
     cluster_bootstrap,
@@ -304,6 +305,28 @@ def test_net_line_covers_the_word_mean_minus_the_false_positive_rate() -> None:
                                                     "samples")), truth))
     assert np.mean(words) >= 0.93, np.mean(words)
     assert np.mean(samples) < 0.75
+
+
+def test_net_against_random_vector_covers_the_word_mean_minus_its_random_vectors() -> None:
+    """--against random_vector: 8 words' mean line minus the mean of those words' own
+    random-vector rates (each word its own direction, so its rate varies between words like any
+    word-level rate). The reference banded over its words covers; the same reference taken as
+    one condition over its pooled samples (the band before) does not reach 95%."""
+    rng = np.random.default_rng(SEED + 8)
+    truth = 0.25 - 0.25
+    words, pooled = [], []
+    for _ in range(SWEEPS):
+        rates = single_word_sweep(key_successes(rng, rng.beta(1.0, 3.0, 8)))
+        q = rng.beta(1.0, 3.0, 8)
+        k = rng.binomial(SAMPLES, rng.beta(KAPPA * q, KAPPA * (1 - q)))
+        reference = WordsReference("unsteered_to_steered", "", 8 * SAMPLES, 8 * SAMPLES,
+                                   int(k.sum()), tuple(k / SAMPLES), (SAMPLES,) * 8)
+        one = Baseline("unsteered_to_steered", "", 8 * SAMPLES, 8 * SAMPLES, int(k.sum()))
+        words.append(covered(*_ends(net_line_band(rates, rates.groups[0], reference)), truth))
+        pooled.append(covered(*_ends(net_line_band(rates, rates.groups[0], one)), truth))
+    assert np.mean(words) >= 0.93, np.mean(words)
+    assert np.mean(pooled) < np.mean(words) - 0.02, (np.mean(pooled), np.mean(words))
+    assert baseline_interval(reference).method == "Wilson-t over 8 words"
 
 
 def test_mean_of_baselines_covers_the_word_mean() -> None:

@@ -1,11 +1,13 @@
 """`report --net --against random_vector`: each experiment's rates net of its random-vector
 control instead of the no-injection control's false positives (docs/science.md, Controls).
 
-The random-vector rate of an experiment pools its target words' random-vector rollouts (one
-Wilson band over all their scored samples, as the control's). It then stands where the control
-stands (`ExperimentRates.control`, named by `reference`), so the net lines, their Newcombe bands,
-the tables and rates.json subtract it the way --net subtracts the control. steered_to_unsteered
-has no target word, hence no random vector: it keeps the no-injection control.
+The random-vector rate of an experiment is the mean over its target words of each word's
+random-vector rate (every word has its own random direction, so the rate varies between words
+like any word-level rate), banded over those words (Wilson-t, as a line is; one word: Wilson
+over its samples). It then stands where the control stands (`ExperimentRates.control`, named
+by `reference`), so the net lines, their Newcombe bands, the tables and rates.json subtract it
+the way --net subtracts the control. steered_to_unsteered has no target word, hence no random
+vector: it keeps the no-injection control.
 """
 
 from sqlalchemy import text
@@ -16,7 +18,7 @@ from patchdb.controls import RANDOM_VECTOR
 from patchdb.errors import PatchdbError
 from patchdb.experiments import EXPERIMENTS
 from patchdb.report.aggregate import ExperimentRates
-from patchdb.report.baselines import Baseline
+from patchdb.report.baselines import WordsReference
 
 AGAINST = ("control", RANDOM_VECTOR)
 REFERENCE = "random vector"
@@ -29,22 +31,27 @@ WHERE sweep = :sweep AND judge_config_id = :jc AND control = 'random_vector'
 
 
 def random_vector_rates(session: Session, sweep: str, judge_config_id: int | None
-                        ) -> dict[str, Baseline]:
-    """{experiment: its random-vector rollouts pooled over target words} under one config."""
-    pooled: dict[str, tuple[int, int]] = {}
+                        ) -> dict[str, WordsReference]:
+    """{experiment: the mean of its target words' random-vector rates} under one config
+    (words with nothing scored left out)."""
+    words: dict[str, list[tuple[int, int]]] = {}
     if judge_config_id is None:
         return {}
     for experiment, _target, n_scored, rate in session.execute(
             text(CONTROL_RATES_SQL), {"sweep": sweep, "jc": judge_config_id}):
         successes = round(float(rate) * int(n_scored)) if rate is not None else 0
-        scored, hits = pooled.get(experiment, (0, 0))
-        pooled[experiment] = (scored + int(n_scored), hits + successes)
-    return {e: Baseline(e, "", scored, scored, hits) for e, (scored, hits) in pooled.items()}
+        words.setdefault(experiment, [])
+        if int(n_scored):
+            words[experiment].append((int(n_scored), successes))
+    return {e: WordsReference(e, "", sum(n for n, _ in w), sum(n for n, _ in w),
+                              sum(k for _, k in w), tuple(k / n for n, k in w),
+                              tuple(n for n, _ in w))
+            for e, w in words.items()}
 
 
 def net_against_random_vector(session: Session, sweep: str, config: SweepConfig,
                               judge_config_id: int | None, rates: list[ExperimentRates]) -> None:
-    """Put each experiment's pooled random-vector rate where --net reads the control; refuse,
+    """Put each experiment's random-vector rate where --net reads the control; refuse,
     in one line, a sweep without the control or an experiment with none of it scored."""
     if RANDOM_VECTOR not in config.controls:
         raise PatchdbError(f"--against random_vector needs the random-vector control, which "

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from patchdb.choices import CI_METHODS, DEFAULT_CI_METHOD  # there for the CLI's --help
 from patchdb.report.aggregate import ExperimentRates, Line
-from patchdb.report.baselines import Baseline, newcombe
+from patchdb.report.baselines import Baseline, WordsReference, newcombe
 from patchdb.report.clusters import band_method, one_way_band
 from patchdb.report.stats import effective_n, mean_rate_band, wilson_interval
 
@@ -106,7 +106,10 @@ def control_interval(control: Baseline, method: str = DEFAULT_CI_METHOD) -> Inte
 
 
 def baseline_interval(baseline: Baseline, method: str = DEFAULT_CI_METHOD) -> Interval:
-    """One target condition's unpatched rate with its Wilson band over its samples."""
+    """One target condition's unpatched rate with its Wilson band over its samples; a
+    reference over several words (WordsReference), banded over those words."""
+    if isinstance(baseline, WordsReference) and len(baseline.word_rates) > 1:
+        return words_interval(list(baseline.word_rates), list(baseline.word_samples), method)
     lower, upper = baseline.interval()
     what = ONE_CONDITION if check_method(method) == "words" else SAMPLES_METHOD
     return Interval(baseline.rate, lower, upper, what, baseline.n_scored, 1)
@@ -124,16 +127,24 @@ def baseline_mean_interval(rates: ExperimentRates,
         return None
     if len(scored) == 1:
         return baseline_interval(scored[0], method)
-    mean = sum(b.rate for b in scored) / len(scored)
-    n_samples = sum(b.n_scored for b in scored)
+    return words_interval([b.rate for b in scored], [b.n_scored for b in scored], method)
+
+
+def words_interval(word_rates: list[float], word_samples: list[int],
+                   method: str = DEFAULT_CI_METHOD) -> Interval:
+    """The unweighted mean of several words' rates, banded over the words (Wilson-t), or with
+    `--ci-method samples` by Wilson at their effective number of samples."""
+    mean = sum(word_rates) / len(word_rates)
+    n_samples = sum(word_samples)
     if check_method(method) == "samples":
-        n_eff = effective_n([b.n_scored for b in scored])
+        n_eff = effective_n(word_samples)
         lower, upper = wilson_interval(mean * n_eff, n_eff)
-        return Interval(mean, float(lower), float(upper), SAMPLES_METHOD, n_samples, len(scored))
-    band = one_way_band(np.array([[b.rate] for b in scored]),
-                        np.array([[b.n_scored] for b in scored], dtype=float))
+        return Interval(mean, float(lower), float(upper), SAMPLES_METHOD, n_samples,
+                        len(word_rates))
+    band = one_way_band(np.array([[r] for r in word_rates]),
+                        np.array([[n] for n in word_samples], dtype=float))
     return Interval(mean, float(band.lower[0]), float(band.upper[0]), band.method, n_samples,
-                    len(scored))
+                    len(word_rates))
 
 
 def legend_method(bands: list[Band]) -> str:

@@ -41,7 +41,9 @@ def control_label(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) ->
         return None
     c = control_interval(rates.control, ci_method)
     name = "False pos." if rates.reference == FALSE_POSITIVES else "Random vec."
-    return f"{name} {c.estimate:.0%}\n(Wilson, {c.n_samples} samples)"  # a narrow legend
+    over = (f"Wilson-t, {c.n_words} words" if c.n_words > 1
+            else f"Wilson, {c.n_samples} samples")
+    return f"{name} {c.estimate:.0%}\n({over})"  # a narrow legend
 
 
 def draw_references(ax: Axes, rates: ExperimentRates, colour_of: dict[str, Any],

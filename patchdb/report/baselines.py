@@ -61,6 +61,21 @@ class Baseline:
         return float(lower), float(upper)
 
 
+@dataclass(frozen=True)
+class WordsReference(Baseline):
+    """A reference rate over several target words (the random-vector control: each target word
+    its own random direction): the unweighted mean of the words' rates, as a line is, banded
+    over those words (patchdb.report.bands.baseline_interval), not over their pooled samples.
+    `successes` and `n_scored` are the pooled counts, for display."""
+
+    word_rates: tuple[float, ...] = ()
+    word_samples: tuple[int, ...] = ()
+
+    @property
+    def rate(self) -> float:
+        return sum(self.word_rates) / len(self.word_rates) if self.word_rates else math.nan
+
+
 def read_baselines(session: Session, sweep: str,
                    judge_config_id: int | None) -> dict[str, dict[str, Baseline]]:
     """{experiment: {target word: Baseline}} for the sweep under one judge config."""

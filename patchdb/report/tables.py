@@ -56,7 +56,8 @@ def control_line(rates: ExperimentRates, ci_method: str = DEFAULT_CI_METHOD) -> 
         return None
     band = control_interval(c, ci_method)
     what = ("False positives (no injection, no patch)" if rates.reference == FALSE_POSITIVES
-            else "Random vector (each target word's norm, no patch; its words pooled)")
+            else f"Random vector (each target word's own direction at its norm, no patch; the "
+                 f"mean over {band.n_words} word{'s' * (band.n_words != 1)})")
     return (f"{what}: {percent(c.rate)}% "
             f"({c.successes}/{c.n_scored}; 95% band {percent(band.lower)}-"
             f"{percent(band.upper)}%: {band.method})")
