@@ -284,6 +284,102 @@ def test_two_tabs_never_show_one_answer_and_undo_only_their_own(store: Store) ->
         assert a.call("POST", "/api/undo", {}) == (200, {"undone": None})  # a's stack is empty
 
 
+def test_undo_never_removes_a_label_another_tab_wrote(store: Store) -> None:
+    """a skips x and b labels it; a's undo of the skip does not show x again (it is labeled
+    now), so a cannot write over b's label. A label rewritten since a wrote it (here by the
+    CLI's set_label) is not removed by a's undo either."""
+    from patchdb.label.labels import set_label
+
+    with serving(store, target=10) as server:
+        a, b = Tab(server), Tab(server)
+        x = a.next()
+        assert x is not None
+        assert a.call("POST", "/api/skip", {"rollout_id": x["rollout_id"],
+                                            "grader": "coherence"})[0] == 200
+        assert b.next() == x
+        b.label(x, True)
+        status, undone = a.call("POST", "/api/undo", {})
+        assert status == 200 and undone["undone"] == "skip" and undone["shown_again"] is False
+        shown = a.next()
+        assert shown is not None and shown["rollout_id"] != x["rollout_id"]
+        assert stored(store) == {x["rollout_id"]: True}
+        a.label(shown, False)
+        store.transact(lambda s: set_label(s, shown["rollout_id"], "coherence", "ada", True))
+        assert a.call("POST", "/api/undo", {})[1]["undone"] == "label"
+        assert stored(store) == {x["rollout_id"]: True, shown["rollout_id"]: True}
+        assert b.call("POST", "/api/undo", {})[1]["undone"] == "label"  # b's own: removed
+        assert stored(store) == {shown["rollout_id"]: True}
+
+
+def test_a_label_already_written_in_another_tab_is_refused_and_kept(store: Store) -> None:
+    from patchdb.label.labels import set_label
+
+    with serving(store, target=10) as server:
+        a = Tab(server)
+        x = a.next()
+        assert x is not None
+        store.transact(lambda s: set_label(s, x["rollout_id"], "coherence", "ada", True))
+        status, data = a.call("POST", "/api/label", {"rollout_id": x["rollout_id"],
+                                                     "grader": "coherence", "label": False})
+        assert status == 400 and "already has ada's label" in data["error"]
+        assert stored(store) == {x["rollout_id"]: True}
+
+
+def test_a_failed_undo_keeps_its_step(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refuses the undo's write (a lock held elsewhere, a dropped connection): the
+    label stays, and so does the step, so the next undo takes it back."""
+    import patchdb.label.sessions as sessions
+    from patchdb.errors import StoreError
+
+    real = sessions.remove_label
+    failures = [StoreError("database error: database is locked")]
+
+    def flaky(*args: Any, **kwargs: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions, "remove_label", flaky)
+    with serving(store, target=10) as server:
+        a = Tab(server)
+        x = a.next()
+        assert x is not None
+        a.label(x, True)
+        status, data = a.call("POST", "/api/undo", {})
+        assert status == 400 and "locked" in data["error"]
+        assert stored(store) == {x["rollout_id"]: True}
+        assert a.call("POST", "/api/undo", {})[1]["undone"] == "label"
+        assert stored(store) == {}
+
+
+@pytest.mark.parametrize("body", [b'{"rollout_id": 1, "grader": "\\ud800"}',
+                                  b'{"rollout_id": 1, "grader": "coherence", "label": true, '
+                                  b'"note": "\\udcff"}'], ids=["grader", "note"])
+def test_text_that_is_not_unicode_is_refused_with_a_400(store: Store, body: bytes) -> None:
+    with serving(store, target=10) as server:
+        a = Tab(server)
+        x = a.next()
+        assert x is not None
+        sent = body.replace(b'"rollout_id": 1', f'"rollout_id": {x["rollout_id"]}'.encode())
+        for path in ("/api/label", "/api/skip"):
+            status, raw, _ = a.raw("POST", path, sent)
+            assert status == 400 and "not valid Unicode" in json.loads(raw)["error"]
+        assert a.next() == x  # still shown here
+    assert stored(store) == {}
+
+
+def test_on_port_80_a_host_without_its_port_is_this_server(store: Store) -> None:
+    """Clients leave the default port out of Host and Origin (the server is not bound to 80
+    here: the check reads the port it was asked for)."""
+    with serving(store, target=10) as server:
+        a = Tab(server)
+        server.server_port = 80
+        for host, origin in (("127.0.0.1", "http://127.0.0.1"), ("localhost", None)):
+            status, _ = a.call("GET", "/api/next", headers={"Host": host, "Origin": origin})
+            assert status == 200
+        assert a.call("GET", "/api/next", headers={"Host": "127.0.0.1:8080"})[0] == 403
+
+
 def test_a_skip_belongs_to_its_tab(store: Store) -> None:
     with serving(store, target=10) as server:
         a, b = Tab(server), Tab(server)

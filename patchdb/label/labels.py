@@ -2,6 +2,7 @@
 
 import getpass
 import os
+from datetime import datetime
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -45,9 +46,11 @@ def check_labelable(session: Session, rollout_id: int, grader: str,
 
 
 def set_label(session: Session, rollout_id: int, grader: str, labeler: str, value: bool,
-              note: str | None = None, sweep: Sweep | None = None) -> Label:
-    """Write (or overwrite) one labeler's YES/NO for a rollout and grader (of `sweep`, when
-    given: a rollout of another sweep is refused)."""
+              note: str | None = None, sweep: Sweep | None = None,
+              overwrite: bool = True) -> Label:
+    """Write (or, with `overwrite`, overwrite) one labeler's YES/NO for a rollout and grader
+    (of `sweep`, when given: a rollout of another sweep is refused). Without `overwrite` a
+    label already there is refused (the page: another tab of this labeler wrote it)."""
     if not labeler.strip():
         raise LabelError("the labeler name is empty")
     if not isinstance(value, bool):
@@ -58,14 +61,30 @@ def set_label(session: Session, rollout_id: int, grader: str, labeler: str, valu
     if row is None:
         row = Label(rollout_id=rollout_id, grader=grader, labeler=labeler, label=value, note=note)
         session.add(row)
+    elif not overwrite:
+        raise LabelError(f"rollout {rollout_id} ({grader}) already has {labeler}'s label, "
+                         "written in another tab; it is kept")
     else:
         row.label, row.note, row.created_at = value, note, utcnow()
     session.flush()
     return row
 
 
-def remove_label(session: Session, rollout_id: int, grader: str, labeler: str) -> bool:
-    """Delete one labeler's label (the page's undo); True if there was one."""
-    result = session.execute(delete(Label).where(
-        Label.rollout_id == rollout_id, Label.grader == grader, Label.labeler == labeler))
+def remove_label(session: Session, rollout_id: int, grader: str, labeler: str,
+                 written: tuple[int, datetime] | None = None) -> bool:
+    """Delete one labeler's label (the page's undo); True if there was one. `written`: the
+    label's id and time as the undoing tab wrote it; a label written since (by another tab,
+    or the CLI) is left alone."""
+    query = delete(Label).where(
+        Label.rollout_id == rollout_id, Label.grader == grader, Label.labeler == labeler)
+    if written is not None:
+        query = query.where(Label.id == written[0], Label.created_at == written[1])
+    result = session.execute(query)
     return bool(getattr(result, "rowcount", 0))
+
+
+def has_label(session: Session, rollout_id: int, grader: str, labeler: str) -> bool:
+    """Whether this labeler has labeled this rollout and grader."""
+    return session.scalar(select(Label.id).where(
+        Label.rollout_id == rollout_id, Label.grader == grader,
+        Label.labeler == labeler)) is not None

@@ -184,6 +184,8 @@ def handler_for(labeling: Labeling, token: str,
             assert isinstance(self.server, LabelServer)
             port = self.server.server_port
             ours = {f"127.0.0.1:{port}", f"localhost:{port}"}
+            if port == 80:  # the default port: clients leave it out of Host and Origin
+                ours |= {"127.0.0.1", "localhost"}
             host = self._single("Host")
             if host is None or host.lower() not in ours:
                 raise Refused(403, f"the Host header must be 127.0.0.1:{port} or localhost:{port}")
@@ -220,13 +222,18 @@ def handler_for(labeling: Labeling, token: str,
                 raise Refused(400, "the request body is not JSON") from None
             if not isinstance(body, dict):
                 raise Refused(400, "the request body must be a JSON object")
+            try:  # a lone surrogate ("\\ud800") parses, but no store or reply can hold it
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise Refused(400, "the request body holds text that is not valid Unicode "
+                                   "(a lone surrogate)") from None
             return body
 
     return Handler
 
 
 def _error(message: str) -> bytes:
-    return json.dumps({"error": message}, ensure_ascii=False).encode()
+    return json.dumps({"error": message}).encode()  # ASCII escapes: any message can be sent
 
 
 def _json(data: dict[str, Any]) -> tuple[int, bytes, str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patchdb.errors import LabelError, PatchdbError
-from patchdb.label.labels import remove_label, set_label
+from patchdb.label.labels import has_label, remove_label, set_label
 from patchdb.label.plan import Candidates, Item, plan_next
 from patchdb.store import Store
 from patchdb.store.sweeps import get_sweep
@@ -45,7 +45,8 @@ class PageSession:
 
     id: str
     skipped: set[Key] = field(default_factory=set)
-    history: list[tuple[str, Item]] = field(default_factory=list)
+    # each step: label or skip, the answer, and (a label) its row's id and time as written
+    history: list[tuple[str, Item, tuple[int, Any] | None]] = field(default_factory=list)
     current: Item | None = None
     pending: Item | None = None
 
@@ -142,12 +143,16 @@ class Labeling:
         with self.lock:
             page = self._session(session_id)
             item = self._claim(page, key)
-            self.store.transact(lambda s: set_label(
-                s, item.rollout_id, item.grader, self.labeler, value, note,
-                sweep=get_sweep(s, self.sweep)))
+
+            def write(s: Any) -> tuple[int, Any]:
+                row = set_label(s, item.rollout_id, item.grader, self.labeler, value, note,
+                                sweep=get_sweep(s, self.sweep), overwrite=False)
+                return int(row.id), row.created_at
+
+            written = self.store.transact(write)
             self._release(page)
             page.current = None
-            page.history.append(("label", item))
+            page.history.append(("label", item, written))
             return {"rollout_id": item.rollout_id, "grader": item.grader, "label": value,
                     "judge_verdict": item.judge_verdict, "judge_reply": item.judge_reply}
 
@@ -160,23 +165,29 @@ class Labeling:
             self._release(page)
             page.current = None
             page.skipped.add(key)
-            page.history.append(("skip", item))
+            page.history.append(("skip", item, None))
             return {"skipped": item.rollout_id, "grader": item.grader}
 
     def undo(self, session_id: str) -> dict[str, Any]:
         """Take back this session's last label or skip; its answer is shown again next (unless
-        another tab shows it now: a skipped answer is free for other tabs)."""
+        another tab shows it now: a skipped answer is free for other tabs, or labeled it
+        since). Only the label this tab wrote is removed, never one written since; a failed
+        undo keeps its step, to be tried again."""
         with self.lock:
             page = self._session(session_id)
             if not page.history:
                 return {"undone": None}
-            action, item = page.history.pop()
+            action, item, written = page.history[-1]
             if action == "label":
                 self.store.transact(lambda s: remove_label(s, item.rollout_id, item.grader,
-                                                           self.labeler))
+                                                           self.labeler, written))
+                labeled = False
             else:
+                with self.store.read() as s:
+                    labeled = has_label(s, item.rollout_id, item.grader, self.labeler)
                 page.skipped.discard(_key(item))
-            again = _key(item) not in self._held_elsewhere(page)
+            page.history.pop()
+            again = not labeled and _key(item) not in self._held_elsewhere(page)
             if again:
                 self._release(page)
                 page.current = page.pending = item
