@@ -4,8 +4,10 @@ Each step is written to judge_batches as soon as it happened, so a process kille
 leaves a row the next run can take up. A batch with no input file id holds no key once its run
 stopped: an upload that fails drops the batch at once, and a batch a killed run left unsent is
 dropped by the next run at any URL (batch_plan.stranded), its keys sent again in a new batch.
-One with an input file but no provider batch id is first looked for among the provider's
-batches by that file, and only created when none is found, so a batch is never started twice;
+One with an input file but no provider batch id is first taken over by one run only (a
+compare-and-set of its stage run: two reruns that find it at once do not both go on), then
+looked for among the provider's batches by that file, and only created when none is found, so
+a batch is never started twice;
 one with a provider id is looked up and, once it ended, collected. A batch another running run
 is sending is left to it. Collecting writes the judgments in chunks under their unique key and
 marks the batch collected last, so a collection cut short is simply run again.
