@@ -310,6 +310,19 @@ def small_config(**sweep: Any) -> Any:
     return config_from_dict({"sweep": {**SMALL_SWEEP, **sweep}})
 
 
+def add_judge_config(store: Any) -> int:
+    """A judge config row (model m, reasoning low) in an open store; its id."""
+    from patchdb.store.models import JudgeConfig
+
+    def add(session: Any) -> int:
+        row = JudgeConfig(model="m", reasoning="low", template_version="v", backend="openai")
+        session.add(row)
+        session.flush()
+        return int(row.id)
+
+    return int(store.transact(add))
+
+
 def make_store(
     db_path: Path,
     answer: str | Callable[[int, str], str] = "Yes, I notice a thought about {word}. ({i})",

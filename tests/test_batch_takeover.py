@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from batch_server import BatchServer, BatchState, batch_server
 from conftest import run_cli
-from judge_server import make_store
+from judge_server import add_judge_config, make_store
 from pg import query
 from sqlalchemy import insert
 
@@ -24,7 +24,7 @@ from patchdb.judge.client import resolve_endpoint
 from patchdb.judge.plan import Call
 from patchdb.judge.templates import DEFAULT_TEMPLATES
 from patchdb.store import open_store
-from patchdb.store.models import JudgeConfig, Judgment
+from patchdb.store.models import Judgment
 from patchdb.store.runs import stage_run
 
 KEY = "sk-takeover-sentinel-41c7"
@@ -95,13 +95,7 @@ def test_a_batch_run_leaves_out_keys_this_rounds_workers_wrote(store_db: str) ->
     make_store(store_db)
     store = open_store(store_db)
     try:
-        def config(session: Any) -> int:
-            row = JudgeConfig(model="m", reasoning="low", template_version="v", backend="openai")
-            session.add(row)
-            session.flush()
-            return int(row.id)
-
-        config_id = store.transact(config)
+        config_id = add_judge_config(store)
         with stage_run(store, "judge", {}) as worker, stage_run(store, "judge", {}) as run:
             ctx = BatchContext(store, None, config_id, 1, run.id,  # type: ignore[arg-type]
                                DEFAULT_TEMPLATES, "q", "m", "low", "http://x/v1", Prices(),

@@ -8,12 +8,11 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from batch_server import BatchServer, BatchState, batch_server
 from conftest import file_digest, run_cli
-from judge_server import make_store
+from judge_server import add_judge_config, make_store
 
 from patchdb.errors import JudgeError
 from patchdb.judge.batch_plan import split
@@ -395,19 +394,13 @@ def test_keys_recorded_by_another_run_meanwhile_are_left_out(store_db: str) -> N
     from patchdb.judge.batch_jobs import BatchContext
     from patchdb.judge.templates import DEFAULT_TEMPLATES
     from patchdb.store import open_store
-    from patchdb.store.models import JudgeConfig, Judgment
+    from patchdb.store.models import Judgment
     from patchdb.store.runs import stage_run
 
     make_store(store_db)
     store = open_store(store_db)
     try:
-        def config(session: Any) -> int:
-            row = JudgeConfig(model="m", reasoning="low", template_version="v", backend="openai")
-            session.add(row)
-            session.flush()
-            return int(row.id)
-
-        config_id = store.transact(config)
+        config_id = add_judge_config(store)
         with stage_run(store, "judge", {}) as run:  # a running run: its batches hold keys
             ctx = BatchContext(store, None, config_id, 1, run.id,  # type: ignore[arg-type]
                                DEFAULT_TEMPLATES, "q", "m", "low", "http://x/v1", Prices(),

@@ -11,14 +11,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from judge_server import make_store
+from judge_server import add_judge_config, make_store
 from pg import execute, query
 
 import patchdb.store.runs as runs
 from patchdb.judge.leases import claim
 from patchdb.judge.plan import Call, Fresh
 from patchdb.store import open_store
-from patchdb.store.models import JudgeConfig
 from patchdb.store.runs import is_running, stage_run, this_machine
 
 CALLS = [Call(r, "coherence", "a", "w") for r in (1, 2, 3, 4)]
@@ -29,16 +28,6 @@ def dead_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     return int(proc.stdout)
-
-
-def judge_config(store: Any) -> int:
-    def add(session: Any) -> int:
-        row = JudgeConfig(model="m", reasoning="low", template_version="v", backend="openai")
-        session.add(row)
-        session.flush()
-        return int(row.id)
-
-    return int(store.transact(add))
 
 
 def takes(store: Any, run_id: int, config_id: int) -> list[int]:
@@ -52,7 +41,7 @@ def test_a_live_run_elsewhere_under_this_host_name_keeps_its_keys(store_db: str)
     make_store(store_db)
     store = open_store(store_db)
     try:
-        config_id = judge_config(store)
+        config_id = add_judge_config(store)
         with stage_run(store, "judge", {}) as a, stage_run(store, "judge", {}) as b:
             assert takes(store, a.id, config_id) == [1, 2, 3, 4]
             # a's process runs on another machine that has this machine's host name: its pid
@@ -83,7 +72,7 @@ def test_machines_clocks_do_not_decide_a_heartbeat_on_postgresql(
     make_store(pg_url)
     store = open_store(pg_url)
     try:
-        config_id = judge_config(store)
+        config_id = add_judge_config(store)
         monkeypatch.setattr(runs, "utcnow", shifted(-90))  # the worker's clock: 90 s behind
         with stage_run(store, "judge", {}) as a:
             assert takes(store, a.id, config_id) == [1, 2, 3, 4]
