@@ -266,7 +266,8 @@ def test_rows_read_their_own_units_prompt_between_prefix_and_own_cache(
 @pytest.mark.parametrize("ragged", [False, True])
 def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: bool) -> None:
     """Programs take rows in a given order (rows of one unit together share a read of its
-    prompt): every row's output is what it is in batch order, exactly, for any permutation."""
+    prompt): every row's output is what it is in batch order, exactly on a GPU, for any
+    permutation."""
     batch, max_len, prefix_len, unit_len, n_units = 11, 70, 21, 37, 4
     query, key, value, p_key, p_value = gemma_like(batch, 2, max_len, prefix_len, dtype, 4)
     g = torch.Generator().manual_seed(8)
@@ -290,7 +291,15 @@ def test_the_order_rows_are_taken_in_changes_no_row(dtype: torch.dtype, ragged: 
     shuffled = torch.randperm(batch, generator=torch.Generator().manual_seed(3)).tolist()
     assert by_unit != list(range(batch)) and shuffled != list(range(batch))
     for order in (by_unit, shuffled, list(range(batch))[::-1]):
-        assert torch.equal(attend(order), plain), order
+        if DEVICE == "cuda":
+            assert torch.equal(attend(order), plain), order
+        else:
+            # Triton's interpreter runs tl.dot through numpy's BLAS, whose kernels on some CPUs
+            # (AVX2 ones, not the generic) round a line by its place in the block: a few ulps.
+            # A row read against another row's cache or unit would be off by far more.
+            torch.testing.assert_close(attend(order), plain, atol=1e-5,
+                                       rtol=1e-5 if dtype == torch.float32 else 1e-3,
+                                       msg=lambda m, order=order: f"{order}: {m}")
     # and batch order is right to begin with
     ref = masked_sdpa(query, torch.cat([u_key[of_row.long()], key], dim=2),
                       torch.cat([u_value[of_row.long()], value], dim=2),
