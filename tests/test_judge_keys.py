@@ -21,6 +21,7 @@ from batch_server import BatchServer, batch_server
 from conftest import file_digest, run_cli
 from judge_server import FaultServer, fault_server, make_store
 
+from patchdb.errors import JudgeError
 from patchdb.judge.batch_plan import reasoning_options
 from patchdb.judge.client import NO_KEY, resolve_endpoint
 from patchdb.judge.providers import provider_of
@@ -97,6 +98,45 @@ def test_a_look_alike_url_gets_no_provider_key(url: str) -> None:
         assert resolve_endpoint(url, no_own).api_key == NO_KEY
     # the request fields follow the same rule: OpenAI's own field only at OpenAI
     assert reasoning_options(url, "low") == {"reasoning": {"effort": "low"}}
+
+
+@pytest.mark.parametrize("key, owner_url", [
+    ("sk-or-v1-0a1b2c3d4e", "https://openrouter.ai/api/v1"),
+    ("sk-proj-9f8e7d6c5b", "https://api.openai.com/v1"),
+])
+def test_a_provider_key_in_the_generic_variable_goes_to_that_provider_only(
+        key: str, owner_url: str) -> None:
+    """PATCHDB_JUDGE_API_KEY goes to whatever URL is asked (a shared sweep config's too), so a
+    provider's own key put there is refused anywhere but at that provider, in one line that
+    names the right variable and shows no more of the key than its prefix."""
+    env = {"PATCHDB_JUDGE_API_KEY": key}
+    assert resolve_endpoint(owner_url, env).api_key == key
+    for url in ("http://127.0.0.1:8000/v1", "https://openrouter.ai.example.net/v1",
+                "https://api.openai.com/v1" if "openrouter" in owner_url
+                else "https://openrouter.ai/api/v1"):
+        with pytest.raises(JudgeError) as refused:
+            resolve_endpoint(url, env)
+        message = str(refused.value)
+        assert key[-10:] not in message and "\n" not in message
+        assert ("OPENROUTER_API_KEY" if "openrouter" in owner_url else "OPENAI_API_KEY") in message
+    # the provider's own variable, when set, is what goes there; other keys go anywhere
+    assert resolve_endpoint("http://127.0.0.1:8000/v1",
+                            {"PATCHDB_JUDGE_API_KEY": "sk-local-vllm"}).api_key == "sk-local-vllm"
+
+
+def test_judge_refuses_a_provider_key_bound_for_another_url_and_writes_nothing(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_store(db_path)
+    before = file_digest(db_path)
+    monkeypatch.setenv("PATCHDB_JUDGE_API_KEY", "sk-or-v1-5e6f7a8b9c")
+    for batch in ((), ("--batch",)):
+        result = run_cli("judge", "--db", db_path, "--base-url", "http://127.0.0.1:9/v1",
+                         "--no-progress", *batch)
+        assert result.exit_code != 0
+        assert "looks like an OpenRouter key" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert "5e6f7a8b9c" not in result.output
+    assert file_digest(db_path) == before
 
 
 def test_without_a_url_the_provider_whose_key_is_set_is_used() -> None:

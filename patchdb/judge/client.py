@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from patchdb import redact
 from patchdb.errors import JudgeError
@@ -26,7 +27,16 @@ from patchdb.judge.logprobs import (
     p_yes_from_top,
     verdict_messages,
 )
-from patchdb.judge.providers import DEFAULT_URLS, KEY_VARS, OPENAI, OPENROUTER, provider_of
+from patchdb.judge.providers import (
+    DEFAULT_URLS,
+    KEY_PREFIXES,
+    KEY_VARS,
+    NAMES,
+    OPENAI,
+    OPENROUTER,
+    key_owner,
+    provider_of,
+)
 
 NO_KEY = "no-key-needed"
 MAX_BACKOFF_S = 30.0
@@ -68,7 +78,16 @@ def resolve_endpoint(base_url: str | None, env: Mapping[str, str] | None = None)
     url = base_url.rstrip("/")
     provider = provider_of(url)
     key = env.get(KEY_VARS[provider]) if provider is not None else None
-    return Endpoint(url, key or env.get("PATCHDB_JUDGE_API_KEY") or NO_KEY)
+    generic = env.get("PATCHDB_JUDGE_API_KEY")
+    owner = key_owner(generic)
+    if not key and owner is not None and owner != provider:
+        # a provider's key put in the variable that goes to any URL (a sweep config's too)
+        host = urlsplit(DEFAULT_URLS[owner]).hostname
+        raise JudgeError(
+            f"PATCHDB_JUDGE_API_KEY holds what looks like an {NAMES[owner]} key "
+            f"({KEY_PREFIXES[owner][0]}...), and the judge URL is not {host}: it is not sent "
+            f"there. Put that key in {KEY_VARS[owner]}, which goes to {host} only")
+    return Endpoint(url, key or generic or NO_KEY)
 
 
 @dataclass

@@ -14,7 +14,21 @@ OPENAI = "openai"
 OPENROUTER = "openrouter"
 HOSTS = {"api.openai.com": OPENAI, "openrouter.ai": OPENROUTER}
 KEY_VARS = {OPENAI: "OPENAI_API_KEY", OPENROUTER: "OPENROUTER_API_KEY"}
+NAMES = {OPENAI: "OpenAI", OPENROUTER: "OpenRouter"}
 DEFAULT_URLS = {OPENROUTER: "https://openrouter.ai/api/v1", OPENAI: "https://api.openai.com/v1"}
+
+
+# The prefixes by which a provider's own keys are known (OpenAI's project, service-account and
+# admin keys; every OpenRouter key). A plain "sk-" says nothing: local servers use it too.
+KEY_PREFIXES = {OPENROUTER: ("sk-or-",), OPENAI: ("sk-proj-", "sk-svcacct-", "sk-admin-")}
+
+
+def key_owner(key: str | None) -> str | None:
+    """OPENAI or OPENROUTER when `key` looks like that provider's own key, else None."""
+    for name, prefixes in KEY_PREFIXES.items():
+        if key and key.startswith(prefixes):
+            return name
+    return None
 
 
 def provider_of(url: str | None) -> str | None:
