@@ -103,8 +103,9 @@ class BatchContext:
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                 {"key": KEYS_LOCK + self.config_id})
             rollout_ids = sorted({c.rollout_id for c in calls})
-            held = live_keys(session, self.config_id, rollout_ids)
-            held |= set(live_leases(session, self.config_id, rollout_ids, db_now(session)))
+            now = db_now(session)
+            held = live_keys(session, self.config_id, rollout_ids, now)
+            held |= set(live_leases(session, self.config_id, rollout_ids, now))
             stored = stored_states(session, self.config_id, rollout_ids)
             fresh = Fresh(self.stage_run_id, self.peers)
             kept = [c for c in calls if (c.rollout_id, c.grader) not in held

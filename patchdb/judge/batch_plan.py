@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
@@ -72,11 +73,13 @@ def call_line(templates: Templates, question: str, model: str, options: dict[str
     return request_line(custom_id(call.rollout_id, call.grader, config_id), model, prompt, options)
 
 
-def stranded(session: Session, config_id: int | None, sweep_id: int | None = None) -> list[int]:
+def stranded(session: Session, config_id: int | None, sweep_id: int | None = None,
+             now: datetime | None = None) -> list[int]:
     """Ids of this judge config's live batches (of one sweep, or all) that have no input file
     id and whose run is no longer running (it failed, was killed or its host went away):
     nothing of theirs reached a provider, so they hold no key and can be dropped. A batch
-    whose run is still running keeps its keys: that run is uploading it."""
+    whose run is still running keeps its keys: that run is uploading it. `now`: the caller's
+    db_now, where it has read it already (read here otherwise)."""
     if config_id is None:
         return []
     query = (select(JudgeBatch.id, StageRun)
@@ -85,15 +88,16 @@ def stranded(session: Session, config_id: int | None, sweep_id: int | None = Non
                     JudgeBatch.input_file_id.is_(None)).order_by(JudgeBatch.id))
     if sweep_id is not None:
         query = query.where(JudgeBatch.sweep_id == sweep_id)
-    now = db_now(session)
+    now = db_now(session) if now is None else now
     return [int(batch_id) for batch_id, run in session.execute(query)
             if run is None or effective_status(run, now) != "running"]
 
 
-def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int]) -> set[Key]:
+def live_keys(session: Session, config_id: int, rollout_ids: Sequence[int],
+              now: datetime | None = None) -> set[Key]:
     """Keys among these rollouts that a live batch of this judge config holds (a stranded
-    batch holds none)."""
-    free = stranded(session, config_id)
+    batch holds none); `now` as for stranded."""
+    free = stranded(session, config_id, now=now)
     held: set[Key] = set()
     for start in range(0, len(rollout_ids), 900):
         chunk = list(rollout_ids[start:start + 900])

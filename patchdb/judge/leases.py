@@ -72,8 +72,9 @@ def claimable_page(session: Session, scope: Scope, config_id: int, mode: str, fr
     if last is None or not calls:
         return Page([], None, last)
     ids = sorted({c.rollout_id for c in calls})
-    held = live_leases(session, config_id, ids, db_now(session))
-    batched = live_keys(session, config_id, ids)
+    now = db_now(session)
+    held = live_leases(session, config_id, ids, now)
+    batched = live_keys(session, config_id, ids, now)
     others = [rid for (rid, _g), run in held.items() if run != fresh.run_id]
     free = [c for c in calls if (c.rollout_id, c.grader) not in held
             and (c.rollout_id, c.grader) not in batched]
@@ -97,7 +98,7 @@ def claim(session: Session, holder: int, config_id: int, mode: str, fresh: Fresh
     now = db_now(session)
     ids = sorted({c.rollout_id for c in calls})
     held = live_leases(session, config_id, ids, now)
-    batched = live_keys(session, config_id, ids)
+    batched = live_keys(session, config_id, ids, now)
     stored = stored_states(session, config_id, ids)
     free = [c for c in calls if (c.rollout_id, c.grader) not in held
             and (c.rollout_id, c.grader) not in batched

@@ -141,13 +141,12 @@ def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
-def effective_status(run: StageRun, now: datetime | None = None) -> str:
-    """'running' only while the heartbeat is fresh against `now` (give db_now: the clock the
-    heartbeat was written with; None: this machine's) and, where the run is on this machine
-    (this_machine), its pid is alive."""
+def effective_status(run: StageRun, now: datetime) -> str:
+    """'running' only while the heartbeat is fresh against `now` (db_now: the clock the
+    heartbeat was written with) and, where the run is on this machine (this_machine), its pid
+    is alive."""
     if run.status != "running":
         return run.status
-    now = now or utcnow()
     if now - _aware(run.heartbeat_at) > STALE_AFTER:
         return "crashed"
     here = this_machine()
