@@ -246,6 +246,12 @@ if triton is not None:  # pragma: no cover - compiled for the GPU, or interprete
                  out.to(o_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+def on_card(tensor: torch.Tensor) -> Any:
+    """Launch on the tensor's card (Triton launches on the current one): a model spread over
+    cards has layers, and logits, on others."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
+
+
 @cache
 def _multiprocessors(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
@@ -326,8 +332,7 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
             raise ValueError("new keys and values need a row each and this cache's heads")
     else:
         n_keys, n_values = key, value
-    guard: Any = torch.cuda.device(query.device) if query.is_cuda else nullcontext()
-    with guard:
+    with on_card(query):
         _decode_kernel[grid](
             query, key, value, p_keys, p_values, out, length, u_keys, u_values, of_row,
             order if order is not None else of_row, table,

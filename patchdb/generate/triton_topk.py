@@ -15,10 +15,11 @@ They are off by default (sampling.SLICE_KERNELS) until a GPU has run and timed t
 """
 
 import os
-from contextlib import nullcontext
 from typing import Any
 
 import torch
+
+from patchdb.generate.triton_decode import on_card
 
 try:  # pragma: no cover - depends on the torch build
     import triton
@@ -84,7 +85,7 @@ def slice_maxima(scores: torch.Tensor, width: int) -> torch.Tensor:
     out = torch.empty(rows, slices, dtype=scores.dtype, device=scores.device)
     per = max(1, MAX_ENTRIES // width)
     grid: Any = (rows, triton.cdiv(slices, per))
-    with _on(scores):
+    with on_card(scores):
         _slice_max_kernel[grid](scores, out, vocab, slices, scores.stride(0), out.stride(0),
                                 WIDTH=width, SLICES=per, num_warps=4)
     return out
@@ -99,17 +100,11 @@ def take_slices(scores: torch.Tensor, picked: torch.Tensor, width: int) -> torch
     picked = picked.contiguous()
     out = torch.empty(rows, n * width, dtype=scores.dtype, device=scores.device)
     grid: Any = (rows, triton.cdiv(n, TAKE_SLICES))
-    with _on(scores):
+    with on_card(scores):
         _take_slices_kernel[grid](scores, picked, out, vocab, n, scores.stride(0),
                                   picked.stride(0), out.stride(0), WIDTH=width,
                                   SLICES=TAKE_SLICES, num_warps=4)
     return out
-
-
-def _on(tensor: torch.Tensor) -> Any:
-    """Launch on the tensor's card (Triton launches on the current one): the logits of a model
-    spread over cards may sit on another."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 def top_by_slices(scores: torch.Tensor, n: int, slices: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,8 +56,7 @@ def set_label(session: Session, rollout_id: int, grader: str, labeler: str, valu
     if not isinstance(value, bool):
         raise LabelError(f"a label is YES or NO (a boolean), not {value!r}")
     check_labelable(session, rollout_id, grader, sweep)
-    row = session.scalar(select(Label).where(Label.rollout_id == rollout_id,
-                                             Label.grader == grader, Label.labeler == labeler))
+    row = find_label(session, rollout_id, grader, labeler)
     if row is None:
         row = Label(rollout_id=rollout_id, grader=grader, labeler=labeler, label=value, note=note)
         session.add(row)
@@ -83,8 +82,7 @@ def remove_label(session: Session, rollout_id: int, grader: str, labeler: str,
     return bool(getattr(result, "rowcount", 0))
 
 
-def has_label(session: Session, rollout_id: int, grader: str, labeler: str) -> bool:
-    """Whether this labeler has labeled this rollout and grader."""
-    return session.scalar(select(Label.id).where(
-        Label.rollout_id == rollout_id, Label.grader == grader,
-        Label.labeler == labeler)) is not None
+def find_label(session: Session, rollout_id: int, grader: str, labeler: str) -> Label | None:
+    """This labeler's label of this rollout and grader, if there is one."""
+    return session.scalar(select(Label).where(
+        Label.rollout_id == rollout_id, Label.grader == grader, Label.labeler == labeler))

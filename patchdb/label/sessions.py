@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patchdb.errors import LabelError, PatchdbError
-from patchdb.label.labels import has_label, remove_label, set_label
+from patchdb.label.labels import find_label, remove_label, set_label
 from patchdb.label.plan import Candidates, Item, plan_next
 from patchdb.store import Store
 from patchdb.store.sweeps import get_sweep
@@ -184,7 +184,8 @@ class Labeling:
                 labeled = False
             else:
                 with self.store.read() as s:
-                    labeled = has_label(s, item.rollout_id, item.grader, self.labeler)
+                    labeled = find_label(s, item.rollout_id, item.grader,
+                                         self.labeler) is not None
                 page.skipped.discard(_key(item))
             page.history.pop()
             again = not labeled and _key(item) not in self._held_elsewhere(page)
